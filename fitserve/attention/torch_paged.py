@@ -1,0 +1,107 @@
+"""Portable paged attention in plain PyTorch: the reference path, and the path for CPUs.
+
+It handles any mix of prefills, chunked prefills and decodes in one batch. Decode-only
+batches (the latency-critical case) run as one batched computation over a padded gather of
+the block tables; batches with prefills loop over sequences, which is fine because a
+prefill's matmuls dwarf the loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fitserve.attention.metadata import AttentionMetadata
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store the new tokens' K and V ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    key_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def gather_context(
+    cache: torch.Tensor, block_table: torch.Tensor, context_len: int
+) -> torch.Tensor:
+    """The first `context_len` tokens of one sequence from a paged cache: [context_len, H, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (context_len + block_size - 1) // block_size
+    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    return blocks.flatten(0, 1)[:context_len]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over their sequences' cached context.
+
+    `query` is [num_tokens, num_heads, head_dim]; K/V of the new tokens must already be in
+    the cache (see `write_kv`). Returns [num_tokens, num_heads, head_dim].
+    """
+    if metadata.is_decode_only:
+        return _decode_attention(query, key_cache, value_cache, metadata, scale)
+    num_heads = query.shape[1]
+    num_kv_heads = key_cache.shape[2]
+    output = torch.empty_like(query)
+    start = 0
+    for seq_index, (query_len, seq_len) in enumerate(
+        zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)
+    ):
+        block_table = metadata.block_tables[seq_index]
+        keys = gather_context(key_cache, block_table, seq_len)
+        values = gather_context(value_cache, block_table, seq_len)
+        q = query[start : start + query_len].transpose(0, 1)  # [H, q, D]
+        k = keys.transpose(0, 1)  # [Hkv, s, D]
+        v = values.transpose(0, 1)
+        if num_kv_heads != num_heads:
+            group = num_heads // num_kv_heads
+            k = k.repeat_interleave(group, dim=0)
+            v = v.repeat_interleave(group, dim=0)
+        # Query row r sits at position (seq_len - query_len + r) and sees keys 0..that position.
+        positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
+        mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        output[start : start + query_len] = out.transpose(0, 1)
+        start += query_len
+    return output
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence: gather every sequence's blocks at once and mask the tail."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    max_seq_len = metadata.max_seq_len
+    max_blocks = (max_seq_len + block_size - 1) // block_size
+    table = metadata.block_tables[:, :max_blocks].long()
+    # [num_seqs, max_blocks * block_size, Hkv, D]
+    keys = key_cache[table].flatten(1, 2)
+    values = value_cache[table].flatten(1, 2)
+    group = num_heads // num_kv_heads
+    # Grouped-query attention without materialising repeated K/V: fold the group into the query.
+    q = query.view(num_seqs, num_kv_heads, group, head_dim)
+    k = keys.permute(0, 2, 1, 3)  # [S, Hkv, L, D]
+    v = values.permute(0, 2, 1, 3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [S, Hkv, group, L]
+    positions = torch.arange(keys.shape[1], device=query.device)
+    valid = positions[None, :] < metadata.seq_lens.to(query.device)[:, None]  # [S, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    out = torch.matmul(probs, v)  # [S, Hkv, group, D]
+    return out.reshape(num_seqs, num_heads, head_dim)
