@@ -1,0 +1,331 @@
+"""Turns one step's logits into one token per running request, plus the log-probs asked for.
+
+Every row of a batch may have different sampling settings, so each setting becomes a
+per-row tensor and the math runs once for the whole batch; only the random draw is done per
+row, because a seeded request must own its random stream (the same seed gives the same tokens
+whatever else shares the batch). Semantics follow vLLM / OpenAI / Hugging Face:
+
+    repetition penalty -> presence/frequency penalties -> min_tokens masking
+    -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> random draw
+
+Returned log-probs describe the model's raw distribution (log_softmax of the logits as
+given, before penalties and temperature), like vLLM's default, so they stay comparable across
+sampling settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fitserve.engine.request import Request
+from fitserve.outputs import Logprob, PositionLogprobs
+from fitserve.sampling_params import SamplingParams
+
+# Rows of prompt logits turned into log-probs at once: bounds the temporary [rows, vocab]
+# float32 copy that log_softmax needs for long prompts.
+_PROMPT_LOGPROBS_CHUNK_ROWS = 256
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result, row i belonging to the i-th request passed to `Sampler.sample`."""
+
+    token_ids: list[int]
+    """One sampled token per row."""
+    logprobs: list[PositionLogprobs | None]
+    """Per row: the sampled token and the top-N (N = params.logprobs); None if not asked."""
+
+
+def _needs_penalties(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def _min_tokens_masked_ids(request: Request) -> list[int]:
+    """Token ids that must not be sampled yet because the request wants more output first.
+
+    EOS is left alone under ignore_eos: it does not end the request then, so there is no
+    reason to keep the model from producing it (vLLM behaves the same way).
+    """
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        return []
+    masked = list(params.stop_token_ids)
+    if request.eos_token_id is not None and not params.ignore_eos:
+        masked.append(request.eos_token_id)
+    return masked
+
+
+def _ranks_within_top(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """Rank (1 + number of strictly higher values) of each entry of rows sorted descending.
+
+    Every value strictly higher than a top-N entry is itself in the top-N, so counting inside
+    the small top-N block gives the rank over the whole vocabulary, ties included.
+    """
+    strictly_higher = top_logprobs.unsqueeze(-1) < top_logprobs.unsqueeze(-2)
+    return strictly_higher.sum(dim=-1) + 1
+
+
+def _position_logprobs(
+    chosen_token_id: int,
+    chosen_logprob: float,
+    chosen_rank: int,
+    top_token_ids: list[int],
+    top_logprobs: list[float],
+    top_ranks: list[int],
+) -> PositionLogprobs:
+    position: PositionLogprobs = {
+        token_id: Logprob(logprob=logprob, rank=rank)
+        for token_id, logprob, rank in zip(top_token_ids, top_logprobs, top_ranks)
+    }
+    # The chosen token's own entry wins over a top-N entry for the same id (they are equal
+    # anyway) and is added when it fell outside the top-N.
+    position[chosen_token_id] = Logprob(logprob=chosen_logprob, rank=chosen_rank)
+    return position
+
+
+def _gather_logprobs(
+    raw_logprobs: torch.Tensor, chosen_token_ids: torch.Tensor, num_top_per_row: list[int]
+) -> list[PositionLogprobs]:
+    """Log-prob and rank of each row's chosen token, plus each row's own top-N tokens.
+
+    One topk with the batch's largest N serves every row; each row then keeps its own prefix.
+    """
+    chosen_logprobs = raw_logprobs.gather(-1, chosen_token_ids.unsqueeze(-1))
+    chosen_ranks = (raw_logprobs > chosen_logprobs).sum(dim=-1) + 1
+    num_rows = raw_logprobs.shape[0]
+    largest_top = max(num_top_per_row, default=0)
+    if largest_top > 0:
+        top_logprobs, top_token_ids = raw_logprobs.topk(largest_top, dim=-1)
+        top_ranks = _ranks_within_top(top_logprobs)
+        top_ids_rows = top_token_ids.tolist()
+        top_lps_rows = top_logprobs.tolist()
+        top_ranks_rows = top_ranks.tolist()
+    else:
+        top_ids_rows = top_lps_rows = top_ranks_rows = [[] for _ in range(num_rows)]
+    chosen_ids_list = chosen_token_ids.tolist()
+    chosen_lps_list = chosen_logprobs.squeeze(-1).tolist()
+    chosen_ranks_list = chosen_ranks.tolist()
+    return [
+        _position_logprobs(
+            chosen_ids_list[row],
+            chosen_lps_list[row],
+            chosen_ranks_list[row],
+            top_ids_rows[row][: num_top_per_row[row]],
+            top_lps_rows[row][: num_top_per_row[row]],
+            top_ranks_rows[row][: num_top_per_row[row]],
+        )
+        for row in range(num_rows)
+    ]
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, target_token_ids: list[int], num_top: int
+) -> list[PositionLogprobs]:
+    """Log-probs of prompt tokens: logits[i] predicts target_token_ids[i].
+
+    Each position holds the target's log-prob and rank plus the top `num_top` tokens, all from
+    the raw distribution (no penalties or temperature, as in vLLM).
+    """
+    assert logits.shape[0] == len(target_token_ids), "one logits row per target token"
+    positions: list[PositionLogprobs] = []
+    targets = torch.tensor(target_token_ids, dtype=torch.long, device=logits.device)
+    for start in range(0, len(target_token_ids), _PROMPT_LOGPROBS_CHUNK_ROWS):
+        stop = start + _PROMPT_LOGPROBS_CHUNK_ROWS
+        chunk_logprobs = torch.log_softmax(logits[start:stop].float(), dim=-1)
+        chunk_targets = targets[start:stop]
+        num_top_per_row = [num_top] * chunk_targets.shape[0]
+        positions.extend(_gather_logprobs(chunk_logprobs, chunk_targets, num_top_per_row))
+    return positions
+
+
+class Sampler:
+    """Samples one token per row of a logits batch, honouring each request's SamplingParams."""
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.seed = seed
+        # Unseeded random rows share one stream so that runs of the whole engine repeat.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self._request_generators: dict[str, torch.Generator] = {}
+
+    def free(self, request_id: str) -> None:
+        """Forget a finished request's random stream."""
+        self._request_generators.pop(request_id, None)
+
+    def _generator_for(self, request: Request) -> torch.Generator:
+        generator = self._request_generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.sampling_params.seed)
+            self._request_generators[request.request_id] = generator
+        return generator
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """Pick the next token of every request; logits: [len(requests), vocab], row i is requests[i]."""
+        assert logits.shape[0] == len(requests), "one logits row per request"
+        all_params = [request.sampling_params for request in requests]
+        rows_wanting_logprobs = [
+            row for row, params in enumerate(all_params) if params.logprobs is not None
+        ]
+        any_penalty = any(_needs_penalties(params) for params in all_params)
+        min_tokens_masks = [_min_tokens_masked_ids(request) for request in requests]
+        all_greedy = all(params.greedy for params in all_params)
+
+        if all_greedy and not any_penalty and not any(min_tokens_masks) and not rows_wanting_logprobs:
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
+
+        logits = logits.float()
+        raw_logits = logits
+        if any_penalty:
+            logits = self._apply_penalties(logits, requests)
+        if any(min_tokens_masks):
+            logits = self._mask_tokens(logits, min_tokens_masks)
+
+        chosen = logits.argmax(dim=-1)
+        random_rows = [row for row, params in enumerate(all_params) if not params.greedy]
+        if random_rows:
+            random_index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
+            random_requests = [requests[row] for row in random_rows]
+            probs = self._filtered_probs(logits[random_index], random_requests)
+            chosen[random_index] = self._draw(probs, random_requests)
+
+        logprobs: list[PositionLogprobs | None] = [None] * len(requests)
+        if rows_wanting_logprobs:
+            index = torch.tensor(rows_wanting_logprobs, dtype=torch.long, device=logits.device)
+            num_top_per_row = [all_params[row].logprobs for row in rows_wanting_logprobs]
+            raw_logprobs = torch.log_softmax(raw_logits[index], dim=-1)
+            gathered = _gather_logprobs(raw_logprobs, chosen[index], num_top_per_row)
+            for row, position in zip(rows_wanting_logprobs, gathered):
+                logprobs[row] = position
+        return SamplerOutput(chosen.tolist(), logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Repetition (prompt + output, CTRL style), then presence/frequency (output only)."""
+        device = logits.device
+        num_rows, num_columns = logits.shape
+        output_counts = _token_counts(
+            [request.output_token_ids for request in requests], num_rows, num_columns, device
+        )
+        repetition = torch.tensor(
+            [request.sampling_params.repetition_penalty for request in requests],
+            dtype=torch.float32,
+            device=device,
+        ).unsqueeze(-1)
+        if bool((repetition != 1.0).any()):
+            # Only rows with a real repetition penalty pay for counting their prompt.
+            prompts = [
+                request.prompt_token_ids if request.sampling_params.repetition_penalty != 1.0 else []
+                for request in requests
+            ]
+            prompt_counts = _token_counts(prompts, num_rows, num_columns, device)
+            seen = (prompt_counts + output_counts) > 0
+            penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+            logits = torch.where(seen, penalised, logits)
+        frequency = torch.tensor(
+            [request.sampling_params.frequency_penalty for request in requests],
+            dtype=torch.float32,
+            device=device,
+        ).unsqueeze(-1)
+        presence = torch.tensor(
+            [request.sampling_params.presence_penalty for request in requests],
+            dtype=torch.float32,
+            device=device,
+        ).unsqueeze(-1)
+        if bool((frequency != 0.0).any() or (presence != 0.0).any()):
+            logits = logits - frequency * output_counts - presence * (output_counts > 0).float()
+        return logits
+
+    @staticmethod
+    def _mask_tokens(logits: torch.Tensor, masked_ids_per_row: list[list[int]]) -> torch.Tensor:
+        row_index = [row for row, ids in enumerate(masked_ids_per_row) for _ in ids]
+        column_index = [token_id for ids in masked_ids_per_row for token_id in ids]
+        logits = logits.clone()
+        logits[row_index, column_index] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Probabilities after temperature, top-k, top-p and min-p, for random rows only."""
+        device = logits.device
+        num_columns = logits.shape[-1]
+        params = [request.sampling_params for request in requests]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        logits = logits / temperature.unsqueeze(-1)
+
+        top_k = [p.top_k if 0 < p.top_k < num_columns else num_columns for p in params]
+        top_p = [p.top_p for p in params]
+        needs_top_k = any(k < num_columns for k in top_k)
+        needs_top_p = any(p < 1.0 for p in top_p)
+        if needs_top_k or needs_top_p:
+            sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
+            drop_sorted = torch.zeros_like(sorted_logits, dtype=torch.bool)
+            if needs_top_k:
+                positions = torch.arange(num_columns, device=device)
+                k_tensor = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(-1)
+                drop_sorted |= positions >= k_tensor
+            if needs_top_p:
+                sorted_probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
+                mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+                p_tensor = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(-1)
+                # A token goes once the more likely ones already reach top_p; the first always
+                # stays. Rows with top_p == 1 are exempt so rounding cannot trim their tail.
+                drop_sorted |= (mass_before >= p_tensor) & (p_tensor < 1.0)
+            drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_index, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+
+        probs = torch.softmax(logits, dim=-1)
+        min_p = [p.min_p for p in params]
+        if any(value > 0.0 for value in min_p):
+            min_p_tensor = torch.tensor(min_p, dtype=torch.float32, device=device).unsqueeze(-1)
+            threshold = min_p_tensor * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row by an exponential race: argmax(probs / Exponential(1) noise).
+
+        This is an exact sample from `probs` (no need to renormalise after filtering), and the
+        noise of a seeded row comes only from its own generator, so the row's token does not
+        depend on its batch neighbours or its position.
+        """
+        num_rows, num_columns = probs.shape
+        noise = torch.empty_like(probs)
+        unseeded_rows = [row for row, r in enumerate(requests) if r.sampling_params.seed is None]
+        if unseeded_rows:
+            shared_noise = torch.empty(
+                (len(unseeded_rows), num_columns), dtype=probs.dtype, device=probs.device
+            ).exponential_(generator=self.generator)
+            noise[unseeded_rows] = shared_noise
+        for row, request in enumerate(requests):
+            if request.sampling_params.seed is not None:
+                noise[row].exponential_(generator=self._generator_for(request))
+        # A zero draw would turn a filtered-out token (prob 0) into 0/0 = NaN and win argmax.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _token_counts(
+    token_lists: list[list[int]], num_rows: int, num_columns: int, device: torch.device
+) -> torch.Tensor:
+    """[rows, vocab] float32 occurrence counts, built with one scatter_add for the batch.
+
+    Rows are padded with an extra dump column that is cut off afterwards, so ragged lists
+    need no per-row loop on the device.
+    """
+    longest = max((len(tokens) for tokens in token_lists), default=0)
+    counts = torch.zeros((num_rows, num_columns + 1), dtype=torch.float32, device=device)
+    if longest == 0:
+        return counts[:, :num_columns]
+    padded = [list(tokens) + [num_columns] * (longest - len(tokens)) for tokens in token_lists]
+    index = torch.tensor(padded, dtype=torch.long, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    return counts[:, :num_columns]
+
