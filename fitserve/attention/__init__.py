@@ -1,0 +1,74 @@
+"""Paged attention backends and how to pick one.
+
+A backend is anything with the two functions of `fitserve.attention.torch_paged`: a module
+satisfies the protocol as well as an object does. The model receives its backend at
+construction, so two models in one process can use different backends (no global switch).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Protocol, cast
+
+import torch
+
+from fitserve.attention.metadata import AttentionMetadata
+from fitserve.config import ConfigError
+
+
+class AttentionBackend(Protocol):
+    """Writes a step's new K/V into the paged cache and attends over each sequence's context."""
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+BACKEND_NAMES = ("auto", "torch", "triton")
+
+
+def _torch_backend() -> AttentionBackend:
+    from fitserve.attention import torch_paged
+
+    return cast(AttentionBackend, torch_paged)
+
+
+def _triton_backend() -> ModuleType:
+    # Imported lazily: triton is an optional dependency and slow to import.
+    from fitserve.attention import triton_paged
+
+    return triton_paged
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """"torch": portable path; "triton": GPU kernels; "auto": triton on CUDA when it imports."""
+    if name == "torch":
+        return _torch_backend()
+    if name == "triton":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"attention backend 'triton' needs a CUDA device (got {device}); use 'torch' or 'auto'"
+            )
+        return cast(AttentionBackend, _triton_backend())
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                return cast(AttentionBackend, _triton_backend())
+            except ImportError:
+                pass
+        return _torch_backend()
+    raise ConfigError(f"unknown attention backend {name!r}: use {', '.join(BACKEND_NAMES)}")

@@ -1,0 +1,173 @@
+"""One decoder for Llama 2/3, Mistral, Qwen2 and Qwen3, over a flat stream of tokens.
+
+The four architectures differ only in switches that `ModelConfig` carries: q/k/v bias
+(Qwen2), per-head RMSNorm of q and k (Qwen3), rope scaling (Llama 3.1+) and tied embeddings.
+There is no batch dimension: a step's tokens from all sequences are concatenated, and the
+paged attention backend uses `AttentionMetadata` to keep each sequence to its own context.
+
+Numerics follow transformers so float32 greedy decoding gives the same tokens: RMSNorm in
+float32 then cast back before the weight multiply, rope angles in float32, residual adds in
+the model dtype. q/k/v and gate/up are each one fused matmul (fewer, larger GEMMs on the
+decode hot path); the loader fills the fused weights from the separate checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fitserve.attention import AttentionBackend, get_attention_backend
+from fitserve.attention.metadata import AttentionMetadata
+from fitserve.models.config import ModelConfig
+from fitserve.models.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 (bf16 squares overflow precision); the weight multiplies the
+        # value already cast back, as transformers does, so rounding matches.
+        x_float = x.float()
+        x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_float.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.scale = config.head_dim**-0.5
+        self.backend = backend
+        # Rows: [q | k | v], filled from q_proj, k_proj, v_proj by the loader.
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_output_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden_states.shape[0]
+        qkv = self.qkv_proj(hidden_states)
+        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            query = self.q_norm(query)
+            key = self.k_norm(key)
+        query = apply_rotary(query, cos, sin)
+        key = apply_rotary(key, cos, sin)
+        self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
+        output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
+        return self.o_proj(output.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        # Rows: [gate | up], filled from gate_proj and up_proj by the loader.
+        self.gate_up_proj = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
+        )
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        attention_out = self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, key_cache, value_cache, attn_metadata
+        )
+        hidden_states = hidden_states + attention_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (named as in HF checkpoints: `model.*`)."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, backend) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole decoder plus the output projection; serves all four supported architectures."""
+
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        backend = attention_backend or get_attention_backend("torch", torch.device("cpu"))
+        self.model = LlamaModel(config, backend)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share one matrix between input embedding and output projection (re-run after
+        anything that re-creates parameters, e.g. `to_empty`)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states [num_tokens, hidden_size] of the flat token stream.
+
+        Writes every new token's K/V into `kv_caches` (one (key, value) pair per layer) at
+        `attn_metadata.slot_mapping`. Callers usually project only the last token of each
+        sequence through `compute_logits`, which is why the two are separate.
+        """
+        hidden_states = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, hidden_states.dtype)
+        for layer, (key_cache, value_cache) in zip(self.model.layers, kv_caches, strict=True):
+            hidden_states = layer(hidden_states, cos, sin, key_cache, value_cache, attn_metadata)
+        return self.model.norm(hidden_states)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, vocab_size] float32 logits (float32 so sampling and log-probs are stable)."""
+        return self.lm_head(hidden_states).float()

@@ -1,0 +1,201 @@
+"""Build a `LlamaForCausalLM` from a Hugging Face safetensors checkpoint.
+
+The model is first built on the meta device (no memory), then given uninitialised storage
+in the target dtype and device, then filled one checkpoint tensor at a time, so peak memory
+is the model plus one tensor. Every tensor name and shape is checked against config.json
+before anything is read, so a mismatched checkpoint fails fast with a message that names
+the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fitserve.attention import AttentionBackend, get_attention_backend
+from fitserve.models.config import ModelConfig, ModelLoadError, load_model_config
+from fitserve.models.llama import LlamaForCausalLM
+
+# Rotary frequencies some old checkpoints saved; fitserve recomputes them from config.json.
+_IGNORED_TENSOR = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """Where one checkpoint tensor goes: a model parameter, or a row range of a fused one."""
+
+    parameter_name: str
+    row_start: int
+    shape: tuple[int, ...]
+    """The shape config.json implies for the checkpoint tensor."""
+
+
+def expected_checkpoint_tensors(config: ModelConfig) -> dict[str, WeightTarget]:
+    """Every tensor a checkpoint for `config` must hold, with its destination and shape."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_size, kv_size = config.q_size, config.kv_size
+    targets: dict[str, WeightTarget] = {
+        "model.embed_tokens.weight": WeightTarget(
+            "model.embed_tokens.weight", 0, (config.vocab_size, hidden)
+        ),
+        "model.norm.weight": WeightTarget("model.norm.weight", 0, (hidden,)),
+    }
+    if not config.tie_word_embeddings:
+        targets["lm_head.weight"] = WeightTarget("lm_head.weight", 0, (config.vocab_size, hidden))
+
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}"
+        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        fused_qkv = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size), "v_proj": (q_size + kv_size, kv_size)}
+        for name, (row_start, rows) in fused_qkv.items():
+            targets[f"{attn}.{name}.weight"] = WeightTarget(f"{attn}.qkv_proj.weight", row_start, (rows, hidden))
+            if config.attention_bias:
+                targets[f"{attn}.{name}.bias"] = WeightTarget(f"{attn}.qkv_proj.bias", row_start, (rows,))
+        targets[f"{attn}.o_proj.weight"] = WeightTarget(f"{attn}.o_proj.weight", 0, (hidden, q_size))
+        if config.attention_output_bias:
+            targets[f"{attn}.o_proj.bias"] = WeightTarget(f"{attn}.o_proj.bias", 0, (hidden,))
+        if config.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                targets[f"{attn}.{name}.weight"] = WeightTarget(
+                    f"{attn}.{name}.weight", 0, (config.head_dim,)
+                )
+        for name, row_start in (("gate_proj", 0), ("up_proj", inter)):
+            targets[f"{mlp}.{name}.weight"] = WeightTarget(f"{mlp}.gate_up_proj.weight", row_start, (inter, hidden))
+            if config.mlp_bias:
+                targets[f"{mlp}.{name}.bias"] = WeightTarget(f"{mlp}.gate_up_proj.bias", row_start, (inter,))
+        targets[f"{mlp}.down_proj.weight"] = WeightTarget(f"{mlp}.down_proj.weight", 0, (hidden, inter))
+        if config.mlp_bias:
+            targets[f"{mlp}.down_proj.bias"] = WeightTarget(f"{mlp}.down_proj.bias", 0, (hidden,))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            targets[f"{prefix}.{name}.weight"] = WeightTarget(f"{prefix}.{name}.weight", 0, (hidden,))
+    return targets
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the index's shards, or every *.safetensors."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ModelLoadError(
+                f"{index_path} is not a valid safetensors index (needs a 'weight_map'): {error}"
+            ) from error
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [path.name for path in files if not path.is_file()]
+        if missing:
+            raise ModelLoadError(
+                f"{index_path} lists shard files that are not in {model_dir}: {', '.join(missing)}; "
+                "download the complete checkpoint"
+            )
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        has_bin = any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt"))
+        hint = (
+            " It holds PyTorch .bin weights: convert them to safetensors first (e.g. load with "
+            "transformers and call save_pretrained(..., safe_serialization=True))."
+            if has_bin
+            else " .bin checkpoints must be converted to safetensors first."
+        )
+        raise ModelLoadError(f"no weights (*.safetensors) found in {model_dir}.{hint}")
+    return files
+
+
+def _index_checkpoint(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """tensor name -> (file, shape), from the safetensors headers only (no data is read)."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                for name in file.keys():
+                    found[name] = (path, tuple(file.get_slice(name).get_shape()))
+        except Exception as error:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"cannot read weights file {path}: {error}") from error
+    return found
+
+
+def _check_checkpoint(
+    config: ModelConfig,
+    expected: dict[str, WeightTarget],
+    found: dict[str, tuple[Path, tuple[int, ...]]],
+    model_dir: Path,
+) -> None:
+    missing = [name for name in expected if name not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(
+            f"weight {missing[0]!r}{more} is missing from the checkpoint in {model_dir}; the "
+            f"checkpoint does not match its config.json ({config.architecture}, "
+            f"{config.num_hidden_layers} layers)"
+        )
+    unexpected = [
+        name
+        for name in found
+        if name not in expected
+        and not _IGNORED_TENSOR.match(name)
+        # Tied checkpoints sometimes still store the (identical) output matrix.
+        and not (name == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ModelLoadError(
+            f"unexpected weight {unexpected[0]!r}{more} in {model_dir}; the checkpoint does not "
+            f"match its config.json ({config.architecture})"
+        )
+    for name, target in expected.items():
+        path, shape = found[name]
+        if shape != target.shape:
+            raise ModelLoadError(
+                f"weight {name!r} in {path.name} has shape {list(shape)} but config.json implies "
+                f"{list(target.shape)}; the checkpoint does not match its config.json"
+            )
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    attention_backend: AttentionBackend | str | None = None,
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Load config and weights from `model_dir`, cast to `dtype`, onto `device`, in eval mode.
+
+    `attention_backend` is a backend object, a backend name ("auto", "torch", "triton"), or
+    None for "auto".
+    """
+    model_dir = Path(model_dir)
+    config = load_model_config(model_dir)
+    expected = expected_checkpoint_tensors(config)
+    found = _index_checkpoint(checkpoint_files(model_dir))
+    _check_checkpoint(config, expected, found, model_dir)
+
+    device = torch.device(device)
+    if attention_backend is None or isinstance(attention_backend, str):
+        attention_backend = get_attention_backend(attention_backend or "auto", device)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, attention_backend)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # to_empty gave lm_head its own storage
+    model.rotary_emb.reset_inv_freq(device)
+
+    parameters = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(found[name][0], []).append(name)
+    with torch.no_grad():
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                for name in names:
+                    target = expected[name]
+                    destination = parameters[target.parameter_name]
+                    rows = target.shape[0]
+                    destination[target.row_start : target.row_start + rows].copy_(file.get_tensor(name))
+    model.eval()
+    model.requires_grad_(False)
+    return model, config
