@@ -1,13 +1,36 @@
-"""The synchronous engine: requests in, one scheduled model step at a time, outputs out."""
+"""The synchronous engine: requests in, one scheduled model step at a time, outputs out.
+
+`step()` is the whole loop body: the scheduler decides, the runner computes, and `_update`
+appends tokens, detokenizes, checks stop conditions and frees what finished. The server
+drives the same API from a background thread (see async_engine.py).
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fitserve.config import EngineArgs
-from fitserve.outputs import RequestOutput
+import torch
+
+from fitserve.attention import get_attention_backend
+from fitserve.config import ConfigError, EngineArgs, parse_size, resolve_device, resolve_dtype
+from fitserve.engine.detokenizer import IncrementalDetokenizer
+from fitserve.engine.kv_cache import KVCacheManager
+from fitserve.engine.request import Request, RequestStatus
+from fitserve.engine.runner import ModelRunner, RunnerOutput, allocate_kv_cache, kv_cache_bytes_per_block
+from fitserve.engine.sampler import Sampler
+from fitserve.engine.scheduler import Scheduler, SchedulerOutput
+from fitserve.engine.tokenizer import load_tokenizer
+from fitserve.models.config import load_model_config
+from fitserve.models.loader import load_model
+from fitserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from fitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("fitserve")
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class PromptTooLongError(ValueError):
@@ -34,29 +57,312 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Owns the model runner, the KV cache manager and the scheduler (implementation pending)."""
+    """Owns the model runner, the KV-cache manager and the scheduler; not thread-safe."""
 
     def __init__(self, args: EngineArgs) -> None:
-        raise NotImplementedError
+        self.args = args
+        self.device = resolve_device(args.device)
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        model_dir = args.model_dir
+        checkpoint_config = load_model_config(model_dir)
+        self.dtype = resolve_dtype(args.dtype, checkpoint_config.checkpoint_dtype, self.device)
+        attention_backend = get_attention_backend(args.attention_backend, self.device)
+        self.model, self.model_config = load_model(model_dir, self.dtype, self.device, attention_backend)
+        self.tokenizer = load_tokenizer(args.tokenizer or model_dir, required=args.tokenizer is not None)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+
+        config = self.model_config
+        self.block_size = args.block_size
+        bytes_per_block = kv_cache_bytes_per_block(
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.block_size, self.dtype
+        )
+        kv_bytes = self._kv_cache_budget()
+        self.num_kv_blocks = kv_bytes // bytes_per_block
+        if self.num_kv_blocks < 1:
+            raise ConfigError(
+                f"the KV-cache budget ({kv_bytes} bytes) is smaller than one block "
+                f"({bytes_per_block} bytes); raise --kv-cache-memory"
+            )
+        self.kv_capacity_tokens = self.num_kv_blocks * self.block_size
+        self.max_model_len = self._resolve_max_model_len()
+        kv_caches = allocate_kv_cache(
+            config.num_hidden_layers, self.num_kv_blocks, self.block_size,
+            config.num_key_value_heads, config.head_dim, self.dtype, self.device,
+        )
+        self.kv_cache_bytes = self.num_kv_blocks * bytes_per_block
+        self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill
+        )
+        self.sampler = Sampler(config.vocab_size, self.device, seed=args.seed)
+        self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler)
+
+        self._requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self._num_prompt_tokens_total = 0
+        self._num_generated_tokens_total = 0
+        self._num_cached_tokens_total = 0
+        logger.info(self.startup_summary())
+
+    # ----------------------------------------------------------------------------- set-up
+
+    def _kv_cache_budget(self) -> int:
+        if self.args.kv_cache_memory is not None:
+            return parse_size(self.args.kv_cache_memory)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * self.args.gpu_memory_utilization) - used
+            if budget <= 0:
+                raise ConfigError(
+                    f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB of "
+                    f"{total / 2**30:.1f} GiB in use; raise --gpu-memory-utilization or pass --kv-cache-memory"
+                )
+            return budget
+        return DEFAULT_CPU_KV_CACHE_BYTES
+
+    def _resolve_max_model_len(self) -> int:
+        model_limit = self.model_config.max_position_embeddings
+        requested = self.args.max_model_len
+        if requested is not None and requested > model_limit:
+            raise ConfigError(
+                f"--max-model-len {requested} exceeds the model's max_position_embeddings ({model_limit})"
+            )
+        max_model_len = requested or model_limit
+        if max_model_len > self.kv_capacity_tokens:
+            if requested is not None:
+                raise ConfigError(
+                    f"--max-model-len {requested} needs more KV cache than the budget holds "
+                    f"({self.kv_capacity_tokens} tokens); raise --kv-cache-memory or lower --max-model-len"
+                )
+            logger.info(
+                "context length limited to the KV capacity: %d tokens (model allows %d)",
+                self.kv_capacity_tokens, model_limit,
+            )
+            max_model_len = self.kv_capacity_tokens
+        return max_model_len
+
+    def startup_summary(self) -> str:
+        return (
+            f"model {self.args.model_dir} ({self.model_config.architecture}), dtype "
+            f"{str(self.dtype).removeprefix('torch.')}, device {self.device}; KV cache "
+            f"{self.num_kv_blocks} blocks x {self.block_size} tokens = {self.kv_capacity_tokens} tokens "
+            f"({self.kv_cache_bytes / 2**20:.1f} MiB); max model len {self.max_model_len}"
+        )
+
+    # ----------------------------------------------------------------------------- requests
+
+    def tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids) from any accepted prompt form."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send prompt_token_ids instead of text")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("a prompt must be a string, a list of token ids, or a dict with one of them")
+        vocab_size = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        return None, list(prompt)
 
     def add_request(
         self,
         request_id: str,
         prompt: str | list[int] | dict,
-        sampling_params: SamplingParams,
+        sampling_params: SamplingParams | None = None,
         arrival_time: float | None = None,
         client_id: str | None = None,
     ) -> None:
-        raise NotImplementedError
+        """Queue a prompt. Raises ValueError (PromptTooLongError for length) for bad input."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("LLMEngine runs one sequence per request; fan out n > 1 as separate requests")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text, token_ids = self.tokenize_prompt(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        self._check_length(len(token_ids), params)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            prompt=prompt_text,
+            eos_token_id=None if params.ignore_eos else self._primary_eos(),
+            max_model_len=self.max_model_len,
+            client_id=client_id,
+            arrival_time=arrival_time if arrival_time is not None else time.time(),
+        )
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        self._requests[request_id] = request
+        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params) \
+            if self.tokenizer is not None else None  # type: ignore[assignment]
+        self._num_prompt_tokens_total += len(token_ids)
+        self.scheduler.add_request(request)
+
+    def _primary_eos(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return min(self.eos_token_ids) if self.eos_token_ids else None
+
+    def _check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        limit = self.max_model_len
+        requested = num_prompt_tokens + (params.max_tokens or 1)
+        if num_prompt_tokens >= limit or requested > limit:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {limit} tokens, but the request needs "
+                f"{requested} ({num_prompt_tokens} in the prompt, {params.max_tokens or 1} to generate); "
+                "shorten the prompt or lower max_tokens"
+            )
+        if not self.args.enable_chunked_prefill and num_prompt_tokens > self.args.max_num_batched_tokens:
+            raise PromptTooLongError(
+                f"the prompt has {num_prompt_tokens} tokens but --max-num-batched-tokens is "
+                f"{self.args.max_num_batched_tokens} and chunked prefill is off; enable chunked prefill "
+                "or raise the budget"
+            )
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
-        raise NotImplementedError
-
-    def step(self) -> list[RequestOutput]:
-        raise NotImplementedError
+        """Stop requests now and free their blocks; each yields a final output at the next step."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            self._pending_outputs.append(self._make_output(request))
 
     def has_unfinished_requests(self) -> bool:
-        raise NotImplementedError
+        return self.scheduler.has_unfinished_requests() or bool(self._pending_outputs)
 
     def get_stats(self) -> EngineStats:
-        raise NotImplementedError
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_free_blocks=self.kv_cache.num_free_blocks,
+            num_total_blocks=self.kv_cache.num_blocks,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_prefix_cache_hit_tokens_total=self._num_cached_tokens_total,
+            num_prompt_tokens_total=self._num_prompt_tokens_total,
+            num_generated_tokens_total=self._num_generated_tokens_total,
+        )
+
+    # ----------------------------------------------------------------------------- stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return outputs
+        runner_output = self.runner.execute(scheduler_output)
+        outputs.extend(self._update(scheduler_output, runner_output))
+        return outputs
+
+    def _update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
+        now = time.time()
+        outputs: list[RequestOutput] = []
+        for item in scheduler_output.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
+            if prompt_logprobs:
+                self._fill_decoded_tokens(request.request_id, prompt_logprobs)
+                request.prompt_logprobs.extend(prompt_logprobs)
+            self.scheduler.cache_computed_blocks(request)
+            sampled = runner_output.sampled.get(request.request_id)
+            if sampled is None:
+                continue
+            token_id, logprobs = sampled
+            self._append_token(request, token_id, logprobs, now)
+            outputs.append(self._make_output(request))
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, logprobs: PositionLogprobs | None, now: float) -> None:
+        request.output_token_ids.append(token_id)
+        self._num_generated_tokens_total += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+            self._num_cached_tokens_total += request.metrics.num_cached_prompt_tokens
+        if logprobs is not None:
+            self._fill_decoded_tokens(request.request_id, [logprobs])
+            request.output_logprobs.append(logprobs)
+            request.cumulative_logprob += logprobs[token_id].logprob
+        detokenizer = self._detokenizers.get(request.request_id)
+        matched_stop = detokenizer.append([token_id]) if detokenizer is not None else None
+        status = self._stop_status(request, token_id, matched_stop)
+        if status is not None:
+            self._finish(request, status)
+
+    def _stop_status(self, request: Request, token_id: int, matched_stop: str | None) -> RequestStatus | None:
+        params = request.sampling_params
+        past_min = request.num_output_tokens >= params.min_tokens
+        if past_min and not params.ignore_eos and token_id in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and token_id in params.stop_token_ids:  # type: ignore[operator]
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if matched_stop is not None:
+            request.stop_reason = matched_stop
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish_request(request, status)
+        self.sampler.free(request.request_id)
+        request.metrics.finished_time = time.time()
+        detokenizer = self._detokenizers.pop(request.request_id, None)
+        if detokenizer is not None:
+            # A matched stop string already cut the text; otherwise release the held-back tail.
+            stopped_by_string = isinstance(request.stop_reason, str)
+            request.output_text = detokenizer.output_text if stopped_by_string else detokenizer.finish()
+        del self._requests[request.request_id]
+
+    def _fill_decoded_tokens(self, request_id: str, positions: list[PositionLogprobs]) -> None:
+        detokenizer = self._detokenizers.get(request_id)
+        if detokenizer is None:
+            return
+        for position in positions:
+            for token_id, logprob in position.items():
+                logprob.decoded_token = detokenizer.decode_token(token_id)
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        if request.is_finished:
+            text = request.output_text
+        else:
+            detokenizer = self._detokenizers.get(request.request_id)
+            text = detokenizer.output_text if detokenizer is not None else ""
+        params = request.sampling_params
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=list(request.output_token_ids),
+            cumulative_logprob=request.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=list(request.output_logprobs) if params.logprobs is not None else None,
+            finish_reason=request.status.value if request.is_finished else None,
+            stop_reason=request.stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=request.is_finished,
+            prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs is not None else None,
+            metrics=request.metrics,
+        )

@@ -1,0 +1,129 @@
+"""`fitserve generate | chat | serve | bench` — the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fitserve.cli_args import add_engine_arguments, engine_args_from
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=-1)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--presence-penalty", type=float, default=0.0)
+    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params_from(namespace: argparse.Namespace):
+    from fitserve.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=namespace.max_tokens,
+        temperature=namespace.temperature,
+        top_p=namespace.top_p,
+        top_k=namespace.top_k,
+        min_p=namespace.min_p,
+        repetition_penalty=namespace.repetition_penalty,
+        presence_penalty=namespace.presence_penalty,
+        frequency_penalty=namespace.frequency_penalty,
+        seed=namespace.sampling_seed,
+        stop=namespace.stop,
+        ignore_eos=namespace.ignore_eos,
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from fitserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(engine_args_from(args))
+    params = sampling_params_from(args)
+    for index, prompt in enumerate(args.prompt):
+        engine.add_request(str(index), prompt, params)
+    results = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                results[int(output.request_id)] = output
+    for index in sorted(results):
+        output = results[index]
+        if len(args.prompt) > 1:
+            print(f"--- prompt {index} ({output.outputs[0].finish_reason})")
+        print(output.prompt + output.outputs[0].text if args.echo else output.outputs[0].text)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from fitserve.chat import chat_loop
+
+    return chat_loop(engine_args_from(args), sampling_params_from(args), system_prompt=args.system)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fitserve",
+        description="Run, serve and measure Llama-family LLMs on the hardware you have.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    generate = subparsers.add_parser("generate", help="complete one or more prompts and print the text")
+    generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    generate.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
+    add_engine_arguments(generate)
+    add_sampling_arguments(generate)
+    generate.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser("chat", help="talk to the model in the terminal (streams tokens)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_arguments(chat)
+    add_sampling_arguments(chat)
+    chat.set_defaults(func=run_chat, max_tokens=256)
+
+    _add_optional_subcommand(subparsers, "fitserve.server.cli", "add_serve_parser")
+    _add_optional_subcommand(subparsers, "fitserve.bench.cli", "add_bench_parser")
+    return parser
+
+
+def _add_optional_subcommand(subparsers, module_name: str, function_name: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:  # TEMPORARY until serve/bench land
+        if error.name != module_name:
+            raise
+        return
+    getattr(module, function_name)(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from fitserve.config import ConfigError
+    from fitserve.models.config import ModelLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ModelLoadError, ValueError) as error:
+        print(f"fitserve: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

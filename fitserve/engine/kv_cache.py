@@ -1,0 +1,104 @@
+"""Per-request KV-cache accounting on top of the block pool: prefix hits, growth, release.
+
+This is the one place that knows how many blocks a request holds and which of them are
+shared through the prefix cache. The scheduler asks it questions in tokens; it answers in
+blocks.
+"""
+
+from __future__ import annotations
+
+from fitserve.engine.block_pool import BlockHash, BlockPool
+from fitserve.engine.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        # Hashes of each request's leading full blocks that are already registered, in order.
+        self._block_hashes: dict[str, list[BlockHash]] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Blocks of the longest cached prefix of the request's tokens, without taking them.
+
+        At least the last known token is always left to compute, because the step that
+        computes it produces the logits for the next token.
+        """
+        if not self.pool.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return []  # prompt log-probs need every prompt position computed
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        block_ids: list[int] = []
+        parent_hash: BlockHash | None = None
+        tokens = request.all_token_ids
+        for index in range(max_blocks):
+            chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
+            block_id = self.pool.lookup(parent_hash, chunk)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+            parent_hash = self.pool.blocks[block_id].block_hash
+        return block_ids
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
+        """Give the request blocks for `num_new_tokens` more tokens (after any cached prefix).
+
+        Returns False, changing nothing, when the pool cannot supply them. On success a
+        cached prefix is attached and `num_computed_tokens` moves past it.
+        """
+        cached_block_ids = cached_block_ids or []
+        num_cached_tokens = len(cached_block_ids) * self.block_size
+        needed_total = self.blocks_needed(request.num_computed_tokens + num_cached_tokens + num_new_tokens)
+        num_new_blocks = max(0, needed_total - len(request.block_ids) - len(cached_block_ids))
+        # Cached blocks that are currently free count against the free pool when revived.
+        num_revived = sum(1 for b in cached_block_ids if self.pool.blocks[b].ref_count == 0)
+        if num_new_blocks + num_revived > self.pool.num_free_blocks:
+            return False
+        if cached_block_ids:
+            self.pool.touch(cached_block_ids)
+            request.block_ids.extend(cached_block_ids)
+            request.num_computed_tokens += num_cached_tokens
+            request.metrics.num_cached_prompt_tokens += num_cached_tokens
+            self._block_hashes[request.request_id] = [
+                self.pool.blocks[b].block_hash for b in cached_block_ids  # type: ignore[misc]
+            ]
+        if num_new_blocks:
+            request.block_ids.extend(self.pool.allocate(num_new_blocks))
+        return True
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.pool.num_free_blocks
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register every block whose tokens are all computed, so later requests can share it."""
+        if not self.pool.enable_prefix_caching:
+            return
+        hashes = self._block_hashes.setdefault(request.request_id, [])
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
+        if num_full <= len(hashes):
+            return
+        tokens = request.all_token_ids
+        parent_hash = hashes[-1] if hashes else None
+        for index in range(len(hashes), num_full):
+            chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
+            parent_hash = self.pool.register(request.block_ids[index], parent_hash, chunk)
+            hashes.append(parent_hash)
+
+    def free(self, request: Request) -> None:
+        """Release all of the request's blocks, tail first (its prefix stays cached longest)."""
+        self.pool.free(list(reversed(request.block_ids)))
+        request.block_ids = []
+        self._block_hashes.pop(request.request_id, None)
+
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks

@@ -1,0 +1,173 @@
+"""Turns a scheduled batch into tensors, runs the model once, and samples.
+
+The runner owns the KV-cache tensors (allocated once at start-up) and knows nothing about
+who should run: it executes exactly what the scheduler decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fitserve.attention.metadata import AttentionMetadata
+from fitserve.engine.request import Request
+from fitserve.engine.sampler import Sampler, compute_prompt_logprobs
+from fitserve.engine.scheduler import SchedulerOutput
+from fitserve.outputs import PositionLogprobs
+
+
+def kv_cache_bytes_per_block(
+    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+) -> int:
+    """K and V of every layer for one block of tokens."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+def allocate_kv_cache(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One allocation for the whole cache, viewed as (key_cache, value_cache) per layer."""
+    storage = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    return [(storage[layer, 0], storage[layer, 1]) for layer in range(num_layers)]
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, tuple[int, PositionLogprobs | None]] = field(default_factory=dict)
+    """request id -> (next token, its log-probs if asked) for requests that completed their tokens."""
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    """request id -> log-probs of the prompt positions computed in this step."""
+
+
+@dataclass
+class _PromptLogprobRows:
+    """Hidden-state rows of one request whose logits score prompt tokens in this step."""
+
+    request: Request
+    first_token_row: int
+    """Row in the step's flat token stream; row r scores the prompt token after it."""
+    targets: list[int]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        device: torch.device,
+        sampler: Sampler,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = sampler
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        block_size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        sample_token_rows: list[int] = []
+        sample_requests: list[Request] = []
+        prompt_rows: list[_PromptLogprobRows] = []
+
+        for item in scheduler_output.scheduled:
+            request = item.request
+            start = request.num_computed_tokens
+            end = start + item.num_new_tokens
+            token_offset = len(input_ids)
+            if item.num_new_tokens == 1:
+                input_ids.append(request.token_id(start))
+                positions.append(start)
+                slot_mapping.append(request.block_ids[start // block_size] * block_size + start % block_size)
+            else:
+                input_ids.extend(request.all_token_ids[start:end])
+                positions.extend(range(start, end))
+                block_ids = request.block_ids
+                slot_mapping.extend(
+                    block_ids[position // block_size] * block_size + position % block_size
+                    for position in range(start, end)
+                )
+            query_lens.append(item.num_new_tokens)
+            seq_lens.append(end)
+            block_tables.append(request.block_ids)
+            if request.sampling_params.prompt_logprobs is not None:
+                rows = _prompt_logprob_rows(request, start, end, token_offset)
+                if rows is not None:
+                    prompt_rows.append(rows)
+            if item.completes_sequence:
+                sample_token_rows.append(token_offset + item.num_new_tokens - 1)
+                sample_requests.append(request)
+
+        metadata = self._build_metadata(query_lens, seq_lens, block_tables, slot_mapping)
+        input_tensor = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden_states = self.model(input_tensor, position_tensor, self.kv_caches, metadata)
+
+        output = RunnerOutput()
+        # Logits only where needed: prompt rows that are scored, then one row per sampled request.
+        logit_rows: list[int] = []
+        for rows in prompt_rows:
+            logit_rows.extend(range(rows.first_token_row, rows.first_token_row + len(rows.targets)))
+        num_prompt_logit_rows = len(logit_rows)
+        logit_rows.extend(sample_token_rows)
+        if not logit_rows:
+            return output
+        row_index = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden_states.index_select(0, row_index))
+
+        first = 0
+        for rows in prompt_rows:
+            chunk = logits[first : first + len(rows.targets)]
+            first += len(rows.targets)
+            output.prompt_logprobs[rows.request.request_id] = compute_prompt_logprobs(
+                chunk, rows.targets, rows.request.sampling_params.prompt_logprobs or 0
+            )
+        if sample_requests:
+            sampler_output = self.sampler.sample(logits[num_prompt_logit_rows:], sample_requests)
+            for request, token_id, logprobs in zip(sample_requests, sampler_output.token_ids, sampler_output.logprobs):
+                output.sampled[request.request_id] = (token_id, logprobs)
+        return output
+
+    def _build_metadata(
+        self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slot_mapping: list[int]
+    ) -> AttentionMetadata:
+        max_blocks = max(len(table) for table in block_tables)
+        padded = [table + [0] * (max_blocks - len(table)) for table in block_tables]
+        query_start = [0]
+        for length in query_lens:
+            query_start.append(query_start[-1] + length)
+        device = self.device
+        return AttentionMetadata(
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            block_size=self.block_size,
+        )
+
+
+
+def _prompt_logprob_rows(request: Request, start: int, end: int, token_offset: int) -> _PromptLogprobRows | None:
+    """Rows of this chunk that score prompt tokens not scored before (position p scores p + 1).
+
+    `request.prompt_logprobs` already holds entries for positions 0..k (entry 0 is None), so
+    after a preemption the recomputed prefix is not scored twice.
+    """
+    first_position = max(start, len(request.prompt_logprobs) - 1)
+    last_position = min(end, request.num_prompt_tokens - 1)
+    if first_position >= last_position:
+        return None
+    targets = request.prompt_token_ids[first_position + 1 : last_position + 1]
+    return _PromptLogprobRows(request, token_offset + first_position - start, targets)

@@ -1,0 +1,163 @@
+"""Continuous batching with a per-step token budget and stall-free chunked prefill.
+
+Each step (Sarathi-Serve's order):
+  1. running requests that decode get one token each — nothing may stall them;
+  2. running requests part-way through their prompt get `min(remaining, budget left)`;
+  3. waiting requests are admitted, in the policy's order, while the budget, `max_num_seqs`
+     and free KV blocks allow (their cached prefix is attached first and skipped).
+When a running request cannot get a block, the policy names a victim that is preempted: its
+blocks are freed and it is recomputed later (its prefix will often still be cached).
+The scheduler never touches tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fitserve.engine.kv_cache import KVCacheManager
+from fitserve.engine.policy import FCFSPolicy, SchedulingPolicy
+from fitserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this step every known token is computed, so the step yields the next token."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        enable_chunked_prefill: bool = True,
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.policy: SchedulingPolicy = policy or FCFSPolicy()
+        self.running: list[Request] = []
+        self.num_preemptions_total = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.policy)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or len(self.policy) > 0
+
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.policy.add(request)
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if num_new < request.num_uncomputed_tokens and not self.enable_chunked_prefill:
+                continue
+            if self._allocate_or_preempt(request, num_new, scheduled_ids, output):
+                output.scheduled.append(ScheduledRequest(request, num_new))
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
+
+        # Admitting new work right after preempting would only thrash the cache.
+        if not output.preempted:
+            budget = self._admit_waiting(budget, output)
+        return output
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, scheduled_ids: set[str], output: SchedulerOutput
+    ) -> bool:
+        """Get blocks for `request`, preempting lower-priority running requests if needed."""
+        while not self.kv_cache.allocate(request, num_new):
+            candidates = [
+                r for r in self.running
+                if r.request_id not in scheduled_ids and r.status == RequestStatus.RUNNING
+            ]
+            victim = self.policy.choose_victim(candidates)
+            self._preempt(victim)
+            output.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _admit_waiting(self, budget: int, output: SchedulerOutput) -> int:
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.policy.peek()
+            if request is None:
+                break
+            cached_blocks = self.kv_cache.find_cached_prefix(request)
+            num_cached = len(cached_blocks) * self.kv_cache.block_size
+            num_new = request.num_tokens - request.num_computed_tokens - num_cached
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv_cache.allocate(request, num_new, cached_blocks):
+                break
+            self.policy.pop()
+            request.status = RequestStatus.RUNNING
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.time()
+            self.running.append(request)
+            output.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.metrics.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.policy.add_preempted(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Take a running or waiting request out of scheduling and return its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.policy.remove(request)
+        self.kv_cache.free(request)
+        request.status = status
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        self.kv_cache.cache_full_blocks(request)
