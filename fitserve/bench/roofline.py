@@ -1,0 +1,243 @@
+"""The hardware limit: what the machine can do (measured) and what the model needs (counted).
+
+Decode reads every weight once per step plus the KV cache of every running request, so its
+best step time is bytes / memory bandwidth; prefill does about 2 · parameters FLOPs per token
+(plus attention) and is bound by matmul FLOP/s for long prompts. A step can go no faster than
+max(bytes / bandwidth, FLOPs / peak) (the roofline). The machine's own bandwidth and FLOP/s
+are measured here, in the same run, rather than taken from a spec sheet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fitserve.config import resolve_dtype
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide bytes and FLOPs, read from a Hugging Face config.json."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    dtype_name: str
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype | None = None) -> "ModelShape":
+        num_heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        checkpoint_dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"))
+        dtype = dtype or checkpoint_dtype
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+            head_dim=int(config.get("head_dim") or hidden // num_heads),
+            vocab_size=int(config["vocab_size"]),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            dtype_name=str(dtype).removeprefix("torch."),
+            dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, dtype: str = "auto",
+                       device: torch.device | None = None) -> "ModelShape":
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        checkpoint_dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"))
+        resolved = resolve_dtype(dtype, checkpoint_dtype, device or torch.device("cpu"))
+        return cls.from_config(config, resolved)
+
+    # -- parameter counts ------------------------------------------------------------------
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one layer's linear projections (attention q, k, v, o and the gated MLP)."""
+        q_and_o = 2 * self.hidden_size * self.num_heads * self.head_dim
+        k_and_v = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return q_and_o + k_and_v + mlp
+
+    @property
+    def layer_other_params(self) -> int:
+        """Norm weights and attention biases: few, but read every step like the rest."""
+        biases = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        return 2 * self.hidden_size + biases
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        lm_head = 0 if self.tie_word_embeddings else self.embedding_params
+        return (self.embedding_params + lm_head + self.hidden_size
+                + self.num_layers * (self.layer_matmul_params + self.layer_other_params))
+
+    @property
+    def matmul_params_per_token(self) -> int:
+        """Weights each token is multiplied by: every layer's projections and the LM head."""
+        return self.num_layers * self.layer_matmul_params + self.embedding_params
+
+    @property
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one forward pass reads: all of them, except that an untied input
+        embedding table is only indexed (a few rows), not read whole."""
+        read_params = self.total_params - (0 if self.tie_word_embeddings else self.embedding_params)
+        return read_params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers (GQA: only the KV heads are stored)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    # -- per-step costs ---------------------------------------------------------------------
+    def attention_flops(self, query_tokens: int, context_tokens: float) -> float:
+        """QKᵀ and attention·V: 2 matmuls of 2·head_dim FLOPs per query-key pair and head."""
+        return 4.0 * self.num_layers * self.num_heads * self.head_dim * query_tokens * context_tokens
+
+    def decode_step_bytes(self, batch_size: float, context_tokens: float) -> float:
+        """Weights once, plus each request's KV read over its context and written for one token."""
+        return self.weight_bytes_per_step + batch_size * (context_tokens + 1) * self.kv_bytes_per_token
+
+    def decode_step_flops(self, batch_size: float, context_tokens: float) -> float:
+        return batch_size * (2.0 * self.matmul_params_per_token + self.attention_flops(1, context_tokens))
+
+    def prefill_bytes(self, prompt_tokens: float) -> float:
+        return self.weight_bytes_per_step + prompt_tokens * self.kv_bytes_per_token
+
+    def prefill_flops(self, prompt_tokens: float) -> float:
+        """Causal attention: token i attends to i + 1 keys, on average (n + 1) / 2."""
+        return (2.0 * self.matmul_params_per_token * prompt_tokens
+                + self.attention_flops(prompt_tokens, (prompt_tokens + 1) / 2))
+
+    def to_dict(self) -> dict:
+        described = asdict(self)
+        described.update(total_params=self.total_params, weight_bytes_per_step=self.weight_bytes_per_step,
+                         kv_bytes_per_token=self.kv_bytes_per_token)
+        return described
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_memory_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20,
+                             min_time_s: float = 0.3) -> float:
+    """Bytes/s of a large tensor copy (each copy reads and writes size_bytes); best of several
+    repeats, since on a shared machine the fastest repeat is the one least disturbed."""
+    source = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # first touch: page faults are not bandwidth
+    best, spent = 0.0, 0.0
+    while spent < min_time_s or best == 0.0:
+        _synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        best = max(best, 2 * source.numel() * 4 / elapsed)
+    return best
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, min_time_s: float = 0.3,
+                         max_size: int | None = None) -> tuple[float, int]:
+    """(FLOP/s, matrix size) of square matmuls in the model's dtype; the size grows until one
+    matmul takes long enough to time, then the best of repeats is kept."""
+    max_size = max_size or (8192 if device.type == "cuda" else 2048)
+    size = 256
+    while True:
+        left = torch.randn(size, size, device=device).to(dtype)
+        right = torch.randn(size, size, device=device).to(dtype)
+        torch.matmul(left, right)
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(left, right)
+        _synchronize(device)
+        if time.perf_counter() - start > 0.02 or size >= max_size:
+            break
+        size *= 2
+    best, spent = 0.0, 0.0
+    while spent < min_time_s or best == 0.0:
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(left, right)
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        best = max(best, 2.0 * size**3 / elapsed)
+    return best, size
+
+
+def measure_hardware_limit(device: torch.device, dtype: torch.dtype, min_time_s: float = 0.3) -> dict:
+    """The machine's own bandwidth and matmul FLOP/s, measured now."""
+    bandwidth = measure_memory_bandwidth(device, min_time_s=min_time_s)
+    flops, size = measure_matmul_flops(device, dtype, min_time_s=min_time_s)
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "memory_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flops,
+            "matmul_size": size, "method": "best of repeated 256 MiB tensor copies (read + write) "
+            f"and {size}x{size} matmuls"}
+
+
+def achieved_fractions(shape: ModelShape, limit: dict, summary: dict) -> dict:
+    """How close the run came to the roofline, for decode and for prefill.
+
+    Decode: one step serves the time-averaged number of requests that were decoding at once
+    (B, from the client's timestamps) at their mean context; its bound is
+    max(bytes / bandwidth, FLOPs / peak), its achieved time the median TPOT.
+    Prefill: the bound for the mean prompt against the fastest TTFT seen (TTFT also holds
+    queueing, HTTP and the first decode step, so this fraction is a lower bound).
+    """
+    bandwidth = limit["memory_bandwidth_bytes_per_s"]
+    peak = limit["matmul_flops_per_s"]
+    result: dict = {"decode": None, "prefill": None}
+    mean_input = summary.get("mean_input_tokens")
+    mean_output = summary.get("mean_output_tokens")
+    tpot_ms = summary["tpot_ms"]["median"]
+    if tpot_ms and mean_input is not None and mean_output is not None:
+        batch = summary.get("mean_concurrent_decodes") or 1.0
+        context = mean_input + mean_output / 2
+        step_bytes = shape.decode_step_bytes(batch, context)
+        step_flops = shape.decode_step_flops(batch, context)
+        bound_s = max(step_bytes / bandwidth, step_flops / peak)
+        achieved_s = tpot_ms / 1e3
+        result["decode"] = {
+            "mean_batch": batch, "mean_context_tokens": context,
+            "bytes_per_step": step_bytes, "flops_per_step": step_flops,
+            "bound": "memory" if step_bytes / bandwidth >= step_flops / peak else "compute",
+            "bound_step_ms": bound_s * 1e3, "achieved_step_ms": tpot_ms,
+            "bound_tokens_per_s": batch / bound_s, "achieved_tokens_per_s": batch / achieved_s,
+            "achieved_bandwidth_bytes_per_s": step_bytes / achieved_s,
+            "fraction_of_limit": bound_s / achieved_s,
+        }
+    ttft_min_ms = summary["ttft_ms"]["min"]
+    if ttft_min_ms and mean_input:
+        prefill_bytes = shape.prefill_bytes(mean_input)
+        prefill_flops = shape.prefill_flops(mean_input)
+        bound_s = max(prefill_bytes / bandwidth, prefill_flops / peak)
+        achieved_s = ttft_min_ms / 1e3
+        result["prefill"] = {
+            "prompt_tokens": mean_input, "bytes": prefill_bytes, "flops": prefill_flops,
+            "bound": "memory" if prefill_bytes / bandwidth >= prefill_flops / peak else "compute",
+            "bound_ms": bound_s * 1e3, "achieved_ms": ttft_min_ms,
+            "bound_tokens_per_s": mean_input / bound_s, "achieved_tokens_per_s": mean_input / achieved_s,
+            "achieved_flops_per_s": prefill_flops / achieved_s,
+            "fraction_of_limit": bound_s / achieved_s,
+        }
+    return result
