@@ -1,0 +1,161 @@
+"""Tiny random checkpoints of each supported architecture, and a by-hand paged KV batch.
+
+Everything here is float32 and a few hundred kilobytes, so each model test runs in about
+a second on a busy CPU. The reference for every output is transformers, loaded from the
+same files.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fitserve.attention.metadata import AttentionMetadata
+from fitserve.models.random_checkpoint import write_random_checkpoint
+
+TINY_SHAPES: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# Each variant: (preset it starts from, overrides that make it tiny and exercise its feature).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Llama 3.1+ long-context rope; a short original context so most frequencies get scaled.
+    "llama3_rope_scaling": ("llama-3.2-1b", {"head_dim": 16, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    # Llama 2: plain rope, theta 1e4, full multi-head attention, separate lm_head.
+    "llama2": ("llama-3-8b", {"rope_theta": 10000.0, "num_key_value_heads": 4,
+                              "tie_word_embeddings": False}),
+    "mistral": ("mistral-7b", {"head_dim": 16}),
+    "qwen2_bias": ("qwen2.5-0.5b", {}),
+    # head_dim 32 != hidden / heads, as in real Qwen3 checkpoints.
+    "qwen3_qk_norm": ("qwen3-0.6b", {"head_dim": 32}),
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes a `variant` argument runs once per supported architecture variant."""
+    if "variant" in metafunc.fixturenames:
+        metafunc.parametrize("variant", list(VARIANTS))
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    """Write a tiny random checkpoint: make_checkpoint(variant, dtype=..., **config overrides)."""
+    counter = iter(range(1000))
+
+    def make(variant: str, dtype: str = "float32", **overrides: Any) -> Path:
+        preset, variant_overrides = VARIANTS[variant]
+        out_dir = tmp_path / f"{variant}-{dtype}-{next(counter)}"
+        return write_random_checkpoint(
+            out_dir, preset, dtype=dtype, seed=0, init_std=0.1,
+            overrides=TINY_SHAPES | variant_overrides | overrides,
+        )
+
+    return make
+
+
+@dataclass
+class PagedSequence:
+    """One sequence's tokens and blocks in a hand-built paged KV cache."""
+
+    token_ids: list[int]
+    block_table: list[int]
+    num_computed_tokens: int = 0
+
+
+@dataclass
+class PagedKVCache:
+    """A small paged cache plus the bookkeeping a scheduler would do, for building steps."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 4
+    num_blocks: int = 40
+    free_blocks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
+        # Shuffled so every sequence's blocks are scattered: catches any contiguity assumption.
+        self.free_blocks = list(range(1, self.num_blocks))
+        random.Random(0).shuffle(self.free_blocks)
+
+    def new_sequence(self, token_ids: list[int]) -> PagedSequence:
+        num_blocks = -(-len(token_ids) // self.block_size)
+        table = [self.free_blocks.pop() for _ in range(num_blocks)]
+        return PagedSequence(token_ids, table)
+
+    def step(
+        self, scheduled: list[tuple[PagedSequence, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids, positions, metadata) running `num_new` more tokens of each sequence.
+
+        Advances each sequence's num_computed_tokens, as the engine would after the step.
+        """
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        for sequence, num_new in scheduled:
+            start = sequence.num_computed_tokens
+            for position in range(start, start + num_new):
+                input_ids.append(sequence.token_ids[position])
+                positions.append(position)
+                block = sequence.block_table[position // self.block_size]
+                slots.append(block * self.block_size + position % self.block_size)
+            query_lens.append(num_new)
+            seq_lens.append(start + num_new)
+            sequence.num_computed_tokens += num_new
+        max_blocks = max(len(sequence.block_table) for sequence, _ in scheduled)
+        block_tables = torch.zeros((len(scheduled), max_blocks), dtype=torch.int32)
+        for row, (sequence, _) in enumerate(scheduled):
+            block_tables[row, : len(sequence.block_table)] = torch.tensor(sequence.block_table)
+        query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+        metadata = AttentionMetadata(
+            query_start_loc=query_start_loc,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=block_tables,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            block_size=self.block_size,
+        )
+        return torch.tensor(input_ids), torch.tensor(positions), metadata
+
+
+@pytest.fixture
+def paged_cache_for() -> Callable[..., PagedKVCache]:
+    """paged_cache_for(model_config) -> an empty PagedKVCache shaped for that model."""
+
+    def make(config: Any) -> PagedKVCache:
+        return PagedKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+
+    return make
+
+
+def random_token_ids(length: int, seed: int, vocab_size: int = TINY_SHAPES["vocab_size"]) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (length,), generator=generator).tolist()
+
+
+@pytest.fixture
+def token_ids() -> Callable[[int, int], list[int]]:
+    """token_ids(length, seed) -> reproducible random prompt ids (no special tokens)."""
+    return random_token_ids
