@@ -1,0 +1,358 @@
+"""`AsyncLLMEngine`: the synchronous engine behind an asyncio-friendly interface.
+
+`LLMEngine` is not thread-safe and its `step()` blocks for a whole model forward pass, so it
+cannot run on the event loop. Instead one background thread owns it outright: the thread
+is the only code that ever calls into the engine. The event loop talks to that thread in
+two directions:
+
+- commands (add, abort) go in through a `queue.Queue`; the thread blocks on it when the
+  engine is idle, so an idle server burns no CPU;
+- outputs come back through `loop.call_soon_threadsafe`, which appends them to the
+  per-request `asyncio.Queue` of the `RequestStream` that is waiting for them.
+
+Batching falls out of this for free: every request added while a step runs is picked up
+before the next step, so concurrent HTTP requests share engine steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fitserve.engine.engine import EngineStats, LLMEngine
+from fitserve.outputs import RequestOutput
+from fitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running (shut down, or never started)."""
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed while this request was in flight; the request was aborted."""
+
+
+@dataclass
+class _AddCommand:
+    request_id: str
+    prompt: str | list[int] | dict
+    sampling_params: SamplingParams
+    client_id: str | None
+    stream: "RequestStream"
+    accepted: asyncio.Future
+
+
+@dataclass
+class _AbortCommand:
+    request_ids: list[str]
+
+
+@dataclass
+class _StopCommand:
+    pass
+
+
+class RequestStream:
+    """The outputs of one engine request, as the event loop sees them.
+
+    Iterate it (`async for output in stream`) to receive cumulative `RequestOutput`s until
+    the finished one. Leaving the iteration early for any reason (the consumer's task was
+    cancelled because the HTTP client went away, or it simply stopped reading) aborts the
+    request, so its KV blocks are freed.
+    """
+
+    def __init__(self, request_id: str, engine: "AsyncLLMEngine", output_queue: asyncio.Queue | None = None) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._engine = engine
+        # Items are (request_id, RequestOutput | exception) so that a `StreamGroup` can share one queue.
+        self._queue: asyncio.Queue = output_queue if output_queue is not None else asyncio.Queue()
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait((self.request_id, item))
+
+    def abort(self) -> None:
+        """Stop the request if it is still running; safe to call at any time, any number of times."""
+        if not self.finished:
+            self.finished = True
+            self._engine._abort_nowait([self.request_id])
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                _, item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                yield item
+        finally:
+            # Covers cancellation (client disconnect) and GeneratorExit (consumer stopped early).
+            self.abort()
+
+
+class StreamGroup:
+    """Several requests whose outputs interleave in arrival order through one queue.
+
+    One OpenAI request becomes several engine requests (`n` choices, a list of prompts);
+    a group lets the HTTP layer wait on all of them at once without a task per request.
+    """
+
+    def __init__(self, engine: "AsyncLLMEngine") -> None:
+        self._engine = engine
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.streams: dict[str, RequestStream] = {}
+
+    async def add(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        sampling_params: SamplingParams,
+        client_id: str | None = None,
+    ) -> None:
+        self.streams[request_id] = await self._engine.add_request(
+            request_id, prompt, sampling_params, client_id, output_queue=self._queue
+        )
+
+    @property
+    def finished(self) -> bool:
+        return all(stream.finished for stream in self.streams.values())
+
+    def abort(self) -> None:
+        for stream in self.streams.values():
+            stream.abort()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        """Outputs of all members, each cumulative for its own request; ends when all finished."""
+        try:
+            while not self.finished:
+                request_id, item = await self._queue.get()
+                stream = self.streams[request_id]
+                if stream.finished:
+                    continue
+                if isinstance(item, BaseException):
+                    stream.finished = True
+                    raise item
+                if item.finished:
+                    stream.finished = True
+                yield item
+        finally:
+            self.abort()
+
+
+class AsyncLLMEngine:
+    """Runs an `LLMEngine` step loop in one background thread and serves it to asyncio code."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Owned by the engine thread: which requests it still has to deliver outputs for.
+        self._live_streams: dict[str, RequestStream] = {}
+        self._latest_stats: EngineStats | None = None
+        self._stopping = False
+
+    # --- the engine's read-only facts, safe from any thread -------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def get_stats(self) -> EngineStats | None:
+        """The stats the engine thread published after its latest iteration (None before the first)."""
+        return self._latest_stats
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine thread, delivering outputs to `loop` (default: the running loop)."""
+        if self._thread is not None:
+            return
+        self._loop = loop or asyncio.get_running_loop()
+        self._stopping = False
+        self._latest_stats = self.engine.get_stats()
+        self._thread = threading.Thread(target=self._run_loop, name="fitserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort whatever is still in flight and stop the thread (the engine object stays usable)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._commands.put(_StopCommand())
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
+        self._thread = None
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        sampling_params: SamplingParams,
+        client_id: str | None = None,
+        output_queue: asyncio.Queue | None = None,
+    ) -> RequestStream:
+        """Hand a request to the engine and return its stream once the engine accepted it.
+
+        Errors from `LLMEngine.add_request` (prompt too long, empty prompt, duplicate id) are
+        raised here, before any output exists, so an HTTP layer can still answer 400.
+        `output_queue` is for `StreamGroup`; leave it out otherwise.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running (the server is shutting down)")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, self, output_queue)
+        accepted = loop.create_future()
+        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            # The caller went away while the command was queued; the engine may still add it.
+            stream.abort()
+            raise
+        return stream
+
+    async def generate(
+        self,
+        prompt: str | list[int] | dict,
+        sampling_params: SamplingParams,
+        request_id: str,
+        client_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its cumulative outputs; stopping early aborts it."""
+        stream = await self.add_request(request_id, prompt, sampling_params, client_id)
+        async for output in stream:
+            yield output
+
+    async def abort(self, request_ids: str | Iterable[str]) -> None:
+        self._abort_nowait([request_ids] if isinstance(request_ids, str) else list(request_ids))
+
+    def _abort_nowait(self, request_ids: list[str]) -> None:
+        # Called from `finally` blocks of cancelled tasks, so it must not await.
+        if self._thread is not None:
+            self._commands.put(_AbortCommand(request_ids))
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        while True:
+            idle = not self.engine.has_unfinished_requests()
+            try:
+                # Block while idle (no busy-wait); otherwise take whatever arrived during the step.
+                command = self._commands.get(block=idle)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if isinstance(command, _StopCommand):
+                    self._abort_everything("the server is shutting down")
+                    self._refuse_queued_commands()
+                    return
+                self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self.engine.has_unfinished_requests():
+                self._step_once()
+            self._latest_stats = self.engine.get_stats()
+
+    def _apply(self, command: _AddCommand | _AbortCommand) -> None:
+        if isinstance(command, _AbortCommand):
+            known = [request_id for request_id in command.request_ids if request_id in self._live_streams]
+            for request_id in known:
+                del self._live_streams[request_id]
+            if known:
+                self.engine.abort_request(known)
+            return
+        if command.stream.finished:
+            # Aborted before the engine ever saw it.
+            self._resolve(command.accepted, None)
+            return
+        try:
+            self.engine.add_request(
+                command.request_id, command.prompt, command.sampling_params, client_id=command.client_id
+            )
+        except Exception as error:  # noqa: BLE001 - any rejection belongs to the caller
+            self._resolve(command.accepted, error)
+            return
+        self._live_streams[command.request_id] = command.stream
+        self._resolve(command.accepted, None)
+
+    def _step_once(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # noqa: BLE001 - one bad step must not take the server down
+            logger.exception("engine step failed; aborting the requests in flight")
+            self._abort_everything(f"engine step failed: {type(error).__name__}: {error}")
+            return
+        for output in outputs:
+            stream = self._live_streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted by its consumer; nobody is listening any more
+            if output.finished:
+                del self._live_streams[output.request_id]
+            self._deliver(stream, output)
+
+    def _abort_everything(self, reason: str) -> None:
+        request_ids = list(self._live_streams)
+        streams = list(self._live_streams.values())
+        self._live_streams.clear()
+        if request_ids:
+            try:
+                self.engine.abort_request(request_ids)
+            except Exception:  # noqa: BLE001 - we are already handling a failure
+                logger.exception("aborting requests after a failure also failed")
+        for stream in streams:
+            self._deliver(stream, EngineStepError(reason))
+
+    def _refuse_queued_commands(self) -> None:
+        # Adds that raced with the stop would otherwise wait forever for an answer.
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _AddCommand):
+                self._resolve(command.accepted, EngineDeadError("the server is shutting down"))
+
+    def _deliver(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(stream._put, item)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody left to tell
+
+    def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
+        assert self._loop is not None
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass

@@ -1,0 +1,105 @@
+"""The FastAPI app: routes, authentication, lifecycle. Protocol details live in serving_*.py."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+
+from fitserve.engine.async_engine import AsyncLLMEngine
+from fitserve.server.errors import APIError, install_error_handlers, validation_error_to_api_error
+from fitserve.server.metrics import ServerMetrics
+from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from fitserve.server.serving_chat import create_chat_completion
+from fitserve.server.serving_common import ServerSettings, ServerState, read_body
+from fitserve.server.serving_completions import create_completion
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.fitserve
+
+
+def require_api_key(request: Request) -> None:
+    """When the server has a key, every /v1 call must present it as a bearer token."""
+    expected = _state(request).settings.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+    # Constant-time comparison, so response timing does not leak the key byte by byte.
+    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+        raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+
+async def _parse_body(request: Request, schema: type[BaseModel]) -> Any:
+    raw_body = await read_body(request, _state(request).settings.max_request_body_bytes)
+    if not raw_body.strip():
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        return schema.model_validate_json(raw_body)
+    except ValidationError as error:
+        raise validation_error_to_api_error(error) from error
+
+
+def _as_response(result: Any) -> Response:
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
+    """An app serving `async_engine`; the engine thread runs for as long as the app's lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            # By now uvicorn has stopped accepting and drained (or cancelled) in-flight requests.
+            await async_engine.shutdown()
+
+    app = FastAPI(title="fitserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.fitserve = ServerState(async_engine, settings, ServerMetrics(async_engine.get_stats))
+    install_error_handlers(app)
+    authorized = [Depends(require_api_key)]
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(request: Request) -> Response:
+        body = await _parse_body(request, CompletionRequest)
+        return _as_response(await create_completion(_state(request), body, request))
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request) -> Response:
+        body = await _parse_body(request, ChatCompletionRequest)
+        return _as_response(await create_chat_completion(_state(request), body, request))
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models(request: Request) -> Response:
+        state = _state(request)
+        return JSONResponse({
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": state.created_time, "owned_by": "fitserve",
+                 "root": state.settings.model_path or name, "max_model_len": state.async_engine.max_model_len}
+                for name in state.settings.served_model_names
+            ],
+        })
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        if not _state(request).async_engine.is_running:
+            raise APIError(503, "the engine is not running")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

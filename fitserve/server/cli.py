@@ -1,0 +1,146 @@
+"""`fitserve serve [MODEL_DIR]`: load a model and serve it over OpenAI's HTTP API.
+
+The socket is bound before uvicorn starts so that the banner can print the real address
+(also with `--port 0`, which tests use to get a free port) and so that a port already in
+use is a one-line error instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from fitserve.cli_args import add_engine_arguments, engine_args_from
+from fitserve.config import ConfigError, parse_size
+
+API_KEY_ENV = "FITSERVE_API_KEY"
+
+
+class _SignalExit(Exception):
+    """SIGTERM arrived; raised only after uvicorn finished its graceful shutdown."""
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `serve` on the `fitserve` command's subparsers."""
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics).",
+    )
+    parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
+                        help="Hugging Face model directory (default: the bundled model)")
+    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL_DIR",
+                        help="same as the positional MODEL_DIR, for vLLM-style command lines")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
+    server.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
+    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) clients use; the first is reported (default: MODEL_DIR as given)")
+    server.add_argument("--max-request-body-bytes", type=parse_size, default=1 << 20, metavar="SIZE",
+                        help="larger request bodies get HTTP 413 (default 1MiB; units like 4MiB work)")
+    server.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="on Ctrl-C/SIGTERM, how long in-flight requests may finish before they are aborted")
+    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_arguments(parser, model_flag=False)
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _raise_signal_exit(signum: int, frame: Any) -> None:
+    raise _SignalExit()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the engine, bind, serve until Ctrl-C or SIGTERM; returns the exit status."""
+    import uvicorn  # heavy imports only when actually serving
+
+    from fitserve.engine.async_engine import AsyncLLMEngine
+    from fitserve.engine.engine import LLMEngine
+    from fitserve.server.app import build_app
+    from fitserve.server.serving_common import ServerSettings
+
+    if args.model_dir and args.model_flag and args.model_dir != args.model_flag:
+        print(f"fitserve serve: error: MODEL_DIR {args.model_dir!r} and --model {args.model_flag!r} disagree; "
+              "give one of them", file=sys.stderr)
+        return 2
+    args.model = args.model_dir or args.model_flag
+    try:
+        engine_args = engine_args_from(args)
+        print(f"fitserve serve: loading {engine_args.model_dir} ...", flush=True)
+        engine = LLMEngine(engine_args)
+    except (ConfigError, FileNotFoundError, OSError) as error:
+        print(f"fitserve serve: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as error:
+        print(f"fitserve serve: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    model_path = str(engine_args.model_dir)
+    names = args.served_model_name or [args.model or Path(model_path).name]
+    settings = ServerSettings(
+        served_model_names=names, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_request_body_bytes=args.max_request_body_bytes, model_path=model_path,
+    )
+    kv_tokens = engine.num_kv_blocks * engine.block_size
+    print(
+        f"fitserve serve: listening on http://{shown_host}:{port}\n"
+        f"  model   {names[0]} ({model_path})\n"
+        f"  dtype   {str(engine.dtype).removeprefix('torch.')}   device {engine.device}\n"
+        f"  KV cache {kv_tokens} tokens ({engine.num_kv_blocks} blocks x {engine.block_size}), "
+        f"max model len {engine.max_model_len}\n"
+        f"  API key {'required' if settings.api_key else 'not required'}",
+        flush=True,
+    )
+
+    app = build_app(AsyncLLMEngine(engine), settings)
+    config = uvicorn.Config(
+        app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=args.log_level == "debug",
+    )
+    # uvicorn re-raises the signal that stopped it once it is done; turn that into a clean exit.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_signal_exit)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except (KeyboardInterrupt, _SignalExit):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        sock.close()
+    print("fitserve serve: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m fitserve.server.cli serve ...`)."""
+    parser = argparse.ArgumentParser(prog="fitserve")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""OpenAI request bodies as pydantic models, validated strictly at the HTTP edge.
+
+Strict mode and `extra="forbid"` are deliberate: a client that sends `"max_tokens": "10"`
+or misspells `temperature` gets a 400 that names the field, instead of a silently
+different request. Range checks that `SamplingParams` already knows are left to it (one
+place per rule); only OpenAI-specific shapes are checked here.
+
+Responses are built as plain dicts in `serving_*.py`: they are only ever serialized, and
+dicts keep `null` fields exactly where OpenAI's clients expect them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM extension: usage on every chunk, not just the last one."""
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by /v1/completions and /v1/chat/completions.
+
+    Defaults are OpenAI's (temperature 1), not `SamplingParams`' greedy default, because
+    clients written against OpenAI expect them.
+    """
+
+    model: str | None = None
+    """Omitted means the served model (OpenAI requires it; being lenient costs nothing)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # Extensions in vLLM's spelling, so the same clients work against both servers.
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: NonNegativeInt = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @model_validator(mode="after")
+    def _check_openai_shapes(self) -> "SamplingFields":
+        if self.n < 1:
+            raise ValueError(f"n must be an integer >= 1 (got {self.n})")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server; leave it out")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: NonNegativeInt | None = 16
+    """0 is allowed only with echo (score a prompt without generating, as lm-eval does)."""
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _check_completion_shapes(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(self.prompt, list) and any(isinstance(item, list) and not item for item in self.prompt):
+            raise ValueError("a token-id prompt must not be empty")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be >= 1 (0 is only allowed together with echo)")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server; leave it out")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of must equal n when given (got best_of={self.best_of}, n={self.n})")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts, each text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]  # one token-id prompt
+        return list(self.prompt)
+
+
+class TextContentPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    """OpenAI's newer name for max_tokens; wins when both are given."""
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    add_generation_prompt: bool = True
+    """vLLM extension: end the prompt with the assistant turn's opening."""
+
+    @model_validator(mode="after")
+    def _check_chat_shapes(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    @property
+    def output_token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
