@@ -1,0 +1,311 @@
+"""Triton decode attention over a paged KV cache (one query token per sequence).
+
+Design (flash-decoding): a decode step reads every cached token of every sequence once and
+does almost no arithmetic per byte, so its speed is the memory bandwidth the kernel manages to
+use. Two things keep the GPU's memory system busy:
+
+* **Split the context.** With a small batch there are only `num_seqs * num_kv_heads`
+  (sequence, KV head) pairs, far fewer than a GPU has streaming multiprocessors. Each
+  sequence's context is cut into partitions of `partition_size` tokens and each partition is
+  its own program, which writes a partial result: the running max and sum of its softmax and
+  its un-normalised output. A second, tiny kernel combines the partials of each head.
+  When the longest context fits in one partition the first kernel writes the final output
+  directly and the reduce kernel is not launched.
+* **Read K/V once per KV-head group.** One program serves all query heads that share a KV
+  head (grouped-query attention). The group's query rows form the M side of a `tl.dot`
+  (padded to 16, the smallest tile `tl.dot` accepts), so K/V tiles are loaded once and the
+  extra rows cost only idle tensor-core lanes, not memory traffic.
+
+Within a partition the program walks the context in tiles of `TILE_N` tokens. A tile may
+span several paged blocks: each token looks up its own block number in the block table, so
+the tile size is independent of the cache's block size. Softmax is online (running max and
+sum) in float32, using exp2 with the scale pre-multiplied by log2(e).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fitserve.attention.metadata import AttentionMetadata
+from fitserve.attention.triton_common import (
+    LOG2E,
+    MIN_DOT_SIZE,
+    cdiv,
+    check_device,
+    dot_input_precision,
+    is_interpreting,
+    next_power_of_2,
+    padded_head_dim,
+)
+
+DEFAULT_PARTITION_SIZE = 256
+"""Tokens per decode program. Small enough that batch 1 with 8 KV heads and a 8K context
+still spreads over 256 programs; large enough that the partial results written per program
+are a few percent of the K/V bytes it reads. Tune with benchmarks/gpu_kernels.py."""
+
+DECODE_TILE_N = 64
+"""Tokens loaded per inner-loop iteration (4 blocks of 16, 2 of 32)."""
+
+
+@triton.jit
+def _decode_partition_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    output_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    partial_out_ptr,
+    scale_log2,
+    stride_query_token,
+    stride_query_head,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table_seq,
+    stride_output_token,
+    stride_output_head,
+    max_num_partitions,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    TILE_N: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+    SINGLE_PARTITION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    seq_index = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    partition = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq_index)
+    partition_start = partition * PARTITION_SIZE
+    # The grid is sized for the longest sequence; shorter ones have nothing to do here.
+    if partition_start >= seq_len:
+        return
+    partition_end = tl.minimum(partition_start + PARTITION_SIZE, seq_len)
+
+    group_rows = tl.arange(0, GROUP_PAD)
+    row_valid = group_rows < GROUP_SIZE
+    query_heads = kv_head * GROUP_SIZE + group_rows
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+
+    query = tl.load(
+        query_ptr
+        + seq_index * stride_query_token
+        + query_heads[:, None] * stride_query_head
+        + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
+    if UPCAST_OPERANDS:
+        query = query.to(tl.float32)
+
+    running_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    accumulator = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    block_table_row = block_tables_ptr + seq_index * stride_table_seq
+
+    # Every tile starts before partition_end <= seq_len, so each holds at least one real token
+    # and the running max is finite after the first tile (no inf - inf).
+    for tile_start in range(partition_start, partition_end, TILE_N):
+        positions = tile_start + tl.arange(0, TILE_N)
+        position_valid = positions < partition_end
+        block_numbers = tl.load(
+            block_table_row + positions // BLOCK_SIZE, mask=position_valid, other=0
+        ).to(tl.int64)
+        token_offsets = (
+            block_numbers * stride_cache_block
+            + (positions % BLOCK_SIZE) * stride_cache_token
+            + kv_head * stride_cache_head
+        )
+        kv_mask = position_valid[:, None] & dim_valid[None, :]
+        keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        values = tl.load(
+            value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0
+        )
+        if UPCAST_OPERANDS:
+            keys = keys.to(tl.float32)
+
+        scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * scale_log2
+        scores = tl.where(position_valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        rescale = tl.exp2(running_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
+        # Probabilities are rounded to the cache dtype for the second matmul, as FlashAttention
+        # and the torch reference do.
+        probs_operand = probs.to(value_cache_ptr.dtype.element_ty)
+        if UPCAST_OPERANDS:
+            probs_operand = probs_operand.to(tl.float32)
+            values = values.to(tl.float32)
+        accumulator = accumulator * rescale[:, None] + tl.dot(
+            probs_operand, values, input_precision=INPUT_PRECISION
+        )
+        running_max = new_max
+
+    store_mask = row_valid[:, None] & dim_valid[None, :]
+    if SINGLE_PARTITION:
+        output = accumulator / running_sum[:, None]
+        tl.store(
+            output_ptr
+            + seq_index * stride_output_token
+            + query_heads[:, None] * stride_output_head
+            + dims[None, :],
+            output.to(output_ptr.dtype.element_ty),
+            mask=store_mask,
+        )
+    else:
+        # Partials are laid out [num_seqs, num_heads, max_num_partitions(, HEAD_DIM_PAD)].
+        partial_index = (seq_index * GROUP_SIZE * tl.num_programs(1) + query_heads) * max_num_partitions + partition
+        tl.store(partial_max_ptr + partial_index, running_max, mask=row_valid)
+        tl.store(partial_sum_ptr + partial_index, running_sum, mask=row_valid)
+        tl.store(
+            partial_out_ptr + partial_index[:, None] * HEAD_DIM_PAD + dims[None, :],
+            accumulator,
+            mask=row_valid[:, None],
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    seq_lens_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    partial_out_ptr,
+    output_ptr,
+    stride_output_token,
+    stride_output_head,
+    max_num_partitions,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+    PARTITIONS_PAD: tl.constexpr,
+):
+    seq_index = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq_index)
+    num_partitions = tl.cdiv(seq_len, PARTITION_SIZE)
+
+    partitions = tl.arange(0, PARTITIONS_PAD)
+    partition_valid = partitions < num_partitions
+    row_start = (seq_index * tl.num_programs(1) + head) * max_num_partitions
+    partial_max = tl.load(partial_max_ptr + row_start + partitions, mask=partition_valid, other=float("-inf"))
+    partial_sum = tl.load(partial_sum_ptr + row_start + partitions, mask=partition_valid, other=0.0)
+    global_max = tl.max(partial_max, axis=0)
+    # Each partition's sums and outputs were relative to its own max; bring them to the global one.
+    weights = tl.exp2(partial_max - global_max)
+    total = tl.sum(partial_sum * weights, axis=0)
+
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    partial_out = tl.load(
+        partial_out_ptr + (row_start + partitions)[:, None] * HEAD_DIM_PAD + dims[None, :],
+        mask=partition_valid[:, None],
+        other=0.0,
+    )
+    output = tl.sum(partial_out * weights[:, None], axis=0) / total
+    tl.store(
+        output_ptr + seq_index * stride_output_token + head * stride_output_head + dims,
+        output.to(output_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    partition_size: int = DEFAULT_PARTITION_SIZE,
+    tile_n: int = DECODE_TILE_N,
+) -> torch.Tensor:
+    """Attention of one new token per sequence ([num_seqs, num_heads, head_dim]).
+
+    `partition_size` and `tile_n` are exposed so tests can force long contexts across many
+    programs with small shapes, and benchmarks can sweep them; both must be powers of two
+    and `partition_size` a multiple of `tile_n` (so no tile straddles two partitions).
+    """
+    check_device(query)
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert partition_size % tile_n == 0 and tile_n >= MIN_DOT_SIZE
+    assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    group_size = num_heads // num_kv_heads
+    head_dim_pad = padded_head_dim(head_dim)
+    output = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    if num_seqs == 0:
+        return output
+
+    max_num_partitions = cdiv(metadata.max_seq_len, partition_size)
+    single_partition = max_num_partitions == 1
+    if single_partition:
+        # Never read: the partition kernel writes the output directly.
+        partial_max = partial_sum = partial_out = output
+    else:
+        partial_shape = (num_seqs, num_heads, max_num_partitions)
+        partial_max = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
+        partial_sum = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
+        partial_out = torch.empty(
+            (*partial_shape, head_dim_pad), dtype=torch.float32, device=query.device
+        )
+
+    _decode_partition_kernel[(num_seqs, num_kv_heads, max_num_partitions)](
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        metadata.seq_lens,
+        output,
+        partial_max,
+        partial_sum,
+        partial_out,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        metadata.block_tables.stride(0),
+        output.stride(0),
+        output.stride(1),
+        max_num_partitions,
+        BLOCK_SIZE=block_size,
+        GROUP_SIZE=group_size,
+        GROUP_PAD=max(MIN_DOT_SIZE, next_power_of_2(group_size)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        TILE_N=tile_n,
+        PARTITION_SIZE=partition_size,
+        SINGLE_PARTITION=single_partition,
+        UPCAST_OPERANDS=is_interpreting(),
+        INPUT_PRECISION=dot_input_precision(query.dtype),
+        num_warps=4,
+    )
+    if not single_partition:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            metadata.seq_lens,
+            partial_max,
+            partial_sum,
+            partial_out,
+            output,
+            output.stride(0),
+            output.stride(1),
+            max_num_partitions,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            PARTITION_SIZE=partition_size,
+            PARTITIONS_PAD=next_power_of_2(max_num_partitions),
+            num_warps=4,
+        )
+    return output
