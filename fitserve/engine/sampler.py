@@ -185,7 +185,7 @@ class Sampler:
         logits = logits.float()
         raw_logits = logits
         if any_penalty:
-            logits = self._apply_penalties(logits, requests)
+            logits = apply_penalties(logits, requests)
         if any(min_tokens_masks):
             logits = self._mask_tokens(logits, min_tokens_masks)
 
@@ -206,42 +206,6 @@ class Sampler:
             for row, position in zip(rows_wanting_logprobs, gathered):
                 logprobs[row] = position
         return SamplerOutput(chosen.tolist(), logprobs)
-
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Repetition (prompt + output, CTRL style), then presence/frequency (output only)."""
-        device = logits.device
-        num_rows, num_columns = logits.shape
-        output_counts = _token_counts(
-            [request.output_token_ids for request in requests], num_rows, num_columns, device
-        )
-        repetition = torch.tensor(
-            [request.sampling_params.repetition_penalty for request in requests],
-            dtype=torch.float32,
-            device=device,
-        ).unsqueeze(-1)
-        if bool((repetition != 1.0).any()):
-            # Only rows with a real repetition penalty pay for counting their prompt.
-            prompts = [
-                request.prompt_token_ids if request.sampling_params.repetition_penalty != 1.0 else []
-                for request in requests
-            ]
-            prompt_counts = _token_counts(prompts, num_rows, num_columns, device)
-            seen = (prompt_counts + output_counts) > 0
-            penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
-            logits = torch.where(seen, penalised, logits)
-        frequency = torch.tensor(
-            [request.sampling_params.frequency_penalty for request in requests],
-            dtype=torch.float32,
-            device=device,
-        ).unsqueeze(-1)
-        presence = torch.tensor(
-            [request.sampling_params.presence_penalty for request in requests],
-            dtype=torch.float32,
-            device=device,
-        ).unsqueeze(-1)
-        if bool((frequency != 0.0).any() or (presence != 0.0).any()):
-            logits = logits - frequency * output_counts - presence * (output_counts > 0).float()
-        return logits
 
     @staticmethod
     def _mask_tokens(logits: torch.Tensor, masked_ids_per_row: list[list[int]]) -> torch.Tensor:
@@ -310,6 +274,46 @@ class Sampler:
         # A zero draw would turn a filtered-out token (prob 0) into 0/0 = NaN and win argmax.
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         return (probs / noise).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Logits after repetition (prompt + output, CTRL style), then presence/frequency (output only).
+
+    Returns a new tensor; rows whose request has no penalty come back unchanged.
+    """
+    device = logits.device
+    num_rows, num_columns = logits.shape
+    output_counts = _token_counts(
+        [request.output_token_ids for request in requests], num_rows, num_columns, device
+    )
+    repetition = torch.tensor(
+        [request.sampling_params.repetition_penalty for request in requests],
+        dtype=torch.float32,
+        device=device,
+    ).unsqueeze(-1)
+    if bool((repetition != 1.0).any()):
+        # Only rows with a real repetition penalty pay for counting their prompt.
+        prompts = [
+            request.prompt_token_ids if request.sampling_params.repetition_penalty != 1.0 else []
+            for request in requests
+        ]
+        prompt_counts = _token_counts(prompts, num_rows, num_columns, device)
+        seen = (prompt_counts + output_counts) > 0
+        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalised, logits)
+    frequency = torch.tensor(
+        [request.sampling_params.frequency_penalty for request in requests],
+        dtype=torch.float32,
+        device=device,
+    ).unsqueeze(-1)
+    presence = torch.tensor(
+        [request.sampling_params.presence_penalty for request in requests],
+        dtype=torch.float32,
+        device=device,
+    ).unsqueeze(-1)
+    if bool((frequency != 0.0).any() or (presence != 0.0).any()):
+        logits = logits - frequency * output_counts - presence * (output_counts > 0).float()
+    return logits
 
 
 def _token_counts(

@@ -1,0 +1,286 @@
+"""Sampler behaviour users rely on: greedy parity, filters, seeds, penalties, log-probs."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from fitserve.engine.request import Request
+from fitserve.engine.sampler import Sampler, apply_penalties, compute_prompt_logprobs
+from fitserve.sampling_params import SamplingParams
+
+VOCAB = 16
+
+
+def make_request(
+    params: SamplingParams,
+    request_id: str = "r",
+    prompt: list[int] | None = None,
+    output: list[int] | None = None,
+    eos_token_id: int | None = None,
+) -> Request:
+    request = Request(request_id, list(prompt or [0]), params, eos_token_id=eos_token_id)
+    request.output_token_ids = list(output or [])
+    return request
+
+
+def sample_many(
+    sampler: Sampler, logits_row: torch.Tensor, params: SamplingParams, num_samples: int = 3000
+) -> Counter:
+    """Draw num_samples tokens from one distribution in a single batched call."""
+    requests = [make_request(params, f"r{i}") for i in range(num_samples)]
+    batch = logits_row.unsqueeze(0).expand(num_samples, -1).contiguous()
+    return Counter(sampler.sample(batch, requests).token_ids)
+
+
+@pytest.fixture
+def sampler() -> Sampler:
+    return Sampler(VOCAB, torch.device("cpu"), seed=1234)
+
+
+def logits_from_probs(probs: list[float]) -> torch.Tensor:
+    return torch.tensor(probs, dtype=torch.float32).log()
+
+
+def test_greedy_is_argmax_in_fast_path_and_in_mixed_batches(sampler: Sampler) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, VOCAB, generator=generator)
+    expected = logits.argmax(dim=-1).tolist()
+
+    greedy_requests = [make_request(SamplingParams(), f"g{i}") for i in range(6)]
+    assert sampler.sample(logits, greedy_requests).token_ids == expected
+
+    # Greedy rows keep their argmax even when random rows and log-prob rows share the batch.
+    mixed = [
+        make_request(SamplingParams(temperature=1.0) if row % 2 else SamplingParams(logprobs=2), f"m{row}")
+        for row in range(6)
+    ]
+    mixed_tokens = sampler.sample(logits, mixed).token_ids
+    assert [mixed_tokens[row] for row in range(0, 6, 2)] == [expected[row] for row in range(0, 6, 2)]
+
+
+def test_logits_wider_than_vocab_are_sampled_over_all_columns(sampler: Sampler) -> None:
+    padded = torch.full((1, VOCAB + 8), -5.0)
+    padded[0, 3] = 2.0
+    assert sampler.sample(padded, [make_request(SamplingParams())]).token_ids == [3]
+
+
+def test_top_k_1_equals_greedy(sampler: Sampler) -> None:
+    logits = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(1))
+    requests = [make_request(SamplingParams(temperature=1.5, top_k=1), f"k{i}") for i in range(8)]
+    assert sampler.sample(logits, requests).token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_tiny_temperature_behaves_like_greedy(sampler: Sampler) -> None:
+    logits = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(2))
+    requests = [make_request(SamplingParams(temperature=1e-4), f"t{i}") for i in range(8)]
+    assert sampler.sample(logits, requests).token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_temperature_one_follows_softmax_frequencies(sampler: Sampler) -> None:
+    probs = [0.4, 0.3, 0.2, 0.1]
+    counts = sample_many(sampler, logits_from_probs(probs), SamplingParams(temperature=1.0), 4000)
+    for token_id, probability in enumerate(probs):
+        assert abs(counts[token_id] / 4000 - probability) < 0.04
+
+
+def test_top_k_keeps_exactly_the_k_most_likely(sampler: Sampler) -> None:
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0, 2.9, 0.5, 0.2])
+    counts = sample_many(sampler, logits, SamplingParams(temperature=2.0, top_k=3))
+    assert set(counts) == {1, 3, 5}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p(sampler: Sampler) -> None:
+    logits = logits_from_probs([0.5, 0.3, 0.15, 0.05])
+    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, top_p=0.75))) == {0, 1}
+    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, top_p=0.85))) == {0, 1, 2}
+    # Filters combine: top-k first, then top-p over what is left, renormalised (as in HF):
+    # {0, 1} become 0.625 / 0.375, so 0.6 is reached by token 0 alone.
+    combined = SamplingParams(temperature=1.0, top_k=2, top_p=0.6)
+    assert set(sample_many(sampler, logits, combined)) == {0}
+
+
+def test_min_p_drops_tokens_below_fraction_of_the_best(sampler: Sampler) -> None:
+    logits = logits_from_probs([0.5, 0.3, 0.15, 0.05])
+    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, min_p=0.2))) == {0, 1, 2}
+    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, min_p=0.5))) == {0, 1}
+
+
+def test_per_row_filters_in_one_batch(sampler: Sampler) -> None:
+    logits = logits_from_probs([0.5, 0.3, 0.15, 0.05]).unsqueeze(0).expand(3000, -1).contiguous()
+    settings = [
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=0.75),
+        SamplingParams(temperature=1.0),
+    ]
+    requests = [make_request(settings[row % 3], f"p{row}") for row in range(3000)]
+    tokens = sampler.sample(logits, requests).token_ids
+    assert set(tokens[0::3]) == {0}
+    assert set(tokens[1::3]) == {0, 1}
+    assert set(tokens[2::3]) == {0, 1, 2, 3}
+
+
+def test_seeded_request_repeats_whatever_the_batch(sampler: Sampler) -> None:
+    generator = torch.Generator().manual_seed(3)
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    steps = [torch.randn(VOCAB, generator=generator) for _ in range(5)]
+
+    def run(batch_size: int, row: int, other_params: SamplingParams, fresh: Sampler) -> list[int]:
+        tokens = []
+        for step_logits in steps:
+            others = torch.randn(batch_size, VOCAB, generator=generator)
+            others[row] = step_logits
+            requests = [make_request(other_params, f"other{i}") for i in range(batch_size)]
+            requests[row] = make_request(seeded, "seeded")
+            tokens.append(fresh.sample(others, requests).token_ids[row])
+        return tokens
+
+    alone = run(1, 0, seeded, Sampler(VOCAB, torch.device("cpu"), seed=0))
+    crowded = run(7, 4, SamplingParams(temperature=0.8, top_p=0.9), Sampler(VOCAB, torch.device("cpu"), seed=99))
+    with_greedy = run(3, 2, SamplingParams(), Sampler(VOCAB, torch.device("cpu"), seed=5))
+    assert alone == crowded == with_greedy
+
+
+def test_free_restarts_a_seeded_stream(sampler: Sampler) -> None:
+    logits = torch.zeros(1, VOCAB)
+    params = SamplingParams(temperature=1.0, seed=7)
+    first = [sampler.sample(logits, [make_request(params, "a")]).token_ids[0] for _ in range(6)]
+    sampler.free("a")
+    again = [sampler.sample(logits, [make_request(params, "a")]).token_ids[0] for _ in range(6)]
+    assert first == again
+    assert len(set(first)) > 1, "a seeded stream still advances from step to step"
+
+
+def test_unseeded_rows_vary_across_calls(sampler: Sampler) -> None:
+    logits = torch.zeros(1, VOCAB)
+    drawn = {sampler.sample(logits, [make_request(SamplingParams(temperature=1.0))]).token_ids[0] for _ in range(20)}
+    assert len(drawn) > 3
+
+
+def test_penalties_follow_the_formulas() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    # Token 0 only in the prompt, token 1 in the prompt and output, token 3 twice in output.
+    request = make_request(params, prompt=[0, 1], output=[1, 3, 3])
+    penalised = apply_penalties(logits, [request])[0].tolist()
+    expected = [
+        2.0 / 2.0,  # repetition only: positive logit divided
+        -1.0 * 2.0 - 0.25 * 1 - 0.5,  # negative logit multiplied, then one output occurrence
+        0.5,  # never seen
+        3.0 / 2.0 - 0.25 * 2 - 0.5,  # seen twice in the output
+        -2.0,
+        1.0,
+    ]
+    assert penalised == pytest.approx(expected)
+
+
+def test_presence_and_frequency_ignore_the_prompt() -> None:
+    logits = torch.tensor([[1.0, 1.0, 1.0]])
+    request = make_request(SamplingParams(presence_penalty=1.0, frequency_penalty=1.0), prompt=[0, 0, 1])
+    assert apply_penalties(logits, [request])[0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_penalties_are_per_row_and_steer_greedy(sampler: Sampler) -> None:
+    logits = torch.tensor([[3.0, 2.0, 0.0], [3.0, 2.0, 0.0]])
+    penalised = make_request(SamplingParams(repetition_penalty=2.0), "p", prompt=[0])
+    plain = make_request(SamplingParams(), "q", prompt=[0])
+    # 3.0 / 2 = 1.5 < 2.0, so the penalised row's argmax moves to token 1.
+    assert sampler.sample(logits, [penalised, plain]).token_ids == [1, 0]
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached(sampler: Sampler) -> None:
+    logits = torch.tensor([[5.0, 4.0, 3.0, 1.0]])
+    params = SamplingParams(min_tokens=2, stop_token_ids=[1])
+    early = make_request(params, output=[3], eos_token_id=0)
+    assert sampler.sample(logits, [early]).token_ids == [2]
+    done = make_request(params, output=[3, 3], eos_token_id=0)
+    assert sampler.sample(logits, [done]).token_ids == [0]
+    no_eos = make_request(params, output=[3], eos_token_id=None)
+    assert sampler.sample(logits, [no_eos]).token_ids == [0]
+    # Under ignore_eos, EOS does not end the request, so it is not suppressed either.
+    ignoring = make_request(SamplingParams(min_tokens=2, ignore_eos=True), output=[], eos_token_id=0)
+    assert sampler.sample(logits, [ignoring]).token_ids == [0]
+
+
+def test_min_tokens_masks_random_rows_too(sampler: Sampler) -> None:
+    logits = torch.zeros(500, 4)
+    params = SamplingParams(temperature=1.0, min_tokens=1, stop_token_ids=[2])
+    requests = [make_request(params, f"r{i}", eos_token_id=0) for i in range(500)]
+    assert set(sampler.sample(logits, requests).token_ids) == {1, 3}
+
+
+def expected_rank(row_logprobs: torch.Tensor, token_id: int) -> int:
+    return int((row_logprobs > row_logprobs[token_id]).sum()) + 1
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks(sampler: Sampler) -> None:
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(4))
+    requests = [
+        make_request(SamplingParams(logprobs=3), "a"),
+        make_request(SamplingParams(temperature=0.7, repetition_penalty=1.5, logprobs=0), "b", prompt=[1, 2]),
+        make_request(SamplingParams(temperature=1.0), "c"),
+    ]
+    result = sampler.sample(logits, requests)
+    reference = torch.log_softmax(logits, dim=-1)
+
+    assert result.logprobs[2] is None
+    greedy_row = result.logprobs[0]
+    top3 = reference[0].topk(3).indices.tolist()
+    assert set(greedy_row) == set(top3)
+    for token_id, entry in greedy_row.items():
+        assert entry.logprob == pytest.approx(reference[0, token_id].item(), abs=1e-6)
+        assert entry.rank == expected_rank(reference[0], token_id)
+        assert entry.decoded_token is None
+    assert greedy_row[result.token_ids[0]].rank == 1
+
+    # logprobs=0: only the sampled token, valued in the raw distribution (no penalty/temperature).
+    sampled_row = result.logprobs[1]
+    sampled = result.token_ids[1]
+    assert list(sampled_row) == [sampled]
+    assert sampled_row[sampled].logprob == pytest.approx(reference[1, sampled].item(), abs=1e-6)
+    assert sampled_row[sampled].rank == expected_rank(reference[1], sampled)
+
+
+def test_sampled_token_outside_top_n_is_included(sampler: Sampler) -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    # min_tokens masks tokens 0..2, so greedy picks token 3, which is outside the top-1.
+    request = make_request(SamplingParams(logprobs=1, min_tokens=1, stop_token_ids=[1, 2]), eos_token_id=0)
+    result = sampler.sample(logits, [request])
+    assert result.token_ids == [3]
+    assert set(result.logprobs[0]) == {0, 3}
+    assert result.logprobs[0][3].rank == 4
+    assert result.logprobs[0][0].rank == 1
+
+
+def test_tied_logprobs_share_a_rank(sampler: Sampler) -> None:
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    result = sampler.sample(logits, [make_request(SamplingParams(logprobs=3))])
+    ranks = {token_id: entry.rank for token_id, entry in result.logprobs[0].items()}
+    assert ranks == {1: 1, 2: 1, 0: 3}
+
+
+def test_prompt_logprobs_match_log_softmax() -> None:
+    # More rows than one internal chunk, so chunk boundaries are covered too.
+    num_positions = 300
+    logits = torch.randn(num_positions, VOCAB, generator=torch.Generator().manual_seed(5))
+    targets = torch.randint(0, VOCAB, (num_positions,), generator=torch.Generator().manual_seed(6)).tolist()
+    positions = compute_prompt_logprobs(logits, targets, num_top=2)
+    reference = torch.log_softmax(logits, dim=-1)
+    assert len(positions) == num_positions
+    for index in (0, 1, 255, 256, 299):
+        position = positions[index]
+        target = targets[index]
+        top2 = set(reference[index].topk(2).indices.tolist())
+        assert set(position) == top2 | {target}
+        for token_id, entry in position.items():
+            assert math.isclose(entry.logprob, reference[index, token_id].item(), abs_tol=1e-6)
+            assert entry.rank == expected_rank(reference[index], token_id)
+
+
+def test_prompt_logprobs_with_zero_top_hold_only_the_target() -> None:
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(7))
+    positions = compute_prompt_logprobs(logits, [3, 1, 4, 1], num_top=0)
+    assert [list(position) for position in positions] == [[3], [1], [4], [1]]
