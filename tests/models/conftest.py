@@ -87,11 +87,15 @@ class PagedKVCache:
     head_dim: int
     block_size: int = 4
     num_blocks: int = 40
+    dtype: torch.dtype = torch.float32
     free_blocks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            for _ in range(self.num_layers)
+        ]
         # Shuffled so every sequence's blocks are scattered: catches any contiguity assumption.
         self.free_blocks = list(range(1, self.num_blocks))
         random.Random(0).shuffle(self.free_blocks)
@@ -142,10 +146,12 @@ class PagedKVCache:
 
 @pytest.fixture
 def paged_cache_for() -> Callable[..., PagedKVCache]:
-    """paged_cache_for(model_config) -> an empty PagedKVCache shaped for that model."""
+    """paged_cache_for(model_config, dtype=float32) -> an empty PagedKVCache for that model."""
 
-    def make(config: Any) -> PagedKVCache:
-        return PagedKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    def make(config: Any, dtype: torch.dtype = torch.float32) -> PagedKVCache:
+        return PagedKVCache(
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype=dtype
+        )
 
     return make
 
