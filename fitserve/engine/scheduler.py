@@ -90,7 +90,7 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_uncomputed_tokens, budget)
-            if num_new < request.num_uncomputed_tokens and not self.enable_chunked_prefill:
+            if num_new < request.num_uncomputed_tokens and not self._may_chunk(request.num_uncomputed_tokens):
                 continue
             if self._allocate_or_preempt(request, num_new, scheduled_ids, output):
                 output.scheduled.append(ScheduledRequest(request, num_new))
@@ -101,6 +101,13 @@ class Scheduler:
         if not output.preempted:
             budget = self._admit_waiting(budget, output)
         return output
+
+    def _may_chunk(self, num_uncomputed: int) -> bool:
+        """Whether these tokens may be split over steps. With chunked prefill off a prompt is
+        scheduled whole (the engine rejects prompts over the budget), but a request resumed
+        after preemption recomputes prompt + output, which can exceed the budget: it could
+        never run whole and would block the queue forever, so it is split anyway."""
+        return self.enable_chunked_prefill or num_uncomputed > self.max_num_batched_tokens
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, scheduled_ids: set[str], output: SchedulerOutput
@@ -127,7 +134,7 @@ class Scheduler:
             num_cached = len(cached_blocks) * self.kv_cache.block_size
             num_new = request.num_tokens - request.num_computed_tokens - num_cached
             if num_new > budget:
-                if not self.enable_chunked_prefill:
+                if not self._may_chunk(num_new):
                     break
                 num_new = budget
             if not self.kv_cache.allocate(request, num_new, cached_blocks):
