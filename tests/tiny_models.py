@@ -54,3 +54,43 @@ def random_token_ids(length: int, seed: int, vocab_size: int = TINY_SHAPES["voca
     """Reproducible prompt ids that avoid the special tokens 0..2."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (length,), generator=generator).tolist()
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Serving language models to many users at once needs batching and a paged KV cache.",
+    "Once upon a time there was a small model that wanted to tell stories.",
+    "user system assistant hello world the a of and to in is it that",
+    "0123456789 + - * / = ( ) [ ] { } , . ; : ! ? ' \"",
+    "naïve café — 東京 ✓ 🙂",
+]
+
+
+def write_tiny_tokenizer(out_dir: Path, vocab_size: int = TINY_SHAPES["vocab_size"]) -> None:
+    """Train a byte-level BPE on a few sentences and save it as a transformers tokenizer.
+
+    Ids 0, 1, 2 are <pad>, <s>, </s>, matching TINY_SHAPES' bos/eos ids; plain encoding
+    starts with BOS, like Llama's tokenizers.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 20, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    wrapped.save_pretrained(str(out_dir))

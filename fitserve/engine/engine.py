@@ -70,9 +70,10 @@ class LLMEngine:
         attention_backend = get_attention_backend(args.attention_backend, self.device)
         self.model, self.model_config = load_model(model_dir, self.dtype, self.device, attention_backend)
         self.tokenizer = load_tokenizer(args.tokenizer or model_dir, required=args.tokenizer is not None)
-        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+            eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos_token_ids))
 
         config = self.model_config
         self.block_size = args.block_size
@@ -200,7 +201,7 @@ class LLMEngine:
             prompt_token_ids=token_ids,
             sampling_params=params,
             prompt=prompt_text,
-            eos_token_id=None if params.ignore_eos else self._primary_eos(),
+            eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
             client_id=client_id,
             arrival_time=arrival_time if arrival_time is not None else time.time(),
@@ -212,11 +213,6 @@ class LLMEngine:
             if self.tokenizer is not None else None  # type: ignore[assignment]
         self._num_prompt_tokens_total += len(token_ids)
         self.scheduler.add_request(request)
-
-    def _primary_eos(self) -> int | None:
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            return self.tokenizer.eos_token_id
-        return min(self.eos_token_ids) if self.eos_token_ids else None
 
     def _check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         limit = self.max_model_len
@@ -310,7 +306,7 @@ class LLMEngine:
     def _stop_status(self, request: Request, token_id: int, matched_stop: str | None) -> RequestStatus | None:
         params = request.sampling_params
         past_min = request.num_output_tokens >= params.min_tokens
-        if past_min and not params.ignore_eos and token_id in self.eos_token_ids:
+        if past_min and not params.ignore_eos and token_id in request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if past_min and token_id in params.stop_token_ids:  # type: ignore[operator]
             request.stop_reason = token_id

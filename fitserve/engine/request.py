@@ -40,7 +40,8 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     prompt: str | None = None
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    """Tokens that end the sequence (a model may have several, e.g. Llama 3's <|eot_id|>)."""
     max_model_len: int = 1 << 30
     client_id: str | None = None
     """Who sent it (the OpenAI `user` field); scheduling policies may use it for fairness."""

@@ -56,8 +56,8 @@ def _min_tokens_masked_ids(request: Request) -> list[int]:
     if request.num_output_tokens >= params.min_tokens:
         return []
     masked = list(params.stop_token_ids)
-    if request.eos_token_id is not None and not params.ignore_eos:
-        masked.append(request.eos_token_id)
+    if not params.ignore_eos:
+        masked.extend(request.eos_token_ids)
     return masked
 
 

@@ -22,7 +22,10 @@ def make_request(
     output: list[int] | None = None,
     eos_token_id: int | None = None,
 ) -> Request:
-    request = Request(request_id, list(prompt or [0]), params, eos_token_id=eos_token_id)
+    request = Request(
+        request_id, list(prompt or [0]), params,
+        eos_token_ids=() if eos_token_id is None else (eos_token_id,),
+    )
     request.output_token_ids = list(output or [])
     return request
 
