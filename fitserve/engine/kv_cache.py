@@ -68,7 +68,10 @@ class KVCacheManager:
             self.pool.touch(cached_block_ids)
             request.block_ids.extend(cached_block_ids)
             request.num_computed_tokens += num_cached_tokens
-            request.metrics.num_cached_prompt_tokens += num_cached_tokens
+            if request.metrics.num_preemptions == 0:
+                # On resumption the hits are mostly the request's own earlier blocks (and may
+                # include output tokens): counting them again would exceed the prompt.
+                request.metrics.num_cached_prompt_tokens = num_cached_tokens
             self._block_hashes[request.request_id] = [
                 self.pool.blocks[b].block_hash for b in cached_block_ids  # type: ignore[misc]
             ]
