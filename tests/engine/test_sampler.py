@@ -20,12 +20,9 @@ def make_request(
     request_id: str = "r",
     prompt: list[int] | None = None,
     output: list[int] | None = None,
-    eos_token_id: int | None = None,
+    eos_token_ids: tuple[int, ...] = (),
 ) -> Request:
-    request = Request(
-        request_id, list(prompt or [0]), params,
-        eos_token_ids=() if eos_token_id is None else (eos_token_id,),
-    )
+    request = Request(request_id, list(prompt or [0]), params, eos_token_ids=eos_token_ids)
     request.output_token_ids = list(output or [])
     return request
 
@@ -197,21 +194,24 @@ def test_penalties_are_per_row_and_steer_greedy(sampler: Sampler) -> None:
 def test_min_tokens_masks_eos_and_stop_ids_until_reached(sampler: Sampler) -> None:
     logits = torch.tensor([[5.0, 4.0, 3.0, 1.0]])
     params = SamplingParams(min_tokens=2, stop_token_ids=[1])
-    early = make_request(params, output=[3], eos_token_id=0)
+    early = make_request(params, output=[3], eos_token_ids=(0,))
     assert sampler.sample(logits, [early]).token_ids == [2]
-    done = make_request(params, output=[3, 3], eos_token_id=0)
+    done = make_request(params, output=[3, 3], eos_token_ids=(0,))
     assert sampler.sample(logits, [done]).token_ids == [0]
-    no_eos = make_request(params, output=[3], eos_token_id=None)
+    no_eos = make_request(params, output=[3], eos_token_ids=())
     assert sampler.sample(logits, [no_eos]).token_ids == [0]
+    # A model may have several EOS ids (Llama 3: <|end_of_text|> and <|eot_id|>); all are held.
+    several = make_request(SamplingParams(min_tokens=1), output=[], eos_token_ids=(0, 1))
+    assert sampler.sample(logits, [several]).token_ids == [2]
     # Under ignore_eos, EOS does not end the request, so it is not suppressed either.
-    ignoring = make_request(SamplingParams(min_tokens=2, ignore_eos=True), output=[], eos_token_id=0)
+    ignoring = make_request(SamplingParams(min_tokens=2, ignore_eos=True), output=[], eos_token_ids=(0,))
     assert sampler.sample(logits, [ignoring]).token_ids == [0]
 
 
 def test_min_tokens_masks_random_rows_too(sampler: Sampler) -> None:
     logits = torch.zeros(500, 4)
     params = SamplingParams(temperature=1.0, min_tokens=1, stop_token_ids=[2])
-    requests = [make_request(params, f"r{i}", eos_token_id=0) for i in range(500)]
+    requests = [make_request(params, f"r{i}", eos_token_ids=(0,)) for i in range(500)]
     assert set(sampler.sample(logits, requests).token_ids) == {1, 3}
 
 
@@ -250,7 +250,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks(sampler: Sampler) -> None:
 def test_sampled_token_outside_top_n_is_included(sampler: Sampler) -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     # min_tokens masks tokens 0..2, so greedy picks token 3, which is outside the top-1.
-    request = make_request(SamplingParams(logprobs=1, min_tokens=1, stop_token_ids=[1, 2]), eos_token_id=0)
+    request = make_request(SamplingParams(logprobs=1, min_tokens=1, stop_token_ids=[1, 2]), eos_token_ids=(0,))
     result = sampler.sample(logits, [request])
     assert result.token_ids == [3]
     assert set(result.logprobs[0]) == {0, 3}
