@@ -72,6 +72,14 @@ class StreamClient:
         body["prompt"] = prompt_or_messages
         return "/v1/completions", body
 
+    async def warm_up(self, prompt: str = "Hello") -> RequestResult:
+        """One short request before measuring: opens a connection and initialises the HTTP
+        stack, so the first measured request does not pay for that; also fails fast (with the
+        server's own message) when the endpoint, model name or request shape is wrong."""
+        result = RequestResult(request_id=-1, conversation_id=-1, turn_index=0, scheduled_s=0.0,
+                               sent_s=0.0, input_tokens=0, requested_output_tokens=1)
+        return await self.send(prompt, 1, result, time.perf_counter())
+
     async def send(self, prompt_or_messages: str | list[dict], max_tokens: int,
                    result: RequestResult, run_start: float) -> RequestResult:
         """Send one request and fill `result` (timings relative to its send time)."""
