@@ -23,6 +23,10 @@ from fitserve.engine.request import Request
 from fitserve.outputs import Logprob, PositionLogprobs
 from fitserve.sampling_params import SamplingParams
 
+# Temperatures below this are treated as greedy (as vLLM does): dividing logits by them would
+# overflow float32 and turn the softmax into NaN, while the result is the argmax anyway.
+_GREEDY_TEMPERATURE = 1e-5
+
 # Rows of prompt logits turned into log-probs at once: bounds the temporary [rows, vocab]
 # float32 copy that log_softmax needs for long prompts.
 _PROMPT_LOGPROBS_CHUNK_ROWS = 256
@@ -36,6 +40,10 @@ class SamplerOutput:
     """One sampled token per row."""
     logprobs: list[PositionLogprobs | None]
     """Per row: the sampled token and the top-N (N = params.logprobs); None if not asked."""
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < _GREEDY_TEMPERATURE
 
 
 def _needs_penalties(params: SamplingParams) -> bool:
@@ -177,7 +185,7 @@ class Sampler:
         ]
         any_penalty = any(_needs_penalties(params) for params in all_params)
         min_tokens_masks = [_min_tokens_masked_ids(request) for request in requests]
-        all_greedy = all(params.greedy for params in all_params)
+        all_greedy = all(_is_greedy(params) for params in all_params)
 
         if all_greedy and not any_penalty and not any(min_tokens_masks) and not rows_wanting_logprobs:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
@@ -190,11 +198,11 @@ class Sampler:
             logits = self._mask_tokens(logits, min_tokens_masks)
 
         chosen = logits.argmax(dim=-1)
-        random_rows = [row for row, params in enumerate(all_params) if not params.greedy]
+        random_rows = [row for row, params in enumerate(all_params) if not _is_greedy(params)]
         if random_rows:
             random_index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
             random_requests = [requests[row] for row in random_rows]
-            probs = self._filtered_probs(logits[random_index], random_requests)
+            probs = _filtered_probs(logits[random_index], random_requests)
             chosen[random_index] = self._draw(probs, random_requests)
 
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
@@ -214,44 +222,6 @@ class Sampler:
         logits = logits.clone()
         logits[row_index, column_index] = float("-inf")
         return logits
-
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Probabilities after temperature, top-k, top-p and min-p, for random rows only."""
-        device = logits.device
-        num_columns = logits.shape[-1]
-        params = [request.sampling_params for request in requests]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        logits = logits / temperature.unsqueeze(-1)
-
-        top_k = [p.top_k if 0 < p.top_k < num_columns else num_columns for p in params]
-        top_p = [p.top_p for p in params]
-        needs_top_k = any(k < num_columns for k in top_k)
-        needs_top_p = any(p < 1.0 for p in top_p)
-        if needs_top_k or needs_top_p:
-            sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-            drop_sorted = torch.zeros_like(sorted_logits, dtype=torch.bool)
-            if needs_top_k:
-                positions = torch.arange(num_columns, device=device)
-                k_tensor = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(-1)
-                drop_sorted |= positions >= k_tensor
-            if needs_top_p:
-                sorted_probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
-                mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-                p_tensor = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(-1)
-                # A token goes once the more likely ones already reach top_p; the first always
-                # stays. Rows with top_p == 1 are exempt so rounding cannot trim their tail.
-                drop_sorted |= (mass_before >= p_tensor) & (p_tensor < 1.0)
-            drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_index, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-
-        probs = torch.softmax(logits, dim=-1)
-        min_p = [p.min_p for p in params]
-        if any(value > 0.0 for value in min_p):
-            min_p_tensor = torch.tensor(min_p, dtype=torch.float32, device=device).unsqueeze(-1)
-            threshold = min_p_tensor * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        return probs
 
     def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """One token per row by an exponential race: argmax(probs / Exponential(1) noise).
@@ -276,44 +246,110 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
 
+def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p (random rows only).
+
+    Filtered tokens get probability 0; the rest are not renormalised because the exponential
+    race in `Sampler._draw` does not need it.
+    """
+    device = logits.device
+    num_columns = logits.shape[-1]
+    params = [request.sampling_params for request in requests]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    logits = logits / temperature.unsqueeze(-1)
+
+    top_k = [p.top_k if 0 < p.top_k < num_columns else num_columns for p in params]
+    top_p = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_p):
+        logits = _apply_top_k_top_p(logits, top_k, top_p)
+    elif any(k < num_columns for k in top_k):
+        logits = _apply_top_k(logits, top_k)
+
+    probs = torch.softmax(logits, dim=-1)
+    min_p = [p.min_p for p in params]
+    if any(value > 0.0 for value in min_p):
+        min_p_tensor = torch.tensor(min_p, dtype=torch.float32, device=device).unsqueeze(-1)
+        threshold = min_p_tensor * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Top-k alone needs no full sort: one topk with the batch's largest k gives every row's
+    k-th value. Ties with the k-th value are kept (vLLM and HF do the same)."""
+    num_columns = logits.shape[-1]
+    limited_rows = [k < num_columns for k in top_k]
+    largest_k = max(k for k, limited in zip(top_k, limited_rows) if limited)
+    top_values = logits.topk(largest_k, dim=-1).values
+    # Unlimited rows read any column and are exempted by the row mask below.
+    kth_column = torch.tensor(
+        [k - 1 if limited else 0 for k, limited in zip(top_k, limited_rows)],
+        dtype=torch.long,
+        device=logits.device,
+    ).unsqueeze(-1)
+    kth_value = top_values.gather(-1, kth_column)
+    row_is_limited = torch.tensor(limited_rows, device=logits.device).unsqueeze(-1)
+    return logits.masked_fill((logits < kth_value) & row_is_limited, float("-inf"))
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Top-k, then top-p over what top-k left (renormalised, as in HF), in one sort."""
+    device = logits.device
+    num_columns = logits.shape[-1]
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
+    positions = torch.arange(num_columns, device=device)
+    k_tensor = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(-1)
+    drop_sorted = positions >= k_tensor
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    p_tensor = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(-1)
+    # A token goes once the more likely ones already reach top_p; the first always stays.
+    # Rows with top_p == 1 are exempt so that rounding in the cumsum cannot trim their tail.
+    drop_sorted |= (mass_before >= p_tensor) & (p_tensor < 1.0)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_index, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """Logits after repetition (prompt + output, CTRL style), then presence/frequency (output only).
 
-    Returns a new tensor; rows whose request has no penalty come back unchanged.
+    Returns a new tensor; rows whose request has no penalty come back unchanged. Which
+    penalties run is decided from the Python values, so no device sync is needed for it.
     """
     device = logits.device
     num_rows, num_columns = logits.shape
+    all_params = [request.sampling_params for request in requests]
     output_counts = _token_counts(
         [request.output_token_ids for request in requests], num_rows, num_columns, device
     )
-    repetition = torch.tensor(
-        [request.sampling_params.repetition_penalty for request in requests],
-        dtype=torch.float32,
-        device=device,
-    ).unsqueeze(-1)
-    if bool((repetition != 1.0).any()):
+
+    repetition = [params.repetition_penalty for params in all_params]
+    if any(value != 1.0 for value in repetition):
         # Only rows with a real repetition penalty pay for counting their prompt.
         prompts = [
-            request.prompt_token_ids if request.sampling_params.repetition_penalty != 1.0 else []
-            for request in requests
+            request.prompt_token_ids if value != 1.0 else []
+            for request, value in zip(requests, repetition)
         ]
         prompt_counts = _token_counts(prompts, num_rows, num_columns, device)
         seen = (prompt_counts + output_counts) > 0
-        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        repetition_tensor = _column(repetition, device)
+        penalised = torch.where(logits > 0, logits / repetition_tensor, logits * repetition_tensor)
         logits = torch.where(seen, penalised, logits)
-    frequency = torch.tensor(
-        [request.sampling_params.frequency_penalty for request in requests],
-        dtype=torch.float32,
-        device=device,
-    ).unsqueeze(-1)
-    presence = torch.tensor(
-        [request.sampling_params.presence_penalty for request in requests],
-        dtype=torch.float32,
-        device=device,
-    ).unsqueeze(-1)
-    if bool((frequency != 0.0).any() or (presence != 0.0).any()):
-        logits = logits - frequency * output_counts - presence * (output_counts > 0).float()
+
+    frequency = [params.frequency_penalty for params in all_params]
+    presence = [params.presence_penalty for params in all_params]
+    if any(value != 0.0 for value in frequency + presence):
+        logits = (
+            logits
+            - _column(frequency, device) * output_counts
+            - _column(presence, device) * (output_counts > 0).float()
+        )
     return logits
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    """Per-row values as a [rows, 1] float32 tensor that broadcasts over the vocabulary."""
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(-1)
 
 
 def _token_counts(

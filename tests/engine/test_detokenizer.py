@@ -251,13 +251,18 @@ def test_decode_token_keeps_leading_spaces_and_special_text(
 
 
 class CountingTokenizer:
-    """Delegates to a real tokenizer and records how many ids each decode call received."""
+    """Delegates to a real tokenizer and records how many ids each decode call received.
+
+    It hides `backend_tokenizer`, so the detokenizer has to go through `decode`.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
         self._tokenizer = tokenizer
         self.decoded_lengths: list[int] = []
 
     def __getattr__(self, name: str):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
         return getattr(self._tokenizer, name)
 
     def decode(self, token_ids: list[int], **kwargs) -> str:
@@ -278,3 +283,17 @@ def test_long_output_decodes_bounded_windows(tokenizer: PreTrainedTokenizerFast)
     # sentence falls back to byte tokens), and there are at most two decodes per token.
     assert max(counting.decoded_lengths) <= 40
     assert len(counting.decoded_lengths) <= 2 * len(token_ids) + 2
+
+
+class ShoutingTokenizer(PreTrainedTokenizerFast):
+    """A tokenizer class that changes decode; its text must not be bypassed."""
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).upper()
+
+
+def test_a_tokenizer_that_overrides_decode_is_respected() -> None:
+    shouting = ShoutingTokenizer(tokenizer_object=byte_level_bpe().backend_tokenizer)
+    token_ids = encode(shouting, "Hello world")
+    detokenizer, _, _ = stream(shouting, token_ids, SamplingParams())
+    assert detokenizer.finish() == "HELLO WORLD" == shouting.decode(token_ids)

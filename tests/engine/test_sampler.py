@@ -80,6 +80,12 @@ def test_tiny_temperature_behaves_like_greedy(sampler: Sampler) -> None:
     assert sampler.sample(logits, requests).token_ids == logits.argmax(dim=-1).tolist()
 
 
+def test_vanishing_temperature_is_greedy_not_nan(sampler: Sampler) -> None:
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(8)) * 30
+    requests = [make_request(SamplingParams(temperature=1e-9, top_p=0.9), f"v{i}") for i in range(4)]
+    assert sampler.sample(logits, requests).token_ids == logits.argmax(dim=-1).tolist()
+
+
 def test_temperature_one_follows_softmax_frequencies(sampler: Sampler) -> None:
     probs = [0.4, 0.3, 0.2, 0.1]
     counts = sample_many(sampler, logits_from_probs(probs), SamplingParams(temperature=1.0), 4000)
@@ -121,6 +127,15 @@ def test_per_row_filters_in_one_batch(sampler: Sampler) -> None:
     assert set(tokens[0::3]) == {0}
     assert set(tokens[1::3]) == {0, 1}
     assert set(tokens[2::3]) == {0, 1, 2, 3}
+
+
+def test_top_k_rows_next_to_unlimited_rows(sampler: Sampler) -> None:
+    logits = logits_from_probs([0.4, 0.3, 0.2, 0.1]).unsqueeze(0).expand(2000, -1).contiguous()
+    settings = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_k=-1)]
+    requests = [make_request(settings[row % 2], f"k{row}") for row in range(2000)]
+    tokens = sampler.sample(logits, requests).token_ids
+    assert set(tokens[0::2]) == {0, 1}
+    assert set(tokens[1::2]) == {0, 1, 2, 3}
 
 
 def test_seeded_request_repeats_whatever_the_batch(sampler: Sampler) -> None:
