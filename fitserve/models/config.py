@@ -29,6 +29,14 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 
+# Some configs omit `architectures`; their model_type still identifies the decoder.
+_ARCHITECTURE_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 _CONFIG_DTYPES = {
@@ -196,6 +204,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     raw = _read_json(config_path, "config file")
 
     architectures = raw.get("architectures") or []
+    if not architectures and raw.get("model_type") in _ARCHITECTURE_BY_MODEL_TYPE:
+        architectures = [_ARCHITECTURE_BY_MODEL_TYPE[raw["model_type"]]]
     architecture = next((name for name in architectures if name in SUPPORTED_ARCHITECTURES), None)
     if architecture is None:
         raise ModelLoadError(

@@ -1,8 +1,7 @@
 """Build a `LlamaForCausalLM` from a Hugging Face safetensors checkpoint.
 
-The model is first built on the meta device (no memory), then given uninitialised storage
-in the target dtype and device, then filled one checkpoint tensor at a time, so peak memory
-is the model plus one tensor. Every tensor name and shape is checked against config.json
+The model is first built on the meta device (no memory), then its parameters are replaced
+one checkpoint tensor at a time, so peak memory is the model plus one tensor. Every tensor name and shape is checked against config.json
 before anything is read, so a mismatched checkpoint fails fast with a message that names
 the tensor.
 """
@@ -157,6 +156,51 @@ def _check_checkpoint(
             )
 
 
+def _fill_parameters(
+    model: LlamaForCausalLM,
+    expected: dict[str, WeightTarget],
+    found: dict[str, tuple[Path, tuple[int, ...]]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Replace the meta parameters with checkpoint data, one tensor in memory at a time.
+
+    A tensor that is a whole parameter becomes that parameter directly (safetensors hands
+    back an owned copy), so it is read once; only fused parameters get fresh storage that
+    their parts are copied into.
+    """
+    parameters = dict(model.named_parameters())
+    parts_per_parameter: dict[str, int] = {}
+    for target in expected.values():
+        parts_per_parameter[target.parameter_name] = parts_per_parameter.get(target.parameter_name, 0) + 1
+    fused = {
+        name: torch.empty(parameters[name].shape, dtype=dtype, device=device)
+        for name, parts in parts_per_parameter.items()
+        if parts > 1
+    }
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(found[name][0], []).append(name)
+    with torch.no_grad():
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                for name in names:
+                    target = expected[name]
+                    tensor = file.get_tensor(name)
+                    if target.parameter_name in fused:
+                        rows = slice(target.row_start, target.row_start + target.shape[0])
+                        fused[target.parameter_name][rows].copy_(tensor)
+                    else:
+                        _set_parameter(model, target.parameter_name, tensor.to(device=device, dtype=dtype))
+    for name, tensor in fused.items():
+        _set_parameter(model, name, tensor)
+
+
+def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attribute, torch.nn.Parameter(tensor, requires_grad=False))
+
+
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype,
@@ -179,23 +223,14 @@ def load_model(
         attention_backend = get_attention_backend(attention_backend or "auto", device)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, attention_backend)
-    model = model.to(dtype).to_empty(device=device)
+    model.to(dtype)  # free on meta; fixes each parameter's final dtype
+    _fill_parameters(model, expected, found, dtype, device)
     if config.tie_word_embeddings:
-        model.tie_weights()  # to_empty gave lm_head its own storage
+        model.tie_weights()
     model.rotary_emb.reset_inv_freq(device)
-
-    parameters = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(found[name][0], []).append(name)
-    with torch.no_grad():
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as file:
-                for name in names:
-                    target = expected[name]
-                    destination = parameters[target.parameter_name]
-                    rows = target.shape[0]
-                    destination[target.row_start : target.row_start + rows].copy_(file.get_tensor(name))
+    unfilled = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if unfilled:  # a bug in expected_checkpoint_tensors, not a user error
+        raise RuntimeError(f"parameters left without checkpoint data: {unfilled}")
     model.eval()
     model.requires_grad_(False)
     return model, config

@@ -168,3 +168,11 @@ def test_architecture_switches_come_from_config(make_checkpoint):
     llama = load_model_config(make_checkpoint("llama3_rope_scaling"))
     assert llama.rope_scaling is not None and llama.rope_scaling["rope_type"] == "llama3"
     assert (llama.num_attention_heads, llama.num_key_value_heads) == (4, 2)
+
+
+def test_model_type_identifies_the_architecture_when_architectures_is_absent(make_checkpoint):
+    checkpoint = make_checkpoint("qwen3_qk_norm")
+    raw = json.loads((checkpoint / "config.json").read_text())
+    raw.pop("architectures")
+    (checkpoint / "config.json").write_text(json.dumps(raw))
+    assert load_model_config(checkpoint).architecture == "Qwen3ForCausalLM"
