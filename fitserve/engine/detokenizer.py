@@ -18,7 +18,7 @@ stripped.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fitserve.sampling_params import SamplingParams
@@ -42,6 +42,10 @@ class _TokenizerFacts:
     backend: Any | None
     """The Rust `tokenizers.Tokenizer` when decoding through it gives exactly what
     `tokenizer.decode` gives (about 4x faster than going through transformers), else None."""
+    anchor_token_ids: list[int]
+    """A plain token ("a") to decode log-prob tokens after; see `decode_token`."""
+    token_texts: dict[int, str] = field(default_factory=dict)
+    """decode_token results, shared by every request: a token's text never changes."""
 
 
 def _equivalent_backend(tokenizer: Any) -> Any | None:
@@ -83,7 +87,13 @@ def _tokenizer_facts(tokenizer: Any) -> _TokenizerFacts:
     for token_id, added_token in getattr(tokenizer, "added_tokens_decoder", {}).items():
         if getattr(added_token, "special", False):
             special_token_ids.add(token_id)
-    facts = _TokenizerFacts(byte_token_ids, frozenset(special_token_ids), _equivalent_backend(tokenizer))
+    try:
+        anchor_token_ids = list(tokenizer.encode("a", add_special_tokens=False))
+    except Exception:  # a tokenizer that cannot encode still decodes single tokens
+        anchor_token_ids = []
+    facts = _TokenizerFacts(
+        byte_token_ids, frozenset(special_token_ids), _equivalent_backend(tokenizer), anchor_token_ids
+    )
     try:
         _facts_by_tokenizer[tokenizer] = facts
     except TypeError:  # not weak-referenceable: recompute next time, it is a few hundred lookups
@@ -116,8 +126,6 @@ class IncrementalDetokenizer:
         self._text = ""
         self._num_held_back_chars = 0
         self.stop_string_matched: str | None = None
-        self._token_text_cache: dict[int, str] = {}
-        self._anchor_token_ids: list[int] | None = None
 
     @property
     def output_text(self) -> str:
@@ -159,26 +167,14 @@ class IncrementalDetokenizer:
         Decoded after a fixed anchor token so that decoders which strip the first token's "▁"
         space do not strip it here; special tokens keep their text.
         """
-        cached = self._token_text_cache.get(token_id)
-        if cached is not None:
-            return cached
-        anchor = self._anchor()
-        if anchor:
-            anchor_text = self._decode(anchor, skip_special_tokens=False)
+        token_texts = self._facts.token_texts
+        text = token_texts.get(token_id)
+        if text is None:
+            anchor = self._facts.anchor_token_ids
+            anchor_text = self._decode(anchor, skip_special_tokens=False) if anchor else ""
             with_token = self._decode(anchor + [token_id], skip_special_tokens=False)
-            text = with_token[len(anchor_text) :]
-        else:
-            text = self._decode([token_id], skip_special_tokens=False)
-        self._token_text_cache[token_id] = text
+            text = token_texts[token_id] = with_token[len(anchor_text) :]
         return text
-
-    def _anchor(self) -> list[int]:
-        if self._anchor_token_ids is None:
-            try:
-                self._anchor_token_ids = list(self.tokenizer.encode("a", add_special_tokens=False))
-            except Exception:  # a tokenizer without encode still decodes single tokens
-                self._anchor_token_ids = []
-        return self._anchor_token_ids
 
     def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if self._facts.backend is not None:
