@@ -40,13 +40,20 @@ class StreamClient:
 
     def __init__(self, options: ClientOptions) -> None:
         self.options = options
-        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=options.base_url.rstrip("/"),
+        self._http = self._new_pool()
+
+    def _new_pool(self) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}
+        return httpx.AsyncClient(
+            base_url=self.options.base_url.rstrip("/"),
             headers=headers,
-            timeout=httpx.Timeout(options.request_timeout_s, connect=30.0),
+            timeout=httpx.Timeout(self.options.request_timeout_s, connect=30.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
         )
+
+    def reopen(self) -> None:
+        """A fresh connection pool: an httpx pool cannot move to another event loop."""
+        self._http = self._new_pool()
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -152,9 +159,10 @@ def _chunk_text(chunk: dict) -> str:
     return delta.get("content") or ""
 
 
-async def fetch_model_name(base_url: str, timeout_s: float = 30.0) -> str:
+async def fetch_model_name(base_url: str, timeout_s: float = 30.0, api_key: str | None = None) -> str:
     """The first model id the server lists at /v1/models (what requests must name)."""
-    async with httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s) as http:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s, headers=headers) as http:
         response = await http.get("/v1/models")
         response.raise_for_status()
         models = response.json().get("data") or []

@@ -128,7 +128,7 @@ class HardwareSample:
     """Resident memory of the server process and its children (None when not local)."""
     server_cpu_pct: float | None
     """CPU use of the server process tree, 100 = one core busy."""
-    system_cpu_pct: float
+    system_cpu_pct: float | None
     """CPU use of the whole machine, 100 = every core busy."""
     cpu_energy_j: float | None
     gpus: list[dict] | None
@@ -149,6 +149,18 @@ class HardwareSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process = self._find_process()
+        self._last_cpu_times = psutil.cpu_times()
+
+    def _system_cpu_pct(self) -> float | None:
+        """Machine-wide CPU use since the previous sample, from /proc/stat deltas (psutil's own
+        cpu_percent reads 0 or 100 for some intervals on virtual machines)."""
+        current = psutil.cpu_times()
+        previous, self._last_cpu_times = self._last_cpu_times, current
+        total = sum(current) - sum(previous)
+        idle = (current.idle - previous.idle) + (getattr(current, "iowait", 0.0) - getattr(previous, "iowait", 0.0))
+        if total <= 0:
+            return None  # no clock tick since the last sample: unknown, not idle
+        return max(0.0, min(100.0, 100.0 * (total - idle) / total))
 
     def _find_process(self) -> psutil.Process | None:
         if self.server_pid is None:
@@ -179,7 +191,7 @@ class HardwareSampler:
                     continue  # a child exited between listing and reading
         return HardwareSample(
             time_s=time.perf_counter() - start, server_rss_bytes=rss, server_cpu_pct=cpu,
-            system_cpu_pct=psutil.cpu_percent(None), cpu_energy_j=self.rapl.sample(),
+            system_cpu_pct=self._system_cpu_pct(), cpu_energy_j=self.rapl.sample(),
             gpus=self.nvml.sample(), temperatures_c=read_temperatures(),
         )
 
@@ -189,7 +201,7 @@ class HardwareSampler:
         self._stop.clear()
         # psutil's cpu_percent measures since its previous call: prime it so the first
         # real sample covers one interval, not the time since import.
-        psutil.cpu_percent(None)
+        self._last_cpu_times = psutil.cpu_times()
         for process in self._process_tree():
             try:
                 process.cpu_percent(None)
