@@ -192,6 +192,21 @@ def test_penalties_follow_the_formulas() -> None:
     assert penalised == pytest.approx(expected)
 
 
+def test_penalties_track_a_growing_output_across_steps(sampler: Sampler) -> None:
+    logits = torch.tensor([[2.0, 1.9, 1.8]])
+    request = make_request(SamplingParams(frequency_penalty=0.15), "grow")
+    chosen = []
+    for _ in range(4):
+        token_id = sampler.sample(logits, [request]).token_ids[0]
+        chosen.append(token_id)
+        request.output_token_ids.append(token_id)
+    # Each pick costs its token 0.15: 2.0 | 1.85 < 1.9 | 1.85 > 1.8 vs 1.75 | 1.7 < 1.75 < 1.8.
+    assert chosen == [0, 1, 0, 2]
+    # A new request under the same id (after free, or even without it) starts from its own ids.
+    fresh = make_request(SamplingParams(frequency_penalty=0.15), "grow", output=[2, 2, 2, 1])
+    assert sampler.sample(logits, [fresh]).token_ids == [0]
+
+
 def test_presence_and_frequency_ignore_the_prompt() -> None:
     logits = torch.tensor([[1.0, 1.0, 1.0]])
     request = make_request(SamplingParams(presence_penalty=1.0, frequency_penalty=1.0), prompt=[0, 0, 1])
