@@ -37,7 +37,7 @@ _ARCHITECTURE_BY_MODEL_TYPE = {
     "qwen3": "Qwen3ForCausalLM",
 }
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 _CONFIG_DTYPES = {
     "float32": torch.float32,
@@ -69,7 +69,10 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict[str, Any] | None
-    """None for plain rope; else a dict with `rope_type` ("linear" or "llama3") and its factors."""
+    """None for plain rope; else a dict with `rope_type` ("linear", "llama3" or "dynamic") and
+    its factors. Dynamic NTK scaling only changes rope past max_position_embeddings, where
+    transformers' result depends on the batch it ran in; within that length it is plain rope,
+    which is what fitserve computes (keep max_model_len <= max_position_embeddings)."""
     max_position_embeddings: int
     tie_word_embeddings: bool
     """The output projection reuses the input embedding matrix."""
@@ -147,10 +150,11 @@ def _rope_settings(raw: dict[str, Any], config_path: Path) -> tuple[float, dict[
             f"{config_path}: rope type {rope_type!r} is not supported; fitserve supports "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    if parameters.get("partial_rotary_factor", 1.0) != 1.0:
+    partial_rotary_factor = parameters.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial_rotary_factor != 1.0:
         raise ModelLoadError(
-            f"{config_path}: partial_rotary_factor {parameters['partial_rotary_factor']} is not "
-            "supported; fitserve applies rope to the whole head"
+            f"{config_path}: partial_rotary_factor {partial_rotary_factor} is not supported; "
+            "fitserve applies rope to the whole head"
         )
     if rope_type == "default":
         return rope_theta, None
@@ -192,8 +196,9 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Read and validate `model_dir/config.json` (and generation_config.json if present)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
+        problem = "is a file, not a directory" if model_dir.exists() else "does not exist"
         raise ModelLoadError(
-            f"model directory {model_dir} does not exist; pass a local Hugging Face model "
+            f"model directory {model_dir} {problem}; pass a local Hugging Face model "
             "directory (with config.json and *.safetensors)"
         )
     config_path = model_dir / "config.json"

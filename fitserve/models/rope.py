@@ -18,13 +18,16 @@ import torch
 def compute_inv_freq(
     head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None
 ) -> torch.Tensor:
-    """Float32 inverse frequencies [head_dim // 2] for rope types default, linear and llama3."""
+    """Float32 inverse frequencies [head_dim // 2] for rope types default, linear, llama3 and
+    dynamic (which is plain rope within max_position_embeddings, see ModelConfig.rope_scaling)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
     inv_freq = 1.0 / (rope_theta**exponents)
     if rope_scaling is None:
         return inv_freq
     rope_type = rope_scaling["rope_type"]
     factor = rope_scaling["factor"]
+    if rope_type == "dynamic":
+        return inv_freq
     if rope_type == "linear":
         # Dividing the frequencies is the same as dividing the positions by `factor`.
         return inv_freq / factor

@@ -176,3 +176,14 @@ def test_model_type_identifies_the_architecture_when_architectures_is_absent(mak
     raw.pop("architectures")
     (checkpoint / "config.json").write_text(json.dumps(raw))
     assert load_model_config(checkpoint).architecture == "Qwen3ForCausalLM"
+
+
+def test_dynamic_rope_equals_transformers_within_the_trained_length(make_checkpoint, paged_cache_for, token_ids):
+    checkpoint = make_checkpoint("llama2", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model, config = load_model(checkpoint, torch.float32, CPU, "torch")
+    assert config.rope_scaling == {"rope_type": "dynamic", "factor": 2.0}
+    prompt = token_ids(12, 10)
+    torch.testing.assert_close(
+        prefill_logits(model, config, paged_cache_for, prompt), hf_logits(checkpoint, prompt),
+        atol=1e-4, rtol=1e-4,
+    )
