@@ -19,9 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fitserve.engine.penalties import TokenTensors, apply_penalties
 from fitserve.engine.request import Request
 from fitserve.outputs import Logprob, PositionLogprobs
 from fitserve.sampling_params import SamplingParams
+
+__all__ = ["Sampler", "SamplerOutput", "apply_penalties", "compute_prompt_logprobs"]
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing logits by them would
 # overflow float32 and turn the softmax into NaN, while the result is the argmax anyway.
@@ -163,7 +166,7 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
-        self._token_tensors = _TokenTensors(self.device)
+        self._token_tensors = TokenTensors(self.device)
 
     def free(self, request_id: str) -> None:
         """Forget a finished request's random stream and cached token ids."""
@@ -310,114 +313,3 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     drop_sorted |= (mass_before >= p_tensor) & (p_tensor < 1.0)
     drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_index, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
-
-
-def apply_penalties(
-    logits: torch.Tensor,
-    requests: list[Request],
-    token_tensors: _TokenTensors | None = None,
-) -> torch.Tensor:
-    """Logits after repetition (prompt + output, CTRL style), then presence/frequency (output only).
-
-    Returns a new tensor; rows whose request has no penalty come back unchanged. Which
-    penalties run is decided from the Python values, so no device sync is needed for it.
-    `token_tensors` lets the sampler reuse device copies of the token ids between steps.
-    """
-    device = logits.device
-    num_columns = logits.shape[-1]
-    all_params = [request.sampling_params for request in requests]
-    token_tensors = token_tensors or _TokenTensors(device)
-    output_counts = _token_counts(
-        [token_tensors.output_ids(request) for request in requests], num_columns, device
-    )
-
-    repetition = [params.repetition_penalty for params in all_params]
-    if any(value != 1.0 for value in repetition):
-        # Only rows with a real repetition penalty pay for counting their prompt.
-        prompts = [
-            token_tensors.prompt_ids(request) if value != 1.0 else None
-            for request, value in zip(requests, repetition)
-        ]
-        seen = (_token_counts(prompts, num_columns, device) + output_counts) > 0
-        repetition_tensor = _column(repetition, device)
-        penalised = torch.where(logits > 0, logits / repetition_tensor, logits * repetition_tensor)
-        logits = torch.where(seen, penalised, logits)
-
-    frequency = [params.frequency_penalty for params in all_params]
-    presence = [params.presence_penalty for params in all_params]
-    if any(value != 0.0 for value in frequency + presence):
-        logits = (
-            logits
-            - _column(frequency, device) * output_counts
-            - _column(presence, device) * (output_counts > 0).float()
-        )
-    return logits
-
-
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    """Per-row values as a [rows, 1] float32 tensor that broadcasts over the vocabulary."""
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(-1)
-
-
-def _token_counts(
-    token_tensors: list[torch.Tensor | None], num_columns: int, device: torch.device
-) -> torch.Tensor:
-    """[rows, vocab] float32 occurrence counts (None: a row left at zero), one scatter_add.
-
-    Each row's ids are shifted by row * vocab into one flat index, so ragged rows need neither
-    padding nor a per-row kernel.
-    """
-    num_rows = len(token_tensors)
-    counts = torch.zeros(num_rows * num_columns, dtype=torch.float32, device=device)
-    shifted = [
-        ids + row * num_columns
-        for row, ids in enumerate(token_tensors)
-        if ids is not None and ids.numel() > 0
-    ]
-    if shifted:
-        flat_index = torch.cat(shifted)
-        counts.scatter_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))
-    return counts.view(num_rows, num_columns)
-
-
-class _TokenTensors:
-    """Device copies of requests' prompt and output ids for the penalties.
-
-    Rebuilding them from Python lists every step would cost O(context) per request per step;
-    instead the prompt is copied once and the output copy only grows by the new tokens.
-    Entries are tied to the Request object (a new request reusing an id starts afresh) and
-    live until `forget` (the sampler's `free`).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._prompts: dict[str, tuple[Request, torch.Tensor]] = {}
-        self._outputs: dict[str, tuple[Request, torch.Tensor]] = {}
-
-    def forget(self, request_id: str) -> None:
-        self._prompts.pop(request_id, None)
-        self._outputs.pop(request_id, None)
-
-    def prompt_ids(self, request: Request) -> torch.Tensor:
-        entry = self._prompts.get(request.request_id)
-        if entry is not None and entry[0] is request:
-            return entry[1]
-        prompt = self._to_device(request.prompt_token_ids)
-        self._prompts[request.request_id] = (request, prompt)
-        return prompt
-
-    def output_ids(self, request: Request) -> torch.Tensor:
-        output_token_ids = request.output_token_ids
-        entry = self._outputs.get(request.request_id)
-        if entry is None or entry[0] is not request or entry[1].numel() > len(output_token_ids):
-            output = self._to_device(output_token_ids)
-        elif entry[1].numel() < len(output_token_ids):
-            new_ids = self._to_device(output_token_ids[entry[1].numel() :])
-            output = torch.cat([entry[1], new_ids])
-        else:
-            output = entry[1]
-        self._outputs[request.request_id] = (request, output)
-        return output
-
-    def _to_device(self, token_ids: list[int]) -> torch.Tensor:
-        return torch.tensor(token_ids, dtype=torch.long, device=self.device)

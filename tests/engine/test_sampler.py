@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fitserve.engine.request import Request
-from fitserve.engine.sampler import Sampler, apply_penalties, compute_prompt_logprobs
+from fitserve.engine.penalties import apply_penalties
+from fitserve.engine.sampler import Sampler, compute_prompt_logprobs
 from fitserve.sampling_params import SamplingParams
 
 VOCAB = 16
