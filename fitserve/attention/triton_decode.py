@@ -45,8 +45,14 @@ DEFAULT_PARTITION_SIZE = 256
 still spreads over 256 programs; large enough that the partial results written per program
 are a few percent of the K/V bytes it reads. Tune with benchmarks/gpu_kernels.py."""
 
-DECODE_TILE_N = 64
-"""Tokens loaded per inner-loop iteration (4 blocks of 16, 2 of 32)."""
+
+
+def default_decode_tile_n(dtype: torch.dtype, head_dim: int) -> int:
+    """Tokens loaded per inner-loop iteration: 64 (4 blocks of 16, 2 of 32) for 16-bit heads
+    up to 128 wide; half that for float32 or wider heads, whose exact (non-tensor-core) dots
+    stage twice the bytes in shared memory (see `default_prefill_tiles`)."""
+    tile_n = 64 if dtype != torch.float32 else 32
+    return tile_n // 2 if head_dim > 128 else tile_n
 
 
 @triton.jit
@@ -226,16 +232,18 @@ def decode_attention(
     metadata: AttentionMetadata,
     scale: float,
     partition_size: int = DEFAULT_PARTITION_SIZE,
-    tile_n: int = DECODE_TILE_N,
+    tile_n: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence ([num_seqs, num_heads, head_dim]).
 
     `partition_size` and `tile_n` are exposed so tests can force long contexts across many
     programs with small shapes, and benchmarks can sweep them; both must be powers of two
-    and `partition_size` a multiple of `tile_n` (so no tile straddles two partitions).
+    and `partition_size` a multiple of `tile_n` (so no tile straddles two partitions);
+    `tile_n` defaults to `default_decode_tile_n`.
     """
     check_device(query)
     num_seqs, num_heads, head_dim = query.shape
+    tile_n = tile_n or default_decode_tile_n(query.dtype, head_dim)
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert partition_size % tile_n == 0 and tile_n >= MIN_DOT_SIZE
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1

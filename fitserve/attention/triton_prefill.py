@@ -32,15 +32,25 @@ from fitserve.attention.triton_common import (
     check_device,
     dot_input_precision,
     is_interpreting,
+    next_power_of_2,
     padded_head_dim,
 )
 
-PREFILL_BLOCK_M = 64
-"""Query rows (tokens x group heads) per program: a typical FlashAttention-2 tile on
-Ampere/Hopper for head_dim 128 that keeps Q, the accumulator and one K/V tile in registers."""
 
-PREFILL_TILE_N = 64
-"""Key/value tokens per inner-loop iteration."""
+
+def default_prefill_tiles(dtype: torch.dtype, head_dim: int, group_size: int) -> tuple[int, int]:
+    """(query rows per program, key tokens per inner iteration) for these operands.
+
+    64 x 64 is a typical FlashAttention-2 tile for 16-bit head_dim <= 128 on Ampere/Hopper
+    (about 48 KiB of shared memory with Triton's software pipelining). float32 operands use
+    exact (non-tensor-core) products whose staging buffers are twice as large (over 110 KiB
+    at 64 x 64, more than consumer GPUs have), so they get 32 x 32; float32 is the
+    correctness path, not the fast one. Wider heads halve the key tile for the same reason.
+    """
+    block_m, tile_n = (64, 64) if dtype != torch.float32 else (32, 32)
+    if head_dim > 128:
+        tile_n //= 2
+    return max(block_m, next_power_of_2(group_size)), max(tile_n, MIN_DOT_SIZE)
 
 
 @triton.jit
@@ -180,18 +190,22 @@ def prefill_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
-    block_m: int = PREFILL_BLOCK_M,
-    tile_n: int = PREFILL_TILE_N,
+    block_m: int | None = None,
+    tile_n: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of any mix of prefills, chunked prefills and decodes.
 
-    `block_m` and `tile_n` (powers of two >= 16) are exposed for tests and benchmarks;
-    `block_m` must be at least the GQA group size so a tile holds one whole token.
+    `block_m` and `tile_n` (powers of two >= 16; default `default_prefill_tiles`) are exposed
+    for tests and benchmarks; `block_m` must be at least the GQA group size so a tile holds
+    one whole token.
     """
     check_device(query)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group_size = num_heads // num_kv_heads
+    default_block_m, default_tile_n = default_prefill_tiles(query.dtype, head_dim, group_size)
+    block_m = block_m or default_block_m
+    tile_n = tile_n or default_tile_n
     assert block_m >= max(group_size, MIN_DOT_SIZE) and tile_n >= MIN_DOT_SIZE
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
     if query.stride(-1) != 1:
