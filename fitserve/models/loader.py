@@ -1,9 +1,9 @@
 """Build a `LlamaForCausalLM` from a Hugging Face safetensors checkpoint.
 
 The model is first built on the meta device (no memory), then its parameters are replaced
-one checkpoint tensor at a time, so peak memory is the model plus one tensor. Every tensor name and shape is checked against config.json
-before anything is read, so a mismatched checkpoint fails fast with a message that names
-the tensor.
+one checkpoint tensor at a time, so peak memory is the model plus one tensor. Every tensor
+name and shape is checked against config.json before any data is read, so a mismatched
+checkpoint fails fast with a message that names the tensor.
 """
 
 from __future__ import annotations
@@ -36,42 +36,46 @@ class WeightTarget:
 
 def expected_checkpoint_tensors(config: ModelConfig) -> dict[str, WeightTarget]:
     """Every tensor a checkpoint for `config` must hold, with its destination and shape."""
-    hidden, inter = config.hidden_size, config.intermediate_size
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_size, kv_size = config.q_size, config.kv_size
-    targets: dict[str, WeightTarget] = {
-        "model.embed_tokens.weight": WeightTarget(
-            "model.embed_tokens.weight", 0, (config.vocab_size, hidden)
-        ),
-        "model.norm.weight": WeightTarget("model.norm.weight", 0, (hidden,)),
-    }
+    targets: dict[str, WeightTarget] = {}
+
+    def add(name: str, shape: tuple[int, ...], parameter: str | None = None, row_start: int = 0) -> None:
+        targets[name] = WeightTarget(parameter or name, row_start, shape)
+
+    add("model.embed_tokens.weight", (config.vocab_size, hidden))
+    add("model.norm.weight", (hidden,))
     if not config.tie_word_embeddings:
-        targets["lm_head.weight"] = WeightTarget("lm_head.weight", 0, (config.vocab_size, hidden))
+        add("lm_head.weight", (config.vocab_size, hidden))
 
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}"
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-        fused_qkv = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size), "v_proj": (q_size + kv_size, kv_size)}
-        for name, (row_start, rows) in fused_qkv.items():
-            targets[f"{attn}.{name}.weight"] = WeightTarget(f"{attn}.qkv_proj.weight", row_start, (rows, hidden))
+        add(f"{prefix}.input_layernorm.weight", (hidden,))
+        add(f"{prefix}.post_attention_layernorm.weight", (hidden,))
+
+        # q, k and v are row blocks of the fused qkv_proj, in that order.
+        for name, row_start, rows in (
+            ("q_proj", 0, q_size), ("k_proj", q_size, kv_size), ("v_proj", q_size + kv_size, kv_size)
+        ):
+            add(f"{attn}.{name}.weight", (rows, hidden), f"{attn}.qkv_proj.weight", row_start)
             if config.attention_bias:
-                targets[f"{attn}.{name}.bias"] = WeightTarget(f"{attn}.qkv_proj.bias", row_start, (rows,))
-        targets[f"{attn}.o_proj.weight"] = WeightTarget(f"{attn}.o_proj.weight", 0, (hidden, q_size))
+                add(f"{attn}.{name}.bias", (rows,), f"{attn}.qkv_proj.bias", row_start)
+        add(f"{attn}.o_proj.weight", (hidden, q_size))
         if config.attention_output_bias:
-            targets[f"{attn}.o_proj.bias"] = WeightTarget(f"{attn}.o_proj.bias", 0, (hidden,))
+            add(f"{attn}.o_proj.bias", (hidden,))
         if config.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                targets[f"{attn}.{name}.weight"] = WeightTarget(
-                    f"{attn}.{name}.weight", 0, (config.head_dim,)
-                )
+            add(f"{attn}.q_norm.weight", (head_dim,))
+            add(f"{attn}.k_norm.weight", (head_dim,))
+
+        # gate and up are row blocks of the fused gate_up_proj.
         for name, row_start in (("gate_proj", 0), ("up_proj", inter)):
-            targets[f"{mlp}.{name}.weight"] = WeightTarget(f"{mlp}.gate_up_proj.weight", row_start, (inter, hidden))
+            add(f"{mlp}.{name}.weight", (inter, hidden), f"{mlp}.gate_up_proj.weight", row_start)
             if config.mlp_bias:
-                targets[f"{mlp}.{name}.bias"] = WeightTarget(f"{mlp}.gate_up_proj.bias", row_start, (inter,))
-        targets[f"{mlp}.down_proj.weight"] = WeightTarget(f"{mlp}.down_proj.weight", 0, (hidden, inter))
+                add(f"{mlp}.{name}.bias", (inter,), f"{mlp}.gate_up_proj.bias", row_start)
+        add(f"{mlp}.down_proj.weight", (hidden, inter))
         if config.mlp_bias:
-            targets[f"{mlp}.down_proj.bias"] = WeightTarget(f"{mlp}.down_proj.bias", 0, (hidden,))
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            targets[f"{prefix}.{name}.weight"] = WeightTarget(f"{prefix}.{name}.weight", 0, (hidden,))
+            add(f"{mlp}.down_proj.bias", (hidden,))
     return targets
 
 
