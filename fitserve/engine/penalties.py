@@ -65,20 +65,23 @@ def _token_counts(
 ) -> torch.Tensor:
     """[rows, vocab] float32 occurrence counts (None: a row left at zero), one scatter_add.
 
-    Each row's ids are shifted by row * vocab into one flat index, so ragged rows need neither
-    padding nor a per-row kernel.
+    Each row's ids are shifted into one flat index, so ragged rows need neither padding nor a
+    per-row kernel. Every row has one extra dump column, cut off at the end, that absorbs ids
+    the logits have no column for (tokenizer tokens beyond the model's output vocabulary):
+    such tokens cannot be generated, so there is nothing to penalise (as in transformers).
     """
     num_rows = len(token_tensors)
-    counts = torch.zeros(num_rows * num_columns, dtype=torch.float32, device=device)
+    row_width = num_columns + 1
+    counts = torch.zeros(num_rows * row_width, dtype=torch.float32, device=device)
     shifted = [
-        ids + row * num_columns
+        ids.clamp(max=num_columns) + row * row_width
         for row, ids in enumerate(token_tensors)
         if ids is not None and ids.numel() > 0
     ]
     if shifted:
         flat_index = torch.cat(shifted)
         counts.scatter_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))
-    return counts.view(num_rows, num_columns)
+    return counts.view(num_rows, row_width)[:, :num_columns]
 
 
 class TokenTensors:

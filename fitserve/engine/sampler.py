@@ -300,11 +300,10 @@ def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """Top-k, then top-p over what top-k left (renormalised, as in HF), in one sort."""
     device = logits.device
-    num_columns = logits.shape[-1]
     sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-    positions = torch.arange(num_columns, device=device)
-    k_tensor = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(-1)
-    drop_sorted = positions >= k_tensor
+    # Like the top-k-only path, ties with the k-th value survive.
+    kth_column = torch.tensor([k - 1 for k in top_k], dtype=torch.long, device=device).unsqueeze(-1)
+    drop_sorted = sorted_logits < sorted_logits.gather(-1, kth_column)
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     p_tensor = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(-1)

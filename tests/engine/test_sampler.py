@@ -7,10 +7,17 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from fitserve.engine.request import Request
 from fitserve.engine.penalties import apply_penalties
-from fitserve.engine.sampler import Sampler, compute_prompt_logprobs
+from fitserve.engine.sampler import Sampler, _filtered_probs, compute_prompt_logprobs
 from fitserve.sampling_params import SamplingParams
 
 VOCAB = 16
@@ -318,3 +325,57 @@ def test_prompt_logprobs_with_zero_top_hold_only_the_target() -> None:
     logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(7))
     positions = compute_prompt_logprobs(logits, [3, 1, 4, 1], num_top=0)
     assert [list(position) for position in positions] == [[3], [1], [4], [1]]
+
+
+# Parity with transformers, which defines correctness for this project.
+
+
+def test_repetition_penalty_matches_transformers() -> None:
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 40, generator=generator) * 3
+    requests = []
+    for row, penalty in enumerate([1.3, 0.8, 1.0]):
+        prompt = torch.randint(0, 40, (12,), generator=generator).tolist()
+        output = torch.randint(0, 40, (5,), generator=generator).tolist()
+        requests.append(make_request(SamplingParams(repetition_penalty=penalty), f"h{row}", prompt, output))
+    ours = apply_penalties(logits, requests)
+    for row, request in enumerate(requests):
+        processor = RepetitionPenaltyLogitsProcessor(request.sampling_params.repetition_penalty)
+        input_ids = torch.tensor([request.all_token_ids])
+        theirs = processor(input_ids, logits[row : row + 1].clone())[0]
+        assert torch.equal(ours[row], theirs)
+
+
+def test_token_ids_beyond_the_logits_are_not_penalised() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    request = make_request(SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0), prompt=[7], output=[5, 1])
+    assert apply_penalties(logits, [request])[0].tolist() == [1.0, 2.0 / 2.0 - 1.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.7, top_k=5),
+        dict(temperature=1.3, top_p=0.8),
+        dict(temperature=1.0, top_k=10, top_p=0.6),
+        dict(temperature=0.5, min_p=0.05),
+        dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.1),
+    ],
+)
+def test_filters_keep_the_tokens_transformers_keeps(settings: dict) -> None:
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(10)) * 2
+    params = SamplingParams(**settings)
+    ours = _filtered_probs(logits, [make_request(params, f"f{row}") for row in range(6)]) > 0
+
+    # transformers' sampling order: temperature, top-k, top-p, min-p.
+    warpers = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    if params.min_p > 0:
+        warpers.append(MinPLogitsWarper(params.min_p))
+    scores = logits.clone()
+    for warper in warpers:
+        scores = warper(None, scores)
+    assert torch.equal(ours, scores > float("-inf"))
