@@ -177,34 +177,43 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;p
 th{background:#f3f3f3;font-weight:600}img{max-width:100%}figure{margin:1em 0}code{background:#f3f3f3;padding:0 .2em}"""
 
 
+def _runs_table(runs: list[dict]) -> str:
+    """Every run's summary in one table, one column per run, so a sweep reads across."""
+    columns = [dict(summary_rows(run) + roofline_rows(run)) for run in runs]
+    names = list(columns[0]) if columns else []
+    header = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(run['label'])}</th>" for run in runs) + "</tr>"
+    body = "".join("<tr><th>" + html.escape(name) + "</th>" +
+                   "".join(f"<td>{html.escape(column.get(name, ''))}</td>" for column in columns) + "</tr>"
+                   for name in names)
+    return f"<table>{header}{body}</table>"
+
+
 def write_html(report: dict, path: Path) -> None:
-    """One self-contained page: setup, summaries, hardware limit, hardware, plots."""
+    """One self-contained page: results and plots first, then hardware, then the setup."""
+    runs = report["runs"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fitserve bench</title>"
              f"<style>{_STYLE}</style></head><body><h1>fitserve bench report</h1>",
              f"<p>Created {html.escape(report['created'])}. Command: <code>{html.escape(' '.join(report['command']))}</code></p>",
-             "<h2>Setup</h2>", _dict_table(report["environment"]),
-             "<h3>Server</h3>", _dict_table(report["server"]),
-             "<h3>Model</h3>", _dict_table(report["model"] or {"model": "unknown (no config.json given)"}),
-             "<h3>Workload and load</h3>", _dict_table(report["workload"]), _dict_table(report["load"])]
-    if report.get("slo"):
-        parts += ["<h3>SLO</h3>", _dict_table(report["slo"])]
-    parts += ["<h3>Metric definitions</h3>", _table(list(METRIC_DEFINITIONS.items())),
-              f"<p>{html.escape(report['baseline_note'])}</p>"]
-    figure = plots.latency_cdfs(report["runs"])
-    parts += ["<h2>Latency distributions</h2>", _image(figure, "Latency CDFs (TTFT, TPOT, ITL, E2E)")]
-    sweep = plots.rate_sweep(report["runs"])
+             "<h2>Results</h2>", _runs_table(runs),
+             _image(plots.latency_cdfs(runs), "Latency CDFs (TTFT, TPOT, ITL, E2E)")]
+    sweep = plots.rate_sweep(runs)
     if sweep:
         parts += ["<h2>Rate sweep</h2>", _image(sweep, "Throughput and latency vs offered rate")]
     if report.get("slo_search"):
         parts += ["<h2>SLO search</h2>", _dict_table(report["slo_search"])]
+    for run in runs:
+        parts += [f"<h2>Hardware: {html.escape(run['label'])}</h2>", _table(hardware_rows(run)),
+                  _image(plots.hardware_timeline(run), f"Memory and power over time ({run['label']})")]
+    parts += [f"<p>{html.escape(report['baseline_note'])}</p>"]
     if report.get("hardware_limit"):
         parts += ["<h2>Hardware limit (measured in this run)</h2>", _dict_table(report["hardware_limit"])]
-    for run in report["runs"]:
-        parts += [f"<h2>Run: {html.escape(run['label'])}</h2>", _table(summary_rows(run)),
-                  "<h3>Against the hardware limit</h3>", _table(roofline_rows(run)),
-                  "<h3>Hardware</h3>", _table(hardware_rows(run)),
-                  _image(plots.hardware_timeline(run), f"Memory and power over time ({run['label']})")]
-    parts.append("</body></html>")
+    parts += ["<h2>Setup</h2>", _dict_table(report["environment"]),
+              "<h3>Server</h3>", _dict_table(report["server"]),
+              "<h3>Model</h3>", _dict_table(report["model"] or {"model": "unknown (no config.json given)"}),
+              "<h3>Workload and load</h3>", _dict_table(report["workload"]), _dict_table(report["load"])]
+    if report.get("slo"):
+        parts += ["<h3>SLO</h3>", _dict_table(report["slo"])]
+    parts += ["<h3>Metric definitions</h3>", _table(list(METRIC_DEFINITIONS.items())), "</body></html>"]
     path.write_text("\n".join(parts), encoding="utf-8")
 
 

@@ -121,8 +121,7 @@ class PromptMaker:
     def __init__(self, tokenizer: Any | None = None) -> None:
         self.tokenizer = tokenizer
         if tokenizer is not None:
-            special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-            self._allowed_ids = np.array([i for i in range(len(tokenizer)) if i not in special_ids])
+            self._allowed_ids = np.array(_whole_word_token_ids(tokenizer))
 
     @property
     def exact(self) -> bool:
@@ -153,6 +152,29 @@ class PromptMaker:
             else:
                 ids += rng.choice(self._allowed_ids, size=num_tokens - count).tolist()
         return text, count
+
+
+def _whole_word_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of word tokens (a word-start marker, Ġ or ▁, then letters) that survive
+    decode → encode unchanged.
+
+    Pre-tokenizers split text at spaces, so a run of such tokens cannot merge across token
+    boundaries: decoding random ones and encoding the text again gives the same count. Random
+    ids in general do not (byte pieces of multi-byte characters decode to U+FFFD, neighbours
+    merge), so they are only the fallback for tokenizers with too few whole-word tokens.
+    """
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = [token_id for token_id in range(len(tokenizer)) if token_id not in special_ids]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    candidates = [token_id for token_id, piece in zip(ids, pieces)
+                  if isinstance(piece, str) and len(piece) >= 2 and piece[0] in ("Ġ", "▁")
+                  and piece[1:].isascii() and piece[1:].isalpha()]
+    if not candidates:
+        return ids
+    texts = tokenizer.batch_decode([[token_id] for token_id in candidates])
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    whole_words = [token_id for token_id, round_trip in zip(candidates, encoded) if round_trip == [token_id]]
+    return whole_words if len(whole_words) >= 16 else ids
 
 
 def build_workload(config: WorkloadConfig, prompt_maker: PromptMaker) -> list[Conversation]:

@@ -58,3 +58,36 @@ def scripted_server_process():
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+_CORPUS = [
+    "Serving many users at once needs continuous batching over a paged cache.",
+    "The benchmark measures time to first token, time per output token and throughput.",
+    "A small model on a laptop can still answer questions quickly and cheaply.",
+    "hello world the a of and to in is it that for on with as at by from",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a trained byte-level BPE tokenizer: real files, fast to serve."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fitserve.models.random_checkpoint import write_random_checkpoint
+
+    out_dir = tmp_path_factory.mktemp("bench-tiny-model")
+    write_random_checkpoint(out_dir, "llama-3.2-1b", dtype="float32", seed=0, init_std=0.1, overrides={
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 384, "max_position_embeddings": 512,
+        "rope_scaling": None, "bos_token_id": 1, "eos_token_id": 2})
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(_CORPUS * 10, trainer=trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(str(out_dir))
+    return out_dir

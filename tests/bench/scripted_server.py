@@ -3,7 +3,9 @@
 Each request's prompt (or last chat message) is a JSON script saying how to answer:
 {"ttft_ms": 100, "itl_ms": 30, "tokens": 5, "tokens_per_chunk": 1, "usage": true,
  "status": 200, "hang_s": 0, "error_after": null}. The server sleeps exactly as scripted, so
-the client's measured TTFT / ITL / E2E can be checked against the script. It runs in its own
+the client's measured TTFT / ITL / E2E can be checked against the script. A prompt that is
+not JSON gets a server with finite capacity: the first token takes 10 ms plus 25 ms for every
+other request in flight, so latency grows with load as on a real server (for rate searches). It runs in its own
 process (`python scripted_server.py PORT`) so it does not share the client's interpreter lock;
 GET /stats returns the request bodies it received and the most requests it had in flight.
 """
@@ -68,7 +70,7 @@ class ScriptedServer:
         try:
             script = json.loads(prompt)
         except json.JSONDecodeError:
-            script = {}
+            script = {"ttft_ms": 10 + 25 * (self.in_flight - 1), "itl_ms": 10}
         status = script.get("status", 200)
         if status != 200:
             await self._json(send, status, {"error": {"message": "scripted failure"}})
