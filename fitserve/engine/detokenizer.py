@@ -231,22 +231,27 @@ class IncrementalDetokenizer:
         return None
 
     def _find_stop(self, previous_length: int) -> str | None:
-        """Earliest stop string that ends in the new text; cut the text there."""
+        """The stop string completed first in the new text, if any; cut the text there.
+
+        "First" means the earliest end (the match generation would reach first if the text
+        arrived one character at a time); on a tie the longer stop string, which starts
+        earlier. So the result does not depend on how the text was split into tokens.
+        """
         # A match must end after previous_length, so it starts no earlier than this.
         search_start = max(0, previous_length - self._longest_stop + 1)
-        best_position = -1
-        best_stop: str | None = None
+        best: tuple[int, int, str] | None = None  # (end, -length, stop)
         for stop in self.stop_strings:
             position = self._text.find(stop, search_start)
-            if position != -1 and (best_stop is None or position < best_position):
-                best_position, best_stop = position, stop
-        if best_stop is None:
+            if position != -1:
+                candidate = (position + len(stop), -len(stop), stop)
+                best = candidate if best is None or candidate < best else best
+        if best is None:
             return None
-        cut = best_position + len(best_stop) if self.params.include_stop_str_in_output else best_position
-        self._text = self._text[:cut]
+        end, _, stop = best
+        self._text = self._text[: end if self.params.include_stop_str_in_output else end - len(stop)]
         self._num_held_back_chars = 0
-        self.stop_string_matched = best_stop
-        return best_stop
+        self.stop_string_matched = stop
+        return stop
 
     def _stop_prefix_length_at_end(self) -> int:
         """Length of the longest text suffix that is a proper prefix of some stop string."""

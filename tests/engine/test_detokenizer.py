@@ -193,15 +193,49 @@ def test_include_stop_str_in_output_keeps_the_stop(tokenizer: PreTrainedTokenize
     assert detokenizer.output_text.endswith("brown fox")
 
 
-def test_earliest_of_several_stop_strings_wins(byte_level: PreTrainedTokenizerFast) -> None:
+def test_first_completed_of_several_stop_strings_wins(byte_level: PreTrainedTokenizerFast) -> None:
     token_ids = encode(byte_level, "The quick brown fox jumps")
     detokenizer = IncrementalDetokenizer(byte_level, [], SamplingParams(stop=["jumps", "quick b"]))
-    # All tokens in one append: both stops appear in the new text, the earlier one ends it.
+    # All tokens in one append: both stops appear in the new text; the one completed first
+    # ends it, whatever the order of the stop list.
     assert detokenizer.append(token_ids) == "quick b"
     assert detokenizer.output_text == "The "
     # Nothing changes after a match.
     assert detokenizer.append(encode(byte_level, " more")) == "quick b"
     assert detokenizer.finish() == "The "
+
+
+def reference_cut(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
+    """The text as if it arrived one character at a time: the first stop string completed."""
+    for end in range(1, len(text) + 1):
+        completed = [stop for stop in stops if text[:end].endswith(stop)]
+        if completed:
+            stop = max(completed, key=len)
+            return (text[:end] if include else text[: end - len(stop)]), stop
+    return text, None
+
+
+def test_stop_result_does_not_depend_on_how_tokens_arrive(tokenizer: PreTrainedTokenizerFast) -> None:
+    rng = random.Random(1)
+    text = "The quick brown fox jumps over the lazy dog. 東京は日本の首都です。"
+    token_ids = encode(tokenizer, text)
+    decoded = tokenizer.decode(token_ids)
+    stop_sets = [["brown fox jumps", "own f"], ["lazy", "zy dog", "y"], ["日本の首", "本"], ["absent"]]
+    for stops in stop_sets:
+        for include in (False, True):
+            expected_text, expected_stop = reference_cut(decoded, stops, include)
+            for _ in range(5):
+                params = SamplingParams(stop=stops, include_stop_str_in_output=include)
+                detokenizer = IncrementalDetokenizer(tokenizer, [], params)
+                seen, position, matched = [""], 0, None
+                while position < len(token_ids) and matched is None:
+                    size = rng.randint(1, 4)
+                    matched = detokenizer.append(token_ids[position : position + size])
+                    position += size
+                    seen.append(detokenizer.output_text)
+                final = detokenizer.finish()
+                assert_monotonic(seen + [final])
+                assert (final, matched) == (expected_text, expected_stop)
 
 
 def test_stop_string_with_multibyte_characters(tokenizer: PreTrainedTokenizerFast) -> None:
