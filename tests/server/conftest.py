@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from fitserve.config import EngineArgs
 from fitserve.engine.async_engine import AsyncLLMEngine
@@ -111,6 +113,15 @@ class RunningServer:
         stats = self.async_engine.get_stats()
         assert stats is not None
         return stats
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one sample of GET /metrics (0 when it has not appeared yet)."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()):
+                    return sample.value
+        return 0.0
 
     def wait_until_idle(self, timeout: float = 60.0) -> EngineStats:
         """Block until no request is running or waiting (aborts land one engine step later)."""
