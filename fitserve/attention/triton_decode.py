@@ -171,7 +171,8 @@ def _decode_partition_kernel(
         )
     else:
         # Partials are laid out [num_seqs, num_heads, max_num_partitions(, HEAD_DIM_PAD)].
-        partial_index = (seq_index * GROUP_SIZE * tl.num_programs(1) + query_heads) * max_num_partitions + partition
+        seq_heads_start = seq_index * GROUP_SIZE * tl.num_programs(1)
+        partial_index = (seq_heads_start + query_heads) * max_num_partitions + partition
         tl.store(partial_max_ptr + partial_index, running_max, mask=row_valid)
         tl.store(partial_sum_ptr + partial_index, running_sum, mask=row_valid)
         tl.store(

@@ -37,7 +37,6 @@ from fitserve.attention.triton_common import (
 )
 
 
-
 def default_prefill_tiles(dtype: torch.dtype, head_dim: int, group_size: int) -> tuple[int, int]:
     """(query rows per program, key tokens per inner iteration) for these operands.
 

@@ -74,7 +74,10 @@ def compile_all_kernels() -> list[str]:
             ),
             (
                 triton_prefill._prefill_kernel,
+                # Triton turns integer arguments equal to 1 into constants; a one-sequence batch
+                # must still compile (the binary search's loop bound becomes a constant).
                 dict(
+                    **({"num_seqs": 1} if element == "bf16" else {}),
                     BLOCK_SIZE=16, GROUP_SIZE=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=block_m,
                     BLOCK_Q=block_m // 4, TILE_N=prefill_tile_n, UPCAST_OPERANDS=False,
                     INPUT_PRECISION=precision,

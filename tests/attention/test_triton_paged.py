@@ -47,7 +47,7 @@ def make_metadata(
     max_blocks = max(blocks_per_seq)
     block_tables = torch.zeros((len(seq_lens), max_blocks + 1), dtype=torch.int32)
     slots: list[int] = []
-    for seq_index, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+    for seq_index, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
         table = [shuffled.pop() for _ in range(blocks_per_seq[seq_index])]
         block_tables[seq_index, : len(table)] = torch.tensor(table, dtype=torch.int32)
         for position in range(seq_len - query_len, seq_len):
@@ -116,8 +116,9 @@ def test_write_kv_stores_strided_inputs_into_random_slots_like_torch(dtype: torc
     slot_mapping = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
     # K and V as slices of one fused projection output, as the model produces them.
     fused = torch.randn((num_tokens, 3 * NUM_KV_HEADS * HEAD_DIM), generator=generator).to(dtype)
-    key = fused[:, NUM_KV_HEADS * HEAD_DIM : 2 * NUM_KV_HEADS * HEAD_DIM].view(num_tokens, NUM_KV_HEADS, HEAD_DIM)
-    value = fused[:, 2 * NUM_KV_HEADS * HEAD_DIM :].view(num_tokens, NUM_KV_HEADS, HEAD_DIM)
+    kv_width = NUM_KV_HEADS * HEAD_DIM
+    key = fused[:, kv_width : 2 * kv_width].view(num_tokens, NUM_KV_HEADS, HEAD_DIM)
+    value = fused[:, 2 * kv_width :].view(num_tokens, NUM_KV_HEADS, HEAD_DIM)
     cache_shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
     initial_keys = torch.randn(cache_shape, generator=generator).to(dtype)
     initial_values = torch.randn(cache_shape, generator=generator).to(dtype)
@@ -194,7 +195,8 @@ def test_decode_head_dims(head_dim: int) -> None:
     # 70-token context over 32-token partitions exercises both kernels at each width.
     batch = make_batch([1], [70], group_size=2, head_dim=head_dim, seed=4)
     actual = decode_attention(
-        batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale, partition_size=32, tile_n=16
+        batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale,
+        partition_size=32, tile_n=16,
     )
     assert_close_to_reference(actual, batch)
 
