@@ -9,17 +9,29 @@ blocks were freed, so the least recently used cached content is overwritten firs
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
 
-BlockHash = int
+BlockHash = bytes
 
 
 def hash_block_tokens(parent_hash: BlockHash | None, token_ids: tuple[int, ...], extra_key: object = None) -> BlockHash:
-    """Identity of a full block: chained over the parent's hash so equal hashes mean equal prefixes
-    (up to collisions, which `BlockPool.lookup` rules out by comparing the stored tokens)."""
-    return hash((parent_hash, token_ids, extra_key))
+    """Identity of a full block: a SHA-256 chained over the parent's hash, so equal hashes
+    mean equal prefixes.
+
+    A cryptographic hash matters here: with Python's `hash()` of a tuple of ints, a client
+    could craft a block that collides with a popular system prompt's first block, and the
+    blocks after it would then be indexed under the other prompt's chain (prefix-cache
+    poisoning). SHA-256 of a 16-token block costs a few microseconds.
+    """
+    digest = hashlib.sha256(parent_hash or b"")
+    digest.update(array("q", token_ids).tobytes())
+    if extra_key is not None:
+        digest.update(repr(extra_key).encode())
+    return digest.digest()
 
 
 @dataclass

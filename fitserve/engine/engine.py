@@ -128,10 +128,16 @@ class LLMEngine:
 
     def _resolve_max_model_len(self) -> int:
         model_limit = self.model_config.max_position_embeddings
+        limit_name = "max_position_embeddings"
+        # Attention here always sees the whole context, so a sliding-window model (Mistral
+        # v0.1) is exact only up to its window.
+        sliding_window = self.model_config.sliding_window
+        if sliding_window and sliding_window < model_limit:
+            model_limit, limit_name = sliding_window, "sliding_window"
         requested = self.args.max_model_len
         if requested is not None and requested > model_limit:
             raise ConfigError(
-                f"--max-model-len {requested} exceeds the model's max_position_embeddings ({model_limit})"
+                f"--max-model-len {requested} exceeds the model's {limit_name} ({model_limit})"
             )
         max_model_len = requested or model_limit
         if max_model_len > self.kv_capacity_tokens:

@@ -1,0 +1,86 @@
+"""Shared pieces of the benchmark scripts: machine description, checkpoints, result files.
+
+Every result file says what was measured and where: hardware, software versions, model
+shape, dtype and workload, so a number can be reproduced or put in context later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CHECKPOINT_CACHE = Path(os.environ.get("FITSERVE_BENCH_CACHE", Path.home() / ".cache" / "fitserve-bench"))
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe_machine() -> dict[str, Any]:
+    """Hardware and software versions, for the header of every result file."""
+    import transformers
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        info["fitserve_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parent, check=False,
+        ).stdout.strip() or None
+    except OSError:
+        info["fitserve_commit"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def random_checkpoint(preset: str, dtype: str, num_layers: int | None = None) -> Path:
+    """A random-weight checkpoint with a real model's shapes, written once and reused."""
+    from fitserve.models.random_checkpoint import write_random_checkpoint
+
+    name = f"{preset}-{dtype}" + (f"-{num_layers}l" if num_layers else "")
+    out_dir = CHECKPOINT_CACHE / name
+    if not (out_dir / "model.safetensors").exists() and not (out_dir / "model.safetensors.index.json").exists():
+        overrides = {"num_hidden_layers": num_layers} if num_layers else None
+        write_random_checkpoint(out_dir, preset, dtype=dtype, seed=0, overrides=overrides)
+    return out_dir
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": len(values),
+    }
+
+
+def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> Path:
+    path = out or RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
