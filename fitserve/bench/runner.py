@@ -110,7 +110,12 @@ async def _with_client(client: StreamClient, body: Callable):
     client's connections are reopened per run (after a warm-up request)."""
     client.reopen()
     try:
-        await client.warm_up()
+        warm_up = await client.warm_up()
+        if not warm_up.success and (warm_up.error or "").startswith(("HTTP 400", "HTTP 401", "HTTP 403",
+                                                                      "HTTP 404", "HTTP 422")):
+            # Every request would be refused the same way: say why now instead of after N failures.
+            raise ValueError(f"the server refused the warm-up request ({warm_up.error}); check --url, "
+                             "--served-model-name, --api-key and --endpoint")
         return await body(client)
     finally:
         await client.close()

@@ -1,0 +1,77 @@
+"""`fitserve bench --model DIR` against a real fitserve server it starts itself: JSON, CSV and
+an HTML report that headless Chromium renders with its plots."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+CHROMIUM_INSTALL = "apt-get update && apt-get install -y chromium"
+
+
+def find_chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail(f"headless Chromium is needed to check the HTML report; install it with `{CHROMIUM_INSTALL}`")
+
+
+def screenshot(chromium: str, page, png, profile_dir) -> None:
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={profile_dir}", f"--screenshot={png}",
+                    "--window-size=1300,1800", page.as_uri()],
+                   check=True, timeout=180, capture_output=True)
+
+
+@pytest.mark.slow
+def test_bench_starts_a_server_and_writes_a_report_chromium_renders(tiny_model_dir, tmp_path):
+    chromium = find_chromium()
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "fitserve.cli", "bench", "--model", str(tiny_model_dir),
+               "--server-args", "--dtype float32 --device cpu --kv-cache-memory 8MiB --num-threads 1",
+               "--num-requests", "6", "--input-len", "16", "--output-len", "8", "--concurrency", "2",
+               "--slo", "mlperf-server", "--idle-seconds", "1", "--roofline-seconds", "0.1",
+               "--sample-interval", "0.2", "--no-progress", "--out", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=420)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["server"]["launched_by_bench"] is True
+    run = report["runs"][0]
+    summary = run["summary"]
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    # ignore_eos + max_tokens: exactly 8 tokens each, counted by the server's usage.
+    assert {row["output_tokens"] for row in run["requests"]} == {8}
+    assert {row["output_tokens_source"] for row in run["requests"]} == {"usage"}
+    # Exact prompts: 16 tokens of text plus the BOS the tokenizer adds, as the server reports.
+    assert {row["input_tokens"] for row in run["requests"]} == {17}
+    assert report["workload"]["prompt_lengths"] == "exact, in the model's tokens"
+    assert summary["ttft_ms"]["p99"] > 0 and summary["tpot_ms"]["median"] > 0
+    assert summary["goodput"] is not None
+    assert report["model"]["num_layers"] == 2 and report["model"]["dtype_name"] == "float32"
+    assert report["hardware_limit"]["memory_bandwidth_bytes_per_s"] > 0
+    assert 0 < run["roofline"]["decode"]["fraction_of_limit"] and run["roofline"]["prefill"] is not None
+    assert run["hardware"]["summary"]["server_rss_peak_bytes"] > 50 * 2**20
+    assert (out / "server.log").is_file()
+
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    assert len(rows) == 6 and all(row["success"] == "True" for row in rows)
+
+    page = out / "report.html"
+    assert page.read_text().count("data:image/png;base64,") >= 2
+    png = tmp_path / "report.png"
+    screenshot(chromium, page, png, tmp_path / "chromium-profile")
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(png))[..., :3]
+    # The plots' first line colour (matplotlib's tab:blue, #1f77b4) must be on screen: the
+    # embedded PNGs decoded and were drawn, not just the text around them.
+    blue = np.array([0x1F, 0x77, 0xB4]) / 255
+    blue_pixels = int((np.abs(pixels - blue).max(axis=-1) < 0.08).sum())
+    assert blue_pixels > 500, f"only {blue_pixels} plot-coloured pixels in the screenshot {png}"

@@ -1,0 +1,75 @@
+"""Roofline: bytes and FLOPs per step from config.json, the micro-benchmarks, the fractions."""
+
+import json
+
+import pytest
+import torch
+
+from fitserve.bench.roofline import (ModelShape, achieved_fractions, measure_hardware_limit,
+                                     measure_matmul_flops, measure_memory_bandwidth)
+
+LLAMA_3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", "model_type": "llama"}
+
+
+def test_llama_3_8b_counts_match_the_published_shape():
+    shape = ModelShape.from_config(LLAMA_3_8B)
+    assert shape.head_dim == 128 and shape.dtype_bytes == 2
+    assert shape.total_params == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+    # GQA: 8 KV heads of 128 dims, K and V, 32 layers, 2 bytes = 128 KiB per token.
+    assert shape.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131072
+    # One decode step reads every weight except the (untied) input embedding table.
+    assert shape.weight_bytes_per_step == (8_030_261_248 - 128256 * 4096) * 2
+
+
+def test_step_costs_by_hand_for_a_tiny_tied_model():
+    config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "vocab_size": 10, "tie_word_embeddings": True, "torch_dtype": "float32"}
+    shape = ModelShape.from_config(config)
+    # Per layer: q,o 2·8·8 = 128; k,v 2·8·4 = 64; MLP 3·8·16 = 384 -> 576 matmul weights; norms 16.
+    assert shape.layer_matmul_params == 576
+    assert shape.total_params == 80 + 8 + 2 * (576 + 16)
+    assert shape.matmul_params_per_token == 2 * 576 + 80  # the tied table is the LM head
+    assert shape.weight_bytes_per_step == shape.total_params * 4
+    assert shape.kv_bytes_per_token == 2 * 2 * 1 * 4 * 4
+    # Decode, batch 3 at context 10: weights once + KV read for 10 and written for 1, per request.
+    assert shape.decode_step_bytes(3, 10) == shape.total_params * 4 + 3 * 11 * 64
+    # Attention FLOPs: 4 · layers · heads · head_dim · queries · keys.
+    assert shape.decode_step_flops(3, 10) == 3 * (2 * 1232 + 4 * 2 * 2 * 4 * 10)
+    assert shape.prefill_flops(5) == 2 * 1232 * 5 + 4 * 2 * 2 * 4 * 5 * 3
+
+
+def test_shape_reads_the_model_directory_and_resolves_dtype(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B | {"torch_dtype": "float16"}))
+    # On CPU the server runs float16 checkpoints in bfloat16 (same size); float32 if asked.
+    assert ModelShape.from_model_dir(tmp_path).dtype_name == "bfloat16"
+    assert ModelShape.from_model_dir(tmp_path, "float32").dtype_bytes == 4
+
+
+def test_micro_benchmarks_measure_plausible_rates():
+    bandwidth = measure_memory_bandwidth(torch.device("cpu"), size_bytes=32 * 2**20, min_time_s=0.05)
+    flops, size = measure_matmul_flops(torch.device("cpu"), torch.float32, min_time_s=0.05, max_size=512)
+    assert 1e8 < bandwidth < 1e13  # between 100 MB/s and 10 TB/s: a copy really ran and was timed
+    assert 1e7 < flops < 1e15 and size <= 512
+    limit = measure_hardware_limit(torch.device("cpu"), torch.float32, min_time_s=0.05)
+    assert limit["memory_bandwidth_bytes_per_s"] > 0 and limit["dtype"] == "float32"
+
+
+def test_achieved_fractions_by_hand():
+    config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "vocab_size": 10, "tie_word_embeddings": True, "torch_dtype": "float32"}
+    shape = ModelShape.from_config(config)
+    limit = {"memory_bandwidth_bytes_per_s": 1e6, "matmul_flops_per_s": 1e12}  # memory-bound
+    summary = {"mean_input_tokens": 10.0, "mean_output_tokens": 2.0, "mean_concurrent_decodes": 2.0,
+               "tpot_ms": {"median": 10.0}, "ttft_ms": {"min": 20.0}}
+    fractions = achieved_fractions(shape, limit, summary)
+    decode = fractions["decode"]
+    step_bytes = shape.total_params * 4 + 2 * 12 * 64  # context 10 + 2/2 = 11, plus the new token
+    assert decode["bytes_per_step"] == step_bytes and decode["bound"] == "memory"
+    assert decode["fraction_of_limit"] == pytest.approx(step_bytes / 1e6 / 0.010)
+    assert decode["achieved_tokens_per_s"] == pytest.approx(200.0)
+    prefill = fractions["prefill"]
+    assert prefill["fraction_of_limit"] == pytest.approx((shape.total_params * 4 + 10 * 64) / 1e6 / 0.020)
+    empty = achieved_fractions(shape, limit, {"tpot_ms": {"median": None}, "ttft_ms": {"min": None}})
+    assert empty == {"decode": None, "prefill": None}
