@@ -17,34 +17,8 @@ import pytest
 import torch
 
 from fitserve.attention.metadata import AttentionMetadata
-from fitserve.models.random_checkpoint import write_random_checkpoint
 
-TINY_SHAPES: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 512,
-    "max_position_embeddings": 256,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-
-# Each variant: (preset it starts from, overrides that make it tiny and exercise its feature).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    # Llama 3.1+ long-context rope; a short original context so most frequencies get scaled.
-    "llama3_rope_scaling": ("llama-3.2-1b", {"head_dim": 16, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
-    # Llama 2: plain rope, theta 1e4, full multi-head attention, separate lm_head.
-    "llama2": ("llama-3-8b", {"rope_theta": 10000.0, "num_key_value_heads": 4,
-                              "tie_word_embeddings": False}),
-    "mistral": ("mistral-7b", {"head_dim": 16}),
-    "qwen2_bias": ("qwen2.5-0.5b", {}),
-    # head_dim 32 != hidden / heads, as in real Qwen3 checkpoints.
-    "qwen3_qk_norm": ("qwen3-0.6b", {"head_dim": 32}),
-}
+from tests.tiny_models import VARIANTS, random_token_ids, write_tiny_checkpoint
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -59,12 +33,7 @@ def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     counter = iter(range(1000))
 
     def make(variant: str, dtype: str = "float32", **overrides: Any) -> Path:
-        preset, variant_overrides = VARIANTS[variant]
-        out_dir = tmp_path / f"{variant}-{dtype}-{next(counter)}"
-        return write_random_checkpoint(
-            out_dir, preset, dtype=dtype, seed=0, init_std=0.1,
-            overrides=TINY_SHAPES | variant_overrides | overrides,
-        )
+        return write_tiny_checkpoint(tmp_path / f"{variant}-{dtype}-{next(counter)}", variant, dtype, **overrides)
 
     return make
 
@@ -154,11 +123,6 @@ def paged_cache_for() -> Callable[..., PagedKVCache]:
         )
 
     return make
-
-
-def random_token_ids(length: int, seed: int, vocab_size: int = TINY_SHAPES["vocab_size"]) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (length,), generator=generator).tolist()
 
 
 @pytest.fixture
