@@ -8,12 +8,30 @@ Public API (shaped like vLLM's):
     print(out[0].outputs[0].text)
 """
 
+import logging as _logging
+
 from fitserve.config import EngineArgs
 from fitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from fitserve.sampling_params import SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
+
+
+def _configure_default_logging() -> None:
+    """Start-up facts (model, dtype, KV capacity in tokens) reach the user of the Python API too,
+    as vLLM's do; an application that configures the "fitserve" logger itself wins."""
+    logger = _logging.getLogger("fitserve")
+    if logger.handlers:
+        return
+    handler = _logging.StreamHandler()
+    handler.setFormatter(_logging.Formatter("%(levelname)s fitserve: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(_logging.INFO)
+    logger.propagate = False
+
+
+_configure_default_logging()
 
 
 def __getattr__(name: str):

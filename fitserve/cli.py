@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
+from fitserve.bench.cli import add_bench_parser
 from fitserve.cli_args import add_engine_arguments, engine_args_from
+from fitserve.server.cli import add_serve_parser
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,30 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat)
     chat.set_defaults(func=run_chat, max_tokens=256)
 
-    _add_optional_subcommand(subparsers, "fitserve.server.cli", "add_serve_parser")
-    _add_optional_subcommand(subparsers, "fitserve.bench.cli", "add_bench_parser")
+    add_serve_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
-
-
-def _add_optional_subcommand(subparsers, module_name: str, function_name: str) -> None:
-    import importlib
-
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:  # TEMPORARY until serve/bench land
-        if error.name != module_name:
-            raise
-        return
-    getattr(module, function_name)(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        parser.error(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {args.log_level!r})")
+    logging.getLogger("fitserve").setLevel(level)
     from fitserve.config import ConfigError
     from fitserve.models.config import ModelLoadError
 

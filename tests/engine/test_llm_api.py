@@ -195,3 +195,18 @@ def test_cli_reports_a_missing_model_directory(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     error = capsys.readouterr().err
     assert "nope" in error and "error" in error
+
+
+def test_cli_chat_streams_replies_and_keeps_the_conversation(model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fitserve.cli", "chat", "--model", str(model_dir), "--dtype", "float32",
+         "--kv-cache-memory", "4MiB", "--max-tokens", "6"],
+        input="hello there\nand again\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.split("> ") if line.strip()]
+    assert len(replies) == 2, result.stdout
+    assert "KV cache" in result.stderr  # the start-up summary names the capacity
