@@ -30,6 +30,10 @@ __all__ = ["Sampler", "SamplerOutput", "apply_penalties", "compute_prompt_logpro
 # overflow float32 and turn the softmax into NaN, while the result is the argmax anyway.
 _GREEDY_TEMPERATURE = 1e-5
 
+# Top-p first looks for each row's nucleus among this many best tokens (a topk is far cheaper
+# than sorting a 128k vocabulary on a CPU) and sorts the whole row only when it is not there.
+_TOP_P_CANDIDATES = 512
+
 # Rows of prompt logits turned into log-probs at once: bounds the temporary [rows, vocab]
 # float32 copy that log_softmax needs for long prompts.
 _PROMPT_LOGPROBS_CHUNK_ROWS = 256
@@ -182,7 +186,10 @@ class Sampler:
         return generator
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """Pick the next token of every request; logits: [len(requests), vocab], row i is requests[i]."""
+        """Pick the next token of every request.
+
+        logits: [len(requests), vocab] (float32, or anything that converts); row i is requests[i].
+        """
         assert logits.shape[0] == len(requests), "one logits row per request"
         all_params = [request.sampling_params for request in requests]
         rows_wanting_logprobs = [
@@ -192,7 +199,12 @@ class Sampler:
         min_tokens_masks = [_min_tokens_masked_ids(request) for request in requests]
         all_greedy = all(_is_greedy(params) for params in all_params)
 
-        if all_greedy and not any_penalty and not any(min_tokens_masks) and not rows_wanting_logprobs:
+        if (
+            all_greedy
+            and not any_penalty
+            and not any(min_tokens_masks)
+            and not rows_wanting_logprobs
+        ):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
 
         logits = logits.float()
@@ -202,13 +214,16 @@ class Sampler:
         if any(min_tokens_masks):
             logits = self._mask_tokens(logits, min_tokens_masks)
 
-        chosen = logits.argmax(dim=-1)
         random_rows = [row for row, params in enumerate(all_params) if not _is_greedy(params)]
-        if random_rows:
+        if len(random_rows) < len(requests):
+            chosen = logits.argmax(dim=-1)
+        if len(random_rows) == len(requests):
+            chosen = self._draw(_sampling_weights(logits, requests), requests)
+        elif random_rows:
             random_index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
             random_requests = [requests[row] for row in random_rows]
-            probs = _filtered_probs(logits[random_index], random_requests)
-            chosen[random_index] = self._draw(probs, random_requests)
+            weights = _sampling_weights(logits[random_index], random_requests)
+            chosen[random_index] = self._draw(weights, random_requests)
 
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
         if rows_wanting_logprobs:
@@ -228,34 +243,38 @@ class Sampler:
         logits[row_index, column_index] = float("-inf")
         return logits
 
-    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """One token per row by an exponential race: argmax(probs / Exponential(1) noise).
+    def _draw(self, weights: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row by an exponential race: argmax(weights / Exponential(1) noise).
 
-        This is an exact sample from `probs` (no need to renormalise after filtering), and the
-        noise of a seeded row comes only from its own generator, so the row's token does not
-        depend on its batch neighbours or its position.
+        This is an exact sample from the distribution proportional to `weights` (so nothing
+        needs normalising), and the noise of a seeded row comes only from its own generator,
+        so the row's token does not depend on its batch neighbours or its position. The noise
+        is -log(uniform), several times cheaper on CPUs than `exponential_`; a uniform draw is
+        below 1, so the noise is never 0 and a filtered token (weight 0) never wins.
         """
-        num_rows, num_columns = probs.shape
-        noise = torch.empty_like(probs)
+        num_rows, num_columns = weights.shape
+        uniform = torch.empty_like(weights)
         unseeded_rows = [row for row, r in enumerate(requests) if r.sampling_params.seed is None]
-        if unseeded_rows:
-            shared_noise = torch.empty(
-                (len(unseeded_rows), num_columns), dtype=probs.dtype, device=probs.device
-            ).exponential_(generator=self.generator)
-            noise[unseeded_rows] = shared_noise
+        if len(unseeded_rows) == num_rows:
+            uniform.uniform_(generator=self.generator)
+        elif unseeded_rows:
+            shared = torch.empty(
+                (len(unseeded_rows), num_columns), dtype=weights.dtype, device=weights.device
+            )
+            uniform[unseeded_rows] = shared.uniform_(generator=self.generator)
         for row, request in enumerate(requests):
             if request.sampling_params.seed is not None:
-                noise[row].exponential_(generator=self._generator_for(request))
-        # A zero draw would turn a filtered-out token (prob 0) into 0/0 = NaN and win argmax.
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        return (probs / noise).argmax(dim=-1)
+                uniform[row].uniform_(generator=self._generator_for(request))
+        noise = uniform.log_().neg_()
+        return (weights / noise).argmax(dim=-1)
 
 
-def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p (random rows only).
+def _sampling_weights(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Per-row weights proportional to the probabilities left after temperature, top-k, top-p
+    and min-p (random rows only); filtered tokens get weight 0.
 
-    Filtered tokens get probability 0; the rest are not renormalised because the exponential
-    race in `Sampler._draw` does not need it.
+    The weights are exp(logit - row max), i.e. probability divided by the top probability:
+    no normalising pass is needed, and min-p becomes a plain threshold on them.
     """
     device = logits.device
     num_columns = logits.shape[-1]
@@ -266,20 +285,19 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     top_k = [p.top_k if 0 < p.top_k < num_columns else num_columns for p in params]
     top_p = [p.top_p for p in params]
     if any(p < 1.0 for p in top_p):
-        logits = _apply_top_k_top_p(logits, top_k, top_p)
+        logits = filter_top_k_top_p(logits, top_k, top_p)
     elif any(k < num_columns for k in top_k):
-        logits = _apply_top_k(logits, top_k)
+        logits = _filter_top_k(logits, top_k)
 
-    probs = torch.softmax(logits, dim=-1)
+    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
     min_p = [p.min_p for p in params]
     if any(value > 0.0 for value in min_p):
         min_p_tensor = torch.tensor(min_p, dtype=torch.float32, device=device).unsqueeze(-1)
-        threshold = min_p_tensor * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < threshold, 0.0)
-    return probs
+        weights.masked_fill_(weights < min_p_tensor, 0.0)
+    return weights
 
 
-def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+def _filter_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Top-k alone needs no full sort: one topk with the batch's largest k gives every row's
     k-th value. Ties with the k-th value are kept (vLLM and HF do the same)."""
     num_columns = logits.shape[-1]
@@ -287,28 +305,89 @@ def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     largest_k = max(k for k, limited in zip(top_k, limited_rows) if limited)
     top_values = logits.topk(largest_k, dim=-1).values
     # Unlimited rows read any column and are exempted by the row mask below.
-    kth_column = torch.tensor(
-        [k - 1 if limited else 0 for k, limited in zip(top_k, limited_rows)],
-        dtype=torch.long,
-        device=logits.device,
-    ).unsqueeze(-1)
+    kth_column = _column(
+        [k - 1 if limited else 0 for k, limited in zip(top_k, limited_rows)], logits
+    )
     kth_value = top_values.gather(-1, kth_column)
-    row_is_limited = torch.tensor(limited_rows, device=logits.device).unsqueeze(-1)
+    row_is_limited = _column(limited_rows, logits)
     return logits.masked_fill((logits < kth_value) & row_is_limited, float("-inf"))
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Top-k, then top-p over what top-k left (renormalised, as in HF), in one sort."""
-    device = logits.device
+def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Top-k, then top-p over what top-k left (renormalised, as in HF); dropped logits -> -inf.
+
+    top_k[row] == vocab means no top-k, top_p[row] == 1 no top-p. Sorting a 128k vocabulary
+    is slow on CPUs, so the nucleus is first looked for among the best few hundred tokens; a
+    full sort runs only when some row's nucleus does not fit there (a very flat distribution).
+    """
+    num_columns = logits.shape[-1]
+    largest_k = max((k for k in top_k if k < num_columns), default=0)
+    num_candidates = max(_TOP_P_CANDIDATES, largest_k)
+    if num_candidates < num_columns:
+        filtered = _top_k_top_p_among_candidates(logits, top_k, top_p, num_candidates)
+        if filtered is not None:
+            return filtered
+    return _top_k_top_p_by_sort(logits, top_k, top_p)
+
+
+def _top_p_drop(sorted_probs: torch.Tensor, p_column: torch.Tensor) -> torch.Tensor:
+    """Which of the descending-sorted tokens top-p removes.
+
+    A token goes once the more likely ones already reach top_p, so the first always stays.
+    Rows with top_p == 1 are exempt so that rounding in the cumsum cannot trim their tail.
+    """
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    return (mass_before >= p_column) & (p_column < 1.0)
+
+
+def _top_k_top_p_by_sort(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float]
+) -> torch.Tensor:
     sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
     # Like the top-k-only path, ties with the k-th value survive.
-    kth_column = torch.tensor([k - 1 for k in top_k], dtype=torch.long, device=device).unsqueeze(-1)
-    drop_sorted = sorted_logits < sorted_logits.gather(-1, kth_column)
+    kth_value = sorted_logits.gather(-1, _column([k - 1 for k in top_k], logits))
+    drop_sorted = sorted_logits < kth_value
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    p_tensor = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(-1)
-    # A token goes once the more likely ones already reach top_p; the first always stays.
-    # Rows with top_p == 1 are exempt so that rounding in the cumsum cannot trim their tail.
-    drop_sorted |= (mass_before >= p_tensor) & (p_tensor < 1.0)
+    drop_sorted |= _top_p_drop(sorted_probs, _column(top_p, logits, torch.float32))
     drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_index, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def _top_k_top_p_among_candidates(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], num_candidates: int
+) -> torch.Tensor | None:
+    """Top-k/top-p computed on the `num_candidates` best tokens of each row; None when some
+    row's nucleus reaches past them (the caller then sorts everything)."""
+    num_columns = logits.shape[-1]
+    limited_rows = [k < num_columns for k in top_k]
+    row_is_limited = _column(limited_rows, logits)
+    p_column = _column(top_p, logits, torch.float32)
+    candidate_logits, candidate_index = logits.topk(num_candidates, dim=-1)
+
+    kth_column = _column(
+        [k - 1 if limited else 0 for k, limited in zip(top_k, limited_rows)], logits
+    )
+    within_k = (candidate_logits >= candidate_logits.gather(-1, kth_column)) | ~row_is_limited
+    kept_logits = candidate_logits.masked_fill(~within_k, float("-inf"))
+    # Top-p renormalises over what top-k kept: all inside the candidates for limited rows,
+    # the whole row otherwise.
+    normaliser = torch.logsumexp(kept_logits, dim=-1, keepdim=True)
+    if not all(limited_rows):
+        whole_row = torch.logsumexp(logits, dim=-1, keepdim=True)
+        normaliser = torch.where(row_is_limited, normaliser, whole_row)
+    sorted_probs = (kept_logits - normaliser).exp()
+
+    # An unlimited row whose candidates hold less than top_p of the mass needs more tokens.
+    covered = row_is_limited | (p_column >= 1.0) | (sorted_probs.sum(-1, keepdim=True) >= p_column)
+    if not bool(covered.all()):
+        return None
+    keep_sorted = within_k & ~_top_p_drop(sorted_probs, p_column)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidate_index, keep_sorted)
+    # Rows with neither filter keep everything, including tokens outside the candidates.
+    row_is_filtered = row_is_limited | (p_column < 1.0)
+    return logits.masked_fill(~keep & row_is_filtered, float("-inf"))
+
+
+def _column(values: list, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-row values as a [rows, 1] tensor on `like`'s device, broadcasting over the vocab."""
+    return torch.tensor(values, dtype=dtype, device=like.device).unsqueeze(-1)

@@ -15,9 +15,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from fitserve.engine.request import Request
 from fitserve.engine.penalties import apply_penalties
-from fitserve.engine.sampler import Sampler, _filtered_probs, compute_prompt_logprobs
+from fitserve.engine.request import Request
+from fitserve.engine.sampler import Sampler, _sampling_weights, compute_prompt_logprobs
 from fitserve.sampling_params import SamplingParams
 
 VOCAB = 16
@@ -63,11 +63,15 @@ def test_greedy_is_argmax_in_fast_path_and_in_mixed_batches(sampler: Sampler) ->
 
     # Greedy rows keep their argmax even when random rows and log-prob rows share the batch.
     mixed = [
-        make_request(SamplingParams(temperature=1.0) if row % 2 else SamplingParams(logprobs=2), f"m{row}")
+        make_request(
+            SamplingParams(temperature=1.0) if row % 2 else SamplingParams(logprobs=2), f"m{row}"
+        )
         for row in range(6)
     ]
     mixed_tokens = sampler.sample(logits, mixed).token_ids
-    assert [mixed_tokens[row] for row in range(0, 6, 2)] == [expected[row] for row in range(0, 6, 2)]
+    assert [mixed_tokens[row] for row in range(0, 6, 2)] == [
+        expected[row] for row in range(0, 6, 2)
+    ]
 
 
 def test_logits_wider_than_vocab_are_sampled_over_all_columns(sampler: Sampler) -> None:
@@ -90,7 +94,9 @@ def test_tiny_temperature_behaves_like_greedy(sampler: Sampler) -> None:
 
 def test_vanishing_temperature_is_greedy_not_nan(sampler: Sampler) -> None:
     logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(8)) * 30
-    requests = [make_request(SamplingParams(temperature=1e-9, top_p=0.9), f"v{i}") for i in range(4)]
+    requests = [
+        make_request(SamplingParams(temperature=1e-9, top_p=0.9), f"v{i}") for i in range(4)
+    ]
     assert sampler.sample(logits, requests).token_ids == logits.argmax(dim=-1).tolist()
 
 
@@ -110,7 +116,11 @@ def test_top_k_keeps_exactly_the_k_most_likely(sampler: Sampler) -> None:
 def test_top_p_keeps_the_smallest_set_reaching_p(sampler: Sampler) -> None:
     logits = logits_from_probs([0.5, 0.3, 0.15, 0.05])
     assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, top_p=0.75))) == {0, 1}
-    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, top_p=0.85))) == {0, 1, 2}
+    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, top_p=0.85))) == {
+        0,
+        1,
+        2,
+    }
     # Filters combine: top-k first, then top-p over what is left, renormalised (as in HF):
     # {0, 1} become 0.625 / 0.375, so 0.6 is reached by token 0 alone.
     combined = SamplingParams(temperature=1.0, top_k=2, top_p=0.6)
@@ -119,7 +129,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p(sampler: Sampler) -> None:
 
 def test_min_p_drops_tokens_below_fraction_of_the_best(sampler: Sampler) -> None:
     logits = logits_from_probs([0.5, 0.3, 0.15, 0.05])
-    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, min_p=0.2))) == {0, 1, 2}
+    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, min_p=0.2))) == {
+        0,
+        1,
+        2,
+    }
     assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, min_p=0.5))) == {0, 1}
 
 
@@ -162,7 +176,12 @@ def test_seeded_request_repeats_whatever_the_batch(sampler: Sampler) -> None:
         return tokens
 
     alone = run(1, 0, seeded, Sampler(VOCAB, torch.device("cpu"), seed=0))
-    crowded = run(7, 4, SamplingParams(temperature=0.8, top_p=0.9), Sampler(VOCAB, torch.device("cpu"), seed=99))
+    crowded = run(
+        7,
+        4,
+        SamplingParams(temperature=0.8, top_p=0.9),
+        Sampler(VOCAB, torch.device("cpu"), seed=99),
+    )
     with_greedy = run(3, 2, SamplingParams(), Sampler(VOCAB, torch.device("cpu"), seed=5))
     assert alone == crowded == with_greedy
 
@@ -179,7 +198,10 @@ def test_free_restarts_a_seeded_stream(sampler: Sampler) -> None:
 
 def test_unseeded_rows_vary_across_calls(sampler: Sampler) -> None:
     logits = torch.zeros(1, VOCAB)
-    drawn = {sampler.sample(logits, [make_request(SamplingParams(temperature=1.0))]).token_ids[0] for _ in range(20)}
+    drawn = {
+        sampler.sample(logits, [make_request(SamplingParams(temperature=1.0))]).token_ids[0]
+        for _ in range(20)
+    }
     assert len(drawn) > 3
 
 
@@ -217,7 +239,9 @@ def test_penalties_track_a_growing_output_across_steps(sampler: Sampler) -> None
 
 def test_presence_and_frequency_ignore_the_prompt() -> None:
     logits = torch.tensor([[1.0, 1.0, 1.0]])
-    request = make_request(SamplingParams(presence_penalty=1.0, frequency_penalty=1.0), prompt=[0, 0, 1])
+    request = make_request(
+        SamplingParams(presence_penalty=1.0, frequency_penalty=1.0), prompt=[0, 0, 1]
+    )
     assert apply_penalties(logits, [request])[0].tolist() == [1.0, 1.0, 1.0]
 
 
@@ -242,7 +266,9 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached(sampler: Sampler) -> No
     several = make_request(SamplingParams(min_tokens=1), output=[], eos_token_ids=(0, 1))
     assert sampler.sample(logits, [several]).token_ids == [2]
     # Under ignore_eos, EOS does not end the request, so it is not suppressed either.
-    ignoring = make_request(SamplingParams(min_tokens=2, ignore_eos=True), output=[], eos_token_ids=(0,))
+    ignoring = make_request(
+        SamplingParams(min_tokens=2, ignore_eos=True), output=[], eos_token_ids=(0,)
+    )
     assert sampler.sample(logits, [ignoring]).token_ids == [0]
 
 
@@ -261,7 +287,9 @@ def test_logprobs_are_raw_log_softmax_with_ranks(sampler: Sampler) -> None:
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(4))
     requests = [
         make_request(SamplingParams(logprobs=3), "a"),
-        make_request(SamplingParams(temperature=0.7, repetition_penalty=1.5, logprobs=0), "b", prompt=[1, 2]),
+        make_request(
+            SamplingParams(temperature=0.7, repetition_penalty=1.5, logprobs=0), "b", prompt=[1, 2]
+        ),
         make_request(SamplingParams(temperature=1.0), "c"),
     ]
     result = sampler.sample(logits, requests)
@@ -288,7 +316,9 @@ def test_logprobs_are_raw_log_softmax_with_ranks(sampler: Sampler) -> None:
 def test_sampled_token_outside_top_n_is_included(sampler: Sampler) -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     # min_tokens masks tokens 0..2, so greedy picks token 3, which is outside the top-1.
-    request = make_request(SamplingParams(logprobs=1, min_tokens=1, stop_token_ids=[1, 2]), eos_token_ids=(0,))
+    request = make_request(
+        SamplingParams(logprobs=1, min_tokens=1, stop_token_ids=[1, 2]), eos_token_ids=(0,)
+    )
     result = sampler.sample(logits, [request])
     assert result.token_ids == [3]
     assert set(result.logprobs[0]) == {0, 3}
@@ -307,7 +337,9 @@ def test_prompt_logprobs_match_log_softmax() -> None:
     # More rows than one internal chunk, so chunk boundaries are covered too.
     num_positions = 300
     logits = torch.randn(num_positions, VOCAB, generator=torch.Generator().manual_seed(5))
-    targets = torch.randint(0, VOCAB, (num_positions,), generator=torch.Generator().manual_seed(6)).tolist()
+    targets = torch.randint(
+        0, VOCAB, (num_positions,), generator=torch.Generator().manual_seed(6)
+    ).tolist()
     positions = compute_prompt_logprobs(logits, targets, num_top=2)
     reference = torch.log_softmax(logits, dim=-1)
     assert len(positions) == num_positions
@@ -337,7 +369,9 @@ def test_repetition_penalty_matches_transformers() -> None:
     for row, penalty in enumerate([1.3, 0.8, 1.0]):
         prompt = torch.randint(0, 40, (12,), generator=generator).tolist()
         output = torch.randint(0, 40, (5,), generator=generator).tolist()
-        requests.append(make_request(SamplingParams(repetition_penalty=penalty), f"h{row}", prompt, output))
+        requests.append(
+            make_request(SamplingParams(repetition_penalty=penalty), f"h{row}", prompt, output)
+        )
     ours = apply_penalties(logits, requests)
     for row, request in enumerate(requests):
         processor = RepetitionPenaltyLogitsProcessor(request.sampling_params.repetition_penalty)
@@ -348,26 +382,14 @@ def test_repetition_penalty_matches_transformers() -> None:
 
 def test_token_ids_beyond_the_logits_are_not_penalised() -> None:
     logits = torch.tensor([[1.0, 2.0, 3.0]])
-    request = make_request(SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0), prompt=[7], output=[5, 1])
+    request = make_request(
+        SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0), prompt=[7], output=[5, 1]
+    )
     assert apply_penalties(logits, [request])[0].tolist() == [1.0, 2.0 / 2.0 - 1.0, 3.0]
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        dict(temperature=0.7, top_k=5),
-        dict(temperature=1.3, top_p=0.8),
-        dict(temperature=1.0, top_k=10, top_p=0.6),
-        dict(temperature=0.5, min_p=0.05),
-        dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.1),
-    ],
-)
-def test_filters_keep_the_tokens_transformers_keeps(settings: dict) -> None:
-    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(10)) * 2
-    params = SamplingParams(**settings)
-    ours = _filtered_probs(logits, [make_request(params, f"f{row}") for row in range(6)]) > 0
-
-    # transformers' sampling order: temperature, top-k, top-p, min-p.
+def kept_by_transformers(logits_row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Tokens that survive transformers' warpers, in its order: temperature, top-k, top-p, min-p."""
     warpers = [TemperatureLogitsWarper(params.temperature)]
     if params.top_k > 0:
         warpers.append(TopKLogitsWarper(params.top_k))
@@ -375,7 +397,32 @@ def test_filters_keep_the_tokens_transformers_keeps(settings: dict) -> None:
         warpers.append(TopPLogitsWarper(params.top_p))
     if params.min_p > 0:
         warpers.append(MinPLogitsWarper(params.min_p))
-    scores = logits.clone()
+    scores = logits_row.unsqueeze(0).clone()
     for warper in warpers:
         scores = warper(None, scores)
-    assert torch.equal(ours, scores > float("-inf"))
+    return scores[0] > float("-inf")
+
+
+FILTER_SETTINGS = [
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=1.0, top_k=10, top_p=0.6),
+    dict(temperature=0.5, min_p=0.05),
+    dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.1),
+    dict(temperature=0.9, top_k=700, top_p=0.95),
+    dict(temperature=1.0),
+]
+
+
+@pytest.mark.parametrize("vocab_size", [64, 4096])
+@pytest.mark.parametrize("logit_scale", [3.0, 0.2])
+def test_filters_keep_the_tokens_transformers_keeps(vocab_size: int, logit_scale: float) -> None:
+    # A large vocabulary with peaked rows takes the candidate path for top-p, with flat rows
+    # the full-sort fallback; every row has its own settings.
+    generator = torch.Generator().manual_seed(10)
+    logits = torch.randn(len(FILTER_SETTINGS), vocab_size, generator=generator) * logit_scale
+    all_params = [SamplingParams(**settings) for settings in FILTER_SETTINGS]
+    requests = [make_request(params, f"f{row}") for row, params in enumerate(all_params)]
+    ours = _sampling_weights(logits, requests) > 0
+    for row, params in enumerate(all_params):
+        assert torch.equal(ours[row], kept_by_transformers(logits[row], params)), params
