@@ -215,15 +215,15 @@ class Sampler:
             logits = self._mask_tokens(logits, min_tokens_masks)
 
         random_rows = [row for row, params in enumerate(all_params) if not _is_greedy(params)]
-        if len(random_rows) < len(requests):
-            chosen = logits.argmax(dim=-1)
         if len(random_rows) == len(requests):
             chosen = self._draw(_sampling_weights(logits, requests), requests)
-        elif random_rows:
-            random_index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
-            random_requests = [requests[row] for row in random_rows]
-            weights = _sampling_weights(logits[random_index], random_requests)
-            chosen[random_index] = self._draw(weights, random_requests)
+        else:
+            chosen = logits.argmax(dim=-1)
+            if random_rows:
+                random_index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
+                random_requests = [requests[row] for row in random_rows]
+                weights = _sampling_weights(logits[random_index], random_requests)
+                chosen[random_index] = self._draw(weights, random_requests)
 
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
         if rows_wanting_logprobs:
@@ -249,8 +249,7 @@ class Sampler:
         This is an exact sample from the distribution proportional to `weights` (so nothing
         needs normalising), and the noise of a seeded row comes only from its own generator,
         so the row's token does not depend on its batch neighbours or its position. The noise
-        is -log(uniform), several times cheaper on CPUs than `exponential_`; a uniform draw is
-        below 1, so the noise is never 0 and a filtered token (weight 0) never wins.
+        is -log(uniform), several times cheaper on CPUs than `exponential_`.
         """
         num_rows, num_columns = weights.shape
         uniform = torch.empty_like(weights)
@@ -265,7 +264,9 @@ class Sampler:
         for row, request in enumerate(requests):
             if request.sampling_params.seed is not None:
                 uniform[row].uniform_(generator=self._generator_for(request))
-        noise = uniform.log_().neg_()
+        # A zero noise (a uniform draw of exactly 1, which some backends allow) would turn a
+        # filtered token's 0 weight into 0/0 = NaN, and argmax picks NaN.
+        noise = uniform.log_().neg_().clamp_(min=torch.finfo(weights.dtype).tiny)
         return (weights / noise).argmax(dim=-1)
 
 
