@@ -5,8 +5,10 @@ per-row tensor and the math runs once for the whole batch; only the random draw 
 row, because a seeded request must own its random stream (the same seed gives the same tokens
 whatever else shares the batch). Semantics follow vLLM / OpenAI / Hugging Face:
 
-    repetition penalty -> presence/frequency penalties -> min_tokens masking
-    -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> random draw
+    repetition penalty -> presence/frequency penalties          (penalties.py)
+    -> min_tokens masking of EOS and stop token ids
+    -> greedy argmax, or temperature -> top-k -> top-p -> min-p  (sampling_filters.py)
+       -> random draw
 
 Returned log-probs describe the model's raw distribution (log_softmax of the logits as
 given, before penalties and temperature), like vLLM's default, so they stay comparable across
@@ -21,6 +23,7 @@ import torch
 
 from fitserve.engine.penalties import TokenTensors, apply_penalties
 from fitserve.engine.request import Request
+from fitserve.engine.sampling_filters import sampling_weights
 from fitserve.outputs import Logprob, PositionLogprobs
 from fitserve.sampling_params import SamplingParams
 
@@ -29,10 +32,6 @@ __all__ = ["Sampler", "SamplerOutput", "apply_penalties", "compute_prompt_logpro
 # Temperatures below this are treated as greedy (as vLLM does): dividing logits by them would
 # overflow float32 and turn the softmax into NaN, while the result is the argmax anyway.
 _GREEDY_TEMPERATURE = 1e-5
-
-# Top-p first looks for each row's nucleus among this many best tokens (a topk is far cheaper
-# than sorting a 128k vocabulary on a CPU) and sorts the whole row only when it is not there.
-_TOP_P_CANDIDATES = 512
 
 # Rows of prompt logits turned into log-probs at once: bounds the temporary [rows, vocab]
 # float32 copy that log_softmax needs for long prompts.
@@ -216,13 +215,13 @@ class Sampler:
 
         random_rows = [row for row, params in enumerate(all_params) if not _is_greedy(params)]
         if len(random_rows) == len(requests):
-            chosen = self._draw(_sampling_weights(logits, requests), requests)
+            chosen = self._draw(sampling_weights(logits, requests), requests)
         else:
             chosen = logits.argmax(dim=-1)
             if random_rows:
                 random_index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
                 random_requests = [requests[row] for row in random_rows]
-                weights = _sampling_weights(logits[random_index], random_requests)
+                weights = sampling_weights(logits[random_index], random_requests)
                 chosen[random_index] = self._draw(weights, random_requests)
 
         logprobs: list[PositionLogprobs | None] = [None] * len(requests)
@@ -268,127 +267,3 @@ class Sampler:
         # filtered token's 0 weight into 0/0 = NaN, and argmax picks NaN.
         noise = uniform.log_().neg_().clamp_(min=torch.finfo(weights.dtype).tiny)
         return (weights / noise).argmax(dim=-1)
-
-
-def _sampling_weights(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Per-row weights proportional to the probabilities left after temperature, top-k, top-p
-    and min-p (random rows only); filtered tokens get weight 0.
-
-    The weights are exp(logit - row max), i.e. probability divided by the top probability:
-    no normalising pass is needed, and min-p becomes a plain threshold on them.
-    """
-    device = logits.device
-    num_columns = logits.shape[-1]
-    params = [request.sampling_params for request in requests]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    logits = logits / temperature.unsqueeze(-1)
-
-    top_k = [p.top_k if 0 < p.top_k < num_columns else num_columns for p in params]
-    top_p = [p.top_p for p in params]
-    if any(p < 1.0 for p in top_p):
-        logits = filter_top_k_top_p(logits, top_k, top_p)
-    elif any(k < num_columns for k in top_k):
-        logits = _filter_top_k(logits, top_k)
-
-    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp_()
-    min_p = [p.min_p for p in params]
-    if any(value > 0.0 for value in min_p):
-        min_p_tensor = torch.tensor(min_p, dtype=torch.float32, device=device).unsqueeze(-1)
-        weights.masked_fill_(weights < min_p_tensor, 0.0)
-    return weights
-
-
-def _filter_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Top-k alone needs no full sort: one topk with the batch's largest k gives every row's
-    k-th value. Ties with the k-th value are kept (vLLM and HF do the same)."""
-    num_columns = logits.shape[-1]
-    limited_rows = [k < num_columns for k in top_k]
-    largest_k = max(k for k, limited in zip(top_k, limited_rows) if limited)
-    top_values = logits.topk(largest_k, dim=-1).values
-    # Unlimited rows read any column and are exempted by the row mask below.
-    kth_column = _column(
-        [k - 1 if limited else 0 for k, limited in zip(top_k, limited_rows)], logits
-    )
-    kth_value = top_values.gather(-1, kth_column)
-    row_is_limited = _column(limited_rows, logits)
-    return logits.masked_fill((logits < kth_value) & row_is_limited, float("-inf"))
-
-
-def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Top-k, then top-p over what top-k left (renormalised, as in HF); dropped logits -> -inf.
-
-    top_k[row] == vocab means no top-k, top_p[row] == 1 no top-p. Sorting a 128k vocabulary
-    is slow on CPUs, so the nucleus is first looked for among the best few hundred tokens; a
-    full sort runs only when some row's nucleus does not fit there (a very flat distribution).
-    """
-    num_columns = logits.shape[-1]
-    largest_k = max((k for k in top_k if k < num_columns), default=0)
-    num_candidates = max(_TOP_P_CANDIDATES, largest_k)
-    if num_candidates < num_columns:
-        filtered = _top_k_top_p_among_candidates(logits, top_k, top_p, num_candidates)
-        if filtered is not None:
-            return filtered
-    return _top_k_top_p_by_sort(logits, top_k, top_p)
-
-
-def _top_p_drop(sorted_probs: torch.Tensor, p_column: torch.Tensor) -> torch.Tensor:
-    """Which of the descending-sorted tokens top-p removes.
-
-    A token goes once the more likely ones already reach top_p, so the first always stays.
-    Rows with top_p == 1 are exempt so that rounding in the cumsum cannot trim their tail.
-    """
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    return (mass_before >= p_column) & (p_column < 1.0)
-
-
-def _top_k_top_p_by_sort(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float]
-) -> torch.Tensor:
-    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-    # Like the top-k-only path, ties with the k-th value survive.
-    kth_value = sorted_logits.gather(-1, _column([k - 1 for k in top_k], logits))
-    drop_sorted = sorted_logits < kth_value
-    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
-    drop_sorted |= _top_p_drop(sorted_probs, _column(top_p, logits, torch.float32))
-    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_index, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def _top_k_top_p_among_candidates(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float], num_candidates: int
-) -> torch.Tensor | None:
-    """Top-k/top-p computed on the `num_candidates` best tokens of each row; None when some
-    row's nucleus reaches past them (the caller then sorts everything)."""
-    num_columns = logits.shape[-1]
-    limited_rows = [k < num_columns for k in top_k]
-    row_is_limited = _column(limited_rows, logits)
-    p_column = _column(top_p, logits, torch.float32)
-    candidate_logits, candidate_index = logits.topk(num_candidates, dim=-1)
-
-    kth_column = _column(
-        [k - 1 if limited else 0 for k, limited in zip(top_k, limited_rows)], logits
-    )
-    within_k = (candidate_logits >= candidate_logits.gather(-1, kth_column)) | ~row_is_limited
-    kept_logits = candidate_logits.masked_fill(~within_k, float("-inf"))
-    # Top-p renormalises over what top-k kept: all inside the candidates for limited rows,
-    # the whole row otherwise.
-    normaliser = torch.logsumexp(kept_logits, dim=-1, keepdim=True)
-    if not all(limited_rows):
-        whole_row = torch.logsumexp(logits, dim=-1, keepdim=True)
-        normaliser = torch.where(row_is_limited, normaliser, whole_row)
-    sorted_probs = (kept_logits - normaliser).exp()
-
-    # An unlimited row whose candidates hold less than top_p of the mass needs more tokens.
-    covered = row_is_limited | (p_column >= 1.0) | (sorted_probs.sum(-1, keepdim=True) >= p_column)
-    if not bool(covered.all()):
-        return None
-    keep_sorted = within_k & ~_top_p_drop(sorted_probs, p_column)
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidate_index, keep_sorted)
-    # Rows with neither filter keep everything, including tokens outside the candidates.
-    row_is_filtered = row_is_limited | (p_column < 1.0)
-    return logits.masked_fill(~keep & row_is_filtered, float("-inf"))
-
-
-def _column(values: list, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-row values as a [rows, 1] tensor on `like`'s device, broadcasting over the vocab."""
-    return torch.tensor(values, dtype=dtype, device=like.device).unsqueeze(-1)

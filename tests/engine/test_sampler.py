@@ -17,7 +17,8 @@ from transformers.generation.logits_process import (
 
 from fitserve.engine.penalties import apply_penalties
 from fitserve.engine.request import Request
-from fitserve.engine.sampler import Sampler, _sampling_weights, compute_prompt_logprobs
+from fitserve.engine.sampler import Sampler, compute_prompt_logprobs
+from fitserve.engine.sampling_filters import sampling_weights
 from fitserve.sampling_params import SamplingParams
 
 VOCAB = 16
@@ -423,6 +424,6 @@ def test_filters_keep_the_tokens_transformers_keeps(vocab_size: int, logit_scale
     logits = torch.randn(len(FILTER_SETTINGS), vocab_size, generator=generator) * logit_scale
     all_params = [SamplingParams(**settings) for settings in FILTER_SETTINGS]
     requests = [make_request(params, f"f{row}") for row, params in enumerate(all_params)]
-    ours = _sampling_weights(logits, requests) > 0
+    ours = sampling_weights(logits, requests) > 0
     for row, params in enumerate(all_params):
         assert torch.equal(ours[row], kept_by_transformers(logits[row], params)), params
