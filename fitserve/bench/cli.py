@@ -16,7 +16,6 @@ from fitserve.bench.arrivals import parse_rate
 from fitserve.bench.client import ClientOptions, StreamClient, fetch_model_name
 from fitserve.bench.environment import describe_environment, is_local_url, pid_listening_on
 from fitserve.bench.hardware import HardwareSampler
-from fitserve.bench.report import print_summary, write_all
 from fitserve.bench.runner import BenchContext, LoadPlan, build_report, execute_plan
 from fitserve.bench.slo import SLO_PRESETS, parse_slo
 from fitserve.bench.workload import LengthSpec, PromptMaker, WorkloadConfig
@@ -56,8 +55,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: chat for multi-turn, completions otherwise")
 
     workload = parser.add_argument_group("workload")
-    workload.add_argument("--workload", default="synthetic",
-                          choices=["synthetic", "sharegpt", "shared-prefix", "multi-turn"])
+    workload.add_argument("--workload", default=None,
+                          choices=["synthetic", "sharegpt", "shared-prefix", "multi-turn"],
+                          help="default: sharegpt when --dataset-path is given, else synthetic")
     workload.add_argument("--dataset-path", default=None, metavar="FILE", help="ShareGPT-format JSON")
     workload.add_argument("--num-requests", type=int, default=50, help="requests in each run")
     for kind, default in (("input", 128), ("output", 128)):
@@ -199,6 +199,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _bench_against(args, base_url: str, model_dir: Path | None, local: bool, server_pid: int | None,
                    out_dir: Path, launched: bool) -> int:
+    if args.workload is None:
+        args.workload = "sharegpt" if args.dataset_path else "synthetic"
     workload = WorkloadConfig(
         kind=args.workload, num_requests=args.num_requests,
         input_len=LengthSpec(args.input_len, args.input_len_dist, args.input_len_spread),
@@ -227,7 +229,9 @@ def _bench_against(args, base_url: str, model_dir: Path | None, local: bool, ser
                    "server_args": args.server_args if launched else None, "local": local,
                    "pid_sampled": server_pid,
                    "counters": sampler.describe_sources() if sampler else "server not on this machine: not measured"}
-    report = build_report(sys.argv, describe_environment(sampler.nvml.names if sampler else None),
+    from fitserve.bench.report import print_summary, write_all  # matplotlib: only when writing
+
+    report = build_report(getattr(args, "command_line", None) or sys.argv, describe_environment(sampler.nvml.names if sampler else None),
                           server_info, context, plan, runs, slo_search)
     paths = write_all(report, out_dir)
     print_summary(report)
@@ -238,7 +242,9 @@ def _bench_against(args, base_url: str, model_dir: Path | None, local: bool, ser
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fitserve")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    bench_argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(["bench", *bench_argv])
+    args.command_line = ["fitserve", "bench", *bench_argv]
     try:
         return int(args.func(args) or 0)
     except ValueError as error:

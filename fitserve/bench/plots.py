@@ -52,10 +52,13 @@ def latency_cdfs(runs: list[dict]) -> str | None:
             if not values:
                 continue
             ordered = np.sort(values)
-            axis.step(ordered, np.arange(1, len(ordered) + 1) / len(ordered), where="post",
-                      label=run["label"], linewidth=2)
+            # Start the curve at 0 on the fastest value so the first step is visible.
+            axis.step(np.concatenate([[ordered[0]], ordered]),
+                      np.concatenate([[0.0], np.arange(1, len(ordered) + 1) / len(ordered)]),
+                      where="post", label=run["label"], linewidth=2)
     for axis, name in zip(axes, ("TTFT", "TPOT", "ITL", "E2E")):
         axis.set_title(f"{name} CDF")
+        axis.set_ylim(0, 1.02)
         axis.set_xlabel("ms")
         axis.set_ylabel("fraction of requests" if name != "ITL" else "fraction of gaps")
         axis.grid(alpha=0.3)
@@ -72,11 +75,16 @@ def rate_sweep(runs: list[dict]) -> str | None:
         return None
     rates = [rate for rate, _ in points]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    left.plot(rates, [s["output_throughput"] for _, s in points], "o-", label="output tokens/s")
+    lines = left.plot(rates, [s["output_throughput"] for _, s in points], "o-", linewidth=2,
+                      label="output tokens/s")
+    twin = left.twinx()
+    lines += twin.plot(rates, [s["request_throughput"] for _, s in points], "^:", color="tab:orange",
+                       label="completed requests/s")
     if any(s.get("goodput") is not None for _, s in points):
-        twin = left.twinx()
-        twin.plot(rates, [s.get("goodput") or 0 for _, s in points], "s--", color="tab:green", label="goodput (req/s)")
-        twin.set_ylabel("goodput (requests/s)")
+        lines += twin.plot(rates, [s.get("goodput") or 0 for _, s in points], "s--", color="tab:green",
+                           label="goodput (requests/s)")
+    twin.set_ylabel("requests/s")
+    left.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
     left.set_xlabel("offered rate (requests/s)")
     left.set_ylabel("output tokens/s")
     left.set_title("Throughput vs rate")

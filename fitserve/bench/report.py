@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-from fitserve.bench import plots
 from fitserve.bench.metrics import METRIC_DEFINITIONS
 
 NOT_MEASURED = "not measured on this machine"
@@ -190,6 +189,8 @@ def _runs_table(runs: list[dict]) -> str:
 
 def write_html(report: dict, path: Path) -> None:
     """One self-contained page: results and plots first, then hardware, then the setup."""
+    from fitserve.bench import plots  # matplotlib is slow to import: only when a page is written
+
     runs = report["runs"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fitserve bench</title>"
              f"<style>{_STYLE}</style></head><body><h1>fitserve bench report</h1>",
