@@ -71,16 +71,16 @@ def run_compare(path_a: str, path_b: str) -> int:
     report_a, report_b = load_report(path_a), load_report(path_b)
     table = Table(title="fitserve bench compare")
     table.add_column("metric", style="bold")
-    table.add_column(f"A: {path_a}")
-    table.add_column(f"B: {path_b}")
-    table.add_column("B / A")
+    table.add_column("A", justify="right")
+    table.add_column("B", justify="right")
+    table.add_column("B / A", justify="right")
     for row in comparison_rows(report_a, report_b):
         table.add_row(*row)
     console = Console()
     console.print(table)
-    for name, report in (("A", report_a), ("B", report_b)):
+    for name, path, report in (("A", path_a, report_a), ("B", path_b, report_b)):
         environment = report.get("environment", {})
-        console.print(f"{name}: {environment.get('cpu')} · gpus {environment.get('gpus')} · "
+        console.print(f"{name} = {path}: {environment.get('cpu')} · gpus {environment.get('gpus')} · "
                       f"torch {environment.get('torch')} · model {((report.get('model') or {}).get('dtype_name'))} · "
                       f"workload {report.get('workload')}")
     return 0
