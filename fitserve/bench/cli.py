@@ -165,7 +165,16 @@ def _hardware_limit(args, model_dir: Path | None):
     if not args.roofline:
         return shape, None
     print("fitserve bench: measuring memory bandwidth and matmul throughput…", file=sys.stderr)
-    return shape, measure_hardware_limit(device, getattr(torch, shape.dtype_name), args.roofline_seconds)
+    try:
+        limit = measure_hardware_limit(device, getattr(torch, shape.dtype_name), args.roofline_seconds)
+    except RuntimeError as error:  # e.g. the server already holds the GPU's memory
+        print(f"fitserve bench: could not measure the hardware limit ({error}); the report will "
+              "have no roofline", file=sys.stderr)
+        return shape, None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the micro-benchmark's memory back before the load
+    return shape, limit
 
 
 def run_bench(args: argparse.Namespace) -> int:
