@@ -92,7 +92,10 @@ def _tokenizer_facts(tokenizer: Any) -> _TokenizerFacts:
     except Exception:  # a tokenizer that cannot encode still decodes single tokens
         anchor_token_ids = []
     facts = _TokenizerFacts(
-        byte_token_ids, frozenset(special_token_ids), _equivalent_backend(tokenizer), anchor_token_ids
+        byte_token_ids,
+        frozenset(special_token_ids),
+        _equivalent_backend(tokenizer),
+        anchor_token_ids,
     )
     try:
         _facts_by_tokenizer[tokenizer] = facts
@@ -188,11 +191,17 @@ class IncrementalDetokenizer:
         )
 
     def _emit_pending(self, final: bool) -> str | None:
-        """Turn tokens from read_offset on into text if they now end on a whole character."""
+        """Turn tokens from read_offset on into text once that text can no longer change.
+
+        Text that may still change (it ends in U+FFFD, or inside a byte-fallback run) is held,
+        except when it completes a stop string: the request then ends here, so this text is
+        the final decode and nothing can change it any more.
+        """
         if self._read_offset == len(self.token_ids):
             return None
-        if not final and self._ends_inside_byte_run():
-            return None
+        may_change = not final and self._ends_inside_byte_run()
+        if may_change and not self.stop_strings:
+            return None  # spare the decodes: nothing could be done with the text
         prefix_text = self._decode(
             self.token_ids[self._prefix_offset : self._read_offset], self.skip_special_tokens
         )
@@ -202,11 +211,22 @@ class IncrementalDetokenizer:
         # token's space would strip the wrong one.
         if len(window_text) <= len(prefix_text):
             return None
-        if window_text.endswith(_REPLACEMENT_CHAR) and not final:
+        new_text = window_text[len(prefix_text) :]
+        may_change = may_change or (not final and new_text.endswith(_REPLACEMENT_CHAR))
+        match = self._find_stop(new_text)
+        if may_change and match is None:
             return None
         self._prefix_offset = self._read_offset
         self._read_offset = len(self.token_ids)
-        return self._add_text(window_text[len(prefix_text) :])
+        self._text += new_text
+        if match is not None:
+            cut, self.stop_string_matched = match
+            self._text = self._text[:cut]
+            self._num_held_back_chars = 0
+            return self.stop_string_matched
+        if self.stop_strings:
+            self._num_held_back_chars = self._stop_prefix_length_at_end()
+        return None
 
     def _ends_inside_byte_run(self) -> bool:
         """Whether the last token that will show in the text is a byte-fallback token."""
@@ -219,39 +239,31 @@ class IncrementalDetokenizer:
             return token_id in self._facts.byte_token_ids
         return False
 
-    def _add_text(self, new_text: str) -> str | None:
-        previous_length = len(self._text)
-        self._text += new_text
-        if not self.stop_strings:
-            return None
-        matched = self._find_stop(previous_length)
-        if matched is not None:
-            return matched
-        self._num_held_back_chars = self._stop_prefix_length_at_end()
-        return None
-
-    def _find_stop(self, previous_length: int) -> str | None:
-        """The stop string completed first in the new text, if any; cut the text there.
+    def _find_stop(self, new_text: str) -> tuple[int, str] | None:
+        """The stop string completed first once new_text follows the text so far, if any,
+        with the length the text is cut to.
 
         "First" means the earliest end (the match generation would reach first if the text
         arrived one character at a time); on a tie the longer stop string, which starts
         earlier. So the result does not depend on how the text was split into tokens.
         """
-        # A match must end after previous_length, so it starts no earlier than this.
-        search_start = max(0, previous_length - self._longest_stop + 1)
-        best: tuple[int, int, str] | None = None  # (end, -length, stop)
+        if not self.stop_strings:
+            return None
+        # A match must end inside new_text, so it starts at most this far back: searching
+        # that tail keeps the cost independent of the output length.
+        search_start = max(0, len(self._text) - self._longest_stop + 1)
+        region = self._text[search_start:] + new_text
+        best: tuple[int, int, str] | None = None  # (end in region, -length, stop)
         for stop in self.stop_strings:
-            position = self._text.find(stop, search_start)
+            position = region.find(stop)
             if position != -1:
                 candidate = (position + len(stop), -len(stop), stop)
                 best = candidate if best is None or candidate < best else best
         if best is None:
             return None
         end, _, stop = best
-        self._text = self._text[: end if self.params.include_stop_str_in_output else end - len(stop)]
-        self._num_held_back_chars = 0
-        self.stop_string_matched = stop
-        return stop
+        end += search_start
+        return (end if self.params.include_stop_str_in_output else end - len(stop)), stop
 
     def _stop_prefix_length_at_end(self) -> int:
         """Length of the longest text suffix that is a proper prefix of some stop string."""

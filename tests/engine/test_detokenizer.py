@@ -56,14 +56,18 @@ def metaspace_bpe() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     backend.train_from_iterator(CORPUS * 20, trainer)
     return wrap(backend)
 
 
 def byte_fallback_sentencepiece() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
     # A small alphabet so that CJK, emoji and some ASCII fall back to <0xNN> byte tokens.
     trainer = trainers.BpeTrainer(
         vocab_size=300, special_tokens=SPECIAL_TOKENS, limit_alphabet=40, show_progress=False
@@ -75,12 +79,21 @@ def byte_fallback_sentencepiece() -> PreTrainedTokenizerFast:
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
     backend = Tokenizer.from_str(json.dumps(spec))
     backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     return wrap(backend)
 
 
-BUILDERS = {"byte_level": byte_level_bpe, "metaspace": metaspace_bpe, "byte_fallback": byte_fallback_sentencepiece}
+BUILDERS = {
+    "byte_level": byte_level_bpe,
+    "metaspace": metaspace_bpe,
+    "byte_fallback": byte_fallback_sentencepiece,
+}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -130,7 +143,9 @@ def test_streamed_text_is_monotonic_and_ends_equal_to_decode(
     eot = tokenizer.convert_tokens_to_ids("<|eot|>")
     for text in CORPUS:
         token_ids = encode(tokenizer, " " + text) + [eot] + encode(tokenizer, text[::-1]) + [eos]
-        detokenizer, seen, _ = stream(tokenizer, token_ids, SamplingParams(skip_special_tokens=skip_special_tokens))
+        detokenizer, seen, _ = stream(
+            tokenizer, token_ids, SamplingParams(skip_special_tokens=skip_special_tokens)
+        )
         final = detokenizer.finish()
         assert_monotonic(seen + [final])
         assert final == tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -215,12 +230,19 @@ def reference_cut(text: str, stops: list[str], include: bool) -> tuple[str, str 
     return text, None
 
 
-def test_stop_result_does_not_depend_on_how_tokens_arrive(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_stop_result_does_not_depend_on_how_tokens_arrive(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     rng = random.Random(1)
     text = "The quick brown fox jumps over the lazy dog. 東京は日本の首都です。"
     token_ids = encode(tokenizer, text)
     decoded = tokenizer.decode(token_ids)
-    stop_sets = [["brown fox jumps", "own f"], ["lazy", "zy dog", "y"], ["日本の首", "本"], ["absent"]]
+    stop_sets = [
+        ["brown fox jumps", "own f"],
+        ["lazy", "zy dog", "y"],
+        ["日本の首", "本"],
+        ["absent"],
+    ]
     for stops in stop_sets:
         for include in (False, True):
             expected_text, expected_stop = reference_cut(decoded, stops, include)
@@ -238,12 +260,51 @@ def test_stop_result_does_not_depend_on_how_tokens_arrive(tokenizer: PreTrainedT
                 assert (final, matched) == (expected_text, expected_stop)
 
 
+def test_random_outputs_with_stop_strings_match_the_reference(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    rng = random.Random(2)
+    for _ in range(60):
+        text = rng.choice(CORPUS)
+        token_ids = encode(tokenizer, text[rng.randrange(len(text) // 2) :])
+        decoded = tokenizer.decode(token_ids)
+        # Stop strings cut from the text itself (so they occur) plus one that never does.
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            start = rng.randrange(len(decoded))
+            stops.append(decoded[start : start + rng.randint(1, 6)])
+        stops.append("never here")
+        include = rng.random() < 0.5
+        params = SamplingParams(stop=stops, include_stop_str_in_output=include)
+        detokenizer, seen, matched = stream(tokenizer, token_ids, params)
+        final = detokenizer.finish()
+        assert_monotonic(seen + [final])
+        assert (final, matched) == reference_cut(decoded, stops, include)
+
+
 def test_stop_string_with_multibyte_characters(tokenizer: PreTrainedTokenizerFast) -> None:
     token_ids = encode(tokenizer, "東京は日本の首都です。北京欢迎你。")
     detokenizer, seen, matched = stream(tokenizer, token_ids, SamplingParams(stop=["首都"]))
     assert matched == "首都"
     assert_monotonic(seen)
     assert detokenizer.output_text == "東京は日本の"
+
+
+def test_stop_string_is_caught_on_the_token_that_completes_it(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    # No token is generated past a stop string, even when it ends inside a run of
+    # byte-fallback tokens or right before a character that is still incomplete.
+    token_ids = encode(tokenizer, "東京は日本の首都です。北京欢迎你。 Emoji 😀🎉 x")
+    for stop in ["首都", "。", "欢迎", "Emoji 😀", "🎉"]:
+        completing = next(
+            count
+            for count in range(1, len(token_ids) + 1)
+            if stop in tokenizer.decode(token_ids[:count])
+        )
+        _, seen, matched = stream(tokenizer, token_ids, SamplingParams(stop=[stop]))
+        assert matched == stop
+        assert len(seen) - 1 == completing
 
 
 def test_held_back_tail_is_released_by_finish(byte_level: PreTrainedTokenizerFast) -> None:
@@ -275,7 +336,9 @@ def test_decode_token_keeps_leading_spaces_and_special_text(
         token_ids = encode(tokenizer, "over the lazy dog")
         pieces = tokenizer.convert_ids_to_tokens(token_ids)
         # The first token after the start that carries a space marker plus a letter.
-        index = next(i for i in range(1, len(pieces)) if pieces[i][0] in "▁Ġ" and len(pieces[i]) > 1)
+        index = next(
+            i for i in range(1, len(pieces)) if pieces[i][0] in "▁Ġ" and len(pieces[i]) > 1
+        )
         before, space_word = token_ids[:index], token_ids[index]
         # A token's text is what it adds after the text before it, space included.
         expected = tokenizer.decode(before + [space_word])[len(tokenizer.decode(before)) :]
