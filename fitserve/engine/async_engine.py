@@ -172,6 +172,11 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the model's embedding: the valid range of token ids."""
+        return self.engine.model_config.vocab_size
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
@@ -255,25 +260,36 @@ class AsyncLLMEngine:
 
     def _run_loop(self) -> None:
         while True:
-            idle = not self.engine.has_unfinished_requests()
             try:
-                # Block while idle (no busy-wait); otherwise take whatever arrived during the step.
-                command = self._commands.get(block=idle)
+                if not self._run_iteration():
+                    return
+            except Exception as error:  # noqa: BLE001 - the loop must outlive any one failure
+                logger.exception("engine loop iteration failed; aborting the requests in flight")
+                self._abort_everything(f"engine failure: {type(error).__name__}: {error}")
+
+    def _run_iteration(self) -> bool:
+        """Apply queued commands, then run one step if there is work; False once told to stop."""
+        idle = not self.engine.has_unfinished_requests()
+        try:
+            # Block while idle (no busy-wait); otherwise take whatever arrived during the step.
+            command = self._commands.get(block=idle)
+        except queue.Empty:
+            command = None
+        while command is not None:
+            if isinstance(command, _StopCommand):
+                self._abort_everything("the server is shutting down")
+                self._refuse_queued_commands()
+                self._latest_stats = self.engine.get_stats()
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
-            while command is not None:
-                if isinstance(command, _StopCommand):
-                    self._abort_everything("the server is shutting down")
-                    self._refuse_queued_commands()
-                    return
-                self._apply(command)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
-            if self.engine.has_unfinished_requests():
-                self._step_once()
-            self._latest_stats = self.engine.get_stats()
+        if self.engine.has_unfinished_requests():
+            self._step_once()
+        self._latest_stats = self.engine.get_stats()
+        return True
 
     def _apply(self, command: _AddCommand | _AbortCommand) -> None:
         if isinstance(command, _AbortCommand):
@@ -304,13 +320,15 @@ class AsyncLLMEngine:
             logger.exception("engine step failed; aborting the requests in flight")
             self._abort_everything(f"engine step failed: {type(error).__name__}: {error}")
             return
+        deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
         for output in outputs:
             stream = self._live_streams.get(output.request_id)
             if stream is None:
                 continue  # aborted by its consumer; nobody is listening any more
             if output.finished:
                 del self._live_streams[output.request_id]
-            self._deliver(stream, output)
+            deliveries.append((stream, output))
+        self._deliver(deliveries)
 
     def _abort_everything(self, reason: str) -> None:
         request_ids = list(self._live_streams)
@@ -321,8 +339,7 @@ class AsyncLLMEngine:
                 self.engine.abort_request(request_ids)
             except Exception:  # noqa: BLE001 - we are already handling a failure
                 logger.exception("aborting requests after a failure also failed")
-        for stream in streams:
-            self._deliver(stream, EngineStepError(reason))
+        self._deliver([(stream, EngineStepError(reason)) for stream in streams])
 
     def _refuse_queued_commands(self) -> None:
         # Adds that raced with the stop would otherwise wait forever for an answer.
@@ -334,10 +351,18 @@ class AsyncLLMEngine:
             if isinstance(command, _AddCommand):
                 self._resolve(command.accepted, EngineDeadError("the server is shutting down"))
 
-    def _deliver(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
+    def _deliver(self, deliveries: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+        # One wake-up of the event loop per step, however many requests progressed.
+        if not deliveries:
+            return
         assert self._loop is not None
+
+        def put_all() -> None:
+            for stream, item in deliveries:
+                stream._put(item)
+
         try:
-            self._loop.call_soon_threadsafe(stream._put, item)
+            self._loop.call_soon_threadsafe(put_all)
         except RuntimeError:
             pass  # the event loop is closed: nobody left to tell
 

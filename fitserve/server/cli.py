@@ -48,7 +48,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="larger request bodies get HTTP 413 (default 1MiB; units like 4MiB work)")
     server.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on Ctrl-C/SIGTERM, how long in-flight requests may finish before they are aborted")
-    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    server.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="log level of the HTTP server (debug also logs every request)")
     add_engine_arguments(parser, model_flag=False)
     parser.set_defaults(func=run_serve)
     return parser
@@ -74,6 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from fitserve.engine.async_engine import AsyncLLMEngine
     from fitserve.engine.engine import LLMEngine
+    from fitserve.models.config import ModelLoadError
     from fitserve.server.app import build_app
     from fitserve.server.serving_common import ServerSettings
 
@@ -86,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         engine_args = engine_args_from(args)
         print(f"fitserve serve: loading {engine_args.model_dir} ...", flush=True)
         engine = LLMEngine(engine_args)
-    except (ConfigError, FileNotFoundError, OSError) as error:
+    except (ConfigError, ModelLoadError, OSError) as error:
         print(f"fitserve serve: error: {error}", file=sys.stderr)
         return 2
     try:
@@ -106,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
     kv_tokens = engine.num_kv_blocks * engine.block_size
     print(
         f"fitserve serve: listening on http://{shown_host}:{port}\n"
-        f"  model   {names[0]} ({model_path})\n"
+        f"  model   {names[0]}{'' if names[0] == model_path else f' ({model_path})'}\n"
         f"  dtype   {str(engine.dtype).removeprefix('torch.')}   device {engine.device}\n"
         f"  KV cache {kv_tokens} tokens ({engine.num_kv_blocks} blocks x {engine.block_size}), "
         f"max model len {engine.max_model_len}\n"
@@ -116,8 +118,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     app = build_app(AsyncLLMEngine(engine), settings)
     config = uvicorn.Config(
-        app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout,
-        access_log=args.log_level == "debug",
+        app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=args.uvicorn_log_level == "debug",
     )
     # uvicorn re-raises the signal that stopped it once it is done; turn that into a clean exit.
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_signal_exit)

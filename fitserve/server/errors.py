@@ -83,15 +83,18 @@ def validation_error_to_api_error(error: ValidationError) -> APIError:
         kind = item["type"]
         if kind == "json_invalid":
             return APIError(400, f"the body is not valid JSON: {item['msg'].removeprefix('Invalid JSON: ')}")
-        field_path = ".".join(str(part) for part in location if not _is_union_tag(part))
-        param = field_path or None
         in_union = any(_is_union_tag(part) for part in location)
+        if in_union:
+            # Report the union field itself, not each member's inner complaint.
+            location = location[: next(i for i, part in enumerate(location) if _is_union_tag(part))]
+        field_path = ".".join(str(part) for part in location)
+        param = field_path or None
         if param in seen_params:
             continue
         if kind == "extra_forbidden" and not in_union:
             text = f"unknown field '{field_path}': it is not an OpenAI parameter this server accepts"
         elif in_union:
-            last_name = str([part for part in location if not _is_union_tag(part)][-1])
+            last_name = str(location[-1]) if location else ""
             hint = _UNION_FIELD_HINTS.get(last_name, "has the wrong type")
             text = f"{field_path} {hint}"
         elif kind == "missing":

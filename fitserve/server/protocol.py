@@ -16,10 +16,16 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
+MAX_CHOICES = 128
+"""OpenAI's own limit on `n`; each choice is a separate engine request."""
+# torch generators take 64-bit seeds; choice i uses seed + i, so leave room at the top.
+SeedInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)]
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: a NaN temperature would pass every range check and poison the
+    # whole batch's sampling step, not just this request.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(OpenAIModel):
@@ -39,11 +45,11 @@ class SamplingFields(OpenAIModel):
     """Omitted means the served model (OpenAI requires it; being lenient costs nothing)."""
     temperature: float = 1.0
     top_p: float = 1.0
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: SeedInt | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
@@ -60,8 +66,6 @@ class SamplingFields(OpenAIModel):
 
     @model_validator(mode="after")
     def _check_openai_shapes(self) -> "SamplingFields":
-        if self.n < 1:
-            raise ValueError(f"n must be an integer >= 1 (got {self.n})")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if self.logit_bias:

@@ -54,16 +54,14 @@ class _ChatChoice(Choice):
 def _logprob_entry(tokenizer: Any, token_id: int, position: PositionLogprobs, num_top: int) -> dict[str, Any]:
     """OpenAI's chat logprob entry: the sampled token plus its `num_top` best alternatives."""
 
-    def describe(some_id: int, logprob: float, text: str) -> dict[str, Any]:
+    def describe(logprob: float, text: str) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     chosen = position.get(token_id)
-    chosen_text = token_text(tokenizer, token_id, chosen)
     ranked = sorted(position.items(), key=lambda item: item[1].rank)[:num_top]
     return {
-        **describe(token_id, chosen.logprob if chosen else float("-inf"), chosen_text),
-        "top_logprobs": [describe(other_id, other.logprob, token_text(tokenizer, other_id, other))
-                         for other_id, other in ranked],
+        **describe(chosen.logprob if chosen else float("-inf"), token_text(tokenizer, token_id, chosen)),
+        "top_logprobs": [describe(other.logprob, token_text(tokenizer, other_id, other)) for other_id, other in ranked],
     }
 
 
@@ -99,14 +97,15 @@ def _usage(choices: dict[str, _ChatChoice], num_prompt_tokens: int) -> dict[str,
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw_request: Request) -> Any:
     """Validate, render the template, start the engine requests, then stream or collect."""
     check_model_name(state, body.model)
-    tokenizer = state.async_engine.tokenizer
+    engine = state.async_engine
+    tokenizer = engine.tokenizer
     prompt_token_ids = chat_prompt_token_ids(tokenizer, body)
     num_top = (body.top_logprobs or 0) if body.logprobs else None
 
     def params_for_choice(choice_in_prompt: int):
         return make_sampling_params(
             body, max_tokens=body.output_token_limit, logprobs=num_top, prompt_logprobs=None,
-            seed=None if body.seed is None else body.seed + choice_in_prompt,
+            seed=None if body.seed is None else body.seed + choice_in_prompt, vocab_size=engine.vocab_size,
         )
 
     request_id = new_request_id("chatcmpl")

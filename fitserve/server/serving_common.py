@@ -67,9 +67,11 @@ def check_model_name(state: ServerState, requested: str | None) -> None:
 
 def make_sampling_params(
     body: SamplingFields, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-    seed: int | None,
+    seed: int | None, vocab_size: int,
 ) -> SamplingParams:
     """The engine's `SamplingParams` for one choice; range errors become a 400 naming the field."""
+    if body.stop_token_ids:
+        check_token_ids(body.stop_token_ids, vocab_size, "stop_token_ids")
     try:
         return SamplingParams(
             n=1,  # the HTTP layer fans `n` out into separate engine requests
@@ -83,6 +85,15 @@ def make_sampling_params(
         )
     except SamplingParamsError as error:
         raise APIError(400, str(error), param=str(error).split(" ", 1)[0]) from error
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    """Token ids outside the vocabulary would index past the logits inside a batched step,
+    failing every request in the batch, so they stop here."""
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise APIError(400, f"{param} contains token id {token_id}, outside the vocabulary "
+                                f"(0..{vocab_size - 1})", param=param)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from fitserve.server.serving_common import (
     SSE_DONE, Choice, ClientDisconnected, EngineStreamingResponse, ServerState, cancel_on_disconnect,
     check_model_name, make_sampling_params, new_request_id, record_finished, sse_event, start_choices, usage_dict,
 )
-from fitserve.server.tokens import token_text
+from fitserve.server.tokens import decode, token_text
 
 
 class _LogprobsBuilder:
@@ -72,7 +72,7 @@ class _CompletionChoice(Choice):
 def _prompt_text(tokenizer: Any, prompt: str | list[int], output: RequestOutput) -> str:
     if isinstance(prompt, str):
         return prompt
-    return tokenizer.decode(output.prompt_token_ids)
+    return decode(tokenizer, output.prompt_token_ids)
 
 
 def _advance(
@@ -115,7 +115,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw_req
         return make_sampling_params(
             body, max_tokens=1 if score_only else body.max_tokens, logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if want_prompt_logprobs else None,
-            seed=None if body.seed is None else body.seed + choice_in_prompt,
+            seed=None if body.seed is None else body.seed + choice_in_prompt, vocab_size=engine.vocab_size,
         )
 
     request_id = new_request_id("cmpl")

@@ -1,0 +1,96 @@
+"""`fitserve serve` as a user runs it: a subprocess that prints where it listens and stops
+cleanly on SIGTERM, also with a stream in flight."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+
+def start_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str, list[str]]:
+    command = [
+        sys.executable, "-m", "fitserve.server.cli", "serve", str(model_dir), "--port", "0",
+        "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "4MiB", "--uvicorn-log-level", "warning", *extra,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    banner: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        banner.append(line.rstrip("\n"))
+        if line.startswith("  API key"):
+            break
+    match = next((re.search(r"listening on (http://\S+)", line) for line in banner if "listening on" in line), None)
+    assert match, "\n".join(banner)
+    url = match.group(1)
+    while time.monotonic() < deadline:  # the banner comes just before uvicorn starts accepting
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return process, url, banner
+
+
+def test_serve_prints_banner_answers_and_stops_on_sigterm_mid_stream(tiny_model_dir: Path) -> None:
+    process, url, banner = start_server(tiny_model_dir, "--served-model-name", "tiny", "--api-key", "k",
+                                        "--shutdown-timeout", "1")
+    try:
+        text = "\n".join(banner)
+        assert "dtype   float32" in text and "device cpu" in text
+        assert re.search(r"KV cache \d+ tokens \(\d+ blocks x 16\)", text)
+        assert "tiny" in text
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60)
+        assert [model.id for model in client.models.list().data] == ["tiny"]
+        reply = client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+
+        # A long stream is in flight when SIGTERM arrives; it must end (finished or cut) and
+        # the process must exit 0 within the grace period plus start-up slack.
+        received: list[str] = []
+
+        def stream_forever() -> None:
+            try:
+                for chunk in client.completions.create(model="tiny", prompt="story", max_tokens=240, temperature=0,
+                                                       stream=True, extra_body={"ignore_eos": True}):
+                    received.append(chunk.choices[0].text)
+            except (openai.APIError, httpx.HTTPError):
+                received.append("<cut>")
+
+        streamer = threading.Thread(target=stream_forever)
+        streamer.start()
+        while not received:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        streamer.join(timeout=60)
+        assert process.returncode == 0, output
+        assert "fitserve serve: stopped" in output
+        assert not streamer.is_alive()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_reports_a_bad_model_dir_without_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fitserve.server.cli", "serve", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "fitserve serve: error:" in result.stderr
+    assert "Traceback" not in result.stderr
