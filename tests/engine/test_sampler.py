@@ -70,15 +70,22 @@ def test_greedy_is_argmax_in_fast_path_and_in_mixed_batches(sampler: Sampler) ->
         for row in range(6)
     ]
     mixed_tokens = sampler.sample(logits, mixed).token_ids
-    assert [mixed_tokens[row] for row in range(0, 6, 2)] == [
-        expected[row] for row in range(0, 6, 2)
+    assert mixed_tokens[0::2] == expected[0::2]
+
+
+def test_logits_wider_than_the_vocab_work_in_every_path(sampler: Sampler) -> None:
+    # Padded embedding columns (here masked to -inf) must not trip any path up.
+    padded = torch.randn(4, VOCAB + 8, generator=torch.Generator().manual_seed(11))
+    padded[:, VOCAB:] = float("-inf")
+    requests = [
+        make_request(SamplingParams(), "greedy"),
+        make_request(SamplingParams(repetition_penalty=1.2, logprobs=3), "penalised", [VOCAB + 2]),
+        make_request(SamplingParams(temperature=1.0, top_p=0.9, seed=3), "seeded"),
+        make_request(SamplingParams(temperature=0.8, top_k=4, min_p=0.1), "random"),
     ]
-
-
-def test_logits_wider_than_vocab_are_sampled_over_all_columns(sampler: Sampler) -> None:
-    padded = torch.full((1, VOCAB + 8), -5.0)
-    padded[0, 3] = 2.0
-    assert sampler.sample(padded, [make_request(SamplingParams())]).token_ids == [3]
+    result = sampler.sample(padded, requests)
+    assert all(0 <= token_id < VOCAB for token_id in result.token_ids)
+    assert result.token_ids[0] == int(padded[0].argmax())
 
 
 def test_top_k_1_equals_greedy(sampler: Sampler) -> None:
@@ -116,12 +123,10 @@ def test_top_k_keeps_exactly_the_k_most_likely(sampler: Sampler) -> None:
 
 def test_top_p_keeps_the_smallest_set_reaching_p(sampler: Sampler) -> None:
     logits = logits_from_probs([0.5, 0.3, 0.15, 0.05])
-    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, top_p=0.75))) == {0, 1}
-    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, top_p=0.85))) == {
-        0,
-        1,
-        2,
-    }
+    narrow = SamplingParams(temperature=1.0, top_p=0.75)
+    wider = SamplingParams(temperature=1.0, top_p=0.85)
+    assert set(sample_many(sampler, logits, narrow)) == {0, 1}
+    assert set(sample_many(sampler, logits, wider)) == {0, 1, 2}
     # Filters combine: top-k first, then top-p over what is left, renormalised (as in HF):
     # {0, 1} become 0.625 / 0.375, so 0.6 is reached by token 0 alone.
     combined = SamplingParams(temperature=1.0, top_k=2, top_p=0.6)
@@ -130,12 +135,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p(sampler: Sampler) -> None:
 
 def test_min_p_drops_tokens_below_fraction_of_the_best(sampler: Sampler) -> None:
     logits = logits_from_probs([0.5, 0.3, 0.15, 0.05])
-    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, min_p=0.2))) == {
-        0,
-        1,
-        2,
-    }
-    assert set(sample_many(sampler, logits, SamplingParams(temperature=1.0, min_p=0.5))) == {0, 1}
+    # Threshold = min_p * 0.5: 0.1 keeps 0.15 but not 0.05; 0.25 keeps only 0.5 and 0.3.
+    loose = SamplingParams(temperature=1.0, min_p=0.2)
+    strict = SamplingParams(temperature=1.0, min_p=0.5)
+    assert set(sample_many(sampler, logits, loose)) == {0, 1, 2}
+    assert set(sample_many(sampler, logits, strict)) == {0, 1}
 
 
 def test_per_row_filters_in_one_batch(sampler: Sampler) -> None:
