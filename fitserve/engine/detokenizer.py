@@ -120,10 +120,10 @@ class IncrementalDetokenizer:
         self.stop_strings: list[str] = list(params.stop or [])
         self._longest_stop = max((len(stop) for stop in self.stop_strings), default=0)
 
+        self._facts = _tokenizer_facts(tokenizer)
         self.token_ids: list[int] = []
         # Tokens [prefix_offset, read_offset) are the last chunk already turned into text;
-        # tokens from read_offset on are waiting for a complete character.
-        self._facts = _tokenizer_facts(tokenizer)
+        # tokens from read_offset on wait until their text can no longer change.
         self._prefix_offset = 0
         self._read_offset = 0
         self._text = ""
