@@ -244,9 +244,11 @@ def decode_attention(
     """
     check_device(query)
     num_seqs, num_heads, head_dim = query.shape
-    tile_n = tile_n or default_decode_tile_n(query.dtype, head_dim)
+    tile_n = tile_n or min(default_decode_tile_n(query.dtype, head_dim), partition_size)
     _, block_size, num_kv_heads, _ = key_cache.shape
-    assert partition_size % tile_n == 0 and tile_n >= MIN_DOT_SIZE
+    assert partition_size % tile_n == 0 and tile_n >= MIN_DOT_SIZE, (
+        f"partition_size ({partition_size}) must be a multiple of tile_n ({tile_n}) >= {MIN_DOT_SIZE}"
+    )
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
     if query.stride(-1) != 1:
         query = query.contiguous()
