@@ -65,17 +65,24 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     """Top-k, then top-p over what top-k left (renormalised, as in HF); dropped logits -> -inf.
 
     top_k[row] == vocab means no top-k, top_p[row] == 1 no top-p. Sorting a 128k vocabulary
-    is slow on CPUs, so the nucleus is first looked for among the best few hundred tokens; a
-    full sort runs only when some row's nucleus does not fit there (a very flat distribution).
+    is slow on CPUs, so each row's nucleus is first looked for among its best few hundred
+    tokens; only rows where it does not fit (a very flat distribution, or a top-k larger than
+    the candidates) are sorted in full. Which path a row takes depends on that row alone, so a
+    seeded request samples the same whatever shares its batch.
     """
     num_columns = logits.shape[-1]
-    largest_k = max((k for k in top_k if k < num_columns), default=0)
-    num_candidates = max(_TOP_P_CANDIDATES, largest_k)
-    if num_candidates < num_columns:
-        filtered = _top_k_top_p_among_candidates(logits, top_k, top_p, num_candidates)
-        if filtered is not None:
-            return filtered
-    return _top_k_top_p_by_sort(logits, top_k, top_p)
+    if _TOP_P_CANDIDATES >= num_columns:
+        return _top_k_top_p_by_sort(logits, top_k, top_p)
+    filtered, covered = _top_k_top_p_among_candidates(logits, top_k, top_p, _TOP_P_CANDIDATES)
+    rows_to_sort = (~covered).nonzero().flatten().tolist()
+    if rows_to_sort:
+        index = torch.tensor(rows_to_sort, dtype=torch.long, device=logits.device)
+        filtered[index] = _top_k_top_p_by_sort(
+            logits[index],
+            [top_k[row] for row in rows_to_sort],
+            [top_p[row] for row in rows_to_sort],
+        )
+    return filtered
 
 
 def _top_p_drop(sorted_probs: torch.Tensor, p_column: torch.Tensor) -> torch.Tensor:
@@ -103,37 +110,39 @@ def _top_k_top_p_by_sort(
 
 def _top_k_top_p_among_candidates(
     logits: torch.Tensor, top_k: list[int], top_p: list[float], num_candidates: int
-) -> torch.Tensor | None:
-    """Top-k/top-p computed on the `num_candidates` best tokens of each row; None when some
-    row's nucleus reaches past them (the caller then sorts everything)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k/top-p computed on the `num_candidates` best tokens of each row.
+
+    Returns the filtered logits and, per row, whether they are right: False where the nucleus
+    reaches past the candidates or top-k keeps more tokens than they hold.
+    """
     num_columns = logits.shape[-1]
     limited_rows = [k < num_columns for k in top_k]
     row_is_limited = _column(limited_rows, logits)
     p_column = _column(top_p, logits, torch.float32)
     candidate_logits, candidate_index = logits.topk(num_candidates, dim=-1)
 
-    kth_column = _column(
-        [k - 1 if limited else 0 for k, limited in zip(top_k, limited_rows)], logits
-    )
+    kth_column = _column([min(k, num_candidates) - 1 for k in top_k], logits)
     within_k = (candidate_logits >= candidate_logits.gather(-1, kth_column)) | ~row_is_limited
     kept_logits = candidate_logits.masked_fill(~within_k, float("-inf"))
-    # Top-p renormalises over what top-k kept: all inside the candidates for limited rows,
-    # the whole row otherwise.
+    # Top-p renormalises over what top-k kept: inside the candidates for limited rows, the
+    # whole row otherwise.
     normaliser = torch.logsumexp(kept_logits, dim=-1, keepdim=True)
     if not all(limited_rows):
         whole_row = torch.logsumexp(logits, dim=-1, keepdim=True)
         normaliser = torch.where(row_is_limited, normaliser, whole_row)
     sorted_probs = (kept_logits - normaliser).exp()
-
-    # An unlimited row whose candidates hold less than top_p of the mass needs more tokens.
-    covered = row_is_limited | (p_column >= 1.0) | (sorted_probs.sum(-1, keepdim=True) >= p_column)
-    if not bool(covered.all()):
-        return None
     keep_sorted = within_k & ~_top_p_drop(sorted_probs, p_column)
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, candidate_index, keep_sorted)
     # Rows with neither filter keep everything, including tokens outside the candidates.
     row_is_filtered = row_is_limited | (p_column < 1.0)
-    return logits.masked_fill(~keep & row_is_filtered, float("-inf"))
+    filtered = logits.masked_fill(~keep & row_is_filtered, float("-inf"))
+
+    k_fits = _column([k <= num_candidates or k >= num_columns for k in top_k], logits)
+    nucleus_fits = (
+        row_is_limited | (p_column >= 1.0) | (sorted_probs.sum(-1, keepdim=True) >= p_column)
+    )
+    return filtered, (k_fits & nucleus_fits).squeeze(-1)
 
 
 def _column(values: list, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

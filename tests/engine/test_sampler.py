@@ -191,6 +191,27 @@ def test_seeded_request_repeats_whatever_the_batch(sampler: Sampler) -> None:
     assert alone == crowded == with_greedy
 
 
+def test_seeded_top_p_row_ignores_how_its_neighbours_are_filtered() -> None:
+    # With a large vocabulary top-p takes a fast path for peaked rows and sorts flat ones;
+    # a seeded row's tokens must not depend on which path its neighbours need.
+    vocab_size = 2048
+    generator = torch.Generator().manual_seed(12)
+    peaked = torch.randn(vocab_size, generator=generator) * 4
+    flat = torch.randn(3, vocab_size, generator=generator) * 0.1
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=5)
+
+    def tokens(neighbours: torch.Tensor) -> list[int]:
+        fresh = Sampler(vocab_size, torch.device("cpu"))
+        batch = torch.cat([neighbours, peaked.unsqueeze(0)])
+        requests = [
+            make_request(SamplingParams(temperature=1.0, top_p=0.95), f"n{row}")
+            for row in range(len(neighbours))
+        ] + [make_request(seeded, "seeded")]
+        return [fresh.sample(batch, requests).token_ids[-1] for _ in range(8)]
+
+    assert tokens(flat) == tokens(peaked.unsqueeze(0).expand(3, -1)) == tokens(flat[:0])
+
+
 def test_free_restarts_a_seeded_stream(sampler: Sampler) -> None:
     logits = torch.zeros(1, VOCAB)
     params = SamplingParams(temperature=1.0, seed=7)
