@@ -65,6 +65,9 @@ class ScriptedServer:
                 self.in_flight -= 1
 
     async def _answer(self, path: str, request: dict, send) -> None:
+        if request.get("model") != "scripted-model":
+            await self._json(send, 404, {"error": {"message": f"model {request.get('model')!r} does not exist"}})
+            return
         chat = path.endswith("chat/completions")
         prompt = request["messages"][-1]["content"] if chat else request["prompt"]
         try:

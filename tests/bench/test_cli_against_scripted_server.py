@@ -73,3 +73,13 @@ def test_failures_are_counted_and_compare_puts_runs_side_by_side(scripted_server
         load_report(tmp_path / "other.json")
     assert not math.isnan(float(throughput[1]))
     assert main(["compare", str(good / "bench.json"), str(bad / "bench.json")]) == 0
+
+
+def test_a_refused_warm_up_stops_the_bench_with_the_servers_reason(scripted_server, tmp_path, capsys):
+    base_url, handle = scripted_server
+    code = main(["--url", base_url, *COMMON, "--served-model-name", "no-such-model", "--no-hardware",
+                 "--out", str(tmp_path / "refused")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "HTTP 404" in error and "does not exist" in error and "--served-model-name" in error
+    assert len(handle.stats()["bodies"]) == 1  # only the warm-up was sent, not the 6 requests
