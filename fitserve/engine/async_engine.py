@@ -52,6 +52,9 @@ class _AddCommand:
 @dataclass
 class _AbortCommand:
     request_ids: list[str]
+    stream: "RequestStream | None" = None
+    """When set, abort only if this very stream still owns the id (a refused duplicate must
+    not abort the request that legitimately holds the id)."""
 
 
 @dataclass
@@ -82,7 +85,7 @@ class RequestStream:
         """Stop the request if it is still running; safe to call at any time, any number of times."""
         if not self.finished:
             self.finished = True
-            self._engine._abort_nowait([self.request_id])
+            self._engine._abort_nowait([self.request_id], self)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
@@ -110,17 +113,33 @@ class StreamGroup:
         self._engine = engine
         self._queue: asyncio.Queue = asyncio.Queue()
         self.streams: dict[str, RequestStream] = {}
+        self.rejected_request_id: str | None = None
+        """After `add_all` raised: the request the engine refused."""
 
-    async def add(
-        self,
-        request_id: str,
-        prompt: str | list[int] | dict,
-        sampling_params: SamplingParams,
-        client_id: str | None = None,
-    ) -> None:
-        self.streams[request_id] = await self._engine.add_request(
-            request_id, prompt, sampling_params, client_id, output_queue=self._queue
-        )
+    async def add_all(self, requests: list[tuple[str, str | list[int] | dict, SamplingParams]],
+                      client_id: str | None = None) -> None:
+        """Add (request_id, prompt, params) requests together; if any is rejected, abort them all
+        and raise the first rejection (in list order).
+
+        All commands are queued before waiting, so the engine thread takes them in one go
+        between two steps instead of one request per step.
+        """
+        pending = [
+            self._engine._submit(request_id, prompt, params, client_id, self._queue)
+            for request_id, prompt, params in requests
+        ]
+        for stream, _ in pending:
+            self.streams[stream.request_id] = stream
+        try:
+            results = await asyncio.gather(*(accepted for _, accepted in pending), return_exceptions=True)
+        except BaseException:
+            self.abort()  # cancelled while waiting
+            raise
+        for (stream, _), result in zip(pending, results):
+            if isinstance(result, BaseException):
+                self.rejected_request_id = stream.request_id
+                self.abort()
+                raise result
 
     @property
     def finished(self) -> bool:
@@ -214,27 +233,36 @@ class AsyncLLMEngine:
         prompt: str | list[int] | dict,
         sampling_params: SamplingParams,
         client_id: str | None = None,
-        output_queue: asyncio.Queue | None = None,
     ) -> RequestStream:
         """Hand a request to the engine and return its stream once the engine accepted it.
 
         Errors from `LLMEngine.add_request` (prompt too long, empty prompt, duplicate id) are
         raised here, before any output exists, so an HTTP layer can still answer 400.
-        `output_queue` is for `StreamGroup`; leave it out otherwise.
         """
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running (the server is shutting down)")
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, self, output_queue)
-        accepted = loop.create_future()
-        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted))
+        stream, accepted = self._submit(request_id, prompt, sampling_params, client_id, None)
         try:
             await accepted
-        except asyncio.CancelledError:
-            # The caller went away while the command was queued; the engine may still add it.
+        except BaseException:
+            # Cancelled while the command was queued (the engine may still add it), or rejected.
             stream.abort()
             raise
         return stream
+
+    def _submit(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        sampling_params: SamplingParams,
+        client_id: str | None,
+        output_queue: asyncio.Queue | None,
+    ) -> tuple[RequestStream, asyncio.Future]:
+        """Queue an add command; the future settles once the engine thread accepted or refused it."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running (the server is shutting down)")
+        stream = RequestStream(request_id, self, output_queue)
+        accepted = asyncio.get_running_loop().create_future()
+        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted))
+        return stream, accepted
 
     async def generate(
         self,
@@ -251,10 +279,10 @@ class AsyncLLMEngine:
     async def abort(self, request_ids: str | Iterable[str]) -> None:
         self._abort_nowait([request_ids] if isinstance(request_ids, str) else list(request_ids))
 
-    def _abort_nowait(self, request_ids: list[str]) -> None:
+    def _abort_nowait(self, request_ids: list[str], stream: RequestStream | None = None) -> None:
         # Called from `finally` blocks of cancelled tasks, so it must not await.
         if self._thread is not None:
-            self._commands.put(_AbortCommand(request_ids))
+            self._commands.put(_AbortCommand(request_ids, stream))
 
     # --- the engine thread ------------------------------------------------------------------
 
@@ -293,7 +321,11 @@ class AsyncLLMEngine:
 
     def _apply(self, command: _AddCommand | _AbortCommand) -> None:
         if isinstance(command, _AbortCommand):
-            known = [request_id for request_id in command.request_ids if request_id in self._live_streams]
+            known = [
+                request_id for request_id in command.request_ids
+                if request_id in self._live_streams
+                and (command.stream is None or self._live_streams[request_id] is command.stream)
+            ]
             for request_id in known:
                 del self._live_streams[request_id]
             if known:

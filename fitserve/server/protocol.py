@@ -30,8 +30,6 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
-    """vLLM extension: usage on every chunk, not just the last one."""
 
 
 class SamplingFields(OpenAIModel):

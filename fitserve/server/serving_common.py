@@ -125,27 +125,24 @@ async def start_choices(
     """
     group = StreamGroup(state.async_engine)
     choices: list[Choice] = []
+    requests = []
+    for prompt_index, prompt in enumerate(prompts):
+        engine_prompt: str | dict = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+        for choice_in_prompt in range(num_choices_per_prompt):
+            index = prompt_index * num_choices_per_prompt + choice_in_prompt
+            choice = Choice(index=index, prompt_index=prompt_index, request_id=f"{base_id}-{index}")
+            choices.append(choice)
+            requests.append((choice.request_id, engine_prompt, params_for_choice(choice_in_prompt)))
     try:
-        for prompt_index, prompt in enumerate(prompts):
-            engine_prompt: str | dict = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
-            for choice_in_prompt in range(num_choices_per_prompt):
-                index = prompt_index * num_choices_per_prompt + choice_in_prompt
-                choice = Choice(index=index, prompt_index=prompt_index, request_id=f"{base_id}-{index}")
-                await group.add(choice.request_id, engine_prompt, params_for_choice(choice_in_prompt), client_id)
-                choices.append(choice)
-    except PromptTooLongError as error:
-        group.abort()
-        where = f" (prompt {prompt_index})" if len(prompts) > 1 else ""
-        raise APIError(400, f"{error}{where}", param="prompt", code="context_length_exceeded") from error
+        await group.add_all(requests, client_id)
     except EngineDeadError as error:
-        group.abort()
         raise APIError(503, str(error)) from error
-    except ValueError as error:
-        group.abort()
-        raise APIError(400, str(error)) from error
-    except BaseException:
-        group.abort()
-        raise
+    except ValueError as error:  # PromptTooLongError included
+        rejected = next((choice for choice in choices if choice.request_id == group.rejected_request_id), None)
+        where = f" (prompt {rejected.prompt_index})" if rejected is not None and len(prompts) > 1 else ""
+        too_long = isinstance(error, PromptTooLongError)
+        raise APIError(400, f"{error}{where}", param="prompt" if too_long else None,
+                       code="context_length_exceeded" if too_long else None) from error
     return group, choices
 
 

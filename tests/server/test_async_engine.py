@@ -76,10 +76,13 @@ def test_add_errors_reach_the_caller(engine: LLMEngine) -> None:
     async def scenario(async_engine: AsyncLLMEngine) -> None:
         with pytest.raises(PromptTooLongError, match="maximum context length"):
             await async_engine.add_request("too-long", list(range(3, 300)), GREEDY)
-        stream = await async_engine.add_request("dup", "hello", SamplingParams(max_tokens=50, ignore_eos=True))
+        stream = await async_engine.add_request("dup", "hello", SamplingParams(max_tokens=20, ignore_eos=True))
         with pytest.raises(ValueError, match="already in use"):
             await async_engine.add_request("dup", "hello", GREEDY)
-        stream.abort()
+        # The refused duplicate did not disturb the request that owns the id.
+        outputs = [output async for output in stream]
+        assert outputs[-1].outputs[0].finish_reason == "length"
+        assert len(outputs[-1].outputs[0].token_ids) == 20
 
     run_with_engine(engine, scenario)
 

@@ -44,6 +44,8 @@ CASES = [
     ("min_tokens above max_tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400, ["min_tokens"]),
     ("prompt longer than the context", COMPLETIONS, {"prompt": "fox " * 400}, 400,
      ["maximum context length is 256"]),
+    ("one of several prompts too long", COMPLETIONS, {"prompt": ["hi", "fox " * 400], "n": 2}, 400,
+     ["maximum context length", "(prompt 1)"]),
     ("prompt plus max_tokens over the context", COMPLETIONS, {"prompt": "hi", "max_tokens": 1000}, 400,
      ["maximum context length", "max_tokens"]),
     ("logit_bias", COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, ["logit_bias"]),
