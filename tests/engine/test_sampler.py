@@ -7,18 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from fitserve.engine.penalties import apply_penalties
 from fitserve.engine.request import Request
 from fitserve.engine.sampler import Sampler, compute_prompt_logprobs
-from fitserve.engine.sampling_filters import sampling_weights
 from fitserve.sampling_params import SamplingParams
 
 VOCAB = 16
@@ -231,23 +222,6 @@ def test_unseeded_rows_vary_across_calls(sampler: Sampler) -> None:
     assert len(drawn) > 3
 
 
-def test_penalties_follow_the_formulas() -> None:
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
-    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    # Token 0 only in the prompt, token 1 in the prompt and output, token 3 twice in output.
-    request = make_request(params, prompt=[0, 1], output=[1, 3, 3])
-    penalised = apply_penalties(logits, [request])[0].tolist()
-    expected = [
-        2.0 / 2.0,  # repetition only: positive logit divided
-        -1.0 * 2.0 - 0.25 * 1 - 0.5,  # negative logit multiplied, then one output occurrence
-        0.5,  # never seen
-        3.0 / 2.0 - 0.25 * 2 - 0.5,  # seen twice in the output
-        -2.0,
-        1.0,
-    ]
-    assert penalised == pytest.approx(expected)
-
-
 def test_penalties_track_a_growing_output_across_steps(sampler: Sampler) -> None:
     logits = torch.tensor([[2.0, 1.9, 1.8]])
     request = make_request(SamplingParams(frequency_penalty=0.15), "grow")
@@ -261,14 +235,6 @@ def test_penalties_track_a_growing_output_across_steps(sampler: Sampler) -> None
     # A new request under the same id (after free, or even without it) starts from its own ids.
     fresh = make_request(SamplingParams(frequency_penalty=0.15), "grow", output=[2, 2, 2, 1])
     assert sampler.sample(logits, [fresh]).token_ids == [0]
-
-
-def test_presence_and_frequency_ignore_the_prompt() -> None:
-    logits = torch.tensor([[1.0, 1.0, 1.0]])
-    request = make_request(
-        SamplingParams(presence_penalty=1.0, frequency_penalty=1.0), prompt=[0, 0, 1]
-    )
-    assert apply_penalties(logits, [request])[0].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_penalties_are_per_row_and_steer_greedy(sampler: Sampler) -> None:
@@ -383,72 +349,3 @@ def test_prompt_logprobs_with_zero_top_hold_only_the_target() -> None:
     logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(7))
     positions = compute_prompt_logprobs(logits, [3, 1, 4, 1], num_top=0)
     assert [list(position) for position in positions] == [[3], [1], [4], [1]]
-
-
-# Parity with transformers, which defines correctness for this project.
-
-
-def test_repetition_penalty_matches_transformers() -> None:
-    generator = torch.Generator().manual_seed(9)
-    logits = torch.randn(3, 40, generator=generator) * 3
-    requests = []
-    for row, penalty in enumerate([1.3, 0.8, 1.0]):
-        prompt = torch.randint(0, 40, (12,), generator=generator).tolist()
-        output = torch.randint(0, 40, (5,), generator=generator).tolist()
-        requests.append(
-            make_request(SamplingParams(repetition_penalty=penalty), f"h{row}", prompt, output)
-        )
-    ours = apply_penalties(logits, requests)
-    for row, request in enumerate(requests):
-        processor = RepetitionPenaltyLogitsProcessor(request.sampling_params.repetition_penalty)
-        input_ids = torch.tensor([request.all_token_ids])
-        theirs = processor(input_ids, logits[row : row + 1].clone())[0]
-        assert torch.equal(ours[row], theirs)
-
-
-def test_token_ids_beyond_the_logits_are_not_penalised() -> None:
-    logits = torch.tensor([[1.0, 2.0, 3.0]])
-    request = make_request(
-        SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0), prompt=[7], output=[5, 1]
-    )
-    assert apply_penalties(logits, [request])[0].tolist() == [1.0, 2.0 / 2.0 - 1.0, 3.0]
-
-
-def kept_by_transformers(logits_row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Tokens that survive transformers' warpers, in its order: temperature, top-k, top-p, min-p."""
-    warpers = [TemperatureLogitsWarper(params.temperature)]
-    if params.top_k > 0:
-        warpers.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(params.top_p))
-    if params.min_p > 0:
-        warpers.append(MinPLogitsWarper(params.min_p))
-    scores = logits_row.unsqueeze(0).clone()
-    for warper in warpers:
-        scores = warper(None, scores)
-    return scores[0] > float("-inf")
-
-
-FILTER_SETTINGS = [
-    dict(temperature=0.7, top_k=5),
-    dict(temperature=1.3, top_p=0.8),
-    dict(temperature=1.0, top_k=10, top_p=0.6),
-    dict(temperature=0.5, min_p=0.05),
-    dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.1),
-    dict(temperature=0.9, top_k=700, top_p=0.95),
-    dict(temperature=1.0),
-]
-
-
-@pytest.mark.parametrize("vocab_size", [64, 4096])
-@pytest.mark.parametrize("logit_scale", [3.0, 0.2])
-def test_filters_keep_the_tokens_transformers_keeps(vocab_size: int, logit_scale: float) -> None:
-    # A large vocabulary with peaked rows takes the candidate path for top-p, with flat rows
-    # the full-sort fallback; every row has its own settings.
-    generator = torch.Generator().manual_seed(10)
-    logits = torch.randn(len(FILTER_SETTINGS), vocab_size, generator=generator) * logit_scale
-    all_params = [SamplingParams(**settings) for settings in FILTER_SETTINGS]
-    requests = [make_request(params, f"f{row}") for row, params in enumerate(all_params)]
-    ours = sampling_weights(logits, requests) > 0
-    for row, params in enumerate(all_params):
-        assert torch.equal(ours[row], kept_by_transformers(logits[row], params)), params
