@@ -6,8 +6,9 @@ decode attention over a paged bfloat16 cache with Llama-3-8B's attention shape (
 heads over 8 KV heads of width 128, 16-token blocks shuffled across the cache), converts the
 median time into achieved GB/s (K/V bytes read / time), and sets that against the device's
 own device-to-device copy bandwidth measured in the same run. It also sweeps the decode
-kernel's partition size (the number of context tokens per program) so the default can be
-tuned per GPU, and records each path's largest error against float32 attention.
+kernel's partition size (the number of context tokens per program) against the size the
+kernel picks per batch ("triton"), so the choice can be tuned per GPU, and records each
+path's largest error against float32 attention.
 
 Each timed repetition starts with a cold L2 cache (a 256 MiB buffer is overwritten first),
 because small caches would otherwise be served from L2 and overstate the bandwidth.
@@ -138,7 +139,7 @@ def bench_shape(
 ) -> dict[str, Any]:
     """Every implementation on one (batch, context) shape; times in microseconds."""
     from fitserve.attention import torch_paged, triton_paged
-    from fitserve.attention.triton_decode import DEFAULT_PARTITION_SIZE, decode_attention
+    from fitserve.attention.triton_decode import choose_partition_size, decode_attention
 
     generator = torch.Generator(device=DEVICE).manual_seed(batch_size * 100003 + context_len)
     query, key_cache, value_cache, metadata = make_decode_batch(
@@ -152,12 +153,11 @@ def bench_shape(
         "triton": lambda: triton_paged.paged_attention(query, key_cache, value_cache, metadata, scale),
     }
     for partition_size in partition_sizes:
-        if partition_size != DEFAULT_PARTITION_SIZE:
-            candidates[f"triton_partition_{partition_size}"] = (
-                lambda size=partition_size: decode_attention(
-                    query, key_cache, value_cache, metadata, scale, partition_size=size
-                )
+        candidates[f"triton_partition_{partition_size}"] = (
+            lambda size=partition_size: decode_attention(
+                query, key_cache, value_cache, metadata, scale, partition_size=size
             )
+        )
 
     # Both paths are judged against exact attention over the same (bf16-valued) inputs.
     reference = torch_paged.paged_attention(
@@ -167,7 +167,9 @@ def bench_shape(
         "batch_size": batch_size,
         "context_len": context_len,
         "kv_bytes_read": kv_bytes,
-        "default_partition_size": DEFAULT_PARTITION_SIZE,
+        "chosen_partition_size": choose_partition_size(
+            batch_size, NUM_KV_HEADS, context_len, query.device
+        ),
         "implementations": {},
     }
     for name, run in candidates.items():
@@ -199,7 +201,8 @@ def print_row(shape: dict[str, Any]) -> None:
         f"triton {implementations['triton']['median_us']:8.1f} us "
         f"{implementations['triton']['achieved_gb_per_s']:7.0f} GB/s "
         f"({implementations['triton']['fraction_of_copy_bandwidth']:.0%} of copy) | "
-        f"x{shape['triton_speedup_over_torch']:.1f} | best {best_name} | "
+        f"x{shape['triton_speedup_over_torch']:.1f} | partition {shape['chosen_partition_size']}, "
+        f"best {best_name} | "
         f"err torch {implementations['torch']['max_abs_error_vs_float32']:.1e} "
         f"triton {implementations['triton']['max_abs_error_vs_float32']:.1e}",
         flush=True,
@@ -214,8 +217,8 @@ def main() -> None:
     parser.add_argument("--context-lens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--block-size", type=int, default=16, choices=[16, 32])
     parser.add_argument(
-        "--partition-sizes", type=int, nargs="+", default=[128, 256, 512],
-        help="decode partition sizes to sweep besides the default (powers of two, >= 64)",
+        "--partition-sizes", type=int, nargs="+", default=[64, 128, 256, 512],
+        help="fixed decode partition sizes to time besides the per-batch choice (powers of two)",
     )
     parser.add_argument("--repetitions", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/)")

@@ -10,7 +10,8 @@ use. Two things keep the GPU's memory system busy:
   its own program, which writes a partial result: the running max and sum of its softmax and
   its un-normalised output. A second, tiny kernel combines the partials of each head.
   When the longest context fits in one partition the first kernel writes the final output
-  directly and the reduce kernel is not launched.
+  directly and the reduce kernel is not launched. The partition size is picked per batch
+  (`choose_partition_size`) so that the grid has a few programs per multiprocessor.
 * **Read K/V once per KV-head group.** One program serves all query heads that share a KV
   head (grouped-query attention). The group's query rows form the M side of a `tl.dot`
   (padded to 16, the smallest tile `tl.dot` accepts), so K/V tiles are loaded once and the
@@ -23,6 +24,8 @@ sum) in float32, using exp2 with the scale pre-multiplied by log2(e).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -41,9 +44,42 @@ from fitserve.attention.triton_common import (
 )
 
 DEFAULT_PARTITION_SIZE = 256
-"""Tokens per decode program. Small enough that batch 1 with 8 KV heads and a 8K context
-still spreads over 256 programs; large enough that the partial results written per program
-are a few percent of the K/V bytes it reads. Tune with benchmarks/gpu_kernels.py."""
+"""Tokens per decode program when the device's size is unknown (the CPU interpreter)."""
+
+MIN_PARTITION_SIZE = 64
+"""Below this, the partial results a program writes (and the reduce kernel reads back) are
+over a tenth of the K/V bytes it reads."""
+
+MAX_PARTITION_SIZE = 512
+"""Keeps long contexts split even in big batches, so that one long sequence among short ones
+is not left to a single program while the rest of the GPU idles."""
+
+REDUCE_CHUNK = 32
+"""Partitions the reduce kernel combines per loop iteration."""
+
+PROGRAMS_PER_MULTIPROCESSOR = 4
+"""Enough resident programs per SM to keep loads in flight while others wait on memory.
+Tune with benchmarks/gpu_kernels.py, which sweeps fixed partition sizes against the choice."""
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_partition_size(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device
+) -> int:
+    """Context tokens per decode program: the smallest power of two (within
+    [MIN_PARTITION_SIZE, MAX_PARTITION_SIZE]) that needs no more than
+    PROGRAMS_PER_MULTIPROCESSOR programs per SM, so small batches with long contexts still
+    fill the GPU while big batches do not pay for many partial results."""
+    if device.type != "cuda":
+        return DEFAULT_PARTITION_SIZE
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
+    wanted_programs = PROGRAMS_PER_MULTIPROCESSOR * _multiprocessor_count(device_index)
+    tokens_per_program = cdiv(num_seqs * num_kv_heads * max_seq_len, wanted_programs)
+    return min(MAX_PARTITION_SIZE, max(MIN_PARTITION_SIZE, next_power_of_2(tokens_per_program)))
 
 
 
@@ -195,30 +231,45 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     PARTITION_SIZE: tl.constexpr,
-    PARTITIONS_PAD: tl.constexpr,
+    PARTITION_CHUNK: tl.constexpr,
 ):
     seq_index = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq_index)
     num_partitions = tl.cdiv(seq_len, PARTITION_SIZE)
-
-    partitions = tl.arange(0, PARTITIONS_PAD)
-    partition_valid = partitions < num_partitions
     row_start = (seq_index * tl.num_programs(1) + head) * max_num_partitions
-    partial_max = tl.load(partial_max_ptr + row_start + partitions, mask=partition_valid, other=float("-inf"))
-    partial_sum = tl.load(partial_sum_ptr + row_start + partitions, mask=partition_valid, other=0.0)
-    global_max = tl.max(partial_max, axis=0)
-    # Each partition's sums and outputs were relative to its own max; bring them to the global one.
-    weights = tl.exp2(partial_max - global_max)
-    total = tl.sum(partial_sum * weights, axis=0)
+    chunk = tl.arange(0, PARTITION_CHUNK)
 
+    # Partials are read in fixed-size chunks so that very long contexts (hundreds of
+    # partitions) do not need a register tile per partition. First pass: the global max.
+    chunk_max = tl.full([PARTITION_CHUNK], float("-inf"), dtype=tl.float32)
+    for chunk_start in range(0, num_partitions, PARTITION_CHUNK):
+        partitions = chunk_start + chunk
+        partial_max = tl.load(
+            partial_max_ptr + row_start + partitions, mask=partitions < num_partitions, other=float("-inf")
+        )
+        chunk_max = tl.maximum(chunk_max, partial_max)
+    global_max = tl.max(chunk_max, axis=0)
+
+    # Second pass: each partition's sum and output were relative to its own max; rescale them
+    # to the global one and add them up.
     dims = tl.arange(0, HEAD_DIM_PAD)
-    partial_out = tl.load(
-        partial_out_ptr + (row_start + partitions)[:, None] * HEAD_DIM_PAD + dims[None, :],
-        mask=partition_valid[:, None],
-        other=0.0,
-    )
-    output = tl.sum(partial_out * weights[:, None], axis=0) / total
+    weighted_sums = tl.zeros([PARTITION_CHUNK], dtype=tl.float32)
+    weighted_out = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for chunk_start in range(0, num_partitions, PARTITION_CHUNK):
+        partitions = chunk_start + chunk
+        valid = partitions < num_partitions
+        partial_max = tl.load(partial_max_ptr + row_start + partitions, mask=valid, other=float("-inf"))
+        partial_sum = tl.load(partial_sum_ptr + row_start + partitions, mask=valid, other=0.0)
+        partial_out = tl.load(
+            partial_out_ptr + (row_start + partitions)[:, None] * HEAD_DIM_PAD + dims[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        weights = tl.exp2(partial_max - global_max)
+        weighted_sums += partial_sum * weights
+        weighted_out += tl.sum(partial_out * weights[:, None], axis=0)
+    output = weighted_out / tl.sum(weighted_sums, axis=0)
     tl.store(
         output_ptr + seq_index * stride_output_token + head * stride_output_head + dims,
         output.to(output_ptr.dtype.element_ty),
@@ -232,18 +283,22 @@ def decode_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
-    partition_size: int = DEFAULT_PARTITION_SIZE,
+    partition_size: int | None = None,
     tile_n: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence ([num_seqs, num_heads, head_dim]).
 
     `partition_size` and `tile_n` are exposed so tests can force long contexts across many
     programs with small shapes, and benchmarks can sweep them; both must be powers of two
-    and `partition_size` a multiple of `tile_n` (so no tile straddles two partitions);
-    `tile_n` defaults to `default_decode_tile_n`.
+    and `partition_size` a multiple of `tile_n` (so no tile straddles two partitions).
+    They default to `choose_partition_size` and `default_decode_tile_n`.
     """
     check_device(query)
     num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    partition_size = partition_size or choose_partition_size(
+        num_seqs, num_kv_heads, metadata.max_seq_len, query.device
+    )
     tile_n = tile_n or min(default_decode_tile_n(query.dtype, head_dim), partition_size)
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert partition_size % tile_n == 0 and tile_n >= MIN_DOT_SIZE, (
@@ -316,7 +371,7 @@ def decode_attention(
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             PARTITION_SIZE=partition_size,
-            PARTITIONS_PAD=next_power_of_2(max_num_partitions),
+            PARTITION_CHUNK=min(REDUCE_CHUNK, next_power_of_2(max_num_partitions)),
             num_warps=4,
         )
     return output

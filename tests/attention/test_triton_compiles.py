@@ -91,7 +91,7 @@ def compile_all_kernels() -> list[str]:
         triton_decode._decode_reduce_kernel,
         {"seq_lens_ptr": "*i32", "partial_max_ptr": "*fp32", "partial_sum_ptr": "*fp32",
          "partial_out_ptr": "*fp32", "output_ptr": "*bf16"},
-        dict(HEAD_DIM=128, HEAD_DIM_PAD=128, PARTITION_SIZE=256, PARTITIONS_PAD=32),
+        dict(HEAD_DIM=128, HEAD_DIM_PAD=128, PARTITION_SIZE=256, PARTITION_CHUNK=32),
         capability=90,
     )
     reports.append(f"_decode_reduce_kernel bf16: shared={compiled.metadata.shared}")

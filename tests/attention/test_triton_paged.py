@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fitserve.attention import torch_paged
+from fitserve.attention import torch_paged, triton_decode
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.attention.triton_common import check_device
 from fitserve.attention.triton_decode import decode_attention
@@ -178,6 +178,35 @@ def test_decode_long_context_split_across_many_partitions(dtype: torch.dtype) ->
         partition_size=64, tile_n=32,
     )
     assert_close_to_reference(actual, batch)
+
+
+def test_decode_reduce_combines_partials_over_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reduce kernel walks partitions in chunks (32 on a GPU); with chunks of 2, the 5
+    # partitions of a 300-token context take three iterations, the last one half empty.
+    monkeypatch.setattr(triton_decode, "REDUCE_CHUNK", 2)
+    batch = make_batch([1, 1, 1], [300, 17, 129], group_size=2, seed=13)
+    actual = decode_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale,
+        partition_size=64, tile_n=32,
+    )
+    assert_close_to_reference(actual, batch)
+
+
+def test_partition_size_spreads_small_batches_and_caps_large_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_decode, "_multiprocessor_count", lambda device_index: 132)  # H100
+    gpu = torch.device("cuda", 0)
+
+    def num_programs(num_seqs: int, context_len: int) -> int:
+        partition_size = triton_decode.choose_partition_size(num_seqs, 8, context_len, gpu)
+        return num_seqs * 8 * -(-context_len // partition_size)
+
+    # Batch 1 with 8 KV heads has 8 (sequence, head) pairs: the context is split until every
+    # SM has work.
+    assert num_programs(1, 8192) >= 132
+    assert triton_decode.choose_partition_size(1, 8, 512, gpu) == triton_decode.MIN_PARTITION_SIZE
+    assert triton_decode.choose_partition_size(64, 8, 8192, gpu) == triton_decode.MAX_PARTITION_SIZE
+    cpu = torch.device("cpu")
+    assert triton_decode.choose_partition_size(1, 8, 8192, cpu) == triton_decode.DEFAULT_PARTITION_SIZE
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
