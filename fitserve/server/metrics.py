@@ -2,7 +2,7 @@
 
 Two sources feed it:
 - the HTTP layer observes each finished sequence (finish reason, TTFT, TPOT, end-to-end
-  latency) as the client experiences it, queueing included;
+  latency) as the client experiences it, queueing included, with bench/'s formulas;
 - the engine's own counters (tokens, preemptions, running/waiting, KV usage) are read from
   the latest `EngineStats` snapshot at scrape time, so they can never drift from the engine.
 """
@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fitserve.bench.metrics import time_per_output_token
 from fitserve.engine.engine import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -93,13 +94,14 @@ class ServerMetrics:
         self.finished_requests.labels(finish_reason=finish_reason).inc()
         if finish_reason in ("abort", "error"):
             return  # latencies of cut-short sequences would skew the histograms
-        self.e2e_latency.observe(now - timer.start_time)
+        e2e_s = now - timer.start_time
+        self.e2e_latency.observe(e2e_s)
         if timer.first_token_time is not None:
-            self.time_to_first_token.observe(timer.first_token_time - timer.start_time)
-            if timer.num_output_tokens > 1:
-                self.time_per_output_token.observe(
-                    (now - timer.first_token_time) / (timer.num_output_tokens - 1)
-                )
+            ttft_s = timer.first_token_time - timer.start_time
+            self.time_to_first_token.observe(ttft_s)
+            tpot_s = time_per_output_token(e2e_s, ttft_s, timer.num_output_tokens)
+            if tpot_s is not None:
+                self.time_per_output_token.observe(tpot_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

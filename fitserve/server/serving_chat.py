@@ -109,8 +109,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         )
 
     request_id = new_request_id("chatcmpl")
-    group, plain_choices = await start_choices(state, request_id, [prompt_token_ids], body.n, params_for_choice, body.user)
-    choices = {choice.request_id: _ChatChoice(**vars(choice)) for choice in plain_choices}
+    group, choice_list = await start_choices(
+        state, request_id, [prompt_token_ids], body.n, params_for_choice, body.user, _ChatChoice
+    )
+    choices = {choice.request_id: choice for choice in choice_list}
     header = {"id": request_id, "created": int(time.time()), "model": state.settings.model_name}
     args = (state, body, group, choices, len(prompt_token_ids), header, num_top)
     if body.stream:

@@ -87,6 +87,9 @@ def make_sampling_params(
         raise APIError(400, str(error), param=str(error).split(" ", 1)[0]) from error
 
 
+ChoiceT = TypeVar("ChoiceT", bound="Choice")
+
+
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
     """Token ids outside the vocabulary would index past the logits inside a batched step,
     failing every request in the batch, so they stop here."""
@@ -117,20 +120,21 @@ async def start_choices(
     num_choices_per_prompt: int,
     params_for_choice: Callable[[int], SamplingParams],
     client_id: str | None,
-) -> tuple[StreamGroup, list[Choice]]:
+    choice_type: type[ChoiceT],
+) -> tuple[StreamGroup, list[ChoiceT]]:
     """Add one engine request per (prompt, choice); on any rejection abort the ones already added.
 
     All requests are accepted before the first byte of the response goes out, so a prompt
     that does not fit is still a clean 400 even for streaming requests.
     """
     group = StreamGroup(state.async_engine)
-    choices: list[Choice] = []
+    choices: list[ChoiceT] = []
     requests = []
     for prompt_index, prompt in enumerate(prompts):
         engine_prompt: str | dict = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
         for choice_in_prompt in range(num_choices_per_prompt):
             index = prompt_index * num_choices_per_prompt + choice_in_prompt
-            choice = Choice(index=index, prompt_index=prompt_index, request_id=f"{base_id}-{index}")
+            choice = choice_type(index=index, prompt_index=prompt_index, request_id=f"{base_id}-{index}")
             choices.append(choice)
             requests.append((choice.request_id, engine_prompt, params_for_choice(choice_in_prompt)))
     try:

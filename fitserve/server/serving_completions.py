@@ -76,8 +76,7 @@ def _prompt_text(tokenizer: Any, prompt: str | list[int], output: RequestOutput)
 
 
 def _advance(
-    choice: _CompletionChoice, output: RequestOutput, body: CompletionRequest, tokenizer: Any,
-    prompt: str | list[int], score_only: bool,
+    choice: _CompletionChoice, output: RequestOutput, tokenizer: Any, prompt: str | list[int], score_only: bool,
 ) -> str:
     """Fold one cumulative output into the choice; returns the text not yet sent."""
     completion = output.outputs[0]
@@ -119,9 +118,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw_req
         )
 
     request_id = new_request_id("cmpl")
-    group, plain_choices = await start_choices(state, request_id, prompts, body.n, params_for_choice, body.user)
-    choices = {choice.request_id: _CompletionChoice(**vars(choice)) for choice in plain_choices}
-    for choice in choices.values():
+    group, choice_list = await start_choices(
+        state, request_id, prompts, body.n, params_for_choice, body.user, _CompletionChoice
+    )
+    choices = {choice.request_id: choice for choice in choice_list}
+    for choice in choice_list:
         choice.echo_pending = body.echo
         choice.logprobs = _LogprobsBuilder(engine.tokenizer, 0) if body.logprobs is not None else None
     header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.settings.model_name}
@@ -163,7 +164,7 @@ async def _collect(
     try:
         async for output in group:
             choice = choices[output.request_id]
-            texts[output.request_id] += _advance(choice, output, body, tokenizer, prompts[choice.prompt_index], score_only)
+            texts[output.request_id] += _advance(choice, output, tokenizer, prompts[choice.prompt_index], score_only)
     except EngineStepError as error:
         raise APIError(500, str(error)) from error
     finally:
@@ -187,7 +188,7 @@ async def _stream(
     try:
         async for output in group:
             choice = choices[output.request_id]
-            text = _advance(choice, output, body, tokenizer, prompts[choice.prompt_index], score_only)
+            text = _advance(choice, output, tokenizer, prompts[choice.prompt_index], score_only)
             finish_reason = ("length" if score_only else choice.finish_reason) if output.finished else None
             if not text and finish_reason is None:
                 continue  # e.g. a step that only moved the prefill forward
