@@ -308,3 +308,28 @@ def test_models_and_health(client: openai.OpenAI, server: RunningServer) -> None
     models = client.models.list()
     assert [model.id for model in models.data] == [MODEL_NAME]
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+
+
+def test_lm_eval_loglikelihood_batch(server: RunningServer, reference_llm: LLM) -> None:
+    """The exact payload lm-eval's `local-completions` sends for log-likelihood requests, parsed
+    the way it parses it: sum of token_logprobs[ctxlen:-1] and a greedy check per choice."""
+    contexts = [[1, 60, 61, 62], [1, 70, 71]]
+    continuations = [[63, 64], [72]]
+    body = {"model": MODEL_NAME, "prompt": [c + k for c, k in zip(contexts, continuations)],
+            "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).json()
+    choices = sorted(response["choices"], key=lambda choice: choice["index"])
+    assert len(choices) == 2
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    for choice, context, continuation in zip(choices, contexts, continuations):
+        token_logprobs = choice["logprobs"]["token_logprobs"][len(context):-1]
+        top_logprobs = choice["logprobs"]["top_logprobs"][len(context):-1]
+        [reference] = reference_llm.generate({"prompt_token_ids": context + continuation}, params)
+        expected = [position[token_id].logprob
+                    for token_id, position in zip(continuation, reference.prompt_logprobs[len(context):])]
+        assert sum(token_logprobs) == pytest.approx(sum(expected), abs=1e-4)
+        is_greedy = all(value == max(top.values()) for value, top in zip(token_logprobs, top_logprobs))
+        expected_greedy = all(position[token_id].rank == 1
+                              for token_id, position in zip(continuation, reference.prompt_logprobs[len(context):]))
+        assert is_greedy == expected_greedy
