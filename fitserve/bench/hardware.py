@@ -215,13 +215,18 @@ class HardwareSampler:
             while not self._stop.wait(self.interval_s):
                 self.samples.append(self.sample_once(start))
 
+        self._start = start
         self._thread = threading.Thread(target=loop, name="fitserve-bench-hardware", daemon=True)
         self._thread.start()
 
     def stop(self) -> list[HardwareSample]:
+        """Stop sampling; a last sample marks the window's end, so even a run shorter than one
+        interval has a start and an end for its energy and CPU figures."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+            self.samples.append(self.sample_once(self._start))
         return self.samples
 
     def measure_idle(self, seconds: float) -> list[HardwareSample]:

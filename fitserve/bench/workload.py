@@ -213,7 +213,8 @@ def _shared_prefix(config: WorkloadConfig, maker: PromptMaker, rng: np.random.Ge
     for index, (suffix_len, output_len) in enumerate(zip(suffix_lens, output_lens)):
         group = index % config.num_prefixes
         suffix, _ = maker.make(suffix_len, rng)
-        text = prefixes[group] + " " + suffix
+        # Tokenizer prompts already start with a space (whole-word tokens); word prompts do not.
+        text = prefixes[group] + ("" if suffix.startswith(" ") else " ") + suffix
         conversations.append(Conversation(index, [Turn(text, maker.count_tokens(text), output_len)], group))
     return conversations
 

@@ -88,6 +88,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(str(out_dir))
+    chat_template = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>"
+                     "{{ message['content'] }}{{ eos_token }}{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            chat_template=chat_template).save_pretrained(str(out_dir))
     return out_dir

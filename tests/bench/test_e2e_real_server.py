@@ -75,3 +75,43 @@ def test_bench_starts_a_server_and_writes_a_report_chromium_renders(tiny_model_d
     blue = np.array([0x1F, 0x77, 0xB4]) / 255
     blue_pixels = int((np.abs(pixels - blue).max(axis=-1) < 0.08).sum())
     assert blue_pixels > 500, f"only {blue_pixels} plot-coloured pixels in the screenshot {png}"
+
+
+@pytest.mark.slow
+def test_url_mode_multi_turn_and_shared_prefix_against_a_running_server(tiny_model_dir, tmp_path):
+    from fitserve.bench.cli import main
+    from fitserve.bench.server_process import ServerProcess
+
+    server = ServerProcess(tiny_model_dir, tmp_path / "server.log",
+                           "--dtype float32 --device cpu --kv-cache-memory 8MiB --num-threads 1")
+    server.start(timeout_s=300)
+    try:
+        common = ["--url", server.base_url, "--model-info", str(tiny_model_dir), "--no-progress",
+                  "--idle-seconds", "0.5", "--no-roofline", "--output-len", "4", "--concurrency", "2"]
+        assert main([*common, "--workload", "multi-turn", "--num-requests", "6", "--num-turns", "3",
+                     "--input-len", "6", "--out", str(tmp_path / "chat")]) == 0
+        report = json.loads((tmp_path / "chat" / "bench.json").read_text())
+        assert report["server"]["endpoint"] == "chat" and report["server"]["launched_by_bench"] is False
+        assert report["server"]["pid_sampled"] == server.pid  # found through its loopback port
+        requests = report["runs"][0]["requests"]
+        assert len(requests) == 6 and all(row["success"] for row in requests)
+        by_conversation = {}
+        for row in requests:
+            by_conversation.setdefault(row["conversation_id"], []).append(row)
+        for turns in by_conversation.values():
+            turns.sort(key=lambda row: row["turn_index"])
+            # Each turn re-sends the history: prompts grow by at least the previous answer.
+            for earlier, later in zip(turns, turns[1:]):
+                assert later["input_tokens"] >= earlier["input_tokens"] + earlier["output_tokens"] + 6
+                assert later["sent_s"] >= earlier["sent_s"] + earlier["end_s"]
+
+        assert main([*common, "--workload", "shared-prefix", "--num-requests", "4", "--prefix-len", "24",
+                     "--num-prefixes", "2", "--input-len", "4", "--out", str(tmp_path / "prefix")]) == 0
+        prefix_runs = json.loads((tmp_path / "prefix" / "bench.json").read_text())["runs"]
+        assert prefix_runs[0]["summary"]["completed"] == 4
+        # 24 prefix + 4 own tokens of whole words, plus BOS.
+        assert {row["input_tokens"] for row in prefix_runs[0]["requests"]} == {29}
+        assert prefix_runs[0]["hardware"]["summary"]["system_cpu_mean_pct"] is not None
+    finally:
+        server.stop()
+    assert server.process.poll() is not None  # stopped
