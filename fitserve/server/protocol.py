@@ -11,7 +11,7 @@ dicts keep `null` fields exactly where OpenAI's clients expect them.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +26,15 @@ class OpenAIModel(BaseModel):
     # allow_inf_nan=False: a NaN temperature would pass every range check and poison the
     # whole batch's sampling step, not just this request.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI treats an explicit null like an absent field; several client libraries send
+        # `"logprobs": null` or `"n": null` for everything the user did not set.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(OpenAIModel):

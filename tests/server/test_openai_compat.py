@@ -333,3 +333,14 @@ def test_lm_eval_loglikelihood_batch(server: RunningServer, reference_llm: LLM) 
         expected_greedy = all(position[token_id].rank == 1
                               for token_id, position in zip(continuation, reference.prompt_logprobs[len(context):]))
         assert is_greedy == expected_greedy
+
+
+def test_explicit_nulls_mean_defaults(server: RunningServer, reference_llm: LLM) -> None:
+    """Some client libraries send null for every parameter the user did not set."""
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "n": None,
+            "logprobs": None, "top_logprobs": None, "stop": None, "seed": None, "stream": None, "user": None}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert response.status_code == 200, response.text
+    [reference] = reference_llm.chat(MESSAGES, GREEDY)
+    assert response.json()["choices"][0]["message"]["content"] == reference.outputs[0].text
