@@ -63,7 +63,13 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
             raise ConfigError(
                 f"attention backend 'triton' needs a CUDA device (got {device}); use 'torch' or 'auto'"
             )
-        return cast(AttentionBackend, _triton_backend())
+        try:
+            return cast(AttentionBackend, _triton_backend())
+        except ImportError as error:
+            raise ConfigError(
+                f"attention backend 'triton' needs the triton package ({error}); "
+                "install it with `pip install -e .[cuda]` or use --attention-backend torch"
+            ) from error
     if name == "auto":
         if device.type == "cuda":
             try:
