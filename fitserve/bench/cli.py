@@ -16,7 +16,8 @@ from fitserve.bench.arrivals import parse_rate
 from fitserve.bench.client import ClientOptions, StreamClient, fetch_model_name
 from fitserve.bench.environment import describe_environment, is_local_url, pid_listening_on
 from fitserve.bench.hardware import HardwareSampler
-from fitserve.bench.runner import BenchContext, LoadPlan, build_report, execute_plan
+from fitserve.bench.roofline import combine_limits
+from fitserve.bench.runner import BenchContext, LoadPlan, attach_roofline, build_report, execute_plan
 from fitserve.bench.slo import SLO_PRESETS, parse_slo
 from fitserve.bench.workload import LengthSpec, PromptMaker, WorkloadConfig
 
@@ -149,11 +150,9 @@ def _load_tokenizer(directory: Path | None):
         return None
 
 
-def _hardware_limit(args, model_dir: Path | None):
-    """Model shape and the machine's measured limit (None when unknown or not local)."""
-    import torch
-
-    from fitserve.bench.roofline import ModelShape, measure_hardware_limit
+def _model_shape(args, model_dir: Path | None):
+    """(ModelShape, device) of the served model as the server runs it; (None, None) unknown."""
+    from fitserve.bench.roofline import ModelShape
     from fitserve.config import resolve_device
 
     if model_dir is None or not (model_dir / "config.json").is_file():
@@ -161,20 +160,27 @@ def _hardware_limit(args, model_dir: Path | None):
     device = resolve_device(args.roofline_device if args.roofline_device != "auto"
                             else (_server_flag(args.server_args, "--device") or "auto"))
     dtype_name = args.roofline_dtype if args.roofline_dtype != "auto" else (_server_flag(args.server_args, "--dtype") or "auto")
-    shape = ModelShape.from_model_dir(model_dir, dtype_name, device)
-    if not args.roofline:
-        return shape, None
+    return ModelShape.from_model_dir(model_dir, dtype_name, device), device
+
+
+def _measure_limit(args, shape, device) -> dict | None:
+    """The machine's bandwidth and matmul FLOP/s now (None when skipped or impossible)."""
+    import torch
+
+    from fitserve.bench.roofline import measure_hardware_limit
+
+    if shape is None or not args.roofline:
+        return None
     print("fitserve bench: measuring memory bandwidth and matmul throughput…", file=sys.stderr)
     try:
-        limit = measure_hardware_limit(device, getattr(torch, shape.dtype_name), args.roofline_seconds)
+        return measure_hardware_limit(device, getattr(torch, shape.dtype_name), args.roofline_seconds)
     except RuntimeError as error:  # e.g. the server already holds the GPU's memory
         print(f"fitserve bench: could not measure the hardware limit ({error}); the report will "
               "have no roofline", file=sys.stderr)
-        return shape, None
+        return None
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # hand the micro-benchmark's memory back before the load
-    return shape, limit
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -223,16 +229,20 @@ def _bench_against(args, base_url: str, model_dir: Path | None, local: bool, ser
     client = StreamClient(ClientOptions(base_url=base_url, model=model_name, endpoint=endpoint,
                                         request_timeout_s=args.request_timeout, ignore_eos=args.ignore_eos,
                                         temperature=args.temperature, api_key=args.api_key))
-    shape, limit = _hardware_limit(args, model_dir) if local else (None, None)
+    shape, device = _model_shape(args, model_dir) if local else (None, None)
+    limit_before = _measure_limit(args, shape, device)
     sampler = HardwareSampler(server_pid, args.sample_interval) if (local and args.hardware) else None
     idle_samples = []
     if sampler is not None and args.idle_seconds > 0:
         print(f"fitserve bench: idle baseline for {args.idle_seconds:g} s…", file=sys.stderr)
         idle_samples = sampler.measure_idle(args.idle_seconds)
-    context = BenchContext(client, workload, prompt_maker, sampler, idle_samples, shape, limit, args.progress)
+    context = BenchContext(client, workload, prompt_maker, sampler, idle_samples, shape, None, args.progress)
     plan = LoadPlan(rates=args.rate, max_concurrency=args.concurrency, burstiness=args.burstiness,
                     seed=args.seed, slo=args.slo, search=args.slo_search, search_steps=args.search_steps)
     runs, slo_search = execute_plan(context, plan)
+    # Measured again after the load: the higher of the two is the better estimate of a peak.
+    context.hardware_limit = combine_limits(limit_before, _measure_limit(args, shape, device) if limit_before else None)
+    attach_roofline(runs, shape, context.hardware_limit)
     server_info = {"url": base_url, "model_name": model_name, "endpoint": endpoint,
                    "launched_by_bench": launched, "model_dir": str(model_dir) if model_dir else None,
                    "server_args": args.server_args if launched else None, "local": local,

@@ -134,6 +134,9 @@ def roofline_rows(run: dict) -> list[tuple[str, str]]:
                      f"{fmt(prefill['achieved_tokens_per_s'])} / {fmt(prefill['bound_tokens_per_s'])} "
                      f"({prefill['fraction_of_limit'] * 100:.1f} % of the {prefill['bound']} bound, "
                      f"fastest TTFT, {prefill['prompt_tokens']:.0f}-token prompts)"))
+    if any(phase and phase["fraction_of_limit"] > 1 for phase in (decode, prefill)):
+        rows.append(("note", "a fraction above 100 % means the micro-benchmark caught this machine "
+                             "below its peak (other work was running): treat the limit as a floor"))
     return rows or [("hardware limit", "no completed request to compare")]
 
 

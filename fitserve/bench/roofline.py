@@ -202,6 +202,22 @@ def measure_hardware_limit(device: torch.device, dtype: torch.dtype, min_time_s:
             "threads": torch.get_num_threads() if device.type == "cpu" else None}
 
 
+def combine_limits(before: dict | None, after: dict | None) -> dict | None:
+    """The machine's limit from measurements before and after the runs: the higher of each.
+
+    A peak can only be underestimated by a disturbed measurement, so on a shared machine the
+    best of two observations is the better estimate; both stay in the report.
+    """
+    measured = [limit for limit in (before, after) if limit]
+    if not measured:
+        return None
+    combined = dict(max(measured, key=lambda limit: limit["matmul_flops_per_s"]))
+    combined["memory_bandwidth_bytes_per_s"] = max(m["memory_bandwidth_bytes_per_s"] for m in measured)
+    combined["measurements"] = [{key: limit[key] for key in ("memory_bandwidth_bytes_per_s", "matmul_flops_per_s")}
+                                for limit in measured]
+    return combined
+
+
 def achieved_fractions(shape: ModelShape, limit: dict, summary: dict) -> dict:
     """How close the run came to the roofline, for decode and for prefill.
 

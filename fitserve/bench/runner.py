@@ -99,10 +99,15 @@ def run_one(context: BenchContext, plan: LoadPlan, rate: float, label: str) -> d
         "hardware": {"summary": summarize_hardware(samples, context.idle_samples, summary["total_output_tokens"]),
                      "samples": [asdict(sample) for sample in samples]} if context.sampler else
                     {"summary": None, "samples": [], "note": "server not on this machine: not measured"},
-        "roofline": (achieved_fractions(context.shape, context.hardware_limit, summary)
-                     if context.shape is not None and context.hardware_limit else None),
+        "roofline": None,  # filled in by attach_roofline once the limit is measured after the runs
     }
     return run
+
+
+def attach_roofline(runs: list[dict], shape: ModelShape | None, limit: dict | None) -> None:
+    """Each run's achieved fraction of the hardware limit (None without a shape or limit)."""
+    for run in runs:
+        run["roofline"] = achieved_fractions(shape, limit, run["summary"]) if shape and limit else None
 
 
 async def _with_client(client: StreamClient, body: Callable):

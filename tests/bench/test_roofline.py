@@ -73,3 +73,15 @@ def test_achieved_fractions_by_hand():
     assert prefill["fraction_of_limit"] == pytest.approx((shape.total_params * 4 + 10 * 64) / 1e6 / 0.020)
     empty = achieved_fractions(shape, limit, {"tpot_ms": {"median": None}, "ttft_ms": {"min": None}})
     assert empty == {"decode": None, "prefill": None}
+
+
+def test_the_limit_is_the_higher_of_the_measurements_before_and_after():
+    from fitserve.bench.roofline import combine_limits
+
+    before = {"memory_bandwidth_bytes_per_s": 5e9, "matmul_flops_per_s": 1e10, "matmul_size": 512}
+    after = {"memory_bandwidth_bytes_per_s": 4e9, "matmul_flops_per_s": 3e10, "matmul_size": 2048}
+    combined = combine_limits(before, after)
+    assert combined["memory_bandwidth_bytes_per_s"] == 5e9 and combined["matmul_flops_per_s"] == 3e10
+    assert combined["matmul_size"] == 2048 and len(combined["measurements"]) == 2
+    assert combine_limits(before, None)["matmul_flops_per_s"] == 1e10
+    assert combine_limits(None, None) is None
