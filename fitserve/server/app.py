@@ -17,7 +17,7 @@ from fitserve.server.errors import APIError, install_error_handlers, validation_
 from fitserve.server.metrics import ServerMetrics
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from fitserve.server.serving_chat import create_chat_completion
-from fitserve.server.serving_common import ServerSettings, ServerState, read_body
+from fitserve.server.serving_common import ServerSettings, ServerState, check_model_name, read_body
 from fitserve.server.serving_completions import create_completion
 
 
@@ -80,17 +80,21 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI
         body = await _parse_body(request, ChatCompletionRequest)
         return _as_response(await create_chat_completion(_state(request), body, request))
 
+    def model_card(state: ServerState, name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.created_time, "owned_by": "fitserve",
+                "root": state.settings.model_path or name, "max_model_len": state.async_engine.max_model_len}
+
     @app.get("/v1/models", dependencies=authorized)
     async def models(request: Request) -> Response:
         state = _state(request)
-        return JSONResponse({
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": state.created_time, "owned_by": "fitserve",
-                 "root": state.settings.model_path or name, "max_model_len": state.async_engine.max_model_len}
-                for name in state.settings.served_model_names
-            ],
-        })
+        return JSONResponse({"object": "list",
+                             "data": [model_card(state, name) for name in state.settings.served_model_names]})
+
+    @app.get("/v1/models/{name:path}", dependencies=authorized)
+    async def model(name: str, request: Request) -> Response:
+        state = _state(request)
+        check_model_name(state, name)
+        return JSONResponse(model_card(state, name))
 
     @app.get("/health")
     async def health(request: Request) -> Response:

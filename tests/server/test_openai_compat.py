@@ -307,6 +307,9 @@ def test_chat_logprobs(client: openai.OpenAI, reference_llm: LLM) -> None:
 def test_models_and_health(client: openai.OpenAI, server: RunningServer) -> None:
     models = client.models.list()
     assert [model.id for model in models.data] == [MODEL_NAME]
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
 
 
