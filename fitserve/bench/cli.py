@@ -183,6 +183,25 @@ def _measure_limit(args, shape, device) -> dict | None:
             torch.cuda.empty_cache()  # hand the micro-benchmark's memory back before the load
 
 
+def _workload_from(args: argparse.Namespace) -> WorkloadConfig:
+    """The workload the flags describe; invalid values raise before any server is started."""
+    if args.num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1 (got {args.num_requests})")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1 (got {args.concurrency})")
+    if not args.burstiness > 0:
+        raise ValueError(f"--burstiness must be > 0 (got {args.burstiness})")
+    if args.slo_search and args.slo is None:
+        raise ValueError("--slo-search needs --slo (limits or a preset such as mlperf-server)")
+    kind = args.workload or ("sharegpt" if args.dataset_path else "synthetic")
+    return WorkloadConfig(
+        kind=kind, num_requests=args.num_requests,
+        input_len=LengthSpec(args.input_len, args.input_len_dist, args.input_len_spread),
+        output_len=LengthSpec(args.output_len, args.output_len_dist, args.output_len_spread),
+        dataset_path=args.dataset_path, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
+        num_turns=args.num_turns, seed=args.seed)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from fitserve.bench.server_process import ServerProcess
     from fitserve.config import default_model_dir
@@ -190,13 +209,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.url and args.model:
         raise ValueError("give --url (a running server) or --model (start one), not both; "
                          "with --url, --model-info DIR names a local copy of its model")
+    workload = _workload_from(args)
     out_dir = Path(args.out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     server = None
     if args.url:
         base_url, model_dir = args.url.rstrip("/"), (Path(args.model_info) if args.model_info else None)
         local = is_local_url(base_url)
-        server_pid = pid_listening_on(base_url) if local else None
+        server_pid = pid_listening_on(base_url) if local and args.hardware else None
     else:
         model_dir = Path(args.model) if args.model else default_model_dir()
         if not (model_dir / "config.json").is_file():
@@ -206,26 +226,18 @@ def run_bench(args: argparse.Namespace) -> int:
         server.start(args.server_start_timeout)
         base_url, local, server_pid = server.base_url, True, server.pid
     try:
-        return _bench_against(args, base_url, model_dir, local, server_pid, out_dir, server is not None)
+        return _bench_against(args, workload, base_url, model_dir, local, server_pid, out_dir, server is not None)
     finally:
         if server is not None:
             server.stop()
 
 
-def _bench_against(args, base_url: str, model_dir: Path | None, local: bool, server_pid: int | None,
-                   out_dir: Path, launched: bool) -> int:
-    if args.workload is None:
-        args.workload = "sharegpt" if args.dataset_path else "synthetic"
-    workload = WorkloadConfig(
-        kind=args.workload, num_requests=args.num_requests,
-        input_len=LengthSpec(args.input_len, args.input_len_dist, args.input_len_spread),
-        output_len=LengthSpec(args.output_len, args.output_len_dist, args.output_len_spread),
-        dataset_path=args.dataset_path, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
-        num_turns=args.num_turns, seed=args.seed)
+def _bench_against(args, workload: WorkloadConfig, base_url: str, model_dir: Path | None, local: bool,
+                   server_pid: int | None, out_dir: Path, launched: bool) -> int:
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else model_dir
     prompt_maker = PromptMaker(_load_tokenizer(tokenizer_dir))
     model_name = args.served_model_name or asyncio.run(fetch_model_name(base_url, api_key=args.api_key))
-    endpoint = args.endpoint if args.endpoint != "auto" else ("chat" if args.workload == "multi-turn" else "completions")
+    endpoint = args.endpoint if args.endpoint != "auto" else ("chat" if workload.kind == "multi-turn" else "completions")
     client = StreamClient(ClientOptions(base_url=base_url, model=model_name, endpoint=endpoint,
                                         request_timeout_s=args.request_timeout, ignore_eos=args.ignore_eos,
                                         temperature=args.temperature, api_key=args.api_key))
@@ -247,11 +259,12 @@ def _bench_against(args, base_url: str, model_dir: Path | None, local: bool, ser
                    "launched_by_bench": launched, "model_dir": str(model_dir) if model_dir else None,
                    "server_args": args.server_args if launched else None, "local": local,
                    "pid_sampled": server_pid,
-                   "counters": sampler.describe_sources() if sampler else "server not on this machine: not measured"}
+                   "counters": sampler.describe_sources() if sampler else "not sampled (remote server or --no-hardware)"}
     from fitserve.bench.report import print_summary, write_all  # matplotlib: only when writing
 
-    report = build_report(getattr(args, "command_line", None) or sys.argv, describe_environment(sampler.nvml.names if sampler else None),
-                          server_info, context, plan, runs, slo_search)
+    command = getattr(args, "command_line", None) or sys.argv
+    environment = describe_environment(sampler.nvml.names if sampler else None)
+    report = build_report(command, environment, server_info, context, plan, runs, slo_search)
     paths = write_all(report, out_dir)
     print_summary(report)
     print("fitserve bench: wrote " + ", ".join(str(path) for path in paths.values()), file=sys.stderr)

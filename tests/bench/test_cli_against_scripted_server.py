@@ -83,3 +83,21 @@ def test_a_refused_warm_up_stops_the_bench_with_the_servers_reason(scripted_serv
     error = capsys.readouterr().err
     assert "HTTP 404" in error and "does not exist" in error and "--served-model-name" in error
     assert len(handle.stats()["bodies"]) == 1  # only the warm-up was sent, not the 6 requests
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-requests", "0"], "--num-requests"),
+    (["--concurrency", "0"], "--concurrency"),
+    (["--slo-search"], "--slo-search needs --slo"),
+    (["--input-len", "0"], "length must be >= 1"),
+    (["--url", "http://127.0.0.1:9", "--model", "somewhere"], "not both"),
+])
+def test_invalid_flags_are_refused_before_anything_starts(tmp_path, capsys, flags, message):
+    assert main([*flags, "--out", str(tmp_path / "never")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_rate_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--rate", "fast"])
+    assert "--rate" in capsys.readouterr().err
