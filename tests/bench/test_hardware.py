@@ -93,3 +93,62 @@ def test_sampler_follows_a_live_process():
     assert sources["server_process"] is True
     remote = HardwareSampler(server_pid=None, interval_s=0.05)
     assert remote.sample_once(time.perf_counter()).server_rss_bytes is None
+
+
+class FakeNvml:
+    """Stands in for pynvml: one GPU whose energy counter is unsupported (older GPUs)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"gpu{index}"
+
+    def nvmlDeviceGetName(self, handle):
+        return b"Fake GPU 80GB"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Memory", (), {"used": 5 * 2**30})()
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 250_000  # milliwatts
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 64
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        raise self.NVMLError("Not Supported")
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return type("Utilization", (), {"gpu": 87})()
+
+
+def test_nvml_readings_convert_units_and_mark_unsupported_counters(monkeypatch):
+    import sys
+
+    from fitserve.bench.hardware import NvmlReader
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    reader = NvmlReader()
+    assert reader.available and reader.names == ["Fake GPU 80GB"]
+    (reading,) = reader.sample()
+    assert reading == {"memory_used_bytes": 5 * 2**30, "power_w": 250.0, "temperature_c": 64.0,
+                       "energy_j": None, "utilization_pct": 87.0}
+
+
+def test_no_nvml_library_means_no_gpu_readings(monkeypatch):
+    import sys
+
+    from fitserve.bench.hardware import NvmlReader
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails as if not installed
+    reader = NvmlReader()
+    assert not reader.available and reader.sample() is None
