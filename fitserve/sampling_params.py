@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -71,6 +72,11 @@ class SamplingParams:
         def fail(name: str, why: str) -> None:
             raise SamplingParamsError(f"{name} {why} (got {getattr(self, name)!r})")
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                fail(name, "must be a finite number")
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64):
+            fail("seed", "must be an integer that fits in 64 bits")
         if not isinstance(self.n, int) or self.n < 1:
             fail("n", "must be an integer >= 1")
         if self.temperature < 0:

@@ -198,6 +198,10 @@ class LLMEngine:
             raise ValueError("LLMEngine runs one sequence per request; fan out n > 1 as separate requests")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        vocab_size = self.model_config.vocab_size
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]  # type: ignore[union-attr]
+        if bad_stop:
+            raise ValueError(f"stop token id {bad_stop[0]} is outside the vocabulary (0..{vocab_size - 1})")
         prompt_text, token_ids = self.tokenize_prompt(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty")

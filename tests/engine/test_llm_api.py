@@ -174,6 +174,13 @@ def test_bad_requests_are_rejected_with_clear_errors(llm: LLM) -> None:
         engine.add_request("empty", {"prompt_token_ids": []}, greedy())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add_request("vocab", [5, 100000], greedy())
+    with pytest.raises(ValueError, match="stop token id 9999 is outside the vocabulary"):
+        engine.add_request("stop", [5, 6], greedy(stop_token_ids=[9999]))
+    for field, value in (("temperature", float("nan")), ("top_p", float("inf"))):
+        with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+            SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match="seed must be an integer that fits in 64 bits"):
+        SamplingParams(seed=2**70)
     engine.add_request("dup", [5, 6], greedy())
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("dup", [5, 6], greedy())
