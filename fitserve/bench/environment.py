@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import ipaddress
+import os
 import platform
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
@@ -58,13 +60,40 @@ def is_local_url(url: str) -> bool:
         return False
 
 
-def pid_listening_on(url: str) -> int | None:
-    """The process listening on the URL's port, if this machine lets us see it."""
+def _listening_socket_inodes(port: int, proc_root: Path) -> set[str]:
+    """Inodes of TCP sockets listening on `port`, from /proc/net/tcp and tcp6."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc_root / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def pid_listening_on(url: str, proc_root: Path = Path("/proc")) -> int | None:
+    """The process listening on the URL's port, if this machine lets us see it.
+
+    Reads /proc directly and stops at the first process holding the socket: psutil's
+    net_connections lists every connection of every process first (seconds on a busy host).
+    """
     port = urlparse(url).port or (443 if url.startswith("https") else 80)
-    try:
-        for connection in psutil.net_connections(kind="tcp"):
-            if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
-                return connection.pid
-    except (psutil.Error, PermissionError):
+    inodes = _listening_socket_inodes(port, proc_root)
+    if not inodes:
         return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for process_dir in proc_root.iterdir():
+        if not process_dir.name.isdigit():
+            continue
+        try:
+            for descriptor in (process_dir / "fd").iterdir():
+                if os.readlink(descriptor) in targets:
+                    return int(process_dir.name)
+        except OSError:  # exited meanwhile, or not ours to inspect
+            continue
     return None
