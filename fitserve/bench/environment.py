@@ -83,6 +83,14 @@ def pid_listening_on(url: str, proc_root: Path = Path("/proc")) -> int | None:
     net_connections lists every connection of every process first (seconds on a busy host).
     """
     port = urlparse(url).port or (443 if url.startswith("https") else 80)
+    if not (proc_root / "net").is_dir():  # no procfs (macOS): psutil's slower portable scan
+        try:
+            for connection in psutil.net_connections(kind="tcp"):
+                if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+                    return connection.pid
+        except (psutil.Error, PermissionError):
+            return None
+        return None
     inodes = _listening_socket_inodes(port, proc_root)
     if not inodes:
         return None
