@@ -8,7 +8,6 @@ import datetime as dt
 import math
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
