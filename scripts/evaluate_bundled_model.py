@@ -113,6 +113,7 @@ def main() -> None:
         "subset_windows": SUBSET_WINDOWS,
         "subset_perplexity": round(subset_ppl, 4),
         "subset_scored_tokens": subset_scored,
+        "sample_new_tokens": SAMPLE_NEW_TOKENS,
         "samples": greedy_samples(model, tokenizer, sample_prompts(text)),
     }
     (args.model_dir / "eval.json").write_text(json.dumps(evaluation, indent=1) + "\n", encoding="utf-8")

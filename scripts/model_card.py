@@ -19,8 +19,9 @@ def render_model_card(training: dict, evaluation: dict, config, size_bytes: int)
     minutes = training["train_wall_time_s"] / 60
     tokens_seen = settings["train_steps"] * settings["batch_size"] * settings["sequence_length"]
     samples = "\n\n".join(
-        f"Prompt:\n\n```python\n{s['prompt']}```\n\nGreedy continuation ({64} new tokens):\n\n"
-        f"```python\n{s['continuation']}\n```"
+        f"Prompt:\n\n```python\n{s['prompt']}```\n\nGreedy continuation "
+        f"({evaluation['sample_new_tokens']} new tokens, trailing whitespace trimmed):\n\n"
+        f"```python\n{s['continuation'].rstrip()}\n```"
         for s in evaluation["samples"]
     )
     protocol = evaluation["protocol"]
@@ -78,7 +79,8 @@ linear warm-up steps, cosine decay to {settings['final_learning_rate_fraction']}
 clipping {settings['gradient_clip']}; {settings['train_steps']} steps of {settings['batch_size']}
 random {settings['sequence_length']}-token windows ({tokens_seen:,} tokens, about
 {tokens_seen / training['num_train_tokens']:.2f} epochs), float32, seed {training['seed']}.
-Final training loss {training['loss_history'][-1][1]}.
+Loss of the last logged training batch: {training['loss_history'][-1][1]} (one batch, so noisy;
+the full curve is in `training.json`).
 
 Wall time **{minutes:.1f} minutes** on {hardware['torch_threads']} threads of an
 `{hardware['cpu_model']}` CPU (`lscpu` model name; {hardware['os_cpu_count']} cores, shared with other
@@ -104,6 +106,16 @@ a window except its first:
 
 That is about {evaluation['heldout_bits_per_byte_approx']:.2f} bits per byte of held-out source.
 The numbers are also in `eval.json`; training settings and the loss curve are in `training.json`.
+
+## Known limits
+
+The training budget was a fixed step count sized to finish in well under an hour on two
+cores of a machine shared with other busy jobs, which bought {tokens_seen:,} training tokens.
+That is far from converged: perplexity is still falling at the end of the run (see the loss
+curve), and greedy continuations show the usual under-trained failure modes (repetition, blank
+lines, plausible but wrong identifiers). The engine's correctness tests do not depend on the
+quality; raise `TRAIN_STEPS` in `scripts/train_bundled_model.py` on a faster or idle machine
+for a better model.
 
 ## Samples
 
