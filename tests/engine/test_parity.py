@@ -36,7 +36,11 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int],
 
 
 def hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    # generate() fills an unset eos_token_id from the model's defaults; clear those so the
+    # reference, like the engine under ignore_eos, never stops early.
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def greedy(max_tokens: int = MAX_TOKENS, **extra) -> SamplingParams:
