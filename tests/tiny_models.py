@@ -71,7 +71,9 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-def write_tiny_tokenizer(out_dir: Path, vocab_size: int = TINY_SHAPES["vocab_size"]) -> None:
+def write_tiny_tokenizer(
+    out_dir: Path, vocab_size: int = TINY_SHAPES["vocab_size"], corpus: list[str] | None = None
+) -> None:
     """Train a byte-level BPE on a few sentences and save it as a transformers tokenizer.
 
     Ids 0, 1, 2 are <pad>, <s>, </s>, matching TINY_SHAPES' bos/eos ids; plain encoding
@@ -87,7 +89,7 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int = TINY_SHAPES["vocab_siz
         vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 20, trainer=trainer)
+    tokenizer.train_from_iterator((corpus or _TOKENIZER_CORPUS) * 20, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

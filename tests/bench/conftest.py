@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.tiny_models import write_tiny_tokenizer
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -71,9 +73,6 @@ _CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with a trained byte-level BPE tokenizer: real files, fast to serve."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from fitserve.models.random_checkpoint import write_random_checkpoint
 
     out_dir = tmp_path_factory.mktemp("bench-tiny-model")
@@ -81,16 +80,5 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 384, "max_position_embeddings": 512,
         "rope_scaling": None, "bos_token_id": 1, "eos_token_id": 2})
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(_CORPUS * 10, trainer=trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    chat_template = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>"
-                     "{{ message['content'] }}{{ eos_token }}{% endfor %}"
-                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            chat_template=chat_template).save_pretrained(str(out_dir))
+    write_tiny_tokenizer(out_dir, vocab_size=384, corpus=_CORPUS)
     return out_dir

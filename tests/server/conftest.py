@@ -29,6 +29,7 @@ from fitserve.llm import LLM
 from fitserve.models.random_checkpoint import write_random_checkpoint
 from fitserve.server.app import build_app
 from fitserve.server.serving_common import ServerSettings
+from tests.tiny_models import write_tiny_tokenizer
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny-chat"
@@ -40,47 +41,11 @@ TINY_LLAMA = {
     "rope_scaling": None, "bos_token_id": 1, "eos_token_id": 2,
 }
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Serving language models to many users at once needs batching and a paged KV cache.",
-    "Once upon a time there was a small model that wanted to tell stories.",
-    "user system assistant hello world the a of and to in is it that",
-    "0123456789 + - * / = ( ) [ ] { } , . ; : ! ? ' \"",
-]
-
-
-def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """Train a byte-level BPE on a few sentences and save it as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    # Like Llama's tokenizer: plain encoding starts with BOS.
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE,
-    )
-    wrapped.save_pretrained(str(out_dir))
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("tiny-chat-model")
     write_random_checkpoint(out_dir, "llama-3.2-1b", dtype="float32", seed=0, init_std=0.1, overrides=TINY_LLAMA)
-    write_tokenizer(out_dir, TINY_LLAMA["vocab_size"])
+    write_tiny_tokenizer(out_dir, TINY_LLAMA["vocab_size"])
     return out_dir
 
 
