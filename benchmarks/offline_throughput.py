@@ -8,6 +8,11 @@ padding it also computes. Systems alternate within each repetition; the JSON has
 
     python benchmarks/offline_throughput.py                      # Qwen2.5-0.5B shape, bf16, 64 prompts
     python benchmarks/offline_throughput.py --num-prompts 16 --repeats 1 --preset qwen3-0.6b
+
+On a GPU, nano-vllm's recipe (256 requests, input and output lengths uniform in 100–1024):
+
+    python benchmarks/offline_throughput.py --device cuda --preset qwen3-0.6b --num-prompts 256 \
+        --input-len 100 1024 --output-len 100 1024 --hf-batch-size 64
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def run_transformers(model, workload: list[tuple[list[int], int]], batch_size: i
     for first in range(0, len(order), batch_size):
         batch = [workload[i] for i in order[first : first + batch_size]]
         longest = max(len(ids) for ids, _ in batch)
-        input_ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        input_ids = torch.zeros((len(batch), longest), dtype=torch.long, device=model.device)
         attention_mask = torch.zeros_like(input_ids)
         for row, (ids, _) in enumerate(batch):  # left padding, as decoder-only generation needs
             input_ids[row, longest - len(ids):] = torch.tensor(ids)
@@ -73,6 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
@@ -88,11 +94,13 @@ def main() -> int:
     from fitserve import LLM
 
     model_dir = random_checkpoint(args.preset, args.dtype)
-    llm = LLM(str(model_dir), dtype=args.dtype, kv_cache_memory="4GiB", max_num_seqs=args.num_prompts)
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_num_seqs=args.num_prompts,
+              **({"kv_cache_memory": "4GiB"} if on_cpu else {}))
     vocab_size = llm.engine.model_config.vocab_size
     workload = make_workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab_size, args.seed)
     hf_model = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, args.dtype)).eval()
+        str(model_dir), dtype=getattr(torch, args.dtype)).to(llm.engine.device).eval()
 
     runs: dict[str, list[dict]] = {"fitserve": [], "transformers": []}
     for repeat in range(args.repeats):
@@ -109,6 +117,7 @@ def main() -> int:
         "benchmark": "offline_throughput",
         "machine": describe_machine(),
         "model": {"preset": args.preset, "dtype": args.dtype, "weights": "random (shape only)"},
+        "device": str(llm.engine.device),
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                      "seed": args.seed, "total_input_tokens": sum(len(ids) for ids, _ in workload),
                      "total_output_tokens": sum(n for _, n in workload), "ignore_eos": True},
