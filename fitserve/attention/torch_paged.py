@@ -1,9 +1,10 @@
 """Portable paged attention in plain PyTorch: the reference path, and the path for CPUs.
 
-It handles any mix of prefills, chunked prefills and decodes in one batch. Decode-only
-batches (the latency-critical case) run as one batched computation over a padded gather of
-the block tables; batches with prefills loop over sequences, which is fine because a
-prefill's matmuls dwarf the loop.
+It handles any mix of prefills, chunked prefills and decodes in one batch. Decode rows (the
+latency-critical case) run together: on CPUs with the AVX2 kernels (fitserve.kernels.cpu)
+they attend over the cache blocks in place, elsewhere over a padded gather of the block
+tables. Sequences with several new tokens (prefill chunks) loop one by one, which is fine
+because a prefill's matmuls dwarf the loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fitserve.attention.metadata import AttentionMetadata
+from fitserve.kernels import cpu as cpu_kernels
 
 
 def write_kv(
@@ -51,13 +53,28 @@ def paged_attention(
     """
     if metadata.is_decode_only:
         return _decode_attention(query, key_cache, value_cache, metadata, scale)
+    output = torch.empty_like(query)
+    kernels = _cpu_kernels_for(query, key_cache)
+    query_lens = metadata.query_lens_cpu
+    decode_seqs = [index for index, length in enumerate(query_lens) if length == 1] if kernels else []
+    if decode_seqs:
+        # Mixed step (chunked prefill beside running decodes): all decodes in one kernel call.
+        starts = metadata.query_start_loc
+        seq_index = torch.tensor(decode_seqs, dtype=torch.long, device=query.device)
+        kernels.paged_decode_attention(
+            query.contiguous(), key_cache, value_cache,
+            metadata.block_tables.index_select(0, seq_index).to(torch.int32),
+            metadata.seq_lens.index_select(0, seq_index).to(torch.int32),
+            starts.index_select(0, seq_index).long(), output, scale,
+        )
     num_heads = query.shape[1]
     num_kv_heads = key_cache.shape[2]
-    output = torch.empty_like(query)
+    widen = cpu_kernels.widen_for_matmul(query.dtype, query.device)
     start = 0
-    for seq_index, (query_len, seq_len) in enumerate(
-        zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)
-    ):
+    for seq_index, (query_len, seq_len) in enumerate(zip(query_lens, metadata.seq_lens_cpu)):
+        if query_len == 1 and kernels:
+            start += 1
+            continue
         block_table = metadata.block_tables[seq_index]
         keys = gather_context(key_cache, block_table, seq_len)
         values = gather_context(value_cache, block_table, seq_len)
@@ -71,10 +88,20 @@ def paged_attention(
         # Query row r sits at position (seq_len - query_len + r) and sees keys 0..that position.
         positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
         mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
+        if widen:  # torch's bf16 attention on a CPU without native bf16 is several times slower
+            q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         output[start : start + query_len] = out.transpose(0, 1)
         start += query_len
     return output
+
+
+def _cpu_kernels_for(query: torch.Tensor, key_cache: torch.Tensor):
+    """The compiled CPU kernels when they apply to these tensors, else None."""
+    if (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16)
+            or key_cache.dtype != query.dtype or not key_cache.is_contiguous()):
+        return None
+    return cpu_kernels.get()
 
 
 def _decode_attention(
@@ -84,7 +111,17 @@ def _decode_attention(
     metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence: gather every sequence's blocks at once and mask the tail."""
+    """One query token per sequence: the in-place CPU kernel, or else gather every sequence's
+    blocks at once and mask the tail."""
+    kernels = _cpu_kernels_for(query, key_cache)
+    if kernels is not None:
+        output = torch.empty_like(query)
+        rows = torch.arange(query.shape[0], device=query.device)
+        kernels.paged_decode_attention(
+            query.contiguous(), key_cache, value_cache, metadata.block_tables.to(torch.int32),
+            metadata.seq_lens.to(torch.int32), rows, output, scale,
+        )
+        return output
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     max_seq_len = metadata.max_seq_len

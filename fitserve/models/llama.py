@@ -19,8 +19,30 @@ from torch import nn
 
 from fitserve.attention import AttentionBackend, get_attention_backend
 from fitserve.attention.metadata import AttentionMetadata
+from fitserve.kernels import cpu as cpu_kernels
 from fitserve.models.config import ModelConfig
 from fitserve.models.rope import RotaryEmbedding, apply_rotary
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) whose forward takes the CPU fast path
+    for bfloat16 weights where the CPU has no native bf16 (see fitserve.kernels.cpu.linear).
+    All projections of one model share `widen_buffer` for their large-batch matmuls."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 widen_buffer: cpu_kernels.WidenBuffer) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.widen_buffer = widen_buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear(x, self.weight, self.bias, self.widen_buffer)
+
+
+def _fused_kernels(x: torch.Tensor):
+    """The fused CPU kernels (fitserve.kernels.cpu) when they apply to x, else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return cpu_kernels.get()
 
 
 class RMSNorm(nn.Module):
@@ -30,15 +52,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = _fused_kernels(x)
+        if kernels is not None and x.is_contiguous() and self.weight.dtype == x.dtype:
+            return kernels.rms_norm(x, self.weight, self.eps, None)[0]
         # Statistics in float32 (bf16 squares overflow precision); the weight multiplies the
         # value already cast back, as transformers does, so rounding matches.
         x_float = x.float()
         x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_float.to(x.dtype)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x), the sum rounded to the dtype first as `+` does.
+        The fused kernel writes the sum into `residual`, so callers must not reuse it."""
+        kernels = _fused_kernels(x)
+        if (kernels is not None and x.is_contiguous() and residual.is_contiguous()
+                and self.weight.dtype == x.dtype == residual.dtype):
+            normed, summed = kernels.rms_norm(x, self.weight, self.eps, residual)
+            return normed, summed
+        summed = residual + x
+        return self.forward(summed), summed
+
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, widen_buffer: cpu_kernels.WidenBuffer) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -48,10 +84,12 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.backend = backend
         # Rows: [q | k | v], filled from q_proj, k_proj, v_proj by the loader.
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        self.qkv_proj = Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias, widen_buffer=widen_buffer
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_output_bias)
+        self.o_proj = Linear(
+            self.q_size, config.hidden_size, bias=config.attention_output_bias, widen_buffer=widen_buffer
+        )
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
@@ -66,6 +104,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
         qkv = self.qkv_proj(hidden_states)
+        kernels = _fused_kernels(qkv)
+        # q and k are adjacent heads of each qkv row: one in-place rotation covers both.
+        rotate_in_place = kernels is not None and self.q_norm is None and cos.dtype == qkv.dtype
+        if rotate_in_place:
+            kernels.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
         query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -73,35 +116,42 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             query = self.q_norm(query)
             key = self.k_norm(key)
-        query = apply_rotary(query, cos, sin)
-        key = apply_rotary(key, cos, sin)
+        if not rotate_in_place:
+            query = apply_rotary(query, cos, sin)
+            key = apply_rotary(key, cos, sin)
         self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
         output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
         return self.o_proj(output.reshape(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, widen_buffer: cpu_kernels.WidenBuffer) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
         # Rows: [gate | up], filled from gate_proj and up_proj by the loader.
-        self.gate_up_proj = nn.Linear(
-            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
+        self.gate_up_proj = Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, widen_buffer=widen_buffer
         )
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = Linear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, widen_buffer=widen_buffer
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = _fused_kernels(gate_up)
+        if kernels is not None:
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, widen_buffer: cpu_kernels.WidenBuffer) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, backend, widen_buffer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, widen_buffer)
 
     def forward(
         self,
@@ -115,18 +165,18 @@ class DecoderLayer(nn.Module):
         attention_out = self.self_attn(
             self.input_layernorm(hidden_states), cos, sin, key_cache, value_cache, attn_metadata
         )
-        hidden_states = hidden_states + attention_out
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed, hidden_states = self.post_attention_layernorm.add_and_norm(attention_out, hidden_states)
+        return hidden_states + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm (named as in HF checkpoints: `model.*`)."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, widen_buffer: cpu_kernels.WidenBuffer) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, backend) for _ in range(config.num_hidden_layers)]
+            [DecoderLayer(config, backend, widen_buffer) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -138,9 +188,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         backend = attention_backend or get_attention_backend("torch", torch.device("cpu"))
-        self.model = LlamaModel(config, backend)
+        # One float32 scratch shared by every projection (see fitserve.kernels.cpu.WidenBuffer).
+        widen_buffer = cpu_kernels.WidenBuffer()
+        self.model = LlamaModel(config, backend, widen_buffer)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, widen_buffer=widen_buffer)
         if config.tie_word_embeddings:
             self.tie_weights()
 

@@ -1,0 +1,509 @@
+"""CPU performance side by side: fitserve vs llama.cpp vs transformers, in one run.
+
+Random weights with the shapes of real models (speed does not depend on weight values).
+Every number comes with the machine's own limits measured in the same run (read and copy
+bandwidth, matmul FLOP/s per dtype), re-measured before each repetition because the limit
+itself drifts on shared machines. Systems alternate within each repetition; medians are
+reported and the JSON keeps every run.
+
+Sections (each can be skipped):
+  single   single-stream decode tokens/s vs the bandwidth bound (bytes of weights + KV read
+           per step / read bandwidth), for each system and dtype
+  serve    32 requests (input 64-512, output 64-256 tokens, fixed seed): end-to-end output
+           tokens/s including prefill; fitserve at 1, 4, 16 and 32 concurrent requests,
+           llama.cpp (batch API, continuous batching) and transformers `generate` (padded
+           batches) at 32; fitserve's decode-only rate at 32 vs the matmul bound
+  overhead fitserve's decode step at 32 running requests split into schedule, tensor
+           building, forward, logits, sampling and update/detokenize (synthetic word-level
+           tokenizer of the model's vocabulary size, so detokenization really runs)
+  prefill  one 1024-token prompt: achieved FLOP/s vs measured matmul FLOP/s
+
+    python benchmarks/cpu_decode.py                                 # everything, Qwen2.5-0.5B shape
+    python benchmarks/cpu_decode.py --preset llama-3.2-1b --skip-transformers
+    python benchmarks/cpu_decode.py --sections single prefill --repeats 1 --num-layers 2   # smoke test
+
+llama.cpp is optional (`pip install "fitserve[bench]"`); without it its columns are absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CHECKPOINT_CACHE, describe_machine, random_checkpoint, summarize, write_result  # noqa: E402
+
+from fitserve.bench.roofline import ModelShape, measure_matmul_flops, measure_memory_bandwidth  # noqa: E402
+
+SERVE_CONCURRENCY = (1, 4, 16, 32)
+
+
+# ------------------------------------------------------------------------------ machine
+
+def measure_read_bandwidth(size_bytes: int = 256 * 2**20, min_time_s: float = 0.3) -> float:
+    """Bytes/s of reading a large tensor once (a sum: no writes); best of repeats."""
+    source = torch.ones(size_bytes // 4, dtype=torch.float32)
+    source.sum()
+    best, spent = 0.0, 0.0
+    while spent < min_time_s or best == 0.0:
+        start = time.perf_counter()
+        source.sum()
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        best = max(best, size_bytes / elapsed)
+    return best
+
+
+def measure_machine() -> dict:
+    cpu = torch.device("cpu")
+    read = measure_read_bandwidth()
+    copy = measure_memory_bandwidth(cpu)
+    fp32, fp32_size = measure_matmul_flops(cpu, torch.float32)
+    bf16, bf16_size = measure_matmul_flops(cpu, torch.bfloat16)
+    return {
+        "read_bandwidth_bytes_per_s": read, "copy_bandwidth_bytes_per_s": copy,
+        "bandwidth_bytes_per_s": max(read, copy),
+        "matmul_flops_per_s": {"float32": fp32, "bfloat16": bf16},
+        "matmul_size": {"float32": fp32_size, "bfloat16": bf16_size},
+    }
+
+
+def median_machine(samples: list[dict]) -> dict:
+    return {
+        "bandwidth_bytes_per_s": statistics.median(s["bandwidth_bytes_per_s"] for s in samples),
+        "read_bandwidth_bytes_per_s": statistics.median(s["read_bandwidth_bytes_per_s"] for s in samples),
+        "copy_bandwidth_bytes_per_s": statistics.median(s["copy_bandwidth_bytes_per_s"] for s in samples),
+        "matmul_flops_per_s": {d: statistics.median(s["matmul_flops_per_s"][d] for s in samples)
+                               for d in ("float32", "bfloat16")},
+    }
+
+
+# ------------------------------------------------------------------------------ workload
+
+def make_prompt(length: int, vocab_size: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, vocab_size) for _ in range(length)]
+
+
+def serve_workload(num: int, vocab_size: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    workload = []
+    for _ in range(num):
+        input_len, output_len = rng.randint(64, 512), rng.randint(64, 256)
+        workload.append(([rng.randrange(10, vocab_size) for _ in range(input_len)], output_len))
+    return workload
+
+
+def synthetic_tokenizer(vocab_size: int) -> Path:
+    """A word-level tokenizer with the model's vocabulary size (token i is "w{i}")."""
+    out_dir = CHECKPOINT_CACHE / f"wordlevel-tokenizer-{vocab_size}"
+    if (out_dir / "tokenizer.json").exists():
+        return out_dir
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(str(out_dir))
+    return out_dir
+
+
+# ------------------------------------------------------------------------------ fitserve
+
+class FitserveSide:
+    def __init__(self, model_dir: Path, dtype: str, kv_memory: str, num_threads: int, tokenizer: Path) -> None:
+        from fitserve import LLM
+
+        self.llm = LLM(str(model_dir), tokenizer=str(tokenizer), dtype=dtype, kv_cache_memory=kv_memory,
+                       max_num_seqs=32, num_threads=num_threads, enable_prefix_caching=False)
+        self.engine = self.llm.engine
+        self.counter = 0
+
+    def _add(self, prompt: list[int], max_tokens: int) -> None:
+        from fitserve import SamplingParams
+
+        self.counter += 1
+        self.engine.add_request(f"b{self.counter}", {"prompt_token_ids": prompt},
+                                SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+    def single_stream(self, prompt: list[int], num_tokens: int) -> list[float]:
+        self._add(prompt, num_tokens + 1)
+        self.engine.step()  # the prefill, which also samples the first token
+        step_seconds = []
+        while self.engine.has_unfinished_requests():
+            start = time.perf_counter()
+            self.engine.step()
+            step_seconds.append(time.perf_counter() - start)
+        return step_seconds
+
+    def prefill(self, prompt: list[int]) -> float:
+        self._add(prompt, 1)
+        start = time.perf_counter()
+        self.engine.step()
+        elapsed = time.perf_counter() - start
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        return elapsed
+
+    def serve(self, workload: list[tuple[list[int], int]], breakdown: bool = False) -> dict:
+        """All requests at once through the engine; per-step timings of its parts if asked."""
+        engine = self.engine
+        timers: dict[str, float] = {}
+        restore = []
+
+        def timed(owner, name: str, key: str) -> None:
+            original = getattr(owner, name)
+
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    timers[key] = timers.get(key, 0.0) + time.perf_counter() - start
+
+            setattr(owner, name, wrapper)
+            restore.append((owner, name))
+
+        step_shape: dict = {}
+        original_execute = engine.runner.execute
+
+        def execute(scheduler_output):
+            step_shape["batch"] = len(scheduler_output.scheduled)
+            step_shape["decode_only"] = all(item.num_new_tokens == 1 for item in scheduler_output.scheduled)
+            return original_execute(scheduler_output)
+
+        engine.runner.execute = execute
+        restore.append((engine.runner, "execute"))
+        if breakdown:
+            timed(engine.scheduler, "schedule", "schedule")
+            timed(engine.runner, "execute", "execute")
+            timed(engine.runner.model, "forward", "forward")
+            timed(engine.runner.model, "compute_logits", "logits")
+            timed(engine.runner.sampler, "sample", "sample")
+        for prompt, max_tokens in workload:
+            self._add(prompt, max_tokens)
+        steps = []
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            timers.clear()
+            step_shape.clear()
+            step_start = time.perf_counter()
+            outputs = engine.step()
+            step_seconds = time.perf_counter() - step_start
+            steps.append({"seconds": step_seconds, "tokens": len(outputs), "running_before": step_shape.get("batch", 0),
+                          "decode_only": step_shape.get("decode_only", False), **dict(timers)})
+        elapsed = time.perf_counter() - start
+        for owner, name in reversed(restore):
+            if name in vars(owner):
+                delattr(owner, name)
+        produced = sum(n for _, n in workload)
+        return {"seconds": elapsed, "output_tokens": produced, "steps": steps}
+
+
+# ------------------------------------------------------------------------------ transformers
+
+class TransformersSide:
+    def __init__(self, model_dir: Path, dtype: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int) -> float:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        return time.perf_counter() - start
+
+    def single_stream(self, prompt: list[int], num_tokens: int) -> float:
+        """Decode tokens/s: the difference of a 1-token and an (n+1)-token generate."""
+        ids = torch.tensor([prompt])
+        mask = torch.ones_like(ids)
+        first = self._generate(ids, mask, 1)
+        full = self._generate(ids, mask, num_tokens + 1)
+        return num_tokens / (full - first)
+
+    def serve(self, workload: list[tuple[list[int], int]], batch_size: int) -> dict:
+        order = sorted(range(len(workload)), key=lambda i: len(workload[i][0]))
+        elapsed = 0.0
+        for first in range(0, len(order), batch_size):
+            batch = [workload[i] for i in order[first : first + batch_size]]
+            longest = max(len(ids) for ids, _ in batch)
+            input_ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, (ids, _) in enumerate(batch):  # left padding, as decoder-only generation needs
+                input_ids[row, longest - len(ids):] = torch.tensor(ids)
+                mask[row, longest - len(ids):] = 1
+            elapsed += self._generate(input_ids, mask, max(n for _, n in batch))
+        return {"seconds": elapsed, "output_tokens": sum(n for _, n in workload)}
+
+
+# ------------------------------------------------------------------------------ report math
+
+def decode_flops_per_token(shape: ModelShape, context: float) -> float:
+    return 2.0 * shape.matmul_params_per_token + shape.attention_flops(1, context)
+
+
+def prefill_flops(shape: ModelShape, tokens: int) -> float:
+    """Work actually needed: every layer for every token, logits for the last token only."""
+    return (2.0 * shape.num_layers * shape.layer_matmul_params * tokens
+            + shape.attention_flops(tokens, (tokens + 1) / 2) + 2.0 * shape.embedding_params)
+
+
+def overhead_summary(steps: list[dict], batch: int) -> dict | None:
+    """Decode steps with `batch` running requests: where the step time goes."""
+    chosen = [s for s in steps if s["decode_only"] and s["running_before"] == batch and "forward" in s]
+    if not chosen:
+        return None
+    def median(key):
+        return statistics.median(s.get(key, 0.0) for s in chosen)
+    step = median("seconds")
+    parts = {
+        "schedule": median("schedule"),
+        "runner_prepare": statistics.median(
+            s["execute"] - s["forward"] - s.get("logits", 0.0) - s.get("sample", 0.0) for s in chosen),
+        "forward": median("forward"),
+        "logits": median("logits"),
+        "sample": median("sample"),
+        "update_detokenize": statistics.median(s["seconds"] - s["schedule"] - s["execute"] for s in chosen),
+    }
+    outside = statistics.median(s["seconds"] - s["forward"] - s.get("logits", 0.0) for s in chosen)
+    return {"num_steps": len(chosen), "step_ms": step * 1e3,
+            "parts_ms": {k: v * 1e3 for k, v in parts.items()},
+            "outside_model_ms": outside * 1e3, "outside_model_fraction": outside / step}
+
+
+# ------------------------------------------------------------------------------ main
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="qwen2.5-0.5b")
+    parser.add_argument("--num-layers", type=int, default=None, help="fewer layers (smoke tests only)")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="fitserve dtypes")
+    parser.add_argument("--transformers-dtypes", nargs="+", default=["bfloat16", "float32"],
+                        help="transformers dtypes for single-stream decode")
+    parser.add_argument("--transformers-serve-dtype", default="float32",
+                        help="transformers dtype for the 32-request run (its fastest on CPUs without native bf16)")
+    parser.add_argument("--transformers-batch-size", type=int, default=32)
+    parser.add_argument("--sections", nargs="+", default=["single", "serve", "overhead", "prefill"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--serve-repeats", type=int, default=None, help="repetitions of the serve section")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--single-prompt", type=int, default=128)
+    parser.add_argument("--single-tokens", type=int, default=64)
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    serve_repeats = args.serve_repeats or args.repeats
+
+    model_dir = random_checkpoint(args.preset, "bfloat16", args.num_layers)
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab_size = config["vocab_size"]
+    tokenizer = synthetic_tokenizer(vocab_size)
+    shapes = {d: ModelShape.from_config(config, getattr(torch, d)) for d in ("bfloat16", "float32")}
+    kv_memory = {"bfloat16": "1GiB", "float32": "2GiB"}
+
+    llama_cpp_runner = None
+    llama_cpp_version = None
+    if not args.skip_llama_cpp:
+        try:
+            import llama_cpp
+
+            from llama_cpp_side import LlamaCppRunner, write_gguf
+
+            llama_cpp_version = llama_cpp.__version__
+            gguf_path = write_gguf(model_dir, model_dir / "model-bf16.gguf")
+            llama_cpp_runner = LlamaCppRunner(gguf_path, args.threads, max_seqs=32, max_len=800, batch_tokens=2048)
+        except ImportError as error:
+            print(f"llama.cpp not installed ({error}); its columns are skipped", flush=True)
+
+    fitserve = {d: FitserveSide(model_dir, d, kv_memory[d], args.threads, tokenizer) for d in args.dtypes}
+    transformers_dtypes = [] if args.skip_transformers else sorted(
+        set(args.transformers_dtypes) | ({args.transformers_serve_dtype} if "serve" in args.sections else set()))
+    hf = {d: TransformersSide(model_dir, d) for d in transformers_dtypes}
+
+    machine_samples: list[dict] = []
+    runs: dict = {"single": [], "serve": [], "prefill": []}
+    single_prompt = make_prompt(args.single_prompt, vocab_size, seed=1)
+    prefill_prompt = make_prompt(1024, vocab_size, seed=2)
+    workload = serve_workload(32, vocab_size, seed=0)
+
+    def log(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    for repeat in range(args.repeats):
+        machine = measure_machine()
+        machine_samples.append(machine)
+        log(f"rep {repeat}: read {machine['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, copy "
+            f"{machine['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul fp32 "
+            f"{machine['matmul_flops_per_s']['float32'] / 1e9:.1f} GF/s, bf16 "
+            f"{machine['matmul_flops_per_s']['bfloat16'] / 1e9:.1f} GF/s")
+        if "single" in args.sections:
+            for dtype, side in fitserve.items():
+                steps = side.single_stream(single_prompt, args.single_tokens)
+                rate = 1.0 / statistics.median(steps)
+                runs["single"].append({"repeat": repeat, "system": "fitserve", "dtype": dtype,
+                                       "tokens_per_s": rate, "machine": machine})
+                log(f"single fitserve {dtype}: {rate:.2f} tok/s")
+            if llama_cpp_runner is not None:
+                steps = llama_cpp_runner.single_stream(single_prompt, args.single_tokens)
+                rate = 1.0 / statistics.median(steps)
+                runs["single"].append({"repeat": repeat, "system": "llama.cpp", "dtype": "bfloat16",
+                                       "tokens_per_s": rate, "machine": machine})
+                log(f"single llama.cpp bf16: {rate:.2f} tok/s")
+            for dtype in args.transformers_dtypes if not args.skip_transformers else []:
+                tokens = min(args.single_tokens, 32 if dtype == "bfloat16" else args.single_tokens)
+                rate = hf[dtype].single_stream(single_prompt, tokens)
+                runs["single"].append({"repeat": repeat, "system": "transformers", "dtype": dtype,
+                                       "tokens_per_s": rate, "machine": machine})
+                log(f"single transformers {dtype}: {rate:.2f} tok/s")
+        if "prefill" in args.sections:
+            for dtype, side in fitserve.items():
+                seconds = side.prefill(prefill_prompt)
+                runs["prefill"].append({"repeat": repeat, "system": "fitserve", "dtype": dtype,
+                                        "seconds": seconds, "machine": machine})
+                log(f"prefill fitserve {dtype}: {seconds:.2f} s")
+            if llama_cpp_runner is not None:
+                _, seconds = llama_cpp_runner.prefill(prefill_prompt)
+                runs["prefill"].append({"repeat": repeat, "system": "llama.cpp", "dtype": "bfloat16",
+                                        "seconds": seconds, "machine": machine})
+                log(f"prefill llama.cpp bf16: {seconds:.2f} s")
+        if repeat < serve_repeats and ("serve" in args.sections or "overhead" in args.sections):
+            for dtype, side in fitserve.items():
+                concurrency = SERVE_CONCURRENCY if "serve" in args.sections else (32,)
+                for count in concurrency:
+                    result = side.serve(workload[:count], breakdown=count == 32 and "overhead" in args.sections)
+                    rate = result["output_tokens"] / result["seconds"]
+                    decode = [s for s in result["steps"] if s["decode_only"] and s["running_before"] == count]
+                    decode_rate = (sum(s["tokens"] for s in decode) / sum(s["seconds"] for s in decode)
+                                   if decode else None)
+                    entry = {"repeat": repeat, "system": "fitserve", "dtype": dtype, "concurrency": count,
+                             "seconds": result["seconds"], "output_tokens": result["output_tokens"],
+                             "output_tokens_per_s": rate, "decode_only_tokens_per_s": decode_rate,
+                             "machine": machine}
+                    if count == 32:
+                        entry["overhead"] = overhead_summary(result["steps"], 32)
+                    runs["serve"].append(entry)
+                    log(f"serve fitserve {dtype} x{count}: {rate:.2f} tok/s e2e, decode-only {decode_rate}")
+            if "serve" in args.sections:
+                if llama_cpp_runner is not None:
+                    seconds, produced, decode_rate = llama_cpp_runner.serve(workload)
+                    runs["serve"].append({"repeat": repeat, "system": "llama.cpp", "dtype": "bfloat16",
+                                          "concurrency": 32, "seconds": seconds, "output_tokens": produced,
+                                          "output_tokens_per_s": produced / seconds,
+                                          "decode_only_tokens_per_s": decode_rate, "machine": machine})
+                    log(f"serve llama.cpp bf16 x32: {produced / seconds:.2f} tok/s")
+                if not args.skip_transformers:
+                    dtype = args.transformers_serve_dtype
+                    result = hf[dtype].serve(workload, args.transformers_batch_size)
+                    rate = result["output_tokens"] / result["seconds"]
+                    runs["serve"].append({"repeat": repeat, "system": "transformers", "dtype": dtype,
+                                          "concurrency": 32, "batch_size": args.transformers_batch_size,
+                                          **result, "output_tokens_per_s": rate, "machine": machine})
+                    log(f"serve transformers {dtype} x32 (batch {args.transformers_batch_size}): {rate:.2f} tok/s")
+        gc.collect()
+
+    machine = median_machine(machine_samples)
+    summary = summarize_runs(runs, shapes, machine, args)
+    result = {
+        "benchmark": "cpu_decode",
+        "machine": {**describe_machine(), "llama_cpp_python": llama_cpp_version, "measured_limits": machine,
+                    "measured_limits_every_repeat": machine_samples},
+        "model": {"preset": args.preset, "num_layers": config["num_hidden_layers"], "weights": "random (shape only)",
+                  "shape": {d: s.to_dict() for d, s in shapes.items()}},
+        "settings": {"threads": args.threads, "repeats": args.repeats, "serve_repeats": serve_repeats,
+                     "single_stream": {"prompt_tokens": args.single_prompt, "decode_tokens": args.single_tokens},
+                     "serve_workload": {"num_requests": 32, "input_len": [64, 512], "output_len": [64, 256],
+                                        "seed": 0, "ignore_eos": True,
+                                        "total_input_tokens": sum(len(p) for p, _ in workload),
+                                        "total_output_tokens": sum(n for _, n in workload)},
+                     "fitserve": {"max_num_batched_tokens": 2048, "enable_prefix_caching": False,
+                                  "tokenizer": "synthetic word-level, model's vocabulary size"},
+                     "llama_cpp": {"weights": "bf16 GGUF (norms/biases f32)", "kv_cache": "f16 (default)",
+                                   "n_batch": 2048, "n_ubatch": 512, "scheduling": "continuous batching, batch API"},
+                     "transformers": {"serve_dtype": args.transformers_serve_dtype,
+                                      "batch_size": args.transformers_batch_size,
+                                      "padding": "left, sorted by length"}},
+        "summary": summary,
+        "runs": runs,
+    }
+    out = args.out or Path(__file__).resolve().parent / "results" / f"cpu_decode_{args.preset}.json"
+    path = write_result("cpu_decode", result, out)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {path}")
+    for side in fitserve.values():
+        del side
+    if llama_cpp_runner is not None:
+        llama_cpp_runner.close()
+    return 0
+
+
+def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, args) -> dict:
+    bandwidth = machine["bandwidth_bytes_per_s"]
+    summary: dict = {"single_stream": {}, "serve": {}, "prefill": {}}
+    single_context = args.single_prompt + args.single_tokens / 2
+    for key in sorted({(r["system"], r["dtype"]) for r in runs["single"]}):
+        rows = [r for r in runs["single"] if (r["system"], r["dtype"]) == key]
+        shape = shapes[key[1]]
+        fractions = [r["tokens_per_s"] * shape.decode_step_bytes(1, single_context)
+                     / r["machine"]["bandwidth_bytes_per_s"] for r in rows]
+        bound = bandwidth / shape.decode_step_bytes(1, single_context)
+        summary["single_stream"][f"{key[0]} {key[1]}"] = {
+            "tokens_per_s": summarize([r["tokens_per_s"] for r in rows]),
+            "bytes_per_step": shape.decode_step_bytes(1, single_context),
+            "bound_tokens_per_s": bound,
+            "fraction_of_bandwidth_bound": summarize(fractions),
+        }
+    for key in sorted({(r["system"], r["dtype"], r["concurrency"]) for r in runs["serve"]}):
+        rows = [r for r in runs["serve"] if (r["system"], r["dtype"], r["concurrency"]) == key]
+        entry = {"output_tokens_per_s": summarize([r["output_tokens_per_s"] for r in rows])}
+        decode = [r["decode_only_tokens_per_s"] for r in rows if r.get("decode_only_tokens_per_s")]
+        if decode:
+            entry["decode_only_tokens_per_s"] = summarize(decode)
+        if key[2] == 32 and decode:
+            shape = shapes[key[1]]
+            context = 288 + 80  # mean prompt + about half the mean output at full batch
+            peak = machine["matmul_flops_per_s"]["float32"]
+            entry["decode_matmul_bound_tokens_per_s"] = peak / decode_flops_per_token(shape, context)
+            entry["decode_fraction_of_matmul_bound"] = statistics.median(decode) / entry["decode_matmul_bound_tokens_per_s"]
+        overheads = [r["overhead"] for r in rows if r.get("overhead")]
+        if overheads:
+            entry["overhead_at_32"] = min(overheads, key=lambda o: o["outside_model_fraction"]) | {
+                "outside_model_fraction_all_repeats": [o["outside_model_fraction"] for o in overheads]}
+        summary["serve"][f"{key[0]} {key[1]} x{key[2]}"] = entry
+    fitserve_32 = {k: v["output_tokens_per_s"]["median"] for k, v in summary["serve"].items() if k.endswith("x32")}
+    best_fitserve = max((v for k, v in fitserve_32.items() if k.startswith("fitserve")), default=None)
+    for other in ("llama.cpp", "transformers"):
+        others = [v for k, v in fitserve_32.items() if k.startswith(other)]
+        if best_fitserve and others:
+            summary["serve"][f"ratio_fitserve_best_over_{other}_x32"] = best_fitserve / max(others)
+    for key in sorted({(r["system"], r["dtype"]) for r in runs["prefill"]}):
+        rows = [r for r in runs["prefill"] if (r["system"], r["dtype"]) == key]
+        flops = prefill_flops(shapes[key[1]], 1024)
+        achieved = [flops / r["seconds"] for r in rows]
+        summary["prefill"][f"{key[0]} {key[1]}"] = {
+            "seconds": summarize([r["seconds"] for r in rows]), "flops": flops,
+            "achieved_flops_per_s": summarize(achieved),
+            "fraction_of_float32_matmul": summarize(
+                [a / r["machine"]["matmul_flops_per_s"]["float32"] for a, r in zip(achieved, rows)]),
+            "fraction_of_same_dtype_matmul": summarize(
+                [a / r["machine"]["matmul_flops_per_s"][key[1]] for a, r in zip(achieved, rows)]),
+        }
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

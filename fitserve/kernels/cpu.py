@@ -1,0 +1,135 @@
+"""The AVX2 CPU kernels of `cpu_kernels.cpp`, compiled on first use, with a torch fallback.
+
+Why they exist: decode on a CPU is bound by memory bandwidth, and two things in plain
+PyTorch waste it. A bfloat16 matmul on a CPU without native bf16 arithmetic runs several
+times slower than float32 (so bf16 weights, half the bytes, were slower to read than fp32
+ones); and decode attention over a paged cache first gathered every sequence's padded
+blocks into a new tensor. The kernels widen bf16 in registers while streaming the weights
+once, and attend over the cache blocks in place.
+
+The extension is built with the system C++ compiler through torch.utils.cpp_extension and
+cached (~/.cache/torch_extensions). Where it cannot be built (no compiler, no AVX2, not
+x86-64), `get()` returns None and callers keep their PyTorch path, so nothing depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("fitserve")
+
+_SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def cpu_supports_kernels() -> bool:
+    """x86-64 with AVX2 and FMA (torch reports its vector ISA as AVX2 or AVX512)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build() -> ModuleType | None:
+    if not cpu_supports_kernels():
+        logger.info("CPU kernels: this CPU lacks AVX2/FMA; using the PyTorch paths")
+        return None
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    try:
+        return cpp_extension.load(
+            name=f"fitserve_cpu_kernels_{digest}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, missing headers, ...: the torch path still works
+        logger.warning("CPU kernels could not be built (%s); using the slower PyTorch paths", error)
+        return None
+
+
+def get() -> ModuleType | None:
+    """The compiled kernels module, or None where they are not available (built once)."""
+    if "module" not in _state:
+        with _lock:
+            if "module" not in _state:
+                _state["module"] = _build()
+    return _state["module"]
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): only there do
+    torch's bf16 matmuls run at full speed."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+SMALL_BATCH_ROWS = 64
+"""Up to this many rows the weight-streaming kernel beats widening the weights for the matmul
+library (benchmarks/cpu_kernels.py on a 2-core AVX2 machine): decode batches stay on it."""
+
+_WIDEN_LIMIT = 64 * 2**20
+"""Weights above this many elements (a large vocabulary's LM head) are widened into a fresh
+tensor instead of the shared buffer, so the buffer stays the size of one layer's matrix."""
+
+
+class WidenBuffer:
+    """A reusable float32 buffer that bf16 weights are widened into for large-batch matmuls.
+
+    One per model: layers run one after another, so one buffer the size of the largest
+    weight serves them all, and the widening never page-faults on fresh memory.
+    """
+
+    def __init__(self) -> None:
+        self._storage: torch.Tensor | None = None
+
+    def widen(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.numel() > _WIDEN_LIMIT:
+            return weight.float()
+        if self._storage is None or self._storage.numel() < weight.numel():
+            self._storage = torch.empty(weight.numel(), dtype=torch.float32, device=weight.device)
+        wide = self._storage[: weight.numel()].view(weight.shape)
+        wide.copy_(weight)
+        return wide
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           widen_buffer: WidenBuffer | None = None) -> torch.Tensor:
+    """`F.linear` with CPU fast paths for bfloat16 weights on CPUs without native bf16.
+
+    Few rows (decode): the streaming kernel, which reads bf16 weights once and widens them in
+    registers. Many rows (prefill): float32 matmul on widened weights (in `widen_buffer` when
+    given), far faster there than torch's bf16 matmul; widening is cheap next to the matmul
+    it feeds. Either way products are accumulated in float32 and rounded once to x's dtype,
+    as torch's bf16 matmul does. float32 weights always take `F.linear`, so greedy float32
+    outputs are unchanged.
+    """
+    if weight.dtype != torch.bfloat16 or x.device.type != "cpu" or _NATIVE_BF16:
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    kernels = get()
+    if kernels is not None and rows <= SMALL_BATCH_ROWS and x.dtype in (torch.bfloat16, torch.float32):
+        out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    wide = widen_buffer.widen(weight) if widen_buffer is not None else weight.float()
+    return F.linear(x.float(), wide, None if bias is None else bias.float()).to(x.dtype)
+
+
+def widen_for_matmul(dtype: torch.dtype, device: torch.device) -> bool:
+    """True where bf16 tensors should be computed on in float32 (CPU without native bf16)."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and not _NATIVE_BF16
+
+
+_NATIVE_BF16 = cpu_has_native_bf16()

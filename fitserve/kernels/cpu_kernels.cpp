@@ -1,0 +1,433 @@
+// CPU kernels for the decode hot path (AVX2 + FMA), built on first use by fitserve/kernels/cpu.py.
+//
+// 1. linear_small_batch: y = x W^T + b for a few rows of x (decode), W in bfloat16 or float32.
+//    Decode reads every weight once per step, so the kernel streams W exactly once and keeps
+//    the rows of x in registers/L1; bfloat16 weights are widened to float32 in registers (a
+//    16-bit shift), so a CPU without native bf16 arithmetic still reads half the bytes.
+//    Accumulation is float32; the result is rounded once to the output dtype, as torch does.
+// 2. paged_decode_attention: one query token per sequence attends over its paged K/V cache,
+//    reading the blocks in place (no gather of the padded block table into a new tensor).
+// 3. rms_norm (+ residual add), rotary_, silu_mul: the small per-layer ops fused, so a decode
+//    step is a few calls per layer instead of ~50 tiny torch ops.
+//
+// Parallelism goes through at::parallel_for, i.e. torch's own OpenMP pool and thread count.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using BF16 = at::BFloat16;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const BF16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline float to_float(float v) { return v; }
+inline float to_float(BF16 v) { return static_cast<float>(v); }
+
+inline float hsum(__m256 v) {
+  __m128 low = _mm256_castps256_ps128(v);
+  __m128 high = _mm256_extractf128_ps(v, 1);
+  low = _mm_add_ps(low, high);
+  __m128 shuffled = _mm_movehdup_ps(low);
+  __m128 sums = _mm_add_ps(low, shuffled);
+  shuffled = _mm_movehl_ps(shuffled, sums);
+  sums = _mm_add_ss(sums, shuffled);
+  return _mm_cvtss_f32(sums);
+}
+
+template <typename T>
+inline void widen_row(const T* source, float* target, int64_t count) {
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) _mm256_storeu_ps(target + k, load8(source + k));
+  for (; k < count; ++k) target[k] = to_float(source[k]);
+}
+
+// ------------------------------------------------------------------------------ linear
+
+constexpr int kRowsOfW = 4;  // weight rows per block: each x load feeds 4 FMAs
+
+// One row of x against one row of W straight from memory, four independent accumulators:
+// for a single decode row this streams W sequentially, the pattern the prefetcher likes best.
+template <typename WT>
+inline float dot_row(const float* x, const WT* w, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; ++k) sum += to_float(w[k]) * x[k];
+  return sum;
+}
+
+// MR rows of x against kRowsOfW float32 rows of W (already widened into an L1/L2 buffer).
+template <int MR>
+inline void micro_kernel(const float* const* x_rows, const float* w, int64_t K, float out[][kRowsOfW]) {
+  __m256 acc[MR][kRowsOfW];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kRowsOfW; ++r) acc[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[kRowsOfW];
+    for (int r = 0; r < kRowsOfW; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
+    for (int m = 0; m < MR; ++m) {
+      __m256 xv = _mm256_loadu_ps(x_rows[m] + k);
+      for (int r = 0; r < kRowsOfW; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kRowsOfW; ++r) {
+      float sum = hsum(acc[m][r]);
+      for (int64_t kk = k; kk < K; ++kk) sum += x_rows[m][kk] * w[r * K + kk];
+      out[m][r] = sum;
+    }
+}
+
+template <typename XT, typename WT>
+void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, int64_t N, int64_t K) {
+  // x is small (a few decode rows): widen it once so the inner loops only widen W.
+  std::vector<float> x_float(M * K);
+  for (int64_t m = 0; m < M; ++m) widen_row(x + m * K, x_float.data() + m * K, K);
+  const int64_t num_blocks = (N + kRowsOfW - 1) / kRowsOfW;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> w_float(kRowsOfW * K);
+    float block_out[3][kRowsOfW];
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t n0 = block * kRowsOfW;
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsOfW, N - n0));
+      const WT* w_block = w + n0 * K;
+      if (M == 1) {
+        for (int r = 0; r < rows; ++r)
+          out[n0 + r] = static_cast<XT>(dot_row(x_float.data(), w_block + r * K, K) + (bias ? to_float(bias[n0 + r]) : 0.0f));
+        continue;
+      }
+      // Several rows of x: widen this block of W once into an L1-resident buffer, then reuse
+      // it for every row of x.
+      for (int r = 0; r < rows; ++r) widen_row(w_block + r * K, w_float.data() + r * K, K);
+      for (int r = rows; r < kRowsOfW; ++r) std::fill_n(w_float.data() + r * K, K, 0.0f);
+      for (int64_t m0 = 0; m0 < M; m0 += 3) {
+        const int mr = static_cast<int>(std::min<int64_t>(3, M - m0));
+        const float* x_rows[3];
+        for (int m = 0; m < mr; ++m) x_rows[m] = x_float.data() + (m0 + m) * K;
+        if (mr == 3) micro_kernel<3>(x_rows, w_float.data(), K, block_out);
+        else if (mr == 2) micro_kernel<2>(x_rows, w_float.data(), K, block_out);
+        else micro_kernel<1>(x_rows, w_float.data(), K, block_out);
+        for (int m = 0; m < mr; ++m)
+          for (int r = 0; r < rows; ++r)
+            out[(m0 + m) * N + n0 + r] =
+                static_cast<XT>(block_out[m][r] + (bias ? to_float(bias[n0 + r]) : 0.0f));
+      }
+    }
+  });
+}
+
+torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x [M, K] and weight [N, K]");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x and weight disagree on K");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == weight.scalar_type());
+  auto run = [&](auto* x_ptr, auto* w_ptr) {
+    using XT = std::remove_pointer_t<decltype(x_ptr)>;
+    using WT = std::remove_pointer_t<decltype(w_ptr)>;
+    const WT* b = has_bias ? bias->data_ptr<WT>() : nullptr;
+    linear_impl<XT, WT>(x_ptr, w_ptr, b, out.data_ptr<XT>(), M, N, K);
+  };
+  const auto xt = x.scalar_type(), wt = weight.scalar_type();
+  if (xt == at::kBFloat16 && wt == at::kBFloat16) run(x.data_ptr<BF16>(), weight.data_ptr<BF16>());
+  else if (xt == at::kFloat && wt == at::kBFloat16) run(x.data_ptr<float>(), weight.data_ptr<BF16>());
+  else if (xt == at::kFloat && wt == at::kFloat) run(x.data_ptr<float>(), weight.data_ptr<float>());
+  else TORCH_CHECK(false, "linear_small_batch: unsupported dtypes");
+  return out;
+}
+
+// ---------------------------------------------------------------------- decode attention
+
+// exp for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a
+// degree-6 polynomial, ~1 ulp in float32 over the range softmax uses.
+inline __m256 exp256(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.3f);
+  x = _mm256_max_ps(x, lowest);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+template <typename T>
+void decode_attention_impl(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
+                           const int32_t* seq_lens, const int64_t* query_rows, T* out, int64_t num_seqs,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                           int64_t table_stride, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t token_stride = num_kv_heads * head_dim;  // between tokens of one block
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> q_float(group * head_dim), acc(group * head_dim), scores;
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
+      const int64_t length = seq_lens[seq];
+      const int32_t* table = block_tables + seq * table_stride;
+      const T* q = query + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) q_float[i] = to_float(q[i]) * scale;
+      scores.resize(group * length);
+      // Scores: every query head of the group against each cached key, block by block.
+      for (int64_t pos = 0; pos < length; ++pos) {
+        const T* key = key_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
+                       + kv_head * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = q_float.data() + g * head_dim;
+          int64_t d = 0;
+          __m256 sum = _mm256_setzero_ps();
+          for (; d + 8 <= head_dim; d += 8) sum = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(qg + d), sum);
+          float total = hsum(sum);
+          for (; d < head_dim; ++d) total += to_float(key[d]) * qg[d];
+          scores[g * length + pos] = total;
+        }
+      }
+      // Softmax per head (max-subtracted, float32).
+      std::vector<float> inverse_sum(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * length;
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int64_t pos = 0; pos < length; ++pos) max_score = std::max(max_score, row[pos]);
+        const __m256 max_vec = _mm256_set1_ps(max_score);
+        __m256 sum_vec = _mm256_setzero_ps();
+        int64_t pos = 0;
+        for (; pos + 8 <= length; pos += 8) {
+          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + pos), max_vec));
+          _mm256_storeu_ps(row + pos, e);
+          sum_vec = _mm256_add_ps(sum_vec, e);
+        }
+        float sum = hsum(sum_vec);
+        for (; pos < length; ++pos) {
+          row[pos] = std::exp(row[pos] - max_score);
+          sum += row[pos];
+        }
+        inverse_sum[g] = 1.0f / sum;
+      }
+      // Weighted sum of values.
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t pos = 0; pos < length; ++pos) {
+        const T* value = value_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
+                         + kv_head * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float weight = scores[g * length + pos];
+          float* a = acc.data() + g * head_dim;
+          int64_t d = 0;
+          const __m256 weight_vec = _mm256_set1_ps(weight);
+          for (; d + 8 <= head_dim; d += 8)
+            _mm256_storeu_ps(a + d, _mm256_fmadd_ps(load8(value + d), weight_vec, _mm256_loadu_ps(a + d)));
+          for (; d < head_dim; ++d) a[d] += to_float(value[d]) * weight;
+        }
+      }
+      T* o = out + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < head_dim; ++d)
+          o[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inverse_sum[g]);
+    }
+  });
+}
+
+// query [T, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks] int32;
+// seq_lens [S] int32; query_rows [S] int64 (the query row of each sequence); out [T, Hq, D].
+void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                            torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_rows,
+                            torch::Tensor out, double scale) {
+  TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous());
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+              query_rows.scalar_type() == at::kLong);
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == query.scalar_type());
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  auto rows = query_rows.contiguous();
+  const int64_t num_seqs = lens.size(0);
+  const int64_t num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(num_heads % num_kv_heads == 0);
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    decode_attention_impl<T>(query.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(),
+                             tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), rows.data_ptr<int64_t>(),
+                             out.data_ptr<T>(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                             tables.size(1), static_cast<float>(scale));
+  };
+  if (query.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else if (query.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
+  else TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16");
+}
+
+
+// ------------------------------------------------------------------ fused elementwise ops
+//
+// Decode runs one token through ~20 small ops per layer; each torch op costs a dispatch and
+// a pass over memory. These fuse them with the rounding of the unfused torch code kept:
+// every intermediate the torch code stores in the model dtype is rounded to it here too
+// (to_dtype below), and plain arithmetic is compiled without FMA contraction.
+
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// out = weight * to_dtype(h * rsqrt(mean(h^2) + eps)), with h = x (+ residual, rounded to
+// dtype and written back to residual when given). Rows in parallel.
+template <typename T>
+void rms_norm_impl(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t hidden, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+    std::vector<float> h(hidden);
+    for (int64_t row = first; row < last; ++row) {
+      const T* xr = x + row * hidden;
+      T* rr = residual ? residual + row * hidden : nullptr;
+      for (int64_t i = 0; i < hidden; ++i) {
+        float value = to_float(xr[i]);
+        if (rr) {
+          value = round_to<T>(value + to_float(rr[i]));
+          rr[i] = static_cast<T>(value);
+        }
+        h[i] = value;
+      }
+      __m256 sum_vec = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= hidden; i += 8) {
+        __m256 v = _mm256_loadu_ps(h.data() + i);
+        sum_vec = _mm256_add_ps(sum_vec, _mm256_mul_ps(v, v));
+      }
+      float sum = hsum(sum_vec);
+      for (; i < hidden; ++i) sum += h[i] * h[i];
+      const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(hidden) + eps);
+      T* o = out + row * hidden;
+      for (int64_t j = 0; j < hidden; ++j) o[j] = static_cast<T>(to_float(weight[j]) * round_to<T>(h[j] * inverse));
+    }
+  });
+}
+
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
+                                    c10::optional<torch::Tensor> residual) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type());
+  const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+  auto out = torch::empty_like(x);
+  const bool add = residual.has_value() && residual->defined();
+  if (add) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type());
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rms_norm_impl<T>(x.data_ptr<T>(), add ? residual->data_ptr<T>() : nullptr, weight.data_ptr<T>(),
+                     out.data_ptr<T>(), rows, hidden, static_cast<float>(eps));
+  };
+  if (x.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else if (x.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
+  else TORCH_CHECK(false, "rms_norm: float32 or bfloat16");
+  return {out, add ? *residual : x};
+}
+
+// In place on the first `num_heads` heads of each row of qkv ([tokens, row_stride]):
+// x * cos + rotate_half(x) * sin, each product rounded to the dtype as torch does.
+template <typename T>
+void rotary_impl(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t row_stride, int64_t num_heads,
+                 int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  at::parallel_for(0, tokens, 16, [&](int64_t first, int64_t last) {
+    for (int64_t token = first; token < last; ++token) {
+      const T* c = cos + token * head_dim;
+      const T* s = sin + token * head_dim;
+      for (int64_t head = 0; head < num_heads; ++head) {
+        T* x = qkv + token * row_stride + head * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+          const float a1 = round_to<T>(x1 * to_float(c[i])), b1 = round_to<T>(-x2 * to_float(s[i]));
+          const float a2 = round_to<T>(x2 * to_float(c[i + half])), b2 = round_to<T>(x1 * to_float(s[i + half]));
+          x[i] = static_cast<T>(a1 + b1);
+          x[i + half] = static_cast<T>(a2 + b2);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && cos.is_contiguous() && sin.is_contiguous());
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && head_dim % 2 == 0 && cos.size(-1) == head_dim);
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rotary_impl<T>(qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(), qkv.size(0), qkv.stride(0), num_heads,
+                   head_dim);
+  };
+  if (qkv.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else if (qkv.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
+  else TORCH_CHECK(false, "rotary_: float32 or bfloat16");
+}
+
+// exp for any float (clamped where float32 overflows or flushes).
+inline __m256 exp256_any(__m256 x) { return exp256(_mm256_min_ps(x, _mm256_set1_ps(88.3f))); }
+
+// [tokens, 2 * inter] (gate | up) -> [tokens, inter]: to_dtype(silu(gate)) * up.
+template <typename T>
+void silu_mul_impl(const T* gate_up, T* out, int64_t tokens, int64_t inter) {
+  at::parallel_for(0, tokens, 1, [&](int64_t first, int64_t last) {
+    for (int64_t token = first; token < last; ++token) {
+      const T* gate = gate_up + token * 2 * inter;
+      const T* up = gate + inter;
+      T* o = out + token * inter;
+      int64_t i = 0;
+      alignas(32) float silu[8];
+      const __m256 one = _mm256_set1_ps(1.0f);
+      for (; i + 8 <= inter; i += 8) {
+        __m256 g = load8(gate + i);
+        __m256 e = exp256_any(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_store_ps(silu, _mm256_div_ps(g, _mm256_add_ps(one, e)));
+        for (int k = 0; k < 8; ++k) o[i + k] = static_cast<T>(round_to<T>(silu[k]) * to_float(up[i + k]));
+      }
+      for (; i < inter; ++i) {
+        const float g = to_float(gate[i]);
+        o[i] = static_cast<T>(round_to<T>(g / (1.0f + std::exp(-g))) * to_float(up[i]));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0);
+  const int64_t inter = gate_up.size(-1) / 2, tokens = gate_up.numel() / gate_up.size(-1);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = inter;
+  auto out = torch::empty(sizes, gate_up.options());
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    silu_mul_impl<T>(gate_up.data_ptr<T>(), out.data_ptr<T>(), tokens, inter);
+  };
+  if (gate_up.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else if (gate_up.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
+  else TORCH_CHECK(false, "silu_mul: float32 or bfloat16");
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_small_batch", &linear_small_batch, "x W^T + b for a few rows of x");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)");
+  m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up projection");
+}

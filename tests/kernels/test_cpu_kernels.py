@@ -1,0 +1,142 @@
+"""The AVX2 CPU kernels against plain PyTorch (skipped where they cannot be built)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fitserve.attention import torch_paged
+from fitserve.attention.metadata import AttentionMetadata
+from fitserve.kernels import cpu
+
+kernels = cpu.get()
+pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2 or no compiler)")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 32])
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_small_batch_matches_float64(rows, x_dtype, w_dtype, with_bias):
+    generator = torch.Generator().manual_seed(rows)
+    # 37 output rows (not a multiple of the 4-row block) and K = 100 (not a multiple of 8 or 16).
+    x = torch.randn(rows, 100, generator=generator).to(x_dtype)
+    weight = torch.randn(37, 100, generator=generator).to(w_dtype)
+    bias = torch.randn(37, generator=generator).to(w_dtype) if with_bias else None
+    ours = kernels.linear_small_batch(x, weight, bias)
+    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert ours.dtype == x_dtype and ours.shape == (rows, 37)
+    tolerance = 1e-4 if x_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(ours.double(), expected, atol=tolerance * 10, rtol=tolerance)
+
+
+def _paged_case(dtype, seq_lens, num_heads=4, num_kv_heads=2, head_dim=24, block_size=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 3
+    key_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator).to(dtype)
+    value_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator).to(dtype)
+    # Blocks handed out in a shuffled order, so sequences are not contiguous in the cache.
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = []
+    for length in seq_lens:
+        needed = (length + block_size - 1) // block_size
+        tables.append([order.pop() for _ in range(needed)])
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator).to(dtype)
+    metadata = AttentionMetadata(
+        query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=block_tables,
+        slot_mapping=torch.zeros(len(seq_lens), dtype=torch.long),
+        query_lens_cpu=[1] * len(seq_lens), seq_lens_cpu=list(seq_lens), block_size=block_size,
+    )
+    return query, key_cache, value_cache, metadata
+
+
+def _reference(query, key_cache, value_cache, metadata, scale):
+    outputs = []
+    for index, length in enumerate(metadata.seq_lens_cpu):
+        keys = torch_paged.gather_context(key_cache, metadata.block_tables[index], length).double()
+        values = torch_paged.gather_context(value_cache, metadata.block_tables[index], length).double()
+        group = query.shape[1] // key_cache.shape[2]
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        q = query[index].double().unsqueeze(1)  # [H, 1, D]
+        probs = torch.softmax(q @ keys.transpose(-1, -2) * scale, dim=-1)
+        outputs.append((probs @ values).squeeze(1))
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_matches_reference(dtype):
+    seq_lens = [1, 5, 17, 64, 3]
+    query, key_cache, value_cache, metadata = _paged_case(dtype, seq_lens)
+    scale = 24**-0.5
+    out = torch.empty_like(query)
+    kernels.paged_decode_attention(query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
+                                   torch.arange(len(seq_lens)), out, scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), _reference(query, key_cache, value_cache, metadata, scale),
+                               atol=tolerance, rtol=tolerance)
+
+
+def test_softmax_exp_handles_large_score_ranges():
+    # Scores spread over hundreds: the kernel's exp must underflow cleanly to 0, not NaN.
+    query, key_cache, value_cache, metadata = _paged_case(torch.float32, [40], head_dim=16)
+    query = query * 200
+    out = torch.empty_like(query)
+    kernels.paged_decode_attention(query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
+                                   torch.arange(1), out, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), _reference(query, key_cache, value_cache, metadata, 1.0),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_torch_formula(dtype, with_residual):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 36, generator=generator).to(dtype)
+    weight = (1 + 0.1 * torch.randn(36, generator=generator)).to(dtype)
+    residual = torch.randn(5, 36, generator=generator).to(dtype) if with_residual else None
+    summed = x + residual if with_residual else x
+    x_float = summed.float()
+    expected = weight * (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    normed, new_residual = kernels.rms_norm(x, weight, 1e-6, residual.clone() if with_residual else None)
+    torch.testing.assert_close(new_residual, summed, atol=0, rtol=0)
+    # Only the order of the sum of squares differs: float32 to a few ulp, bf16 to one rounding step.
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(normed, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_matches_rotate_half(dtype):
+    from fitserve.models.rope import RotaryEmbedding, apply_rotary
+
+    generator = torch.Generator().manual_seed(4)
+    num_heads, num_kv_heads, head_dim, tokens = 4, 2, 16, 7
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=generator).to(dtype)
+    cos, sin = RotaryEmbedding(head_dim, 10000.0, None)(torch.arange(3, 3 + tokens), dtype)
+    q = qkv[:, : num_heads * head_dim].reshape(tokens, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].reshape(tokens, num_kv_heads, head_dim)
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    value_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
+    kernels.rotary_(qkv, cos, sin, num_heads + num_kv_heads, head_dim)
+    torch.testing.assert_close(qkv[:, : num_heads * head_dim].reshape(tokens, num_heads, head_dim), expected_q,
+                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].reshape(tokens, num_kv_heads, head_dim),
+        expected_k, atol=0, rtol=0)
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], value_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_torch(dtype):
+    generator = torch.Generator().manual_seed(5)
+    gate_up = (torch.randn(3, 2 * 45, generator=generator) * 30).to(dtype)  # large |gate| too
+    gate, up = gate_up.split(45, dim=-1)
+    expected = F.silu(gate) * up
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(kernels.silu_mul(gate_up), expected, atol=tolerance, rtol=tolerance)
