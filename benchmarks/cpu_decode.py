@@ -93,11 +93,12 @@ def make_prompt(length: int, vocab_size: int, seed: int) -> list[int]:
     return [rng.randrange(10, vocab_size) for _ in range(length)]
 
 
-def serve_workload(num: int, vocab_size: int, seed: int = 0) -> list[tuple[list[int], int]]:
+def serve_workload(num: int, vocab_size: int, seed: int = 0, input_range: tuple[int, int] = (64, 512),
+                   output_range: tuple[int, int] = (64, 256)) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     workload = []
     for _ in range(num):
-        input_len, output_len = rng.randint(64, 512), rng.randint(64, 256)
+        input_len, output_len = rng.randint(*input_range), rng.randint(*output_range)
         workload.append(([rng.randrange(10, vocab_size) for _ in range(input_len)], output_len))
     return workload
 
@@ -304,6 +305,12 @@ def main() -> int:
     parser.add_argument("--single-tokens", type=int, default=64)
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--serve-dtypes", nargs="+", default=None,
+                        help="fitserve dtypes in the serve section (default: all of --dtypes)")
+    parser.add_argument("--curve-dtypes", nargs="+", default=["bfloat16"],
+                        help="fitserve dtypes run at 1, 4 and 16 concurrent requests too (all dtypes run at 32)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny serve workload (input 16-64, output 4-12): checks the harness, not speed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -339,7 +346,8 @@ def main() -> int:
     runs: dict = {"single": [], "serve": [], "prefill": []}
     single_prompt = make_prompt(args.single_prompt, vocab_size, seed=1)
     prefill_prompt = make_prompt(1024, vocab_size, seed=2)
-    workload = serve_workload(32, vocab_size, seed=0)
+    workload = (serve_workload(32, vocab_size, 0, (16, 64), (4, 12)) if args.smoke
+                else serve_workload(32, vocab_size, seed=0))
 
     def log(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -383,7 +391,9 @@ def main() -> int:
                 log(f"prefill llama.cpp bf16: {seconds:.2f} s")
         if repeat < serve_repeats and ("serve" in args.sections or "overhead" in args.sections):
             for dtype, side in fitserve.items():
-                concurrency = SERVE_CONCURRENCY if "serve" in args.sections else (32,)
+                if args.serve_dtypes and dtype not in args.serve_dtypes:
+                    continue
+                concurrency = SERVE_CONCURRENCY if "serve" in args.sections and dtype in args.curve_dtypes else (32,)
                 for count in concurrency:
                     result = side.serve(workload[:count], breakdown=count == 32 and "overhead" in args.sections)
                     rate = result["output_tokens"] / result["seconds"]
@@ -426,7 +436,8 @@ def main() -> int:
                   "shape": {d: s.to_dict() for d, s in shapes.items()}},
         "settings": {"threads": args.threads, "repeats": args.repeats, "serve_repeats": serve_repeats,
                      "single_stream": {"prompt_tokens": args.single_prompt, "decode_tokens": args.single_tokens},
-                     "serve_workload": {"num_requests": 32, "input_len": [64, 512], "output_len": [64, 256],
+                     "serve_workload": {"num_requests": 32, "input_len": [16, 64] if args.smoke else [64, 512],
+                                        "output_len": [4, 12] if args.smoke else [64, 256],
                                         "seed": 0, "ignore_eos": True,
                                         "total_input_tokens": sum(len(p) for p, _ in workload),
                                         "total_output_tokens": sum(n for _, n in workload)},

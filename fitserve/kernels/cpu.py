@@ -76,9 +76,10 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-SMALL_BATCH_ROWS = 64
+SMALL_BATCH_ROWS = 16
 """Up to this many rows the weight-streaming kernel beats widening the weights for the matmul
-library (benchmarks/cpu_kernels.py on a 2-core AVX2 machine): decode batches stay on it."""
+library (benchmarks/cpu_kernels.py on a 2-core AVX2 machine: ~1.5x at 1-8 rows, even at
+16-32, behind from 32 rows on); larger decode batches widen and use the library."""
 
 _WIDEN_LIMIT = 64 * 2**20
 """Weights above this many elements (a large vocabulary's LM head) are widened into a fresh

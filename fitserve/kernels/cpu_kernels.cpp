@@ -44,6 +44,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(sums);
 }
 
+// Float buffers aligned to 32 bytes, so 8-float loads never straddle a cache line.
+struct AlignedFloats {
+  std::vector<float> storage;
+  float* data;
+  explicit AlignedFloats(size_t count) : storage(count + 8) {
+    auto address = reinterpret_cast<uintptr_t>(storage.data());
+    data = reinterpret_cast<float*>((address + 31) & ~static_cast<uintptr_t>(31));
+  }
+};
+
 template <typename T>
 inline void widen_row(const T* source, float* target, int64_t count) {
   int64_t k = 0;
@@ -99,11 +109,13 @@ inline void micro_kernel(const float* const* x_rows, const float* w, int64_t K, 
 template <typename XT, typename WT>
 void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, int64_t N, int64_t K) {
   // x is small (a few decode rows): widen it once so the inner loops only widen W.
-  std::vector<float> x_float(M * K);
-  for (int64_t m = 0; m < M; ++m) widen_row(x + m * K, x_float.data() + m * K, K);
+  AlignedFloats x_buffer(M * K);
+  float* x_float = x_buffer.data;
+  for (int64_t m = 0; m < M; ++m) widen_row(x + m * K, x_float + m * K, K);
   const int64_t num_blocks = (N + kRowsOfW - 1) / kRowsOfW;
   at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> w_float(kRowsOfW * K);
+    AlignedFloats w_buffer(kRowsOfW * K);
+    float* w_float = w_buffer.data;
     float block_out[3][kRowsOfW];
     for (int64_t block = first; block < last; ++block) {
       const int64_t n0 = block * kRowsOfW;
@@ -111,20 +123,20 @@ void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, i
       const WT* w_block = w + n0 * K;
       if (M == 1) {
         for (int r = 0; r < rows; ++r)
-          out[n0 + r] = static_cast<XT>(dot_row(x_float.data(), w_block + r * K, K) + (bias ? to_float(bias[n0 + r]) : 0.0f));
+          out[n0 + r] = static_cast<XT>(dot_row(x_float, w_block + r * K, K) + (bias ? to_float(bias[n0 + r]) : 0.0f));
         continue;
       }
       // Several rows of x: widen this block of W once into an L1-resident buffer, then reuse
       // it for every row of x.
-      for (int r = 0; r < rows; ++r) widen_row(w_block + r * K, w_float.data() + r * K, K);
-      for (int r = rows; r < kRowsOfW; ++r) std::fill_n(w_float.data() + r * K, K, 0.0f);
+      for (int r = 0; r < rows; ++r) widen_row(w_block + r * K, w_float + r * K, K);
+      for (int r = rows; r < kRowsOfW; ++r) std::fill_n(w_float + r * K, K, 0.0f);
       for (int64_t m0 = 0; m0 < M; m0 += 3) {
         const int mr = static_cast<int>(std::min<int64_t>(3, M - m0));
         const float* x_rows[3];
-        for (int m = 0; m < mr; ++m) x_rows[m] = x_float.data() + (m0 + m) * K;
-        if (mr == 3) micro_kernel<3>(x_rows, w_float.data(), K, block_out);
-        else if (mr == 2) micro_kernel<2>(x_rows, w_float.data(), K, block_out);
-        else micro_kernel<1>(x_rows, w_float.data(), K, block_out);
+        for (int m = 0; m < mr; ++m) x_rows[m] = x_float + (m0 + m) * K;
+        if (mr == 3) micro_kernel<3>(x_rows, w_float, K, block_out);
+        else if (mr == 2) micro_kernel<2>(x_rows, w_float, K, block_out);
+        else micro_kernel<1>(x_rows, w_float, K, block_out);
         for (int m = 0; m < mr; ++m)
           for (int r = 0; r < rows; ++r)
             out[(m0 + m) * N + n0 + r] =
@@ -185,7 +197,13 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
                            int64_t table_stride, float scale) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t token_stride = num_kv_heads * head_dim;  // between tokens of one block
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t first, int64_t last) {
+  // Little work (one short sequence) runs on the calling thread: waking the pool would cost
+  // more than it saves, and on a busy machine a woken thread may wait for a core.
+  int64_t total_positions = 0;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) total_positions += seq_lens[seq];
+  const int64_t items = num_seqs * num_kv_heads;
+  const int64_t grain = total_positions * num_heads < 16384 ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t first, int64_t last) {
     std::vector<float> q_float(group * head_dim), acc(group * head_dim), scores;
     for (int64_t item = first; item < last; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;

@@ -9,6 +9,11 @@ Numerics follow transformers so float32 greedy decoding gives the same tokens: R
 float32 then cast back before the weight multiply, rope angles in float32, residual adds in
 the model dtype. q/k/v and gate/up are each one fused matmul (fewer, larger GEMMs on the
 decode hot path); the loader fills the fused weights from the separate checkpoint tensors.
+
+On CPUs with AVX2, the projections, RMSNorm (+ residual add), rotary and SiLU·up take the
+compiled kernels of fitserve.kernels.cpu, which keep the rounding of the torch code below
+(every intermediate the torch code stores in the model dtype is rounded to it there too);
+without them, the plain torch code runs.
 """
 
 from __future__ import annotations
