@@ -46,11 +46,15 @@ _DTYPES = {
 
 
 def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto` follows the checkpoint, except float16 on CPU (slow there) becomes bfloat16."""
+    """`auto` follows the checkpoint, with two exceptions: float16 on CPU (slow there) becomes
+    bfloat16, and a float32 checkpoint on a GPU runs in bfloat16 (half the bytes per decode
+    step, tensor cores; what vLLM does too). An explicit dtype is always honoured."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
         if device.type == "cpu" and checkpoint_dtype == torch.float16:
+            return torch.bfloat16
+        if device.type == "cuda" and checkpoint_dtype == torch.float32:
             return torch.bfloat16
         return checkpoint_dtype
     if name not in _DTYPES:
