@@ -57,11 +57,11 @@ CHAT_TEMPLATE = (
 )
 
 MODEL_SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=704,          # ~2.75x hidden, rounded to a multiple of 64
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,          # grouped-query attention, 4 query heads per KV head
+    hidden_size=384,
+    intermediate_size=768,          # 2x hidden: keeps the float32 checkpoint under ~40 MB
+    num_hidden_layers=6,
+    num_attention_heads=6,          # head_dim 64, as in most Llama-family models
+    num_key_value_heads=2,          # grouped-query attention, 3 query heads per KV head
     max_position_embeddings=2048,   # trained on SEQUENCE_LENGTH windows; longer is allowed
     rope_theta=10000.0,
     rms_norm_eps=1e-5,
@@ -69,11 +69,19 @@ MODEL_SHAPE = dict(
 )
 
 SEQUENCE_LENGTH = 512
-BATCH_SIZE = 2
-TRAIN_STEPS = 800
-PEAK_LEARNING_RATE = 2e-3
+BATCH_SIZE = 8
+TRAIN_STEPS = 3000                  # ~12 M tokens: about 5.6 passes over the training files
+PEAK_LEARNING_RATE = 1.5e-3
 FINAL_LEARNING_RATE_FRACTION = 0.1
-WARMUP_STEPS = 40
+WARMUP_STEPS = 150
+# Matmuls in bfloat16 under autocast (weights, optimizer state and the saved checkpoint stay
+# float32). On CPUs with AMX or AVX512-BF16 this trains ~1.8x faster than float32 (measured on
+# a 2-core Xeon); elsewhere it is still correct, only slower.
+AUTOCAST_BF16 = True
+# Held-out loss on a few windows is printed this often, to watch for over-fitting; it never
+# influences training.
+EVAL_EVERY = 250
+EVAL_WINDOWS = 16
 WEIGHT_DECAY = 0.1
 GRADIENT_CLIP = 1.0
 NUM_THREADS = 2
@@ -151,25 +159,43 @@ def make_optimizer(model: LlamaForCausalLM) -> torch.optim.AdamW:
     )
 
 
+@torch.inference_mode()
+def heldout_loss(model: LlamaForCausalLM, heldout_ids: torch.Tensor) -> float:
+    """Mean next-token loss (float32) over EVAL_WINDOWS windows of the held-out text."""
+    was_training = model.training
+    model.eval()
+    windows = heldout_ids[: EVAL_WINDOWS * SEQUENCE_LENGTH].view(-1, SEQUENCE_LENGTH).long()
+    logits = model(input_ids=windows).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
+    model.train(was_training)
+    return loss.item()
+
+
 def train(model: LlamaForCausalLM, stream: torch.Tensor, total_steps: int, log_every: int = 10,
-          checkpoint_dir: Path | None = None, checkpoint_every: int = 100) -> dict:
+          checkpoint_dir: Path | None = None, checkpoint_every: int = 100,
+          heldout_ids: torch.Tensor | None = None) -> dict:
     """Random SEQUENCE_LENGTH windows from the stream; returns timing and loss history.
 
     Periodic weight-only checkpoints let a long run on a shared machine be inspected (and
-    sampled) while it trains; they do not affect the result.
+    sampled) while it trains; they do not affect the result. Nor does the held-out loss, which
+    is only printed and recorded.
     """
     generator = torch.Generator().manual_seed(SEED)
     optimizer = make_optimizer(model)
     model.train()
     losses: list[tuple[int, float]] = []
+    heldout_losses: list[tuple[int, float]] = []
     started = time.perf_counter()
     for step in range(total_steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, total_steps)
         starts = torch.randint(0, len(stream) - SEQUENCE_LENGTH - 1, (BATCH_SIZE,), generator=generator)
         batch = torch.stack([stream[s : s + SEQUENCE_LENGTH + 1] for s in starts.tolist()]).long()
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST_BF16):
+            logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
@@ -179,10 +205,15 @@ def train(model: LlamaForCausalLM, stream: torch.Tensor, total_steps: int, log_e
             losses.append((step, round(loss.item(), 4)))
             print(f"step {step:5d}/{total_steps}  loss {loss.item():.4f}  lr {learning_rate_at(step, total_steps):.2e}"
                   f"  {elapsed:7.1f}s  ({elapsed / (step + 1):.2f} s/step)", flush=True)
+        if heldout_ids is not None and ((step + 1) % EVAL_EVERY == 0 or step == total_steps - 1):
+            value = heldout_loss(model, heldout_ids)
+            heldout_losses.append((step + 1, round(value, 4)))
+            print(f"step {step + 1:5d}  held-out loss {value:.4f}  perplexity {math.exp(value):.2f}", flush=True)
         if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0:
             model.save_pretrained(checkpoint_dir, safe_serialization=True)
     model.eval()
-    return {"train_wall_time_s": round(time.perf_counter() - started, 1), "loss_history": losses}
+    return {"train_wall_time_s": round(time.perf_counter() - started, 1), "loss_history": losses,
+            "heldout_loss_history": heldout_losses}
 
 
 def hardware_description() -> dict:
@@ -229,7 +260,8 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, split: Cor
             "train_steps": TRAIN_STEPS,
             "peak_learning_rate": PEAK_LEARNING_RATE, "final_learning_rate_fraction": FINAL_LEARNING_RATE_FRACTION,
             "warmup_steps": WARMUP_STEPS, "weight_decay": WEIGHT_DECAY, "gradient_clip": GRADIENT_CLIP,
-            "adam_betas": [0.9, 0.95], "dtype": "float32", **MODEL_SHAPE,
+            "adam_betas": [0.9, 0.95], "dtype": "float32",
+            "autocast": "bfloat16" if AUTOCAST_BF16 else None, **MODEL_SHAPE,
         },
         "hardware": hardware_description(),
         **training_report,
@@ -255,7 +287,9 @@ def main() -> None:
     num_parameters = sum(p.numel() for p in model.parameters())
     print(f"{len(stream):,} training tokens, vocab {len(tokenizer)}, {num_parameters:,} parameters", flush=True)
     steps = args.time_steps or TRAIN_STEPS
-    report = train(model, stream, steps, log_every=1 if args.time_steps else 5, checkpoint_dir=args.checkpoint_dir)
+    heldout_ids = torch.tensor(tokenizer(heldout_text(split), add_special_tokens=False)["input_ids"])
+    report = train(model, stream, steps, log_every=1 if args.time_steps else 10,
+                   checkpoint_dir=args.checkpoint_dir, heldout_ids=heldout_ids)
     if args.time_steps:
         return
     save(model, tokenizer, split, report, len(stream), args.output_dir)

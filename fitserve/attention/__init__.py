@@ -54,6 +54,12 @@ def _triton_backend() -> ModuleType:
     return triton_paged
 
 
+def is_triton_backend(backend: AttentionBackend) -> bool:
+    """True for the Triton kernels, whose launches need no host data and so can be captured
+    in CUDA graphs (the torch path sizes tensors from host-side lengths)."""
+    return getattr(backend, "__name__", "") == "fitserve.attention.triton_paged"
+
+
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     """"torch": portable path; "triton": GPU kernels; "auto": triton on CUDA when it imports."""
     if name == "torch":

@@ -36,6 +36,11 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     """Host copy of `seq_lens`."""
     block_size: int
+    max_seq_len_bound: int | None = None
+    """When set, an upper bound on every context length that kernels size their launch grids
+    for instead of the batch's actual longest context. A captured CUDA graph replays the same
+    grid at every step, so its metadata carries the engine's max_model_len here; programs past
+    a sequence's real length return at once."""
 
     @property
     def num_seqs(self) -> int:
@@ -48,6 +53,11 @@ class AttentionMetadata:
     @property
     def max_seq_len(self) -> int:
         return max(self.seq_lens_cpu, default=0)
+
+    @property
+    def grid_seq_len(self) -> int:
+        """The context length launch grids are sized for (see `max_seq_len_bound`)."""
+        return self.max_seq_len_bound if self.max_seq_len_bound is not None else self.max_seq_len
 
     @property
     def is_decode_only(self) -> bool:

@@ -297,7 +297,7 @@ def decode_attention(
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     partition_size = partition_size or choose_partition_size(
-        num_seqs, num_kv_heads, metadata.max_seq_len, query.device
+        num_seqs, num_kv_heads, metadata.grid_seq_len, query.device
     )
     tile_n = tile_n or min(default_decode_tile_n(query.dtype, head_dim), partition_size)
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -313,7 +313,9 @@ def decode_attention(
     if num_seqs == 0:
         return output
 
-    max_num_partitions = cdiv(metadata.max_seq_len, partition_size)
+    # Sized for grid_seq_len, not the real longest context, when a CUDA graph replays this
+    # launch (see AttentionMetadata.max_seq_len_bound); surplus programs return at once.
+    max_num_partitions = cdiv(metadata.grid_seq_len, partition_size)
     single_partition = max_num_partitions == 1
     if single_partition:
         # Never read: the partition kernel writes the output directly.

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fitserve.attention import get_attention_backend
+from fitserve.attention import get_attention_backend, is_triton_backend
 from fitserve.config import ConfigError, EngineArgs, parse_size, resolve_device, resolve_dtype
+from fitserve.engine.decode_graphs import DecodeGraphs
 from fitserve.engine.detokenizer import IncrementalDetokenizer
 from fitserve.engine.kv_cache import KVCacheManager
 from fitserve.engine.request import Request, RequestStatus
@@ -81,7 +82,11 @@ class LLMEngine:
             config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.block_size, self.dtype
         )
         kv_bytes = self._kv_cache_budget()
-        self.num_kv_blocks = kv_bytes // bytes_per_block
+        use_cuda_graphs = (self.device.type == "cuda" and not args.enforce_eager
+                           and is_triton_backend(attention_backend))
+        # CUDA graphs pad decode batches; the padding rows write into one spare block.
+        num_allocated_blocks = kv_bytes // bytes_per_block
+        self.num_kv_blocks = num_allocated_blocks - (1 if use_cuda_graphs else 0)
         if self.num_kv_blocks < 1:
             raise ConfigError(
                 f"the KV-cache budget ({kv_bytes} bytes) is smaller than one block "
@@ -90,7 +95,7 @@ class LLMEngine:
         self.kv_capacity_tokens = self.num_kv_blocks * self.block_size
         self.max_model_len = self._resolve_max_model_len()
         kv_caches = allocate_kv_cache(
-            config.num_hidden_layers, self.num_kv_blocks, self.block_size,
+            config.num_hidden_layers, num_allocated_blocks, self.block_size,
             config.num_key_value_heads, config.head_dim, self.dtype, self.device,
         )
         self.kv_cache_bytes = self.num_kv_blocks * bytes_per_block
@@ -99,7 +104,14 @@ class LLMEngine:
             self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill
         )
         self.sampler = Sampler(config.vocab_size, self.device, seed=args.seed)
-        self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler)
+        decode_graphs = None
+        if use_cuda_graphs:
+            decode_graphs = DecodeGraphs(
+                self.model, kv_caches, self.block_size, self.max_model_len, args.max_num_seqs,
+                padding_block=num_allocated_blocks - 1, device=self.device, use_cuda_graphs=True,
+            )
+            decode_graphs.capture()
+        self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler, decode_graphs)
 
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

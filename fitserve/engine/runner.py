@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fitserve.attention.metadata import AttentionMetadata
+from fitserve.engine.decode_graphs import DecodeGraphs
 from fitserve.engine.request import Request
 from fitserve.engine.sampler import Sampler, compute_prompt_logprobs
 from fitserve.engine.scheduler import SchedulerOutput
@@ -60,12 +61,15 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         sampler: Sampler,
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
+        self.decode_graphs = decode_graphs
+        """When set, decode-only steps that fit its largest batch run through it (CUDA graphs)."""
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
@@ -108,12 +112,20 @@ class ModelRunner:
                 sample_token_rows.append(token_offset + item.num_new_tokens - 1)
                 sample_requests.append(request)
 
+        output = RunnerOutput()
+        graphs = self.decode_graphs
+        if (graphs is not None and not prompt_rows and len(sample_requests) == len(input_ids) == len(query_lens)
+                and len(input_ids) <= graphs.max_batch_size):
+            # Every scheduled request decodes one token and samples it: the graph's case.
+            logits = graphs.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
+            self._sample(logits, sample_requests, output)
+            return output
+
         metadata = self._build_metadata(query_lens, seq_lens, block_tables, slot_mapping)
         input_tensor = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         position_tensor = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden_states = self.model(input_tensor, position_tensor, self.kv_caches, metadata)
 
-        output = RunnerOutput()
         # Logits only where needed: prompt rows that are scored, then one row per sampled request.
         logit_rows: list[int] = []
         for rows in prompt_rows:
@@ -133,10 +145,13 @@ class ModelRunner:
                 chunk, rows.targets, rows.request.sampling_params.prompt_logprobs or 0
             )
         if sample_requests:
-            sampler_output = self.sampler.sample(logits[num_prompt_logit_rows:], sample_requests)
-            for request, token_id, logprobs in zip(sample_requests, sampler_output.token_ids, sampler_output.logprobs):
-                output.sampled[request.request_id] = (token_id, logprobs)
+            self._sample(logits[num_prompt_logit_rows:], sample_requests, output)
         return output
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request], output: RunnerOutput) -> None:
+        sampler_output = self.sampler.sample(logits, requests)
+        for request, token_id, logprobs in zip(requests, sampler_output.token_ids, sampler_output.logprobs):
+            output.sampled[request.request_id] = (token_id, logprobs)
 
     def _build_metadata(
         self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slot_mapping: list[int]

@@ -192,6 +192,24 @@ def test_decode_reduce_combines_partials_over_several_chunks(monkeypatch: pytest
     assert_close_to_reference(actual, batch)
 
 
+def test_decode_grid_sized_for_a_bound_gives_the_same_output() -> None:
+    # A captured CUDA graph launches the grid for max_model_len at every step: partitions past a
+    # sequence's real context must add nothing, and padding rows (context 1) must stay finite.
+    seq_lens = [300, 17, 1, 129]
+    batch = make_batch([1] * len(seq_lens), seq_lens, group_size=2, seed=5)
+    exact = decode_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale,
+        partition_size=64, tile_n=32,
+    )
+    batch.metadata.max_seq_len_bound = 1024  # 16 partitions of 64; the longest context uses 5
+    bounded = decode_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale,
+        partition_size=64, tile_n=32,
+    )
+    assert torch.equal(bounded, exact)
+    assert_close_to_reference(bounded, batch)
+
+
 def test_partition_size_spreads_small_batches_and_caps_large_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_decode, "_multiprocessor_count", lambda device_index: 132)  # H100
     gpu = torch.device("cuda", 0)
