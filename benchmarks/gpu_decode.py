@@ -54,6 +54,9 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--prefill-len", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs (run once with and once without to see what they save)")
+    parser.add_argument("--kv-cache-memory", default=None, help="KV budget (default: 1GiB on CPU, 8GiB on GPU)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -69,7 +72,9 @@ def main() -> int:
     context = max(args.prefill_len, args.prompt_len + args.decode_tokens) + 16
     llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_model_len=context,
               max_num_batched_tokens=max(2048, args.prefill_len), enable_prefix_caching=False,
-              **({"kv_cache_memory": "1GiB"} if device.type == "cpu" else {}))
+              enforce_eager=args.enforce_eager, max_num_seqs=8,
+              kv_cache_memory=args.kv_cache_memory or ("1GiB" if device.type == "cpu" else "8GiB"))
+    cuda_graphs = llm.engine.runner.decode_graphs is not None
     shape = ModelShape.from_model_dir(model_dir, args.dtype, device)
     vocab = shape.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -99,6 +104,7 @@ def main() -> int:
         "model": {"preset": args.preset, "dtype": args.dtype, "num_layers": shape.num_layers,
                   "weights": "random (shape only)", "shape": shape.to_dict()},
         "device": str(device),
+        "cuda_graphs": cuda_graphs,
         "limits": {"copy_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": peak_flops,
                    "runs": {"bandwidth": bandwidths, "matmul": flops}},
         "decode": {"prompt_len": args.prompt_len, "tokens": args.decode_tokens, "bytes_per_step": step_bytes,
@@ -110,7 +116,8 @@ def main() -> int:
     }
     print(f"decode {achieved_rate:.1f} tok/s = {result['decode']['fraction_of_bound']:.0%} of the "
           f"{bound_rate:.1f} tok/s bound; prefill {result['prefill']['fraction_of_matmul_peak']:.0%} of matmul peak")
-    path = write_result(f"gpu_decode-{args.preset}-{device.type}", result, args.out)
+    mode = "graphs" if cuda_graphs else "eager"
+    path = write_result(f"gpu_decode-{args.preset}-{device.type}-{mode}", result, args.out)
     print(f"wrote {path}")
     return 0
 
