@@ -487,7 +487,10 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
         if key[2] == 32 and decode:
             shape = shapes[key[1]]
             context = 288 + 80  # mean prompt + about half the mean output at full batch
-            peak = machine["matmul_flops_per_s"]["float32"]
+            # The same dtype's measured matmul rate: on CPUs with AMX / AVX512-BF16 bf16 runs
+            # several times faster than float32, elsewhere far slower.
+            peak = machine["matmul_flops_per_s"][key[1]]
+            entry["decode_matmul_bound_dtype"] = key[1]
             entry["decode_matmul_bound_tokens_per_s"] = peak / decode_flops_per_token(shape, context)
             entry["decode_fraction_of_matmul_bound"] = statistics.median(decode) / entry["decode_matmul_bound_tokens_per_s"]
         overheads = [r["overhead"] for r in rows if r.get("overhead")]

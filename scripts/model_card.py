@@ -25,6 +25,14 @@ def render_model_card(training: dict, evaluation: dict, config, size_bytes: int)
         for s in evaluation["samples"]
     )
     protocol = evaluation["protocol"]
+    precision = ("float32 weights and optimizer state with bfloat16 matmuls (`torch.autocast`)"
+                 if settings.get("autocast") == "bfloat16" else "float32")
+    heldout_history = training.get("heldout_loss_history") or []
+    heldout_curve = ""
+    if heldout_history:
+        points = ", ".join(f"{step}: {loss:.2f}" for step, loss in heldout_history)
+        heldout_curve = (f"\nHeld-out loss on the first {settings.get('heldout_eval_windows')} windows during training "
+                         f"(watched for over-fitting, never used to choose anything): {points}.")
     return f"""# fitserve-tiny
 
 The model bundled with fitserve so that `fitserve generate`, `serve` and `bench` work with no
@@ -78,9 +86,9 @@ only), peak learning rate {settings['peak_learning_rate']} after {settings['warm
 linear warm-up steps, cosine decay to {settings['final_learning_rate_fraction']}x, gradient
 clipping {settings['gradient_clip']}; {settings['train_steps']} steps of {settings['batch_size']}
 random {settings['sequence_length']}-token windows ({tokens_seen:,} tokens, about
-{tokens_seen / training['num_train_tokens']:.2f} epochs), float32, seed {training['seed']}.
+{tokens_seen / training['num_train_tokens']:.2f} epochs), {precision}, seed {training['seed']}.
 Loss of the last logged training batch: {training['loss_history'][-1][1]} (one batch, so noisy;
-the full curve is in `training.json`).
+the full curve is in `training.json`).{heldout_curve}
 
 Wall time **{minutes:.1f} minutes** on {hardware['torch_threads']} threads of an
 `{hardware['cpu_model']}` CPU (`lscpu` model name; {hardware['os_cpu_count']} cores, shared with other

@@ -5,7 +5,9 @@ PyTorch waste it. A bfloat16 matmul on a CPU without native bf16 arithmetic runs
 times slower than float32 (so bf16 weights, half the bytes, were slower to read than fp32
 ones); and decode attention over a paged cache first gathered every sequence's padded
 blocks into a new tensor. The kernels widen bf16 in registers while streaming the weights
-once, and attend over the cache blocks in place.
+once, and attend over the cache blocks in place. On CPUs with native bf16 (AMX), torch's
+bf16 matmul is fast for many rows, but a single decode row still streams its weights faster
+through the kernel (with 512-bit loads and software prefetch where AVX-512 exists).
 
 The extension is built with the system C++ compiler through torch.utils.cpp_extension and
 cached (~/.cache/torch_extensions). Where it cannot be built (no compiler, no AVX2, not
@@ -81,6 +83,12 @@ SMALL_BATCH_ROWS = 16
 library (benchmarks/cpu_kernels.py on a 2-core AVX2 machine: ~1.5x at 1-8 rows, even at
 16-32, behind from 32 rows on); larger decode batches widen and use the library."""
 
+SMALL_BATCH_ROWS_NATIVE_BF16 = 1
+"""The same limit on CPUs with native bf16 (AMX / AVX512-BF16), where torch's bf16 matmul
+needs no widening: there the kernel wins only for a single row (benchmarks/cpu_kernels.py
+on a 2-core Xeon with AMX, 9728x896 weights: 0.63 ms vs 1.14 ms at 1 row, 1.31 vs 1.21 at 2,
+3.1 vs 1.2 at 8)."""
+
 _WIDEN_LIMIT = 64 * 2**20
 """Weights above this many elements (a large vocabulary's LM head) are widened into a fresh
 tensor instead of the shared buffer, so the buffer stays the size of one layer's matrix."""
@@ -108,22 +116,26 @@ class WidenBuffer:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            widen_buffer: WidenBuffer | None = None) -> torch.Tensor:
-    """`F.linear` with CPU fast paths for bfloat16 weights on CPUs without native bf16.
+    """`F.linear` with CPU fast paths for bfloat16 weights.
 
     Few rows (decode): the streaming kernel, which reads bf16 weights once and widens them in
-    registers. Many rows (prefill): float32 matmul on widened weights (in `widen_buffer` when
-    given), far faster there than torch's bf16 matmul; widening is cheap next to the matmul
-    it feeds. Either way products are accumulated in float32 and rounded once to x's dtype,
+    registers (AVX-512 where the CPU has it). Many rows (prefill): torch's own bf16 matmul on
+    CPUs with native bf16 (AMX / AVX512-BF16); elsewhere float32 matmul on widened weights (in
+    `widen_buffer` when given), far faster there than torch's bf16 matmul; widening is cheap
+    next to the matmul it feeds. Either way products are accumulated in float32 and rounded once to x's dtype,
     as torch's bf16 matmul does. float32 weights always take `F.linear`, so greedy float32
     outputs are unchanged.
     """
-    if weight.dtype != torch.bfloat16 or x.device.type != "cpu" or _NATIVE_BF16:
+    if weight.dtype != torch.bfloat16 or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    kernels = get()
-    if kernels is not None and rows <= SMALL_BATCH_ROWS and x.dtype in (torch.bfloat16, torch.float32):
+    small_batch_rows = SMALL_BATCH_ROWS_NATIVE_BF16 if _NATIVE_BF16 else SMALL_BATCH_ROWS
+    kernels = get() if rows <= small_batch_rows else None
+    if kernels is not None and x.dtype in (torch.bfloat16, torch.float32):
         out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
+    if _NATIVE_BF16:
+        return F.linear(x, weight, bias)
     wide = widen_buffer.widen(weight) if widen_buffer is not None else weight.float()
     return F.linear(x.float(), wide, None if bias is None else bias.float()).to(x.dtype)
 

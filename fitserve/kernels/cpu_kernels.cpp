@@ -83,6 +83,40 @@ inline float dot_row(const float* x, const WT* w, int64_t K) {
   return sum;
 }
 
+// The same single-row dot product with 512-bit vectors, for CPUs with AVX-512 (chosen at run
+// time, so the extension still loads on AVX2-only CPUs). 16 bf16 weights are widened per
+// instruction: fewer instructions per byte keep more loads in flight, which is what a single
+// decode row needs to approach the memory bandwidth.
+__attribute__((target("avx512f,avx512bw,fma"))) inline __m512 widen16(const BF16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,fma")))
+float dot_row_bf16_avx512(const float* x, const BF16* w, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + 1024), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + 1056), _MM_HINT_T0);
+    a0 = _mm512_fmadd_ps(widen16(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(widen16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(widen16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(widen16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+  }
+  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(widen16(w + k), _mm512_loadu_ps(x + k), a0);
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; k < K; ++k) sum += to_float(w[k]) * x[k];
+  return sum;
+}
+
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+
+inline float dot_row_best(const float* x, const BF16* w, int64_t K) {
+  return kHasAvx512 ? dot_row_bf16_avx512(x, w, K) : dot_row(x, w, K);
+}
+inline float dot_row_best(const float* x, const float* w, int64_t K) { return dot_row(x, w, K); }
+
 // MR rows of x against kRowsOfW float32 rows of W (already widened into an L1/L2 buffer).
 template <int MR>
 inline void micro_kernel(const float* const* x_rows, const float* w, int64_t K, float out[][kRowsOfW]) {
@@ -123,7 +157,7 @@ void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, i
       const WT* w_block = w + n0 * K;
       if (M == 1) {
         for (int r = 0; r < rows; ++r)
-          out[n0 + r] = static_cast<XT>(dot_row(x_float, w_block + r * K, K) + (bias ? to_float(bias[n0 + r]) : 0.0f));
+          out[n0 + r] = static_cast<XT>(dot_row_best(x_float, w_block + r * K, K) + (bias ? to_float(bias[n0 + r]) : 0.0f));
         continue;
       }
       // Several rows of x: widen this block of W once into an L1-resident buffer, then reuse
