@@ -129,6 +129,10 @@ class Attention(nn.Module):
         return self.o_proj(output.reshape(num_tokens, self.q_size))
 
 
+FUSED_SILU_MAX_ROWS = 2
+"""Token rows up to which SiLU·up runs in the fused CPU kernel (see MLP.forward)."""
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, widen_buffer: cpu_kernels.WidenBuffer) -> None:
         super().__init__()
@@ -143,7 +147,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        kernels = _fused_kernels(gate_up)
+        # The fused kernel saves torch's per-op overhead for a single decode row; from a few
+        # rows on torch's vectorised ops are faster (2.5x at 32 rows, 3x at 1024, measured).
+        kernels = _fused_kernels(gate_up) if gate_up.shape[0] <= FUSED_SILU_MAX_ROWS else None
         if kernels is not None:
             return self.down_proj(kernels.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
