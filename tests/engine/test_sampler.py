@@ -64,6 +64,19 @@ def test_greedy_is_argmax_in_fast_path_and_in_mixed_batches(sampler: Sampler) ->
     assert mixed_tokens[0::2] == expected[0::2]
 
 
+def test_greedy_ties_pick_the_first_token_like_transformers() -> None:
+    # transformers' greedy search takes argmax, i.e. the lowest id among tied maxima; a
+    # vocabulary-sized row checks this also where the reduction runs in parallel chunks.
+    vocab = 151_936
+    sampler = Sampler(vocab, torch.device("cpu"))
+    logits = torch.zeros(4, vocab)
+    logits[:, [100, 75_000, 150_000]] = 3.0
+    logits[2, 7] = 3.0
+    logits[3] = float("-inf")
+    requests = [make_request(SamplingParams(), f"t{row}") for row in range(4)]
+    assert sampler.sample(logits, requests).token_ids == [100, 100, 7, 0]
+
+
 def test_logits_wider_than_the_vocab_work_in_every_path(sampler: Sampler) -> None:
     # Padded embedding columns (here masked to -inf) must not trip any path up.
     padded = torch.randn(4, VOCAB + 8, generator=torch.Generator().manual_seed(11))
