@@ -41,15 +41,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CHECKPOINT_CACHE, describe_machine, random_checkpoint, summarize, write_result  # noqa: E402
 
-from fitserve.bench.roofline import ModelShape, measure_matmul_flops, measure_memory_bandwidth  # noqa: E402
+from fitserve.bench.roofline import (  # noqa: E402
+    ModelShape,
+    measure_matmul_flops,
+    measure_memory_bandwidth,
+    memory_test_bytes,
+)
 
 SERVE_CONCURRENCY = (1, 4, 16, 32)
 
 
 # ------------------------------------------------------------------------------ machine
 
-def measure_read_bandwidth(size_bytes: int = 256 * 2**20, min_time_s: float = 0.3) -> float:
-    """Bytes/s of reading a large tensor once (a sum: no writes); best of repeats."""
+def measure_read_bandwidth(size_bytes: int | None = None, min_time_s: float = 0.3) -> float:
+    """Bytes/s of reading a large tensor once (a sum: no writes); best of repeats. The buffer
+    is larger than the CPU's caches (`memory_test_bytes`), as a model's weights are."""
+    size_bytes = size_bytes or memory_test_bytes(torch.device("cpu"))
     source = torch.ones(size_bytes // 4, dtype=torch.float32)
     source.sum()
     best, spent = 0.0, 0.0

@@ -84,7 +84,7 @@ def main() -> int:
 
     bandwidths, flops, decode_rates, prefill_times = [], [], [], []
     for repeat in range(args.repeats):  # limits and the run alternate, so drift shows up in both
-        bandwidths.append(measure_memory_bandwidth(device, size_bytes=1 << 30 if device.type == "cuda" else 256 << 20))
+        bandwidths.append(measure_memory_bandwidth(device, size_bytes=1 << 30 if device.type == "cuda" else None))
         flops.append(measure_matmul_flops(device, dtype)[0])
         decode_rates.append(decode_rate(llm, decode_prompt, args.decode_tokens))
         prefill_times.append(prefill_seconds(llm, prefill_prompt))

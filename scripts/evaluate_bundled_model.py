@@ -65,8 +65,11 @@ def perplexity(model: LlamaForCausalLM, windows: list[list[int]], batch_size: in
 
 
 def sample_prompts(text: str) -> list[str]:
+    """Held-out line slices, without their final newline: byte-level BPE merges a newline with
+    the next line's indentation into one token, so a prompt ending in a bare newline asks the
+    model to continue from a token split it rarely saw in training."""
     lines = text.split("\n")
-    return ["\n".join(lines[first:end]) + "\n" for first, end in SAMPLE_LINE_RANGES]
+    return ["\n".join(lines[first:end]) for first, end in SAMPLE_LINE_RANGES]
 
 
 @torch.inference_mode()

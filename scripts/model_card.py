@@ -19,7 +19,7 @@ def render_model_card(training: dict, evaluation: dict, config, size_bytes: int)
     minutes = training["train_wall_time_s"] / 60
     tokens_seen = settings["train_steps"] * settings["batch_size"] * settings["sequence_length"]
     samples = "\n\n".join(
-        f"Prompt:\n\n```python\n{s['prompt']}```\n\nGreedy continuation "
+        f"Prompt:\n\n```python\n{s['prompt']}\n```\n\nGreedy continuation "
         f"({evaluation['sample_new_tokens']} new tokens, trailing whitespace trimmed):\n\n"
         f"```python\n{s['continuation'].rstrip()}\n```"
         for s in evaluation["samples"]
@@ -117,13 +117,15 @@ The numbers are also in `eval.json`; training settings and the loss curve are in
 
 ## Known limits
 
-The training budget was a fixed step count sized to finish in well under an hour on two
-cores of a machine shared with other busy jobs, which bought {tokens_seen:,} training tokens.
-That is far from converged: perplexity is still falling at the end of the run (see the loss
-curve), and greedy continuations show the usual under-trained failure modes (repetition, blank
-lines, plausible but wrong identifiers). The engine's correctness tests do not depend on the
-quality; raise `TRAIN_STEPS` in `scripts/train_bundled_model.py` on a faster or idle machine
-for a better model.
+A {training['num_parameters'] / 1e6:.1f} M-parameter model trained for about an hour on two CPU
+cores: it has learned the surface of the standard library's Python (indentation, keywords,
+naming, comment and docstring style), not what code means. Greedy decoding of a model this
+small falls into loops (a repeated comment line or statement) within a few dozen tokens, as
+the samples below show; sampling (`temperature` 0.7-1.0, or a `repetition_penalty`) gives more
+varied text. After {tokens_seen / training['num_train_tokens']:.1f} passes over the training
+tokens the training loss ({training['loss_history'][-1][1]}) is below the held-out loss, so
+more steps on this corpus would mostly over-fit; a larger corpus is what would help. The
+engine's correctness tests do not depend on the quality.
 
 ## Samples
 

@@ -138,10 +138,41 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_memory_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20,
+def last_level_cache_bytes() -> int | None:
+    """Size of the CPU's largest cache (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
+
+
+def memory_test_bytes(device: torch.device, minimum: int = 256 * 2**20) -> int:
+    """How large a buffer a bandwidth test needs so that it measures memory, not cache.
+
+    Server CPUs can have last-level caches of hundreds of MiB (480 MiB on a Xeon seen here): a
+    256 MiB buffer then stays cached between repeats and the "bandwidth" is the cache's, about
+    twice the memory's, while a model's weights (larger than the cache) stream from memory.
+    On CPUs the buffer is therefore at least twice the largest cache.
+    """
+    if device.type != "cpu":
+        return minimum
+    cache = last_level_cache_bytes() or 0
+    return max(minimum, 2 * cache)
+
+
+def measure_memory_bandwidth(device: torch.device, size_bytes: int | None = None,
                              min_time_s: float = 0.3) -> float:
     """Bytes/s of a large tensor copy (each copy reads and writes size_bytes); best of several
-    repeats, since on a shared machine the fastest repeat is the one least disturbed."""
+    repeats, since on a shared machine the fastest repeat is the one least disturbed.
+    size_bytes defaults to `memory_test_bytes`, large enough that caches do not serve it."""
+    size_bytes = size_bytes or memory_test_bytes(device)
     source = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
     target.copy_(source)  # first touch: page faults are not bandwidth

@@ -85,3 +85,17 @@ def test_the_limit_is_the_higher_of_the_measurements_before_and_after():
     assert combined["matmul_size"] == 2048 and len(combined["measurements"]) == 2
     assert combine_limits(before, None)["matmul_flops_per_s"] == 1e10
     assert combine_limits(None, None) is None
+
+
+def test_bandwidth_buffer_outgrows_large_caches(monkeypatch):
+    # A 480 MiB last-level cache (a Xeon seen here) would hold a 256 MiB test buffer between
+    # repeats and report the cache's speed; the buffer must be twice the cache instead.
+    from fitserve.bench import roofline
+
+    monkeypatch.setattr(roofline, "last_level_cache_bytes", lambda: 480 * 2**20)
+    assert roofline.memory_test_bytes(torch.device("cpu")) == 960 * 2**20
+    monkeypatch.setattr(roofline, "last_level_cache_bytes", lambda: 32 * 2**20)
+    assert roofline.memory_test_bytes(torch.device("cpu")) == 256 * 2**20
+    monkeypatch.setattr(roofline, "last_level_cache_bytes", lambda: None)
+    assert roofline.memory_test_bytes(torch.device("cpu")) == 256 * 2**20
+    assert roofline.memory_test_bytes(torch.device("cuda")) == 256 * 2**20
