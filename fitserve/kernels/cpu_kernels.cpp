@@ -45,6 +45,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(sums);
 }
 
+// The eight horizontal sums of a[0..7], as one vector (lane j = sum of a[j]).
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 // Float buffers aligned to 32 bytes, so 8-float loads never straddle a cache line.
 struct AlignedFloats {
   std::vector<float> storage;
@@ -237,6 +245,20 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
 }
 
+// out[0..64) = sum over positions of weights[p] * value_rows[p][d0 .. d0 + 64), in registers.
+template <typename T>
+inline void weighted_values_64(const T* const* value_rows, const float* weights, int64_t length, int64_t d0,
+                               float* out) {
+  __m256 acc[8];
+  for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < length; ++p) {
+    const __m256 weight = _mm256_set1_ps(weights[p]);
+    const T* value = value_rows[p] + d0;
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(load8(value + 8 * c), weight, acc[c]);
+  }
+  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
 template <typename T>
 void decode_attention_impl(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
                            const int32_t* seq_lens, const int64_t* query_rows, T* out, int64_t num_seqs,
@@ -252,6 +274,7 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
   const int64_t grain = total_positions * num_heads < 16384 ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t first, int64_t last) {
     std::vector<float> q_float(group * head_dim), acc(group * head_dim), scores;
+    std::vector<const T*> value_rows;
     for (int64_t item = first; item < last; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
       const int64_t length = seq_lens[seq];
@@ -259,8 +282,31 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
       const T* q = query + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
       for (int64_t i = 0; i < group * head_dim; ++i) q_float[i] = to_float(q[i]) * scale;
       scores.resize(group * length);
-      // Scores: every query head of the group against each cached key, block by block.
-      for (int64_t pos = 0; pos < length; ++pos) {
+      // Scores: every query head of the group against each cached key. Eight keys at a time
+      // when head_dim allows: their eight dot products are reduced together (a hadd tree), not
+      // one horizontal sum per (key, head), which made this loop compute-bound.
+      int64_t pos = 0;
+      if (head_dim % 8 == 0) {
+        for (; pos + 8 <= length; pos += 8) {
+          const T* keys[8];
+          for (int j = 0; j < 8; ++j) {
+            const int64_t p = pos + j;
+            keys[j] = key_cache + ((int64_t)table[p / block_size] * block_size + p % block_size) * token_stride
+                      + kv_head * head_dim;
+          }
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = q_float.data() + g * head_dim;
+            __m256 acc8[8];
+            for (int j = 0; j < 8; ++j) acc8[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d += 8) {
+              const __m256 qv = _mm256_loadu_ps(qg + d);
+              for (int j = 0; j < 8; ++j) acc8[j] = _mm256_fmadd_ps(load8(keys[j] + d), qv, acc8[j]);
+            }
+            _mm256_storeu_ps(scores.data() + g * length + pos, hsum8(acc8));
+          }
+        }
+      }
+      for (; pos < length; ++pos) {
         const T* key = key_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
                        + kv_head * head_dim;
         for (int64_t g = 0; g < group; ++g) {
@@ -294,9 +340,20 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
         }
         inverse_sum[g] = 1.0f / sum;
       }
-      // Weighted sum of values.
+      // Weighted sum of values. With head_dim a multiple of 64, each head's output stays in
+      // eight registers for 64 dims while the values stream past (re-read from L1/L2 per
+      // head); otherwise the accumulator lives in memory.
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t pos = 0; pos < length; ++pos) {
+      if (head_dim % 64 == 0) {
+        value_rows.resize(length);
+        for (int64_t p = 0; p < length; ++p)
+          value_rows[p] = value_cache + ((int64_t)table[p / block_size] * block_size + p % block_size) * token_stride
+                          + kv_head * head_dim;
+        for (int64_t d0 = 0; d0 < head_dim; d0 += 64)
+          for (int64_t g = 0; g < group; ++g)
+            weighted_values_64(value_rows.data(), scores.data() + g * length, length, d0, acc.data() + g * head_dim + d0);
+      }
+      for (int64_t pos = 0; head_dim % 64 != 0 && pos < length; ++pos) {
         const T* value = value_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
                          + kv_head * head_dim;
         for (int64_t g = 0; g < group; ++g) {

@@ -70,10 +70,13 @@ def _reference(query, key_cache, value_cache, metadata, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_matches_reference(dtype):
-    seq_lens = [1, 5, 17, 64, 3]
-    query, key_cache, value_cache, metadata = _paged_case(dtype, seq_lens)
-    scale = 24**-0.5
+@pytest.mark.parametrize(("head_dim", "num_heads"), [(24, 4), (64, 14), (128, 8), (80, 6)])
+def test_paged_decode_attention_matches_reference(dtype, head_dim, num_heads):
+    # head_dim 24 and 80 take the general loops; 64 and 128 keep the value sums in registers;
+    # lengths below, at and past multiples of 8 exercise the eight-key score blocks and tails.
+    seq_lens = [1, 5, 17, 64, 3, 8, 23]
+    query, key_cache, value_cache, metadata = _paged_case(dtype, seq_lens, num_heads=num_heads, head_dim=head_dim)
+    scale = head_dim**-0.5
     out = torch.empty_like(query)
     kernels.paged_decode_attention(query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
                                    torch.arange(len(seq_lens)), out, scale)
