@@ -27,6 +27,15 @@ def render_model_card(training: dict, evaluation: dict, config, size_bytes: int)
     protocol = evaluation["protocol"]
     precision = ("float32 weights and optimizer state with bfloat16 matmuls (`torch.autocast`)"
                  if settings.get("autocast") == "bfloat16" else "float32")
+    bos_phase = ""
+    if settings.get("bos_phase_steps"):
+        bos_phase = (
+            f"\n\nThen a second phase of {settings['bos_phase_steps']} steps (learning rate "
+            f"{settings['bos_phase_learning_rate']} decaying linearly to 0, fresh AdamW) on windows that start with "
+            "`<|bos|>` at a random point of the stream: in the first phase `<|bos|>` only ever preceded the top "
+            "of a file, so a prompt such as `def ` (which the tokenizer prefixes with `<|bos|>`) was unlike "
+            "anything seen and greedy decoding printed `====`. About four minutes."
+        )
     heldout_history = training.get("heldout_loss_history") or []
     heldout_curve = ""
     if heldout_history:
@@ -88,7 +97,7 @@ clipping {settings['gradient_clip']}; {settings['train_steps']} steps of {settin
 random {settings['sequence_length']}-token windows ({tokens_seen:,} tokens, about
 {tokens_seen / training['num_train_tokens']:.2f} epochs), {precision}, seed {training['seed']}.
 Loss of the last logged training batch: {training['loss_history'][-1][1]} (one batch, so noisy;
-the full curve is in `training.json`).{heldout_curve}
+the full curve is in `training.json`).{heldout_curve}{bos_phase}
 
 Wall time **{minutes:.1f} minutes** on {hardware['torch_threads']} threads of an
 `{hardware['cpu_model']}` CPU (`lscpu` model name; {hardware['os_cpu_count']} cores, shared with other
