@@ -58,8 +58,9 @@ def test_failures_are_counted_and_compare_puts_runs_side_by_side(scripted_server
     base_url, _ = scripted_server
     good, bad = tmp_path / "good", tmp_path / "bad"
     assert main(["--url", base_url, *COMMON, "--concurrency", "2", "--no-hardware", "--out", str(good)]) == 0
-    # A model name the server does not know still streams here, so force failures by timeout.
-    assert main(["--url", base_url, *COMMON, "--concurrency", "6", "--request-timeout", "0.05",
+    # A model name the server does not know still streams here, so force failures by timeout:
+    # the fastest scripted answer takes 40 ms (10 ms to the first token, 3 gaps of 10 ms).
+    assert main(["--url", base_url, *COMMON, "--concurrency", "6", "--request-timeout", "0.02",
                  "--no-hardware", "--out", str(bad)]) == 1
     bad_summary = json.loads((bad / "bench.json").read_text())["runs"][0]["summary"]
     assert bad_summary["failed"] == 6 and bad_summary["failure_reasons"] == {"timeout": 6}
