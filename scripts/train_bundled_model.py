@@ -178,6 +178,19 @@ def heldout_loss(model: LlamaForCausalLM, heldout_ids: torch.Tensor) -> float:
     return loss.item()
 
 
+def training_step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of next-token prediction on `batch` [rows, tokens]; returns the loss.
+    Shared by both phases, so they differ only in how windows are drawn and the learning rate."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST_BF16):
+        logits = model(input_ids=batch[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
+    optimizer.step()
+    return loss
+
+
 def train(model: LlamaForCausalLM, stream: torch.Tensor, total_steps: int, log_every: int = 10,
           checkpoint_dir: Path | None = None, checkpoint_every: int = 100,
           heldout_ids: torch.Tensor | None = None) -> dict:
@@ -198,15 +211,7 @@ def train(model: LlamaForCausalLM, stream: torch.Tensor, total_steps: int, log_e
             group["lr"] = learning_rate_at(step, total_steps)
         starts = torch.randint(0, len(stream) - SEQUENCE_LENGTH - 1, (BATCH_SIZE,), generator=generator)
         batch = torch.stack([stream[s : s + SEQUENCE_LENGTH + 1] for s in starts.tolist()]).long()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST_BF16):
-            logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
-        optimizer.step()
+        loss = training_step(model, optimizer, batch)
         if step % log_every == 0 or step == total_steps - 1:
             elapsed = time.perf_counter() - started
             losses.append((step, round(loss.item(), 4)))
@@ -237,15 +242,7 @@ def train_bos_anchored(model: LlamaForCausalLM, stream: torch.Tensor, bos_token_
             group["lr"] = BOS_PHASE_LEARNING_RATE * (1 - step / BOS_PHASE_STEPS)
         starts = torch.randint(0, len(stream) - SEQUENCE_LENGTH, (BATCH_SIZE,), generator=generator)
         batch = torch.stack([torch.cat([bos, stream[s : s + SEQUENCE_LENGTH].long()]) for s in starts.tolist()])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST_BF16):
-            logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
-        optimizer.step()
+        loss = training_step(model, optimizer, batch)
         if step % 50 == 0 or step == BOS_PHASE_STEPS - 1:
             losses.append((step, round(loss.item(), 4)))
             print(f"bos phase step {step:4d}/{BOS_PHASE_STEPS}  loss {loss.item():.4f}", flush=True)

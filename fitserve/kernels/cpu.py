@@ -122,8 +122,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     registers (AVX-512 where the CPU has it). Many rows (prefill): torch's own bf16 matmul on
     CPUs with native bf16 (AMX / AVX512-BF16); elsewhere float32 matmul on widened weights (in
     `widen_buffer` when given), far faster there than torch's bf16 matmul; widening is cheap
-    next to the matmul it feeds. Either way products are accumulated in float32 and rounded once to x's dtype,
-    as torch's bf16 matmul does. float32 weights always take `F.linear`, so greedy float32
+    next to the matmul it feeds. Either way products are accumulated in float32 and rounded
+    once to x's dtype, as torch's bf16 matmul does. float32 weights always take `F.linear`, so greedy float32
     outputs are unchanged.
     """
     if weight.dtype != torch.bfloat16 or x.device.type != "cpu":

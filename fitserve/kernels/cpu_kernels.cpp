@@ -279,6 +279,10 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
       const int64_t length = seq_lens[seq];
       const int32_t* table = block_tables + seq * table_stride;
+      // Element offset of one cached token of this (sequence, KV head), in either cache.
+      auto cached = [&](int64_t pos) {
+        return ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_head * head_dim;
+      };
       const T* q = query + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
       for (int64_t i = 0; i < group * head_dim; ++i) q_float[i] = to_float(q[i]) * scale;
       scores.resize(group * length);
@@ -289,11 +293,7 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
       if (head_dim % 8 == 0) {
         for (; pos + 8 <= length; pos += 8) {
           const T* keys[8];
-          for (int j = 0; j < 8; ++j) {
-            const int64_t p = pos + j;
-            keys[j] = key_cache + ((int64_t)table[p / block_size] * block_size + p % block_size) * token_stride
-                      + kv_head * head_dim;
-          }
+          for (int j = 0; j < 8; ++j) keys[j] = key_cache + cached(pos + j);
           for (int64_t g = 0; g < group; ++g) {
             const float* qg = q_float.data() + g * head_dim;
             __m256 acc8[8];
@@ -307,8 +307,7 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
         }
       }
       for (; pos < length; ++pos) {
-        const T* key = key_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
-                       + kv_head * head_dim;
+        const T* key = key_cache + cached(pos);
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = q_float.data() + g * head_dim;
           int64_t d = 0;
@@ -343,27 +342,25 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
       // Weighted sum of values. With head_dim a multiple of 64, each head's output stays in
       // eight registers for 64 dims while the values stream past (re-read from L1/L2 per
       // head); otherwise the accumulator lives in memory.
-      std::fill(acc.begin(), acc.end(), 0.0f);
       if (head_dim % 64 == 0) {
         value_rows.resize(length);
-        for (int64_t p = 0; p < length; ++p)
-          value_rows[p] = value_cache + ((int64_t)table[p / block_size] * block_size + p % block_size) * token_stride
-                          + kv_head * head_dim;
+        for (int64_t p = 0; p < length; ++p) value_rows[p] = value_cache + cached(p);
         for (int64_t d0 = 0; d0 < head_dim; d0 += 64)
           for (int64_t g = 0; g < group; ++g)
             weighted_values_64(value_rows.data(), scores.data() + g * length, length, d0, acc.data() + g * head_dim + d0);
-      }
-      for (int64_t pos = 0; head_dim % 64 != 0 && pos < length; ++pos) {
-        const T* value = value_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
-                         + kv_head * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float weight = scores[g * length + pos];
-          float* a = acc.data() + g * head_dim;
-          int64_t d = 0;
-          const __m256 weight_vec = _mm256_set1_ps(weight);
-          for (; d + 8 <= head_dim; d += 8)
-            _mm256_storeu_ps(a + d, _mm256_fmadd_ps(load8(value + d), weight_vec, _mm256_loadu_ps(a + d)));
-          for (; d < head_dim; ++d) a[d] += to_float(value[d]) * weight;
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t p = 0; p < length; ++p) {
+          const T* value = value_cache + cached(p);
+          for (int64_t g = 0; g < group; ++g) {
+            const float weight = scores[g * length + p];
+            float* a = acc.data() + g * head_dim;
+            int64_t d = 0;
+            const __m256 weight_vec = _mm256_set1_ps(weight);
+            for (; d + 8 <= head_dim; d += 8)
+              _mm256_storeu_ps(a + d, _mm256_fmadd_ps(load8(value + d), weight_vec, _mm256_loadu_ps(a + d)));
+            for (; d < head_dim; ++d) a[d] += to_float(value[d]) * weight;
+          }
         }
       }
       T* o = out + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
