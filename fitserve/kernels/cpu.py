@@ -29,6 +29,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("fitserve")
 
 _SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"
+_HEADERS = [_SOURCE.with_name("cpu_kernels.h"), _SOURCE.with_name("cpu_decode_stack.h")]
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -46,7 +47,7 @@ def _build() -> ModuleType | None:
         return None
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in [_SOURCE, *_HEADERS])).hexdigest()[:12]
     try:
         return cpp_extension.load(
             name=f"fitserve_cpu_kernels_{digest}",

@@ -1,205 +1,11 @@
-// CPU kernels for the decode hot path (AVX2 + FMA), built on first use by fitserve/kernels/cpu.py.
-//
-// 1. linear_small_batch: y = x W^T + b for a few rows of x (decode), W in bfloat16 or float32.
-//    Decode reads every weight once per step, so the kernel streams W exactly once and keeps
-//    the rows of x in registers/L1; bfloat16 weights are widened to float32 in registers (a
-//    16-bit shift), so a CPU without native bf16 arithmetic still reads half the bytes.
-//    Accumulation is float32; the result is rounded once to the output dtype, as torch does.
-// 2. paged_decode_attention: one query token per sequence attends over its paged K/V cache,
-//    reading the blocks in place (no gather of the padded block table into a new tensor).
-// 3. rms_norm (+ residual add), rotary_, silu_mul: the small per-layer ops fused, so a decode
-//    step is a few calls per layer instead of ~50 tiny torch ops.
-//
-// Parallelism goes through at::parallel_for, i.e. torch's own OpenMP pool and thread count.
+// Tensor-level CPU ops for fitserve (fitserve/kernels/cpu.py builds this file on first use):
+// argument checks and dtype dispatch around the kernels of cpu_kernels.h, plus the fused
+// decode stack of cpu_decode_stack.h, exposed to Python.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "cpu_kernels.h"
+#include "cpu_decode_stack.h"
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <type_traits>
-#include <vector>
-
-namespace {
-
-using BF16 = at::BFloat16;
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const BF16* p) {
-  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-inline float to_float(float v) { return v; }
-inline float to_float(BF16 v) { return static_cast<float>(v); }
-
-inline float hsum(__m256 v) {
-  __m128 low = _mm256_castps256_ps128(v);
-  __m128 high = _mm256_extractf128_ps(v, 1);
-  low = _mm_add_ps(low, high);
-  __m128 shuffled = _mm_movehdup_ps(low);
-  __m128 sums = _mm_add_ps(low, shuffled);
-  shuffled = _mm_movehl_ps(shuffled, sums);
-  sums = _mm_add_ss(sums, shuffled);
-  return _mm_cvtss_f32(sums);
-}
-
-// The eight horizontal sums of a[0..7], as one vector (lane j = sum of a[j]).
-inline __m256 hsum8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// Float buffers aligned to 32 bytes, so 8-float loads never straddle a cache line.
-struct AlignedFloats {
-  std::vector<float> storage;
-  float* data;
-  explicit AlignedFloats(size_t count) : storage(count + 8) {
-    auto address = reinterpret_cast<uintptr_t>(storage.data());
-    data = reinterpret_cast<float*>((address + 31) & ~static_cast<uintptr_t>(31));
-  }
-};
-
-template <typename T>
-inline void widen_row(const T* source, float* target, int64_t count) {
-  int64_t k = 0;
-  for (; k + 8 <= count; k += 8) _mm256_storeu_ps(target + k, load8(source + k));
-  for (; k < count; ++k) target[k] = to_float(source[k]);
-}
-
-// ------------------------------------------------------------------------------ linear
-
-constexpr int kRowsOfW = 4;  // weight rows per block: each x load feeds 4 FMAs
-
-// Weights stream from memory once per decode step. Asking for the lines 8 KiB ahead into L2
-// (not L1, where they would evict x) keeps more misses in flight than the hardware prefetcher
-// alone: 20 -> 23-25 GB/s for one row of bf16 weights on a 2-core Xeon, the rate MKL's
-// float32 GEMV reaches there (benchmarks/cpu_kernels.py-style sweep of distance and hint).
-constexpr int64_t kPrefetchBytes = 8192;
-template <typename WT>
-inline void prefetch_ahead(const WT* w) {
-  const char* line = reinterpret_cast<const char*>(w) + kPrefetchBytes;
-  _mm_prefetch(line, _MM_HINT_T1);
-  _mm_prefetch(line + 64, _MM_HINT_T1);
-}
-
-// One row of x against one row of W straight from memory, four independent accumulators:
-// for a single decode row this streams W sequentially, the pattern the prefetcher likes best.
-template <typename WT>
-inline float dot_row(const float* x, const WT* w, int64_t K) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    prefetch_ahead(w + k);
-    a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-    a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-    a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-  }
-  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
-  float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; k < K; ++k) sum += to_float(w[k]) * x[k];
-  return sum;
-}
-
-// The same single-row dot product with 512-bit vectors, for CPUs with AVX-512 (chosen at run
-// time, so the extension still loads on AVX2-only CPUs). 16 bf16 weights are widened per
-// instruction: fewer instructions per byte keep more loads in flight, which is what a single
-// decode row needs to approach the memory bandwidth.
-__attribute__((target("avx512f,avx512bw,fma"))) inline __m512 widen16(const BF16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-__attribute__((target("avx512f,avx512bw,fma")))
-float dot_row_bf16_avx512(const float* x, const BF16* w, int64_t K) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    prefetch_ahead(w + k);
-    a0 = _mm512_fmadd_ps(widen16(w + k), _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(widen16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-    a2 = _mm512_fmadd_ps(widen16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-    a3 = _mm512_fmadd_ps(widen16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-  }
-  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(widen16(w + k), _mm512_loadu_ps(x + k), a0);
-  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; k < K; ++k) sum += to_float(w[k]) * x[k];
-  return sum;
-}
-
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-
-inline float dot_row_best(const float* x, const BF16* w, int64_t K) {
-  return kHasAvx512 ? dot_row_bf16_avx512(x, w, K) : dot_row(x, w, K);
-}
-inline float dot_row_best(const float* x, const float* w, int64_t K) { return dot_row(x, w, K); }
-
-// MR rows of x against kRowsOfW float32 rows of W (already widened into an L1/L2 buffer).
-template <int MR>
-inline void micro_kernel(const float* const* x_rows, const float* w, int64_t K, float out[][kRowsOfW]) {
-  __m256 acc[MR][kRowsOfW];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < kRowsOfW; ++r) acc[m][r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[kRowsOfW];
-    for (int r = 0; r < kRowsOfW; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
-    for (int m = 0; m < MR; ++m) {
-      __m256 xv = _mm256_loadu_ps(x_rows[m] + k);
-      for (int r = 0; r < kRowsOfW; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < kRowsOfW; ++r) {
-      float sum = hsum(acc[m][r]);
-      for (int64_t kk = k; kk < K; ++kk) sum += x_rows[m][kk] * w[r * K + kk];
-      out[m][r] = sum;
-    }
-}
-
-template <typename XT, typename WT>
-void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, int64_t N, int64_t K) {
-  // x is small (a few decode rows): widen it once so the inner loops only widen W.
-  AlignedFloats x_buffer(M * K);
-  float* x_float = x_buffer.data;
-  for (int64_t m = 0; m < M; ++m) widen_row(x + m * K, x_float + m * K, K);
-  const int64_t num_blocks = (N + kRowsOfW - 1) / kRowsOfW;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-    AlignedFloats w_buffer(kRowsOfW * K);
-    float* w_float = w_buffer.data;
-    float block_out[3][kRowsOfW];
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t n0 = block * kRowsOfW;
-      const int rows = static_cast<int>(std::min<int64_t>(kRowsOfW, N - n0));
-      const WT* w_block = w + n0 * K;
-      if (M == 1) {
-        for (int r = 0; r < rows; ++r)
-          out[n0 + r] = static_cast<XT>(dot_row_best(x_float, w_block + r * K, K) + (bias ? to_float(bias[n0 + r]) : 0.0f));
-        continue;
-      }
-      // Several rows of x: widen this block of W once into an L1-resident buffer, then reuse
-      // it for every row of x.
-      for (int r = 0; r < rows; ++r) widen_row(w_block + r * K, w_float + r * K, K);
-      for (int r = rows; r < kRowsOfW; ++r) std::fill_n(w_float + r * K, K, 0.0f);
-      for (int64_t m0 = 0; m0 < M; m0 += 3) {
-        const int mr = static_cast<int>(std::min<int64_t>(3, M - m0));
-        const float* x_rows[3];
-        for (int m = 0; m < mr; ++m) x_rows[m] = x_float + (m0 + m) * K;
-        if (mr == 3) micro_kernel<3>(x_rows, w_float, K, block_out);
-        else if (mr == 2) micro_kernel<2>(x_rows, w_float, K, block_out);
-        else micro_kernel<1>(x_rows, w_float, K, block_out);
-        for (int m = 0; m < mr; ++m)
-          for (int r = 0; r < rows; ++r)
-            out[(m0 + m) * N + n0 + r] =
-                static_cast<XT>(block_out[m][r] + (bias ? to_float(bias[n0 + r]) : 0.0f));
-      }
-    }
-  });
-}
+namespace fitserve_cpu {
 
 torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x [M, K] and weight [N, K]");
@@ -223,154 +29,6 @@ torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor weight, c10::opt
   return out;
 }
 
-// ---------------------------------------------------------------------- decode attention
-
-// exp for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a
-// degree-6 polynomial, ~1 ulp in float32 over the range softmax uses.
-inline __m256 exp256(__m256 x) {
-  const __m256 lowest = _mm256_set1_ps(-87.3f);
-  x = _mm256_max_ps(x, lowest);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-}
-
-// out[0..64) = sum over positions of weights[p] * value_rows[p][d0 .. d0 + 64), in registers.
-template <typename T>
-inline void weighted_values_64(const T* const* value_rows, const float* weights, int64_t length, int64_t d0,
-                               float* out) {
-  __m256 acc[8];
-  for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < length; ++p) {
-    const __m256 weight = _mm256_set1_ps(weights[p]);
-    const T* value = value_rows[p] + d0;
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(load8(value + 8 * c), weight, acc[c]);
-  }
-  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
-}
-
-template <typename T>
-void decode_attention_impl(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
-                           const int32_t* seq_lens, const int64_t* query_rows, T* out, int64_t num_seqs,
-                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                           int64_t table_stride, float scale) {
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t token_stride = num_kv_heads * head_dim;  // between tokens of one block
-  // Little work (one short sequence) runs on the calling thread: waking the pool would cost
-  // more than it saves, and on a busy machine a woken thread may wait for a core.
-  int64_t total_positions = 0;
-  for (int64_t seq = 0; seq < num_seqs; ++seq) total_positions += seq_lens[seq];
-  const int64_t items = num_seqs * num_kv_heads;
-  const int64_t grain = total_positions * num_heads < 16384 ? items : 1;
-  at::parallel_for(0, items, grain, [&](int64_t first, int64_t last) {
-    std::vector<float> q_float(group * head_dim), acc(group * head_dim), scores;
-    std::vector<const T*> value_rows;
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
-      const int64_t length = seq_lens[seq];
-      const int32_t* table = block_tables + seq * table_stride;
-      // Element offset of one cached token of this (sequence, KV head), in either cache.
-      auto cached = [&](int64_t pos) {
-        return ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_head * head_dim;
-      };
-      const T* q = query + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) q_float[i] = to_float(q[i]) * scale;
-      scores.resize(group * length);
-      // Scores: every query head of the group against each cached key. Eight keys at a time
-      // when head_dim allows: their eight dot products are reduced together (a hadd tree), not
-      // one horizontal sum per (key, head), which made this loop compute-bound.
-      int64_t pos = 0;
-      if (head_dim % 8 == 0) {
-        for (; pos + 8 <= length; pos += 8) {
-          const T* keys[8];
-          for (int j = 0; j < 8; ++j) keys[j] = key_cache + cached(pos + j);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = q_float.data() + g * head_dim;
-            __m256 acc8[8];
-            for (int j = 0; j < 8; ++j) acc8[j] = _mm256_setzero_ps();
-            for (int64_t d = 0; d < head_dim; d += 8) {
-              const __m256 qv = _mm256_loadu_ps(qg + d);
-              for (int j = 0; j < 8; ++j) acc8[j] = _mm256_fmadd_ps(load8(keys[j] + d), qv, acc8[j]);
-            }
-            _mm256_storeu_ps(scores.data() + g * length + pos, hsum8(acc8));
-          }
-        }
-      }
-      for (; pos < length; ++pos) {
-        const T* key = key_cache + cached(pos);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = q_float.data() + g * head_dim;
-          int64_t d = 0;
-          __m256 sum = _mm256_setzero_ps();
-          for (; d + 8 <= head_dim; d += 8) sum = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(qg + d), sum);
-          float total = hsum(sum);
-          for (; d < head_dim; ++d) total += to_float(key[d]) * qg[d];
-          scores[g * length + pos] = total;
-        }
-      }
-      // Softmax per head (max-subtracted, float32).
-      std::vector<float> inverse_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * length;
-        float max_score = -std::numeric_limits<float>::infinity();
-        for (int64_t pos = 0; pos < length; ++pos) max_score = std::max(max_score, row[pos]);
-        const __m256 max_vec = _mm256_set1_ps(max_score);
-        __m256 sum_vec = _mm256_setzero_ps();
-        int64_t pos = 0;
-        for (; pos + 8 <= length; pos += 8) {
-          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + pos), max_vec));
-          _mm256_storeu_ps(row + pos, e);
-          sum_vec = _mm256_add_ps(sum_vec, e);
-        }
-        float sum = hsum(sum_vec);
-        for (; pos < length; ++pos) {
-          row[pos] = std::exp(row[pos] - max_score);
-          sum += row[pos];
-        }
-        inverse_sum[g] = 1.0f / sum;
-      }
-      // Weighted sum of values. With head_dim a multiple of 64, each head's output stays in
-      // eight registers for 64 dims while the values stream past (re-read from L1/L2 per
-      // head); otherwise the accumulator lives in memory.
-      if (head_dim % 64 == 0) {
-        value_rows.resize(length);
-        for (int64_t p = 0; p < length; ++p) value_rows[p] = value_cache + cached(p);
-        for (int64_t d0 = 0; d0 < head_dim; d0 += 64)
-          for (int64_t g = 0; g < group; ++g)
-            weighted_values_64(value_rows.data(), scores.data() + g * length, length, d0, acc.data() + g * head_dim + d0);
-      } else {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t p = 0; p < length; ++p) {
-          const T* value = value_cache + cached(p);
-          for (int64_t g = 0; g < group; ++g) {
-            const float weight = scores[g * length + p];
-            float* a = acc.data() + g * head_dim;
-            int64_t d = 0;
-            const __m256 weight_vec = _mm256_set1_ps(weight);
-            for (; d + 8 <= head_dim; d += 8)
-              _mm256_storeu_ps(a + d, _mm256_fmadd_ps(load8(value + d), weight_vec, _mm256_loadu_ps(a + d)));
-            for (; d < head_dim; ++d) a[d] += to_float(value[d]) * weight;
-          }
-        }
-      }
-      T* o = out + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < head_dim; ++d)
-          o[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inverse_sum[g]);
-    }
-  });
-}
-
 // query [T, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks] int32;
 // seq_lens [S] int32; query_rows [S] int64 (the query row of each sequence); out [T, Hq, D].
 void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
@@ -392,54 +50,11 @@ void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch:
     decode_attention_impl<T>(query.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(),
                              tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), rows.data_ptr<int64_t>(),
                              out.data_ptr<T>(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-                             tables.size(1), static_cast<float>(scale));
+                             tables.size(1), num_heads * head_dim, static_cast<float>(scale));
   };
   if (query.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
   else if (query.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
   else TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16");
-}
-
-
-// ------------------------------------------------------------------ fused elementwise ops
-//
-// Decode runs one token through ~20 small ops per layer; each torch op costs a dispatch and
-// a pass over memory. These fuse them with the rounding of the unfused torch code kept:
-// every intermediate the torch code stores in the model dtype is rounded to it here too
-// (to_dtype below), and plain arithmetic is compiled without FMA contraction.
-
-template <typename T>
-inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
-
-// out = weight * to_dtype(h * rsqrt(mean(h^2) + eps)), with h = x (+ residual, rounded to
-// dtype and written back to residual when given). Rows in parallel.
-template <typename T>
-void rms_norm_impl(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t hidden, float eps) {
-  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
-    std::vector<float> h(hidden);
-    for (int64_t row = first; row < last; ++row) {
-      const T* xr = x + row * hidden;
-      T* rr = residual ? residual + row * hidden : nullptr;
-      for (int64_t i = 0; i < hidden; ++i) {
-        float value = to_float(xr[i]);
-        if (rr) {
-          value = round_to<T>(value + to_float(rr[i]));
-          rr[i] = static_cast<T>(value);
-        }
-        h[i] = value;
-      }
-      __m256 sum_vec = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= hidden; i += 8) {
-        __m256 v = _mm256_loadu_ps(h.data() + i);
-        sum_vec = _mm256_add_ps(sum_vec, _mm256_mul_ps(v, v));
-      }
-      float sum = hsum(sum_vec);
-      for (; i < hidden; ++i) sum += h[i] * h[i];
-      const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(hidden) + eps);
-      T* o = out + row * hidden;
-      for (int64_t j = 0; j < hidden; ++j) o[j] = static_cast<T>(to_float(weight[j]) * round_to<T>(h[j] * inverse));
-    }
-  });
 }
 
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
@@ -460,30 +75,6 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, doubl
   return {out, add ? *residual : x};
 }
 
-// In place on the first `num_heads` heads of each row of qkv ([tokens, row_stride]):
-// x * cos + rotate_half(x) * sin, each product rounded to the dtype as torch does.
-template <typename T>
-void rotary_impl(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t row_stride, int64_t num_heads,
-                 int64_t head_dim) {
-  const int64_t half = head_dim / 2;
-  at::parallel_for(0, tokens, 16, [&](int64_t first, int64_t last) {
-    for (int64_t token = first; token < last; ++token) {
-      const T* c = cos + token * head_dim;
-      const T* s = sin + token * head_dim;
-      for (int64_t head = 0; head < num_heads; ++head) {
-        T* x = qkv + token * row_stride + head * head_dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
-          const float a1 = round_to<T>(x1 * to_float(c[i])), b1 = round_to<T>(-x2 * to_float(s[i]));
-          const float a2 = round_to<T>(x2 * to_float(c[i + half])), b2 = round_to<T>(x1 * to_float(s[i + half]));
-          x[i] = static_cast<T>(a1 + b1);
-          x[i + half] = static_cast<T>(a2 + b2);
-        }
-      }
-    }
-  });
-}
-
 void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads, int64_t head_dim) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && cos.is_contiguous() && sin.is_contiguous());
   TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && head_dim % 2 == 0 && cos.size(-1) == head_dim);
@@ -495,56 +86,6 @@ void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t nu
   if (qkv.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
   else if (qkv.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
   else TORCH_CHECK(false, "rotary_: float32 or bfloat16");
-}
-
-// Round 8 floats to the nearest bfloat16, ties to even, as c10::BFloat16 does (NaN stays a
-// quiet NaN); the result is still a float whose low 16 bits are zero.
-inline __m256 round_to_bf16(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb);
-  __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, bias), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), is_nan);
-}
-
-// Store 8 floats as bfloat16 (rounded to nearest even).
-inline void store8(BF16* p, __m256 v) {
-  const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(round_to_bf16(v)), 16);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-// exp for any float (clamped where float32 overflows or flushes).
-inline __m256 exp256_any(__m256 x) { return exp256(_mm256_min_ps(x, _mm256_set1_ps(88.3f))); }
-
-// [tokens, 2 * inter] (gate | up) -> [tokens, inter]: to_dtype(silu(gate)) * up.
-template <typename T>
-void silu_mul_impl(const T* gate_up, T* out, int64_t tokens, int64_t inter) {
-  at::parallel_for(0, tokens, 1, [&](int64_t first, int64_t last) {
-    for (int64_t token = first; token < last; ++token) {
-      const T* gate = gate_up + token * 2 * inter;
-      const T* up = gate + inter;
-      T* o = out + token * inter;
-      int64_t i = 0;
-      const __m256 one = _mm256_set1_ps(1.0f);
-      for (; i + 8 <= inter; i += 8) {
-        __m256 g = load8(gate + i);
-        __m256 e = exp256_any(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        __m256 silu_vec = _mm256_div_ps(g, _mm256_add_ps(one, e));
-        if constexpr (std::is_same_v<T, BF16>) {
-          // Both roundings to bf16 in registers (the scalar conversions cost 3x torch's time).
-          store8(o + i, _mm256_mul_ps(round_to_bf16(silu_vec), load8(up + i)));
-        } else {
-          _mm256_storeu_ps(o + i, _mm256_mul_ps(silu_vec, load8(up + i)));
-        }
-      }
-      for (; i < inter; ++i) {
-        const float g = to_float(gate[i]);
-        o[i] = static_cast<T>(round_to<T>(g / (1.0f + std::exp(-g))) * to_float(up[i]));
-      }
-    }
-  });
 }
 
 torch::Tensor silu_mul(torch::Tensor gate_up) {
@@ -563,12 +104,24 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-}  // namespace
+}  // namespace fitserve_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_small_batch", &linear_small_batch, "x W^T + b for a few rows of x");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
-  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)");
-  m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up projection");
+  using namespace fitserve_cpu;
+  // The GIL is released while a kernel runs: it touches no Python object, and a server's
+  // other threads (HTTP, streaming) get to run during a step.
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("linear_small_batch", &linear_small_batch, "x W^T + b for a few rows of x", release);
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release);
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)", release);
+  m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up projection", release);
+  py::class_<DecodeStack>(m, "DecodeStack", "a model's decoder layers for one-token-per-sequence steps")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, bool, int64_t>(),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"),
+           py::arg("final_norm"), py::arg("small_batch_rows"), py::arg("native_bf16"),
+           py::arg("fused_silu_max_rows"))
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("set_kv_caches", &DecodeStack::set_kv_caches)
+      .def("forward", &DecodeStack::forward, release);
 }

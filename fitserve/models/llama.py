@@ -26,6 +26,7 @@ from fitserve.attention import AttentionBackend, get_attention_backend
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.kernels import cpu as cpu_kernels
 from fitserve.models.config import ModelConfig
+from fitserve.models.cpu_decode import FusedCpuDecode
 from fitserve.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -208,6 +209,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, widen_buffer=widen_buffer)
         if config.tie_word_embeddings:
             self.tie_weights()
+        # Decode-only CPU steps run the decoder layers in one C++ call (see cpu_decode.py);
+        # `fused_cpu_decode.enabled = False` keeps every step on the Python path.
+        self.fused_cpu_decode = FusedCpuDecode(self)
 
     def tie_weights(self) -> None:
         """Share one matrix between input embedding and output projection (re-run after
@@ -229,6 +233,8 @@ class LlamaForCausalLM(nn.Module):
         """
         hidden_states = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, hidden_states.dtype)
+        if self.fused_cpu_decode.applies(hidden_states, kv_caches, attn_metadata):
+            return self.fused_cpu_decode.forward(hidden_states, cos, sin, attn_metadata)
         for layer, (key_cache, value_cache) in zip(self.model.layers, kv_caches, strict=True):
             hidden_states = layer(hidden_states, cos, sin, key_cache, value_cache, attn_metadata)
         return self.model.norm(hidden_states)
