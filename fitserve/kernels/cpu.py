@@ -90,6 +90,12 @@ needs no widening: there the kernel wins only for a single row (benchmarks/cpu_k
 on a 2-core Xeon with AMX, 9728x896 weights: 0.63 ms vs 1.14 ms at 1 row, 1.31 vs 1.21 at 2,
 3.1 vs 1.2 at 8)."""
 
+FLOAT32_KERNEL_ROWS = 1
+"""Rows up to which float32 weights also stream through the kernel: a decode row's GEMV. MKL's
+float32 GEMV reads 13.6 GB/s on a 2-core AMD EPYC (Zen 4) where the kernel reads 30 (on a
+Xeon the two are even); its float32 sums differ from MKL's only in rounding order, as MKL's
+own GEMV and GEMM do. More rows keep MKL's GEMM, whose results prefill parity relies on."""
+
 _WIDEN_LIMIT = 64 * 2**20
 """Weights above this many elements (a large vocabulary's LM head) are widened into a fresh
 tensor instead of the shared buffer, so the buffer stays the size of one layer's matrix."""
@@ -117,19 +123,25 @@ class WidenBuffer:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            widen_buffer: WidenBuffer | None = None) -> torch.Tensor:
-    """`F.linear` with CPU fast paths for bfloat16 weights.
+    """`F.linear` with CPU fast paths for decode rows and bfloat16 weights.
 
-    Few rows (decode): the streaming kernel, which reads bf16 weights once and widens them in
-    registers (AVX-512 where the CPU has it). Many rows (prefill): torch's own bf16 matmul on
+    Few rows (decode): the streaming kernel, which reads the weights once (bf16 widened in
+    registers; AVX-512 where the CPU has it). Many rows (prefill): torch's own bf16 matmul on
     CPUs with native bf16 (AMX / AVX512-BF16); elsewhere float32 matmul on widened weights (in
     `widen_buffer` when given), far faster there than torch's bf16 matmul; widening is cheap
     next to the matmul it feeds. Either way products are accumulated in float32 and rounded
-    once to x's dtype, as torch's bf16 matmul does. float32 weights always take `F.linear`, so greedy float32
-    outputs are unchanged.
+    once to x's dtype, as torch's bf16 matmul does. float32 weights take the kernel for a
+    single row only (`FLOAT32_KERNEL_ROWS`), `F.linear` otherwise.
     """
-    if weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+    if x.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
+    if weight.dtype == torch.float32:
+        kernels = get() if rows <= FLOAT32_KERNEL_ROWS and x.dtype == torch.float32 else None
+        if kernels is None:
+            return F.linear(x, weight, bias)
+        out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
     small_batch_rows = SMALL_BATCH_ROWS_NATIVE_BF16 if _NATIVE_BF16 else SMALL_BATCH_ROWS
     kernels = get() if rows <= small_batch_rows else None
     if kernels is not None and x.dtype in (torch.bfloat16, torch.float32):

@@ -29,12 +29,14 @@ class DecodeStack {
  public:
   // small_batch_rows: up to this many rows a bfloat16 projection streams its weights through
   // linear_impl, above it the matmul library runs (on widened weights unless native_bf16).
-  // fused_silu_max_rows: float32 SiLU·up uses the fused kernel up to this many rows.
+  // float32_kernel_rows: the same limit for float32 weights. fused_silu_max_rows: float32
+  // SiLU·up uses the fused kernel up to this many rows.
   DecodeStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
-              torch::Tensor final_norm, int64_t small_batch_rows, bool native_bf16, int64_t fused_silu_max_rows)
+              torch::Tensor final_norm, int64_t small_batch_rows, int64_t float32_kernel_rows, bool native_bf16,
+              int64_t fused_silu_max_rows)
       : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps),
         scale_(scale), final_norm_(std::move(final_norm)), small_batch_rows_(small_batch_rows),
-        native_bf16_(native_bf16), fused_silu_max_rows_(fused_silu_max_rows) {
+        float32_kernel_rows_(float32_kernel_rows), native_bf16_(native_bf16), fused_silu_max_rows_(fused_silu_max_rows) {
     TORCH_CHECK(num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "DecodeStack: bad head layout");
   }
 
@@ -144,8 +146,15 @@ class DecodeStack {
   // fitserve.kernels.cpu.linear: the weight-streaming kernel for few rows of bf16 weights, the
   // matmul library otherwise (on widened weights where the CPU lacks native bf16).
   torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-    if (weight.scalar_type() != at::kBFloat16) return at::linear(x, weight, bias);
     const int64_t rows = x.size(0), in_features = x.size(1), out_features = weight.size(0);
+    if (weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && rows <= float32_kernel_rows_) {
+      torch::Tensor out = torch::empty({rows, out_features}, x.options());
+      linear_impl<float, float>(x.data_ptr<float>(), weight.data_ptr<float>(),
+                                bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), rows,
+                                out_features, in_features);
+      return out;
+    }
+    if (weight.scalar_type() != at::kBFloat16) return at::linear(x, weight, bias);
     if (rows <= small_batch_rows_) {
       torch::Tensor out = torch::empty({rows, out_features}, x.options());
       const BF16* b = bias.has_value() ? bias->data_ptr<BF16>() : nullptr;
@@ -201,7 +210,7 @@ class DecodeStack {
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
   torch::Tensor final_norm_;
-  int64_t small_batch_rows_;
+  int64_t small_batch_rows_, float32_kernel_rows_;
   bool native_bf16_;
   int64_t fused_silu_max_rows_;
   std::vector<DecodeLayer> layers_;

@@ -117,9 +117,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up projection", release);
   py::class_<DecodeStack>(m, "DecodeStack", "a model's decoder layers for one-token-per-sequence steps")
-      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, bool, int64_t>(),
+      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, bool, int64_t>(),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"),
-           py::arg("final_norm"), py::arg("small_batch_rows"), py::arg("native_bf16"),
+           py::arg("final_norm"), py::arg("small_batch_rows"), py::arg("float32_kernel_rows"), py::arg("native_bf16"),
            py::arg("fused_silu_max_rows"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_kv_caches", &DecodeStack::set_kv_caches)

@@ -97,6 +97,7 @@ class FusedCpuDecode:
             num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim, eps=config.rms_norm_eps, scale=first_attention.scale,
             final_norm=model.model.norm.weight.detach(), small_batch_rows=small_batch_rows,
+            float32_kernel_rows=cpu_kernels.FLOAT32_KERNEL_ROWS,
             native_bf16=cpu_kernels.cpu_has_native_bf16(), fused_silu_max_rows=FUSED_SILU_MAX_ROWS,
         )
 
