@@ -19,8 +19,11 @@ def compute_inv_freq(
     head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None
 ) -> torch.Tensor:
     """Float32 inverse frequencies [head_dim // 2] for rope types default, linear, llama3 and
-    dynamic (which is plain rope within max_position_embeddings, see ModelConfig.rope_scaling)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+    dynamic (which is plain rope within max_position_embeddings, see ModelConfig.rope_scaling).
+
+    Always computed on the CPU (callers move it): under a `torch.device("meta")` context, as
+    models are built, meta arithmetic would import torch._dynamo, 1.5 s of startup."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float) / head_dim
     inv_freq = 1.0 / (rope_theta**exponents)
     if rope_scaling is None:
         return inv_freq
