@@ -70,6 +70,8 @@ def paged_attention(
     num_heads = query.shape[1]
     num_kv_heads = key_cache.shape[2]
     widen = cpu_kernels.widen_for_matmul(query.dtype, query.device)
+    # Grouped-query heads read their shared K/V head in place (no repeat_interleave copies).
+    gqa = num_kv_heads != num_heads
     start = 0
     for seq_index, (query_len, seq_len) in enumerate(zip(query_lens, metadata.seq_lens_cpu)):
         if query_len == 1 and kernels:
@@ -81,21 +83,19 @@ def paged_attention(
         q = query[start : start + query_len].transpose(0, 1)  # [H, q, D]
         k = keys.transpose(0, 1)  # [Hkv, s, D]
         v = values.transpose(0, 1)
-        if num_kv_heads != num_heads:
-            group = num_heads // num_kv_heads
-            k = k.repeat_interleave(group, dim=0)
-            v = v.repeat_interleave(group, dim=0)
         if widen:  # torch's bf16 attention on a CPU without native bf16 is several times slower
             q, k, v = q.float(), k.float(), v.float()
         # 4-D inputs: torch's fused (flash) CPU kernel takes only those; 3-D ones fall back to
         # the unfused math path, 4-12x slower on a 1024-token prompt.
         if query_len == seq_len:  # the whole context is new: plain causal attention
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                                 enable_gqa=gqa)
         else:
             # Query row r sits at position (seq_len - query_len + r) and sees keys 0..that position.
             positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
             mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale,
+                                                 enable_gqa=gqa)
         output[start : start + query_len] = out[0].transpose(0, 1)
         start += query_len
     return output
