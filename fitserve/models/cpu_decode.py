@@ -15,6 +15,7 @@ cache, a cast to another dtype); `invalidate()` forces that after other in-place
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +33,9 @@ class FusedCpuDecode:
     """Runs `LlamaForCausalLM`'s decoder layers for decode-only CPU steps through C++."""
 
     def __init__(self, model: LlamaForCausalLM) -> None:
-        self._model = model
+        # A weak reference: the model owns this object, and a cycle would keep a dropped
+        # model's weights alive until the garbage collector's next full pass.
+        self._model_ref = weakref.ref(model)
         self.enabled = True
         self._stack: Any = None
         self._weights_key: tuple | None = None
@@ -68,6 +71,12 @@ class FusedCpuDecode:
                                    metadata.block_tables, metadata.seq_lens)
 
     # ------------------------------------------------------------------ building
+
+    @property
+    def _model(self) -> LlamaForCausalLM:
+        model = self._model_ref()
+        assert model is not None, "FusedCpuDecode outlived its model"
+        return model
 
     def _current_weights_key(self) -> tuple:
         """Cheap fingerprint of the parameters' storage: changes when they are re-created."""

@@ -7,6 +7,9 @@ is read by later steps, including prefills of other sequences that take the Pyth
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -95,3 +98,25 @@ def test_fused_decode_is_off_for_prefill_and_mixed_steps(make_checkpoint, token_
         model(input_ids, positions, cache.kv_caches, metadata)
         input_ids, positions, metadata = cache.step([(decoding, 1), (prefilling, 4)])
         assert not model.fused_cpu_decode.applies(model.model.embed_tokens(input_ids), cache.kv_caches, metadata)
+
+
+def test_a_dropped_model_is_freed_at_once(make_checkpoint, token_ids):
+    """The fused path's back-reference must not form a cycle: a server that swaps models gets
+    the old weights' memory back when the last reference goes, not at some later GC pass."""
+    checkpoint = make_checkpoint("qwen2_bias")
+    model, config = load_model(checkpoint, torch.float32, CPU, "torch")
+    cache = PagedKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    sequence = cache.new_sequence(token_ids(6, 0))
+    with torch.no_grad():
+        input_ids, positions, metadata = cache.step([(sequence, 5)])
+        model(input_ids, positions, cache.kv_caches, metadata)
+        input_ids, positions, metadata = cache.step([(sequence, 1)])
+        assert model.fused_cpu_decode.applies(model.model.embed_tokens(input_ids), cache.kv_caches, metadata)
+        model(input_ids, positions, cache.kv_caches, metadata)
+    alive = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
