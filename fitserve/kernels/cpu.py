@@ -69,6 +69,14 @@ def get() -> ModuleType | None:
     return _state["module"]
 
 
+def _cpu_flag(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (False where it cannot be read)."""
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): only there do
     torch's bf16 matmuls run at full speed."""
@@ -153,9 +161,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x.float(), wide, None if bias is None else bias.float()).to(x.dtype)
 
 
+PREFILL_ATTENTION_HEAD_DIMS = (32, 64, 128)
+
+
+def prefill_attention_kernels(dtype: torch.dtype, head_dim: int, device: torch.device) -> ModuleType | None:
+    """The kernels module where its bf16 prefill attention applies, else None.
+
+    It needs AVX512-BF16; on CPUs with AMX, torch's fused attention uses AMX tiles and is left
+    in charge. On a 2-core Zen 4: 11.2 ms vs torch's 22.3 ms for 1024 causal tokens with 14
+    query / 2 KV heads of 64 dims (same error against a float64 reference).
+    """
+    if (dtype != torch.bfloat16 or device.type != "cpu" or head_dim not in PREFILL_ATTENTION_HEAD_DIMS
+            or not _AVX512_BF16 or _AMX):
+        return None
+    return get()
+
+
 def widen_for_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     """True where bf16 tensors should be computed on in float32 (CPU without native bf16)."""
     return dtype == torch.bfloat16 and device.type == "cpu" and not _NATIVE_BF16
 
 
 _NATIVE_BF16 = cpu_has_native_bf16()
+_AVX512_BF16 = _cpu_flag("avx512_bf16")
+_AMX = _cpu_flag("amx_bf16")

@@ -4,6 +4,7 @@
 
 #include "cpu_kernels.h"
 #include "cpu_decode_stack.h"
+#include "cpu_prefill_attention.h"
 
 namespace fitserve_cpu {
 
@@ -104,6 +105,38 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// query [Tq, H, D] (rows may be strided, e.g. the q part of qkv rows); keys and values
+// [Tk, Hk, D] with Tk >= Tq: query row r sits at position Tk - Tq + r; out [Tq, H, D].
+void prefill_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor out,
+                       double scale) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "prefill_attention needs a CPU with AVX512-BF16");
+  TORCH_CHECK(query.dim() == 3 && keys.dim() == 3 && out.sizes() == query.sizes() && values.sizes() == keys.sizes(),
+              "prefill_attention: query/out [Tq, H, D], keys/values [Tk, Hk, D]");
+  for (const auto* t : {&query, &keys, &values, &out})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "prefill_attention: bfloat16 tensors");
+  const int64_t query_len = query.size(0), num_heads = query.size(1), D = query.size(2);
+  const int64_t context_len = keys.size(0), num_kv_heads = keys.size(1);
+  TORCH_CHECK(keys.size(2) == D && num_heads % num_kv_heads == 0 && query_len <= context_len && query_len > 0,
+              "prefill_attention: head layout or lengths");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == D && keys.stride(2) == 1 && keys.stride(1) == D &&
+              values.strides() == keys.strides() && out.is_contiguous(), "prefill_attention: strides");
+  const int64_t blocks = (context_len + kKeyBlock - 1) / kKeyBlock;
+  auto packed_keys = torch::empty({num_kv_heads * blocks * kKeyBlock * D}, keys.options());
+  auto packed_values = torch::empty_like(packed_keys);
+  pack_keys(keys.data_ptr<BF16>(), keys.stride(0), context_len, num_kv_heads, D, blocks, packed_keys.data_ptr<BF16>());
+  pack_values(values.data_ptr<BF16>(), values.stride(0), context_len, num_kv_heads, D, blocks * kKeyBlock / 2,
+              packed_values.data_ptr<BF16>());
+  auto run = [&](auto impl) {
+    impl(query.data_ptr<BF16>(), query.stride(0), packed_keys.data_ptr<BF16>(), packed_values.data_ptr<BF16>(),
+         out.data_ptr<BF16>(), out.stride(0), query_len, context_len, num_heads, num_kv_heads, blocks,
+         static_cast<float>(scale));
+  };
+  if (D == 32) run(prefill_attention_impl<32>);
+  else if (D == 64) run(prefill_attention_impl<64>);
+  else if (D == 128) run(prefill_attention_impl<128>);
+  else TORCH_CHECK(false, "prefill_attention: head_dim 32, 64 or 128");
+}
+
 }  // namespace fitserve_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -116,6 +149,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)", release);
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up projection", release);
+  m.def("prefill_attention", &prefill_attention, "causal bf16 attention of a prefill (AVX512-BF16)", release);
+  m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16");
   py::class_<DecodeStack>(m, "DecodeStack", "a model's decoder layers for one-token-per-sequence steps")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, bool, int64_t>(),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"),

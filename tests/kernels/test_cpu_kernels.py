@@ -159,3 +159,48 @@ def test_silu_mul_bfloat16_is_bit_equal_to_torch_for_a_prefill():
     assert torch.isnan(produced[5, 17]) and torch.isnan(expected[5, 17])
     produced[5, 17] = expected[5, 17] = 0
     assert torch.equal(produced, expected)
+
+
+def _causal_reference(query, keys, values, scale):
+    """float64 causal attention; query row r sits at position len(keys) - len(query) + r."""
+    query_len, num_heads, _ = query.shape
+    context_len, num_kv_heads, _ = keys.shape
+    group = num_heads // num_kv_heads
+    q = query.double().transpose(0, 1)
+    k = keys.double().transpose(0, 1).repeat_interleave(group, 0)
+    v = values.double().transpose(0, 1).repeat_interleave(group, 0)
+    scores = q @ k.transpose(-1, -2) * scale
+    positions = torch.arange(context_len - query_len, context_len)[:, None]
+    scores.masked_fill_(torch.arange(context_len)[None, :] > positions, float("-inf"))
+    return (torch.softmax(scores, -1) @ v).transpose(0, 1)
+
+
+@pytest.mark.skipif(kernels is None or not kernels.has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize(("query_len", "context_len", "num_heads", "num_kv_heads", "head_dim"), [
+    (1, 1, 2, 1, 64),        # a one-token prompt
+    (5, 5, 4, 2, 32),        # shorter than a key block
+    (37, 37, 14, 2, 64),     # Qwen2.5's group of 7, a ragged last block
+    (100, 100, 6, 2, 64),    # rows not a multiple of the 4-row tile
+    (20, 53, 8, 8, 128),     # chunked prefill: 33 cached tokens before the chunk, no grouping
+    (3, 40, 7, 1, 64),       # multi-query attention, chunk inside a block
+])
+def test_prefill_attention_is_as_accurate_as_torch(query_len, context_len, num_heads, num_kv_heads, head_dim):
+    generator = torch.Generator().manual_seed(query_len * 7 + context_len)
+    # q as the first heads of wider rows (as split from fused qkv rows): strided, not copied.
+    rows = torch.randn(query_len, num_heads * head_dim + 8, generator=generator).to(torch.bfloat16)
+    query = rows[:, : num_heads * head_dim].view(query_len, num_heads, head_dim)
+    keys = torch.randn(context_len, num_kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    values = torch.randn(context_len, num_kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    scale = head_dim**-0.5
+    out = torch.full((query_len, num_heads, head_dim), float("nan"), dtype=torch.bfloat16)
+    kernels.prefill_attention(query, keys, values, out, scale)
+
+    exact = _causal_reference(query, keys, values, scale)
+    positions = torch.arange(context_len - query_len, context_len)[:, None]
+    mask = torch.arange(context_len)[None, :] <= positions
+    torch_out = F.scaled_dot_product_attention(
+        query.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+    our_error = (out.double() - exact).abs().max().item()
+    torch_error = (torch_out.double() - exact).abs().max().item()
+    assert our_error <= 1.5 * torch_error + 2e-3, (our_error, torch_error)
