@@ -73,7 +73,7 @@ def paged_attention(
     # Grouped-query heads read their shared K/V head in place (no repeat_interleave copies).
     gqa = num_kv_heads != num_heads
     prefill_kernels = cpu_kernels.prefill_attention_kernels(query.dtype, query.shape[-1], query.device)
-    if prefill_kernels is not None and not (key_cache.is_contiguous() and key_cache.dtype == query.dtype):
+    if key_cache.dtype != query.dtype:
         prefill_kernels = None
     start = 0
     for seq_index, (query_len, seq_len) in enumerate(zip(query_lens, metadata.seq_lens_cpu)):

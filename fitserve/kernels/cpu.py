@@ -29,7 +29,9 @@ import torch.nn.functional as F
 logger = logging.getLogger("fitserve")
 
 _SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"
-_HEADERS = [_SOURCE.with_name("cpu_kernels.h"), _SOURCE.with_name("cpu_decode_stack.h")]
+# Every header beside the source is part of the build: editing any of them must change the
+# digest, or a stale cached build would keep running.
+_HEADERS = sorted(_SOURCE.parent.glob("*.h"))
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -70,7 +72,8 @@ def get() -> ModuleType | None:
 
 
 def _cpu_flag(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists `flag` (False where it cannot be read)."""
+    """Whether /proc/cpuinfo lists `flag` (False where it cannot be read); read once per flag
+    at import, into the module constants at the bottom."""
     try:
         return flag in Path("/proc/cpuinfo").read_text().split()
     except OSError:
@@ -80,11 +83,14 @@ def _cpu_flag(flag: str) -> bool:
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): only there do
     torch's bf16 matmuls run at full speed."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return _AVX512_BF16 or _AMX
+
+
+def streaming_rows_limit() -> int:
+    """Rows up to which a bf16 projection streams its weights through the kernel (above it
+    the matmul library runs): SMALL_BATCH_ROWS, or SMALL_BATCH_ROWS_NATIVE_BF16 on CPUs with
+    native bf16. The Python path and the fused decode stack both follow it."""
+    return SMALL_BATCH_ROWS_NATIVE_BF16 if _NATIVE_BF16 else SMALL_BATCH_ROWS
 
 
 SMALL_BATCH_ROWS = 16
@@ -150,8 +156,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             return F.linear(x, weight, bias)
         out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
-    small_batch_rows = SMALL_BATCH_ROWS_NATIVE_BF16 if _NATIVE_BF16 else SMALL_BATCH_ROWS
-    kernels = get() if rows <= small_batch_rows else None
+    kernels = get() if rows <= streaming_rows_limit() else None
     if kernels is not None and x.dtype in (torch.bfloat16, torch.float32):
         out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -182,6 +187,6 @@ def widen_for_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cpu" and not _NATIVE_BF16
 
 
-_NATIVE_BF16 = cpu_has_native_bf16()
 _AVX512_BF16 = _cpu_flag("avx512_bf16")
 _AMX = _cpu_flag("amx_bf16")
+_NATIVE_BF16 = cpu_has_native_bf16()

@@ -8,7 +8,7 @@
 //
 // Numerics are those of the Python path in fitserve/models/llama.py, operation for operation
 // (the same kernels, the same ATen fallbacks, the same rounding points), so switching
-// between the two never changes a token; tests/kernels/test_cpu_decode_stack.py checks the
+// between the two never changes a token; tests/models/test_cpu_decode.py checks the
 // outputs are bit-identical.
 
 #pragma once

@@ -52,10 +52,9 @@ class FusedCpuDecode:
         tensors the kernels support."""
         if not self.enabled or hidden_states.device.type != "cpu" or not metadata.is_decode_only:
             return False
-        if self._weights_key != self._current_weights_key():
-            self._stack = self._build()
-            self._weights_key = self._current_weights_key()
-            self._caches_key = None
+        weights_key = self._current_weights_key()
+        if weights_key != self._weights_key:
+            self._stack, self._weights_key, self._caches_key = self._build(), weights_key, None
         if self._stack is None or hidden_states.dtype != self._model.model.embed_tokens.weight.dtype:
             return False
         caches_key = (id(kv_caches), len(kv_caches), kv_caches[0][0].data_ptr() if kv_caches else 0)
@@ -91,7 +90,7 @@ class FusedCpuDecode:
         dtype = model.model.embed_tokens.weight.dtype
         if kernels is None or dtype not in (torch.float32, torch.bfloat16):
             return None
-        tensors = [p for p in model.model.layers.parameters()] + [model.model.norm.weight]
+        tensors = [*model.model.layers.parameters(), model.model.norm.weight]
         if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
             return None
         config = model.config
@@ -100,12 +99,10 @@ class FusedCpuDecode:
             return None
         from fitserve.models.llama import FUSED_SILU_MAX_ROWS
 
-        small_batch_rows = (cpu_kernels.SMALL_BATCH_ROWS_NATIVE_BF16 if cpu_kernels.cpu_has_native_bf16()
-                            else cpu_kernels.SMALL_BATCH_ROWS)
         stack = kernels.DecodeStack(
             num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim, eps=config.rms_norm_eps, scale=first_attention.scale,
-            final_norm=model.model.norm.weight.detach(), small_batch_rows=small_batch_rows,
+            final_norm=model.model.norm.weight.detach(), small_batch_rows=cpu_kernels.streaming_rows_limit(),
             float32_kernel_rows=cpu_kernels.FLOAT32_KERNEL_ROWS,
             native_bf16=cpu_kernels.cpu_has_native_bf16(), fused_silu_max_rows=FUSED_SILU_MAX_ROWS,
         )
