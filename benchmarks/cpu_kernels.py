@@ -1,7 +1,14 @@
-"""Micro-benchmark of the CPU linear paths by rows of x: where the weight-streaming kernel
-stops beating the matmul library (sets fitserve.kernels.cpu.SMALL_BATCH_ROWS).
+"""Micro-benchmarks of the CPU linear paths.
 
-    python benchmarks/cpu_kernels.py            # gate_up shape of Qwen2.5-0.5B
+    python benchmarks/cpu_kernels.py                    # by rows of x, gate_up of Qwen2.5-0.5B
+    python benchmarks/cpu_kernels.py --section pages    # one decode row, 4 KiB vs 2 MiB pages
+
+`rows`: where the weight-streaming kernel stops beating the matmul library (sets
+fitserve.kernels.cpu.SMALL_BATCH_ROWS). `pages`: the read bandwidth of one decode row over
+all decoder projections of a model shape (larger than the caches, as in a real decode step),
+with the weights in ordinary memory and in transparent huge pages (fitserve.models.
+host_memory), next to torch.sum over both kinds of memory. The variants alternate layer by
+layer, so a shared machine's bandwidth swings hit all of them alike.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, write_result  # noqa: E402
 
 from fitserve.kernels import cpu  # noqa: E402
+from fitserve.models import host_memory  # noqa: E402
+from fitserve.models.random_checkpoint import PRESETS  # noqa: E402
 
 
 def best_seconds(fn, min_time_s: float = 0.5) -> float:
@@ -31,13 +40,7 @@ def best_seconds(fn, min_time_s: float = 0.5) -> float:
     return best
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out-features", type=int, default=2 * 4864)
-    parser.add_argument("--in-features", type=int, default=896)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64])
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+def rows_section(args) -> dict:
     kernels = cpu.get()
     assert kernels is not None, "the CPU kernels are unavailable here"
     weight32 = torch.randn(args.out_features, args.in_features)
@@ -59,9 +62,72 @@ def main() -> int:
             row[name] = {"ms": seconds * 1e3, "gflops": 2 * rows * weight32.numel() / seconds / 1e9}
         results.append(row)
         print(rows, {k: round(v["ms"], 2) for k, v in row.items() if k != "rows"}, flush=True)
-    write_result("cpu_kernels", {"benchmark": "cpu_kernels", "machine": describe_machine(),
-                                 "shape": [args.out_features, args.in_features], "results": results},
-                 args.out or Path(__file__).resolve().parent / "results" / "cpu_kernels.json")
+    return {"shape": [args.out_features, args.in_features], "results": results}
+
+
+def pages_section(args) -> dict:
+    kernels = cpu.get()
+    assert kernels is not None, "the CPU kernels are unavailable here"
+    assert host_memory.huge_pages_available(), "this kernel offers no transparent huge pages"
+    config = PRESETS[args.preset]
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
+    shapes = [(qkv, hidden), (hidden, config["num_attention_heads"] * head_dim), (2 * inter, hidden), (hidden, inter)]
+    layers = config["num_hidden_layers"]
+    names = {f"{layer}.{index}": shape for layer in range(layers) for index, shape in enumerate(shapes)}
+    plain = {name: torch.randn(shape).to(torch.bfloat16) for name, shape in names.items()}
+    huge = host_memory.arena_views(names, torch.bfloat16)
+    for name, tensor in plain.items():
+        huge[name].copy_(tensor)
+    layer_bytes = sum(rows * cols * 2 for rows, cols in shapes)
+    inputs = {cols: torch.randn(1, cols).to(torch.bfloat16) for _, cols in shapes}
+    # torch.sum reads one layer's worth of a buffer as large as all layers, a different slice
+    # per layer, so its reads come from memory too (one layer fits in a large L3).
+    slice_floats = layer_bytes // 4
+    sum_plain = torch.ones(layers, slice_floats)
+    sum_huge = host_memory.huge_page_buffer(layers * slice_floats * 4).view(torch.float32).view(layers, -1).fill_(1.0)
+    variants = {
+        "kernel, 4 KiB pages": lambda layer: [kernels.linear_small_batch(inputs[w.shape[1]], w, None)
+                                              for w in (plain[f"{layer}.{i}"] for i in range(4))],
+        "kernel, 2 MiB pages": lambda layer: [kernels.linear_small_batch(inputs[w.shape[1]], w, None)
+                                              for w in (huge[f"{layer}.{i}"] for i in range(4))],
+        "torch.sum, 4 KiB pages": lambda layer: sum_plain[layer].sum(),
+        "torch.sum, 2 MiB pages": lambda layer: sum_huge[layer].sum(),
+    }
+    seconds = dict.fromkeys(variants, 0.0)
+    done = dict.fromkeys(variants, 0)
+    order = list(variants)
+    for sweep in range(args.sweeps):
+        for layer in range(layers):
+            name = order[(layer + sweep) % len(order)]
+            start = time.perf_counter()
+            variants[name](layer)
+            seconds[name] += time.perf_counter() - start
+            done[name] += 1
+    results = {name: done[name] * layer_bytes / seconds[name] for name in variants}
+    for name, rate in results.items():
+        print(f"{name:24s} {rate / 1e9:6.1f} GB/s", flush=True)
+    return {"preset": args.preset, "layer_bytes": layer_bytes, "sweeps": args.sweeps,
+            "read_bytes_per_s": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--section", choices=["rows", "pages"], default="rows")
+    parser.add_argument("--out-features", type=int, default=2 * 4864)
+    parser.add_argument("--in-features", type=int, default=896)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64])
+    parser.add_argument("--preset", default="qwen2.5-0.5b", choices=sorted(PRESETS),
+                        help="model shape of the pages section")
+    parser.add_argument("--sweeps", type=int, default=200, help="passes over the layers in the pages section")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    body = rows_section(args) if args.section == "rows" else pages_section(args)
+    name = "cpu_kernels" if args.section == "rows" else f"cpu_kernels_pages_{args.preset}"
+    write_result(name, {"benchmark": "cpu_kernels", "section": args.section, "machine": describe_machine(),
+                        "torch": torch.__version__, **body},
+                 args.out or Path(__file__).resolve().parent / "results" / f"{name}.json")
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from fitserve.attention import AttentionBackend, get_attention_backend
+from fitserve.models import host_memory
 from fitserve.models.config import ModelConfig, ModelLoadError, load_model_config
 from fitserve.models.llama import LlamaForCausalLM
 
@@ -168,6 +169,7 @@ def _fill_parameters(
     found: dict[str, tuple[Path, tuple[int, ...]]],
     dtype: torch.dtype,
     device: torch.device,
+    huge_pages: bool,
 ) -> None:
     """Replace the meta parameters with checkpoint data, one tensor in memory at a time.
 
@@ -179,8 +181,13 @@ def _fill_parameters(
     parts_per_parameter: dict[str, int] = {}
     for target in expected.values():
         parts_per_parameter[target.parameter_name] = parts_per_parameter.get(target.parameter_name, 0) + 1
+    # On the CPU every parameter gets its place in one huge-page arena (host_memory), and the
+    # checkpoint is copied into it; elsewhere only fused parameters need fresh storage.
+    arena = None
+    if device.type == "cpu" and huge_pages:
+        arena = host_memory.arena_views({name: tuple(parameters[name].shape) for name in parts_per_parameter}, dtype)
     fused = {
-        name: torch.empty(parameters[name].shape, dtype=dtype, device=device)
+        name: arena[name] if arena else torch.empty(parameters[name].shape, dtype=dtype, device=device)
         for name, parts in parts_per_parameter.items()
         if parts > 1
     }
@@ -196,6 +203,8 @@ def _fill_parameters(
                     if target.parameter_name in fused:
                         rows = slice(target.row_start, target.row_start + target.shape[0])
                         fused[target.parameter_name][rows].copy_(tensor)
+                    elif arena:
+                        _set_parameter(model, target.parameter_name, arena[target.parameter_name].copy_(tensor))
                     else:
                         _set_parameter(model, target.parameter_name, tensor.to(device=device, dtype=dtype))
     for name, tensor in fused.items():
@@ -226,11 +235,13 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     attention_backend: AttentionBackend | str | None = None,
+    huge_pages: bool = True,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load config and weights from `model_dir`, cast to `dtype`, onto `device`, in eval mode.
 
     `attention_backend` is a backend object, a backend name ("auto", "torch", "triton"), or
-    None for "auto".
+    None for "auto". On the CPU the weights are placed in transparent huge pages where the
+    kernel offers them (`host_memory`); `huge_pages=False` keeps ordinary memory.
     """
     model_dir = Path(model_dir)
     config = load_model_config(model_dir)
@@ -244,7 +255,7 @@ def load_model(
     with torch.device("meta"), _skip_weight_init():
         model = LlamaForCausalLM(config, attention_backend)
     model.to(dtype)  # free on meta; fixes each parameter's final dtype
-    _fill_parameters(model, expected, found, dtype, device)
+    _fill_parameters(model, expected, found, dtype, device, huge_pages)
     if config.tie_word_embeddings:
         model.tie_weights()
     model.rotary_emb.reset_inv_freq(device)

@@ -19,11 +19,14 @@ pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_small_batch_matches_float64(rows, x_dtype, w_dtype, with_bias):
+@pytest.mark.parametrize("in_features", [100, 256, 1000])
+def test_linear_small_batch_matches_float64(rows, x_dtype, w_dtype, with_bias, in_features):
     generator = torch.Generator().manual_seed(rows)
-    # 37 output rows (not a multiple of the 4-row block) and K = 100 (not a multiple of 8 or 16).
-    x = torch.randn(rows, 100, generator=generator).to(x_dtype)
-    weight = torch.randn(37, 100, generator=generator).to(w_dtype)
+    # 37 output rows (not a multiple of the 4-row block). K = 100 is not a multiple of 8 or 16;
+    # 256 is two of the single-row AVX-512 loop's 128-element blocks; 1000 is seven blocks (x
+    # stored in scrambled block order) then three 32-element steps and 8 scalar elements.
+    x = torch.randn(rows, in_features, generator=generator).to(x_dtype)
+    weight = torch.randn(37, in_features, generator=generator).to(w_dtype)
     bias = torch.randn(37, generator=generator).to(w_dtype) if with_bias else None
     ours = kernels.linear_small_batch(x, weight, bias)
     expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
