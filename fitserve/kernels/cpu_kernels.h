@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -73,6 +74,66 @@ inline void widen_row(const T* source, float* target, int64_t count) {
   int64_t k = 0;
   for (; k + 8 <= count; k += 8) _mm256_storeu_ps(target + k, load8(source + k));
   for (; k < count; ++k) target[k] = to_float(source[k]);
+}
+
+// ------------------------------------------------------------------------------ scheduling
+
+// at::parallel_for over [0, items) where a thread that finishes its share early takes the
+// unfinished tail of another's. Each thread owns a contiguous share and walks it front to
+// back in chunks (its loads stay one ascending stream for the prefetchers); a thread that is
+// done claims chunks from the back of the others' shares. Two threads streaming memory on a
+// shared machine finish their static halves ~8% apart at random (one is descheduled, or
+// gets less bandwidth for a while), and the early one would otherwise spin at the barrier:
+// +2-5% read bandwidth for one decode row over the Qwen2.5-0.5B projections. fn(first,
+// last) must not care which thread runs it: every item is computed the same way by whoever
+// claims it, so results do not depend on the schedule.
+class StealingRanges {
+ public:
+  explicit StealingRanges(int64_t items, int64_t shares) : shares_(static_cast<size_t>(shares)) {
+    TORCH_CHECK(items < (int64_t{1} << 31), "StealingRanges: too many items");
+    for (int64_t t = 0; t < shares; ++t) shares_[t].packed.store(pack(items * t / shares, items * (t + 1) / shares));
+  }
+
+  // Claim up to `chunk` items of share t: from its front when own, else from its back.
+  bool claim(int64_t t, bool own, int64_t chunk, int64_t& first, int64_t& last) {
+    std::atomic<uint64_t>& packed = shares_[t].packed;
+    uint64_t current = packed.load(std::memory_order_relaxed);
+    while (true) {
+      const int64_t front = static_cast<int64_t>(current >> 32), back = static_cast<int64_t>(current & 0xffffffffu);
+      if (front >= back) return false;
+      uint64_t next;
+      if (own) {
+        first = front, last = std::min(front + chunk, back), next = pack(last, back);
+      } else {
+        first = std::max(back - chunk, front), last = back, next = pack(front, first);
+      }
+      if (packed.compare_exchange_weak(current, next, std::memory_order_relaxed)) return true;
+    }
+  }
+
+ private:
+  static uint64_t pack(int64_t front, int64_t back) {
+    return (static_cast<uint64_t>(front) << 32) | static_cast<uint64_t>(back);
+  }
+  struct alignas(64) Share {  // one cache line each: owners never share a line
+    std::atomic<uint64_t> packed{0};
+  };
+  std::vector<Share> shares_;
+};
+
+template <typename F>
+void parallel_for_stealing(int64_t items, int64_t chunk, const F& fn) {
+  if (items <= 0) return;
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  StealingRanges ranges(items, shares);
+  at::parallel_for(0, shares, 1, [&](int64_t first_share, int64_t last_share) {
+    int64_t first, last;
+    for (int64_t t = first_share; t < last_share; ++t) {
+      while (ranges.claim(t, true, chunk, first, last)) fn(first, last);
+      for (int64_t other = 1; other < shares; ++other)
+        while (ranges.claim((t + other) % shares, false, chunk, first, last)) fn(first, last);
+    }
+  });
 }
 
 // ------------------------------------------------------------------------------ linear
@@ -226,6 +287,15 @@ inline float single_row_dot(bool split, const SplitRow& x_split, const float* x,
 }
 inline float single_row_dot(bool, const SplitRow&, const float* x, const float* w, int64_t K) { return dot_row(x, w, K); }
 
+// This thread's buffer for a block of W widened to float32 (several rows of x), kept across
+// calls: fn of parallel_for_stealing runs once per claimed chunk, too often to allocate.
+inline float* widened_block_scratch(int64_t count) {
+  thread_local std::vector<float> storage;
+  if (storage.size() < static_cast<size_t>(count + 16)) storage.resize(count + 16);
+  const auto address = reinterpret_cast<uintptr_t>(storage.data());
+  return reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
+}
+
 template <typename XT, typename WT>
 void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, int64_t N, int64_t K) {
   // x is small (a few decode rows): widen it once so the inner loops only widen W.
@@ -236,9 +306,10 @@ void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, i
   const bool split = M == 1 && std::is_same<WT, BF16>::value && kHasAvx512;
   const SplitRow x_split(x_float, split ? K : 0);
   const int64_t num_blocks = (N + kRowsOfW - 1) / kRowsOfW;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-    AlignedFloats w_buffer(kRowsOfW * K);
-    float* w_float = w_buffer.data;
+  // Claims of ~32 KiB of weights: a compare-and-swap per claim is noise next to streaming them.
+  const int64_t chunk = std::max<int64_t>(1, 32768 / (kRowsOfW * K * static_cast<int64_t>(sizeof(WT))));
+  parallel_for_stealing(num_blocks, chunk, [&](int64_t first, int64_t last) {
+    float* w_float = M == 1 ? nullptr : widened_block_scratch(kRowsOfW * K);
     float block_out[3][kRowsOfW];
     for (int64_t block = first; block < last; ++block) {
       const int64_t n0 = block * kRowsOfW;

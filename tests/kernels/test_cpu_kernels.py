@@ -35,6 +35,26 @@ def test_linear_small_batch_matches_float64(rows, x_dtype, w_dtype, with_bias, i
     torch.testing.assert_close(ours.double(), expected, atol=tolerance * 10, rtol=tolerance)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_small_batch_does_not_depend_on_threads(rows, dtype):
+    """Threads that finish early take work from the others' shares, so which thread computes
+    an output varies from call to call; the output must not."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, 1000, generator=generator).to(dtype)
+    weight = torch.randn(1001, 1000, generator=generator).to(dtype)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = kernels.linear_small_batch(x, weight, None)
+        for threads in (2, 3, 5):  # more threads than cores: some start late and lose work
+            torch.set_num_threads(threads)
+            for _ in range(5):
+                assert torch.equal(kernels.linear_small_batch(x, weight, None), alone)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _paged_case(dtype, seq_lens, num_heads=4, num_kv_heads=2, head_dim=24, block_size=4, seed=0):
     generator = torch.Generator().manual_seed(seed)
     num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 3
