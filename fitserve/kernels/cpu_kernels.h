@@ -171,65 +171,66 @@ inline float dot_row(const float* x, const WT* w, int64_t K) {
   return sum;
 }
 
-// The same single-row dot product with 512-bit vectors, for CPUs with AVX-512 (chosen at run
-// time, so the extension still loads on AVX2-only CPUs). Two things make it read faster than
-// a plain loop, both measured on Zen 4 by A/B runs interleaved layer by layer over the
+// The single-row dot products with 512-bit vectors, for CPUs with AVX-512 (chosen at run
+// time, so the extension still loads on AVX2-only CPUs). What makes them read faster than
+// dot_row, each measured on Zen 4 by A/B runs interleaved layer by layer over the
 // Qwen2.5-0.5B projections:
 //
-// - Widening bf16 without a shuffle: a 64-byte load holds 32 bf16 weights, each 32-bit lane
-//   a pair; the lane shifted left by 16 is the even weight as a float32, the lane with its
-//   low half masked off is the odd one. Two single-cycle integer ops per 32 weights instead
-//   of two cross-lane zero-extensions (which Zen 4 runs at half rate): +3-12%. So x is
-//   stored with each 32-element block as its 16 even then its 16 odd elements.
-// - x's 128-element blocks stored in a scrambled order: read in order, the loads of x form a
-//   second ascending stream beside W's, and the hardware prefetchers then fetch W less far
-//   ahead; with x's blocks scattered only W looks like a stream: +12-15%, to within a few
-//   percent of torch.sum's read rate.
+// - x's 128-element blocks stored in a scrambled order (ScrambledRow). Read in order, the
+//   loads of x form a second ascending stream beside W's, and the hardware prefetchers then
+//   run less far ahead on W; with x's blocks scattered only W looks like a stream: +12-15%.
+// - 256 bytes of W per iteration into eight independent accumulators, every line asked for
+//   8 KiB ahead: more loads in flight than four accumulators (+3-5%).
+// - bf16 widened without a shuffle: a 64-byte load holds 32 bf16 weights, each 32-bit lane a
+//   pair; the lane shifted left by 16 is the even weight as a float32, the lane with its low
+//   half masked off is the odd one. Two single-cycle integer ops per 32 weights instead of
+//   two cross-lane zero-extensions (which Zen 4 runs at half rate): +3-12%. For bf16 weights
+//   x is therefore stored with each 32-element block as its 16 even then its 16 odd elements.
 //
-// Each product is the same float32 FMA as in dot_row and the sums are taken in the same order
-// whatever the layout of x, so results do not depend on the scramble.
-constexpr int64_t kSplitBlock = 128;
+// Each product is a float32 FMA and the sums are taken in the same order whatever the
+// scramble, so results do not depend on it.
+constexpr int64_t kScrambleBlock = 128;
 
-// x of one decode row in the layout dot_row_bf16_avx512 reads: `values` holds the full
-// 128-element blocks at the offsets in `block_offsets` (a fixed permutation of the block
-// slots), then the remaining K % 128 elements, each 32-element block of everything split
-// into even and odd halves.
-struct SplitRow {
+// x of one decode row in the layout the AVX-512 single-row loops read: `values` holds the
+// full 128-element blocks at the offsets in `block_offsets` (a fixed permutation of the block
+// slots), then the remaining K % 128 elements at their own index; with `pairs` (bf16
+// weights) every 32-element block is split into its even and odd halves.
+struct ScrambledRow {
   AlignedFloats values;
   std::vector<int32_t> block_offsets;
 
-  SplitRow(const float* x, int64_t K) : values(K), block_offsets(K / kSplitBlock) {
-    const int64_t blocks = K / kSplitBlock;
-    for (int64_t b = 0; b < blocks; ++b) block_offsets[b] = static_cast<int32_t>(b * kSplitBlock);
+  ScrambledRow(const float* x, int64_t K, bool pairs) : values(K), block_offsets(K / kScrambleBlock) {
+    const int64_t blocks = K / kScrambleBlock;
+    for (int64_t b = 0; b < blocks; ++b) block_offsets[b] = static_cast<int32_t>(b * kScrambleBlock);
     uint32_t state = 0x9E3779B9u;  // a fixed Fisher-Yates shuffle (xorshift32)
     for (int64_t b = blocks - 1; b > 0; --b) {
       state ^= state << 13, state ^= state >> 17, state ^= state << 5;
       std::swap(block_offsets[b], block_offsets[state % (b + 1)]);
     }
-    for (int64_t b = 0; b < blocks; ++b) split_pairs(x + b * kSplitBlock, values.data + block_offsets[b], kSplitBlock);
-    split_pairs(x + blocks * kSplitBlock, values.data + blocks * kSplitBlock, K - blocks * kSplitBlock);
+    for (int64_t b = 0; b < blocks; ++b)
+      place(x + b * kScrambleBlock, values.data + block_offsets[b], kScrambleBlock, pairs);
+    place(x + blocks * kScrambleBlock, values.data + blocks * kScrambleBlock, K - blocks * kScrambleBlock, pairs);
   }
 
-  static void split_pairs(const float* x, float* out, int64_t count) {
+  static void place(const float* x, float* out, int64_t count, bool pairs) {
     int64_t k = 0;
-    for (; k + 32 <= count; k += 32)
-      for (int i = 0; i < 16; ++i) {
-        out[k + i] = x[k + 2 * i];
-        out[k + 16 + i] = x[k + 2 * i + 1];
-      }
+    if (pairs)
+      for (; k + 32 <= count; k += 32)
+        for (int i = 0; i < 16; ++i) {
+          out[k + i] = x[k + 2 * i];
+          out[k + 16 + i] = x[k + 2 * i + 1];
+        }
     for (; k < count; ++k) out[k] = x[k];
   }
 };
 
 __attribute__((target("avx512f,avx512bw,fma")))
-float dot_row_bf16_avx512(const SplitRow& x, const BF16* w, int64_t K) {
+float dot_row_bf16_avx512(const ScrambledRow& x, const BF16* w, int64_t K) {
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  // 256 bytes of W per iteration into eight independent accumulators: more loads in flight
-  // than four (+3-5%), and every line asked for 8 KiB ahead.
   __m512 acc[8];
   for (auto& a : acc) a = _mm512_setzero_ps();
   int64_t k = 0;
-  for (int64_t block = 0; k + kSplitBlock <= K; k += kSplitBlock, ++block) {
+  for (int64_t block = 0; k + kScrambleBlock <= K; k += kScrambleBlock, ++block) {
     prefetch_ahead(w + k);
     prefetch_ahead(w + k + 64);
     const float* xs = x.values.data + x.block_offsets[block];
@@ -252,6 +253,31 @@ float dot_row_bf16_avx512(const SplitRow& x, const BF16* w, int64_t K) {
   const __m512 sum45 = _mm512_add_ps(acc[4], acc[5]), sum67 = _mm512_add_ps(acc[6], acc[7]);
   float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum01, sum23), _mm512_add_ps(sum45, sum67)));
   for (; k < K; ++k) sum += to_float(w[k]) * tail[k];
+  return sum;
+}
+
+__attribute__((target("avx512f,avx512bw,fma")))
+float dot_row_f32_avx512(const ScrambledRow& x, const float* w, int64_t K) {
+  __m512 acc[8];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (int64_t block = 0; k + kScrambleBlock <= K; k += kScrambleBlock, ++block) {
+    const float* xs = x.values.data + x.block_offsets[block];
+    for (int half = 0; half < 2; ++half) {  // 2 x 256 bytes of W
+      const float* wh = w + k + 64 * half;
+      prefetch_ahead(wh);
+      prefetch_ahead(wh + 32);
+      for (int j = 0; j < 4; ++j)
+        acc[4 * half + j] = _mm512_fmadd_ps(_mm512_loadu_ps(wh + 16 * j), _mm512_load_ps(xs + 64 * half + 16 * j),
+                                            acc[4 * half + j]);
+    }
+  }
+  const float* tail = x.values.data;
+  for (; k + 16 <= K; k += 16) acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(tail + k), acc[0]);
+  const __m512 sum01 = _mm512_add_ps(acc[0], acc[1]), sum23 = _mm512_add_ps(acc[2], acc[3]);
+  const __m512 sum45 = _mm512_add_ps(acc[4], acc[5]), sum67 = _mm512_add_ps(acc[6], acc[7]);
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum01, sum23), _mm512_add_ps(sum45, sum67)));
+  for (; k < K; ++k) sum += w[k] * tail[k];
   return sum;
 }
 
@@ -280,12 +306,14 @@ inline void micro_kernel(const float* const* x_rows, const float* w, int64_t K, 
     }
 }
 
-// One output of a single decode row: the split-layout AVX-512 loop where linear_impl
-// prepared it, the natural-order one otherwise.
-inline float single_row_dot(bool split, const SplitRow& x_split, const float* x, const BF16* w, int64_t K) {
-  return split ? dot_row_bf16_avx512(x_split, w, K) : dot_row(x, w, K);
+// One output of a single decode row: the AVX-512 loop over the scrambled x where linear_impl
+// prepared one, dot_row over the plain x otherwise.
+inline float single_row_dot(bool scrambled, const ScrambledRow& x_scrambled, const float* x, const BF16* w, int64_t K) {
+  return scrambled ? dot_row_bf16_avx512(x_scrambled, w, K) : dot_row(x, w, K);
 }
-inline float single_row_dot(bool, const SplitRow&, const float* x, const float* w, int64_t K) { return dot_row(x, w, K); }
+inline float single_row_dot(bool scrambled, const ScrambledRow& x_scrambled, const float* x, const float* w, int64_t K) {
+  return scrambled ? dot_row_f32_avx512(x_scrambled, w, K) : dot_row(x, w, K);
+}
 
 // This thread's buffer for a block of W widened to float32 (several rows of x), kept across
 // calls: fn of parallel_for_stealing runs once per claimed chunk, too often to allocate.
@@ -302,9 +330,9 @@ void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, i
   AlignedFloats x_buffer(M * K);
   float* x_float = x_buffer.data;
   for (int64_t m = 0; m < M; ++m) widen_row(x + m * K, x_float + m * K, K);
-  // One row of x against bf16 weights on an AVX-512 CPU: dot_row_bf16_avx512's layout.
-  const bool split = M == 1 && std::is_same<WT, BF16>::value && kHasAvx512;
-  const SplitRow x_split(x_float, split ? K : 0);
+  // One row of x on an AVX-512 CPU: the layout of dot_row_bf16_avx512 / dot_row_f32_avx512.
+  const bool scrambled = M == 1 && kHasAvx512;
+  const ScrambledRow x_scrambled(x_float, scrambled ? K : 0, std::is_same<WT, BF16>::value);
   const int64_t num_blocks = (N + kRowsOfW - 1) / kRowsOfW;
   // Claims of ~32 KiB of weights: a compare-and-swap per claim is noise next to streaming them.
   const int64_t chunk = std::max<int64_t>(1, 32768 / (kRowsOfW * K * static_cast<int64_t>(sizeof(WT))));
@@ -317,7 +345,7 @@ void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, i
       const WT* w_block = w + n0 * K;
       if (M == 1) {
         for (int r = 0; r < rows; ++r)
-          out[n0 + r] = static_cast<XT>(single_row_dot(split, x_split, x_float, w_block + r * K, K) +
+          out[n0 + r] = static_cast<XT>(single_row_dot(scrambled, x_scrambled, x_float, w_block + r * K, K) +
                                         (bias ? to_float(bias[n0 + r]) : 0.0f));
         continue;
       }
