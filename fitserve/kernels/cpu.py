@@ -93,6 +93,22 @@ def streaming_rows_limit() -> int:
     return SMALL_BATCH_ROWS_NATIVE_BF16 if _NATIVE_BF16 else SMALL_BATCH_ROWS
 
 
+def bf16_dot_rows_limit() -> int:
+    """Rows up to which a bf16 projection with more than one row of bf16 x runs the kernels'
+    vdpbf16ps GEMM (`linear_bf16_dot`) instead of the matmul library: BF16_DOT_MAX_ROWS on
+    CPUs with AVX512-BF16 but no AMX, 0 (never) elsewhere. The Python path and the fused
+    decode stack both follow it."""
+    return BF16_DOT_MAX_ROWS if _AVX512_BF16 and not _AMX else 0
+
+
+BF16_DOT_MAX_ROWS = 64
+"""Batched-decode projections (2-64 rows) on AVX512-BF16 CPUs without AMX. oneDNN's bf16
+matmul reads a 9728x896 weight at 12-14 GB/s for 2-8 rows and reaches half of the machine's
+matmul peak at 32; the vdpbf16ps kernel streams the weight once past tiles of up to six rows
+(2-core Zen 4, weights out of cache, `benchmarks/cpu_kernels.py --section dot`): 1.8x faster
+at 2 rows, 1.4x at 32, 1.1x at 64. On AMX CPUs oneDNN uses AMX tiles and is left in charge
+(not measured against this kernel)."""
+
 SMALL_BATCH_ROWS = 16
 """Up to this many rows the weight-streaming kernel beats widening the weights for the matmul
 library (benchmarks/cpu_kernels.py on a 2-core AVX2 machine: ~1.5x at 1-8 rows, even at
@@ -140,7 +156,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """`F.linear` with CPU fast paths for decode rows and bfloat16 weights.
 
     Few rows (decode): the streaming kernel, which reads the weights once (bf16 widened in
-    registers; AVX-512 where the CPU has it). Many rows (prefill): torch's own bf16 matmul on
+    registers; AVX-512 where the CPU has it); on AVX512-BF16 CPUs without AMX, 2-64 bf16 rows
+    (a batched decode step) take the vdpbf16ps kernel. Many rows (prefill): torch's own bf16 matmul on
     CPUs with native bf16 (AMX / AVX512-BF16); elsewhere float32 matmul on widened weights (in
     `widen_buffer` when given), far faster there than torch's bf16 matmul; widening is cheap
     next to the matmul it feeds. Either way products are accumulated in float32 and rounded
@@ -159,6 +176,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     kernels = get() if rows <= streaming_rows_limit() else None
     if kernels is not None and x.dtype in (torch.bfloat16, torch.float32):
         out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    kernels = get() if rows <= bf16_dot_rows_limit() and x.dtype == torch.bfloat16 else None
+    if kernels is not None:
+        out = kernels.linear_bf16_dot(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     if _NATIVE_BF16:
         return F.linear(x, weight, bias)

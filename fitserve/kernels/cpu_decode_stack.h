@@ -13,6 +13,7 @@
 
 #pragma once
 
+#include "cpu_bf16_gemm.h"
 #include "cpu_kernels.h"
 
 #include <cstring>
@@ -30,13 +31,15 @@ class DecodeStack {
   // small_batch_rows: up to this many rows a bfloat16 projection streams its weights through
   // linear_impl, above it the matmul library runs (on widened weights unless native_bf16).
   // float32_kernel_rows: the same limit for float32 weights. fused_silu_max_rows: float32
-  // SiLU·up uses the fused kernel up to this many rows.
+  // SiLU·up uses the fused kernel up to this many rows. bf16_dot_rows: bf16 projections of more
+  // rows than small_batch_rows and up to this many run linear_bf16_dot (cpu_bf16_gemm.h).
   DecodeStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
               torch::Tensor final_norm, int64_t small_batch_rows, int64_t float32_kernel_rows, bool native_bf16,
-              int64_t fused_silu_max_rows)
+              int64_t fused_silu_max_rows, int64_t bf16_dot_rows)
       : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps),
         scale_(scale), final_norm_(std::move(final_norm)), small_batch_rows_(small_batch_rows),
-        float32_kernel_rows_(float32_kernel_rows), native_bf16_(native_bf16), fused_silu_max_rows_(fused_silu_max_rows) {
+        float32_kernel_rows_(float32_kernel_rows), native_bf16_(native_bf16), fused_silu_max_rows_(fused_silu_max_rows),
+        bf16_dot_rows_(bf16_dot_rows) {
     TORCH_CHECK(num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "DecodeStack: bad head layout");
   }
 
@@ -166,6 +169,12 @@ class DecodeStack {
                                  out_features, in_features);
       return out;
     }
+    if (rows <= bf16_dot_rows_ && x.scalar_type() == at::kBFloat16) {
+      torch::Tensor out = torch::empty({rows, out_features}, x.options());
+      linear_bf16_dot(x.data_ptr<BF16>(), weight.data_ptr<BF16>(), bias.has_value() ? bias->data_ptr<BF16>() : nullptr,
+                      out.data_ptr<BF16>(), rows, out_features, in_features);
+      return out;
+    }
     if (native_bf16_) return at::linear(x, weight, bias);
     if (widen_buffer_.numel() < weight.numel()) widen_buffer_ = torch::empty({weight.numel()}, x.options().dtype(at::kFloat));
     torch::Tensor wide = widen_buffer_.narrow(0, 0, weight.numel()).view(weight.sizes());
@@ -212,7 +221,7 @@ class DecodeStack {
   torch::Tensor final_norm_;
   int64_t small_batch_rows_, float32_kernel_rows_;
   bool native_bf16_;
-  int64_t fused_silu_max_rows_;
+  int64_t fused_silu_max_rows_, bf16_dot_rows_;
   std::vector<DecodeLayer> layers_;
   std::vector<torch::Tensor> key_caches_, value_caches_;
   torch::Tensor widen_buffer_;

@@ -3,6 +3,7 @@
 // decode stack of cpu_decode_stack.h, exposed to Python.
 
 #include "cpu_kernels.h"
+#include "cpu_bf16_gemm.h"
 #include "cpu_decode_stack.h"
 #include "cpu_prefill_attention.h"
 
@@ -27,6 +28,20 @@ torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor weight, c10::opt
   else if (xt == at::kFloat && wt == at::kBFloat16) run(x.data_ptr<float>(), weight.data_ptr<BF16>());
   else if (xt == at::kFloat && wt == at::kFloat) run(x.data_ptr<float>(), weight.data_ptr<float>());
   else TORCH_CHECK(false, "linear_small_batch: unsupported dtypes");
+  return out;
+}
+
+// bf16 x [M, K] against bf16 W [N, K] with vdpbf16ps (cpu_bf16_gemm.h), for a few decode rows.
+torch::Tensor linear_bf16_dot(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "linear_bf16_dot needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [M, K] and weight [N, K]");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous x and weight");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "bf16 x and weight");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kBFloat16 && bias->numel() == weight.size(0));
+  auto out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  linear_bf16_dot(x.data_ptr<BF16>(), weight.data_ptr<BF16>(), has_bias ? bias->data_ptr<BF16>() : nullptr,
+                  out.data_ptr<BF16>(), x.size(0), weight.size(0), x.size(1));
   return out;
 }
 
@@ -145,6 +160,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // other threads (HTTP, streaming) get to run during a step.
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("linear_small_batch", &linear_small_batch, "x W^T + b for a few rows of x", release);
+  m.def("linear_bf16_dot", static_cast<torch::Tensor (*)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>)>(&linear_bf16_dot),
+        "bf16 x W^T + b for a few rows with vdpbf16ps (AVX512-BF16)", release);
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)", release);
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
@@ -152,10 +169,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal bf16 attention of a prefill (AVX512-BF16)", release);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16");
   py::class_<DecodeStack>(m, "DecodeStack", "a model's decoder layers for one-token-per-sequence steps")
-      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, bool, int64_t>(),
+      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, bool, int64_t, int64_t>(),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"),
            py::arg("final_norm"), py::arg("small_batch_rows"), py::arg("float32_kernel_rows"), py::arg("native_bf16"),
-           py::arg("fused_silu_max_rows"))
+           py::arg("fused_silu_max_rows"), py::arg("bf16_dot_rows"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_kv_caches", &DecodeStack::set_kv_caches)
       .def("forward", &DecodeStack::forward, release);

@@ -283,6 +283,16 @@ float dot_row_f32_avx512(const ScrambledRow& x, const float* w, int64_t K) {
 
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 
+// Functions using vdpbf16ps (bf16 pair dot products into float32) carry this target, and run
+// only where cpu_has_avx512_bf16() (Zen 4, Cooper Lake, Sapphire Rapids and later).
+#define FITSERVE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+
+inline bool cpu_has_avx512_bf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
 // MR rows of x against kRowsOfW float32 rows of W (already widened into an L1/L2 buffer).
 template <int MR>
 inline void micro_kernel(const float* const* x_rows, const float* w, int64_t K, float out[][kRowsOfW]) {

@@ -19,14 +19,6 @@
 
 namespace fitserve_cpu {
 
-#define FITSERVE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
-
-inline bool cpu_has_avx512_bf16() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bf16");
-}
-
 constexpr int kKeyBlock = 16;  // keys per block: one float32 vector of scores
 
 // exp for x <= 0 on 16 lanes: exp256 (cpu_kernels.h) on each half, the same polynomial.

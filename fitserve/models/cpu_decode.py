@@ -105,6 +105,7 @@ class FusedCpuDecode:
             final_norm=model.model.norm.weight.detach(), small_batch_rows=cpu_kernels.streaming_rows_limit(),
             float32_kernel_rows=cpu_kernels.FLOAT32_KERNEL_ROWS,
             native_bf16=cpu_kernels.cpu_has_native_bf16(), fused_silu_max_rows=FUSED_SILU_MAX_ROWS,
+            bf16_dot_rows=cpu_kernels.bf16_dot_rows_limit(),
         )
 
         def optional(tensor: torch.Tensor | None) -> torch.Tensor | None:

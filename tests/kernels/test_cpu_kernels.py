@@ -55,6 +55,55 @@ def test_linear_small_batch_does_not_depend_on_threads(rows, dtype):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.skipif(kernels is None or not kernels.has_avx512_bf16(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("rows", [2, 5, 6, 7, 13, 64])
+@pytest.mark.parametrize("in_features", [100, 256, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_bf16_dot_matches_float64(rows, in_features, with_bias):
+    # 37 output rows: a partial last block of 4. K = 100 and 1000 end in a masked step.
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(37, in_features, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(37, generator=generator).to(torch.bfloat16) if with_bias else None
+    ours = kernels.linear_bf16_dot(x, weight, bias)
+    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, 37)
+    # Exact products summed in float32, then one bf16 rounding: within a bf16 ulp of the value.
+    assert torch.all((ours.double() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-2)
+
+
+@pytest.mark.skipif(kernels is None or not kernels.has_avx512_bf16(), reason="needs AVX512-BF16")
+def test_linear_bf16_dot_does_not_depend_on_threads():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 1000, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(1001, 1000, generator=generator).to(torch.bfloat16)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = kernels.linear_bf16_dot(x, weight, None)
+        for threads in (2, 3, 5):
+            torch.set_num_threads(threads)
+            for _ in range(3):
+                assert torch.equal(kernels.linear_bf16_dot(x, weight, None), alone)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_batched_bf16_projections_take_the_dot_kernel_only_where_it_runs():
+    from fitserve.kernels import cpu
+
+    limit = cpu.bf16_dot_rows_limit()
+    if not kernels.has_avx512_bf16():
+        assert limit == 0
+        return
+    x = torch.randn(8, 96).to(torch.bfloat16)
+    weight = torch.randn(40, 96).to(torch.bfloat16)
+    if limit >= 8:  # AVX512-BF16 without AMX: cpu.linear is the kernel, bit for bit
+        assert torch.equal(cpu.linear(x, weight, None), kernels.linear_bf16_dot(x, weight, None))
+    rows = torch.randn(limit + 1, 96).to(torch.bfloat16)  # one row past the limit: the library
+    assert torch.equal(cpu.linear(rows, weight, None), F.linear(rows, weight))
+
+
 def _paged_case(dtype, seq_lens, num_heads=4, num_kv_heads=2, head_dim=24, block_size=4, seed=0):
     generator = torch.Generator().manual_seed(seed)
     num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 3
