@@ -2,13 +2,17 @@
 
     python benchmarks/cpu_kernels.py                    # by rows of x, gate_up of Qwen2.5-0.5B
     python benchmarks/cpu_kernels.py --section pages    # one decode row, 4 KiB vs 2 MiB pages
+    python benchmarks/cpu_kernels.py --section dot      # batched decode rows: vdpbf16ps vs oneDNN
 
 `rows`: where the weight-streaming kernel stops beating the matmul library (sets
 fitserve.kernels.cpu.SMALL_BATCH_ROWS). `pages`: the read bandwidth of one decode row over
 all decoder projections of a model shape (larger than the caches, as in a real decode step),
 with the weights in ordinary memory and in transparent huge pages (fitserve.models.
 host_memory), next to torch.sum over both kinds of memory. The variants alternate layer by
-layer, so a shared machine's bandwidth swings hit all of them alike.
+layer, so a shared machine's bandwidth swings hit all of them alike. `dot`: bf16 projections
+of 1-64 rows (a batched decode step) through the matmul library, the vdpbf16ps kernel
+(AVX512-BF16) and the streaming kernel, on eight copies of each weight so that every call
+reads it from memory, as a decode step does.
 """
 
 from __future__ import annotations
@@ -112,9 +116,33 @@ def pages_section(args) -> dict:
             "read_bytes_per_s": results}
 
 
+def dot_section(args) -> dict:
+    kernels = cpu.get()
+    assert kernels is not None and kernels.has_avx512_bf16(), "the vdpbf16ps kernel needs AVX512-BF16"
+    results = []
+    for out_features, in_features in ((args.out_features, args.in_features), (args.in_features, args.out_features // 2)):
+        weights = [torch.randn(out_features, in_features).to(torch.bfloat16) for _ in range(8)]
+        for rows in args.rows:
+            x = torch.randn(rows, in_features).to(torch.bfloat16)
+            paths = {
+                "torch bf16 (oneDNN)": lambda w: F.linear(x, w),
+                "kernel vdpbf16ps": lambda w: kernels.linear_bf16_dot(x, w, None),
+                "kernel streaming": lambda w: kernels.linear_small_batch(x, w, None),
+            }
+            row = {"shape": [out_features, in_features], "rows": rows}
+            for name, fn in paths.items():
+                seconds = best_seconds(lambda: [fn(w) for w in weights]) / len(weights)
+                row[name] = {"ms": seconds * 1e3, "gflops": 2 * rows * out_features * in_features / seconds / 1e9,
+                             "weight_gb_per_s": out_features * in_features * 2 / seconds / 1e9}
+            results.append(row)
+            print(out_features, in_features, rows,
+                  {k: round(v["ms"], 3) for k, v in row.items() if isinstance(v, dict)}, flush=True)
+    return {"results": results}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--section", choices=["rows", "pages"], default="rows")
+    parser.add_argument("--section", choices=["rows", "pages", "dot"], default="rows")
     parser.add_argument("--out-features", type=int, default=2 * 4864)
     parser.add_argument("--in-features", type=int, default=896)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64])
@@ -123,8 +151,9 @@ def main() -> int:
     parser.add_argument("--sweeps", type=int, default=200, help="passes over the layers in the pages section")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    body = rows_section(args) if args.section == "rows" else pages_section(args)
-    name = "cpu_kernels" if args.section == "rows" else f"cpu_kernels_pages_{args.preset}"
+    sections = {"rows": rows_section, "pages": pages_section, "dot": dot_section}
+    body = sections[args.section](args)
+    name = {"rows": "cpu_kernels", "pages": f"cpu_kernels_pages_{args.preset}", "dot": "cpu_kernels_dot"}[args.section]
     write_result(name, {"benchmark": "cpu_kernels", "section": args.section, "machine": describe_machine(),
                         "torch": torch.__version__, **body},
                  args.out or Path(__file__).resolve().parent / "results" / f"{name}.json")

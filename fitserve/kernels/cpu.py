@@ -103,11 +103,12 @@ def bf16_dot_rows_limit() -> int:
 
 BF16_DOT_MAX_ROWS = 64
 """Batched-decode projections (2-64 rows) on AVX512-BF16 CPUs without AMX. oneDNN's bf16
-matmul reads a 9728x896 weight at 12-14 GB/s for 2-8 rows and reaches half of the machine's
-matmul peak at 32; the vdpbf16ps kernel streams the weight once past tiles of up to six rows
-(2-core Zen 4, weights out of cache, `benchmarks/cpu_kernels.py --section dot`): 1.8x faster
-at 2 rows, 1.4x at 32, 1.1x at 64. On AMX CPUs oneDNN uses AMX tiles and is left in charge
-(not measured against this kernel)."""
+matmul reads a 9728x896 weight at 8-17 GB/s for 2-8 rows and reaches about half of the
+machine's matmul peak at 32; the vdpbf16ps kernel streams each weight once (2-core Zen 4,
+weights out of cache, `benchmarks/cpu_kernels.py --section dot`): 9728x896 1.9x faster than
+oneDNN at 2 rows, 2.3x at 4, 1.6x at 32, 1.3x at 64; 896x4864 3.3x at 2 rows, 1.3x at 32,
+1.2x at 64. On AMX CPUs oneDNN uses AMX tiles and is left in charge (not measured against
+this kernel)."""
 
 SMALL_BATCH_ROWS = 16
 """Up to this many rows the weight-streaming kernel beats widening the weights for the matmul

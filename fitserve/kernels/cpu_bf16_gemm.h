@@ -4,9 +4,10 @@
 // On a 2-core Zen 4 the matmul library (oneDNN through at::linear) takes 1.3-1.5 ms for 2-8
 // rows of a 9728x896 bf16 weight, reading it at 12-14 GB/s, and 2.6 ms for 32 rows (214
 // GFLOP/s of a ~420 peak): too little work per call for its blocking and packing to pay off.
-// Here W streams from memory once per call, in blocks of four rows that stay in L1 while every
-// tile of up to six rows of x passes over them; each vdpbf16ps multiplies 32 bf16 pairs
-// exactly and adds them into float32 lanes, so there is nothing to widen.
+// Here W streams from memory once per call, and each vdpbf16ps multiplies 32 bf16 pairs exactly
+// and adds them into float32 lanes, so there is nothing to widen. Up to 8 rows of x that fit
+// in L1 meet W row by row, one sequential stream as in the single-row kernel; more rows meet
+// it in blocks of four rows that stay in L1 while tiles of up to six rows of x pass over them.
 //
 // Accumulation is float32 (round-to-nearest-even per vdpbf16ps, as oneDNN's bf16 kernels on
 // these CPUs), rounded once to bf16 with the bias added, as at::linear does.
@@ -95,9 +96,69 @@ FITSERVE_AVX512_BF16 inline void gemm_bf16_block(const BF16* x, const BF16* w, c
   }
 }
 
+// MR (few) rows of x against one row of W: W read as one sequential stream, as in the
+// single-row kernel, for the memory-bound case where the four-row blocks' interleaved streams
+// fetch W more slowly than the compute needs it.
+template <int MR>
+FITSERVE_AVX512_BF16 inline void dot_rows_stream(const BF16* const* x_rows, const BF16* w, int64_t K, float* out) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    prefetch_ahead(w + k);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x_rows[m] + k), w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x_rows[m] + k + 32), w1);
+    }
+  }
+  for (; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
+    for (int m = 0; m < MR; ++m)
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_maskz_loadu_epi16(mask, x_rows[m] + k), wv);
+  }
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+template <int MR>
+FITSERVE_AVX512_BF16 inline void gemm_bf16_rows(const BF16* x, const BF16* w, const BF16* bias, BF16* out, int64_t N,
+                                                int64_t K, int64_t first_row, int64_t last_row) {
+  const BF16* x_rows[MR];
+  for (int m = 0; m < MR; ++m) x_rows[m] = x + m * K;
+  float sums[MR];
+  for (int64_t n = first_row; n < last_row; ++n) {
+    dot_rows_stream<MR>(x_rows, w + n * K, K, sums);
+    for (int m = 0; m < MR; ++m) out[m * N + n] = static_cast<BF16>(sums[m] + (bias ? static_cast<float>(bias[n]) : 0.0f));
+  }
+}
+
+// Up to this many rows of x, and while they fit in L1 beside the stream (kStreamXBytes), W
+// streams row by row; beyond, the four-row blocks reuse each W load for more rows of x.
+constexpr int64_t kStreamRowsMax = 8;
+constexpr int64_t kStreamXBytes = 24 * 1024;
+
 // Callers check cpu_has_avx512_bf16().
 inline void linear_bf16_dot(const BF16* x, const BF16* w, const BF16* bias, BF16* out, int64_t M, int64_t N,
                             int64_t K) {
+  if (M <= kStreamRowsMax && M * K * static_cast<int64_t>(sizeof(BF16)) <= kStreamXBytes) {
+    const int64_t chunk_rows = std::max<int64_t>(1, 32768 / (K * static_cast<int64_t>(sizeof(BF16))));
+    const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
+    parallel_for_stealing(chunks, 1, [&](int64_t first, int64_t last) {
+      const int64_t first_row = first * chunk_rows, last_row = std::min(N, last * chunk_rows);
+      switch (M) {
+        case 8: gemm_bf16_rows<8>(x, w, bias, out, N, K, first_row, last_row); break;
+        case 7: gemm_bf16_rows<7>(x, w, bias, out, N, K, first_row, last_row); break;
+        case 6: gemm_bf16_rows<6>(x, w, bias, out, N, K, first_row, last_row); break;
+        case 5: gemm_bf16_rows<5>(x, w, bias, out, N, K, first_row, last_row); break;
+        case 4: gemm_bf16_rows<4>(x, w, bias, out, N, K, first_row, last_row); break;
+        case 3: gemm_bf16_rows<3>(x, w, bias, out, N, K, first_row, last_row); break;
+        case 2: gemm_bf16_rows<2>(x, w, bias, out, N, K, first_row, last_row); break;
+        default: gemm_bf16_rows<1>(x, w, bias, out, N, K, first_row, last_row); break;
+      }
+    });
+    return;
+  }
   const int64_t blocks = (N + 3) / 4, block_bytes = 4 * K * static_cast<int64_t>(sizeof(BF16));
   const int64_t chunk = std::max<int64_t>(1, 32768 / block_bytes);
   // Ask for W ~8 KiB ahead (at least the next block), as the single-row kernel does.
