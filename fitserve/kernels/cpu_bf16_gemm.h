@@ -33,6 +33,27 @@ struct PrefetchCursor {
   }
 };
 
+// out[m][r] = the sum of acc[m][r]'s lanes, eight sums at a time: each vector's halves added,
+// then one transposing reduction of eight (hsum8) instead of eight separate reductions: a
+// third of the instructions, +1-5% on batched-decode shapes (A/B inside one process).
+template <int MR>
+FITSERVE_AVX512_BF16 inline void reduce_tile(const __m512 (&acc)[MR][4], float out[][4]) {
+  constexpr int kCount = MR * 4;
+  alignas(32) float sums[(kCount + 7) / 8 * 8];
+  for (int group = 0; group < kCount; group += 8) {
+    __m256 halves[8];
+    for (int i = 0; i < 8; ++i) {
+      const int index = group + i;
+      halves[i] = index < kCount ? _mm256_add_ps(_mm512_castps512_ps256(acc[index / 4][index % 4]),
+                                                 _mm512_extractf32x8_ps(acc[index / 4][index % 4], 1))
+                                 : _mm256_setzero_ps();
+    }
+    _mm256_store_ps(sums + group, hsum8(halves));
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) out[m][r] = sums[m * 4 + r];
+}
+
 // MR rows of x against 4 rows of W over K: out[m][r] = x_m . w_r.
 template <int MR>
 FITSERVE_AVX512_BF16 inline void dot_tile_bf16(const BF16* const* x_rows, const BF16* const* w_rows, int64_t K,
@@ -59,8 +80,7 @@ FITSERVE_AVX512_BF16 inline void dot_tile_bf16(const BF16* const* x_rows, const 
       for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, w[r]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < 4; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+  reduce_tile<MR>(acc, out);
 }
 
 // Rows [n0, n0 + 4) of the output for every row of x (W rows past N repeat the last one and
