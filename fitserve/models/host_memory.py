@@ -15,11 +15,14 @@ returns None and parameters keep ordinary memory; nothing else changes.
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger("fitserve")
 
 HUGE_PAGE_BYTES = 2 << 20
 _ALIGNMENT = 64  # each tensor starts on a cache line
@@ -62,7 +65,11 @@ def arena_views(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[
     for name, shape in shapes.items():
         offsets[name] = total
         total += -(-math.prod(shape) * element // _ALIGNMENT) * _ALIGNMENT
-    buffer = huge_page_buffer(total)
+    try:
+        buffer = huge_page_buffer(total)
+    except OSError as error:  # mapping refused (memory limits) or madvise unsupported
+        logger.info("weights stay in ordinary memory: no huge-page mapping of %d bytes (%s)", total, error)
+        return None
     return {
         name: buffer[offsets[name]:offsets[name] + math.prod(shape) * element].view(dtype).view(shape)
         for name, shape in shapes.items()

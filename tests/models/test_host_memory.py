@@ -94,3 +94,15 @@ def test_huge_pages_change_no_output():
         assert torch.equal(a, b), name
     if config.tie_word_embeddings:
         assert arena.lm_head.weight.data_ptr() == arena.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_refused_mapping_falls_back_to_ordinary_memory(monkeypatch):
+    def refuse(num_bytes):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(host_memory, "huge_pages_available", lambda: True)
+    monkeypatch.setattr(host_memory, "huge_page_buffer", refuse)
+    assert host_memory.arena_views({"w": (4, 4)}, torch.float32) is None
+    model, _ = load_model(default_model_dir(), torch.float32, CPU, "torch")
+    parameters = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in parameters}) == len(parameters)
