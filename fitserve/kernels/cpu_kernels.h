@@ -425,11 +425,14 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
   const int64_t group = num_heads / num_kv_heads;
   const int64_t token_stride = num_kv_heads * head_dim;  // between tokens of one block
   // Little work (one short sequence) runs on the calling thread: waking the pool would cost
-  // more than it saves, and on a busy machine a woken thread may wait for a core.
+  // more than it saves, and on a busy machine a woken thread may wait for a core. Between the
+  // projections of a fused decode step the pool is awake anyway, so the bar is low: one
+  // Qwen2.5-0.5B sequence at 512 positions (14 heads) decoded 3.6% faster with its two KV
+  // heads on two threads than on one (in-process A/B), neutral at 160.
   int64_t total_positions = 0;
   for (int64_t seq = 0; seq < num_seqs; ++seq) total_positions += seq_lens[seq];
   const int64_t items = num_seqs * num_kv_heads;
-  const int64_t grain = total_positions * num_heads < 16384 ? items : 1;
+  const int64_t grain = total_positions * num_heads < 2048 ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t first, int64_t last) {
     std::vector<float> q_float(group * head_dim), acc(group * head_dim), scores;
     std::vector<const T*> value_rows;
