@@ -162,7 +162,7 @@ constexpr int64_t kStreamXBytes = 24 * 1024;
 inline void linear_bf16_dot(const BF16* x, const BF16* w, const BF16* bias, BF16* out, int64_t M, int64_t N,
                             int64_t K) {
   if (M <= kStreamRowsMax && M * K * static_cast<int64_t>(sizeof(BF16)) <= kStreamXBytes) {
-    const int64_t chunk_rows = std::max<int64_t>(1, 32768 / (K * static_cast<int64_t>(sizeof(BF16))));
+    const int64_t chunk_rows = std::max<int64_t>(1, kClaimBytes / (K * static_cast<int64_t>(sizeof(BF16))));
     const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
     parallel_for_stealing(chunks, 1, [&](int64_t first, int64_t last) {
       const int64_t first_row = first * chunk_rows, last_row = std::min(N, last * chunk_rows);
@@ -180,9 +180,9 @@ inline void linear_bf16_dot(const BF16* x, const BF16* w, const BF16* bias, BF16
     return;
   }
   const int64_t blocks = (N + 3) / 4, block_bytes = 4 * K * static_cast<int64_t>(sizeof(BF16));
-  const int64_t chunk = std::max<int64_t>(1, 32768 / block_bytes);
-  // Ask for W ~8 KiB ahead (at least the next block), as the single-row kernel does.
-  const int64_t ahead_blocks = std::max<int64_t>(1, (8192 + block_bytes - 1) / block_bytes);
+  const int64_t chunk = std::max<int64_t>(1, kClaimBytes / block_bytes);
+  // Ask for W kPrefetchBytes ahead (at least the next block), as the single-row kernel does.
+  const int64_t ahead_blocks = std::max<int64_t>(1, (kPrefetchBytes + block_bytes - 1) / block_bytes);
   parallel_for_stealing(blocks, chunk, [&](int64_t first, int64_t last) {
     for (int64_t block = first; block < last; ++block) gemm_bf16_block(x, w, bias, out, M, N, K, block * 4, ahead_blocks);
   });

@@ -59,14 +59,16 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// Float buffers aligned to 64 bytes, so 8- and 16-float loads never straddle a cache line.
+// The first 64-byte boundary at or after p, in a buffer allocated 16 floats longer than used,
+// so 8- and 16-float loads never straddle a cache line.
+inline float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
+}
+
 struct AlignedFloats {
   std::vector<float> storage;
   float* data;
-  explicit AlignedFloats(size_t count) : storage(count + 16) {
-    auto address = reinterpret_cast<uintptr_t>(storage.data());
-    data = reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
-  }
+  explicit AlignedFloats(size_t count) : storage(count + 16), data(align64(storage.data())) {}
 };
 
 template <typename T>
@@ -120,6 +122,10 @@ class StealingRanges {
   };
   std::vector<Share> shares_;
 };
+
+// What a claim of parallel_for_stealing should cover when items are weight rows: ~32 KiB, so
+// a compare-and-swap per claim is noise next to streaming them.
+constexpr int64_t kClaimBytes = 32768;
 
 template <typename F>
 void parallel_for_stealing(int64_t items, int64_t chunk, const F& fn) {
@@ -224,6 +230,13 @@ struct ScrambledRow {
   }
 };
 
+// The sum of all lanes of eight accumulators, pairwise.
+__attribute__((target("avx512f,avx512bw,fma"))) inline float sum_of_eight(const __m512 (&acc)[8]) {
+  const __m512 sum01 = _mm512_add_ps(acc[0], acc[1]), sum23 = _mm512_add_ps(acc[2], acc[3]);
+  const __m512 sum45 = _mm512_add_ps(acc[4], acc[5]), sum67 = _mm512_add_ps(acc[6], acc[7]);
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum01, sum23), _mm512_add_ps(sum45, sum67)));
+}
+
 __attribute__((target("avx512f,avx512bw,fma")))
 float dot_row_bf16_avx512(const ScrambledRow& x, const BF16* w, int64_t K) {
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -249,9 +262,7 @@ float dot_row_bf16_avx512(const ScrambledRow& x, const BF16* w, int64_t K) {
     acc[1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)), _mm512_loadu_ps(tail + k + 16),
                              acc[1]);
   }
-  const __m512 sum01 = _mm512_add_ps(acc[0], acc[1]), sum23 = _mm512_add_ps(acc[2], acc[3]);
-  const __m512 sum45 = _mm512_add_ps(acc[4], acc[5]), sum67 = _mm512_add_ps(acc[6], acc[7]);
-  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum01, sum23), _mm512_add_ps(sum45, sum67)));
+  float sum = sum_of_eight(acc);
   for (; k < K; ++k) sum += to_float(w[k]) * tail[k];
   return sum;
 }
@@ -274,9 +285,7 @@ float dot_row_f32_avx512(const ScrambledRow& x, const float* w, int64_t K) {
   }
   const float* tail = x.values.data;
   for (; k + 16 <= K; k += 16) acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(tail + k), acc[0]);
-  const __m512 sum01 = _mm512_add_ps(acc[0], acc[1]), sum23 = _mm512_add_ps(acc[2], acc[3]);
-  const __m512 sum45 = _mm512_add_ps(acc[4], acc[5]), sum67 = _mm512_add_ps(acc[6], acc[7]);
-  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum01, sum23), _mm512_add_ps(sum45, sum67)));
+  float sum = sum_of_eight(acc);
   for (; k < K; ++k) sum += w[k] * tail[k];
   return sum;
 }
@@ -330,8 +339,7 @@ inline float single_row_dot(bool scrambled, const ScrambledRow& x_scrambled, con
 inline float* widened_block_scratch(int64_t count) {
   thread_local std::vector<float> storage;
   if (storage.size() < static_cast<size_t>(count + 16)) storage.resize(count + 16);
-  const auto address = reinterpret_cast<uintptr_t>(storage.data());
-  return reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
+  return align64(storage.data());
 }
 
 template <typename XT, typename WT>
@@ -344,8 +352,7 @@ void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, i
   const bool scrambled = M == 1 && kHasAvx512;
   const ScrambledRow x_scrambled(x_float, scrambled ? K : 0, std::is_same<WT, BF16>::value);
   const int64_t num_blocks = (N + kRowsOfW - 1) / kRowsOfW;
-  // Claims of ~32 KiB of weights: a compare-and-swap per claim is noise next to streaming them.
-  const int64_t chunk = std::max<int64_t>(1, 32768 / (kRowsOfW * K * static_cast<int64_t>(sizeof(WT))));
+  const int64_t chunk = std::max<int64_t>(1, kClaimBytes / (kRowsOfW * K * static_cast<int64_t>(sizeof(WT))));
   parallel_for_stealing(num_blocks, chunk, [&](int64_t first, int64_t last) {
     float* w_float = M == 1 ? nullptr : widened_block_scratch(kRowsOfW * K);
     float block_out[3][kRowsOfW];
