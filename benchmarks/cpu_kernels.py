@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, write_result  # noqa: E402
 
+from fitserve.bench.roofline import ModelShape  # noqa: E402
 from fitserve.kernels import cpu  # noqa: E402
 from fitserve.models import host_memory  # noqa: E402
 from fitserve.models.random_checkpoint import PRESETS  # noqa: E402
@@ -73,12 +74,11 @@ def pages_section(args) -> dict:
     kernels = cpu.get()
     assert kernels is not None, "the CPU kernels are unavailable here"
     assert host_memory.huge_pages_available(), "this kernel offers no transparent huge pages"
-    config = PRESETS[args.preset]
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
-    shapes = [(qkv, hidden), (hidden, config["num_attention_heads"] * head_dim), (2 * inter, hidden), (hidden, inter)]
-    layers = config["num_hidden_layers"]
+    shape = ModelShape.from_config(PRESETS[args.preset], torch.bfloat16)
+    hidden, inter, q_size = shape.hidden_size, shape.intermediate_size, shape.num_heads * shape.head_dim
+    qkv = q_size + 2 * shape.num_kv_heads * shape.head_dim
+    shapes = [(qkv, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
+    layers = shape.num_layers
     names = {f"{layer}.{index}": shape for layer in range(layers) for index, shape in enumerate(shapes)}
     plain = {name: torch.randn(shape).to(torch.bfloat16) for name, shape in names.items()}
     huge = host_memory.arena_views(names, torch.bfloat16)
