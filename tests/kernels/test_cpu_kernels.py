@@ -35,24 +35,28 @@ def test_linear_small_batch_matches_float64(rows, x_dtype, w_dtype, with_bias, i
     torch.testing.assert_close(ours.double(), expected, atol=tolerance * 10, rtol=tolerance)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_small_batch_does_not_depend_on_threads(rows, dtype):
+def assert_same_on_any_thread_count(project, x, weight, repeats):
     """Threads that finish early take work from the others' shares, so which thread computes
     an output varies from call to call; the output must not."""
-    generator = torch.Generator().manual_seed(7)
-    x = torch.randn(rows, 1000, generator=generator).to(dtype)
-    weight = torch.randn(1001, 1000, generator=generator).to(dtype)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = kernels.linear_small_batch(x, weight, None)
+        alone = project(x, weight, None)
         for threads in (2, 3, 5):  # more threads than cores: some start late and lose work
             torch.set_num_threads(threads)
-            for _ in range(5):
-                assert torch.equal(kernels.linear_small_batch(x, weight, None), alone)
+            for _ in range(repeats):
+                assert torch.equal(project(x, weight, None), alone)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_small_batch_does_not_depend_on_threads(rows, dtype):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, 1000, generator=generator).to(dtype)
+    weight = torch.randn(1001, 1000, generator=generator).to(dtype)
+    assert_same_on_any_thread_count(kernels.linear_small_batch, x, weight, repeats=5)
 
 
 @pytest.mark.skipif(kernels is None or not kernels.has_avx512_bf16(), reason="needs AVX512-BF16")
@@ -77,16 +81,7 @@ def test_linear_bf16_dot_does_not_depend_on_threads():
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(20, 1000, generator=generator).to(torch.bfloat16)
     weight = torch.randn(1001, 1000, generator=generator).to(torch.bfloat16)
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = kernels.linear_bf16_dot(x, weight, None)
-        for threads in (2, 3, 5):
-            torch.set_num_threads(threads)
-            for _ in range(3):
-                assert torch.equal(kernels.linear_bf16_dot(x, weight, None), alone)
-    finally:
-        torch.set_num_threads(saved)
+    assert_same_on_any_thread_count(kernels.linear_bf16_dot, x, weight, repeats=3)
 
 
 def test_batched_bf16_projections_take_the_dot_kernel_only_where_it_runs():
