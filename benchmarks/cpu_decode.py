@@ -43,6 +43,7 @@ from common import CHECKPOINT_CACHE, describe_machine, random_checkpoint, summar
 
 from fitserve.bench.roofline import (  # noqa: E402
     ModelShape,
+    measure_dtype_matmul_flops,
     measure_matmul_flops,
     measure_memory_bandwidth,
     memory_test_bytes,
@@ -82,12 +83,15 @@ def measure_machine() -> dict:
     read = measure_read_bandwidth()
     copy = measure_memory_bandwidth(cpu)
     fp32, fp32_size = measure_matmul_flops(cpu, torch.float32)
-    bf16, bf16_size = measure_matmul_flops(cpu, torch.bfloat16)
+    bf16, bf16_size, bf16_arithmetic = measure_dtype_matmul_flops(cpu, torch.bfloat16)
     return {
         "read_bandwidth_bytes_per_s": read, "copy_bandwidth_bytes_per_s": copy,
         "bandwidth_bytes_per_s": max(read, copy),
         "matmul_flops_per_s": {"float32": fp32, "bfloat16": bf16},
         "matmul_size": {"float32": fp32_size, "bfloat16": bf16_size},
+        # "float32" where torch's own bf16 matmul is slower than widening to float32 (CPUs
+        # without bf16 arithmetic): the bf16 limit is then the float32 rate.
+        "matmul_arithmetic": {"float32": "float32", "bfloat16": bf16_arithmetic},
     }
 
 
@@ -515,7 +519,7 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
             shape = shapes[key[1]]
             context = 288 + 80  # mean prompt + about half the mean output at full batch
             # The same dtype's measured matmul rate: on CPUs with AMX / AVX512-BF16 bf16 runs
-            # several times faster than float32, elsewhere far slower.
+            # several times faster than float32; elsewhere it is the float32 rate (widened).
             peak = machine["matmul_flops_per_s"][key[1]]
             entry["decode_matmul_bound_dtype"] = key[1]
             entry["decode_matmul_bound_tokens_per_s"] = peak / decode_flops_per_token(shape, context)

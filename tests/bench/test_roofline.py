@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from fitserve.bench.roofline import (ModelShape, achieved_fractions, measure_hardware_limit,
-                                     measure_matmul_flops, measure_memory_bandwidth)
+from fitserve.bench import roofline
+from fitserve.bench.roofline import (ModelShape, achieved_fractions, measure_dtype_matmul_flops,
+                                     measure_hardware_limit, measure_matmul_flops, measure_memory_bandwidth)
 
 LLAMA_3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -54,6 +55,19 @@ def test_micro_benchmarks_measure_plausible_rates():
     assert 1e7 < flops < 1e15 and size <= 512
     limit = measure_hardware_limit(torch.device("cpu"), torch.float32, min_time_s=0.05)
     assert limit["memory_bandwidth_bytes_per_s"] > 0 and limit["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("bf16_rate, expected", [(2e9, (1.7e11, 1024, "float32")), (4e11, (4e11, 512, "bfloat16"))],
+                         ids=["no-bf16-arithmetic", "native-bf16"])
+def test_bf16_matmul_limit_is_the_faster_of_bf16_and_widened_float32(monkeypatch, bf16_rate, expected):
+    # Without bf16 arithmetic torch's bf16 matmul crawls; the machine still multiplies bf16
+    # matrices at its float32 rate by widening them, so that is the limit a bf16 run is held to.
+    rates = {torch.bfloat16: (bf16_rate, 512), torch.float32: (1.7e11, 1024)}
+    monkeypatch.setattr(roofline, "measure_matmul_flops", lambda device, dtype, **_: rates[dtype])
+    assert measure_dtype_matmul_flops(torch.device("cpu"), torch.bfloat16) == expected
+    assert measure_dtype_matmul_flops(torch.device("cpu"), torch.float32) == (1.7e11, 1024, "float32")
+    limit = measure_hardware_limit(torch.device("cpu"), torch.bfloat16, min_time_s=0.05)
+    assert (limit["matmul_flops_per_s"], limit["matmul_arithmetic"]) == (expected[0], expected[2])
 
 
 def test_achieved_fractions_by_hand():
