@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_kernels.py                    # by rows of x, gate_up of Qwen2.5-0.5B
     python benchmarks/cpu_kernels.py --section pages    # one decode row, 4 KiB vs 2 MiB pages
-    python benchmarks/cpu_kernels.py --section dot      # batched decode rows: vdpbf16ps vs oneDNN
+    python benchmarks/cpu_kernels.py --section dot      # batched decode rows: kernels vs the library
 
 `rows`: where the weight-streaming kernel stops beating the matmul library (sets
 fitserve.kernels.cpu.SMALL_BATCH_ROWS). `pages`: the read bandwidth of one decode row over
@@ -10,9 +10,10 @@ all decoder projections of a model shape (larger than the caches, as in a real d
 with the weights in ordinary memory and in transparent huge pages (fitserve.models.
 host_memory), next to torch.sum over both kinds of memory. The variants alternate layer by
 layer, so a shared machine's bandwidth swings hit all of them alike. `dot`: bf16 projections
-of 1-64 rows (a batched decode step) through the matmul library, the vdpbf16ps kernel
-(AVX512-BF16) and the streaming kernel, on eight copies of each weight so that every call
-reads it from memory, as a decode step does.
+of 1-64 rows (a batched decode step) through the matmul library (on a float32 copy of the
+weight where the CPU lacks bf16 arithmetic), the streaming kernel and, on AVX512-BF16 CPUs,
+the vdpbf16ps kernel, on eight copies of each weight so that every call reads it from
+memory, as a decode step does.
 """
 
 from __future__ import annotations
@@ -118,17 +119,23 @@ def pages_section(args) -> dict:
 
 def dot_section(args) -> dict:
     kernels = cpu.get()
-    assert kernels is not None and kernels.has_avx512_bf16(), "the vdpbf16ps kernel needs AVX512-BF16"
+    assert kernels is not None, "the CPU kernels are unavailable here"
+    native = cpu.cpu_has_native_bf16()
     results = []
     for out_features, in_features in ((args.out_features, args.in_features), (args.in_features, args.out_features // 2)):
         weights = [torch.randn(out_features, in_features).to(torch.bfloat16) for _ in range(8)]
+        widen_buffer = cpu.WidenBuffer()
         for rows in args.rows:
             x = torch.randn(rows, in_features).to(torch.bfloat16)
             paths = {
-                "torch bf16 (oneDNN)": lambda w: F.linear(x, w),
-                "kernel vdpbf16ps": lambda w: kernels.linear_bf16_dot(x, w, None),
                 "kernel streaming": lambda w: kernels.linear_small_batch(x, w, None),
             }
+            if kernels.has_avx512_bf16():
+                paths["kernel vdpbf16ps"] = lambda w: kernels.linear_bf16_dot(x, w, None)
+            if native:
+                paths["torch bf16 (oneDNN)"] = lambda w: F.linear(x, w)
+            else:  # what the library needs here: the weight widened, then a float32 matmul
+                paths["torch float32 on widened weight"] = lambda w: F.linear(x.float(), widen_buffer.widen(w)).to(x.dtype)
             row = {"shape": [out_features, in_features], "rows": rows}
             for name, fn in paths.items():
                 seconds = best_seconds(lambda: [fn(w) for w in weights]) / len(weights)

@@ -110,10 +110,15 @@ oneDNN at 2 rows, 2.3x at 4, 1.6x at 32, 1.3x at 64; 896x4864 3.3x at 2 rows, 1.
 1.2x at 64. On AMX CPUs oneDNN uses AMX tiles and is left in charge (not measured against
 this kernel)."""
 
-SMALL_BATCH_ROWS = 16
-"""Up to this many rows the weight-streaming kernel beats widening the weights for the matmul
-library (benchmarks/cpu_kernels.py on a 2-core AVX2 machine: ~1.5x at 1-8 rows, even at
-16-32, behind from 32 rows on); larger decode batches widen and use the library."""
+SMALL_BATCH_ROWS = 128
+"""Up to this many rows bf16 weights stream through the kernel on CPUs without bf16
+arithmetic; more rows (prefill) widen the weight to float32 for the matmul library. The
+library needs the whole weight widened first (written to memory and read back), which a
+batched decode step cannot amortize: `benchmarks/cpu_kernels.py --section dot` on a 2-core
+Zen 3 (AVX2), weights out of cache, kernel vs library: 9728x896 2.1-3.6x faster at 2-64
+rows, 1.6x at 128, 1.3x at 256; 896x4864 1.5-3.3x at 2-64, 1.1x at 128, 0.93x at 256; the
+151936x896 LM head 5.8x at 32 rows. With the limit at 16, 32 running sequences decoded
+2.3x more slowly than 16."""
 
 SMALL_BATCH_ROWS_NATIVE_BF16 = 1
 """The same limit on CPUs with native bf16 (AMX / AVX512-BF16), where torch's bf16 matmul
@@ -128,8 +133,8 @@ Xeon the two are even); its float32 sums differ from MKL's only in rounding orde
 own GEMV and GEMM do. More rows keep MKL's GEMM, whose results prefill parity relies on."""
 
 _WIDEN_LIMIT = 64 * 2**20
-"""Weights above this many elements (a large vocabulary's LM head) are widened into a fresh
-tensor instead of the shared buffer, so the buffer stays the size of one layer's matrix."""
+"""The most elements of a weight widened at once: larger weights (a large vocabulary's LM
+head) go through the buffer in slices of rows, so it stays near one layer's matrix in size."""
 
 
 class WidenBuffer:
@@ -143,8 +148,6 @@ class WidenBuffer:
         self._storage: torch.Tensor | None = None
 
     def widen(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.numel() > _WIDEN_LIMIT:
-            return weight.float()
         if self._storage is None or self._storage.numel() < weight.numel():
             self._storage = torch.empty(weight.numel(), dtype=torch.float32, device=weight.device)
         wide = self._storage[: weight.numel()].view(weight.shape)
@@ -184,8 +187,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return out.view(*x.shape[:-1], weight.shape[0])
     if _NATIVE_BF16:
         return F.linear(x, weight, bias)
-    wide = widen_buffer.widen(weight) if widen_buffer is not None else weight.float()
-    return F.linear(x.float(), wide, None if bias is None else bias.float()).to(x.dtype)
+    if widen_buffer is None:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    # A weight larger than the buffer's limit (a large vocabulary's LM head) goes through it in
+    # slices of rows, so no step allocates and page-faults a float32 copy of the whole weight.
+    x_float = x.float()
+    rows_per_slice = max(1, _WIDEN_LIMIT // weight.shape[1])
+    slices = []
+    for first in range(0, weight.shape[0], rows_per_slice):
+        rows_slice = slice(first, first + rows_per_slice)
+        slice_bias = None if bias is None else bias[rows_slice].float()
+        slices.append(F.linear(x_float, widen_buffer.widen(weight[rows_slice]), slice_bias).to(x.dtype))
+    return slices[0] if len(slices) == 1 else torch.cat(slices, dim=-1)
 
 
 PREFILL_ATTENTION_HEAD_DIMS = (32, 64, 128)

@@ -101,6 +101,27 @@ def test_batched_bf16_projections_take_the_dot_kernel_only_where_it_runs():
     assert torch.equal(cpu.linear(rows, weight, None), F.linear(rows, weight))
 
 
+def test_bf16_matmul_without_bf16_arithmetic_widens_large_weights_in_slices(monkeypatch):
+    # A CPU without bf16 arithmetic computes many bf16 rows in float32 on a widened copy of
+    # the weight. A weight above the widening limit (a large vocabulary's LM head) goes
+    # through the shared buffer in slices of rows: the result is the same and the buffer
+    # never holds more than the limit.
+    monkeypatch.setattr(cpu, "_NATIVE_BF16", False)
+    monkeypatch.setattr(cpu, "_AVX512_BF16", False)
+    monkeypatch.setattr(cpu, "SMALL_BATCH_ROWS", 2)
+    monkeypatch.setattr(cpu, "_WIDEN_LIMIT", 10 * 64)
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(37, 64, generator=generator).to(torch.bfloat16)  # 4 slices: 10, 10, 10, 7 rows
+    bias = torch.randn(37, generator=generator).to(torch.bfloat16)
+    buffer = cpu.WidenBuffer()
+    ours = cpu.linear(x, weight, bias, buffer)
+    expected = F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
+    assert ours.shape == (5, 37) and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, expected, atol=0, rtol=2 ** -7)
+    assert buffer._storage.numel() == 10 * 64
+
+
 def _paged_case(dtype, seq_lens, num_heads=4, num_kv_heads=2, head_dim=24, block_size=4, seed=0):
     generator = torch.Generator().manual_seed(seed)
     num_blocks = sum((n + block_size - 1) // block_size for n in seq_lens) + 3
