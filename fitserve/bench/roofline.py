@@ -222,8 +222,8 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, min_time_s: f
     return best_rate, best_size
 
 
-def measure_dtype_matmul_flops(device: torch.device, dtype: torch.dtype,
-                               min_time_s: float = 0.3) -> tuple[float, int, str]:
+def measure_dtype_matmul_flops(device: torch.device, dtype: torch.dtype, min_time_s: float = 0.3,
+                               float32_measured: tuple[float, int] | None = None) -> tuple[float, int, str]:
     """(FLOP/s, matrix size, arithmetic dtype) of the fastest way this machine multiplies
     matrices of `dtype`.
 
@@ -232,12 +232,13 @@ def measure_dtype_matmul_flops(device: torch.device, dtype: torch.dtype,
     1-2 GFLOP/s on a 2-core Zen 3 next to ~170 in float32. Widened to float32 the same
     product runs at the float32 rate (fitserve computes large half-precision matmuls that
     way there), so on the CPU the limit for a half-precision dtype is the better of the two;
-    the third element says which arithmetic set it.
+    the third element says which arithmetic set it. `float32_measured` reuses a float32
+    measurement just taken, so that both dtypes' limits come from the same one.
     """
     flops, size = measure_matmul_flops(device, dtype, min_time_s=min_time_s)
     arithmetic = str(dtype).removeprefix("torch.")
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        wide_flops, wide_size = measure_matmul_flops(device, torch.float32, min_time_s=min_time_s)
+        wide_flops, wide_size = float32_measured or measure_matmul_flops(device, torch.float32, min_time_s=min_time_s)
         if wide_flops > flops:
             return wide_flops, wide_size, "float32"
     return flops, size, arithmetic

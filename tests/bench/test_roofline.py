@@ -66,6 +66,9 @@ def test_bf16_matmul_limit_is_the_faster_of_bf16_and_widened_float32(monkeypatch
     monkeypatch.setattr(roofline, "measure_matmul_flops", lambda device, dtype, **_: rates[dtype])
     assert measure_dtype_matmul_flops(torch.device("cpu"), torch.bfloat16) == expected
     assert measure_dtype_matmul_flops(torch.device("cpu"), torch.float32) == (1.7e11, 1024, "float32")
+    # A float32 rate just measured is reused rather than measured again.
+    assert measure_dtype_matmul_flops(torch.device("cpu"), torch.bfloat16, float32_measured=(1e11, 256))[0] == max(
+        bf16_rate, 1e11)
     limit = measure_hardware_limit(torch.device("cpu"), torch.bfloat16, min_time_s=0.05)
     assert (limit["matmul_flops_per_s"], limit["matmul_arithmetic"]) == (expected[0], expected[2])
 
