@@ -83,7 +83,8 @@ def measure_machine() -> dict:
     read = measure_read_bandwidth()
     copy = measure_memory_bandwidth(cpu)
     fp32, fp32_size = measure_matmul_flops(cpu, torch.float32)
-    bf16, bf16_size, bf16_arithmetic = measure_dtype_matmul_flops(cpu, torch.bfloat16, float32_measured=(fp32, fp32_size))
+    bf16, bf16_size, bf16_arithmetic = measure_dtype_matmul_flops(cpu, torch.bfloat16,
+                                                                  float32_measured=(fp32, fp32_size))
     return {
         "read_bandwidth_bytes_per_s": read, "copy_bandwidth_bytes_per_s": copy,
         "bandwidth_bytes_per_s": max(read, copy),

@@ -135,7 +135,8 @@ def dot_section(args) -> dict:
             if native:
                 paths["torch bf16 (oneDNN)"] = lambda w: F.linear(x, w)
             else:  # what the library needs here: the weight widened, then a float32 matmul
-                paths["torch float32 on widened weight"] = lambda w: F.linear(x.float(), widen_buffer.widen(w)).to(x.dtype)
+                paths["torch float32 on widened weight"] = (
+                    lambda w: F.linear(x.float(), widen_buffer.widen(w)).to(x.dtype))
             row = {"shape": [out_features, in_features], "rows": rows}
             for name, fn in paths.items():
                 seconds = best_seconds(lambda: [fn(w) for w in weights]) / len(weights)

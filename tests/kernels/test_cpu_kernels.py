@@ -101,6 +101,27 @@ def test_batched_bf16_projections_take_the_dot_kernel_only_where_it_runs():
     assert torch.equal(cpu.linear(rows, weight, None), F.linear(rows, weight))
 
 
+def test_batched_bf16_decode_without_bf16_arithmetic_streams_through_the_kernel(monkeypatch):
+    # Without bf16 arithmetic the matmul library needs a float32 copy of the whole weight, which
+    # a batched decode step cannot amortize: up to SMALL_BATCH_ROWS rows (every decode batch of
+    # up to that many sequences) take the streaming kernel; more rows widen for the library.
+    monkeypatch.setattr(cpu, "_NATIVE_BF16", False)
+    monkeypatch.setattr(cpu, "_AVX512_BF16", False)
+    assert cpu.streaming_rows_limit() == cpu.SMALL_BATCH_ROWS >= 64
+    library_calls = []
+    library_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *args, **kwargs: library_calls.append(1) or library_linear(*args, **kwargs))
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(40, 96, generator=generator).to(torch.bfloat16)
+    batch = torch.randn(cpu.SMALL_BATCH_ROWS, 96, generator=generator).to(torch.bfloat16)
+    assert torch.equal(cpu.linear(batch, weight, None), kernels.linear_small_batch(batch, weight, None))
+    assert not library_calls
+    prefill = torch.randn(cpu.SMALL_BATCH_ROWS + 1, 96, generator=generator).to(torch.bfloat16)
+    expected = library_linear(prefill.float(), weight.float()).to(torch.bfloat16)
+    assert torch.equal(cpu.linear(prefill, weight, None, cpu.WidenBuffer()), expected)
+    assert len(library_calls) == 1
+
+
 def test_bf16_matmul_without_bf16_arithmetic_widens_large_weights_in_slices(monkeypatch):
     # A CPU without bf16 arithmetic computes many bf16 rows in float32 on a widened copy of
     # the weight. A weight above the widening limit (a large vocabulary's LM head) goes
