@@ -141,7 +141,8 @@ class WidenBuffer:
     """A reusable float32 buffer that bf16 weights are widened into for large-batch matmuls.
 
     One per model: layers run one after another, so one buffer the size of the largest
-    weight serves them all, and the widening never page-faults on fresh memory.
+    weight (or, past `_WIDEN_LIMIT`, the largest slice `linear` widens at once) serves them
+    all, and the widening never page-faults on fresh memory.
     """
 
     def __init__(self) -> None:
