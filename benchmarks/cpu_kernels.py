@@ -124,7 +124,7 @@ def dot_section(args) -> dict:
     results = []
     for out_features, in_features in ((args.out_features, args.in_features), (args.in_features, args.out_features // 2)):
         weights = [torch.randn(out_features, in_features).to(torch.bfloat16) for _ in range(8)]
-        widen_buffer = cpu.WidenBuffer()
+        scratch = cpu.MatmulScratch()
         for rows in args.rows:
             x = torch.randn(rows, in_features).to(torch.bfloat16)
             paths = {
@@ -136,7 +136,7 @@ def dot_section(args) -> dict:
                 paths["torch bf16 (oneDNN)"] = lambda w: F.linear(x, w)
             else:  # what the library needs here: the weight widened, then a float32 matmul
                 paths["torch float32 on widened weight"] = (
-                    lambda w: F.linear(x.float(), widen_buffer.widen(w)).to(x.dtype))
+                    lambda w: F.linear(x.float(), scratch.widen(w)).to(x.dtype))
             row = {"shape": [out_features, in_features], "rows": rows}
             for name, fn in paths.items():
                 seconds = best_seconds(lambda: [fn(w) for w in weights]) / len(weights)

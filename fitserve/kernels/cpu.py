@@ -17,6 +17,7 @@ x86-64), `get()` returns None and callers keep their PyTorch path, so nothing de
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import platform
 import threading
@@ -133,51 +134,77 @@ Xeon the two are even); its float32 sums differ from MKL's only in rounding orde
 own GEMV and GEMM do. More rows keep MKL's GEMM, whose results prefill parity relies on."""
 
 _WIDEN_LIMIT = 64 * 2**20
-"""The most elements of a weight widened at once: larger weights (a large vocabulary's LM
-head) go through the buffer in slices of rows, so it stays near one layer's matrix in size."""
+"""The most elements of a weight widened at once, and of its product: larger weights (a
+large vocabulary's LM head) go through the scratch in slices of rows, so its buffers stay
+near one layer's matrices in size."""
 
 
-class WidenBuffer:
-    """A reusable float32 buffer that bf16 weights are widened into for large-batch matmuls.
+class MatmulScratch:
+    """Reusable float32 buffers for the matmuls of many rows (prefill, large batches): a bf16
+    weight widened to float32, the widened input, the product, and the float32 MLP's
+    activation.
 
-    One per model: layers run one after another, so one buffer the size of the largest
-    weight (or, past `_WIDEN_LIMIT`, the largest slice `linear` widens at once) serves them
-    all, and the widening never page-faults on fresh memory.
+    One per model: layers run one after another, so each buffer, once as large as the
+    largest tensor it held, serves every later call. Fresh tensors of those sizes are
+    page-faulted in again on every call: a prefill's 1024 x 9728 gate/up product is 40 MB,
+    above the size up to which the C allocator keeps freed memory for reuse, and a 1024-token
+    Qwen2.5-0.5B prefill took ~470k page faults (0.8-1.8 s of kernel time over two threads,
+    next to a 7-10 s prefill on a 2-core Zen 3). What a buffer holds is valid until the next
+    call that asks for the same buffer.
     """
 
     def __init__(self) -> None:
-        self._storage: torch.Tensor | None = None
+        self._storage: dict[str, torch.Tensor] = {}
 
-    def widen(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._storage is None or self._storage.numel() < weight.numel():
-            self._storage = torch.empty(weight.numel(), dtype=torch.float32, device=weight.device)
-        wide = self._storage[: weight.numel()].view(weight.shape)
-        wide.copy_(weight)
+    def buffer(self, role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A float32 tensor of `shape` in the buffer named `role` (grown when too small)."""
+        numel = math.prod(shape)
+        storage = self._storage.get(role)
+        if storage is None or storage.numel() < numel or storage.device != device:
+            storage = self._storage[role] = torch.empty(numel, dtype=torch.float32, device=device)
+        return storage[:numel].view(shape)
+
+    def widen(self, tensor: torch.Tensor, role: str = "weight") -> torch.Tensor:
+        """`tensor` widened to float32 in the buffer named `role`."""
+        wide = self.buffer(role, tuple(tensor.shape), tensor.device)
+        wide.copy_(tensor)
         return wide
+
+    def held_elements(self, role: str) -> int:
+        """How many float32 elements the buffer named `role` holds (0 if never used)."""
+        storage = self._storage.get(role)
+        return 0 if storage is None else storage.numel()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           widen_buffer: WidenBuffer | None = None) -> torch.Tensor:
+           scratch: MatmulScratch | None = None, result_in_scratch: bool = False) -> torch.Tensor:
     """`F.linear` with CPU fast paths for decode rows and bfloat16 weights.
 
     Few rows (decode): the streaming kernel, which reads the weights once (bf16 widened in
     registers; AVX-512 where the CPU has it); on AVX512-BF16 CPUs without AMX, 2-64 bf16 rows
-    (a batched decode step) take the vdpbf16ps kernel. Many rows (prefill): torch's own bf16 matmul on
-    CPUs with native bf16 (AMX / AVX512-BF16); elsewhere float32 matmul on widened weights (in
-    `widen_buffer` when given), far faster there than torch's bf16 matmul; widening is cheap
-    next to the matmul it feeds. Either way products are accumulated in float32 and rounded
-    once to x's dtype, as torch's bf16 matmul does. float32 weights take the kernel for a
-    single row only (`FLOAT32_KERNEL_ROWS`), `F.linear` otherwise.
+    (a batched decode step) take the vdpbf16ps kernel. Many rows (prefill): torch's own bf16
+    matmul on CPUs with native bf16 (AMX / AVX512-BF16); elsewhere a float32 matmul on the
+    widened weight and input (in `scratch` when given), far faster there than torch's bf16
+    matmul; widening is cheap next to the matmul it feeds. Either way products are
+    accumulated in float32 and rounded once to x's dtype, as torch's bf16 matmul does.
+    float32 weights take the kernel for a single row only (`FLOAT32_KERNEL_ROWS`), the
+    library otherwise; with `result_in_scratch` their product is written into `scratch`'s
+    "product" buffer instead of a new tensor, for a caller that consumes it before the next
+    such call.
     """
     if x.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     if weight.dtype == torch.float32:
         kernels = get() if rows <= FLOAT32_KERNEL_ROWS and x.dtype == torch.float32 else None
-        if kernels is None:
+        if kernels is not None:
+            out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
+        if scratch is None or not result_in_scratch or x.dtype != torch.float32:
             return F.linear(x, weight, bias)
-        out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        product = scratch.buffer("product", (rows, weight.shape[0]), x.device)
+        _matmul_into(product, x.reshape(rows, x.shape[-1]), weight, bias)
+        return product.view(*x.shape[:-1], weight.shape[0])
     kernels = get() if rows <= streaming_rows_limit() else None
     if kernels is not None and x.dtype in (torch.bfloat16, torch.float32):
         out = kernels.linear_small_batch(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
@@ -188,18 +215,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return out.view(*x.shape[:-1], weight.shape[0])
     if _NATIVE_BF16:
         return F.linear(x, weight, bias)
-    if widen_buffer is None:
+    if scratch is None:
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    # A weight larger than the buffer's limit (a large vocabulary's LM head) goes through it in
-    # slices of rows, so no step allocates and page-faults a float32 copy of the whole weight.
-    x_float = x.float()
-    rows_per_slice = max(1, _WIDEN_LIMIT // weight.shape[1])
-    slices = []
+    # A weight larger than the widening limit (a large vocabulary's LM head) goes through the
+    # scratch in slices of rows, so that neither the widened weight nor the product of a
+    # slice exceeds the limit.
+    x_float = scratch.widen(x.reshape(rows, x.shape[-1]), "input")
+    out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
+    rows_per_slice = max(1, min(_WIDEN_LIMIT // weight.shape[1], _WIDEN_LIMIT // rows))
     for first in range(0, weight.shape[0], rows_per_slice):
         rows_slice = slice(first, first + rows_per_slice)
-        slice_bias = None if bias is None else bias[rows_slice].float()
-        slices.append(F.linear(x_float, widen_buffer.widen(weight[rows_slice]), slice_bias).to(x.dtype))
-    return slices[0] if len(slices) == 1 else torch.cat(slices, dim=-1)
+        wide = scratch.widen(weight[rows_slice])
+        product = scratch.buffer("product", (rows, wide.shape[0]), x.device)
+        _matmul_into(product, x_float, wide, None if bias is None else bias[rows_slice].float())
+        out[:, rows_slice].copy_(product)  # rounded once to x's dtype
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out = x @ weight.T (+ bias), the library calls F.linear makes for 2-D float32 inputs."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
 
 
 PREFILL_ATTENTION_HEAD_DIMS = (32, 64, 128)

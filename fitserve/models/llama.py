@@ -33,15 +33,17 @@ from fitserve.models.rope import RotaryEmbedding, apply_rotary
 class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) whose forward takes the CPU fast path
     for bfloat16 weights where the CPU has no native bf16 (see fitserve.kernels.cpu.linear).
-    All projections of one model share `widen_buffer` for their large-batch matmuls."""
+    All projections of one model share `scratch` for their many-row matmuls."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 widen_buffer: cpu_kernels.WidenBuffer) -> None:
+                 scratch: cpu_kernels.MatmulScratch) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.widen_buffer = widen_buffer
+        self.scratch = scratch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight, self.bias, self.widen_buffer)
+    def forward(self, x: torch.Tensor, result_in_scratch: bool = False) -> torch.Tensor:
+        """x's projection; with `result_in_scratch` a float32 product of many rows may live in
+        the shared scratch, valid only until the next projection (see cpu_kernels.linear)."""
+        return cpu_kernels.linear(x, self.weight, self.bias, self.scratch, result_in_scratch)
 
 
 def _fused_kernels(x: torch.Tensor):
@@ -80,7 +82,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, widen_buffer: cpu_kernels.WidenBuffer) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -91,10 +93,10 @@ class Attention(nn.Module):
         self.backend = backend
         # Rows: [q | k | v], filled from q_proj, k_proj, v_proj by the loader.
         self.qkv_proj = Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias, widen_buffer=widen_buffer
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias, scratch=scratch
         )
         self.o_proj = Linear(
-            self.q_size, config.hidden_size, bias=config.attention_output_bias, widen_buffer=widen_buffer
+            self.q_size, config.hidden_size, bias=config.attention_output_bias, scratch=scratch
         )
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -135,37 +137,45 @@ FUSED_SILU_MAX_ROWS = 1
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, widen_buffer: cpu_kernels.WidenBuffer) -> None:
+    def __init__(self, config: ModelConfig, scratch: cpu_kernels.MatmulScratch) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.scratch = scratch
         # Rows: [gate | up], filled from gate_proj and up_proj by the loader.
         self.gate_up_proj = Linear(
-            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, widen_buffer=widen_buffer
+            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, scratch=scratch
         )
         self.down_proj = Linear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, widen_buffer=widen_buffer
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, scratch=scratch
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
         # bf16: the fused kernel rounds in registers exactly as torch does and is 4x faster
         # for a prefill (1024 rows). float32: only for a single decode row, where it saves
         # torch's per-op overhead; longer inputs keep torch's own silu, bit-equal to transformers.
-        use_kernel = gate_up.dtype == torch.bfloat16 or gate_up.shape[0] <= FUSED_SILU_MAX_ROWS
-        kernels = _fused_kernels(gate_up) if use_kernel else None
+        use_kernel = x.dtype == torch.bfloat16 or x.numel() // x.shape[-1] <= FUSED_SILU_MAX_ROWS
+        kernels = _fused_kernels(x) if use_kernel else None
         if kernels is not None:
-            return self.down_proj(kernels.silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.gate_up_proj.weight.dtype == torch.float32:
+            # Many float32 rows: gate/up product and activation live in the shared scratch
+            # (a prefill's are tens of MB, page-faulted in afresh on every layer otherwise).
+            gate_up = self.gate_up_proj(x, result_in_scratch=True)
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            activated = self.scratch.buffer("activation", tuple(gate.shape), x.device)
+            torch.ops.aten.silu.out(gate, out=activated)
+            return self.down_proj(activated.mul_(up))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, widen_buffer: cpu_kernels.WidenBuffer) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend, widen_buffer)
+        self.self_attn = Attention(config, backend, scratch)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, widen_buffer)
+        self.mlp = MLP(config, scratch)
 
     def forward(
         self,
@@ -186,11 +196,11 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm (named as in HF checkpoints: `model.*`)."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, widen_buffer: cpu_kernels.WidenBuffer) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, backend, widen_buffer) for _ in range(config.num_hidden_layers)]
+            [DecoderLayer(config, backend, scratch) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -202,11 +212,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         backend = attention_backend or get_attention_backend("torch", torch.device("cpu"))
-        # One float32 scratch shared by every projection (see fitserve.kernels.cpu.WidenBuffer).
-        widen_buffer = cpu_kernels.WidenBuffer()
-        self.model = LlamaModel(config, backend, widen_buffer)
+        # One float32 scratch shared by every projection (see fitserve.kernels.cpu.MatmulScratch).
+        scratch = cpu_kernels.MatmulScratch()
+        self.model = LlamaModel(config, backend, scratch)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, widen_buffer=widen_buffer)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, scratch=scratch)
         if config.tie_word_embeddings:
             self.tie_weights()
         # Decode-only CPU steps run the decoder layers in one C++ call (see cpu_decode.py);

@@ -109,8 +109,9 @@ def test_batched_bf16_decode_without_bf16_arithmetic_streams_through_the_kernel(
     monkeypatch.setattr(cpu, "_AVX512_BF16", False)
     assert cpu.streaming_rows_limit() == cpu.SMALL_BATCH_ROWS >= 64
     library_calls = []
-    library_linear = F.linear
+    library_linear, library_mm = F.linear, torch.mm
     monkeypatch.setattr(F, "linear", lambda *args, **kwargs: library_calls.append(1) or library_linear(*args, **kwargs))
+    monkeypatch.setattr(torch, "mm", lambda *args, **kwargs: library_calls.append(1) or library_mm(*args, **kwargs))
     generator = torch.Generator().manual_seed(13)
     weight = torch.randn(40, 96, generator=generator).to(torch.bfloat16)
     batch = torch.randn(cpu.SMALL_BATCH_ROWS, 96, generator=generator).to(torch.bfloat16)
@@ -118,15 +119,15 @@ def test_batched_bf16_decode_without_bf16_arithmetic_streams_through_the_kernel(
     assert not library_calls
     prefill = torch.randn(cpu.SMALL_BATCH_ROWS + 1, 96, generator=generator).to(torch.bfloat16)
     expected = library_linear(prefill.float(), weight.float()).to(torch.bfloat16)
-    assert torch.equal(cpu.linear(prefill, weight, None, cpu.WidenBuffer()), expected)
+    assert torch.equal(cpu.linear(prefill, weight, None, cpu.MatmulScratch()), expected)
     assert len(library_calls) == 1
 
 
 def test_bf16_matmul_without_bf16_arithmetic_widens_large_weights_in_slices(monkeypatch):
     # A CPU without bf16 arithmetic computes many bf16 rows in float32 on a widened copy of
     # the weight. A weight above the widening limit (a large vocabulary's LM head) goes
-    # through the shared buffer in slices of rows: the result is the same and the buffer
-    # never holds more than the limit.
+    # through the shared scratch in slices of rows: the result is the same, and neither the
+    # widened slice nor its product exceeds the limit.
     monkeypatch.setattr(cpu, "_NATIVE_BF16", False)
     monkeypatch.setattr(cpu, "_AVX512_BF16", False)
     monkeypatch.setattr(cpu, "SMALL_BATCH_ROWS", 2)
@@ -135,12 +136,50 @@ def test_bf16_matmul_without_bf16_arithmetic_widens_large_weights_in_slices(monk
     x = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
     weight = torch.randn(37, 64, generator=generator).to(torch.bfloat16)  # 4 slices: 10, 10, 10, 7 rows
     bias = torch.randn(37, generator=generator).to(torch.bfloat16)
-    buffer = cpu.WidenBuffer()
-    ours = cpu.linear(x, weight, bias, buffer)
+    scratch = cpu.MatmulScratch()
+    ours = cpu.linear(x, weight, bias, scratch)
     expected = F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
     assert ours.shape == (5, 37) and ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours, expected, atol=0, rtol=2 ** -7)
-    assert buffer._storage.numel() == 10 * 64
+    assert scratch.held_elements("weight") == 10 * 64
+    assert scratch.held_elements("product") == 5 * 10
+    # Many rows shrink the slices so that the product stays within the limit too.
+    many = torch.randn(160, 64, generator=generator).to(torch.bfloat16)  # 640 // 160 = 4 rows a slice
+    many_scratch = cpu.MatmulScratch()
+    ours = cpu.linear(many, weight, bias, many_scratch)
+    torch.testing.assert_close(ours, F.linear(many.float(), weight.float(), bias.float()).to(torch.bfloat16),
+                               atol=0, rtol=2 ** -7)
+    assert many_scratch.held_elements("weight") == 4 * 64
+    assert many_scratch.held_elements("product") == 160 * 4
+
+
+def test_many_row_matmuls_reuse_the_scratch_instead_of_fresh_memory(monkeypatch):
+    # A prefill's float32 intermediates are tens of MB; fresh ones are page-faulted in on
+    # every layer. The widened weight, input and product live in the model's scratch, which
+    # the next call of the same size reuses in place. A bf16 result is still a new tensor
+    # (rounded from the product), so a caller may keep it across calls; a float32 product is
+    # left in the scratch only when the caller asks, and then equals the library's result.
+    monkeypatch.setattr(cpu, "_NATIVE_BF16", False)
+    monkeypatch.setattr(cpu, "_AVX512_BF16", False)
+    monkeypatch.setattr(cpu, "SMALL_BATCH_ROWS", 2)
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(48, 32, generator=generator).to(torch.bfloat16)
+    first_x, second_x = (torch.randn(9, 32, generator=generator).to(torch.bfloat16) for _ in range(2))
+    scratch = cpu.MatmulScratch()
+    first = cpu.linear(first_x, weight, None, scratch)
+    held = {role: scratch.buffer(role, (1,), first_x.device).data_ptr() for role in ("weight", "input", "product")}
+    second = cpu.linear(second_x, weight, None, scratch)
+    assert {role: scratch.buffer(role, (1,), first_x.device).data_ptr() for role in held} == held
+    assert torch.equal(first, F.linear(first_x.float(), weight.float()).to(torch.bfloat16))
+    assert torch.equal(second, F.linear(second_x.float(), weight.float()).to(torch.bfloat16))
+
+    weight32, bias32 = torch.randn(48, 32, generator=generator), torch.randn(48, generator=generator)
+    x32 = torch.randn(9, 32, generator=generator)
+    in_scratch = cpu.linear(x32, weight32, bias32, scratch, result_in_scratch=True)
+    assert in_scratch.data_ptr() == held["product"]
+    assert torch.equal(in_scratch, F.linear(x32, weight32, bias32))
+    fresh = cpu.linear(x32, weight32, bias32, scratch)
+    assert fresh.data_ptr() != held["product"] and torch.equal(fresh, in_scratch)
 
 
 def _paged_case(dtype, seq_lens, num_heads=4, num_kv_heads=2, head_dim=24, block_size=4, seed=0):
