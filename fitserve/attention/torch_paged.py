@@ -72,9 +72,9 @@ def paged_attention(
     widen = cpu_kernels.widen_for_matmul(query.dtype, query.device)
     # Grouped-query heads read their shared K/V head in place (no repeat_interleave copies).
     gqa = num_kv_heads != num_heads
-    prefill_kernels = cpu_kernels.prefill_attention_kernels(query.dtype, query.shape[-1], query.device)
+    prefill_kernel = cpu_kernels.prefill_attention_kernel(query.dtype, query.shape[-1], query.device)
     if key_cache.dtype != query.dtype:
-        prefill_kernels = None
+        prefill_kernel = None
     start = 0
     for seq_index, (query_len, seq_len) in enumerate(zip(query_lens, metadata.seq_lens_cpu)):
         if query_len == 1 and kernels:
@@ -83,9 +83,9 @@ def paged_attention(
         block_table = metadata.block_tables[seq_index]
         keys = gather_context(key_cache, block_table, seq_len)
         values = gather_context(value_cache, block_table, seq_len)
-        if prefill_kernels is not None:  # bf16 on AVX512-BF16 CPUs without AMX
-            prefill_kernels.prefill_attention(query[start : start + query_len], keys.contiguous(), values.contiguous(),
-                                              output[start : start + query_len], scale)
+        if prefill_kernel is not None:  # bf16 on CPUs without AMX
+            prefill_kernel(query[start : start + query_len], keys.contiguous(), values.contiguous(),
+                           output[start : start + query_len], scale)
             start += query_len
             continue
         q = query[start : start + query_len].transpose(0, 1)  # [H, q, D]

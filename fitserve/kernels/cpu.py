@@ -22,6 +22,7 @@ import logging
 import platform
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -243,17 +244,25 @@ def _matmul_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
 PREFILL_ATTENTION_HEAD_DIMS = (32, 64, 128)
 
 
-def prefill_attention_kernels(dtype: torch.dtype, head_dim: int, device: torch.device) -> ModuleType | None:
-    """The kernels module where its bf16 prefill attention applies, else None.
+def prefill_attention_kernel(dtype: torch.dtype, head_dim: int, device: torch.device) -> Callable | None:
+    """The compiled causal prefill attention for bf16 tensors on this CPU, else None (torch's
+    fused attention runs).
 
-    It needs AVX512-BF16; on CPUs with AMX, torch's fused attention uses AMX tiles and is left
-    in charge. On a 2-core Zen 4: 11.2 ms vs torch's 22.3 ms for 1024 causal tokens with 14
-    query / 2 KV heads of 64 dims (same error against a float64 reference).
+    Both kernels take (query [Tq, H, D], keys [Tk, Hk, D], values, out, scale). AVX512-BF16
+    CPUs without AMX: `prefill_attention`, vdpbf16ps products (2-core Zen 4: 11.2 ms vs
+    torch's 22.3 ms for 1024 causal tokens, 14 query / 2 KV heads of 64 dims, same error
+    against a float64 reference). CPUs without bf16 arithmetic: `prefill_attention_avx2`,
+    float32 FMA on bf16 widened in registers, where torch needs float32 copies of q, k and v
+    (2-core Zen 3, same shape: 1.6-1.7x faster than torch's float32 attention, 20 alternating
+    rounds). AMX CPUs keep torch's fused attention (it uses AMX tiles), and float32 models
+    keep it everywhere: its sums are the ones transformers' float32 outputs come from.
     """
-    if (dtype != torch.bfloat16 or device.type != "cpu" or head_dim not in PREFILL_ATTENTION_HEAD_DIMS
-            or not _AVX512_BF16 or _AMX):
+    if dtype != torch.bfloat16 or device.type != "cpu" or head_dim not in PREFILL_ATTENTION_HEAD_DIMS or _AMX:
         return None
-    return get()
+    kernels = get()
+    if kernels is None:
+        return None
+    return kernels.prefill_attention if _AVX512_BF16 else kernels.prefill_attention_avx2
 
 
 def widen_for_matmul(dtype: torch.dtype, device: torch.device) -> bool:

@@ -6,6 +6,7 @@
 #include "cpu_bf16_gemm.h"
 #include "cpu_decode_stack.h"
 #include "cpu_prefill_attention.h"
+#include "cpu_prefill_attention_avx2.h"
 
 namespace fitserve_cpu {
 
@@ -152,6 +153,47 @@ void prefill_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor va
   else TORCH_CHECK(false, "prefill_attention: head_dim 32, 64 or 128");
 }
 
+// The same contract with AVX2 FMA in float32 arithmetic (any x86-64 CPU the kernels build
+// for); the four tensors are all bfloat16 or all float32.
+void prefill_attention_avx2(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor out,
+                            double scale) {
+  TORCH_CHECK(query.dim() == 3 && keys.dim() == 3 && out.sizes() == query.sizes() && values.sizes() == keys.sizes(),
+              "prefill_attention_avx2: query/out [Tq, H, D], keys/values [Tk, Hk, D]");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "prefill_attention_avx2: bfloat16 or float32 tensors");
+  for (const auto* t : {&keys, &values, &out})
+    TORCH_CHECK(t->scalar_type() == dtype, "prefill_attention_avx2: all tensors in one dtype");
+  const int64_t query_len = query.size(0), num_heads = query.size(1), D = query.size(2);
+  const int64_t context_len = keys.size(0), num_kv_heads = keys.size(1);
+  TORCH_CHECK(keys.size(2) == D && num_heads % num_kv_heads == 0 && query_len <= context_len && query_len > 0,
+              "prefill_attention_avx2: head layout or lengths");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == D && keys.stride(2) == 1 && keys.stride(1) == D &&
+              values.stride(2) == 1 && values.stride(1) == D && out.is_contiguous(),
+              "prefill_attention_avx2: strides");
+  const int64_t blocks = (context_len + kAvx2KeyBlock - 1) / kAvx2KeyBlock;
+  auto packed_keys = torch::empty({num_kv_heads * blocks * kAvx2KeyBlock * D}, keys.options().dtype(at::kFloat));
+  auto packed_values = torch::empty_like(packed_keys);
+  auto run = [&](auto* typed, auto impl) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    pack_keys_transposed<T>(keys.data_ptr<T>(), keys.stride(0), context_len, num_kv_heads, D, blocks,
+                            packed_keys.data_ptr<float>());
+    pack_values_float<T>(values.data_ptr<T>(), values.stride(0), context_len, num_kv_heads, D,
+                         blocks * kAvx2KeyBlock, packed_values.data_ptr<float>());
+    impl(query.data_ptr<T>(), query.stride(0), packed_keys.data_ptr<float>(), packed_values.data_ptr<float>(),
+         out.data_ptr<T>(), out.stride(0), query_len, context_len, num_heads, num_kv_heads, blocks,
+         static_cast<float>(scale));
+  };
+  auto dispatch = [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    if (D == 32) run(typed, prefill_attention_avx2_impl<32, T>);
+    else if (D == 64) run(typed, prefill_attention_avx2_impl<64, T>);
+    else if (D == 128) run(typed, prefill_attention_avx2_impl<128, T>);
+    else TORCH_CHECK(false, "prefill_attention_avx2: head_dim 32, 64 or 128");
+  };
+  if (dtype == at::kFloat) dispatch(static_cast<float*>(nullptr));
+  else dispatch(static_cast<BF16*>(nullptr));
+}
+
 }  // namespace fitserve_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -167,6 +209,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up projection", release);
   m.def("prefill_attention", &prefill_attention, "causal bf16 attention of a prefill (AVX512-BF16)", release);
+  m.def("prefill_attention_avx2", &prefill_attention_avx2, "causal attention of a prefill (AVX2 FMA, float32 arithmetic)",
+        release);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16");
   py::class_<DecodeStack>(m, "DecodeStack", "a model's decoder layers for one-token-per-sequence steps")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, bool, int64_t, int64_t>(),
