@@ -605,6 +605,22 @@ void rotary_impl(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t row
   });
 }
 
+// The parallel loop of the causal prefill attention kernels: tasks of up to `rows_per_task`
+// consecutive query rows of one head, fn(head, kv_head, first_row, rows). Head-major, so each
+// thread gets whole heads and the long (late) rows are shared evenly.
+template <typename Fn>
+void for_each_head_row_group(int64_t num_heads, int64_t num_kv_heads, int64_t query_len, int64_t rows_per_task,
+                             const Fn& fn) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t row_groups = (query_len + rows_per_task - 1) / rows_per_task;
+  at::parallel_for(0, num_heads * row_groups, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t head = task / row_groups, first_row = (task % row_groups) * rows_per_task;
+      fn(head, head / group, first_row, std::min<int64_t>(rows_per_task, query_len - first_row));
+    }
+  });
+}
+
 // Round 8 floats to the nearest bfloat16, ties to even, as c10::BFloat16 does (NaN stays a
 // quiet NaN); the result is still a float whose low 16 bits are zero.
 inline __m256 round_to_bf16(__m256 v) {

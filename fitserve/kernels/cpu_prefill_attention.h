@@ -127,21 +127,13 @@ void prefill_attention_impl(const BF16* query, int64_t query_stride, const BF16*
                             int64_t context_len, int64_t num_heads, int64_t num_kv_heads, int64_t key_blocks,
                             float scale) {
   constexpr int R = 256 / D;  // rows per tile: R x D/16 accumulators fill 16 of the 32 registers
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t row_groups = (query_len + R - 1) / R;
   const int64_t keys_per_head = key_blocks * kKeyBlock * D;
-  // Head-major tasks: each thread gets whole heads, so the long (late) rows are shared evenly.
-  at::parallel_for(0, num_heads * row_groups, 1, [&](int64_t first, int64_t last) {
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t head = task / row_groups, row_group = task % row_groups;
-      const int64_t kv_head = head / group;
-      const int64_t first_row = row_group * R;
-      attend_rows<D, R>(query, query_stride, head, packed_keys + kv_head * keys_per_head,
-                        packed_values + kv_head * keys_per_head, first_row,
-                        std::min<int64_t>(R, query_len - first_row), context_len - query_len, scale, out,
-                        out_stride);
-    }
-  });
+  for_each_head_row_group(num_heads, num_kv_heads, query_len, R,
+                          [&](int64_t head, int64_t kv_head, int64_t first_row, int64_t rows) {
+                            attend_rows<D, R>(query, query_stride, head, packed_keys + kv_head * keys_per_head,
+                                              packed_values + kv_head * keys_per_head, first_row, rows,
+                                              context_len - query_len, scale, out, out_stride);
+                          });
 }
 
 }  // namespace fitserve_cpu

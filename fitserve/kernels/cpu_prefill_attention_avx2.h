@@ -221,22 +221,13 @@ void prefill_attention_avx2_impl(const T* query, int64_t query_stride, const flo
                                  const float* packed_values, T* out, int64_t out_stride, int64_t query_len,
                                  int64_t context_len, int64_t num_heads, int64_t num_kv_heads, int64_t key_blocks,
                                  float scale) {
-  constexpr int64_t kRowsPerTask = kAvx2QueryRows * kAvx2TilesPerTask;
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t row_groups = (query_len + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t per_kv_head = key_blocks * kAvx2KeyBlock * D;
-  // Head-major tasks: each thread gets whole heads, so the long (late) rows are shared evenly.
-  at::parallel_for(0, num_heads * row_groups, 1, [&](int64_t first, int64_t last) {
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t head = task / row_groups, row_group = task % row_groups;
-      const int64_t kv_head = head / group;
-      const int64_t first_row = row_group * kRowsPerTask;
-      attend_rows_avx2<D, T>(query, query_stride, head, packed_keys + kv_head * per_kv_head,
-                             packed_values + kv_head * per_kv_head, first_row,
-                             std::min<int64_t>(kRowsPerTask, query_len - first_row), context_len - query_len,
-                             scale, out, out_stride);
-    }
-  });
+  for_each_head_row_group(num_heads, num_kv_heads, query_len, kAvx2QueryRows * kAvx2TilesPerTask,
+                          [&](int64_t head, int64_t kv_head, int64_t first_row, int64_t rows) {
+                            attend_rows_avx2<D, T>(query, query_stride, head, packed_keys + kv_head * per_kv_head,
+                                                   packed_values + kv_head * per_kv_head, first_row, rows,
+                                                   context_len - query_len, scale, out, out_stride);
+                          });
 }
 
 }  // namespace fitserve_cpu
