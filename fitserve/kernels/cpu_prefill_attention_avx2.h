@@ -159,9 +159,9 @@ void attend_key_group(QueryTile<D>& tile, const float* keys_t, const float* valu
     __m256 sum = _mm256_setzero_ps();
     for (int k = 0; k < keys_in_group; k += 8) {
       const __m256 s = _mm256_load_ps(p[r] + k);
+      __m256 e = exp256(_mm256_sub_ps(s, new_max_vec));
       // exp256 clamps -inf to a tiny positive value; masked keys must weigh exactly 0.
-      const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(s, new_max_vec)),
-                                     _mm256_cmp_ps(s, minus_infinity, _CMP_NEQ_OQ));
+      if (diagonal) e = _mm256_and_ps(e, _mm256_cmp_ps(s, minus_infinity, _CMP_NEQ_OQ));
       _mm256_store_ps(p[r] + k, e);
       sum = _mm256_add_ps(sum, e);
     }
