@@ -17,12 +17,12 @@ x86-64), `get()` returns None and callers keep their PyTorch path, so nothing de
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
+import math
 import platform
 import threading
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import torch

@@ -121,21 +121,31 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// The layout both prefill attention kernels read: query/out [Tq, H, D] and keys/values
+// [Tk, Hk, D], each head's D elements contiguous (query rows may be strided), Tq <= Tk, whole
+// groups of query heads per KV head, out contiguous.
+void check_prefill_attention_arguments(const char* name, const torch::Tensor& query, const torch::Tensor& keys,
+                                       const torch::Tensor& values, const torch::Tensor& out) {
+  TORCH_CHECK(query.dim() == 3 && keys.dim() == 3 && out.sizes() == query.sizes() && values.sizes() == keys.sizes(),
+              name, ": query/out [Tq, H, D], keys/values [Tk, Hk, D]");
+  const int64_t D = query.size(2);
+  TORCH_CHECK(keys.size(2) == D && query.size(1) % keys.size(1) == 0 && query.size(0) <= keys.size(0) &&
+              query.size(0) > 0, name, ": head layout or lengths");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == D && keys.stride(2) == 1 && keys.stride(1) == D &&
+              values.stride(2) == 1 && values.stride(1) == D && out.is_contiguous(), name, ": strides");
+}
+
 // query [Tq, H, D] (rows may be strided, e.g. the q part of qkv rows); keys and values
 // [Tk, Hk, D] with Tk >= Tq: query row r sits at position Tk - Tq + r; out [Tq, H, D].
 void prefill_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor out,
                        double scale) {
   TORCH_CHECK(cpu_has_avx512_bf16(), "prefill_attention needs a CPU with AVX512-BF16");
-  TORCH_CHECK(query.dim() == 3 && keys.dim() == 3 && out.sizes() == query.sizes() && values.sizes() == keys.sizes(),
-              "prefill_attention: query/out [Tq, H, D], keys/values [Tk, Hk, D]");
+  check_prefill_attention_arguments("prefill_attention", query, keys, values, out);
   for (const auto* t : {&query, &keys, &values, &out})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16, "prefill_attention: bfloat16 tensors");
+  TORCH_CHECK(values.strides() == keys.strides(), "prefill_attention: strides");
   const int64_t query_len = query.size(0), num_heads = query.size(1), D = query.size(2);
   const int64_t context_len = keys.size(0), num_kv_heads = keys.size(1);
-  TORCH_CHECK(keys.size(2) == D && num_heads % num_kv_heads == 0 && query_len <= context_len && query_len > 0,
-              "prefill_attention: head layout or lengths");
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == D && keys.stride(2) == 1 && keys.stride(1) == D &&
-              values.strides() == keys.strides() && out.is_contiguous(), "prefill_attention: strides");
   const int64_t blocks = (context_len + kKeyBlock - 1) / kKeyBlock;
   auto packed_keys = torch::empty({num_kv_heads * blocks * kKeyBlock * D}, keys.options());
   auto packed_values = torch::empty_like(packed_keys);
@@ -157,19 +167,13 @@ void prefill_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor va
 // for); the four tensors are all bfloat16 or all float32.
 void prefill_attention_avx2(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor out,
                             double scale) {
-  TORCH_CHECK(query.dim() == 3 && keys.dim() == 3 && out.sizes() == query.sizes() && values.sizes() == keys.sizes(),
-              "prefill_attention_avx2: query/out [Tq, H, D], keys/values [Tk, Hk, D]");
+  check_prefill_attention_arguments("prefill_attention_avx2", query, keys, values, out);
   const auto dtype = query.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "prefill_attention_avx2: bfloat16 or float32 tensors");
   for (const auto* t : {&keys, &values, &out})
     TORCH_CHECK(t->scalar_type() == dtype, "prefill_attention_avx2: all tensors in one dtype");
   const int64_t query_len = query.size(0), num_heads = query.size(1), D = query.size(2);
   const int64_t context_len = keys.size(0), num_kv_heads = keys.size(1);
-  TORCH_CHECK(keys.size(2) == D && num_heads % num_kv_heads == 0 && query_len <= context_len && query_len > 0,
-              "prefill_attention_avx2: head layout or lengths");
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == D && keys.stride(2) == 1 && keys.stride(1) == D &&
-              values.stride(2) == 1 && values.stride(1) == D && out.is_contiguous(),
-              "prefill_attention_avx2: strides");
   const int64_t blocks = (context_len + kAvx2KeyBlock - 1) / kAvx2KeyBlock;
   auto packed_keys = torch::empty({num_kv_heads * blocks * kAvx2KeyBlock * D}, keys.options().dtype(at::kFloat));
   auto packed_values = torch::empty_like(packed_keys);

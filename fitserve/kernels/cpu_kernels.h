@@ -51,6 +51,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(sums);
 }
 
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
 // The eight horizontal sums of a[0..7], as one vector (lane j = sum of a[j]).
 inline __m256 hsum8(const __m256* a) {
   const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
@@ -632,7 +639,8 @@ inline __m256 round_to_bf16(__m256 v) {
   return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), is_nan);
 }
 
-// Store 8 floats as bfloat16 (rounded to nearest even).
+// Store 8 floats as float32, or as bfloat16 (rounded to nearest even).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(BF16* p, __m256 v) {
   const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(round_to_bf16(v)), 16);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));

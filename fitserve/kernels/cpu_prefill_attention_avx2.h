@@ -1,14 +1,14 @@
 // Causal prefill attention with AVX2 FMA in float32 arithmetic, for bf16 (or float32) tensors:
-// flash-style, an online softmax over blocks of 16 keys, so nothing of size context x context
+// flash-style, an online softmax over groups of 128 keys, so nothing of size context x context
 // is materialised.
 //
 // Why: a CPU without bf16 arithmetic (AVX2 parts such as AMD Zen 3) had to widen a bf16
 // prefill's q, k and v to float32 copies and run torch's fused attention on them. That kernel
 // works in 256-query x 512-key blocks and skips only blocks wholly above the diagonal, so a
 // 1024-token causal prompt computes half again as many scores as it needs; on two Zen 3 cores
-// it made ~52 useful GFLOP/s, and attention took ~10% of a Qwen2.5-0.5B prefill. Here blocks
-// of 4 query rows x 16 keys follow the diagonal, bf16 inputs are widened in registers and the
-// output is rounded once to the tensors' dtype.
+// it made ~52 useful GFLOP/s, and attention took ~10% of a Qwen2.5-0.5B prefill. Here tiles
+// of 6 query rows follow the diagonal in blocks of 16 keys, bf16 inputs are widened once
+// while packing and the output is rounded once to the tensors' dtype.
 //
 // Layout: each KV head's keys are packed transposed, [block][D][16 keys], so a score tile is
 // D broadcast-FMAs of a query element against two 8-key vectors; values are packed
@@ -27,8 +27,6 @@ constexpr int kAvx2KeyBlock = 16;  // keys per block: two 8-float vectors of sco
 constexpr int kAvx2QueryRows = 6;  // rows per tile: 6 x 2 score accumulators, 6 x 2 output ones
 constexpr int kAvx2KeyGroup = 128;  // keys per softmax step
 constexpr int kAvx2TilesPerTask = 8;  // tiles that share each key group's loads
-
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
 // keys [Tk, Hk, D] (token stride `stride`) -> packed[hk][block][D][16 keys], float32, zero-padded.
 template <typename T>
@@ -59,14 +57,6 @@ void pack_values_float(const T* values, int64_t stride, int64_t tokens, int64_t 
       for (int64_t d = 0; d < D; ++d) dst[d] = token < tokens ? to_float(src[d]) : 0.0f;
     }
   });
-}
-
-// Horizontal max of 8 lanes.
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
 }
 
 // The running state of kAvx2QueryRows consecutive query rows of one head: scaled queries,
