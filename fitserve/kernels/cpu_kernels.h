@@ -158,9 +158,16 @@ constexpr int kRowsOfW = 4;  // weight rows per block: each x load feeds 4 FMAs
 // alone: 20 -> 23-25 GB/s for one row of bf16 weights on a 2-core Xeon, the rate MKL's
 // float32 GEMV reaches there (benchmarks/cpu_kernels.py-style sweep of distance and hint).
 constexpr int64_t kPrefetchBytes = 8192;
-template <typename WT>
+// The AVX-512 single-row loops ask only 1 KiB ahead. On Zen 4 an 8 KiB distance caps their
+// read rate at ~45 GB/s when the machine streams ~60 GB/s (a pure-read loop, or the same loop
+// asking 0.5-2 KiB ahead, reaches it), and costs 2-4% in slower phases too: 1.06x (bf16)
+// and 1.12x (float32) single-stream decode in in-process A/Bs alternating every 8 steps.
+// Several rows of x per W line (the vdpbf16ps kernels) keep the longer distance: at 8 rows,
+// 1 KiB ahead measured 0.71x.
+constexpr int64_t kSingleRowPrefetchBytes = 1024;
+template <int64_t Distance = kPrefetchBytes, typename WT>
 inline void prefetch_ahead(const WT* w) {
-  const char* line = reinterpret_cast<const char*>(w) + kPrefetchBytes;
+  const char* line = reinterpret_cast<const char*>(w) + Distance;
   _mm_prefetch(line, _MM_HINT_T1);
   _mm_prefetch(line + 64, _MM_HINT_T1);
 }
@@ -193,7 +200,7 @@ inline float dot_row(const float* x, const WT* w, int64_t K) {
 //   loads of x form a second ascending stream beside W's, and the hardware prefetchers then
 //   run less far ahead on W; with x's blocks scattered only W looks like a stream: +12-15%.
 // - 256 bytes of W per iteration into eight independent accumulators, every line asked for
-//   8 KiB ahead: more loads in flight than four accumulators (+3-5%).
+//   1 KiB ahead (kSingleRowPrefetchBytes): more loads in flight than four accumulators (+3-5%).
 // - bf16 widened without a shuffle: a 64-byte load holds 32 bf16 weights, each 32-bit lane a
 //   pair; the lane shifted left by 16 is the even weight as a float32, the lane with its low
 //   half masked off is the odd one. Two single-cycle integer ops per 32 weights instead of
@@ -251,8 +258,8 @@ float dot_row_bf16_avx512(const ScrambledRow& x, const BF16* w, int64_t K) {
   for (auto& a : acc) a = _mm512_setzero_ps();
   int64_t k = 0;
   for (int64_t block = 0; k + kScrambleBlock <= K; k += kScrambleBlock, ++block) {
-    prefetch_ahead(w + k);
-    prefetch_ahead(w + k + 64);
+    prefetch_ahead<kSingleRowPrefetchBytes>(w + k);
+    prefetch_ahead<kSingleRowPrefetchBytes>(w + k + 64);
     const float* xs = x.values.data + x.block_offsets[block];
     for (int j = 0; j < 4; ++j) {
       const __m512i pairs = _mm512_loadu_si512(w + k + 32 * j);
@@ -283,8 +290,8 @@ float dot_row_f32_avx512(const ScrambledRow& x, const float* w, int64_t K) {
     const float* xs = x.values.data + x.block_offsets[block];
     for (int half = 0; half < 2; ++half) {  // 2 x 256 bytes of W
       const float* wh = w + k + 64 * half;
-      prefetch_ahead(wh);
-      prefetch_ahead(wh + 32);
+      prefetch_ahead<kSingleRowPrefetchBytes>(wh);
+      prefetch_ahead<kSingleRowPrefetchBytes>(wh + 32);
       for (int j = 0; j < 4; ++j)
         acc[4 * half + j] = _mm512_fmadd_ps(_mm512_loadu_ps(wh + 16 * j), _mm512_load_ps(xs + 64 * half + 16 * j),
                                             acc[4 * half + j]);
