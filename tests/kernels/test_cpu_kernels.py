@@ -35,6 +35,19 @@ def test_linear_small_batch_matches_float64(rows, x_dtype, w_dtype, with_bias, i
     torch.testing.assert_close(ours.double(), expected, atol=tolerance * 10, rtol=tolerance)
 
 
+@pytest.mark.parametrize("in_features", [100, 1000, 4864])
+def test_bf16_decode_row_sums_exactly_as_its_float32_widening(in_features):
+    # A bf16 row against bf16 weights keeps x in bf16 and widens it in registers (half the
+    # bytes in L1 beside the weight stream); every product and sum must be those of the same
+    # x passed as float32. 4864 is Qwen2.5-0.5B's down projection.
+    generator = torch.Generator().manual_seed(in_features)
+    x = torch.randn(1, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(37, in_features, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(37, generator=generator).to(torch.bfloat16)
+    widened = kernels.linear_small_batch(x.float(), weight, bias)
+    assert torch.equal(kernels.linear_small_batch(x, weight, bias), widened.to(torch.bfloat16))
+
+
 def assert_same_on_any_thread_count(project, x, weight, repeats):
     """Threads that finish early take work from the others' shares, so which thread computes
     an output varies from call to call; the output must not."""
