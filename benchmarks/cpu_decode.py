@@ -8,7 +8,9 @@ reported and the JSON keeps every run.
 
 Sections (each can be skipped):
   single   single-stream decode tokens/s vs the bandwidth bound (bytes of weights + KV read
-           per step / read bandwidth), for each system and dtype
+           per step / read bandwidth), for each system and dtype; fitserve and llama.cpp are
+           also judged step by step against a read of the same bytes right after each step
+           (the paired fraction: both timings see the same phase of a shared machine)
   serve    32 requests (input 64-512, output 64-256 tokens, fixed seed): end-to-end output
            tokens/s including prefill; fitserve at 1, 4, 16 and 32 concurrent requests,
            llama.cpp (batch API, continuous batching) and transformers `generate` (padded
@@ -96,6 +98,46 @@ def measure_machine() -> dict:
     }
 
 
+class PairedRead:
+    """A read of one decode step's bytes right after each step (outside the step's timing).
+
+    A shared VM's bandwidth swings 2x within minutes, so a step and a read test seconds apart
+    can see different machines; a step and the read that follows it see the same one. Each
+    step's fraction of the limit is then t(read) / t(step) for the same number of bytes. The
+    buffer lives in huge pages where the kernel offers them, as fitserve's weights do.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def _buffer(self, num_bytes: int) -> torch.Tensor:
+        if num_bytes not in self._buffers:
+            floats = num_bytes // 4
+            buffer = (host_memory.huge_page_buffer(floats * 4).view(torch.float32) if host_memory.huge_pages_available()
+                      else torch.empty(floats, dtype=torch.float32))
+            self._buffers[num_bytes] = buffer.fill_(1.0)
+        return self._buffers[num_bytes]
+
+    def measure(self, run_steps, step_bytes: int) -> tuple[list[float], list[float]]:
+        """(step seconds, read seconds) of run_steps(after_step), which calls after_step()
+        after timing each step."""
+        buffer = self._buffer(step_bytes)
+        read_seconds: list[float] = []
+
+        def read() -> None:
+            start = time.perf_counter()
+            buffer.sum()
+            read_seconds.append(time.perf_counter() - start)
+
+        step_seconds = run_steps(read)
+        return step_seconds, read_seconds
+
+
+def paired_fraction(step_seconds: list[float], read_seconds: list[float]) -> float:
+    """Median over steps of t(read) / t(step): the share of the read rate of the same moment."""
+    return statistics.median(r / s for s, r in zip(step_seconds, read_seconds, strict=True))
+
+
 def median_machine(samples: list[dict]) -> dict:
     return {
         "bandwidth_bytes_per_s": statistics.median(s["bandwidth_bytes_per_s"] for s in samples),
@@ -155,7 +197,8 @@ class FitserveSide:
         self.engine.add_request(f"b{self.counter}", {"prompt_token_ids": prompt},
                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
-    def single_stream(self, prompt: list[int], num_tokens: int) -> list[float]:
+    def single_stream(self, prompt: list[int], num_tokens: int, after_step=None) -> list[float]:
+        """Seconds of each decode step; after_step() (untimed) runs after each."""
         self._add(prompt, num_tokens + 1)
         self.engine.step()  # the prefill, which also samples the first token
         step_seconds = []
@@ -163,6 +206,8 @@ class FitserveSide:
             start = time.perf_counter()
             self.engine.step()
             step_seconds.append(time.perf_counter() - start)
+            if after_step is not None:
+                after_step()
         return step_seconds
 
     def prefill(self, prompt: list[int]) -> float:
@@ -366,6 +411,8 @@ def main() -> int:
     runs: dict = {"single": [], "serve": [], "prefill": []}
     single_prompt = make_prompt(args.single_prompt, vocab_size, seed=1)
     prefill_prompt = make_prompt(1024, vocab_size, seed=2)
+    single_context = args.single_prompt + args.single_tokens / 2
+    paired = PairedRead()
     workload = (serve_workload(32, vocab_size, 0, (16, 64), (4, 12)) if args.smoke
                 else serve_workload(32, vocab_size, seed=0))
 
@@ -391,18 +438,25 @@ def main() -> int:
             f"{machine['matmul_flops_per_s']['float32'] / 1e9:.1f} GF/s, bf16 "
             f"{machine['matmul_flops_per_s']['bfloat16'] / 1e9:.1f} GF/s")
         if "single" in args.sections:
-            for dtype, side in fitserve.items():
-                rate, bound_bandwidth = bracketed(
-                    lambda: 1.0 / statistics.median(side.single_stream(single_prompt, args.single_tokens)))
-                runs["single"].append({"repeat": repeat, "system": "fitserve", "dtype": dtype, "tokens_per_s": rate,
-                                       "bound_bandwidth_bytes_per_s": bound_bandwidth, "machine": machine})
-                log(f"single fitserve {dtype}: {rate:.2f} tok/s (bound bandwidth {bound_bandwidth / 1e9:.1f} GB/s)")
+            single_sides = [("fitserve", dtype, side.single_stream) for dtype, side in fitserve.items()]
             if llama_cpp_runner is not None:
-                rate, bound_bandwidth = bracketed(
-                    lambda: 1.0 / statistics.median(llama_cpp_runner.single_stream(single_prompt, args.single_tokens)))
-                runs["single"].append({"repeat": repeat, "system": "llama.cpp", "dtype": "bfloat16", "tokens_per_s": rate,
-                                       "bound_bandwidth_bytes_per_s": bound_bandwidth, "machine": machine})
-                log(f"single llama.cpp bf16: {rate:.2f} tok/s (bound bandwidth {bound_bandwidth / 1e9:.1f} GB/s)")
+                single_sides.append(("llama.cpp", "bfloat16", llama_cpp_runner.single_stream))
+            for system, dtype, single_stream in single_sides:
+                step_bytes = shapes[dtype].decode_step_bytes(1, single_context)
+                measured: dict = {}
+
+                def measure(single_stream=single_stream, step_bytes=step_bytes, measured=measured) -> float:
+                    steps, reads = paired.measure(
+                        lambda after: single_stream(single_prompt, args.single_tokens, after), int(step_bytes))
+                    measured["paired_fraction"] = paired_fraction(steps, reads)
+                    measured["paired_read_bytes_per_s"] = step_bytes / statistics.median(reads)
+                    return 1.0 / statistics.median(steps)
+
+                rate, bound_bandwidth = bracketed(measure)
+                runs["single"].append({"repeat": repeat, "system": system, "dtype": dtype, "tokens_per_s": rate,
+                                       "bound_bandwidth_bytes_per_s": bound_bandwidth, **measured, "machine": machine})
+                log(f"single {system} {dtype}: {rate:.2f} tok/s (bound bandwidth {bound_bandwidth / 1e9:.1f} GB/s; "
+                    f"{measured['paired_fraction']:.1%} of the read rate right after each step)")
             for dtype in args.transformers_dtypes if not args.skip_transformers else []:
                 tokens = min(args.single_tokens, 32 if dtype == "bfloat16" else args.single_tokens)
                 rate, bound_bandwidth = bracketed(lambda: hf[dtype].single_stream(single_prompt, tokens))
@@ -510,6 +564,9 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
             "bound_tokens_per_s": bound,
             "fraction_of_bandwidth_bound": summarize(fractions),
         }
+        if all("paired_fraction" in r for r in rows):
+            summary["single_stream"][f"{key[0]} {key[1]}"]["fraction_of_paired_read"] = summarize(
+                [r["paired_fraction"] for r in rows])
     for key in sorted({(r["system"], r["dtype"], r["concurrency"]) for r in runs["serve"]}):
         rows = [r for r in runs["serve"] if (r["system"], r["dtype"], r["concurrency"]) == key]
         entry = {"output_tokens_per_s": summarize([r["output_tokens_per_s"] for r in rows])}

@@ -166,8 +166,9 @@ class LlamaCppRunner:
         token = self._llm_argmax()
         return token, time.perf_counter() - start
 
-    def single_stream(self, prompt: list[int], num_tokens: int) -> list[float]:
-        """Seconds of each `Llama.eval` of one token (greedy) after prefilling `prompt`."""
+    def single_stream(self, prompt: list[int], num_tokens: int, after_step=None) -> list[float]:
+        """Seconds of each `Llama.eval` of one token (greedy) after prefilling `prompt`;
+        after_step() (untimed) runs after each."""
         token, _ = self.prefill(prompt)
         step_seconds = []
         for _ in range(num_tokens):
@@ -175,6 +176,8 @@ class LlamaCppRunner:
             self.llm.eval([token])
             token = self._llm_argmax()
             step_seconds.append(time.perf_counter() - start)
+            if after_step is not None:
+                after_step()
         return step_seconds
 
     def serve(self, workload: list[tuple[list[int], int]]) -> tuple[float, int, float]:
