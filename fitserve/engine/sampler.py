@@ -48,13 +48,34 @@ class SamplerOutput:
     """Per row: the sampled token and the top-N (N = params.logprobs); None if not asked."""
 
 
+_ARGMAX_BLOCK = 256
+"""Columns per block of `_argmax`'s first pass."""
+
+
 def _argmax(rows: torch.Tensor) -> torch.Tensor:
     """Index of each row's largest value, the first one on ties (as `argmax`).
 
-    `max(dim)` finds the same index 4x faster than `argmax` on CPUs for vocabulary-sized rows
-    (32 x 151936 float32: 3.6 ms vs 15 ms on one core), which matters at every decode step.
+    On CPUs torch's index-tracking reductions (`max(dim)`, `argmax`) run a scalar loop per row:
+    0.13-0.2 ms for one 151936-wide row, 2.3-4.9 ms for 32 rows, at every decode step. Here
+    `amax` (vectorized, no indices) finds each 256-column block's maximum, the index-tracking
+    reduction runs only over those block maxima and then inside the winning block: 4-10x
+    faster, same answer. The first block holding the maximum holds its first occurrence;
+    columns past the last full block are compared separately, and win only when strictly
+    larger (or NaN, which `max` also reports first).
     """
-    return rows.max(dim=-1).indices
+    num_rows, width = rows.shape
+    blocked_width = width - width % _ARGMAX_BLOCK
+    if blocked_width == 0:
+        return rows.max(dim=-1).indices
+    blocks = rows[:, :blocked_width].view(num_rows, blocked_width // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    best, block = blocks.amax(dim=-1).max(dim=-1)
+    row_index = torch.arange(num_rows, device=rows.device)
+    chosen = blocks[row_index, block].max(dim=-1).indices + block * _ARGMAX_BLOCK
+    if blocked_width < width:
+        tail_best, tail_index = rows[:, blocked_width:].max(dim=-1)
+        tail_wins = (tail_best > best) | (tail_best.isnan() & ~best.isnan())
+        chosen = torch.where(tail_wins, tail_index + blocked_width, chosen)
+    return chosen
 
 
 def _is_greedy(params: SamplingParams) -> bool:

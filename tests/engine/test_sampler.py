@@ -77,6 +77,23 @@ def test_greedy_ties_pick_the_first_token_like_transformers() -> None:
     assert sampler.sample(logits, requests).token_ids == [100, 100, 7, 0]
 
 
+@pytest.mark.parametrize("vocab", [100, 151_936, 151_646])
+def test_greedy_matches_max_wherever_the_maximum_falls(vocab: int) -> None:
+    # Greedy search reduces blocks of columns first; the answer must not depend on where the
+    # maximum falls: inside a block, in the columns past the last full block (151_646 is not
+    # a multiple of the block), tied across both, or a NaN (reported as `max` reports it).
+    sampler = Sampler(vocab, torch.device("cpu"))
+    logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[1, -1] = 10.0
+    logits[2, [3, vocab - 2]] = 10.0
+    logits[3, vocab // 2] = float("nan")
+    logits[4, -3] = float("nan")
+    logits[5, [0, vocab - 1]] = float("nan")
+    logits[6] = float("-inf")
+    requests = [make_request(SamplingParams(), f"r{row}") for row in range(7)]
+    assert sampler.sample(logits, requests).token_ids == logits.max(dim=-1).indices.tolist()
+
+
 def test_logits_wider_than_the_vocab_work_in_every_path(sampler: Sampler) -> None:
     # Padded embedding columns (here masked to -inf) must not trip any path up.
     padded = torch.randn(4, VOCAB + 8, generator=torch.Generator().manual_seed(11))
