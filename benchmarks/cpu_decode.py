@@ -99,43 +99,44 @@ def measure_machine() -> dict:
 
 
 class PairedRead:
-    """A read of one decode step's bytes right after each step (outside the step's timing).
+    """A read of memory right after each decode step (outside the step's timing).
 
     A shared VM's bandwidth swings 2x within minutes, so a step and a read test seconds apart
     can see different machines; a step and the read that follows it see the same one. Each
-    step's fraction of the limit is then t(read) / t(step) for the same number of bytes. The
-    buffer lives in huge pages where the kernel offers them, as fitserve's weights do.
+    step's fraction of the limit is then its bytes/s over the read's bytes/s. The read covers
+    the step's own bytes up to 1 GiB (one buffer for every model and dtype: a float32
+    Llama-3.2-1B step reads 5 GB), in huge pages where the kernel offers them, as fitserve's
+    weights are.
     """
 
-    def __init__(self) -> None:
-        self._buffers: dict[int, torch.Tensor] = {}
+    MAX_BYTES = 1 << 30
 
-    def _buffer(self, num_bytes: int) -> torch.Tensor:
-        if num_bytes not in self._buffers:
-            floats = num_bytes // 4
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def _read_view(self, step_bytes: int) -> torch.Tensor:
+        if self._buffer is None:
+            floats = self.MAX_BYTES // 4
             buffer = (host_memory.huge_page_buffer(floats * 4).view(torch.float32) if host_memory.huge_pages_available()
                       else torch.empty(floats, dtype=torch.float32))
-            self._buffers[num_bytes] = buffer.fill_(1.0)
-        return self._buffers[num_bytes]
+            self._buffer = buffer.fill_(1.0)
+        return self._buffer[: min(step_bytes, self.MAX_BYTES) // 4]
 
     def measure(self, run_steps, step_bytes: int) -> tuple[list[float], list[float]]:
-        """(step seconds, read seconds) of run_steps(after_step), which calls after_step()
-        after timing each step."""
-        buffer = self._buffer(step_bytes)
-        read_seconds: list[float] = []
+        """Per-step fractions of the read rate, and the read rates (bytes/s), of
+        run_steps(after_step), which returns step seconds and calls after_step() after timing
+        each step."""
+        view = self._read_view(step_bytes)
+        read_rates: list[float] = []
 
         def read() -> None:
             start = time.perf_counter()
-            buffer.sum()
-            read_seconds.append(time.perf_counter() - start)
+            view.sum()
+            read_rates.append(view.numel() * 4 / (time.perf_counter() - start))
 
         step_seconds = run_steps(read)
-        return step_seconds, read_seconds
-
-
-def paired_fraction(step_seconds: list[float], read_seconds: list[float]) -> float:
-    """Median over steps of t(read) / t(step): the share of the read rate of the same moment."""
-    return statistics.median(r / s for s, r in zip(step_seconds, read_seconds, strict=True))
+        fractions = [step_bytes / seconds / rate for seconds, rate in zip(step_seconds, read_rates, strict=True)]
+        return fractions, read_rates
 
 
 def median_machine(samples: list[dict]) -> dict:
@@ -446,10 +447,15 @@ def main() -> int:
                 measured: dict = {}
 
                 def measure(single_stream=single_stream, step_bytes=step_bytes, measured=measured) -> float:
-                    steps, reads = paired.measure(
-                        lambda after: single_stream(single_prompt, args.single_tokens, after), int(step_bytes))
-                    measured["paired_fraction"] = paired_fraction(steps, reads)
-                    measured["paired_read_bytes_per_s"] = step_bytes / statistics.median(reads)
+                    steps: list[float] = []
+
+                    def run_steps(after_step) -> list[float]:
+                        steps.extend(single_stream(single_prompt, args.single_tokens, after_step))
+                        return steps
+
+                    fractions, read_rates = paired.measure(run_steps, int(step_bytes))
+                    measured["paired_fraction"] = statistics.median(fractions)
+                    measured["paired_read_bytes_per_s"] = statistics.median(read_rates)
                     return 1.0 / statistics.median(steps)
 
                 rate, bound_bandwidth = bracketed(measure)
