@@ -122,8 +122,8 @@ class PairedRead:
             self._buffer = buffer.fill_(1.0)
         return self._buffer[: min(step_bytes, self.MAX_BYTES) // 4]
 
-    def measure(self, run_steps, step_bytes: int) -> tuple[list[float], list[float]]:
-        """Per-step fractions of the read rate, and the read rates (bytes/s), of
+    def measure(self, run_steps, step_bytes: int) -> tuple[list[float], list[float], list[float]]:
+        """(step seconds, per-step fractions of the read rate, read rates in bytes/s) of
         run_steps(after_step), which returns step seconds and calls after_step() after timing
         each step."""
         view = self._read_view(step_bytes)
@@ -136,7 +136,7 @@ class PairedRead:
 
         step_seconds = run_steps(read)
         fractions = [step_bytes / seconds / rate for seconds, rate in zip(step_seconds, read_rates, strict=True)]
-        return fractions, read_rates
+        return step_seconds, fractions, read_rates
 
 
 def median_machine(samples: list[dict]) -> dict:
@@ -318,6 +318,11 @@ class TransformersSide:
 
 # ------------------------------------------------------------------------------ report math
 
+def single_stream_context(args) -> float:
+    """The mean context of a single-stream measurement: its prompt and half its tokens."""
+    return args.single_prompt + args.single_tokens / 2
+
+
 def decode_flops_per_token(shape: ModelShape, context: float) -> float:
     return 2.0 * shape.matmul_params_per_token + shape.attention_flops(1, context)
 
@@ -412,7 +417,7 @@ def main() -> int:
     runs: dict = {"single": [], "serve": [], "prefill": []}
     single_prompt = make_prompt(args.single_prompt, vocab_size, seed=1)
     prefill_prompt = make_prompt(1024, vocab_size, seed=2)
-    single_context = args.single_prompt + args.single_tokens / 2
+    single_context = single_stream_context(args)
     paired = PairedRead()
     workload = (serve_workload(32, vocab_size, 0, (16, 64), (4, 12)) if args.smoke
                 else serve_workload(32, vocab_size, seed=0))
@@ -447,13 +452,8 @@ def main() -> int:
                 measured: dict = {}
 
                 def measure(single_stream=single_stream, step_bytes=step_bytes, measured=measured) -> float:
-                    steps: list[float] = []
-
-                    def run_steps(after_step) -> list[float]:
-                        steps.extend(single_stream(single_prompt, args.single_tokens, after_step))
-                        return steps
-
-                    fractions, read_rates = paired.measure(run_steps, int(step_bytes))
+                    steps, fractions, read_rates = paired.measure(
+                        lambda after_step: single_stream(single_prompt, args.single_tokens, after_step), int(step_bytes))
                     measured["paired_fraction"] = statistics.median(fractions)
                     measured["paired_read_bytes_per_s"] = statistics.median(read_rates)
                     return 1.0 / statistics.median(steps)
@@ -556,7 +556,7 @@ def main() -> int:
 def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, args) -> dict:
     bandwidth = machine["bandwidth_bytes_per_s"]
     summary: dict = {"single_stream": {}, "serve": {}, "prefill": {}}
-    single_context = args.single_prompt + args.single_tokens / 2
+    single_context = single_stream_context(args)
     for key in sorted({(r["system"], r["dtype"]) for r in runs["single"]}):
         rows = [r for r in runs["single"] if (r["system"], r["dtype"]) == key]
         shape = shapes[key[1]]

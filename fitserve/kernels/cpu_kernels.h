@@ -205,8 +205,9 @@ inline float dot_row(const float* x, const WT* w, int64_t K) {
 // - bf16 widened without a shuffle: a 64-byte load holds 32 bf16 weights, each 32-bit lane a
 //   pair; the lane shifted left by 16 is the even weight as a float32, the lane with its low
 //   half masked off is the odd one. Two single-cycle integer ops per 32 weights instead of
-//   two cross-lane zero-extensions (which Zen 4 runs at half rate): +3-12%. For bf16 weights
-//   x is therefore stored with each 32-element block as its 16 even then its 16 odd elements.
+//   two cross-lane zero-extensions (which Zen 4 runs at half rate): +3-12% (widen_pairs). For
+//   bf16 weights float32 x is therefore stored with each 32-element block as its 16 even then
+//   its 16 odd elements; bf16 x is widened the same way.
 //
 // Each product is a float32 FMA and the sums are taken in the same order whatever the
 // scramble, so results do not depend on it.
@@ -260,43 +261,48 @@ __attribute__((target("avx512f,avx512bw,fma"))) inline float sum_of_eight(const 
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum01, sum23), _mm512_add_ps(sum45, sum67)));
 }
 
-// The 32 elements of x at xs, as float32 in the lanes the widened weight pairs of
-// dot_row_bf16_avx512 take: `even` gets elements 0, 2, .., 30 and `odd` 1, 3, .., 31.
+// 32 bf16 values at p as float32, without a shuffle (see above): `even` gets elements
+// 0, 2, .., 30 and `odd` 1, 3, .., 31.
+__attribute__((target("avx512f,avx512bw,fma"))) inline void widen_pairs(const BF16* p, __m512& even, __m512& odd) {
+  const __m512i pairs = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// The 32 elements of x at xs in the lanes widen_pairs gives the weights: float32 x is stored
+// split that way by ScrambledRow<float>; bf16 x is widened the way the weights are.
 __attribute__((target("avx512f,avx512bw,fma"))) inline void x_halves(const float* xs, __m512& even, __m512& odd) {
-  even = _mm512_loadu_ps(xs);  // stored split by ScrambledRow<float>
+  even = _mm512_loadu_ps(xs);
   odd = _mm512_loadu_ps(xs + 16);
 }
 __attribute__((target("avx512f,avx512bw,fma"))) inline void x_halves(const BF16* xs, __m512& even, __m512& odd) {
-  const __m512i pairs = _mm512_loadu_si512(xs);  // widened as the weights are
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  widen_pairs(xs, even, odd);
 }
 
 template <typename S>
 __attribute__((target("avx512f,avx512bw,fma")))
 float dot_row_bf16_avx512(const ScrambledRow<S>& x, const BF16* w, int64_t K) {
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 acc[8];
   for (auto& a : acc) a = _mm512_setzero_ps();
-  __m512 x_even, x_odd;
+  __m512 w_even, w_odd, x_even, x_odd;
   int64_t k = 0;
   for (int64_t block = 0; k + kScrambleBlock <= K; k += kScrambleBlock, ++block) {
     prefetch_ahead<kSingleRowPrefetchBytes>(w + k);
     prefetch_ahead<kSingleRowPrefetchBytes>(w + k + 64);
     const S* xs = x.values + x.block_offsets[block];
     for (int j = 0; j < 4; ++j) {
-      const __m512i pairs = _mm512_loadu_si512(w + k + 32 * j);
+      widen_pairs(w + k + 32 * j, w_even, w_odd);
       x_halves(xs + 32 * j, x_even, x_odd);
-      acc[2 * j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), x_even, acc[2 * j]);
-      acc[2 * j + 1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)), x_odd, acc[2 * j + 1]);
+      acc[2 * j] = _mm512_fmadd_ps(w_even, x_even, acc[2 * j]);
+      acc[2 * j + 1] = _mm512_fmadd_ps(w_odd, x_odd, acc[2 * j + 1]);
     }
   }
   const S* tail = x.values;  // past the full blocks, x sits at its own index
   for (; k + 32 <= K; k += 32) {
-    const __m512i pairs = _mm512_loadu_si512(w + k);
+    widen_pairs(w + k, w_even, w_odd);
     x_halves(tail + k, x_even, x_odd);
-    acc[0] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), x_even, acc[0]);
-    acc[1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)), x_odd, acc[1]);
+    acc[0] = _mm512_fmadd_ps(w_even, x_even, acc[0]);
+    acc[1] = _mm512_fmadd_ps(w_odd, x_odd, acc[1]);
   }
   float sum = sum_of_eight(acc);
   for (; k < K; ++k) sum += to_float(w[k]) * to_float(tail[k]);
@@ -387,12 +393,13 @@ void linear_impl(const XT* x, const WT* w, const WT* bias, XT* out, int64_t M, i
   // in bf16 where both x and W are (see ScrambledRow).
   const bool scrambled = M == 1 && kHasAvx512;
   constexpr bool kBf16Row = std::is_same<XT, BF16>::value && std::is_same<WT, BF16>::value;
-  using RowElement = std::conditional_t<kBf16Row, BF16, float>;
+  const bool x_stays_bf16 = scrambled && kBf16Row;
   // x is small (a few decode rows): widen it once so the inner loops only widen W.
-  AlignedFloats x_buffer(scrambled && kBf16Row ? 0 : M * K);
+  AlignedFloats x_buffer(x_stays_bf16 ? 0 : M * K);
   float* x_float = x_buffer.data;
-  if (!(scrambled && kBf16Row))
+  if (!x_stays_bf16)
     for (int64_t m = 0; m < M; ++m) widen_row(x + m * K, x_float + m * K, K);
+  using RowElement = std::conditional_t<kBf16Row, BF16, float>;
   const RowElement* row_source;
   if constexpr (kBf16Row) row_source = x;
   else row_source = x_float;
