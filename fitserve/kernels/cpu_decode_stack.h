@@ -14,6 +14,7 @@
 #pragma once
 
 #include "cpu_bf16_gemm.h"
+#include "cpu_decode_attention.h"
 #include "cpu_kernels.h"
 
 #include <cstring>
@@ -91,6 +92,41 @@ class DecodeStack {
     TORCH_CHECK(hidden.scalar_type() == at::kFloat, "DecodeStack: float32 or bfloat16 activations");
     return forward_impl<float>(hidden, cos.contiguous(), sin.contiguous(), slot_mapping.contiguous(),
                                block_tables.contiguous(), seq_lens.contiguous());
+  }
+
+  // The same step from token ids: hidden = embedding rows of input_ids [T] (int64), cos/sin =
+  // rows `positions` [T] (int64) of the rotary tables [P, head_dim]. Gathering the rows here
+  // saves the step's embedding and rotary ops in Python, each slow right after the previous
+  // step streamed the weights through the caches.
+  torch::Tensor forward_tokens(torch::Tensor input_ids, torch::Tensor positions, torch::Tensor embedding,
+                               torch::Tensor cos_table, torch::Tensor sin_table, torch::Tensor slot_mapping,
+                               torch::Tensor block_tables, torch::Tensor seq_lens) {
+    TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
+                input_ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+                "DecodeStack: input_ids and positions [T] int64");
+    TORCH_CHECK(embedding.dim() == 2 && embedding.is_contiguous() && cos_table.is_contiguous() &&
+                sin_table.is_contiguous() && cos_table.sizes() == sin_table.sizes() && cos_table.dim() == 2 &&
+                cos_table.size(1) == head_dim_ && cos_table.scalar_type() == embedding.scalar_type(),
+                "DecodeStack: contiguous embedding [V, H] and rotary tables [P, head_dim] in its dtype");
+    const int64_t tokens = input_ids.size(0), vocab = embedding.size(0), table_rows = cos_table.size(0);
+    const auto ids = input_ids.contiguous(), where = positions.contiguous();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    const int64_t* position = where.data_ptr<int64_t>();
+    for (int64_t t = 0; t < tokens; ++t) {
+      TORCH_CHECK(id[t] >= 0 && id[t] < vocab, "DecodeStack: token id ", id[t], " outside the vocabulary");
+      TORCH_CHECK(position[t] >= 0 && position[t] < table_rows, "DecodeStack: position ", position[t],
+                  " past the rotary table");
+    }
+    auto gather = [&](const torch::Tensor& table, const int64_t* rows) {
+      torch::Tensor out = torch::empty({tokens, table.size(1)}, table.options());
+      const int64_t row_bytes = table.size(1) * table.element_size();
+      const char* source = static_cast<const char*>(table.data_ptr());
+      char* target = static_cast<char*>(out.data_ptr());
+      for (int64_t t = 0; t < tokens; ++t) std::memcpy(target + t * row_bytes, source + rows[t] * row_bytes, row_bytes);
+      return out;
+    };
+    return forward(gather(embedding, id), gather(cos_table, position), gather(sin_table, position), slot_mapping,
+                   block_tables, seq_lens);
   }
 
  private:

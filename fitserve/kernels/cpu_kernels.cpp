@@ -3,7 +3,9 @@
 // decode stack of cpu_decode_stack.h, exposed to Python.
 
 #include "cpu_kernels.h"
+#include "cpu_argmax.h"
 #include "cpu_bf16_gemm.h"
+#include "cpu_decode_attention.h"
 #include "cpu_decode_stack.h"
 #include "cpu_prefill_attention.h"
 #include "cpu_prefill_attention_avx2.h"
@@ -72,6 +74,19 @@ void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch:
   if (query.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
   else if (query.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
   else TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16");
+}
+
+// x [rows, width] float32 or bfloat16 -> [rows] int64: torch.max(x, -1).indices.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.size(1) > 0,
+              "argmax_rows: a contiguous [rows, width] CPU tensor with width > 0");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  if (x.scalar_type() == at::kFloat)
+    argmax_rows_impl<float>(x.data_ptr<float>(), x.size(0), x.size(1), out.data_ptr<int64_t>());
+  else if (x.scalar_type() == at::kBFloat16)
+    argmax_rows_impl<BF16>(x.data_ptr<BF16>(), x.size(0), x.size(1), out.data_ptr<int64_t>());
+  else TORCH_CHECK(false, "argmax_rows: float32 or bfloat16");
+  return out;
 }
 
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
@@ -149,17 +164,16 @@ void prefill_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor va
   const int64_t blocks = (context_len + kKeyBlock - 1) / kKeyBlock;
   auto packed_keys = torch::empty({num_kv_heads * blocks * kKeyBlock * D}, keys.options());
   auto packed_values = torch::empty_like(packed_keys);
-  pack_keys(keys.data_ptr<BF16>(), keys.stride(0), context_len, num_kv_heads, D, blocks, packed_keys.data_ptr<BF16>());
-  pack_values(values.data_ptr<BF16>(), values.stride(0), context_len, num_kv_heads, D, blocks * kKeyBlock / 2,
-              packed_values.data_ptr<BF16>());
-  auto run = [&](auto impl) {
+  auto run = [&](auto pack, auto impl) {
+    pack(keys.data_ptr<BF16>(), values.data_ptr<BF16>(), keys.stride(0), context_len, num_kv_heads, blocks,
+         packed_keys.data_ptr<BF16>(), packed_values.data_ptr<BF16>());
     impl(query.data_ptr<BF16>(), query.stride(0), packed_keys.data_ptr<BF16>(), packed_values.data_ptr<BF16>(),
          out.data_ptr<BF16>(), out.stride(0), query_len, context_len, num_heads, num_kv_heads, blocks,
          static_cast<float>(scale));
   };
-  if (D == 32) run(prefill_attention_impl<32>);
-  else if (D == 64) run(prefill_attention_impl<64>);
-  else if (D == 128) run(prefill_attention_impl<128>);
+  if (D == 32) run(pack_context<32>, prefill_attention_impl<32>);
+  else if (D == 64) run(pack_context<64>, prefill_attention_impl<64>);
+  else if (D == 128) run(pack_context<128>, prefill_attention_impl<128>);
   else TORCH_CHECK(false, "prefill_attention: head_dim 32, 64 or 128");
 }
 
@@ -209,6 +223,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16_dot", static_cast<torch::Tensor (*)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>)>(&linear_bf16_dot),
         "bf16 x W^T + b for a few rows with vdpbf16ps (AVX512-BF16)", release);
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release);
+  m.def("argmax_rows", &argmax_rows, "index of each row's maximum, as torch.max(x, -1).indices", release);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)", release);
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up projection", release);
@@ -223,5 +238,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("fused_silu_max_rows"), py::arg("bf16_dot_rows"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_kv_caches", &DecodeStack::set_kv_caches)
-      .def("forward", &DecodeStack::forward, release);
+      .def("forward", &DecodeStack::forward, release)
+      .def("forward_tokens", &DecodeStack::forward_tokens, release);
 }

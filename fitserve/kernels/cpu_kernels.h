@@ -7,8 +7,7 @@
 //    the rows of x in registers/L1; bfloat16 weights are widened to float32 in registers (a
 //    16-bit shift), so a CPU without native bf16 arithmetic still reads half the bytes.
 //    Accumulation is float32; the result is rounded once to the output dtype, as torch does.
-// 2. decode_attention_impl: one query token per sequence attends over its paged K/V cache,
-//    reading the blocks in place (no gather of the padded block table into a new tensor).
+// 2. Decode attention over the paged K/V cache lives in cpu_decode_attention.h.
 // 3. rms_norm_impl (+ residual add), rotary_impl, silu_mul_impl: the small per-layer ops
 //    fused, so a decode step is a few calls per layer instead of ~50 tiny torch ops.
 //
@@ -460,137 +459,6 @@ inline __m256 exp256(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-}
-
-// out[0..64) = sum over positions of weights[p] * value_rows[p][d0 .. d0 + 64), in registers.
-template <typename T>
-inline void weighted_values_64(const T* const* value_rows, const float* weights, int64_t length, int64_t d0,
-                               float* out) {
-  __m256 acc[8];
-  for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < length; ++p) {
-    const __m256 weight = _mm256_set1_ps(weights[p]);
-    const T* value = value_rows[p] + d0;
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(load8(value + 8 * c), weight, acc[c]);
-  }
-  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
-}
-
-template <typename T>
-void decode_attention_impl(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
-                           const int32_t* seq_lens, const int64_t* query_rows, T* out, int64_t num_seqs,
-                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                           int64_t table_stride, int64_t query_row_stride, float scale) {
-  // query_row_stride: elements between the query rows (num_heads * head_dim when the queries
-  // are their own tensor; more when they are the q part of fused qkv rows).
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t token_stride = num_kv_heads * head_dim;  // between tokens of one block
-  // Little work (one short sequence) runs on the calling thread: waking the pool would cost
-  // more than it saves, and on a busy machine a woken thread may wait for a core. Between the
-  // projections of a fused decode step the pool is awake anyway, so the bar is low: one
-  // Qwen2.5-0.5B sequence at 512 positions (14 heads) decoded 3.6% faster with its two KV
-  // heads on two threads than on one (in-process A/B), neutral at 160.
-  int64_t total_positions = 0;
-  for (int64_t seq = 0; seq < num_seqs; ++seq) total_positions += seq_lens[seq];
-  const int64_t items = num_seqs * num_kv_heads;
-  const int64_t grain = total_positions * num_heads < 2048 ? items : 1;
-  at::parallel_for(0, items, grain, [&](int64_t first, int64_t last) {
-    std::vector<float> q_float(group * head_dim), acc(group * head_dim), scores;
-    std::vector<const T*> value_rows;
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
-      const int64_t length = seq_lens[seq];
-      const int32_t* table = block_tables + seq * table_stride;
-      // Element offset of one cached token of this (sequence, KV head), in either cache.
-      auto cached = [&](int64_t pos) {
-        return ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_head * head_dim;
-      };
-      const T* q = query + query_rows[seq] * query_row_stride + kv_head * group * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) q_float[i] = to_float(q[i]) * scale;
-      scores.resize(group * length);
-      // Scores: every query head of the group against each cached key. Eight keys at a time
-      // when head_dim allows: their eight dot products are reduced together (a hadd tree), not
-      // one horizontal sum per (key, head), which made this loop compute-bound.
-      int64_t pos = 0;
-      if (head_dim % 8 == 0) {
-        for (; pos + 8 <= length; pos += 8) {
-          const T* keys[8];
-          for (int j = 0; j < 8; ++j) keys[j] = key_cache + cached(pos + j);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = q_float.data() + g * head_dim;
-            __m256 acc8[8];
-            for (int j = 0; j < 8; ++j) acc8[j] = _mm256_setzero_ps();
-            for (int64_t d = 0; d < head_dim; d += 8) {
-              const __m256 qv = _mm256_loadu_ps(qg + d);
-              for (int j = 0; j < 8; ++j) acc8[j] = _mm256_fmadd_ps(load8(keys[j] + d), qv, acc8[j]);
-            }
-            _mm256_storeu_ps(scores.data() + g * length + pos, hsum8(acc8));
-          }
-        }
-      }
-      for (; pos < length; ++pos) {
-        const T* key = key_cache + cached(pos);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = q_float.data() + g * head_dim;
-          int64_t d = 0;
-          __m256 sum = _mm256_setzero_ps();
-          for (; d + 8 <= head_dim; d += 8) sum = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(qg + d), sum);
-          float total = hsum(sum);
-          for (; d < head_dim; ++d) total += to_float(key[d]) * qg[d];
-          scores[g * length + pos] = total;
-        }
-      }
-      // Softmax per head (max-subtracted, float32).
-      std::vector<float> inverse_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * length;
-        float max_score = -std::numeric_limits<float>::infinity();
-        for (int64_t pos = 0; pos < length; ++pos) max_score = std::max(max_score, row[pos]);
-        const __m256 max_vec = _mm256_set1_ps(max_score);
-        __m256 sum_vec = _mm256_setzero_ps();
-        int64_t pos = 0;
-        for (; pos + 8 <= length; pos += 8) {
-          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + pos), max_vec));
-          _mm256_storeu_ps(row + pos, e);
-          sum_vec = _mm256_add_ps(sum_vec, e);
-        }
-        float sum = hsum(sum_vec);
-        for (; pos < length; ++pos) {
-          row[pos] = std::exp(row[pos] - max_score);
-          sum += row[pos];
-        }
-        inverse_sum[g] = 1.0f / sum;
-      }
-      // Weighted sum of values. With head_dim a multiple of 64, each head's output stays in
-      // eight registers for 64 dims while the values stream past (re-read from L1/L2 per
-      // head); otherwise the accumulator lives in memory.
-      if (head_dim % 64 == 0) {
-        value_rows.resize(length);
-        for (int64_t p = 0; p < length; ++p) value_rows[p] = value_cache + cached(p);
-        for (int64_t d0 = 0; d0 < head_dim; d0 += 64)
-          for (int64_t g = 0; g < group; ++g)
-            weighted_values_64(value_rows.data(), scores.data() + g * length, length, d0, acc.data() + g * head_dim + d0);
-      } else {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t p = 0; p < length; ++p) {
-          const T* value = value_cache + cached(p);
-          for (int64_t g = 0; g < group; ++g) {
-            const float weight = scores[g * length + p];
-            float* a = acc.data() + g * head_dim;
-            int64_t d = 0;
-            const __m256 weight_vec = _mm256_set1_ps(weight);
-            for (; d + 8 <= head_dim; d += 8)
-              _mm256_storeu_ps(a + d, _mm256_fmadd_ps(load8(value + d), weight_vec, _mm256_loadu_ps(a + d)));
-            for (; d < head_dim; ++d) a[d] += to_float(value[d]) * weight;
-          }
-        }
-      }
-      T* o = out + (query_rows[seq] * num_heads + kv_head * group) * head_dim;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < head_dim; ++d)
-          o[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inverse_sum[g]);
-    }
-  });
 }
 
 // ------------------------------------------------------------------ fused elementwise ops

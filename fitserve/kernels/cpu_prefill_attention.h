@@ -28,32 +28,84 @@ FITSERVE_AVX512_BF16 inline __m512 exp512(__m512 x) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
 }
 
-// keys [Tk, Hk, D] (token stride `stride`) -> packed[hk][block][D/2][16 keys][2 dims], zero-padded.
-inline void pack_keys(const BF16* keys, int64_t stride, int64_t tokens, int64_t kv_heads, int64_t D,
-                      int64_t blocks, BF16* packed) {
-  const BF16 zero = BF16(0.0f);
-  for (int64_t h = 0; h < kv_heads; ++h)
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t j = 0; j < kKeyBlock; ++j) {
-        const int64_t token = b * kKeyBlock + j;
-        const BF16* src = keys + token * stride + h * D;
-        BF16* dst = packed + (h * blocks + b) * D * kKeyBlock + j * 2;
-        for (int64_t d = 0; d < D; ++d) dst[(d / 2) * 2 * kKeyBlock + (d % 2)] = token < tokens ? src[d] : zero;
-      }
+// 16 rows of 16 int32 transposed in place: afterwards r[i] lane j holds what r[j] lane i held.
+FITSERVE_AVX512_BF16 inline void transpose_16x16_epi32(__m512i (&r)[16]) {
+  __m512i pairs[16], quads[16];
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: rows 2k, 2k+1 interleaved
+    pairs[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    pairs[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // quads[4k + c], lane l: column 4l + c of rows 4k .. 4k + 3
+    quads[4 * k] = _mm512_unpacklo_epi64(pairs[4 * k], pairs[4 * k + 2]);
+    quads[4 * k + 1] = _mm512_unpackhi_epi64(pairs[4 * k], pairs[4 * k + 2]);
+    quads[4 * k + 2] = _mm512_unpacklo_epi64(pairs[4 * k + 1], pairs[4 * k + 3]);
+    quads[4 * k + 3] = _mm512_unpackhi_epi64(pairs[4 * k + 1], pairs[4 * k + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane l of the four row quads into column 4l + c
+    const __m512i low01 = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0xEE);
+    const __m512i low23 = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0x44);
+    const __m512i high23 = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(low01, low23, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(low01, low23, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(high01, high23, 0xDD);
+  }
 }
 
-// values [Tk, Hk, D] -> packed[hk][key pair][D/16][16 dims][2 keys], zero-padded.
-inline void pack_values(const BF16* values, int64_t stride, int64_t tokens, int64_t kv_heads, int64_t D,
-                        int64_t pairs, BF16* packed) {
-  const BF16 zero = BF16(0.0f);
+// 16 keys (row pointers; nullptr for the zero keys that pad a block past the context) ->
+// [D/2][16 keys][2 dims]: each 512-bit line is one dim pair of all 16 keys, a 16 x 16
+// transpose of the keys' 32-bit pairs per 32 dims.
+template <int D>
+FITSERVE_AVX512_BF16 inline void pack_key_block(const BF16* const* rows, BF16* packed) {
+  for (int chunk = 0; chunk < D / 32; ++chunk) {
+    __m512i lines[kKeyBlock];
+    for (int j = 0; j < kKeyBlock; ++j)
+      lines[j] = rows[j] ? _mm512_loadu_si512(rows[j] + 32 * chunk) : _mm512_setzero_si512();
+    transpose_16x16_epi32(lines);
+    for (int pair = 0; pair < 16; ++pair) _mm512_storeu_si512(packed + (16 * chunk + pair) * 32, lines[pair]);
+  }
+}
+
+// 16 values (as pack_key_block) -> [8 key pairs][D/16][16 dims][2 keys]: the two rows of a
+// pair interleaved element by element, 16 dims per line.
+template <int D>
+FITSERVE_AVX512_BF16 inline void pack_value_block(const BF16* const* rows, BF16* packed) {
+  alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  for (int pair = 0; pair < kKeyBlock / 2; ++pair)
+    for (int chunk = 0; chunk < D / 32; ++chunk) {
+      const BF16* first = rows[2 * pair];
+      const BF16* second = rows[2 * pair + 1];
+      const __m512i a = first ? _mm512_loadu_si512(first + 32 * chunk) : _mm512_setzero_si512();
+      const __m512i b = second ? _mm512_loadu_si512(second + 32 * chunk) : _mm512_setzero_si512();
+      BF16* out = packed + (pair * (D / 16) + 2 * chunk) * 32;
+      _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(a, high, b));
+    }
+}
+
+// keys [Tk, Hk, D] (token stride `stride`) -> packed[hk][block][D/2][16 keys][2 dims], and
+// values -> packed[hk][block][8 key pairs][D/16][16 dims][2 keys], zero-padded past Tk.
+template <int D>
+FITSERVE_AVX512_BF16 void pack_context(const BF16* keys, const BF16* values, int64_t stride, int64_t tokens,
+                                       int64_t kv_heads, int64_t blocks, BF16* packed_keys, BF16* packed_values) {
+  const BF16* key_rows[kKeyBlock];
+  const BF16* value_rows[kKeyBlock];
   for (int64_t h = 0; h < kv_heads; ++h)
-    for (int64_t pair = 0; pair < pairs; ++pair)
-      for (int64_t t = 0; t < 2; ++t) {
-        const int64_t token = pair * 2 + t;
-        const BF16* src = values + token * stride + h * D;
-        BF16* dst = packed + (h * pairs + pair) * D * 2 + t;
-        for (int64_t d = 0; d < D; ++d) dst[d * 2] = token < tokens ? src[d] : zero;
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int j = 0; j < kKeyBlock; ++j) {
+        const int64_t token = b * kKeyBlock + j;
+        key_rows[j] = token < tokens ? keys + token * stride + h * D : nullptr;
+        value_rows[j] = token < tokens ? values + token * stride + h * D : nullptr;
       }
+      const int64_t offset = (h * blocks + b) * kKeyBlock * D;
+      pack_key_block<D>(key_rows, packed_keys + offset);
+      pack_value_block<D>(value_rows, packed_values + offset);
+    }
 }
 
 // R consecutive query rows of one head against their causal context. Rows past `rows` repeat
@@ -61,14 +113,15 @@ inline void pack_values(const BF16* values, int64_t stride, int64_t tokens, int6
 template <int D, int R>
 FITSERVE_AVX512_BF16 void attend_rows(const BF16* query, int64_t query_stride, int64_t head, const BF16* packed_keys,
                                       const BF16* packed_values, int64_t first_row, int64_t rows,
-                                      int64_t context_offset, float scale, BF16* out, int64_t out_stride) {
+                                      int64_t context_offset, int64_t position_step, float scale, BF16* out,
+                                      int64_t out_stride) {
   constexpr int kPairs = D / 2, kDimBlocks = D / 16;
   int32_t q_pairs[R][kPairs];
   int64_t position[R];
   for (int r = 0; r < R; ++r) {
     const int64_t row = first_row + std::min<int64_t>(r, rows - 1);
     std::memcpy(q_pairs[r], query + row * query_stride + head * D, D * sizeof(BF16));
-    position[r] = context_offset + row;
+    position[r] = context_offset + row * position_step;
   }
   __m512 acc[R][kDimBlocks];
   float running_max[R], running_sum[R];
@@ -132,7 +185,7 @@ void prefill_attention_impl(const BF16* query, int64_t query_stride, const BF16*
                           [&](int64_t head, int64_t kv_head, int64_t first_row, int64_t rows) {
                             attend_rows<D, R>(query, query_stride, head, packed_keys + kv_head * keys_per_head,
                                               packed_values + kv_head * keys_per_head, first_row, rows,
-                                              context_len - query_len, scale, out, out_stride);
+                                              context_len - query_len, 1, scale, out, out_stride);
                           });
 }
 

@@ -46,28 +46,31 @@ class FusedCpuDecode:
         """Forget the built stack (call after replacing parameters in place)."""
         self._stack, self._weights_key, self._caches_key, self._caches_ok = None, None, None, False
 
-    def applies(self, hidden_states: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    def applies(self, input_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 metadata: AttentionMetadata) -> bool:
         """True when this step can take the fused path: a CPU decode-only step of a model whose
         tensors the kernels support."""
-        if not self.enabled or hidden_states.device.type != "cpu" or not metadata.is_decode_only:
+        if not self.enabled or input_ids.device.type != "cpu" or not metadata.is_decode_only:
             return False
         weights_key = self._current_weights_key()
         if weights_key != self._weights_key:
             self._stack, self._weights_key, self._caches_key = self._build(), weights_key, None
-        if self._stack is None or hidden_states.dtype != self._model.model.embed_tokens.weight.dtype:
+        if self._stack is None:
             return False
         caches_key = (id(kv_caches), len(kv_caches), kv_caches[0][0].data_ptr() if kv_caches else 0)
         if caches_key != self._caches_key:
             self._caches_key = caches_key
-            self._caches_ok = self._attach_caches(kv_caches, hidden_states.dtype)
+            self._caches_ok = self._attach_caches(kv_caches, self._weights_key[0])
         return self._caches_ok
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        """The final-normed hidden states of a step `applies` accepted."""
-        return self._stack.forward(hidden_states, cos, sin, metadata.slot_mapping,
-                                   metadata.block_tables, metadata.seq_lens)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """The final-normed hidden states of a step `applies` accepted. The stack gathers the
+        embedding rows and the rotary table rows itself (see `RotaryEmbedding.table`)."""
+        model = self._model
+        embedding = model.model.embed_tokens.weight
+        cos, sin = model.rotary_emb.table(embedding.dtype, metadata.max_seq_len)
+        return self._stack.forward_tokens(input_ids, positions, embedding, cos, sin, metadata.slot_mapping,
+                                          metadata.block_tables, metadata.seq_lens)
 
     # ------------------------------------------------------------------ building
 

@@ -241,14 +241,16 @@ class LlamaForCausalLM(nn.Module):
         `attn_metadata.slot_mapping`. Callers usually project only the last token of each
         sequence through `compute_logits`, which is why the two are separate.
         """
+        if self.fused_cpu_decode.applies(input_ids, kv_caches, attn_metadata):
+            return self.fused_cpu_decode.forward(input_ids, positions, attn_metadata)
         hidden_states = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, hidden_states.dtype)
-        if self.fused_cpu_decode.applies(hidden_states, kv_caches, attn_metadata):
-            return self.fused_cpu_decode.forward(hidden_states, cos, sin, attn_metadata)
         for layer, (key_cache, value_cache) in zip(self.model.layers, kv_caches, strict=True):
             hidden_states = layer(hidden_states, cos, sin, key_cache, value_cache, attn_metadata)
         return self.model.norm(hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[n, vocab_size] float32 logits (float32 so sampling and log-probs are stable)."""
-        return self.lm_head(hidden_states).float()
+        """[n, vocab_size] logits in the model's dtype. The sampler widens them to float32 where
+        it computes with them (penalties, temperature, log-probs); greedy decoding takes the
+        argmax as they are, which saves a float32 copy of every row at every step."""
+        return self.lm_head(hidden_states)

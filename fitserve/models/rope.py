@@ -15,6 +15,12 @@ from typing import Any
 import torch
 
 
+_TABLE_CHUNK_ROWS = 128
+"""Positions per `forward` call when `RotaryEmbedding.table` grows."""
+_TABLE_GROWTH_ROWS = 4096
+"""`RotaryEmbedding.table` covers positions in multiples of this many."""
+
+
 def compute_inv_freq(
     head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None
 ) -> torch.Tensor:
@@ -72,11 +78,37 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer(
             "inv_freq", compute_inv_freq(head_dim, rope_theta, rope_scaling), persistent=False
         )
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset_inv_freq(self, device: torch.device | None = None) -> None:
         """Recompute the float32 frequencies (after `to(dtype)` or `to_empty` clobbered them)."""
         inv_freq = compute_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
         self.inv_freq = inv_freq.to(device or self.inv_freq.device)
+        self._tables = {}
+
+    def table(self, dtype: torch.dtype, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions 0 .. at least num_positions - 1, each [rows, head_dim] in
+        `dtype`, for callers that look rows up instead of computing them (the fused CPU decode
+        step: six small ops per step, ~0.1 ms right after the weights have streamed through
+        the caches, become a row copy). Grown in whole chunks as positions grow.
+
+        Row p holds exactly what `forward` returns for a single position p: each chunk of
+        `_TABLE_CHUNK_ROWS` rows is one `forward` call, small enough that torch computes it
+        serially in whole vectors, as it computes a single token's row.
+        """
+        tables = self._tables
+        cached = tables.get(dtype)
+        if cached is not None and cached[0].shape[0] >= num_positions:
+            return cached
+        rows = -(-max(num_positions, 1) // _TABLE_GROWTH_ROWS) * _TABLE_GROWTH_ROWS
+        start = 0 if cached is None else cached[0].shape[0]
+        parts = [] if cached is None else [cached]
+        for first in range(start, rows, _TABLE_CHUNK_ROWS):
+            positions = torch.arange(first, first + _TABLE_CHUNK_ROWS, device=self.inv_freq.device)
+            parts.append(self.forward(positions, dtype))
+        table = (torch.cat([cos for cos, _ in parts]), torch.cat([sin for _, sin in parts]))
+        tables[dtype] = table
+        return table
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [num_tokens, head_dim] in `dtype`."""

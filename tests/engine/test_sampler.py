@@ -10,6 +10,7 @@ import torch
 
 from fitserve.engine.request import Request
 from fitserve.engine.sampler import Sampler, compute_prompt_logprobs
+from fitserve.kernels import cpu as cpu_kernels
 from fitserve.sampling_params import SamplingParams
 
 VOCAB = 16
@@ -77,11 +78,22 @@ def test_greedy_ties_pick_the_first_token_like_transformers() -> None:
     assert sampler.sample(logits, requests).token_ids == [100, 100, 7, 0]
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [100, 151_936, 151_646])
-def test_greedy_matches_max_wherever_the_maximum_falls(vocab: int) -> None:
-    # Greedy search reduces blocks of columns first; the answer must not depend on where the
-    # maximum falls: inside a block, in the columns past the last full block (151_646 is not
-    # a multiple of the block), tied across both, or a NaN (reported as `max` reports it).
+def test_greedy_matches_max_wherever_the_maximum_falls(
+    vocab: int, dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Greedy search runs the compiled argmax kernel on CPUs that build it, and reduces blocks
+    # of columns with torch ops elsewhere; on either path, in float32 or bf16 logits (which the
+    # model now returns as they are), the answer must not depend on where the maximum falls:
+    # inside a block, in the columns past the last full block (151_646 is not a multiple of
+    # the block, nor of the kernel's 8 lanes), tied across both, or a NaN (reported as `max`
+    # reports it), for a batch and for each row alone (a single stream).
+    if path == "torch":
+        monkeypatch.setattr("fitserve.engine.sampler.cpu_kernels.get", lambda: None)
+    else:
+        assert cpu_kernels.get() is not None, "the compiled kernels must build on this CPU"
     sampler = Sampler(vocab, torch.device("cpu"))
     logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab))
     logits[1, -1] = 10.0
@@ -90,8 +102,13 @@ def test_greedy_matches_max_wherever_the_maximum_falls(vocab: int) -> None:
     logits[4, -3] = float("nan")
     logits[5, [0, vocab - 1]] = float("nan")
     logits[6] = float("-inf")
+    logits = logits.to(dtype)
+    expected = logits.max(dim=-1).indices.tolist()
+    assert expected[1:3] == [vocab - 1, 3] and expected[3:6] == [vocab // 2, vocab - 3, 0] and expected[6] == 0
     requests = [make_request(SamplingParams(), f"r{row}") for row in range(7)]
-    assert sampler.sample(logits, requests).token_ids == logits.max(dim=-1).indices.tolist()
+    assert sampler.sample(logits, requests).token_ids == expected
+    for row in range(7):
+        assert sampler.sample(logits[row : row + 1], requests[row : row + 1]).token_ids == [expected[row]]
 
 
 def test_logits_wider_than_the_vocab_work_in_every_path(sampler: Sampler) -> None:

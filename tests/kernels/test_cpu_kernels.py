@@ -248,6 +248,34 @@ def test_paged_decode_attention_matches_reference(dtype, head_dim, num_heads):
                                atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "num_heads", "num_kv_heads"), [(32, 2, 2), (64, 14, 2), (64, 24, 2), (128, 8, 2)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_paged_decode_attention_ignores_stale_slots(dtype, head_dim, num_heads, num_kv_heads, block_size):
+    # bf16 caches on AVX512-BF16 CPUs take the packed vdpbf16ps loop: 16-token groups that
+    # straddle or split cache blocks, GQA groups of 1, 7 and 12 query heads (more than one pass
+    # of score and of value accumulators), and the padding past each context. Every cache slot
+    # outside a context holds NaN, as a reused block can hold anything: none may leak in.
+    seq_lens = [1, 15, 16, 17, 47, 100, 257]
+    query, key_cache, value_cache, metadata = _paged_case(dtype, seq_lens, num_heads=num_heads,
+                                                          num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                                          block_size=block_size, seed=5)
+    used = torch.zeros(key_cache.shape[0] * block_size, dtype=torch.bool)
+    for index, length in enumerate(seq_lens):
+        for position in range(length):
+            used[int(metadata.block_tables[index, position // block_size]) * block_size + position % block_size] = True
+    flat_keys, flat_values = key_cache.view(-1, num_kv_heads, head_dim), value_cache.view(-1, num_kv_heads, head_dim)
+    flat_keys[~used] = float("nan")
+    flat_values[~used] = float("nan")
+    scale = head_dim**-0.5
+    out = torch.empty_like(query)
+    kernels.paged_decode_attention(query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
+                                   torch.arange(len(seq_lens)), out, scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), _reference(query, key_cache, value_cache, metadata, scale),
+                               atol=tolerance, rtol=tolerance)
+
+
 def test_softmax_exp_handles_large_score_ranges():
     # Scores spread over hundreds: the kernel's exp must underflow cleanly to 0, not NaN.
     query, key_cache, value_cache, metadata = _paged_case(torch.float32, [40], head_dim=16)

@@ -39,7 +39,7 @@ def test_fused_decode_is_bit_identical_to_the_python_path(variant, dtype, batch,
     prompt_lens = [len(sequence.token_ids) - 3 for sequence in sequences]
     with torch.no_grad():
         input_ids, positions, metadata = cache.step(list(zip(sequences, prompt_lens)))
-        assert not model.fused_cpu_decode.applies(model.model.embed_tokens(input_ids), cache.kv_caches, metadata)
+        assert not model.fused_cpu_decode.applies(input_ids, cache.kv_caches, metadata)
         model(input_ids, positions, cache.kv_caches, metadata)  # prefill, on the Python path
 
         for _ in range(3):
@@ -48,7 +48,7 @@ def test_fused_decode_is_bit_identical_to_the_python_path(variant, dtype, batch,
             model.fused_cpu_decode.enabled = False
             expected = model(input_ids, positions, python_caches, metadata)
             model.fused_cpu_decode.enabled = True
-            assert model.fused_cpu_decode.applies(model.model.embed_tokens(input_ids), cache.kv_caches, metadata)
+            assert model.fused_cpu_decode.applies(input_ids, cache.kv_caches, metadata)
             fused = model(input_ids, positions, cache.kv_caches, metadata)
 
             assert fused.dtype == dtype and fused.shape == (batch, config.hidden_size)
@@ -97,7 +97,7 @@ def test_fused_decode_is_off_for_prefill_and_mixed_steps(make_checkpoint, token_
         input_ids, positions, metadata = cache.step([(decoding, 5)])
         model(input_ids, positions, cache.kv_caches, metadata)
         input_ids, positions, metadata = cache.step([(decoding, 1), (prefilling, 4)])
-        assert not model.fused_cpu_decode.applies(model.model.embed_tokens(input_ids), cache.kv_caches, metadata)
+        assert not model.fused_cpu_decode.applies(input_ids, cache.kv_caches, metadata)
 
 
 def test_a_dropped_model_is_freed_at_once(make_checkpoint, token_ids):
@@ -111,7 +111,7 @@ def test_a_dropped_model_is_freed_at_once(make_checkpoint, token_ids):
         input_ids, positions, metadata = cache.step([(sequence, 5)])
         model(input_ids, positions, cache.kv_caches, metadata)
         input_ids, positions, metadata = cache.step([(sequence, 1)])
-        assert model.fused_cpu_decode.applies(model.model.embed_tokens(input_ids), cache.kv_caches, metadata)
+        assert model.fused_cpu_decode.applies(input_ids, cache.kv_caches, metadata)
         model(input_ids, positions, cache.kv_caches, metadata)
     alive = weakref.ref(model)
     gc.disable()
