@@ -134,8 +134,12 @@ class ModelRunner:
         logit_rows.extend(sample_token_rows)
         if not logit_rows:
             return output
-        row_index = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden_states.index_select(0, row_index))
+        if len(logit_rows) == hidden_states.shape[0] and logit_rows == list(range(len(logit_rows))):
+            logit_hidden = hidden_states  # a decode step samples every row, in order: no copy
+        else:
+            row_index = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+            logit_hidden = hidden_states.index_select(0, row_index)
+        logits = self.model.compute_logits(logit_hidden)
 
         first = 0
         for rows in prompt_rows:

@@ -17,6 +17,7 @@
 #include "cpu_decode_attention.h"
 #include "cpu_kernels.h"
 
+#include <array>
 #include <cstring>
 
 namespace fitserve_cpu {
@@ -140,7 +141,7 @@ class DecodeStack {
     const int64_t block_size = key_caches_[0].size(1);
     torch::Tensor residual = hidden.contiguous().clone();  // the running sum, updated in place
     torch::Tensor normed = torch::empty_like(residual);
-    torch::Tensor attention = torch::empty({tokens, q_size}, residual.options());
+    torch::Tensor attention = scratch(Slot::kAttention, tokens, q_size, residual.options());
     torch::Tensor query_rows = torch::arange(tokens, slot_mapping.options());
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
 
@@ -148,7 +149,7 @@ class DecodeStack {
                      tokens, hidden_size, static_cast<float>(eps_));
     for (size_t index = 0; index < layers_.size(); ++index) {
       const DecodeLayer& layer = layers_[index];
-      torch::Tensor qkv = linear(normed, layer.qkv, layer.qkv_bias);
+      torch::Tensor qkv = linear(normed, layer.qkv, layer.qkv_bias, Slot::kQkv);
       T* qkv_ptr = qkv.data_ptr<T>();
       if (layer.q_norm.has_value() && layer.k_norm.has_value()) {
         head_norm<T>(qkv, 0, num_heads_, *layer.q_norm);
@@ -168,12 +169,12 @@ class DecodeStack {
                                seq_lens.data_ptr<int32_t>(), query_rows.data_ptr<int64_t>(), attention.data_ptr<T>(),
                                tokens, num_heads_, num_kv_heads_, head_dim_, block_size, block_tables.size(1),
                                qkv_width, static_cast<float>(scale_));
-      torch::Tensor attention_out = linear(attention, layer.o, layer.o_bias);
+      torch::Tensor attention_out = linear(attention, layer.o, layer.o_bias, Slot::kAttentionOut);
       // residual += attention_out (rounded to the dtype); normed = norm(residual).
       rms_norm_impl<T>(attention_out.data_ptr<T>(), residual.data_ptr<T>(), layer.post_norm.data_ptr<T>(),
                        normed.data_ptr<T>(), tokens, hidden_size, static_cast<float>(eps_));
-      torch::Tensor mlp_out = linear(silu_mul(linear(normed, layer.gate_up, layer.gate_up_bias)), layer.down,
-                                     layer.down_bias);
+      torch::Tensor mlp_out = linear(silu_mul(linear(normed, layer.gate_up, layer.gate_up_bias, Slot::kGateUp)),
+                                     layer.down, layer.down_bias, Slot::kMlpOut);
       // residual += mlp_out, then the next layer's input norm (the final norm after the last).
       const torch::Tensor& next_norm = index + 1 < layers_.size() ? layers_[index + 1].input_norm : final_norm_;
       rms_norm_impl<T>(mlp_out.data_ptr<T>(), residual.data_ptr<T>(), next_norm.data_ptr<T>(), normed.data_ptr<T>(),
@@ -182,12 +183,24 @@ class DecodeStack {
     return normed;
   }
 
+  // The step's intermediates, kept between calls: a step allocated ~5 tensors per layer, each
+  // an allocator call and a tensor object (the library paths below still allocate their own).
+  enum class Slot { kQkv, kAttention, kAttentionOut, kGateUp, kSiluMul, kMlpOut, kCount };
+  torch::Tensor scratch(Slot slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+    torch::Tensor& buffer = scratch_[static_cast<size_t>(slot)];
+    if (!buffer.defined() || buffer.size(0) != rows || buffer.size(1) != cols ||
+        buffer.scalar_type() != options.dtype().toScalarType())
+      buffer = torch::empty({rows, cols}, options);
+    return buffer;
+  }
+
   // fitserve.kernels.cpu.linear: the weight-streaming kernel for few rows of bf16 weights, the
   // matmul library otherwise (on widened weights where the CPU lacks native bf16).
-  torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                       Slot slot) {
     const int64_t rows = x.size(0), in_features = x.size(1), out_features = weight.size(0);
     if (weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && rows <= float32_kernel_rows_) {
-      torch::Tensor out = torch::empty({rows, out_features}, x.options());
+      torch::Tensor out = scratch(slot, rows, out_features, x.options());
       linear_impl<float, float>(x.data_ptr<float>(), weight.data_ptr<float>(),
                                 bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), rows,
                                 out_features, in_features);
@@ -195,7 +208,7 @@ class DecodeStack {
     }
     if (weight.scalar_type() != at::kBFloat16) return at::linear(x, weight, bias);
     if (rows <= small_batch_rows_) {
-      torch::Tensor out = torch::empty({rows, out_features}, x.options());
+      torch::Tensor out = scratch(slot, rows, out_features, x.options());
       const BF16* b = bias.has_value() ? bias->data_ptr<BF16>() : nullptr;
       if (x.scalar_type() == at::kBFloat16)
         linear_impl<BF16, BF16>(x.data_ptr<BF16>(), weight.data_ptr<BF16>(), b, out.data_ptr<BF16>(), rows,
@@ -206,7 +219,7 @@ class DecodeStack {
       return out;
     }
     if (rows <= bf16_dot_rows_ && x.scalar_type() == at::kBFloat16) {
-      torch::Tensor out = torch::empty({rows, out_features}, x.options());
+      torch::Tensor out = scratch(slot, rows, out_features, x.options());
       linear_bf16_dot(x.data_ptr<BF16>(), weight.data_ptr<BF16>(), bias.has_value() ? bias->data_ptr<BF16>() : nullptr,
                       out.data_ptr<BF16>(), rows, out_features, in_features);
       return out;
@@ -224,7 +237,7 @@ class DecodeStack {
   torch::Tensor silu_mul(const torch::Tensor& gate_up) {
     const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
     if (gate_up.scalar_type() == at::kBFloat16 || rows <= fused_silu_max_rows_) {
-      torch::Tensor out = torch::empty({rows, inter}, gate_up.options());
+      torch::Tensor out = scratch(Slot::kSiluMul, rows, inter, gate_up.options());
       if (gate_up.scalar_type() == at::kBFloat16)
         silu_mul_impl<BF16>(gate_up.data_ptr<BF16>(), out.data_ptr<BF16>(), rows, inter);
       else
@@ -261,6 +274,7 @@ class DecodeStack {
   std::vector<DecodeLayer> layers_;
   std::vector<torch::Tensor> key_caches_, value_caches_;
   torch::Tensor widen_buffer_;
+  std::array<torch::Tensor, static_cast<size_t>(Slot::kCount)> scratch_;
 };
 
 }  // namespace fitserve_cpu
