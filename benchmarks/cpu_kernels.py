@@ -3,6 +3,7 @@
     python benchmarks/cpu_kernels.py                    # by rows of x, gate_up of Qwen2.5-0.5B
     python benchmarks/cpu_kernels.py --section pages    # one decode row, 4 KiB vs 2 MiB pages
     python benchmarks/cpu_kernels.py --section dot      # batched decode rows: kernels vs the library
+    python benchmarks/cpu_kernels.py --section decode-attention   # one sequence: kernel vs torch SDPA
 
 `rows`: where the weight-streaming kernel stops beating the matmul library (sets
 fitserve.kernels.cpu.SMALL_BATCH_ROWS). `pages`: the read bandwidth of one decode row over
@@ -13,7 +14,11 @@ layer, so a shared machine's bandwidth swings hit all of them alike. `dot`: bf16
 of 1-64 rows (a batched decode step) through the matmul library (on a float32 copy of the
 weight where the CPU lacks bf16 arithmetic), the streaming kernel and, on AVX512-BF16 CPUs,
 the vdpbf16ps kernel, on eight copies of each weight so that every call reads it from
-memory, as a decode step does.
+memory, as a decode step does. `decode-attention`: one sequence's decode attention per layer
+over the paged bf16 caches of every layer of a model shape, fitserve's kernel against torch's
+`scaled_dot_product_attention` on the sequence's gathered blocks, with a read of one layer's
+weight bytes between layers (in a decode step the weights stream through the caches between
+two layers' attention, so the K/V come from memory).
 """
 
 from __future__ import annotations
@@ -148,20 +153,79 @@ def dot_section(args) -> dict:
     return {"results": results}
 
 
+def decode_attention_section(args) -> dict:
+    kernels = cpu.get()
+    assert kernels is not None, "the CPU kernels are unavailable here"
+    results = []
+    for preset in args.presets:
+        shape = ModelShape.from_config(PRESETS[preset], torch.bfloat16)
+        heads, kv_heads, head_dim, layers = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.num_layers
+        # A layer's bf16 weights, at most 64 MiB (twice a large L3): read between two layers.
+        flush_floats = min(shape.layer_matmul_params * 2, 64 << 20) // 4
+        flush = torch.ones(2, flush_floats)
+        for context in args.contexts:
+            block_size = 16
+            blocks = -(-context // block_size)
+            # The sequence's blocks scattered over a cache four times its size, as a busy cache is.
+            table = torch.randperm(4 * blocks)[:blocks].to(torch.int32).view(1, -1)
+            caches = [(torch.randn(4 * blocks, block_size, kv_heads, head_dim).to(torch.bfloat16),
+                       torch.randn(4 * blocks, block_size, kv_heads, head_dim).to(torch.bfloat16)) for _ in range(layers)]
+            query = torch.randn(1, heads, head_dim).to(torch.bfloat16)
+            out = torch.empty_like(query)
+            lengths = torch.tensor([context], dtype=torch.int32)
+            rows = torch.zeros(1, dtype=torch.long)
+            scale = head_dim**-0.5
+            index = table[0].long()
+
+            def fitserve_kernel(key_cache, value_cache):
+                kernels.paged_decode_attention(query, key_cache, value_cache, table, lengths, rows, out, scale)
+
+            def torch_sdpa(key_cache, value_cache):
+                keys = key_cache.index_select(0, index).flatten(0, 1)[:context].transpose(0, 1)  # [Hkv, L, D]
+                values = value_cache.index_select(0, index).flatten(0, 1)[:context].transpose(0, 1)
+                F.scaled_dot_product_attention(query.transpose(0, 1), keys, values, scale=scale, enable_gqa=True)
+
+            variants = {"fitserve kernel": fitserve_kernel, "torch sdpa (gathered)": torch_sdpa}
+            seconds = dict.fromkeys(variants, 0.0)
+            order = list(variants)
+            for sweep in range(args.attention_sweeps):
+                for layer in range(layers):
+                    name = order[(layer + sweep) % len(order)]
+                    flush[layer % 2].sum()
+                    start = time.perf_counter()
+                    variants[name](*caches[layer])
+                    seconds[name] += time.perf_counter() - start
+            calls = args.attention_sweeps * layers / len(variants)
+            row = {"preset": preset, "context": context, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                   **{name: {"us_per_layer": seconds[name] / calls * 1e6} for name in variants}}
+            row["speedup_vs_torch"] = seconds["torch sdpa (gathered)"] / seconds["fitserve kernel"]
+            results.append(row)
+            print(preset, context, {name: round(row[name]["us_per_layer"], 1) for name in variants},
+                  f"x{row['speedup_vs_torch']:.2f}", flush=True)
+    return {"avx512_bf16": bool(kernels.has_avx512_bf16()), "results": results}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--section", choices=["rows", "pages", "dot"], default="rows")
+    parser.add_argument("--section", choices=["rows", "pages", "dot", "decode-attention"], default="rows")
     parser.add_argument("--out-features", type=int, default=2 * 4864)
     parser.add_argument("--in-features", type=int, default=896)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64])
     parser.add_argument("--preset", default="qwen2.5-0.5b", choices=sorted(PRESETS),
                         help="model shape of the pages section")
     parser.add_argument("--sweeps", type=int, default=200, help="passes over the layers in the pages section")
+    parser.add_argument("--presets", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-1b", "llama-3-8b"],
+                        choices=sorted(PRESETS), help="model shapes of the decode-attention section")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[160, 512, 2048],
+                        help="sequence lengths of the decode-attention section")
+    parser.add_argument("--attention-sweeps", type=int, default=6, help="passes over the layers per context")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    sections = {"rows": rows_section, "pages": pages_section, "dot": dot_section}
+    sections = {"rows": rows_section, "pages": pages_section, "dot": dot_section,
+                "decode-attention": decode_attention_section}
     body = sections[args.section](args)
-    name = {"rows": "cpu_kernels", "pages": f"cpu_kernels_pages_{args.preset}", "dot": "cpu_kernels_dot"}[args.section]
+    name = {"rows": "cpu_kernels", "pages": f"cpu_kernels_pages_{args.preset}", "dot": "cpu_kernels_dot",
+            "decode-attention": "cpu_kernels_decode_attention"}[args.section]
     write_result(name, {"benchmark": "cpu_kernels", "section": args.section, "machine": describe_machine(),
                         "torch": torch.__version__, **body},
                  args.out or Path(__file__).resolve().parent / "results" / f"{name}.json")
