@@ -135,18 +135,11 @@ void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_ca
 template <int D, int H>
 FITSERVE_AVX512_BF16 void score_heads(const int32_t* q_pairs, const BF16* packed_keys, int64_t blocks,
                                       __mmask16 tail_mask, float scale, float* scores, int64_t padded) {
-  constexpr int kPairs = D / 2;
   const __m512 scale_vec = _mm512_set1_ps(scale);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t block = 0; block < blocks; ++block) {
-    const BF16* keys = packed_keys + block * kKeyBlock * D;
     __m512 acc[H];
-    for (int h = 0; h < H; ++h) acc[h] = _mm512_setzero_ps();
-    for (int pair = 0; pair < kPairs; ++pair) {
-      const __m512bh key_pairs = (__m512bh)_mm512_load_si512(keys + pair * 2 * kKeyBlock);
-      for (int h = 0; h < H; ++h)
-        acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)_mm512_set1_epi32(q_pairs[h * kPairs + pair]), key_pairs);
-    }
+    score_key_block<D, H>(q_pairs, packed_keys + block * kKeyBlock * D, acc);
     const __mmask16 mask = block + 1 == blocks ? tail_mask : static_cast<__mmask16>(0xFFFF);
     for (int h = 0; h < H; ++h)
       _mm512_store_ps(scores + h * padded + block * kKeyBlock,

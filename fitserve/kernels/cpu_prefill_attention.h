@@ -108,6 +108,18 @@ FITSERVE_AVX512_BF16 void pack_context(const BF16* keys, const BF16* values, int
     }
 }
 
+// Unscaled scores of R query rows against one packed block of 16 keys: scores[r] lane j =
+// q_r . k_j, the rows' bf16 pairs at q_pairs, D/2 apart (vdpbf16ps, float32 sums).
+template <int D, int R>
+FITSERVE_AVX512_BF16 inline void score_key_block(const int32_t* q_pairs, const BF16* keys, __m512 (&scores)[R]) {
+  for (int r = 0; r < R; ++r) scores[r] = _mm512_setzero_ps();
+  for (int pair = 0; pair < D / 2; ++pair) {
+    const __m512bh key_pairs = (__m512bh)_mm512_loadu_si512(keys + pair * 2 * kKeyBlock);
+    for (int r = 0; r < R; ++r)
+      scores[r] = _mm512_dpbf16_ps(scores[r], (__m512bh)_mm512_set1_epi32(q_pairs[r * (D / 2) + pair]), key_pairs);
+  }
+}
+
 // R consecutive query rows of one head against their causal context. Rows past `rows` repeat
 // the last real row (computed, not stored) so the register tiles stay full.
 template <int D, int R>
@@ -135,12 +147,7 @@ FITSERVE_AVX512_BF16 void attend_rows(const BF16* query, int64_t query_stride, i
   for (int64_t block = 0; block < blocks; ++block) {
     const BF16* keys = packed_keys + block * D * kKeyBlock;
     __m512 scores[R];
-    for (int r = 0; r < R; ++r) scores[r] = _mm512_setzero_ps();
-    for (int pair = 0; pair < kPairs; ++pair) {
-      const __m512bh key_pairs = (__m512bh)_mm512_loadu_si512(keys + pair * 2 * kKeyBlock);
-      for (int r = 0; r < R; ++r)
-        scores[r] = _mm512_dpbf16_ps(scores[r], (__m512bh)_mm512_set1_epi32(q_pairs[r][pair]), key_pairs);
-    }
+    score_key_block<D, R>(&q_pairs[0][0], keys, scores);
     alignas(64) int32_t p_pairs[R][kKeyBlock / 2];
     for (int r = 0; r < R; ++r) {
       const int64_t visible = position[r] - block * kKeyBlock + 1;  // keys of this block row r sees
