@@ -88,6 +88,28 @@ def test_fused_decode_follows_a_new_kv_cache_and_recast_weights(make_checkpoint,
     assert torch.equal(recast[0], recast[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_decode_past_the_first_rotary_table_chunk(dtype, make_checkpoint, token_ids):
+    """The fused step looks its rotary rows up in a table grown 4096 positions at a time:
+    decoding across that boundary (4094 -> 4097) must stay bit-identical to computing them."""
+    checkpoint = make_checkpoint("llama3_rope_scaling", dtype=str(dtype).removeprefix("torch."))
+    model, config = load_model(checkpoint, dtype, CPU, "torch")
+    cache = PagedKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                         block_size=16, num_blocks=260, dtype=dtype)
+    sequence = cache.new_sequence(token_ids(4098, 3))
+    with torch.no_grad():
+        input_ids, positions, metadata = cache.step([(sequence, 4094)])
+        model(input_ids, positions, cache.kv_caches, metadata)
+        for _ in range(3):
+            input_ids, positions, metadata = cache.step([(sequence, 1)])
+            model.fused_cpu_decode.enabled = False
+            expected = model(input_ids, positions, _clone_caches(cache.kv_caches), metadata)
+            model.fused_cpu_decode.enabled = True
+            assert model.fused_cpu_decode.applies(input_ids, cache.kv_caches, metadata)
+            assert torch.equal(model(input_ids, positions, cache.kv_caches, metadata), expected)
+    assert model.rotary_emb.table(dtype, 1)[0].shape[0] == 8192
+
+
 def test_fused_decode_is_off_for_prefill_and_mixed_steps(make_checkpoint, token_ids):
     checkpoint = make_checkpoint("llama2")
     model, config = load_model(checkpoint, torch.float32, CPU, "torch")
