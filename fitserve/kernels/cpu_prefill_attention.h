@@ -125,15 +125,14 @@ FITSERVE_AVX512_BF16 inline void score_key_block(const int32_t* q_pairs, const B
 template <int D, int R>
 FITSERVE_AVX512_BF16 void attend_rows(const BF16* query, int64_t query_stride, int64_t head, const BF16* packed_keys,
                                       const BF16* packed_values, int64_t first_row, int64_t rows,
-                                      int64_t context_offset, int64_t position_step, float scale, BF16* out,
-                                      int64_t out_stride) {
+                                      int64_t context_offset, float scale, BF16* out, int64_t out_stride) {
   constexpr int kPairs = D / 2, kDimBlocks = D / 16;
   int32_t q_pairs[R][kPairs];
   int64_t position[R];
   for (int r = 0; r < R; ++r) {
     const int64_t row = first_row + std::min<int64_t>(r, rows - 1);
     std::memcpy(q_pairs[r], query + row * query_stride + head * D, D * sizeof(BF16));
-    position[r] = context_offset + row * position_step;
+    position[r] = context_offset + row;
   }
   __m512 acc[R][kDimBlocks];
   float running_max[R], running_sum[R];
@@ -192,7 +191,7 @@ void prefill_attention_impl(const BF16* query, int64_t query_stride, const BF16*
                           [&](int64_t head, int64_t kv_head, int64_t first_row, int64_t rows) {
                             attend_rows<D, R>(query, query_stride, head, packed_keys + kv_head * keys_per_head,
                                               packed_values + kv_head * keys_per_head, first_row, rows,
-                                              context_len - query_len, 1, scale, out, out_stride);
+                                              context_len - query_len, scale, out, out_stride);
                           });
 }
 
