@@ -211,27 +211,15 @@ FITSERVE_AVX512_BF16 void decode_attention_item_bf16(const BF16* q, const BF16* 
   float* scores = align64(score_storage.data());                 // [group][padded]
   int32_t* probabilities = align64(probability_storage.data());  // [group][padded / 2] bf16 pairs
 
-  // The cached rows of one 16-token block (nullptr past the context) in either cache.
-  auto block_rows = [&](int64_t block, const BF16** key_rows, const BF16** value_rows) {
-    for (int j = 0; j < kKeyBlock; ++j) {
-      const int64_t pos = block * kKeyBlock + j;
-      if (pos < length) {
-        const int64_t offset =
-            ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_head * D;
-        key_rows[j] = key_cache + offset;
-        value_rows[j] = value_cache + offset;
-      } else {
-        key_rows[j] = value_rows[j] = nullptr;
-      }
-    }
-  };
-  const BF16* key_rows[kKeyBlock];
-  const BF16* value_rows[kKeyBlock];
-  for (int64_t block = 0; block < blocks; ++block) {
-    block_rows(block, key_rows, value_rows);
-    pack_key_block<D>(key_rows, packed_keys + block * kKeyBlock * D);
-    pack_value_block<D>(value_rows, packed_values + block * kKeyBlock * D);
-  }
+  // The element offset of a cached token of this KV head, in either cache.
+  pack_blocks<D>(key_cache, value_cache, blocks,
+                 [&](int64_t pos) {
+                   return pos < length
+                              ? ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride +
+                                    kv_head * D
+                              : int64_t{-1};
+                 },
+                 packed_keys, packed_values);
 
   const int32_t* q_pairs = reinterpret_cast<const int32_t*>(q);  // head h, pair i at h * kPairs + i
   const int tail = static_cast<int>(length - (blocks - 1) * kKeyBlock);

@@ -88,24 +88,34 @@ FITSERVE_AVX512_BF16 inline void pack_value_block(const BF16* const* rows, BF16*
     }
 }
 
-// keys [Tk, Hk, D] (token stride `stride`) -> packed[hk][block][D/2][16 keys][2 dims], and
-// values -> packed[hk][block][8 key pairs][D/16][16 dims][2 keys], zero-padded past Tk.
+// The first `blocks` 16-token blocks of one KV head, packed: keys -> [block][D/2][16 keys][2
+// dims], values -> [block][8 key pairs][D/16][16 dims][2 keys]. offset_of(token) is the
+// element offset of the token's row in `keys` and `values`, or -1 past the context (zero rows).
+template <int D, typename OffsetOf>
+FITSERVE_AVX512_BF16 void pack_blocks(const BF16* keys, const BF16* values, int64_t blocks, const OffsetOf& offset_of,
+                                      BF16* packed_keys, BF16* packed_values) {
+  const BF16* key_rows[kKeyBlock];
+  const BF16* value_rows[kKeyBlock];
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int j = 0; j < kKeyBlock; ++j) {
+      const int64_t offset = offset_of(b * kKeyBlock + j);
+      key_rows[j] = offset < 0 ? nullptr : keys + offset;
+      value_rows[j] = offset < 0 ? nullptr : values + offset;
+    }
+    pack_key_block<D>(key_rows, packed_keys + b * kKeyBlock * D);
+    pack_value_block<D>(value_rows, packed_values + b * kKeyBlock * D);
+  }
+}
+
+// keys/values [Tk, Hk, D] (token stride `stride`) -> pack_blocks' layouts per KV head,
+// packed[hk][block]..., zero-padded past Tk.
 template <int D>
 FITSERVE_AVX512_BF16 void pack_context(const BF16* keys, const BF16* values, int64_t stride, int64_t tokens,
                                        int64_t kv_heads, int64_t blocks, BF16* packed_keys, BF16* packed_values) {
-  const BF16* key_rows[kKeyBlock];
-  const BF16* value_rows[kKeyBlock];
   for (int64_t h = 0; h < kv_heads; ++h)
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int j = 0; j < kKeyBlock; ++j) {
-        const int64_t token = b * kKeyBlock + j;
-        key_rows[j] = token < tokens ? keys + token * stride + h * D : nullptr;
-        value_rows[j] = token < tokens ? values + token * stride + h * D : nullptr;
-      }
-      const int64_t offset = (h * blocks + b) * kKeyBlock * D;
-      pack_key_block<D>(key_rows, packed_keys + offset);
-      pack_value_block<D>(value_rows, packed_values + offset);
-    }
+    pack_blocks<D>(keys, values, blocks,
+                   [&](int64_t token) { return token < tokens ? token * stride + h * D : int64_t{-1}; },
+                   packed_keys + h * blocks * kKeyBlock * D, packed_values + h * blocks * kKeyBlock * D);
 }
 
 // Unscaled scores of R query rows against one packed block of 16 keys: scores[r] lane j =
