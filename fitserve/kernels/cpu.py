@@ -45,18 +45,34 @@ def cpu_supports_kernels() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+_BUILD_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+
+
+def module_name(flags: list[str]) -> str:
+    """The compiled module's name: a digest of the sources, the flags and the torch version.
+
+    torch caches built extensions by name, so anything that changes the binary must change the
+    name. The torch version is part of it because a module built against another libtorch (an
+    upgrade in the same environment) would otherwise be found in the cache and loaded.
+    """
+    digest = hashlib.sha256()
+    for path in [_SOURCE, *_HEADERS]:
+        digest.update(path.read_bytes())
+    digest.update(" ".join([torch.__version__, *flags]).encode())
+    return f"fitserve_cpu_kernels_{digest.hexdigest()[:12]}"
+
+
 def _build() -> ModuleType | None:
     if not cpu_supports_kernels():
         logger.info("CPU kernels: this CPU lacks AVX2/FMA; using the PyTorch paths")
         return None
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in [_SOURCE, *_HEADERS])).hexdigest()[:12]
     try:
         return cpp_extension.load(
-            name=f"fitserve_cpu_kernels_{digest}",
+            name=module_name(_BUILD_FLAGS),
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=_BUILD_FLAGS,
             verbose=False,
         )
     except Exception as error:  # no compiler, missing headers, ...: the torch path still works

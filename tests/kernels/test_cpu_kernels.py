@@ -410,3 +410,13 @@ def test_prefill_attention_is_as_accurate_as_torch(kernel_name, dtype, query_len
     # bf16: the output's rounding (2^-9 of values ~1) dominates both errors; float32: sums.
     slack = 2e-3 if dtype == torch.bfloat16 else 1e-6
     assert our_error <= 1.5 * torch_error + slack, (our_error, torch_error)
+
+
+def test_kernel_module_is_rebuilt_for_another_torch_or_other_flags(monkeypatch):
+    """torch finds built extensions by name: a module compiled against one libtorch must never
+    be loaded by another, nor one compiled with other flags."""
+    name = cpu.module_name(["-O3"])
+    assert cpu.module_name(["-O3"]) == name
+    assert cpu.module_name(["-O2"]) != name
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert cpu.module_name(["-O3"]) != name
