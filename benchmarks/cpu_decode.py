@@ -327,12 +327,6 @@ def decode_flops_per_token(shape: ModelShape, context: float) -> float:
     return 2.0 * shape.matmul_params_per_token + shape.attention_flops(1, context)
 
 
-def prefill_flops(shape: ModelShape, tokens: int) -> float:
-    """Work actually needed: every layer for every token, logits for the last token only."""
-    return (2.0 * shape.num_layers * shape.layer_matmul_params * tokens
-            + shape.attention_flops(tokens, (tokens + 1) / 2) + 2.0 * shape.embedding_params)
-
-
 def overhead_summary(steps: list[dict], batch: int) -> dict | None:
     """Decode steps with `batch` running requests: where the step time goes."""
     chosen = [s for s in steps if s["decode_only"] and s["running_before"] == batch and "forward" in s]
@@ -601,7 +595,7 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
             summary["serve"][f"ratio_fitserve_best_over_{other}_x32"] = best_fitserve / max(others)
     for key in sorted({(r["system"], r["dtype"]) for r in runs["prefill"]}):
         rows = [r for r in runs["prefill"] if (r["system"], r["dtype"]) == key]
-        flops = prefill_flops(shapes[key[1]], 1024)
+        flops = shapes[key[1]].prefill_flops(1024)
         achieved = [flops / r["seconds"] for r in rows]
         summary["prefill"][f"{key[0]} {key[1]}"] = {
             "seconds": summarize([r["seconds"] for r in rows]), "flops": flops,

@@ -44,6 +44,35 @@ def prefill_seconds(llm, prompt: list[int]) -> float:
     return output.metrics.first_token_time - output.metrics.first_scheduled_time
 
 
+def summarize(args: argparse.Namespace, shape, device: torch.device, cuda_graphs: bool,
+              runs: dict[str, list[float]], complete: bool) -> dict:
+    """The JSON result from the repetitions so far: medians, bounds and fractions."""
+    bandwidth, peak_flops = statistics.median(runs["bandwidth"]), statistics.median(runs["matmul"])
+    mean_context = args.prompt_len + args.decode_tokens / 2
+    step_bytes = shape.decode_step_bytes(1, mean_context)
+    bound_rate = bandwidth / step_bytes
+    achieved_rate = statistics.median(runs["decode"])
+    prefill_time = statistics.median(runs["prefill"])
+    prefill_flops = shape.prefill_flops(args.prefill_len)
+    return {
+        "benchmark": "gpu_decode",
+        "machine": describe_machine(),
+        "model": {"preset": args.preset, "dtype": args.dtype, "num_layers": shape.num_layers,
+                  "weights": "random (shape only)", "shape": shape.to_dict()},
+        "device": str(device),
+        "cuda_graphs": cuda_graphs,
+        "complete": complete,
+        "limits": {"copy_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": peak_flops,
+                   "runs": {"bandwidth": runs["bandwidth"], "matmul": runs["matmul"]}},
+        "decode": {"prompt_len": args.prompt_len, "tokens": args.decode_tokens, "bytes_per_step": step_bytes,
+                   "tokens_per_s": achieved_rate, "runs": runs["decode"], "bound_tokens_per_s": bound_rate,
+                   "fraction_of_bound": achieved_rate / bound_rate},
+        "prefill": {"prompt_len": args.prefill_len, "seconds": prefill_time, "runs": runs["prefill"],
+                    "flops": prefill_flops, "achieved_flops_per_s": prefill_flops / prefill_time,
+                    "fraction_of_matmul_peak": prefill_flops / prefill_time / peak_flops},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3-8b")
@@ -81,43 +110,25 @@ def main() -> int:
     decode_prompt = torch.randint(10, vocab, (args.prompt_len,), generator=generator).tolist()
     prefill_prompt = torch.randint(10, vocab, (args.prefill_len,), generator=generator).tolist()
     decode_rate(llm, decode_prompt, 8)  # warm-up: allocator, kernels, caches
+    prefill_seconds(llm, prefill_prompt)  # the long prompt's kernel variants and activation sizes
 
-    bandwidths, flops, decode_rates, prefill_times = [], [], [], []
-    for repeat in range(args.repeats):  # limits and the run alternate, so drift shows up in both
-        bandwidths.append(measure_memory_bandwidth(device, size_bytes=1 << 30 if device.type == "cuda" else None))
-        flops.append(measure_matmul_flops(device, dtype)[0])
-        decode_rates.append(decode_rate(llm, decode_prompt, args.decode_tokens))
-        prefill_times.append(prefill_seconds(llm, prefill_prompt))
-        print(f"[{repeat}] decode {decode_rates[-1]:.1f} tok/s, prefill {prefill_times[-1] * 1e3:.0f} ms, "
-              f"copy {bandwidths[-1] / 1e9:.0f} GB/s, matmul {flops[-1] / 1e12:.1f} TFLOP/s", flush=True)
-
-    bandwidth, peak_flops = statistics.median(bandwidths), statistics.median(flops)
-    mean_context = args.prompt_len + args.decode_tokens / 2
-    step_bytes = shape.decode_step_bytes(1, mean_context)
-    bound_rate = bandwidth / step_bytes
-    achieved_rate = statistics.median(decode_rates)
-    prefill_time = statistics.median(prefill_times)
-    prefill_flops = shape.prefill_flops(args.prefill_len)
-    result = {
-        "benchmark": "gpu_decode",
-        "machine": describe_machine(),
-        "model": {"preset": args.preset, "dtype": args.dtype, "num_layers": shape.num_layers,
-                  "weights": "random (shape only)", "shape": shape.to_dict()},
-        "device": str(device),
-        "cuda_graphs": cuda_graphs,
-        "limits": {"copy_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": peak_flops,
-                   "runs": {"bandwidth": bandwidths, "matmul": flops}},
-        "decode": {"prompt_len": args.prompt_len, "tokens": args.decode_tokens, "bytes_per_step": step_bytes,
-                   "tokens_per_s": achieved_rate, "runs": decode_rates, "bound_tokens_per_s": bound_rate,
-                   "fraction_of_bound": achieved_rate / bound_rate},
-        "prefill": {"prompt_len": args.prefill_len, "seconds": prefill_time, "runs": prefill_times,
-                    "flops": prefill_flops, "achieved_flops_per_s": prefill_flops / prefill_time,
-                    "fraction_of_matmul_peak": prefill_flops / prefill_time / peak_flops},
-    }
-    print(f"decode {achieved_rate:.1f} tok/s = {result['decode']['fraction_of_bound']:.0%} of the "
-          f"{bound_rate:.1f} tok/s bound; prefill {result['prefill']['fraction_of_matmul_peak']:.0%} of matmul peak")
+    runs: dict[str, list[float]] = {"bandwidth": [], "matmul": [], "decode": [], "prefill": []}
     mode = "graphs" if cuda_graphs else "eager"
-    path = write_result(f"gpu_decode-{args.preset}-{device.type}-{mode}", result, args.out)
+    for repeat in range(args.repeats):  # limits and the run alternate, so drift shows up in both
+        runs["bandwidth"].append(measure_memory_bandwidth(device, size_bytes=1 << 30 if device.type == "cuda" else None))
+        runs["matmul"].append(measure_matmul_flops(device, dtype)[0])
+        runs["decode"].append(decode_rate(llm, decode_prompt, args.decode_tokens))
+        runs["prefill"].append(prefill_seconds(llm, prefill_prompt))
+        print(f"[{repeat}] decode {runs['decode'][-1]:.1f} tok/s, prefill {runs['prefill'][-1] * 1e3:.0f} ms, "
+              f"copy {runs['bandwidth'][-1] / 1e9:.0f} GB/s, matmul {runs['matmul'][-1] / 1e12:.1f} TFLOP/s",
+              flush=True)
+        # Rewritten after every repetition: a run cut short still leaves what it measured.
+        result = summarize(args, shape, device, cuda_graphs, runs, complete=repeat + 1 == args.repeats)
+        path = write_result(f"gpu_decode-{args.preset}-{device.type}-{mode}", result, args.out)
+
+    print(f"decode {result['decode']['tokens_per_s']:.1f} tok/s = {result['decode']['fraction_of_bound']:.0%} of "
+          f"the {result['decode']['bound_tokens_per_s']:.1f} tok/s bound; prefill "
+          f"{result['prefill']['fraction_of_matmul_peak']:.0%} of matmul peak")
     print(f"wrote {path}")
     return 0
 

@@ -2,9 +2,13 @@
 
 Random weights with the shape of a real model (speed does not depend on weight values), a
 fixed-seed workload of token-id prompts with random input/output lengths, EOS ignored so both
-systems produce exactly the requested tokens. transformers runs in padded batches sorted by
-length (its best offline setting); its output-token count is the requested tokens, not the
-padding it also computes. Systems alternate within each repetition; the JSON has every run.
+systems produce exactly the requested tokens. transformers runs in padded batches grouped by
+output length, so that a batch's short requests wait as little as possible for its longest
+(its best offline setting); its output-token count is the requested tokens, not the padding
+it also computes. With several `--hf-batch-size` values each is run and the ratio is taken
+against the best. Both systems first run a few untimed requests (kernel compilation, CUDA
+context, allocator). Systems alternate within each repetition; the JSON has every run and is
+rewritten after each one, so a run cut short still leaves what it measured.
 
     python benchmarks/offline_throughput.py                      # Qwen2.5-0.5B shape, bf16, 64 prompts
     python benchmarks/offline_throughput.py --num-prompts 16 --repeats 1 --preset qwen3-0.6b
@@ -12,7 +16,7 @@ padding it also computes. Systems alternate within each repetition; the JSON has
 On a GPU, nano-vllm's recipe (256 requests, input and output lengths uniform in 100–1024):
 
     python benchmarks/offline_throughput.py --device cuda --preset qwen3-0.6b --num-prompts 256 \
-        --input-len 100 1024 --output-len 100 1024 --hf-batch-size 64
+        --input-len 100 1024 --output-len 100 1024 --hf-batch-size 64 256
 """
 
 from __future__ import annotations
@@ -53,10 +57,22 @@ def run_fitserve(llm, workload: list[tuple[list[int], int]]) -> tuple[float, int
     return elapsed, produced
 
 
+def warmup_workload(workload: list[tuple[list[int], int]], count: int) -> list[tuple[list[int], int]]:
+    """The first `count` prompts with 8 output tokens each: enough to compile and allocate."""
+    return [(ids, min(output_len, 8)) for ids, output_len in workload[:count]]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_transformers(model, workload: list[tuple[list[int], int]], batch_size: int) -> tuple[float, int]:
     from transformers import GenerationConfig
 
-    order = sorted(range(len(workload)), key=lambda i: len(workload[i][0]))
+    # generate() runs every row of a batch until the longest is done, so batches of similar
+    # output length waste the fewest steps; within those, similar input lengths pad least.
+    order = sorted(range(len(workload)), key=lambda i: (workload[i][1], len(workload[i][0])))
     start = time.perf_counter()
     for first in range(0, len(order), batch_size):
         batch = [workload[i] for i in order[first : first + batch_size]]
@@ -70,8 +86,30 @@ def run_transformers(model, workload: list[tuple[list[int], int]], batch_size: i
                                   eos_token_id=None, pad_token_id=0)
         with torch.inference_mode():
             model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    synchronize(model.device)
     elapsed = time.perf_counter() - start
     return elapsed, sum(n for _, n in workload)
+
+
+def transformers_key(batch_size: int) -> str:
+    return f"transformers_b{batch_size}"
+
+
+def summarize_runs(result: dict) -> None:
+    """Medians per system and the ratio to transformers' best batch size, from the runs so far."""
+    runs = result["runs"]
+    result["fitserve_output_tokens_per_s"] = summarize([r["output_tokens_per_s"] for r in runs["fitserve"]])
+    measured = {key: summarize([r["output_tokens_per_s"] for r in values])
+                for key, values in runs.items() if key != "fitserve" and values}
+    if not measured or not runs["fitserve"]:
+        return
+    best_key = max(measured, key=lambda key: measured[key]["median"])
+    result["transformers_output_tokens_per_s"] = measured[best_key]
+    result["transformers_by_batch_size"] = measured
+    result["transformers_best_batch_size"] = int(best_key.rsplit("_b", 1)[1])
+    result["ratio_fitserve_over_transformers"] = (
+        result["fitserve_output_tokens_per_s"]["median"] / measured[best_key]["median"]
+    )
 
 
 def main() -> int:
@@ -82,7 +120,12 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
-    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--hf-batch-size", type=int, nargs="+", default=[16],
+                        help="transformers batch size(s); with several, each runs and the best counts")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="fitserve's share of GPU memory (default 0.45 when transformers runs in the "
+                             "same process, so that its cache fits in the rest; 0.9 alone)")
+    parser.add_argument("--warmup-prompts", type=int, default=8, help="untimed requests per system first")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -95,24 +138,26 @@ def main() -> int:
 
     model_dir = random_checkpoint(args.preset, args.dtype)
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_num_seqs=args.num_prompts,
-              **({"kv_cache_memory": "4GiB"} if on_cpu else {}))
+    if on_cpu:
+        memory = {"kv_cache_memory": "4GiB"}
+    else:
+        memory = {"gpu_memory_utilization": args.gpu_memory_utilization
+                  or (0.9 if args.skip_transformers else 0.45)}
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_num_seqs=args.num_prompts, **memory)
     vocab_size = llm.engine.model_config.vocab_size
     workload = make_workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab_size, args.seed)
     hf_model = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=getattr(torch, args.dtype)).to(llm.engine.device).eval()
 
-    runs: dict[str, list[dict]] = {"fitserve": [], "transformers": []}
-    for repeat in range(args.repeats):
-        elapsed, tokens = run_fitserve(llm, workload)
-        runs["fitserve"].append({"seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed})
-        print(f"[{repeat}] fitserve      {tokens / elapsed:8.1f} output tok/s ({elapsed:.1f} s)", flush=True)
+    if args.warmup_prompts > 0:
+        warmup = warmup_workload(workload, args.warmup_prompts)
+        run_fitserve(llm, warmup[:1])  # a lone sequence and a batch take different kernel variants
+        run_fitserve(llm, warmup)
         if hf_model is not None:
-            elapsed, tokens = run_transformers(hf_model, workload, args.hf_batch_size)
-            runs["transformers"].append({"seconds": elapsed, "output_tokens": tokens,
-                                         "output_tokens_per_s": tokens / elapsed})
-            print(f"[{repeat}] transformers  {tokens / elapsed:8.1f} output tok/s ({elapsed:.1f} s)", flush=True)
+            run_transformers(hf_model, warmup, min(args.hf_batch_size))
 
+    runs: dict[str, list[dict]] = {"fitserve": []}
+    runs |= {transformers_key(size): [] for size in ([] if hf_model is None else args.hf_batch_size)}
     result = {
         "benchmark": "offline_throughput",
         "machine": describe_machine(),
@@ -121,18 +166,43 @@ def main() -> int:
         "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                      "seed": args.seed, "total_input_tokens": sum(len(ids) for ids, _ in workload),
                      "total_output_tokens": sum(n for _, n in workload), "ignore_eos": True},
-        "settings": {"transformers_batch_size": args.hf_batch_size, "transformers_padding": "left, sorted by length",
+        "settings": {"transformers_batch_sizes": args.hf_batch_size,
+                     "transformers_batching": "left padding, batches grouped by output length",
+                     "warmup_prompts": args.warmup_prompts, "fitserve_memory": memory,
                      "fitserve": {"max_num_batched_tokens": llm.engine.args.max_num_batched_tokens,
-                                  "max_num_seqs": llm.engine.args.max_num_seqs}},
+                                  "max_num_seqs": llm.engine.args.max_num_seqs,
+                                  "cuda_graphs": llm.engine.runner.decode_graphs is not None}},
         "runs": runs,
-        "fitserve_output_tokens_per_s": summarize([r["output_tokens_per_s"] for r in runs["fitserve"]]),
+        "complete": False,
     }
-    if runs["transformers"]:
-        result["transformers_output_tokens_per_s"] = summarize([r["output_tokens_per_s"] for r in runs["transformers"]])
-        result["ratio_fitserve_over_transformers"] = (
-            result["fitserve_output_tokens_per_s"]["median"] / result["transformers_output_tokens_per_s"]["median"]
-        )
-        print(f"fitserve / transformers = {result['ratio_fitserve_over_transformers']:.2f}x")
+
+    def record(repeat: int, key: str, elapsed: float, tokens: int) -> None:
+        runs[key].append({"seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed})
+        print(f"[{repeat}] {key:<16} {tokens / elapsed:9.1f} output tok/s ({elapsed:.1f} s)", flush=True)
+        summarize_runs(result)
+        write_result("offline_throughput", result, args.out)
+
+    out_of_memory: set[int] = set()
+    for repeat in range(args.repeats):
+        record(repeat, "fitserve", *run_fitserve(llm, workload))
+        for size in [] if hf_model is None else sorted(args.hf_batch_size):
+            if size in out_of_memory:
+                continue
+            try:
+                record(repeat, transformers_key(size), *run_transformers(hf_model, workload, size))
+                continue
+            except torch.cuda.OutOfMemoryError:
+                pass
+            # Larger batches would not fit either; the smaller ones already measured stand.
+            torch.cuda.empty_cache()
+            out_of_memory.update(other for other in args.hf_batch_size if other >= size)
+            result["transformers_out_of_memory_batch_sizes"] = sorted(out_of_memory)
+            print(f"[{repeat}] transformers batch {size}: out of GPU memory", flush=True)
+
+    result["complete"] = True
+    if "ratio_fitserve_over_transformers" in result:
+        print(f"fitserve / transformers (best batch size, {result['transformers_best_batch_size']}) = "
+              f"{result['ratio_fitserve_over_transformers']:.2f}x")
     path = write_result("offline_throughput", result, args.out)
     print(f"wrote {path}")
     return 0

@@ -122,9 +122,11 @@ class ModelShape:
         return self.weight_bytes_per_step + prompt_tokens * self.kv_bytes_per_token
 
     def prefill_flops(self, prompt_tokens: float) -> float:
-        """Causal attention: token i attends to i + 1 keys, on average (n + 1) / 2."""
-        return (2.0 * self.matmul_params_per_token * prompt_tokens
-                + self.attention_flops(prompt_tokens, (prompt_tokens + 1) / 2))
+        """The work a prompt needs: every layer for every token, causal attention (token i
+        attends to i + 1 keys, on average (n + 1) / 2), and logits for the last token only,
+        since only that one is sampled (as in fitserve, vLLM and transformers' generate)."""
+        layers = 2.0 * self.num_layers * self.layer_matmul_params * prompt_tokens
+        return layers + self.attention_flops(prompt_tokens, (prompt_tokens + 1) / 2) + 2.0 * self.embedding_params
 
     def to_dict(self) -> dict:
         described = asdict(self)

@@ -38,7 +38,8 @@ def test_step_costs_by_hand_for_a_tiny_tied_model():
     assert shape.decode_step_bytes(3, 10) == shape.total_params * 4 + 3 * 11 * 64
     # Attention FLOPs: 4 · layers · heads · head_dim · queries · keys.
     assert shape.decode_step_flops(3, 10) == 3 * (2 * 1232 + 4 * 2 * 2 * 4 * 10)
-    assert shape.prefill_flops(5) == 2 * 1232 * 5 + 4 * 2 * 2 * 4 * 5 * 3
+    # Prefill of 5 tokens: both layers for each, causal attention, the 80-weight head once.
+    assert shape.prefill_flops(5) == 2 * 2 * 576 * 5 + 4 * 2 * 2 * 4 * 5 * 3 + 2 * 80
 
 
 def test_shape_reads_the_model_directory_and_resolves_dtype(tmp_path):
