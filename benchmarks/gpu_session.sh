@@ -44,7 +44,7 @@ step 150 python3 -m pytest -q -p no:cacheprovider tests/attention tests/engine/t
 step 150 python3 benchmarks/gpu_decode.py --repeats 3 --out "$RESULTS/gpu_decode_llama-3-8b_graphs.json" \
   2>&1 | grep -v "^INFO" | tail -6
 step 220 python3 benchmarks/offline_throughput.py --device cuda --preset qwen3-0.6b --num-prompts 256 \
-  --input-len 100 1024 --output-len 100 1024 --hf-batch-size 64 256 --repeats 1 \
+  --input-len 100 1024 --output-len 100 1024 --hf-batch-size 128 256 --repeats 1 \
   --out "$RESULTS/offline_throughput_qwen3-0.6b_gpu.json" 2>&1 | grep -v "^INFO" | tail -6
 step 90 python3 benchmarks/gpu_decode.py --repeats 2 --prefill-len 512 --enforce-eager \
   --out "$RESULTS/gpu_decode_llama-3-8b_eager.json" 2>&1 | grep -v "^INFO" | tail -4

@@ -16,7 +16,12 @@ rewritten after each one, so a run cut short still leaves what it measured.
 On a GPU, nano-vllm's recipe (256 requests, input and output lengths uniform in 100–1024):
 
     python benchmarks/offline_throughput.py --device cuda --preset qwen3-0.6b --num-prompts 256 \
-        --input-len 100 1024 --output-len 100 1024 --hf-batch-size 64 256
+        --input-len 100 1024 --output-len 100 1024 --hf-batch-size 128 256
+
+There transformers' step time hardly grows with the batch, and its batches of 64 / 128 / 256
+take 2659 / 1569 / 1022 decode steps for this workload, so the larger sizes are its best; a
+size whose cache cannot fit in the GPU memory that fitserve leaves (--gpu-memory-utilization)
+is skipped and named in the JSON.
 """
 
 from __future__ import annotations
@@ -67,15 +72,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def transformers_batches(workload: list[tuple[list[int], int]], batch_size: int) -> list[list[tuple[list[int], int]]]:
+    """generate() runs every row of a batch until the longest is done, so batches of similar
+    output length waste the fewest steps; within those, similar input lengths pad least."""
+    order = sorted(range(len(workload)), key=lambda i: (workload[i][1], len(workload[i][0])))
+    return [[workload[i] for i in order[first : first + batch_size]] for first in range(0, len(order), batch_size)]
+
+
+def transformers_cache_bytes(workload: list[tuple[list[int], int]], batch_size: int, kv_bytes_per_token: int) -> int:
+    """KV cache of transformers' largest padded batch at its last step: every row holds the
+    longest input plus the most output tokens of its batch."""
+    return max(len(batch) * (max(len(ids) for ids, _ in batch) + max(n for _, n in batch)) * kv_bytes_per_token
+               for batch in transformers_batches(workload, batch_size))
+
+
 def run_transformers(model, workload: list[tuple[list[int], int]], batch_size: int) -> tuple[float, int]:
     from transformers import GenerationConfig
 
-    # generate() runs every row of a batch until the longest is done, so batches of similar
-    # output length waste the fewest steps; within those, similar input lengths pad least.
-    order = sorted(range(len(workload)), key=lambda i: (workload[i][1], len(workload[i][0])))
     start = time.perf_counter()
-    for first in range(0, len(order), batch_size):
-        batch = [workload[i] for i in order[first : first + batch_size]]
+    for batch in transformers_batches(workload, batch_size):
         longest = max(len(ids) for ids, _ in batch)
         input_ids = torch.zeros((len(batch), longest), dtype=torch.long, device=model.device)
         attention_mask = torch.zeros_like(input_ids)
@@ -135,6 +150,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from fitserve import LLM
+    from fitserve.bench.roofline import ModelShape
 
     model_dir = random_checkpoint(args.preset, args.dtype)
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
@@ -145,6 +161,7 @@ def main() -> int:
                   or (0.9 if args.skip_transformers else 0.45)}
     llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_num_seqs=args.num_prompts, **memory)
     vocab_size = llm.engine.model_config.vocab_size
+    kv_bytes_per_token = ModelShape.from_model_dir(model_dir, args.dtype, llm.engine.device).kv_bytes_per_token
     workload = make_workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab_size, args.seed)
     hf_model = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=getattr(torch, args.dtype)).to(llm.engine.device).eval()
@@ -188,6 +205,16 @@ def main() -> int:
         for size in [] if hf_model is None else sorted(args.hf_batch_size):
             if size in out_of_memory:
                 continue
+            if not on_cpu:
+                # A batch whose cache cannot fit would run for minutes before failing.
+                free_bytes, _ = torch.cuda.mem_get_info(llm.engine.device)
+                needed = transformers_cache_bytes(workload, size, kv_bytes_per_token)
+                if needed > 0.9 * free_bytes:
+                    out_of_memory.update(other for other in args.hf_batch_size if other >= size)
+                    result["transformers_out_of_memory_batch_sizes"] = sorted(out_of_memory)
+                    print(f"[{repeat}] transformers batch {size}: its cache needs {needed / 2**30:.1f} GiB, "
+                          f"{free_bytes / 2**30:.1f} GiB free; skipped", flush=True)
+                    continue
             try:
                 record(repeat, transformers_key(size), *run_transformers(hf_model, workload, size))
                 continue
