@@ -30,6 +30,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
     group.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     group.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    group.add_argument("--max-seq-len-to-capture", type=int, default=8192,
+                       help="longest context a CUDA-graph decode step serves; longer ones run eagerly")
 
 
 def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:

@@ -115,6 +115,10 @@ class EngineArgs:
     """auto (Triton on CUDA, torch elsewhere), torch or triton."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
+    max_seq_len_to_capture: int = 8192
+    """Longest context a CUDA-graph decode step serves; a step with a longer one runs eagerly.
+    The graphs' attention grid is sized for this length, and programs past a sequence's real
+    length still launch, so a bound far above the contexts in use costs time every step."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -127,6 +131,8 @@ class EngineArgs:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             )
+        if self.max_seq_len_to_capture < 1:
+            raise ConfigError(f"max_seq_len_to_capture must be >= 1 (got {self.max_seq_len_to_capture})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1 (got {self.max_model_len})")
         if self.kv_cache_memory is not None:

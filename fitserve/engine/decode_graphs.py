@@ -13,9 +13,12 @@ What a graph needs, and how this module provides it:
 * **Fixed addresses.** Inputs live in static buffers that every step overwrites in place:
   token ids, positions, KV slots, context lengths and block tables. The logits come back in
   a static output tensor.
-* **Fixed launch grids.** The attention metadata carries `max_seq_len_bound` = max_model_len,
-  so the decode kernel is launched for the longest context the engine allows; programs past
-  a sequence's real length return at once.
+* **Fixed launch grids.** The attention metadata carries `max_seq_len_bound` = `max_seq_len`
+  (the engine's `max_seq_len_to_capture`, at most max_model_len), so the decode kernel is
+  launched for the longest context a graph serves; programs past a sequence's real length
+  return at once. Those programs still launch, so the bound is kept near the contexts in
+  use rather than a model's whole window (Qwen3's 40960 positions would launch five times the
+  programs of 8192 every layer); a step with a longer context runs eagerly (`covers`).
 * **Harmless padding.** Padding rows decode token 0 at position 0 with a context of one
   token in a spare KV block that no request owns (`padding_block`): their K/V writes land
   there, their attention reads only there, and their logits are never read.
@@ -55,7 +58,7 @@ class DecodeGraphs:
         model: torch.nn.Module,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
-        max_model_len: int,
+        max_seq_len: int,
         max_num_seqs: int,
         padding_block: int,
         device: torch.device,
@@ -64,13 +67,13 @@ class DecodeGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
-        self.max_model_len = max_model_len
+        self.max_seq_len = max_seq_len
         self.padding_block = padding_block
         self.device = device
         self.use_cuda_graphs = use_cuda_graphs
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.max_batch_size = self.batch_sizes[-1]
-        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.max_blocks_per_seq = -(-max_seq_len // block_size)
 
         size = self.max_batch_size
         padding_slot = padding_block * block_size
@@ -84,6 +87,11 @@ class DecodeGraphs:
         self._query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+
+    def covers(self, num_seqs: int, longest_context: int) -> bool:
+        """Whether a decode step of `num_seqs` sequences, the longest `longest_context` tokens
+        long (the new one included), can run here."""
+        return num_seqs <= self.max_batch_size and longest_context <= self.max_seq_len
 
     def padded_batch_size(self, num_seqs: int) -> int | None:
         """The graph size a step of `num_seqs` decodes runs at, or None if none is large enough."""
@@ -106,7 +114,7 @@ class DecodeGraphs:
             query_lens_cpu=[1] * batch_size,
             seq_lens_cpu=seq_lens_cpu if seq_lens_cpu is not None else [1] * batch_size,
             block_size=self.block_size,
-            max_seq_len_bound=self.max_model_len if self.use_cuda_graphs else None,
+            max_seq_len_bound=self.max_seq_len if self.use_cuda_graphs else None,
         )
 
     def _forward(self, batch_size: int, metadata: AttentionMetadata) -> torch.Tensor:
@@ -144,7 +152,7 @@ class DecodeGraphs:
         seq_lens: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """Float32 logits [num_seqs, vocab_size] of one decode token per sequence."""
+        """Logits [num_seqs, vocab_size] (the model's dtype) of one decode token per sequence."""
         num_seqs = len(input_ids)
         batch_size = self.padded_batch_size(num_seqs)
         if batch_size is None:

@@ -107,7 +107,8 @@ class LLMEngine:
         decode_graphs = None
         if use_cuda_graphs:
             decode_graphs = DecodeGraphs(
-                self.model, kv_caches, self.block_size, self.max_model_len, args.max_num_seqs,
+                self.model, kv_caches, self.block_size, min(self.max_model_len, args.max_seq_len_to_capture),
+                args.max_num_seqs,
                 padding_block=num_allocated_blocks - 1, device=self.device, use_cuda_graphs=True,
             )
             decode_graphs.capture()

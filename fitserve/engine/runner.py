@@ -115,7 +115,7 @@ class ModelRunner:
         output = RunnerOutput()
         graphs = self.decode_graphs
         if (graphs is not None and not prompt_rows and len(sample_requests) == len(input_ids) == len(query_lens)
-                and len(input_ids) <= graphs.max_batch_size):
+                and graphs.covers(len(input_ids), max(seq_lens))):
             # Every scheduled request decodes one token and samples it: the graph's case.
             logits = graphs.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
             self._sample(logits, sample_requests, output)

@@ -33,10 +33,12 @@ def _llm(model_dir: Path) -> LLM:
     return LLM(str(model_dir), dtype="float32", kv_cache_memory="4MiB", block_size=8, max_num_seqs=8)
 
 
-def _install_static_decode(llm: LLM) -> list[int]:
+def _install_static_decode(llm: LLM, max_seq_len: int | None = None,
+                           longest_contexts: list[int] | None = None) -> list[int]:
     """Route the engine's decode steps through DecodeGraphs (eager), with a spare block for
     padding filled with NaN so that any read of it by a real sequence would show. Returns a
-    list that records the padded batch size of every step it ran."""
+    list that records the padded batch size of every step it ran (and, if given,
+    `longest_contexts` the longest context of each)."""
     engine = llm.engine
     config = engine.model_config
     kv_caches = allocate_kv_cache(
@@ -47,15 +49,17 @@ def _install_static_decode(llm: LLM) -> list[int]:
         key_cache[engine.num_kv_blocks].fill_(float("nan"))
         value_cache[engine.num_kv_blocks].fill_(float("nan"))
     graphs = DecodeGraphs(
-        engine.model, kv_caches, engine.block_size, engine.max_model_len, max_num_seqs=8,
+        engine.model, kv_caches, engine.block_size, max_seq_len or engine.max_model_len, max_num_seqs=8,
         padding_block=engine.num_kv_blocks, device=engine.device, use_cuda_graphs=False,
     )
     padded_sizes: list[int] = []
     original_run = graphs.run
 
-    def run(input_ids, *args):
+    def run(input_ids, positions, slot_mapping, seq_lens, block_tables):
         padded_sizes.append(graphs.padded_batch_size(len(input_ids)))
-        return original_run(input_ids, *args)
+        if longest_contexts is not None:
+            longest_contexts.append(max(seq_lens))
+        return original_run(input_ids, positions, slot_mapping, seq_lens, block_tables)
 
     graphs.run = run
     engine.runner.kv_caches = kv_caches
@@ -113,3 +117,26 @@ def test_more_decodes_than_the_largest_graph_is_refused(tmp_path: Path) -> None:
     graphs = llm.engine.runner.decode_graphs
     with pytest.raises(ValueError, match="exceed the largest graph"):
         graphs.run([1] * 9, [0] * 9, [0] * 9, [1] * 9, [[0]] * 9)
+
+
+def test_contexts_longer_than_the_capture_bound_decode_eagerly(tmp_path: Path) -> None:
+    """Graphs serve contexts up to max_seq_len_to_capture; a step with a longer one takes the
+    ordinary path, and the tokens are the same either way."""
+    model_dir = write_tiny_checkpoint(tmp_path / "m", "llama3_rope_scaling")
+    prompts = [{"prompt_token_ids": random_token_ids(n, seed=n)} for n in (3, 9, 17)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (12, 5, 9)]
+
+    expected = _llm(model_dir).generate(prompts, params)
+    llm = _llm(model_dir)
+    longest_contexts: list[int] = []
+    _install_static_decode(llm, max_seq_len=20, longest_contexts=longest_contexts)
+    actual = llm.generate(prompts, params)
+
+    for want, got in zip(expected, actual, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    # The 17-token prompt reaches 20 tokens of context at its fourth decode and 25 at its last;
+    # the 3-token one decodes alone up to 14 tokens of context after the others finish.
+    assert longest_contexts and max(longest_contexts) == 20
+    assert 14 in longest_contexts
+    graphs = llm.engine.runner.decode_graphs
+    assert graphs.covers(8, 20) and not graphs.covers(8, 21) and not graphs.covers(9, 20)
