@@ -39,8 +39,8 @@ class AttentionMetadata:
     max_seq_len_bound: int | None = None
     """When set, an upper bound on every context length that kernels size their launch grids
     for instead of the batch's actual longest context. A captured CUDA graph replays the same
-    grid at every step, so its metadata carries the engine's max_model_len here; programs past
-    a sequence's real length return at once."""
+    grid at every step, so its metadata carries the longest context a graph serves here;
+    programs past a sequence's real length return at once."""
 
     @property
     def num_seqs(self) -> int:
