@@ -6,6 +6,7 @@ shape, dtype and workload, so a number can be reproduced or put in context later
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -17,18 +18,11 @@ from typing import Any
 
 import torch
 
+from fitserve.bench.environment import cpu_model, gpu_driver_version
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHECKPOINT_CACHE = Path(os.environ.get("FITSERVE_BENCH_CACHE", Path.home() / ".cache" / "fitserve-bench"))
 
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def describe_machine() -> dict[str, Any]:
@@ -36,7 +30,7 @@ def describe_machine() -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "cpu": cpu_model_name(),
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -54,7 +48,13 @@ def describe_machine() -> dict[str, Any]:
         info["fitserve_commit"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["gpu_driver"] = gpu_driver_version()
         info["cuda"] = torch.version.cuda
+    try:
+        info["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        info["triton"] = None
     return info
 
 

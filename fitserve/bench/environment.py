@@ -7,6 +7,7 @@ import ipaddress
 import os
 import platform
 import socket
+import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,6 +31,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_driver_version() -> str | None:
+    """The NVIDIA driver's version (NVML, else nvidia-smi), or None without one."""
+    try:
+        import pynvml  # nvidia-ml-py; optional
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # no library, no driver: try the command line tool
+        pass
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = result.stdout.split()
+    return lines[0] if result.returncode == 0 and lines else None
+
+
 def describe_environment(gpu_names: list[str] | None) -> dict:
     import torch
 
@@ -43,6 +63,8 @@ def describe_environment(gpu_names: list[str] | None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "gpu_driver": gpu_driver_version() if gpu_names else None,
+        "triton": _version("triton"),
         "transformers": _version("transformers"),
         "httpx": _version("httpx"),
         "fitserve": _version("fitserve"),
