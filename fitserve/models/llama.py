@@ -13,16 +13,20 @@ decode hot path); the loader fills the fused weights from the separate checkpoin
 On CPUs with AVX2, the projections, RMSNorm (+ residual add), rotary and SiLU·up take the
 compiled kernels of fitserve.kernels.cpu, which keep the rounding of the torch code below
 (every intermediate the torch code stores in the model dtype is rounded to it there too);
-without them, the plain torch code runs.
+without them, the plain torch code runs. A model built with the Triton attention backend
+(the GPU path) runs RMSNorm (+ residual add), rotary and SiLU·up as the Triton kernels of
+fitserve.kernels.triton_ops, with the same rounding, four launches per layer instead of ~30.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitserve.attention import AttentionBackend, get_attention_backend
+from fitserve.attention import AttentionBackend, get_attention_backend, is_triton_backend
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.kernels import cpu as cpu_kernels
 from fitserve.models.config import ModelConfig
@@ -53,13 +57,26 @@ def _fused_kernels(x: torch.Tensor):
     return cpu_kernels.get()
 
 
+def triton_ops_for(backend: AttentionBackend) -> ModuleType | None:
+    """The fused Triton per-layer ops when the model runs the Triton attention kernels (the
+    GPU path, or Triton's interpreter in tests); None on the torch and CPU paths."""
+    if not is_triton_backend(backend):
+        return None
+    from fitserve.kernels import triton_ops
+
+    return triton_ops
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, triton_ops: ModuleType | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.triton_ops = triton_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton_ops is not None:
+            return self.triton_ops.rms_norm(x, self.weight, self.eps)
         kernels = _fused_kernels(x)
         if kernels is not None and x.is_contiguous() and self.weight.dtype == x.dtype:
             return kernels.rms_norm(x, self.weight, self.eps, None)[0]
@@ -71,7 +88,9 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x), the sum rounded to the dtype first as `+` does.
-        The fused kernel writes the sum into `residual`, so callers must not reuse it."""
+        The fused kernels write the sum into `residual`, so callers must not reuse it."""
+        if self.triton_ops is not None and residual.is_contiguous():
+            return self.triton_ops.add_rms_norm(x, residual, self.weight, self.eps)
         kernels = _fused_kernels(x)
         if (kernels is not None and x.is_contiguous() and residual.is_contiguous()
                 and self.weight.dtype == x.dtype == residual.dtype):
@@ -82,8 +101,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch,
+                 triton_ops: ModuleType | None = None) -> None:
         super().__init__()
+        self.triton_ops = triton_ops
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -98,8 +119,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(
             self.q_size, config.hidden_size, bias=config.attention_output_bias, scratch=scratch
         )
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, triton_ops) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, triton_ops) if config.qk_norm else None
 
     def forward(
         self,
@@ -112,6 +133,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
         qkv = self.qkv_proj(hidden_states)
+        if self.triton_ops is not None:
+            query, key, value = self._rotate_with_triton(qkv, cos, sin)
+            self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
+            output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
+            return self.o_proj(output.reshape(num_tokens, self.q_size))
         kernels = _fused_kernels(qkv)
         # q and k are adjacent heads of each qkv row: one in-place rotation covers both.
         rotate_in_place = kernels is not None and self.q_norm is None and cos.dtype == qkv.dtype
@@ -131,14 +157,35 @@ class Attention(nn.Module):
         output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
         return self.o_proj(output.reshape(num_tokens, self.q_size))
 
+    def _rotate_with_triton(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query, key and value heads of the fused QKV output, q and k normed (Qwen3) and
+        rotated by the Triton kernels: one launch for q and k together when there is no norm."""
+        ops = self.triton_ops
+        num_tokens = qkv.shape[0]
+        if self.q_norm is None or self.k_norm is None:
+            ops.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
+        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)  # new contiguous tensors
+            ops.rotary_(query.view(num_tokens, self.q_size), cos, sin, self.num_heads, self.head_dim)
+            ops.rotary_(key.view(num_tokens, self.kv_size), cos, sin, self.num_kv_heads, self.head_dim)
+        return query, key, value
+
 
 FUSED_SILU_MAX_ROWS = 1
 """Token rows up to which float32 SiLU·up runs in the fused CPU kernel (see MLP.forward)."""
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, scratch: cpu_kernels.MatmulScratch) -> None:
+    def __init__(self, config: ModelConfig, scratch: cpu_kernels.MatmulScratch,
+                 triton_ops: ModuleType | None = None) -> None:
         super().__init__()
+        self.triton_ops = triton_ops
         self.intermediate_size = config.intermediate_size
         self.scratch = scratch
         # Rows: [gate | up], filled from gate_proj and up_proj by the loader.
@@ -150,6 +197,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton_ops is not None:
+            return self.down_proj(self.triton_ops.silu_mul(self.gate_up_proj(x)))
         # bf16: the fused kernel rounds in registers exactly as torch does and is 4x faster
         # for a prefill (1024 rows). float32: only for a single decode row, where it saves
         # torch's per-op overhead; longer inputs keep torch's own silu, bit-equal to transformers.
@@ -170,12 +219,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch,
+                 triton_ops: ModuleType | None = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend, scratch)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, scratch)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, triton_ops)
+        self.self_attn = Attention(config, backend, scratch, triton_ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, triton_ops)
+        self.mlp = MLP(config, scratch, triton_ops)
 
     def forward(
         self,
@@ -198,11 +248,12 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch) -> None:
         super().__init__()
+        triton_ops = triton_ops_for(backend)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, backend, scratch) for _ in range(config.num_hidden_layers)]
+            [DecoderLayer(config, backend, scratch, triton_ops) for _ in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, triton_ops)
 
 
 class LlamaForCausalLM(nn.Module):

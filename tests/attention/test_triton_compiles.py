@@ -1,4 +1,5 @@
-"""The Triton kernels compile for NVIDIA GPUs, checked on a machine without one.
+"""The Triton kernels (attention and the fused per-layer ops) compile for NVIDIA GPUs,
+checked on a machine without one.
 
 The interpreter tests (test_triton_paged.py) check the kernels' arithmetic, but the
 interpreter runs them as Python and accepts code the GPU compiler rejects (loop-carried types,
@@ -26,7 +27,8 @@ SHARED_MEMORY_LIMIT = 99 * 1024
 """Bytes of shared memory per block on consumer GPUs (sm_86/sm_89), the smallest we target."""
 
 
-def compile_for_gpu(kernel, pointer_types: dict[str, str], constexprs: dict, capability: int):
+def compile_for_gpu(kernel, pointer_types: dict[str, str], constexprs: dict, capability: int,
+                    options: dict | None = None):
     """Compile `kernel` for compute capability `capability` (e.g. 90 for H100) to a cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -36,13 +38,13 @@ def compile_for_gpu(kernel, pointer_types: dict[str, str], constexprs: dict, cap
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "scale_log2":
+        elif name in ("scale_log2", "eps"):
             signature[name] = "fp32"
         else:
             # Strides, counts: Triton passes Python ints that fit in 32 bits as i32.
             signature[name] = pointer_types.get(name, "i32")
     source = ASTSource(kernel, signature, constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options or {"num_warps": 4})
 
 
 def compile_all_kernels() -> list[str]:
@@ -50,6 +52,7 @@ def compile_all_kernels() -> list[str]:
     import torch
 
     from fitserve.attention import triton_decode, triton_paged, triton_prefill
+    from fitserve.kernels import triton_ops
 
     reports: list[str] = []
     for element, precision in [("bf16", "tf32"), ("fp32", "ieee")]:
@@ -103,6 +106,22 @@ def compile_all_kernels() -> list[str]:
         capability=80,
     )
     reports.append(f"_write_kv_kernel bf16: shared={compiled.metadata.shared}")
+
+    # The fused per-layer ops, at Llama-3-8B's widths (hidden 4096, 32 + 8 rotated heads of
+    # 128, intermediate 14336), with the options their launchers pass.
+    for kernel, pointer_types, constexprs, options in [
+        (triton_ops._rms_norm_kernel,
+         {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
+         dict(HAS_RESIDUAL=True, BLOCK=4096), {"num_warps": 8}),
+        (triton_ops._rotary_kernel,
+         {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16"},
+         dict(HEAD_DIM=128, HALF_PAD=64, HEADS_PAD=64), {"num_warps": 8, "enable_fp_fusion": False}),
+        (triton_ops._silu_mul_kernel,
+         {"gate_up_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(BLOCK=triton_ops.SILU_BLOCK), {"num_warps": 4}),
+    ]:
+        compiled = compile_for_gpu(kernel, pointer_types, constexprs, capability=90, options=options)
+        reports.append(f"{kernel.fn.__name__} bf16: shared={compiled.metadata.shared}")
     return reports
 
 
@@ -120,7 +139,7 @@ def test_every_kernel_compiles_for_nvidia_gpus_within_consumer_shared_memory() -
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if "shared=" in line]
-    assert len(lines) == 6, result.stdout
+    assert len(lines) == 9, result.stdout
     for line in lines:
         shared_bytes = int(line.rsplit("shared=", 1)[1])
         assert shared_bytes <= SHARED_MEMORY_LIMIT, line

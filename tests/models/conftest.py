@@ -57,12 +57,14 @@ class PagedKVCache:
     block_size: int = 4
     num_blocks: int = 40
     dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
     free_blocks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(self.num_layers)
         ]
         # Shuffled so every sequence's blocks are scattered: catches any contiguity assumption.
@@ -101,25 +103,26 @@ class PagedKVCache:
         for row, (sequence, _) in enumerate(scheduled):
             block_tables[row, : len(sequence.block_table)] = torch.tensor(sequence.block_table)
         query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+        device = self.device
         metadata = AttentionMetadata(
-            query_start_loc=query_start_loc,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=block_tables,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=query_start_loc.to(device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=block_tables.to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             block_size=self.block_size,
         )
-        return torch.tensor(input_ids), torch.tensor(positions), metadata
+        return torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), metadata
 
 
 @pytest.fixture
 def paged_cache_for() -> Callable[..., PagedKVCache]:
-    """paged_cache_for(model_config, dtype=float32) -> an empty PagedKVCache for that model."""
+    """paged_cache_for(model_config, dtype=float32, device=cpu) -> an empty PagedKVCache."""
 
-    def make(config: Any, dtype: torch.dtype = torch.float32) -> PagedKVCache:
+    def make(config: Any, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> PagedKVCache:
         return PagedKVCache(
-            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype=dtype
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype=dtype, device=device
         )
 
     return make

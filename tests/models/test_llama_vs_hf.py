@@ -2,17 +2,30 @@
 
 Users rely on this: greedy decoding in float32 must pick the same tokens as transformers,
 whether a sequence is prefilled at once, in chunks, or decoded one token at a time next to
-other sequences in a shared paged KV cache.
+other sequences in a shared paged KV cache. The mixed-batch and generation tests also run the
+GPU path (Triton attention and the fused Triton per-layer ops), in Triton's interpreter where
+there is no GPU.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from fitserve.models.loader import load_model
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU = torch.device("cpu")
+
+
+def triton_backend():
+    from fitserve.attention import triton_paged
+
+    return triton_paged
+
+
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"])
 
 
 def assert_logits_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -42,13 +55,17 @@ def test_single_prefill_matches_transformers(variant, make_checkpoint, paged_cac
     assert_logits_match(logits, hf_logits(hf_model, prompt))
 
 
-def test_mixed_batch_matches_transformers(variant, make_checkpoint, paged_cache_for, token_ids):
+@BACKENDS
+def test_mixed_batch_matches_transformers(variant, backend, make_checkpoint, paged_cache_for, token_ids):
     """One step holding a fresh prefill, a chunked prefill and two decodes, then a decode-only
     step, over scattered blocks: each row equals transformers on that sequence alone."""
     checkpoint = make_checkpoint(variant)
-    model, config = load_model(checkpoint, torch.float32, CPU, "torch")
+    device = DEVICE if backend == "triton" else CPU
+    model, config = load_model(checkpoint, torch.float32, device, triton_backend() if backend == "triton" else backend)
+    # The Triton backend brings the fused Triton norms, rotary and SiLU·up with it.
+    assert (model.model.layers[0].mlp.triton_ops is not None) == (backend == "triton")
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    cache = paged_cache_for(config)
+    cache = paged_cache_for(config, device=device)
 
     fresh = cache.new_sequence(token_ids(7, 1))
     chunked = cache.new_sequence(token_ids(9, 2))
@@ -58,7 +75,7 @@ def test_mixed_batch_matches_transformers(variant, make_checkpoint, paged_cache_
     def run(scheduled):
         input_ids, positions, metadata = cache.step(scheduled)
         with torch.no_grad():
-            return model.compute_logits(model(input_ids, positions, cache.kv_caches, metadata))
+            return model.compute_logits(model(input_ids, positions, cache.kv_caches, metadata)).cpu()
 
     # Earlier steps fill the cache: the chunked prompt's first 5 tokens, the decoders' prompts.
     run([(chunked, 5), (decode_short, 6), (decode_long, 10)])
@@ -75,14 +92,17 @@ def test_mixed_batch_matches_transformers(variant, make_checkpoint, paged_cache_
     assert_logits_match(decode_only[1:2], hf_logits(hf_model, decode_long.token_ids)[11:12])
 
 
-def test_greedy_generation_is_token_identical(make_checkpoint, paged_cache_for, token_ids):
+@BACKENDS
+@pytest.mark.parametrize("architecture", ["llama3_rope_scaling", "qwen3_qk_norm"])
+def test_greedy_generation_is_token_identical(architecture, backend, make_checkpoint, paged_cache_for, token_ids):
     """Twelve greedy tokens through prefill + decode steps equal transformers' generate()."""
-    checkpoint = make_checkpoint("llama3_rope_scaling")
-    model, config = load_model(checkpoint, torch.float32, CPU, "torch")
+    checkpoint = make_checkpoint(architecture)
+    device = DEVICE if backend == "triton" else CPU
+    model, config = load_model(checkpoint, torch.float32, device, triton_backend() if backend == "triton" else backend)
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompt = token_ids(6, 5)
     num_new_tokens = 12
-    cache = paged_cache_for(config)
+    cache = paged_cache_for(config, device=device)
     sequence = cache.new_sequence(prompt + [0] * num_new_tokens)
 
     generated: list[int] = []
