@@ -230,17 +230,25 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        attention_out = self.self_attn(
-            self.input_layernorm(hidden_states), cos, sin, key_cache, value_cache, attn_metadata
-        )
-        normed, hidden_states = self.post_attention_layernorm.add_and_norm(attention_out, hidden_states)
-        return hidden_states + self.mlp(normed)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream): the layer's last residual add is left to the next
+        norm (`add_and_norm`), which rounds the sum exactly as `residual + mlp_out` would and
+        saves a pass over the hidden states (and, on a GPU, a kernel launch) per layer.
+        `residual` is None for the first layer, whose input is the residual stream itself."""
+        if residual is None:
+            residual = hidden_states
+            normed = self.input_layernorm(hidden_states)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
+        attention_out = self.self_attn(normed, cos, sin, key_cache, value_cache, attn_metadata)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attention_out, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -296,9 +304,12 @@ class LlamaForCausalLM(nn.Module):
             return self.fused_cpu_decode.forward(input_ids, positions, attn_metadata)
         hidden_states = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, hidden_states.dtype)
+        residual = None
         for layer, (key_cache, value_cache) in zip(self.model.layers, kv_caches, strict=True):
-            hidden_states = layer(hidden_states, cos, sin, key_cache, value_cache, attn_metadata)
-        return self.model.norm(hidden_states)
+            hidden_states, residual = layer(hidden_states, residual, cos, sin, key_cache, value_cache, attn_metadata)
+        if residual is None:  # no layers
+            return self.model.norm(hidden_states)
+        return self.model.norm.add_and_norm(hidden_states, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, vocab_size] logits in the model's dtype. The sampler widens them to float32 where
