@@ -62,7 +62,9 @@ class LLM:
         for prompt_index, (prompt, params) in enumerate(zip(prompts, params_list)):
             for sequence_index in range(params.n):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, _single_sequence(params, sequence_index))
+                self.engine.add_request(
+                    request_id, prompt, _single_sequence(params, sequence_index), final_output_only=True
+                )
                 owners[request_id] = (prompt_index, sequence_index)
 
         finished: dict[str, RequestOutput] = {}

@@ -204,8 +204,11 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
         arrival_time: float | None = None,
         client_id: str | None = None,
+        final_output_only: bool = False,
     ) -> None:
-        """Queue a prompt. Raises ValueError (PromptTooLongError for length) for bad input."""
+        """Queue a prompt. Raises ValueError (PromptTooLongError for length) for bad input.
+
+        With `final_output_only`, `step` reports the request only when it finishes."""
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("LLMEngine runs one sequence per request; fan out n > 1 as separate requests")
@@ -228,6 +231,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             client_id=client_id,
             arrival_time=arrival_time if arrival_time is not None else time.time(),
+            final_output_only=final_output_only,
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
@@ -307,7 +311,8 @@ class LLMEngine:
                 continue
             token_id, logprobs = sampled
             self._append_token(request, token_id, logprobs, now)
-            outputs.append(self._make_output(request))
+            if request.is_finished or not request.final_output_only:
+                outputs.append(self._make_output(request))
         return outputs
 
     def _append_token(self, request: Request, token_id: int, logprobs: PositionLogprobs | None, now: float) -> None:

@@ -46,6 +46,10 @@ class Request:
     client_id: str | None = None
     """Who sent it (the OpenAI `user` field); scheduling policies may use it for fairness."""
     arrival_time: float = field(default_factory=time.time)
+    final_output_only: bool = False
+    """Report this request from `LLMEngine.step` only once it finishes (offline generation):
+    an output copies every token so far, which for hundreds of running requests, every step,
+    costs more host time than the step's bookkeeping itself."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -82,8 +82,14 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled_ids: set[str] = set()
 
-        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
-        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        for request in self.running:
+            num_uncomputed = request.num_uncomputed_tokens
+            if num_uncomputed == 1:
+                decodes.append(request)
+            elif num_uncomputed > 1:
+                prefills.append(request)
         for request in decodes + prefills:
             if budget == 0:
                 break
