@@ -93,6 +93,11 @@ class DecodeGraphs:
             pin_memory=device.type == "cuda",
         )
         self._host_block_tables_view = self._host_block_tables.numpy()
+        # What each host row holds: the block list it was copied from and how many entries.
+        # A request's block list only ever grows (appended to) until it is replaced, so a row
+        # whose list is the same object needs only its new entries: most steps, none.
+        self._row_sources: list[list[int] | None] = [None] * size
+        self._row_lengths: list[int] = [0] * size
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
 
@@ -179,9 +184,19 @@ class DecodeGraphs:
         # Entries past a row's own blocks may hold an earlier step's blocks: attention never
         # reads past a sequence's length. Padding rows need their first entry only.
         host_tables = self._host_block_tables_view
+        sources, lengths = self._row_sources, self._row_lengths
         for row, table in enumerate(block_tables):
-            host_tables[row, : len(table)] = table
+            length = len(table)
+            if sources[row] is table:
+                if lengths[row] != length:
+                    host_tables[row, lengths[row] : length] = table[lengths[row] :]
+                    lengths[row] = length
+            else:
+                host_tables[row, :length] = table
+                sources[row], lengths[row] = table, length
         host_tables[num_seqs:batch_size, 0] = self.padding_block
+        for row in range(num_seqs, batch_size):
+            sources[row] = None
         width = max(len(table) for table in block_tables)
         self._block_tables[:batch_size, :width].copy_(
             self._host_block_tables[:batch_size, :width], non_blocking=True
