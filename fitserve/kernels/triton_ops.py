@@ -1,12 +1,12 @@
 """The small per-layer ops of the GPU path as Triton kernels: RMSNorm (+ residual add),
-rotary embedding in place, and SiLU·up.
+rotary embedding with the KV-cache write, and SiLU·up.
 
 Why: a decode step is memory-bound on the weights, and everything else should cost next to
 nothing. In plain torch, one layer's norms, rotary and activation are ~30 small kernels
 (RMSNorm alone is seven: cast, square, mean, add, rsqrt, multiply, cast, weight multiply);
 each costs a few microseconds of launch and tail even inside a CUDA graph, which for
 Llama-3-8B adds up to milliseconds per step next to a weight read of a few milliseconds.
-Fused, a layer runs four of them.
+Fused, a layer runs four of them (Qwen3's per-head q/k norms add two).
 
 The rounding is the torch code's (`fitserve.models.llama`, which follows transformers):
 every intermediate that code stores in the model dtype is rounded to it here too, and the
@@ -134,24 +134,49 @@ def add_rms_norm(
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr,
+def _rotated_heads(row_ptr, heads, dims, mask, cos_first, cos_second, sin_first, sin_second,
+                   HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
+    """The two rotated halves ([heads, half]) of the heads of one token's row, in `dtype`."""
+    half: tl.constexpr = HEAD_DIM // 2
+    first = row_ptr + heads[:, None] * HEAD_DIM + dims[None, :]
+    x_first = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x_second = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
+    rotated_first = _round(x_first * cos_first, dtype) + _round(-x_second * sin_first, dtype)
+    rotated_second = _round(x_second * cos_second, dtype) + _round(x_first * sin_second, dtype)
+    return _round(rotated_first, dtype).to(dtype), _round(rotated_second, dtype).to(dtype)
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    query_ptr,
+    key_ptr,
+    value_ptr,
     cos_ptr,
     sin_ptr,
-    stride_x_token,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_mapping_ptr,
+    stride_query_token,
+    stride_key_token,
+    stride_value_token,
     stride_cos_token,
     stride_sin_token,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
     num_heads,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HALF_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr,
 ):
     token = tl.program_id(0)
     half: tl.constexpr = HEAD_DIM // 2
-    heads = tl.arange(0, HEADS_PAD)
+    dtype: tl.constexpr = query_ptr.dtype.element_ty
     dims = tl.arange(0, HALF_PAD)
     dim_valid = dims < half
-    mask = (heads < num_heads)[:, None] & dim_valid[None, :]
     cos_row = cos_ptr + token * stride_cos_token
     sin_row = sin_ptr + token * stride_sin_token
     cos_first = tl.load(cos_row + dims, mask=dim_valid, other=0.0).to(tl.float32)[None, :]
@@ -159,32 +184,75 @@ def _rotary_kernel(
     sin_first = tl.load(sin_row + dims, mask=dim_valid, other=0.0).to(tl.float32)[None, :]
     sin_second = tl.load(sin_row + half + dims, mask=dim_valid, other=0.0).to(tl.float32)[None, :]
 
-    first = x_ptr + token * stride_x_token + heads[:, None] * HEAD_DIM + dims[None, :]
-    x_first = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x_second = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
-    # x * cos + rotate_half(x) * sin with rotate_half(x) = [-x_second, x_first]; each product
-    # is rounded to the dtype before the sum, as torch's three separate ops do.
-    rotated_first = _round(x_first * cos_first, dtype) + _round(-x_second * sin_first, dtype)
-    rotated_second = _round(x_second * cos_second, dtype) + _round(x_first * sin_second, dtype)
-    tl.store(first, _round(rotated_first, dtype).to(dtype), mask=mask)
-    tl.store(first + half, _round(rotated_second, dtype).to(dtype), mask=mask)
+    # Query heads: rotated in place (attention reads them next).
+    heads = tl.arange(0, HEADS_PAD)
+    mask = (heads < num_heads)[:, None] & dim_valid[None, :]
+    query_row = query_ptr + token * stride_query_token
+    rotated_first, rotated_second = _rotated_heads(
+        query_row, heads, dims, mask, cos_first, cos_second, sin_first, sin_second, HEAD_DIM, dtype
+    )
+    query_first = query_row + heads[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(query_first, rotated_first, mask=mask)
+    tl.store(query_first + half, rotated_second, mask=mask)
+
+    # Key heads rotated, and value heads as they are, straight into the token's cache slot.
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # a padding token: no write
+        return
+    kv_heads = tl.arange(0, KV_HEADS_PAD)
+    kv_mask = (kv_heads < num_kv_heads)[:, None] & dim_valid[None, :]
+    cache_first = (
+        (slot // BLOCK_SIZE) * stride_cache_block
+        + (slot % BLOCK_SIZE) * stride_cache_token
+        + kv_heads[:, None] * stride_cache_head
+        + dims[None, :]
+    )
+    key_first, key_second = _rotated_heads(
+        key_ptr + token * stride_key_token, kv_heads, dims, kv_mask,
+        cos_first, cos_second, sin_first, sin_second, HEAD_DIM, dtype,
+    )
+    cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
+    tl.store(key_cache_ptr + cache_first, key_first.to(cache_dtype), mask=kv_mask)
+    tl.store(key_cache_ptr + cache_first + half, key_second.to(cache_dtype), mask=kv_mask)
+    value_first = value_ptr + token * stride_value_token + kv_heads[:, None] * HEAD_DIM + dims[None, :]
+    values_first = tl.load(value_first, mask=kv_mask, other=0.0)
+    values_second = tl.load(value_first + half, mask=kv_mask, other=0.0)
+    tl.store(value_cache_ptr + cache_first, values_first.to(cache_dtype), mask=kv_mask)
+    tl.store(value_cache_ptr + cache_first + half, values_second.to(cache_dtype), mask=kv_mask)
 
 
-def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int) -> None:
-    """Rotate, in place, the first `num_heads` heads of each row of `x` ([tokens, width]:
-    the fused QKV output, whose q and k heads are adjacent, or one of q and k alone) by the
-    per-token `cos`/`sin` rows ([tokens, head_dim], "rotate half" layout)."""
-    check_device(x)
-    assert x.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
-    assert x.shape[-1] >= num_heads * head_dim and head_dim % 2 == 0
-    tokens = x.shape[0]
+def rotary_and_write_kv(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """One launch for what follows the QKV projection: rotate `query` ([tokens, heads,
+    head_dim]) in place, and store the rotated `key` and the `value` ([tokens, kv_heads,
+    head_dim]) into their cache slots, as `apply_rotary` and the attention backend's
+    `write_kv` would (tokens whose slot is negative are not stored). `key` itself is left
+    unrotated: attention reads keys from the cache. Each may be a strided view of the fused
+    QKV output; within a token its heads must be contiguous."""
+    check_device(query)
+    tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    for tensor in (query, key, value):
+        assert tensor.stride(2) == 1 and tensor.stride(1) == head_dim, "heads must be contiguous within a token"
+    assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and head_dim % 2 == 0
+    assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
     if tokens:
-        heads_pad = next_power_of_2(num_heads)
-        half_pad = next_power_of_2(head_dim // 2)
-        _rotary_kernel[(tokens,)](
-            x, cos, sin, x.stride(0), cos.stride(0), sin.stride(0), num_heads,
-            HEAD_DIM=head_dim, HALF_PAD=half_pad, HEADS_PAD=heads_pad,
+        heads_pad, half_pad = next_power_of_2(num_heads), next_power_of_2(head_dim // 2)
+        _rotary_write_kv_kernel[(tokens,)](
+            query, key, value, cos, sin, key_cache, value_cache, slot_mapping,
+            query.stride(0), key.stride(0), value.stride(0), cos.stride(0), sin.stride(0),
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            num_heads, num_kv_heads,
+            BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim, HALF_PAD=half_pad, HEADS_PAD=heads_pad,
+            KV_HEADS_PAD=next_power_of_2(num_kv_heads),
             num_warps=_num_warps(heads_pad * half_pad), enable_fp_fusion=False,
         )
 

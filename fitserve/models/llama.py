@@ -14,8 +14,9 @@ On CPUs with AVX2, the projections, RMSNorm (+ residual add), rotary and SiLU·u
 compiled kernels of fitserve.kernels.cpu, which keep the rounding of the torch code below
 (every intermediate the torch code stores in the model dtype is rounded to it there too);
 without them, the plain torch code runs. A model built with the Triton attention backend
-(the GPU path) runs RMSNorm (+ residual add), rotary and SiLU·up as the Triton kernels of
-fitserve.kernels.triton_ops, with the same rounding, four launches per layer instead of ~30.
+(the GPU path) runs RMSNorm (+ residual add), rotary with the KV-cache write, and SiLU·up as
+the Triton kernels of fitserve.kernels.triton_ops, with the same rounding: four launches per
+layer where the torch code takes ~30.
 """
 
 from __future__ import annotations
@@ -134,8 +135,13 @@ class Attention(nn.Module):
         num_tokens = hidden_states.shape[0]
         qkv = self.qkv_proj(hidden_states)
         if self.triton_ops is not None:
-            query, key, value = self._rotate_with_triton(qkv, cos, sin)
-            self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
+            query, key, value = self._split_heads(qkv)
+            if self.q_norm is not None and self.k_norm is not None:
+                query, key = self.q_norm(query), self.k_norm(key)
+            # Rotates q in place and stores rotated k and v in the cache: one launch.
+            self.triton_ops.rotary_and_write_kv(
+                query, key, value, cos, sin, key_cache, value_cache, attn_metadata.slot_mapping
+            )
             output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
             return self.o_proj(output.reshape(num_tokens, self.q_size))
         kernels = _fused_kernels(qkv)
@@ -143,10 +149,7 @@ class Attention(nn.Module):
         rotate_in_place = kernels is not None and self.q_norm is None and cos.dtype == qkv.dtype
         if rotate_in_place:
             kernels.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
-        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        query = query.view(num_tokens, self.num_heads, self.head_dim)
-        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self._split_heads(qkv)
         if self.q_norm is not None and self.k_norm is not None:
             query = self.q_norm(query)
             key = self.k_norm(key)
@@ -157,24 +160,13 @@ class Attention(nn.Module):
         output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
         return self.o_proj(output.reshape(num_tokens, self.q_size))
 
-    def _rotate_with_triton(
-        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Query, key and value heads of the fused QKV output, q and k normed (Qwen3) and
-        rotated by the Triton kernels: one launch for q and k together when there is no norm."""
-        ops = self.triton_ops
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the query, key and value heads of the fused QKV output."""
         num_tokens = qkv.shape[0]
-        if self.q_norm is None or self.k_norm is None:
-            ops.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
         query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        query = query.view(num_tokens, self.num_heads, self.head_dim)
-        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)  # new contiguous tensors
-            ops.rotary_(query.view(num_tokens, self.q_size), cos, sin, self.num_heads, self.head_dim)
-            ops.rotary_(key.view(num_tokens, self.kv_size), cos, sin, self.num_kv_heads, self.head_dim)
-        return query, key, value
+        return (query.view(num_tokens, self.num_heads, self.head_dim),
+                key.view(num_tokens, self.num_kv_heads, self.head_dim),
+                value.view(num_tokens, self.num_kv_heads, self.head_dim))
 
 
 FUSED_SILU_MAX_ROWS = 1

@@ -107,15 +107,17 @@ def compile_all_kernels() -> list[str]:
     )
     reports.append(f"_write_kv_kernel bf16: shared={compiled.metadata.shared}")
 
-    # The fused per-layer ops, at Llama-3-8B's widths (hidden 4096, 32 + 8 rotated heads of
+    # The fused per-layer ops, at Llama-3-8B's widths (hidden 4096, 32 query and 8 KV heads of
     # 128, intermediate 14336), with the options their launchers pass.
     for kernel, pointer_types, constexprs, options in [
         (triton_ops._rms_norm_kernel,
          {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
          dict(HAS_RESIDUAL=True, BLOCK=4096), {"num_warps": 8}),
-        (triton_ops._rotary_kernel,
-         {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16"},
-         dict(HEAD_DIM=128, HALF_PAD=64, HEADS_PAD=64), {"num_warps": 8, "enable_fp_fusion": False}),
+        (triton_ops._rotary_write_kv_kernel,
+         {"query_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+          "key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
+         dict(BLOCK_SIZE=16, HEAD_DIM=128, HALF_PAD=64, HEADS_PAD=32, KV_HEADS_PAD=8),
+         {"num_warps": 4, "enable_fp_fusion": False}),
         (triton_ops._silu_mul_kernel,
          {"gate_up_ptr": "*bf16", "out_ptr": "*bf16"},
          dict(BLOCK=triton_ops.SILU_BLOCK), {"num_warps": 4}),

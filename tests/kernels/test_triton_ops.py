@@ -73,27 +73,6 @@ def test_add_rms_norm_rounds_the_sum_and_leaves_it_in_the_residual(dtype: torch.
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 80])
-def test_rotary_in_place_equals_torch_bit_for_bit(dtype: torch.dtype, head_dim: int) -> None:
-    """Fused QKV rows: q and k heads rotated, v left alone, exactly as apply_rotary does."""
-    tokens, heads, kv_heads = 3, 4, 2
-    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=7)
-    positions = torch.tensor([0, 5, 1000], device=DEVICE)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
-    angles = positions[:, None].float() * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    q_and_k = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
-    expected_q_and_k = apply_rotary(q_and_k, cos, sin)
-    values = qkv[:, (heads + kv_heads) * head_dim :].clone()
-
-    triton_ops.rotary_(qkv, cos, sin, heads + kv_heads, head_dim)
-
-    assert torch.equal(q_and_k, expected_q_and_k)
-    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], values)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("intermediate", [48, 1500])
 def test_silu_mul_matches_torch(dtype: torch.dtype, intermediate: int) -> None:
     """1500 spans two programs of a row, the second one partly masked."""
@@ -113,4 +92,44 @@ def test_empty_batches_launch_nothing() -> None:
     assert triton_ops.rms_norm(empty, weight, 1e-6).shape == (0, 64)
     assert triton_ops.add_rms_norm(empty, empty.clone(), weight, 1e-6)[0].shape == (0, 64)
     assert triton_ops.silu_mul(empty).shape == (0, 32)
-    triton_ops.rotary_(empty, empty, empty, 1, 64)
+    heads = empty.view(0, 1, 64)
+    cache = torch.zeros((1, 4, 1, 64), device=DEVICE)
+    triton_ops.rotary_and_write_kv(heads, heads, heads, empty, empty, cache, cache.clone(),
+                                   torch.empty(0, dtype=torch.long, device=DEVICE))
+    assert not cache.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_rotary_and_write_kv_equals_rotary_then_write_kv(dtype: torch.dtype, head_dim: int) -> None:
+    """The fused launch after the QKV projection: q rotated in place, rotated k and v in their
+    cache slots, bit for bit as apply_rotary + torch_paged.write_kv; a negative slot (a
+    padding token) stores nothing."""
+    from fitserve.attention import torch_paged
+
+    tokens, heads, kv_heads, num_blocks, block_size = 4, 4, 2, 6, 4
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=9)
+    query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    query = query.view(tokens, heads, head_dim)
+    key = key.view(tokens, kv_heads, head_dim)
+    value = value.view(tokens, kv_heads, head_dim)
+    angles = randn(tokens, head_dim // 2, dtype=torch.float32, seed=10) * 3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slot_mapping = torch.tensor([5, -1, 0, 22], device=DEVICE)
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.full(cache_shape, 7.0, dtype=dtype, device=DEVICE)
+    value_cache = torch.full(cache_shape, 7.0, dtype=dtype, device=DEVICE)
+    expected_key_cache, expected_value_cache = key_cache.clone(), value_cache.clone()
+    written = slot_mapping >= 0
+    expected_query = apply_rotary(query, cos, sin)
+    torch_paged.write_kv(apply_rotary(key, cos, sin)[written], value[written],
+                         expected_key_cache, expected_value_cache, slot_mapping[written])
+    unrotated_key = key.clone()
+
+    triton_ops.rotary_and_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping)
+
+    assert torch.equal(query, expected_query)
+    assert torch.equal(key_cache, expected_key_cache)
+    assert torch.equal(value_cache, expected_value_cache)
+    assert torch.equal(key, unrotated_key)
