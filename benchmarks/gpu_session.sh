@@ -40,7 +40,8 @@ python3 -m pip install --quiet --no-deps -e . || exit 1
 } 2>&1 | tee "$RESULTS/gpu_versions.txt"
 
 step 150 python3 -m pytest -q -p no:cacheprovider tests/attention tests/kernels/test_triton_ops.py \
-  tests/models/test_llama_vs_hf.py tests/engine/test_decode_graphs.py tests/engine/test_parity.py \
+  tests/models/test_llama_vs_hf.py tests/engine/test_decode_graphs.py tests/engine/test_triton_path.py \
+  tests/engine/test_parity.py \
   2>&1 | tail -15 | tee "$RESULTS/gpu_tests.txt"
 step 150 python3 benchmarks/gpu_decode.py --repeats 3 --out "$RESULTS/gpu_decode_llama-3-8b_graphs.json" \
   2>&1 | grep -v "^INFO" | tail -6

@@ -63,6 +63,7 @@ class DecodeGraphs:
         padding_block: int,
         device: torch.device,
         use_cuda_graphs: bool,
+        bounded_grids: bool | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -71,6 +72,9 @@ class DecodeGraphs:
         self.padding_block = padding_block
         self.device = device
         self.use_cuda_graphs = use_cuda_graphs
+        # Kernels size their grids for max_seq_len, as a captured graph must; eager runs
+        # need not, except to test exactly what a graph would launch.
+        self.bounded_grids = use_cuda_graphs if bounded_grids is None else bounded_grids
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.max_batch_size = self.batch_sizes[-1]
         self.max_blocks_per_seq = -(-max_seq_len // block_size)
@@ -127,7 +131,7 @@ class DecodeGraphs:
             query_lens_cpu=[1] * batch_size,
             seq_lens_cpu=seq_lens_cpu if seq_lens_cpu is not None else [1] * batch_size,
             block_size=self.block_size,
-            max_seq_len_bound=self.max_seq_len if self.use_cuda_graphs else None,
+            max_seq_len_bound=self.max_seq_len if self.bounded_grids else None,
         )
 
     def _forward(self, batch_size: int, metadata: AttentionMetadata) -> torch.Tensor:

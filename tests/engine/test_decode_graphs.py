@@ -33,12 +33,13 @@ def _llm(model_dir: Path) -> LLM:
     return LLM(str(model_dir), dtype="float32", kv_cache_memory="4MiB", block_size=8, max_num_seqs=8)
 
 
-def _install_static_decode(llm: LLM, max_seq_len: int | None = None,
-                           longest_contexts: list[int] | None = None) -> list[int]:
+def install_static_decode(llm: LLM, max_seq_len: int | None = None,
+                          longest_contexts: list[int] | None = None, bounded_grids: bool = False) -> list[int]:
     """Route the engine's decode steps through DecodeGraphs (eager), with a spare block for
     padding filled with NaN so that any read of it by a real sequence would show. Returns a
     list that records the padded batch size of every step it ran (and, if given,
-    `longest_contexts` the longest context of each)."""
+    `longest_contexts` the longest context of each). With `bounded_grids` the kernels are
+    launched on the grids a captured graph would use."""
     engine = llm.engine
     config = engine.model_config
     kv_caches = allocate_kv_cache(
@@ -51,6 +52,7 @@ def _install_static_decode(llm: LLM, max_seq_len: int | None = None,
     graphs = DecodeGraphs(
         engine.model, kv_caches, engine.block_size, max_seq_len or engine.max_model_len, max_num_seqs=8,
         padding_block=engine.num_kv_blocks, device=engine.device, use_cuda_graphs=False,
+        bounded_grids=bounded_grids,
     )
     padded_sizes: list[int] = []
     original_run = graphs.run
@@ -75,7 +77,7 @@ def test_padded_static_decode_matches_the_ordinary_path(tmp_path: Path, variant:
 
     expected = _llm(model_dir).generate(prompts, params)
     llm = _llm(model_dir)
-    padded_sizes = _install_static_decode(llm)
+    padded_sizes = install_static_decode(llm)
     actual = llm.generate(prompts, params)
 
     for want, got in zip(expected, actual, strict=True):
@@ -98,7 +100,7 @@ def test_static_decode_keeps_seeded_sampling_and_logprobs(tmp_path: Path) -> Non
 
     expected = _llm(model_dir).generate(prompts, params)
     llm = _llm(model_dir)
-    padded_sizes = _install_static_decode(llm)
+    padded_sizes = install_static_decode(llm)
     actual = llm.generate(prompts, params)
 
     assert padded_sizes, "decode steps should have gone through the static path"
@@ -113,7 +115,7 @@ def test_static_decode_keeps_seeded_sampling_and_logprobs(tmp_path: Path) -> Non
 def test_more_decodes_than_the_largest_graph_is_refused(tmp_path: Path) -> None:
     model_dir = write_tiny_checkpoint(tmp_path / "m", "llama2")
     llm = _llm(model_dir)
-    _install_static_decode(llm)
+    install_static_decode(llm)
     graphs = llm.engine.runner.decode_graphs
     with pytest.raises(ValueError, match="exceed the largest graph"):
         graphs.run([1] * 9, [0] * 9, [0] * 9, [1] * 9, [[0]] * 9)
@@ -129,7 +131,7 @@ def test_contexts_longer_than_the_capture_bound_decode_eagerly(tmp_path: Path) -
     expected = _llm(model_dir).generate(prompts, params)
     llm = _llm(model_dir)
     longest_contexts: list[int] = []
-    _install_static_decode(llm, max_seq_len=20, longest_contexts=longest_contexts)
+    install_static_decode(llm, max_seq_len=20, longest_contexts=longest_contexts)
     actual = llm.generate(prompts, params)
 
     for want, got in zip(expected, actual, strict=True):
