@@ -33,7 +33,11 @@ step() {
   echo "[${SECONDS}s] exit $?" | tee -a "$RESULTS/gpu_session_log.txt"
 }
 
-python3 -m pip install --quiet --no-deps -e . || exit 1
+# Run from the source tree: the GPU machines have torch, Triton, transformers and the other
+# dependencies but no package index, so `pip install -e .` (which fetches setuptools for its
+# isolated build) would fail there.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import fitserve" || exit 1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
