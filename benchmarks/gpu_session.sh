@@ -18,6 +18,9 @@ RESULTS="${OUT:-benchmarks/results/gpu}"
 BUDGET="${GPU_SESSION_SECONDS:-540}"
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
+# Caches where a fresh machine surely lets us write (random checkpoints reach 16 GB).
+export FITSERVE_BENCH_CACHE="${FITSERVE_BENCH_CACHE:-/tmp/fitserve-bench}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
 
 # step CAP_SECONDS COMMAND...: run COMMAND for at most CAP_SECONDS or the time left, if any.
 step() {
