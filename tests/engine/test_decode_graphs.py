@@ -142,3 +142,37 @@ def test_contexts_longer_than_the_capture_bound_decode_eagerly(tmp_path: Path) -
     assert 14 in longest_contexts
     graphs = llm.engine.runner.decode_graphs
     assert graphs.covers(8, 20) and not graphs.covers(8, 21) and not graphs.covers(9, 20)
+
+
+def test_block_table_rows_follow_requests_across_steps() -> None:
+    """The host copy of the block tables is rewritten only where a row's block list changed:
+    whatever the order of requests, growth, replacement (a preempted request's fresh list)
+    or padding, each step's rows must equal that step's block lists."""
+    graphs = DecodeGraphs(torch.nn.Identity(), [], block_size=4, max_seq_len=64, max_num_seqs=8,
+                          padding_block=99, device=torch.device("cpu"), use_cuda_graphs=False)
+    graphs._forward = lambda batch_size, metadata: torch.zeros(batch_size, 1)  # the tables are what is checked
+
+    first, second, third, fourth = [1, 2], [3], [4, 5, 6], [14, 15]
+    steps = [
+        [first, second, third, fourth],
+        [first, second, third],          # the fourth row pads (a batch of 3 runs as 4)
+        [first, second, third, fourth],  # the same list back in the row the padding overwrote
+        [first, second, third],
+        [second, first, third],          # reordered
+        [second, third],                 # one finished: rows shift, one padding row
+        [second, first, third],          # back again
+        [second, first, third],
+        [[7, 8, 9, 10], first, third],   # a row gets another (fresh) list
+    ]
+    for step, tables in enumerate(steps):
+        if step == 3:
+            first.append(11)             # a list that grew since the last step
+        if step == 7:
+            third.extend([12, 13])
+        num_seqs = len(tables)
+        graphs.run([0] * num_seqs, [0] * num_seqs, [0] * num_seqs, [len(t) * 4 for t in tables], tables)
+        padded = graphs.padded_batch_size(num_seqs)
+        for row, table in enumerate(tables):
+            assert graphs._block_tables[row, : len(table)].tolist() == table, (step, row)
+        for row in range(num_seqs, padded):
+            assert graphs._block_tables[row, 0].item() == 99, (step, row)
