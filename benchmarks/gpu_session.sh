@@ -10,8 +10,8 @@
 # The whole run keeps within GPU_SESSION_SECONDS (default 540): each step has its own cap, cut
 # to the time that is left, and a failure does not stop the later ones. The steps run in the
 # order of what they prove (correctness, then the three speed targets, then the eager
-# comparison), and each benchmark rewrites its JSON as it goes, so a run cut short still
-# brings back what it measured.
+# comparison), each benchmark rewrites its JSON as it goes, and every step's whole output is
+# logged in $RESULTS as it runs, so a run cut short still brings back what it measured.
 set -u
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-benchmarks/results/gpu}"
@@ -49,11 +49,13 @@ python3 -c "import fitserve" || exit 1
 step 150 python3 -m pytest -q -p no:cacheprovider tests/attention tests/kernels/test_triton_ops.py \
   tests/models/test_llama_vs_hf.py tests/engine/test_decode_graphs.py tests/engine/test_triton_path.py \
   tests/engine/test_parity.py \
-  2>&1 | tail -15 | tee "$RESULTS/gpu_tests.txt"
+  2>&1 | tee "$RESULTS/gpu_tests.log" | tail -15
 step 150 python3 benchmarks/gpu_decode.py --repeats 3 --out "$RESULTS/gpu_decode_llama-3-8b_graphs.json" \
-  2>&1 | grep -v "^INFO" | tail -6
+  2>&1 | tee "$RESULTS/gpu_decode_graphs.log" | grep -v "^INFO" | tail -6
 step 220 python3 benchmarks/offline_throughput.py --device cuda --preset qwen3-0.6b --num-prompts 256 \
   --input-len 100 1024 --output-len 100 1024 --hf-batch-size 128 256 --repeats 1 \
-  --out "$RESULTS/offline_throughput_qwen3-0.6b_gpu.json" 2>&1 | grep -v "^INFO" | tail -6
+  --out "$RESULTS/offline_throughput_qwen3-0.6b_gpu.json" 2>&1 | tee "$RESULTS/offline_throughput.log" \
+  | grep -v "^INFO" | tail -6
 step 90 python3 benchmarks/gpu_decode.py --repeats 2 --prefill-len 512 --enforce-eager \
-  --out "$RESULTS/gpu_decode_llama-3-8b_eager.json" 2>&1 | grep -v "^INFO" | tail -4
+  --out "$RESULTS/gpu_decode_llama-3-8b_eager.json" 2>&1 | tee "$RESULTS/gpu_decode_eager.log" \
+  | grep -v "^INFO" | tail -4
