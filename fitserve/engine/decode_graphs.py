@@ -91,7 +91,8 @@ class DecodeGraphs:
         self._query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         # The block tables are filled on the host row by row through numpy (a slice assignment
         # per row: ~0.4 ms for 256 rows, against ~2.6 ms for a torch tensor per row) and copied
-        # over in one transfer; pinned on a GPU so that the copy is asynchronous.
+        # over in one transfer; pinned on a GPU so that the copy is asynchronous. Rewriting the
+        # buffer at the next step is safe: sampling has waited for this step (and its copy).
         self._host_block_tables = torch.full(
             (size, self.max_blocks_per_seq), padding_block, dtype=torch.int32,
             pin_memory=device.type == "cuda",
