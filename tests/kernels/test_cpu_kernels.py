@@ -232,6 +232,16 @@ def _reference(query, key_cache, value_cache, metadata, scale):
     return torch.stack(outputs)
 
 
+def assert_decode_attention_matches_reference(query, key_cache, value_cache, metadata, scale):
+    """The kernel's output over every sequence of `metadata` against the float64 reference."""
+    out = torch.empty_like(query)
+    kernels.paged_decode_attention(query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
+                                   torch.arange(len(metadata.seq_lens_cpu)), out, scale)
+    tolerance = 1e-5 if query.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), _reference(query, key_cache, value_cache, metadata, scale),
+                               atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("head_dim", "num_heads"), [(24, 4), (64, 14), (128, 8), (80, 6)])
 def test_paged_decode_attention_matches_reference(dtype, head_dim, num_heads):
@@ -239,13 +249,7 @@ def test_paged_decode_attention_matches_reference(dtype, head_dim, num_heads):
     # lengths below, at and past multiples of 8 exercise the eight-key score blocks and tails.
     seq_lens = [1, 5, 17, 64, 3, 8, 23]
     query, key_cache, value_cache, metadata = _paged_case(dtype, seq_lens, num_heads=num_heads, head_dim=head_dim)
-    scale = head_dim**-0.5
-    out = torch.empty_like(query)
-    kernels.paged_decode_attention(query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
-                                   torch.arange(len(seq_lens)), out, scale)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.double(), _reference(query, key_cache, value_cache, metadata, scale),
-                               atol=tolerance, rtol=tolerance)
+    assert_decode_attention_matches_reference(query, key_cache, value_cache, metadata, head_dim**-0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -267,13 +271,7 @@ def test_paged_decode_attention_ignores_stale_slots(dtype, head_dim, num_heads, 
     flat_keys, flat_values = key_cache.view(-1, num_kv_heads, head_dim), value_cache.view(-1, num_kv_heads, head_dim)
     flat_keys[~used] = float("nan")
     flat_values[~used] = float("nan")
-    scale = head_dim**-0.5
-    out = torch.empty_like(query)
-    kernels.paged_decode_attention(query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
-                                   torch.arange(len(seq_lens)), out, scale)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.double(), _reference(query, key_cache, value_cache, metadata, scale),
-                               atol=tolerance, rtol=tolerance)
+    assert_decode_attention_matches_reference(query, key_cache, value_cache, metadata, head_dim**-0.5)
 
 
 def test_softmax_exp_handles_large_score_ranges():
