@@ -134,39 +134,30 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
         qkv = self.qkv_proj(hidden_states)
-        if self.triton_ops is not None:
-            query, key, value = self._split_heads(qkv)
-            if self.q_norm is not None and self.k_norm is not None:
-                query, key = self.q_norm(query), self.k_norm(key)
-            # Rotates q in place and stores rotated k and v in the cache: one launch.
-            self.triton_ops.rotary_and_write_kv(
-                query, key, value, cos, sin, key_cache, value_cache, attn_metadata.slot_mapping
-            )
-            output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
-            return self.o_proj(output.reshape(num_tokens, self.q_size))
-        kernels = _fused_kernels(qkv)
+        kernels = None if self.triton_ops is not None else _fused_kernels(qkv)
         # q and k are adjacent heads of each qkv row: one in-place rotation covers both.
         rotate_in_place = kernels is not None and self.q_norm is None and cos.dtype == qkv.dtype
         if rotate_in_place:
             kernels.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
-        query, key, value = self._split_heads(qkv)
+        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             query = self.q_norm(query)
             key = self.k_norm(key)
-        if not rotate_in_place:
-            query = apply_rotary(query, cos, sin)
-            key = apply_rotary(key, cos, sin)
-        self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
+        if self.triton_ops is not None:
+            # Rotates q in place and stores rotated k and v in the cache: one launch.
+            self.triton_ops.rotary_and_write_kv(
+                query, key, value, cos, sin, key_cache, value_cache, attn_metadata.slot_mapping
+            )
+        else:
+            if not rotate_in_place:
+                query = apply_rotary(query, cos, sin)
+                key = apply_rotary(key, cos, sin)
+            self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
         output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
         return self.o_proj(output.reshape(num_tokens, self.q_size))
-
-    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the query, key and value heads of the fused QKV output."""
-        num_tokens = qkv.shape[0]
-        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return (query.view(num_tokens, self.num_heads, self.head_dim),
-                key.view(num_tokens, self.num_kv_heads, self.head_dim),
-                value.view(num_tokens, self.num_kv_heads, self.head_dim))
 
 
 FUSED_SILU_MAX_ROWS = 1
