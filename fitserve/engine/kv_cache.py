@@ -56,7 +56,8 @@ class KVCacheManager:
         Returns False, changing nothing, when the pool cannot supply them. On success a
         cached prefix is attached and `num_computed_tokens` moves past it.
         """
-        if not cached_block_ids and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
+        room = len(request.block_ids) * self.block_size - request.num_computed_tokens
+        if not cached_block_ids and num_new_tokens <= room:
             return True  # the common decode step: its token fits in the last block
         cached_block_ids = cached_block_ids or []
         num_cached_tokens = len(cached_block_ids) * self.block_size
