@@ -67,11 +67,6 @@ def warmup_workload(workload: list[tuple[list[int], int]], count: int) -> list[t
     return [(ids, min(output_len, 8)) for ids, output_len in workload[:count]]
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def transformers_batches(workload: list[tuple[list[int], int]], batch_size: int) -> list[list[tuple[list[int], int]]]:
     """generate() runs every row of a batch until the longest is done, so batches of similar
     output length waste the fewest steps; within those, similar input lengths pad least."""
@@ -88,6 +83,8 @@ def transformers_cache_bytes(workload: list[tuple[list[int], int]], batch_size: 
 
 def run_transformers(model, workload: list[tuple[list[int], int]], batch_size: int) -> tuple[float, int]:
     from transformers import GenerationConfig
+
+    from fitserve.bench.roofline import synchronize
 
     start = time.perf_counter()
     for batch in transformers_batches(workload, batch_size):

@@ -135,7 +135,8 @@ class ModelShape:
         return described
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -180,10 +181,10 @@ def measure_memory_bandwidth(device: torch.device, size_bytes: int | None = None
     target.copy_(source)  # first touch: page faults are not bandwidth
     best, spent = 0.0, 0.0
     while spent < min_time_s or best == 0.0:
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         target.copy_(source)
-        _synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         spent += elapsed
         best = max(best, 2 * source.numel() * 4 / elapsed)
@@ -211,10 +212,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, min_time_s: f
         torch.matmul(left, right)  # first call: allocation and kernel selection
         fastest, spent, repeats = math.inf, 0.0, 0
         while spent < min_time_s / len(sizes) or repeats < 2:
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             torch.matmul(left, right)
-            _synchronize(device)
+            synchronize(device)
             elapsed = time.perf_counter() - start
             fastest, spent, repeats = min(fastest, elapsed), spent + elapsed, repeats + 1
         if 2.0 * size**3 / fastest > best_rate:
