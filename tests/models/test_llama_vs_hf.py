@@ -19,10 +19,14 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU = torch.device("cpu")
 
 
-def triton_backend():
+def load_float32(checkpoint, backend: str):
+    """(model, config, device): the torch path on the CPU, or the Triton path on the GPU (in
+    Triton's interpreter on the CPU where there is none)."""
+    if backend == "torch":
+        return (*load_model(checkpoint, torch.float32, CPU, "torch"), CPU)
     from fitserve.attention import triton_paged
 
-    return triton_paged
+    return (*load_model(checkpoint, torch.float32, DEVICE, triton_paged), DEVICE)
 
 
 BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -60,8 +64,7 @@ def test_mixed_batch_matches_transformers(variant, backend, make_checkpoint, pag
     """One step holding a fresh prefill, a chunked prefill and two decodes, then a decode-only
     step, over scattered blocks: each row equals transformers on that sequence alone."""
     checkpoint = make_checkpoint(variant)
-    device = DEVICE if backend == "triton" else CPU
-    model, config = load_model(checkpoint, torch.float32, device, triton_backend() if backend == "triton" else backend)
+    model, config, device = load_float32(checkpoint, backend)
     # The Triton backend brings the fused Triton norms, rotary and SiLU·up with it.
     assert (model.model.layers[0].mlp.triton_ops is not None) == (backend == "triton")
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -97,8 +100,7 @@ def test_mixed_batch_matches_transformers(variant, backend, make_checkpoint, pag
 def test_greedy_generation_is_token_identical(architecture, backend, make_checkpoint, paged_cache_for, token_ids):
     """Twelve greedy tokens through prefill + decode steps equal transformers' generate()."""
     checkpoint = make_checkpoint(architecture)
-    device = DEVICE if backend == "triton" else CPU
-    model, config = load_model(checkpoint, torch.float32, device, triton_backend() if backend == "triton" else backend)
+    model, config, device = load_float32(checkpoint, backend)
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompt = token_ids(6, 5)
     num_new_tokens = 12
