@@ -1,0 +1,1 @@
+"""Making compressed weight formats: packing, calibration, MixLLM salience, `fitserve quantize`."""
