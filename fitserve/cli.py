@@ -1,4 +1,4 @@
-"""`fitserve generate | chat | serve | bench` — the command-line entry point."""
+"""`fitserve generate | chat | serve | bench | quantize` — the command-line entry point."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from fitserve.bench.cli import add_bench_parser
 from fitserve.cli_args import add_engine_arguments, engine_args_from
+from fitserve.quant.cli import add_quantize_parser
 from fitserve.server.cli import add_serve_parser
 
 
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(subparsers)
     add_bench_parser(subparsers)
+    add_quantize_parser(subparsers)
     return parser
 
 

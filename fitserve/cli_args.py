@@ -32,6 +32,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
     group.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     group.add_argument("--max-seq-len-to-capture", type=int, default=8192,
                        help="longest context a CUDA-graph decode step serves; longer ones run eagerly")
+    group.add_argument("--quantization", default=None, choices=["w8", "w4"],
+                       help="quantize a dense checkpoint's weights while loading (round to nearest)")
+    group.add_argument("--quantization-group-size", type=int, default=128,
+                       help="input columns per scale and zero for --quantization w4")
 
 
 def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:

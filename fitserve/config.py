@@ -119,6 +119,12 @@ class EngineArgs:
     """Longest context a CUDA-graph decode step serves; a step with a longer one runs eagerly.
     The graphs' attention grid is sized for this length, and programs past a sequence's real
     length still launch, so a bound far above the contexts in use costs time every step."""
+    quantization: str | None = None
+    """w8 or w4: quantize a dense checkpoint's projections while loading (round to nearest;
+    the LM head / tied embedding in w8), as vLLM's dynamic quantization does. Checkpoints made
+    by `fitserve quantize` load in their own format without it."""
+    quantization_group_size: int = 128
+    """Input columns per scale and zero for --quantization w4."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -131,6 +137,14 @@ class EngineArgs:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             )
+        if self.quantization is not None and self.quantization not in ("w8", "w4"):
+            raise ConfigError(
+                f"quantization must be w8 or w4 (got {self.quantization!r}); mixllm needs calibration: "
+                "run `fitserve quantize MODEL --method mixllm --out DIR` and load DIR"
+            )
+        if self.quantization_group_size < 2 or self.quantization_group_size % 2:
+            raise ConfigError(f"quantization_group_size must be an even number >= 2 "
+                              f"(got {self.quantization_group_size})")
         if self.max_seq_len_to_capture < 1:
             raise ConfigError(f"max_seq_len_to_capture must be >= 1 (got {self.max_seq_len_to_capture})")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -26,6 +26,7 @@ from fitserve.engine.scheduler import Scheduler, SchedulerOutput
 from fitserve.engine.tokenizer import load_tokenizer
 from fitserve.models.config import load_model_config
 from fitserve.models.loader import load_model
+from fitserve.models.weight_memory import projection_bits_per_weight, weight_memory_bytes
 from fitserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from fitserve.sampling_params import SamplingParams
 
@@ -69,7 +70,9 @@ class LLMEngine:
         checkpoint_config = load_model_config(model_dir)
         self.dtype = resolve_dtype(args.dtype, checkpoint_config.checkpoint_dtype, self.device)
         attention_backend = get_attention_backend(args.attention_backend, self.device)
-        self.model, self.model_config = load_model(model_dir, self.dtype, self.device, attention_backend)
+        self.model, self.model_config = load_model(model_dir, self.dtype, self.device, attention_backend,
+                                                   quantization=args.quantization,
+                                                   group_size=args.quantization_group_size)
         self.tokenizer = load_tokenizer(args.tokenizer or model_dir, required=args.tokenizer is not None)
         eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -166,10 +169,19 @@ class LLMEngine:
             max_model_len = self.kv_capacity_tokens
         return max_model_len
 
+    def weights_summary(self) -> str:
+        """Weight format and memory, e.g. "weights w4 (4.19 bits/weight in projections), 5.4 MiB"."""
+        plan = self.model.plan
+        total = weight_memory_bytes(self.model)
+        if plan.is_dense:
+            return f"weights dense, {total / 2**20:.1f} MiB"
+        return (f"weights {plan.method} ({projection_bits_per_weight(self.model):.2f} bits/weight in projections), "
+                f"{total / 2**20:.1f} MiB")
+
     def startup_summary(self) -> str:
         return (
             f"model {self.args.model_dir} ({self.model_config.architecture}), dtype "
-            f"{str(self.dtype).removeprefix('torch.')}, device {self.device}; KV cache "
+            f"{str(self.dtype).removeprefix('torch.')}, device {self.device}; {self.weights_summary()}; KV cache "
             f"{self.num_kv_blocks} blocks x {self.block_size} tokens = {self.kv_capacity_tokens} tokens "
             f"({self.kv_cache_bytes / 2**20:.1f} MiB); max model len {self.max_model_len}"
         )

@@ -15,6 +15,7 @@ cache, a cast to another dtype); `invalidate()` forces that after other in-place
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
     from fitserve.models.llama import LlamaForCausalLM
 
 _TORCH_BACKEND = "fitserve.attention.torch_paged"
+logger = logging.getLogger("fitserve")
+_declined: set[str] = set()
+
+
+def _decline(reason: str) -> None:
+    """Log once why the fused stack does not run a model (it would otherwise fall back silently)."""
+    if reason not in _declined:
+        _declined.add(reason)
+        logger.info(reason)
 
 
 class FusedCpuDecode:
@@ -84,14 +94,22 @@ class FusedCpuDecode:
         """Cheap fingerprint of the parameters' storage: changes when they are re-created."""
         layers = self._model.model.layers
         first, last = layers[0], layers[-1]
-        return (self._model.model.embed_tokens.weight.dtype, first.self_attn.qkv_proj.weight.data_ptr(),
-                last.mlp.down_proj.weight.data_ptr(), self._model.model.norm.weight.data_ptr())
+
+        def storage(linear) -> int:
+            return next(iter(linear.weight_format.tensors(linear).values())).data_ptr()
+
+        return (self._model.model.norm.weight.dtype, storage(first.self_attn.qkv_proj), storage(last.mlp.down_proj),
+                self._model.model.norm.weight.data_ptr())
 
     def _build(self) -> Any:
         model = self._model
         kernels = cpu_kernels.get()
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = model.model.norm.weight.dtype
         if kernels is None or dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if not model.plan.is_dense:
+            _decline(f"the fused CPU decode stack does not take {model.plan.method} weights yet; "
+                     "decode steps run layer by layer in Python")
             return None
         tensors = [*model.model.layers.parameters(), model.model.norm.weight]
         if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):

@@ -30,25 +30,12 @@ from torch import nn
 from fitserve.attention import AttentionBackend, get_attention_backend, is_triton_backend
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.kernels import cpu as cpu_kernels
+from fitserve.layers.embedding import Int8Embedding
+from fitserve.layers.linear import Linear
+from fitserve.layers.weight_formats import FormatPlan
 from fitserve.models.config import ModelConfig
 from fitserve.models.cpu_decode import FusedCpuDecode
 from fitserve.models.rope import RotaryEmbedding, apply_rotary
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoint names) whose forward takes the CPU fast path
-    for bfloat16 weights where the CPU has no native bf16 (see fitserve.kernels.cpu.linear).
-    All projections of one model share `scratch` for their many-row matmuls."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool,
-                 scratch: cpu_kernels.MatmulScratch) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.scratch = scratch
-
-    def forward(self, x: torch.Tensor, result_in_scratch: bool = False) -> torch.Tensor:
-        """x's projection; with `result_in_scratch` a float32 product of many rows may live in
-        the shared scratch, valid only until the next projection (see cpu_kernels.linear)."""
-        return cpu_kernels.linear(x, self.weight, self.bias, self.scratch, result_in_scratch)
 
 
 def _fused_kernels(x: torch.Tensor):
@@ -103,7 +90,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch,
-                 triton_ops: ModuleType | None = None) -> None:
+                 triton_ops: ModuleType | None = None, plan: FormatPlan | None = None) -> None:
         super().__init__()
         self.triton_ops = triton_ops
         self.num_heads = config.num_attention_heads
@@ -114,12 +101,12 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.backend = backend
         # Rows: [q | k | v], filled from q_proj, k_proj, v_proj by the loader.
-        self.qkv_proj = Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias, scratch=scratch
-        )
-        self.o_proj = Linear(
-            self.q_size, config.hidden_size, bias=config.attention_output_bias, scratch=scratch
-        )
+        plan = plan or FormatPlan()
+        use_triton = triton_ops is not None
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, scratch,
+                               plan.linear_format(), use_triton)
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.attention_output_bias, scratch,
+                             plan.linear_format(), use_triton)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, triton_ops) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, triton_ops) if config.qk_norm else None
 
@@ -166,18 +153,18 @@ FUSED_SILU_MAX_ROWS = 1
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, scratch: cpu_kernels.MatmulScratch,
-                 triton_ops: ModuleType | None = None) -> None:
+                 triton_ops: ModuleType | None = None, plan: FormatPlan | None = None) -> None:
         super().__init__()
         self.triton_ops = triton_ops
         self.intermediate_size = config.intermediate_size
         self.scratch = scratch
         # Rows: [gate | up], filled from gate_proj and up_proj by the loader.
-        self.gate_up_proj = Linear(
-            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, scratch=scratch
-        )
-        self.down_proj = Linear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, scratch=scratch
-        )
+        plan = plan or FormatPlan()
+        use_triton = triton_ops is not None
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, scratch,
+                                   plan.linear_format(), use_triton)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, scratch,
+                                plan.linear_format(), use_triton)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton_ops is not None:
@@ -189,7 +176,8 @@ class MLP(nn.Module):
         kernels = _fused_kernels(x) if use_kernel else None
         if kernels is not None:
             return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.gate_up_proj.weight.dtype == torch.float32:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.gate_up_proj.is_dense
+                and self.gate_up_proj.weight.dtype == torch.float32):
             # Many float32 rows: gate/up product and activation live in the shared scratch
             # (a prefill's are tens of MB, page-faulted in afresh on every layer otherwise).
             gate_up = self.gate_up_proj(x, result_in_scratch=True)
@@ -203,12 +191,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch,
-                 triton_ops: ModuleType | None = None) -> None:
+                 triton_ops: ModuleType | None = None, plan: FormatPlan | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, triton_ops)
-        self.self_attn = Attention(config, backend, scratch, triton_ops)
+        self.self_attn = Attention(config, backend, scratch, triton_ops, plan)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, triton_ops)
-        self.mlp = MLP(config, scratch, triton_ops)
+        self.mlp = MLP(config, scratch, triton_ops, plan)
 
     def forward(
         self,
@@ -237,12 +225,18 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm (named as in HF checkpoints: `model.*`)."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, scratch: cpu_kernels.MatmulScratch,
+                 plan: FormatPlan) -> None:
         super().__init__()
         triton_ops = triton_ops_for(backend)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # A tied model whose LM head is w8 keeps the shared matrix in int8 (see Int8Embedding).
+        self.embed_tokens: nn.Module = (
+            Int8Embedding(config.vocab_size, config.hidden_size, torch.float32)
+            if config.tie_word_embeddings and not plan.head_format().is_dense
+            else nn.Embedding(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, backend, scratch, triton_ops) for _ in range(config.num_hidden_layers)]
+            [DecoderLayer(config, backend, scratch, triton_ops, plan) for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, triton_ops)
 
@@ -250,15 +244,19 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole decoder plus the output projection; serves all four supported architectures."""
 
-    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend | None = None,
+                 plan: FormatPlan | None = None) -> None:
         super().__init__()
         self.config = config
+        self.plan = plan or FormatPlan()
+        """The weight format of every projection (dense unless the model is quantized)."""
         backend = attention_backend or get_attention_backend("torch", torch.device("cpu"))
         # One float32 scratch shared by every projection (see fitserve.kernels.cpu.MatmulScratch).
         scratch = cpu_kernels.MatmulScratch()
-        self.model = LlamaModel(config, backend, scratch)
+        self.model = LlamaModel(config, backend, scratch, self.plan)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, scratch=scratch)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, scratch, self.plan.head_format(),
+                              triton_ops_for(backend) is not None)
         if config.tie_word_embeddings:
             self.tie_weights()
         # Decode-only CPU steps run the decoder layers in one C++ call (see cpu_decode.py);
@@ -267,8 +265,15 @@ class LlamaForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Share one matrix between input embedding and output projection (re-run after
-        anything that re-creates parameters, e.g. `to_empty`)."""
-        self.lm_head.weight = self.model.embed_tokens.weight
+        anything that re-creates parameters, e.g. `to_empty`). An int8 embedding shares its
+        int8 matrix and scales with the w8 LM head."""
+        embedding = self.model.embed_tokens
+        if isinstance(embedding, Int8Embedding):
+            if hasattr(embedding, "qweight"):
+                self.lm_head.set_tensor("qweight", embedding.qweight)
+                self.lm_head.set_tensor("scales", embedding.scales)
+            return
+        self.lm_head.weight = embedding.weight
 
     def forward(
         self,

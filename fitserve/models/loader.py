@@ -19,8 +19,10 @@ import torch
 from safetensors import safe_open
 
 from fitserve.attention import AttentionBackend, get_attention_backend
+from fitserve.layers.weight_formats import DenseFormat, FormatPlan, FormatPlanError, PartShape
 from fitserve.models import host_memory
 from fitserve.models.config import ModelConfig, ModelLoadError, load_model_config
+from fitserve.layers.embedding import Int8Embedding
 from fitserve.models.llama import LlamaForCausalLM
 
 # Rotary frequencies some old checkpoints saved; fitserve recomputes them from config.json.
@@ -29,56 +31,98 @@ _IGNORED_TENSOR = re.compile(r".*rotary_emb\.inv_freq$")
 
 @dataclass(frozen=True)
 class WeightTarget:
-    """Where one checkpoint tensor goes: a model parameter, or a row range of a fused one."""
+    """Where one checkpoint tensor goes: a model parameter, or a row range of a fused one; or,
+    with `layer` set, one tensor of a part of a non-dense layer, which its weight format loads."""
 
     parameter_name: str
     row_start: int
     shape: tuple[int, ...]
     """The shape config.json implies for the checkpoint tensor."""
+    dtype: torch.dtype | None = None
+    """The stored dtype a format requires (None: any floating dtype)."""
+    layer: str | None = None
+    """Module name of the non-dense layer this tensor feeds (None: a parameter target)."""
+    part: PartShape | None = None
+    """The part of `layer` it belongs to."""
 
 
-def expected_checkpoint_tensors(config: ModelConfig) -> dict[str, WeightTarget]:
-    """Every tensor a checkpoint for `config` must hold, with its destination and shape."""
-    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
-    q_size, kv_size = config.q_size, config.kv_size
+@dataclass(frozen=True)
+class LinearLayout:
+    """One linear layer of the model and the checkpoint matrices (parts) fused into it."""
+
+    module_name: str
+    parts: tuple[PartShape, ...]
+    bias_parts: tuple[str, ...] = ()
+    """Checkpoint names of the bias of each part (empty: no bias)."""
+
+
+def linear_layouts(config: ModelConfig) -> list[LinearLayout]:
+    """Every linear layer with its parts, in checkpoint order (q/k/v and gate/up fused)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    layouts: list[LinearLayout] = []
+
+    def add(module: str, parts: list[tuple[str, int]], in_features: int, bias: bool) -> None:
+        shapes = tuple(PartShape(prefix, rows, in_features) for prefix, rows in parts)
+        layouts.append(LinearLayout(module, shapes, tuple(f"{p.prefix}.bias" for p in shapes) if bias else ()))
+
+    for layer in range(config.num_hidden_layers):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        add(f"{attn}.qkv_proj", [(f"{attn}.q_proj", config.q_size), (f"{attn}.k_proj", config.kv_size),
+                                 (f"{attn}.v_proj", config.kv_size)], hidden, config.attention_bias)
+        add(f"{attn}.o_proj", [(f"{attn}.o_proj", hidden)], config.q_size, config.attention_output_bias)
+        add(f"{mlp}.gate_up_proj", [(f"{mlp}.gate_proj", inter), (f"{mlp}.up_proj", inter)], hidden, config.mlp_bias)
+        add(f"{mlp}.down_proj", [(f"{mlp}.down_proj", hidden)], inter, config.mlp_bias)
+    if not config.tie_word_embeddings:
+        add("lm_head", [("lm_head", config.vocab_size)], hidden, False)
+    return layouts
+
+
+EMBEDDING = "model.embed_tokens"
+
+
+def expected_checkpoint_tensors(config: ModelConfig, plan: FormatPlan | None = None) -> dict[str, WeightTarget]:
+    """Every tensor a checkpoint for `config` (quantized as `plan` says) must hold, with its
+    destination, shape and, for integer formats, dtype."""
+    plan = plan or FormatPlan()
+    hidden, head_dim = config.hidden_size, config.head_dim
     targets: dict[str, WeightTarget] = {}
 
     def add(name: str, shape: tuple[int, ...], parameter: str | None = None, row_start: int = 0) -> None:
         targets[name] = WeightTarget(parameter or name, row_start, shape)
 
-    add("model.embed_tokens.weight", (config.vocab_size, hidden))
+    head_format = plan.head_format()
+    if config.tie_word_embeddings and not head_format.is_dense:
+        # The int8 embedding shared with the w8 LM head.
+        embedding = PartShape(EMBEDDING, config.vocab_size, hidden)
+        specs = head_format.part_tensors(embedding) if plan.prequantized else DenseFormat().part_tensors(embedding)
+        for suffix, spec in specs.items():
+            targets[f"{EMBEDDING}.{suffix}"] = WeightTarget(EMBEDDING, 0, spec.shape, spec.dtype, EMBEDDING, embedding)
+    else:
+        add(f"{EMBEDDING}.weight", (config.vocab_size, hidden))
     add("model.norm.weight", (hidden,))
-    if not config.tie_word_embeddings:
-        add("lm_head.weight", (config.vocab_size, hidden))
+
+    for layout in linear_layouts(config):
+        weight_format = head_format if layout.module_name == "lm_head" else plan.linear_format()
+        row_start = 0
+        for index, part in enumerate(layout.parts):
+            if weight_format.is_dense:
+                add(f"{part.prefix}.weight", (part.rows, part.in_features), f"{layout.module_name}.weight", row_start)
+            else:
+                specs = weight_format.part_tensors(part) if plan.prequantized else DenseFormat().part_tensors(part)
+                for suffix, spec in specs.items():
+                    targets[f"{part.prefix}.{suffix}"] = WeightTarget(
+                        layout.module_name, row_start, spec.shape, spec.dtype, layout.module_name, part)
+            if layout.bias_parts:
+                add(layout.bias_parts[index], (part.rows,), f"{layout.module_name}.bias", row_start)
+            row_start += part.rows
 
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}"
-        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
         add(f"{prefix}.input_layernorm.weight", (hidden,))
         add(f"{prefix}.post_attention_layernorm.weight", (hidden,))
-
-        # q, k and v are row blocks of the fused qkv_proj, in that order.
-        for name, row_start, rows in (
-            ("q_proj", 0, q_size), ("k_proj", q_size, kv_size), ("v_proj", q_size + kv_size, kv_size)
-        ):
-            add(f"{attn}.{name}.weight", (rows, hidden), f"{attn}.qkv_proj.weight", row_start)
-            if config.attention_bias:
-                add(f"{attn}.{name}.bias", (rows,), f"{attn}.qkv_proj.bias", row_start)
-        add(f"{attn}.o_proj.weight", (hidden, q_size))
-        if config.attention_output_bias:
-            add(f"{attn}.o_proj.bias", (hidden,))
         if config.qk_norm:
-            add(f"{attn}.q_norm.weight", (head_dim,))
-            add(f"{attn}.k_norm.weight", (head_dim,))
-
-        # gate and up are row blocks of the fused gate_up_proj.
-        for name, row_start in (("gate_proj", 0), ("up_proj", inter)):
-            add(f"{mlp}.{name}.weight", (inter, hidden), f"{mlp}.gate_up_proj.weight", row_start)
-            if config.mlp_bias:
-                add(f"{mlp}.{name}.bias", (inter,), f"{mlp}.gate_up_proj.bias", row_start)
-        add(f"{mlp}.down_proj.weight", (hidden, inter))
-        if config.mlp_bias:
-            add(f"{mlp}.down_proj.bias", (hidden,))
+            add(f"{prefix}.self_attn.q_norm.weight", (head_dim,))
+            add(f"{prefix}.self_attn.k_norm.weight", (head_dim,))
     return targets
 
 
@@ -113,14 +157,19 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _index_checkpoint(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """tensor name -> (file, shape), from the safetensors headers only (no data is read)."""
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+_SAFETENSORS_DTYPE_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32",
+                            torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
+
+
+def _index_checkpoint(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """tensor name -> (file, shape, safetensors dtype), from the headers only (no data is read)."""
+    found: dict[str, tuple[Path, tuple[int, ...], str]] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as file:
                 for name in file.keys():
-                    found[name] = (path, tuple(file.get_slice(name).get_shape()))
+                    view = file.get_slice(name)
+                    found[name] = (path, tuple(view.get_shape()), view.get_dtype())
         except Exception as error:  # safetensors raises its own error types for corrupt files
             raise ModelLoadError(f"cannot read weights file {path}: {error}") from error
     return found
@@ -129,7 +178,7 @@ def _index_checkpoint(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...
 def _check_checkpoint(
     config: ModelConfig,
     expected: dict[str, WeightTarget],
-    found: dict[str, tuple[Path, tuple[int, ...]]],
+    found: dict[str, tuple[Path, tuple[int, ...], str]],
     model_dir: Path,
 ) -> None:
     missing = [name for name in expected if name not in found]
@@ -155,18 +204,24 @@ def _check_checkpoint(
             f"match its config.json ({config.architecture})"
         )
     for name, target in expected.items():
-        path, shape = found[name]
+        path, shape, stored = found[name]
         if shape != target.shape:
             raise ModelLoadError(
                 f"weight {name!r} in {path.name} has shape {list(shape)} but config.json implies "
                 f"{list(target.shape)}; the checkpoint does not match its config.json"
+            )
+        if target.dtype is not None and stored != _SAFETENSORS_DTYPE_NAMES[target.dtype]:
+            raise ModelLoadError(
+                f"weight {name!r} in {path.name} is stored as {stored} but its quantization_config "
+                f"implies {_SAFETENSORS_DTYPE_NAMES[target.dtype]}; the quantized checkpoint does not "
+                "match its config.json (quantize the model again)"
             )
 
 
 def _fill_parameters(
     model: LlamaForCausalLM,
     expected: dict[str, WeightTarget],
-    found: dict[str, tuple[Path, tuple[int, ...]]],
+    found: dict[str, tuple[Path, tuple[int, ...], str]],
     dtype: torch.dtype,
     device: torch.device,
     huge_pages: bool,
@@ -175,12 +230,15 @@ def _fill_parameters(
 
     A tensor that is a whole parameter becomes that parameter directly (safetensors hands
     back an owned copy), so it is read once; only fused parameters get fresh storage that
-    their parts are copied into.
+    their parts are copied into. Tensors of non-dense layers are gathered per layer and
+    handed to the layer's weight format once all its parts are read (`_LayerFiller`).
     """
+    layer_filler = _LayerFiller(model, expected, device)
     parameters = dict(model.named_parameters())
     parts_per_parameter: dict[str, int] = {}
     for target in expected.values():
-        parts_per_parameter[target.parameter_name] = parts_per_parameter.get(target.parameter_name, 0) + 1
+        if target.layer is None:
+            parts_per_parameter[target.parameter_name] = parts_per_parameter.get(target.parameter_name, 0) + 1
     # On the CPU every parameter gets its place in one huge-page arena (host_memory), and the
     # checkpoint is copied into it; elsewhere only fused parameters need fresh storage.
     arena = None
@@ -200,7 +258,9 @@ def _fill_parameters(
                 for name in names:
                     target = expected[name]
                     tensor = file.get_tensor(name)
-                    if target.parameter_name in fused:
+                    if target.layer is not None:
+                        layer_filler.add(name, target, tensor)
+                    elif target.parameter_name in fused:
                         rows = slice(target.row_start, target.row_start + target.shape[0])
                         fused[target.parameter_name][rows].copy_(tensor)
                     elif arena:
@@ -209,6 +269,44 @@ def _fill_parameters(
                         _set_parameter(model, target.parameter_name, tensor.to(device=device, dtype=dtype))
     for name, tensor in fused.items():
         _set_parameter(model, name, tensor)
+
+
+class _LayerFiller:
+    """Collects the checkpoint tensors of each non-dense layer (an integer linear layer or the
+    int8 embedding) and hands them to its weight format when the layer is complete. A dense
+    checkpoint tensor arriving for such a layer (`--quantization`) is quantized on the spot, one
+    checkpoint matrix at a time, so peak memory stays one float matrix above the model."""
+
+    def __init__(self, model: LlamaForCausalLM, expected: dict[str, WeightTarget], device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.pending: dict[str, set[str]] = {}
+        for name, target in expected.items():
+            if target.layer is not None:
+                self.pending.setdefault(target.layer, set()).add(name)
+        self.parts: dict[str, dict[PartShape, dict[str, torch.Tensor]]] = {}
+        self.row_starts: dict[PartShape, int] = {}
+
+    def add(self, name: str, target: WeightTarget, tensor: torch.Tensor) -> None:
+        assert target.layer is not None and target.part is not None
+        module = self.model.get_submodule(target.layer)
+        suffix = name[len(target.part.prefix) + 1:]
+        self.row_starts[target.part] = target.row_start
+        weight_format = self.model.plan.head_format() if target.layer == EMBEDDING else module.weight_format
+        if suffix == "weight":  # a dense matrix to quantize now
+            self.parts.setdefault(target.layer, {})[target.part] = weight_format.quantize_part(tensor.float(),
+                                                                                                target.part)
+        else:
+            self.parts.setdefault(target.layer, {}).setdefault(target.part, {})[suffix] = tensor
+        self.pending[target.layer].discard(name)
+        if not self.pending[target.layer]:
+            parts = self.parts.pop(target.layer)
+            if target.layer == EMBEDDING:
+                (tensors,) = parts.values()
+                module.set_tensors(tensors["qweight"].to(self.device), tensors["scales"].to(self.device))
+            else:
+                ordered = sorted(parts.items(), key=lambda item: self.row_starts[item[0]])
+                weight_format.load_parts(module, ordered, self.device)
 
 
 def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -230,22 +328,51 @@ def _skip_weight_init() -> Iterator[None]:
             cls.reset_parameters = method  # type: ignore[method-assign]
 
 
+def format_plan(config: ModelConfig, model_dir: Path, quantization: str | None = None,
+                group_size: int | None = None) -> FormatPlan:
+    """The weight formats of the model: its checkpoint's quantization_config, or `quantization`
+    applied at load to a dense checkpoint (round to nearest), or dense."""
+    raw = config.extra.get("quantization_config")
+    try:
+        if raw is not None:
+            plan = FormatPlan.from_config(raw)
+            if quantization not in (None, plan.method):
+                raise ModelLoadError(f"{model_dir} is already quantized ({plan.method}); drop --quantization "
+                                     f"{quantization} or load the dense original")
+            return plan
+        if quantization is None:
+            return FormatPlan()
+        return FormatPlan(method=quantization, group_size=group_size or FormatPlan.group_size)
+    except FormatPlanError as error:
+        raise ModelLoadError(f"{model_dir / 'config.json'}: {error}") from error
+
+
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype,
     device: torch.device,
     attention_backend: AttentionBackend | str | None = None,
     huge_pages: bool = True,
+    quantization: str | None = None,
+    group_size: int | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load config and weights from `model_dir`, cast to `dtype`, onto `device`, in eval mode.
 
     `attention_backend` is a backend object, a backend name ("auto", "torch", "triton"), or
     None for "auto". On the CPU the weights are placed in transparent huge pages where the
-    kernel offers them (`host_memory`); `huge_pages=False` keeps ordinary memory.
+    kernel offers them (`host_memory`); `huge_pages=False` keeps ordinary memory. A checkpoint
+    made by `fitserve quantize` loads in its formats; `quantization` ("w8", "w4") quantizes a
+    dense one while loading (groups of `group_size` columns for w4). `dtype` is then the dtype
+    of activations, norms and biases.
     """
     model_dir = Path(model_dir)
     config = load_model_config(model_dir)
-    expected = expected_checkpoint_tensors(config)
+    plan = format_plan(config, model_dir, quantization, group_size)
+    try:
+        expected = expected_checkpoint_tensors(config, plan)
+    except ValueError as error:  # a group size that does not divide a layer's width
+        raise ModelLoadError(f"cannot quantize {model_dir} as {plan.method}: {error}; choose a group size "
+                             "that divides every layer's input width (e.g. 32, 64 or 128)") from error
     found = _index_checkpoint(checkpoint_files(model_dir))
     _check_checkpoint(config, expected, found, model_dir)
 
@@ -253,8 +380,10 @@ def load_model(
     if attention_backend is None or isinstance(attention_backend, str):
         attention_backend = get_attention_backend(attention_backend or "auto", device)
     with torch.device("meta"), _skip_weight_init():
-        model = LlamaForCausalLM(config, attention_backend)
+        model = LlamaForCausalLM(config, attention_backend, plan)
     model.to(dtype)  # free on meta; fixes each parameter's final dtype
+    if isinstance(model.model.embed_tokens, Int8Embedding):
+        model.model.embed_tokens.dtype = dtype
     _fill_parameters(model, expected, found, dtype, device, huge_pages)
     if config.tie_word_embeddings:
         model.tie_weights()

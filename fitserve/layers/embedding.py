@@ -1,0 +1,37 @@
+"""Token embeddings stored in int8 rows (the w8 format), for models whose LM head is tied to the
+embedding: one int8 matrix then serves both, a quarter of float32's bytes in memory and in
+every decode step's LM-head read."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fitserve.quant import packing
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup over `qweight` int8 [vocab, hidden] and `scales` float32 [vocab]:
+    the gathered rows are dequantized (row * scale, rounded to `dtype`), so a lookup reads only
+    the rows it returns."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.dtype = dtype
+
+    def set_tensors(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        self.register_buffer("qweight", qweight.contiguous(), persistent=True)
+        self.register_buffer("scales", scales.contiguous(), persistent=True)
+
+    def quantize(self, weight: torch.Tensor) -> None:
+        """Fill from a float embedding matrix (round to nearest)."""
+        self.set_tensors(*packing.quantize_w8(weight))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[input_ids].float() * self.scales[input_ids].unsqueeze(-1)
+        return rows.to(self.dtype)
+
+    def stored_bytes(self) -> int:
+        return self.qweight.numel() + 4 * self.scales.numel()

@@ -1,0 +1,76 @@
+"""A linear layer whose weight is stored in any weight format (see `weight_formats`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fitserve.kernels import cpu as cpu_kernels
+from fitserve.layers.weight_formats.base import LinearKernel, WeightFormat
+from fitserve.layers.weight_formats.dense import DenseFormat
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ bias), W stored as `weight_format` says (dense float by default).
+
+    The dense format keeps nn.Linear's parameter names (`weight`, `bias`), so dense checkpoints
+    and transformers' state dicts line up; other formats register their own tensors
+    (`qweight`, `scales`, ...) when they are loaded. The function that multiplies is chosen
+    once, the first time the layer runs after its tensors were set (`kernel`); anything that
+    replaces the tensors calls `invalidate`. All projections of one model share `scratch` for
+    their many-row matmuls.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scratch: cpu_kernels.MatmulScratch,
+                 weight_format: WeightFormat | None = None, use_triton: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scratch = scratch
+        self.weight_format = weight_format or DenseFormat()
+        self.use_triton = use_triton
+        """The model runs the Triton path (GPU): quantized formats multiply with Triton kernels."""
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if self.weight_format.is_dense:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self._kernel: LinearKernel | None = None
+
+    @property
+    def is_dense(self) -> bool:
+        return self.weight_format.is_dense
+
+    def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Store one of the format's tensors (a buffer: saved in state_dict, no gradient)."""
+        self.register_buffer(name, tensor, persistent=True)
+        self._kernel = None
+
+    def invalidate(self) -> None:
+        """Choose the kernel again at the next call (after tensors were replaced)."""
+        self._kernel = None
+
+    @property
+    def kernel(self) -> LinearKernel:
+        if self._kernel is None:
+            self._kernel = self.weight_format.make_kernel(self)
+        return self._kernel
+
+    def stored_bytes(self) -> int:
+        """Bytes of the weight as stored (scales and zeros included, bias excluded)."""
+        return self.weight_format.stored_bytes(self)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight this layer multiplies by (the reference of every kernel)."""
+        return self.weight_format.dequantize(self)
+
+    def forward(self, x: torch.Tensor, result_in_scratch: bool = False) -> torch.Tensor:
+        """x's projection. With `result_in_scratch` a dense float32 product of many rows may
+        live in the shared scratch, valid only until the next projection (cpu_kernels.linear)."""
+        if self.weight_format.is_dense:
+            return cpu_kernels.linear(x, self.weight, self.bias, self.scratch, result_in_scratch)
+        rows = x.numel() // x.shape[-1]
+        out = self.kernel(x.reshape(rows, x.shape[-1]))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.weight_format.name}")

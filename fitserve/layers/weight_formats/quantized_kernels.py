@@ -1,0 +1,95 @@
+"""Choosing the multiply of an integer weight format: the CPU kernels' `QuantLinear`, the
+Triton kernels on the GPU path, or the format's plain PyTorch reference.
+
+An integer layer is described to the kernels as a list of *parts*, each a w8 or w4 block of
+output rows with the rows of the layer's output it writes (None: all rows, in order), so w8,
+w4 and MixLLM's mixed layers share one kernel object per layer, and the fused C++ decode stack
+can take the same object (`Linear.cpu_kernel_object`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fitserve.kernels import cpu as cpu_kernels
+from fitserve.layers.weight_formats.base import LinearKernel
+
+if TYPE_CHECKING:
+    from fitserve.layers.linear import Linear
+
+logger = logging.getLogger("fitserve")
+_logged: set[str] = set()
+
+
+@dataclass(frozen=True)
+class IntegerPart:
+    """One block of an integer layer's output rows."""
+
+    kind: str
+    """"w8" (qweight, scales) or "w4" (qweight, scales, zeros)."""
+    tensors: tuple[torch.Tensor, ...]
+    out_rows: torch.Tensor | None
+    """int64 output columns this block writes, None for all of them in order."""
+    group_size: int = 0
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+
+
+def cpu_quant_linear(layer: Linear, parts: list[IntegerPart]) -> Any | None:
+    """The compiled `QuantLinear` holding `parts` (None where the CPU kernels or the class are
+    missing: the reference runs instead, and a log line says so once)."""
+    kernels = cpu_kernels.get()
+    if kernels is None or not hasattr(kernels, "QuantLinear"):
+        _log_once("integer weights: no compiled CPU kernel on this machine; using the PyTorch reference (slow)")
+        return None
+    bias = None if layer.bias is None else layer.bias.detach()
+    quant = kernels.QuantLinear(layer.in_features, layer.out_features, bias)
+    for part in parts:
+        if part.kind == "w8":
+            quant.add_w8(*part.tensors, part.out_rows)
+        else:
+            quant.add_w4(*part.tensors, part.group_size, part.out_rows)
+    return quant
+
+
+def triton_linear(layer: Linear, parts: list[IntegerPart]) -> LinearKernel:
+    """The Triton dequantizing matmuls (GPU path, or Triton's interpreter in tests)."""
+    from fitserve.kernels import triton_quant
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
+        for index, part in enumerate(parts):
+            # The bias is added once, by the first part, over the rows it writes; the others
+            # add theirs by row as well.
+            bias = None if layer.bias is None else (
+                layer.bias if part.out_rows is None else layer.bias[part.out_rows])
+            if part.kind == "w8":
+                triton_quant.w8_linear(x, *part.tensors, bias, out=out, out_rows=part.out_rows)
+            else:
+                triton_quant.w4_linear(x, *part.tensors, part.group_size, bias, out=out, out_rows=part.out_rows)
+        return out
+
+    return apply
+
+
+def integer_kernel(layer: Linear, parts: list[IntegerPart], reference: LinearKernel) -> LinearKernel:
+    """The fastest correct multiply for `layer` on its device: chosen once per layer."""
+    device = parts[0].tensors[0].device
+    if layer.use_triton:
+        return triton_linear(layer, parts)
+    if device.type == "cpu":
+        quant = cpu_quant_linear(layer, parts)
+        layer.cpu_kernel_object = quant
+        if quant is not None:
+            return quant.forward
+    else:
+        _log_once(f"integer weights on {device.type} without the Triton path: using the PyTorch reference")
+    return reference

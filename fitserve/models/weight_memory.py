@@ -1,0 +1,40 @@
+"""How many bytes a loaded model's weights hold, by format: for the start-up banner, the
+roofline's bytes per decode step and memory budgets."""
+
+from __future__ import annotations
+
+import torch
+
+from fitserve.layers.linear import Linear
+
+
+def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if tensor.data_ptr() in seen:  # tied matrices count once
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def weight_memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and stored weight buffer (shared tensors once)."""
+    return _unique_bytes([*model.parameters(), *model.buffers()])
+
+
+def projection_bits_per_weight(model: torch.nn.Module) -> float:
+    """Stored bits per weight of the decoder layers' projections (scales and zeros counted)."""
+    layers = [module for name, module in model.named_modules()
+              if isinstance(module, Linear) and name.startswith("model.layers.")]
+    stored = sum(layer.stored_bytes() for layer in layers)
+    return 8 * stored / sum(layer.in_features * layer.out_features for layer in layers)
+
+
+def decode_read_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every projection and the LM head as stored, plus
+    one embedding row per token (negligible; not counted). An untied embedding is not read."""
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    norms = [parameter for name, parameter in model.named_parameters() if "norm" in name]
+    return sum(layer.stored_bytes() for layer in linears) + _unique_bytes(norms)
