@@ -35,6 +35,12 @@ class ModelShape:
     attention_bias: bool
     dtype_name: str
     dtype_bytes: int
+    projection_bits: float = 0.0
+    """Stored bits per weight of the layers' projections in a quantized model (scales and
+    zeros counted); 0 for dense weights in `dtype_bytes`."""
+    lm_head_bits: float = 0.0
+    """The same for the LM head (the tied embedding)."""
+    quantization: str = "dense"
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype | None = None) -> "ModelShape":
@@ -54,6 +60,7 @@ class ModelShape:
             attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
             dtype_name=str(dtype).removeprefix("torch."),
             dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+            **quantized_bits(config),
         )
 
     @classmethod
@@ -96,10 +103,17 @@ class ModelShape:
 
     @property
     def weight_bytes_per_step(self) -> int:
-        """Bytes of weights one forward pass reads: all of them, except that an untied input
+        """Bytes of weights one forward pass reads: all of them, as stored (quantized
+        projections and LM head at their bits per weight), except that an untied input
         embedding table is only indexed (a few rows), not read whole."""
         read_params = self.total_params - (0 if self.tie_word_embeddings else self.embedding_params)
-        return read_params * self.dtype_bytes
+        if not self.projection_bits:
+            return read_params * self.dtype_bytes
+        projections = self.num_layers * self.layer_matmul_params
+        other = read_params - projections - self.embedding_params
+        head_bits = self.lm_head_bits or 8 * self.dtype_bytes
+        return round(projections * self.projection_bits / 8 + self.embedding_params * head_bits / 8
+                     + other * self.dtype_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -133,6 +147,28 @@ class ModelShape:
         described.update(total_params=self.total_params, weight_bytes_per_step=self.weight_bytes_per_step,
                          kv_bytes_per_token=self.kv_bytes_per_token)
         return described
+
+
+def quantized_bits(config: dict) -> dict:
+    """projection_bits / lm_head_bits / quantization of a `fitserve quantize` config.json
+    (empty for dense checkpoints): w8 stores a float32 scale per row, w4 a float16 scale and a
+    uint8 zero per group, mixllm a share of rows in w8 and the rest in w4."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fitserve":
+        return {}
+    width = int(config["hidden_size"])
+    w8_bits = 8 + 32 / width
+    w4_bits = 4 + 24 / int(quantization.get("group_size", 128))
+    method = quantization.get("method")
+    if method == "w8":
+        bits = w8_bits
+    elif method == "w4":
+        bits = w4_bits
+    else:
+        fraction = float(quantization.get("high_precision_fraction", 0.1))
+        bits = fraction * w8_bits + (1 - fraction) * w4_bits
+    head_bits = w8_bits if quantization.get("lm_head", "w8") == "w8" else 0.0
+    return {"projection_bits": bits, "lm_head_bits": head_bits, "quantization": str(method)}
 
 
 def synchronize(device: torch.device) -> None:

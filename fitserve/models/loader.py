@@ -108,7 +108,9 @@ def expected_checkpoint_tensors(config: ModelConfig, plan: FormatPlan | None = N
             if weight_format.is_dense:
                 add(f"{part.prefix}.weight", (part.rows, part.in_features), f"{layout.module_name}.weight", row_start)
             else:
-                specs = weight_format.part_tensors(part) if plan.prequantized else DenseFormat().part_tensors(part)
+                specs = weight_format.part_tensors(part)  # also checks the format fits the part
+                if not plan.prequantized:
+                    specs = DenseFormat().part_tensors(part)
                 for suffix, spec in specs.items():
                     targets[f"{part.prefix}.{suffix}"] = WeightTarget(
                         layout.module_name, row_start, spec.shape, spec.dtype, layout.module_name, part)

@@ -1,0 +1,140 @@
+"""Quantized models of every supported architecture load and run through the whole engine.
+
+The reference is transformers in float32 with each weight replaced by what the quantized
+format stands for (dequantized): the engine's greedy tokens must match it, with chunked
+prefill, prefix-cache hits and preemption in play. Integer kernels that quantize activations
+may flip near-ties, so, as the bfloat16 parity tests do, at a first divergence each side's
+token must be in the other's top 5.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from fitserve import LLM
+from fitserve.engine.runner import kv_cache_bytes_per_block
+from fitserve.models.config import ModelLoadError, load_model_config
+from fitserve.models.loader import linear_layouts, load_model
+from fitserve.quant.quantize import QuantizeError, quantize_model
+from tests.engine.test_parity import greedy, hf_greedy
+from tests.tiny_models import VARIANTS, random_token_ids, write_tiny_checkpoint
+
+CPU = torch.device("cpu")
+GROUP = 32
+
+
+def quantize_tiny(tmp_path: Path, variant: str, method: str) -> tuple[Path, Path]:
+    dense = write_tiny_checkpoint(tmp_path / "dense", variant)
+    options = {}
+    if method == "mixllm":  # every third row of each matrix in 8 bits (no tokenizer to calibrate with)
+        config = json.loads((dense / "config.json").read_text())
+        layouts = linear_layouts(load_model_config(dense))
+        options["high_channels"] = {part.prefix: list(range(0, part.rows, 3))
+                                    for layout in layouts for part in layout.parts if layout.module_name != "lm_head"}
+        assert config["hidden_size"] % GROUP == 0
+    quantized = tmp_path / method
+    quantize_model(dense, quantized, method, group_size=GROUP, progress=False, **options)
+    return dense, quantized
+
+
+def dequantized_reference(dense: Path, quantized: Path):
+    """transformers' model of `dense` carrying the weights `quantized` stands for."""
+    model, config = load_model(quantized, torch.float32, CPU, "torch")
+    reference = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None
+    parameters = dict(reference.named_parameters())
+    with torch.no_grad():
+        for layout in linear_layouts(config):
+            weight = model.get_submodule(layout.module_name).dequantized_weight()
+            for part, rows in zip(layout.parts, weight.split([p.rows for p in layout.parts]), strict=True):
+                parameters[f"{part.prefix}.weight"].copy_(rows)
+        if config.tie_word_embeddings:
+            parameters["model.embed_tokens.weight"].copy_(model.lm_head.dequantized_weight())
+    return reference
+
+
+def assert_tokens_match(ours: list[int], reference: list[int], reference_logits: list[torch.Tensor]) -> None:
+    for step, (mine, theirs) in enumerate(zip(ours, reference, strict=True)):
+        if mine != theirs:
+            top5 = reference_logits[step].topk(5).indices.tolist()
+            assert mine in top5, f"step {step}: fitserve chose {mine}, not in the reference's top 5 {top5}"
+            return
+
+
+@pytest.mark.parametrize("method", ["w8", "w4", "mixllm"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_quantized_engine_matches_transformers_on_dequantized_weights(tmp_path: Path, variant: str,
+                                                                      method: str) -> None:
+    dense, quantized = quantize_tiny(tmp_path, variant, method)
+    reference = dequantized_reference(dense, quantized)
+    shared = random_token_ids(24, seed=99)
+    prompts = [random_token_ids(5, seed=1), shared + random_token_ids(30, seed=2),
+               shared + random_token_ids(9, seed=3), random_token_ids(70, seed=4)]
+    # 32-token steps chunk the long prompts; the shared 24-token prefix hits the prefix cache;
+    # 14 blocks (112 tokens) cannot hold all four requests (~20 blocks), so some are preempted.
+    config = load_model_config(dense)
+    block_bytes = kv_cache_bytes_per_block(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                                           8, torch.float32)
+    llm = LLM(str(quantized), dtype="float32", kv_cache_memory=14 * block_bytes, block_size=8,
+              max_num_batched_tokens=32)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens=10))
+    for prompt, output in zip(prompts, outputs, strict=True):
+        expected, logits = hf_greedy(reference, prompt, 10)
+        assert_tokens_match(output.outputs[0].token_ids, expected, logits)
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions_total > 0 and stats.num_prefix_cache_hit_tokens_total > 0
+
+
+def test_loading_a_prequantized_directory_equals_quantizing_at_load(tmp_path: Path) -> None:
+    dense, quantized = quantize_tiny(tmp_path, "qwen2_bias", "w4")
+    from_dir, _ = load_model(quantized, torch.float32, CPU, "torch")
+    at_load, _ = load_model(dense, torch.float32, CPU, "torch", quantization="w4", group_size=GROUP)
+    for name, tensor in from_dir.state_dict().items():
+        assert torch.equal(tensor, at_load.state_dict()[name]), name
+
+
+def test_quantized_directory_whose_tensors_do_not_match_its_config_is_refused(tmp_path: Path) -> None:
+    _, quantized = quantize_tiny(tmp_path, "llama2", "w4")
+    tensors = load_file(str(quantized / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.scales"
+    tensors[name] = tensors[name].float()  # wrong dtype
+    save_file(tensors, str(quantized / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="down_proj.scales.*quantization_config"):
+        load_model(quantized, torch.float32, CPU, "torch")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 64  # shapes no longer match
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="shape"):
+        load_model(quantized, torch.float32, CPU, "torch")
+    config["quantization_config"]["quant_method"] = "gptq"
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="gptq.*not supported"):
+        load_model(quantized, torch.float32, CPU, "torch")
+
+
+def test_quantize_refuses_bad_requests_with_one_line_errors(tmp_path: Path) -> None:
+    dense = write_tiny_checkpoint(tmp_path / "dense", "llama2")
+    with pytest.raises(QuantizeError, match="unknown method"):
+        quantize_model(dense, tmp_path / "out", "int3", progress=False)
+    with pytest.raises(QuantizeError, match="does not divide.*--group-size 64"):
+        quantize_model(dense, tmp_path / "out", "w4", group_size=96, progress=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(QuantizeError, match="already exists.*--force"):
+        quantize_model(dense, tmp_path / "taken", "w8", progress=False)
+    quantize_model(dense, tmp_path / "taken", "w8", force=True, progress=False)
+    assert (tmp_path / "taken" / "model.safetensors").is_file() and not (tmp_path / "taken" / "file").exists()
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize_model(tmp_path / "taken", tmp_path / "again", "w4", progress=False)
+
+
+def test_dynamic_quantization_with_a_group_that_does_not_divide_is_refused(tmp_path: Path) -> None:
+    dense = write_tiny_checkpoint(tmp_path / "dense", "llama2")
+    with pytest.raises(ModelLoadError, match="does not divide"):
+        load_model(dense, torch.float32, CPU, "torch", quantization="w4", group_size=48)
