@@ -93,15 +93,19 @@ class TileConfig:
 
 
 def choose_config(
-    rows: int, out_features: int, k_steps: int, dtype: torch.dtype, device: torch.device
+    rows: int, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device,
+    group_size: int | None = None,
 ) -> TileConfig:
-    """Tiles for x [rows, K] times a weight with `out_features` rows whose K is walked in
-    `k_steps` steps (w8: K / 64 or K / 128 columns, w4: the group count).
+    """Tiles for x [rows, in_features] times a w8 weight (group_size None) or a w4 weight
+    with `out_features` rows.
 
-    Decode (rows <= DECODE_MAX_ROWS): 16-row tiles, narrow N tiles (32 below ~2000
-    outputs, else 64) and 4 stages of loads in flight, since the weight stream is the whole
-    cost. Prefill: 128 x 128 output tiles for 16-bit x (the usual tensor-core GEMM tile),
-    smaller for short prompts and for float32 x, whose exact dots stage twice the bytes.
+    Decode (rows <= DECODE_MAX_ROWS): 16-row tiles, narrow N tiles (32 below ~2000 outputs,
+    else 64), 128-column w8 steps and 4 stages of loads in flight, since the weight stream
+    is the whole cost. Prefill: 128 x 128 output tiles for 16-bit x (the usual tensor-core
+    GEMM tile) with 64-column w8 steps, smaller for short prompts and for float32 x, whose
+    exact dots stage twice the bytes; 3 stages, or 2 for w4 groups of more than 64 columns
+    (a step then stages twice the x bytes: 2 x 32 KiB of bfloat16 at G = 128, which 3
+    stages would take past the ~99 KiB of shared memory consumer GPUs have).
     Then K is split until there are PROGRAMS_PER_MULTIPROCESSOR programs per SM.
     """
     if device.type == "cuda":
@@ -119,7 +123,8 @@ def choose_config(
         block_n = 128 if wide else 32
         block_k = 64 if wide else 32
         num_warps = 8 if block_m * block_n >= 128 * 64 else 4
-        num_stages = 3 if wide else 2
+        num_stages = 2 if not wide or (group_size or 0) > 64 else 3
+    k_steps = cdiv(in_features, block_k) if group_size is None else in_features // group_size
     tiles = max(1, cdiv(rows, block_m) * cdiv(out_features, block_n))
     wanted = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors
     split_k = max(1, min(cdiv(wanted, tiles), k_steps // MIN_STEPS_PER_SPLIT, MAX_SPLIT_K))
@@ -306,9 +311,7 @@ def w8_linear(
     if scales.shape != (out_features,) or scales.dtype != torch.float32:
         raise ValueError(f"w8 scales must be float32 [{out_features}] (got {scales.dtype} {list(scales.shape)})")
     if config is None:
-        wide = x.dtype != torch.float32
-        block_k = 128 if wide and rows <= DECODE_MAX_ROWS else 64 if wide else 32
-        config = choose_config(rows, out_features, cdiv(in_features, block_k), x.dtype, x.device)
+        config = choose_config(rows, out_features, in_features, x.dtype, x.device)
     steps = cdiv(in_features, config.block_k)
     return _launch(x, qweight, scales, scales, bias, out, out_rows, config, steps, bits=8, group_half=0,
                    even_k=in_features % config.block_k == 0)
@@ -344,7 +347,7 @@ def w4_linear(
                 f"contiguous rows (got {tensor.dtype} {list(tensor.shape)})"
             )
     if config is None:
-        config = choose_config(rows, out_features, groups, x.dtype, x.device)
+        config = choose_config(rows, out_features, in_features, x.dtype, x.device, group_size)
     return _launch(x, qweight, scales, zeros, bias, out, out_rows, config, groups, bits=4,
                    group_half=group_size // 2, even_k=True)
 

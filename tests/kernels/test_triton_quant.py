@@ -165,14 +165,14 @@ def test_strided_x_rows_are_read_in_place() -> None:
 
 def test_choose_config_splits_k_only_when_output_tiles_are_too_few() -> None:
     cpu = torch.device("cpu")  # assumes an H100's 132 SMs
-    decode_small = triton_quant.choose_config(1, 896, 7, torch.bfloat16, cpu)  # Qwen2.5-0.5B o_proj, w4
-    assert (decode_small.block_m, decode_small.split_k) == (16, 3)
-    decode_wide = triton_quant.choose_config(1, 28672, 32, torch.bfloat16, cpu)  # Llama-3-8B gate_up
-    assert decode_wide.split_k == 1
-    prefill = triton_quant.choose_config(4096, 4096, 32, torch.bfloat16, cpu)
-    assert prefill.block_m == 128 and prefill.split_k == 1
-    short_prefill = triton_quant.choose_config(17, 4096, 32, torch.bfloat16, cpu)
-    assert short_prefill.split_k > 1
+    decode_small = triton_quant.choose_config(1, 896, 896, torch.bfloat16, cpu, 128)  # Qwen2.5-0.5B o_proj
+    assert (decode_small.block_m, decode_small.block_n, decode_small.split_k) == (16, 32, 3)
+    decode_wide = triton_quant.choose_config(1, 28672, 4096, torch.bfloat16, cpu)  # Llama-3-8B gate_up
+    assert decode_wide.block_n == 64 and decode_wide.split_k == 1
+    prefill = triton_quant.choose_config(4096, 4096, 4096, torch.bfloat16, cpu, 128)
+    assert (prefill.block_m, prefill.block_n, prefill.split_k, prefill.num_stages) == (128, 128, 1, 2)
+    short_prefill = triton_quant.choose_config(17, 4096, 4096, torch.bfloat16, cpu)
+    assert short_prefill.block_m == 32 and short_prefill.split_k > 1
 
 
 def test_empty_batch_launches_nothing() -> None:
