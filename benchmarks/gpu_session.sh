@@ -3,7 +3,8 @@
 # kernels and CUDA-graph decode against the torch reference on the real GPU, float32 greedy
 # parity with transformers on CUDA, single-stream decode and 4096-token prefill of the
 # Llama-3-8B shape against the measured HBM bandwidth and matmul rate, nano-vllm's
-# offline-throughput recipe against transformers, and decode without CUDA graphs.
+# offline-throughput recipe against transformers, decode without CUDA graphs, and the
+# dequantizing w8/w4 matmuls against the bf16 cuBLAS matmul on Llama-3-8B and Qwen2.5-0.5B shapes.
 #
 #   bash benchmarks/gpu_session.sh            # results in $OUT, else benchmarks/results/gpu/
 #
@@ -47,6 +48,7 @@ python3 -c "import fitserve" || exit 1
 } 2>&1 | tee "$RESULTS/gpu_versions.txt"
 
 step 150 python3 -m pytest -q -p no:cacheprovider tests/attention tests/kernels/test_triton_ops.py \
+  tests/kernels/test_triton_quant.py \
   tests/models/test_llama_vs_hf.py tests/engine/test_decode_graphs.py tests/engine/test_triton_path.py \
   tests/engine/test_parity.py \
   2>&1 | tee "$RESULTS/gpu_tests.log" | tail -15
@@ -59,3 +61,5 @@ step 220 python3 benchmarks/offline_throughput.py --device cuda --preset qwen3-0
 step 90 python3 benchmarks/gpu_decode.py --repeats 2 --prefill-len 512 --enforce-eager \
   --out "$RESULTS/gpu_decode_llama-3-8b_eager.json" 2>&1 | tee "$RESULTS/gpu_decode_eager.log" \
   | grep -v "^INFO" | tail -4
+step 150 python3 benchmarks/gpu_quant_kernels.py --out "$RESULTS/gpu_quant_kernels.json" \
+  2>&1 | tee "$RESULTS/gpu_quant_kernels.log" | tail -45
