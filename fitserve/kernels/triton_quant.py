@@ -24,8 +24,15 @@ across programs (split-K) whose float32 partial sums a second small kernel adds 
 (M > 16) is a tiled matmul with large tiles; it splits K only when its tiles are too few.
 `choose_config` picks the tiles; `benchmarks/gpu_quant_kernels.py` sweeps the choices.
 
-Mixed precision (MixLLM). `out` and `out_rows` let several weights of one layer write into
-one [M, N_total] output: output channel n of this weight goes to column `out_rows[n]`.
+Keyword arguments of `w8_linear` and `w4_linear`:
+
+- out: the output tensor ([M, N] in x's dtype, rows contiguous), allocated if None.
+- out_rows: int64 [N] (with `out`): output channel n goes to out[:, out_rows[n]], so the
+  parts of a mixed-precision layer (MixLLM: most channels in w4, the salient ones in w8)
+  each fill their own columns of one [M, N_total] tensor. The indices must be distinct and
+  < N_total; they are not checked, which would wait for the GPU. `bias` follows the
+  weight's own channel order.
+- config: a `TileConfig` instead of `choose_config`'s (benchmarks and tuning).
 """
 
 from __future__ import annotations
@@ -302,7 +309,7 @@ def w8_linear(
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ dequantize_w8(qweight [N, K] int8, scales [N] float32).T (+ bias [N]), in x's
-    dtype (see `_launch` for `out`, `out_rows` and `config`)."""
+    dtype; returns `out` (see the module docstring for `out`, `out_rows` and `config`)."""
     _check_x(x)
     rows, in_features = x.shape
     if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != in_features:
@@ -330,8 +337,9 @@ def w4_linear(
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ dequantize_w4(qweight [N, K/2] uint8, scales [N, K/G] float16, zeros
-    [N, K/G] uint8, G).T (+ bias [N]), in x's dtype (see `_launch` for `out`, `out_rows`
-    and `config`; `config.block_k` is unused, w4 steps one group at a time)."""
+    [N, K/G] uint8, G).T (+ bias [N]), in x's dtype; returns `out` (see the module
+    docstring for `out`, `out_rows` and `config`; `config.block_k` is unused, w4 steps one
+    group at a time)."""
     _check_x(x)
     rows, in_features = x.shape
     check_group_size(in_features, group_size)
@@ -353,6 +361,7 @@ def w4_linear(
 
 
 def _check_x(x: torch.Tensor) -> None:
+    """Fail early, in one line, on activations the kernels cannot take."""
     check_device(x)
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be a 2-D float32/bfloat16/float16 tensor (got {x.dtype} {list(x.shape)})")
@@ -372,16 +381,13 @@ def _launch(
     group_half: int,
     even_k: bool,
 ) -> torch.Tensor:
-    """Launch one weight's matmul (and, with config.split_k > 1, the reduction).
-
-    out: where to write; [M, N] by default (allocated if None). With `out_rows` (int64 [N],
-    distinct column indices < out.shape[1], not checked: that would sync with the GPU),
-    output channel n goes to out[:, out_rows[n]], so the parts of a mixed-precision layer
-    each fill their own columns of one [M, N_total] tensor; bias [N] follows the weight's
-    own channel order. Returns `out`.
-    """
+    """Check the arguments both formats share, then launch one weight's matmul (and, with
+    more than one K split, the reduction). `steps`: K steps of the weight (w8 tiles, w4 groups)."""
     rows, in_features = x.shape
     out_features = qweight.shape[0]
+    for tensor in (qweight, scales, zeros, bias, out, out_rows):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"every tensor must be on x's device {x.device} (got one on {tensor.device})")
     if x.stride(1) != 1:
         x = x.contiguous()
     if qweight.stride(1) != 1:
@@ -396,7 +402,7 @@ def _launch(
     if out is None:
         out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     else:
-        wanted_columns = "> max(out_rows)" if out_rows is not None else str(out_features)
+        wanted_columns = "N_total" if out_rows is not None else str(out_features)
         if (out.dim() != 2 or out.shape[0] != rows or out.dtype != x.dtype or out.stride(1) != 1
                 or (out_rows is None and out.shape[1] != out_features)):
             raise ValueError(

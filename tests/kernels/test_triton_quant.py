@@ -190,6 +190,8 @@ def test_bad_inputs_get_a_clear_error() -> None:
         triton_quant.w8_linear(x, qweight, scales.half())
     with pytest.raises(ValueError, match="out_rows needs the output tensor"):
         triton_quant.w8_linear(x, qweight, scales, out_rows=torch.arange(OUT_FEATURES, device=DEVICE))
+    with pytest.raises(ValueError, match="every tensor must be on x's device"):
+        triton_quant.w8_linear(x, qweight, scales.to("meta"))
     with pytest.raises(ValueError, match=r"out must be torch.float32 \[2, 37\]"):
         triton_quant.w8_linear(x, qweight, scales, out=torch.empty((2, 40), device=DEVICE))
     q4, s4, z4 = w4_weight(OUT_FEATURES, 64, 32, seed=19)
