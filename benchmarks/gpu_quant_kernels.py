@@ -186,16 +186,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/)")
     args = parser.parse_args()
 
-    if not torch.cuda.is_available():
-        sys.exit(
-            "benchmarks/gpu_quant_kernels.py times GPU kernels and needs a CUDA GPU, but "
-            "torch.cuda.is_available() is False on this machine. (The kernels' correctness is "
-            "tested on CPU by `pytest tests/kernels/test_triton_quant.py` under TRITON_INTERPRET=1.)"
-        )
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        sys.exit("Triton is not installed: pip install 'fitserve[cuda]' (or pip install triton).")
+    if not torch.cuda.is_available():  # Triton itself comes with torch's CUDA builds
+        sys.exit("benchmarks/gpu_quant_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "on CPU, pytest tests/kernels/test_triton_quant.py checks the kernels in Triton's interpreter.")
     from fitserve.bench.roofline import measure_memory_bandwidth
 
     copy_bandwidth = measure_memory_bandwidth(DEVICE, size_bytes=2**30, min_time_s=1.0)
