@@ -92,6 +92,18 @@ def test_w4_linear_equals_dequantize_then_matmul(dtype: torch.dtype, rows: int, 
     assert_matches_reference(actual, x, weight, bias)
 
 
+@pytest.mark.parametrize(("dtype", "magic"), [(torch.bfloat16, 0x4300), (torch.float16, 0x6400)])
+def test_w4_codes_minus_zeros_by_bit_tricks_are_exact(dtype: torch.dtype, magic: int) -> None:
+    """The identity `_small_integers` relies on for 16-bit x, checked in torch for every code
+    and zero: (magic | q) - (magic | z) read as `dtype` is exactly q - z. The interpreter
+    runs that branch for float16 only (it cannot do bfloat16 arithmetic), so this is what
+    covers the bfloat16 constant off a GPU."""
+    codes = torch.arange(16, dtype=torch.int16)
+    biased = (codes | magic).view(dtype)
+    differences = biased[:, None] - biased[None, :]
+    assert torch.equal(differences.float(), (codes[:, None] - codes[None, :]).float())
+
+
 def test_w4_group_size_that_is_not_a_power_of_two() -> None:
     """The format allows any even group size: 48 columns load as 24 + 24, padded to 32."""
     qweight, scales, zeros = w4_weight(OUT_FEATURES, 144, 48, seed=5)
