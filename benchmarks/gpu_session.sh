@@ -3,7 +3,9 @@
 # kernels and CUDA-graph decode against the torch reference on the real GPU, float32 greedy
 # parity with transformers on CUDA, single-stream decode and 4096-token prefill of the
 # Llama-3-8B shape against the measured HBM bandwidth and matmul rate, nano-vllm's
-# offline-throughput recipe against transformers, and decode without CUDA graphs.
+# offline-throughput recipe against transformers, decode without CUDA graphs, and the
+# dequantizing w8/w4 matmuls (their tests, then their speed against the bf16 cuBLAS matmul on
+# Llama-3-8B and Qwen2.5-0.5B shapes).
 #
 #   bash benchmarks/gpu_session.sh            # results in $OUT, else benchmarks/results/gpu/
 #
@@ -59,3 +61,9 @@ step 220 python3 benchmarks/offline_throughput.py --device cuda --preset qwen3-0
 step 90 python3 benchmarks/gpu_decode.py --repeats 2 --prefill-len 512 --enforce-eager \
   --out "$RESULTS/gpu_decode_llama-3-8b_eager.json" 2>&1 | tee "$RESULTS/gpu_decode_eager.log" \
   | grep -v "^INFO" | tail -4
+# The dequantizing matmuls: their tests on the GPU (the bfloat16 code-decoding branch runs only
+# there), then their speed.
+step 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_quant.py \
+  2>&1 | tee "$RESULTS/gpu_quant_tests.log" | tail -5
+step 150 python3 benchmarks/gpu_quant_kernels.py --out "$RESULTS/gpu_quant_kernels.json" \
+  2>&1 | tee "$RESULTS/gpu_quant_kernels.log" | tail -45

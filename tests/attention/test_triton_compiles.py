@@ -1,4 +1,5 @@
-"""The Triton kernels (attention and the fused per-layer ops) compile for NVIDIA GPUs,
+"""The Triton kernels (attention, the fused per-layer ops, the dequantizing matmuls) compile for
+NVIDIA GPUs,
 checked on a machine without one.
 
 The interpreter tests (test_triton_paged.py) check the kernels' arithmetic, but the
@@ -28,8 +29,13 @@ SHARED_MEMORY_LIMIT = 99 * 1024
 
 
 def compile_for_gpu(kernel, pointer_types: dict[str, str], constexprs: dict, capability: int,
-                    options: dict | None = None):
-    """Compile `kernel` for compute capability `capability` (e.g. 90 for H100) to a cubin."""
+                    options: dict | None = None, aligned: frozenset[str] = frozenset()):
+    """Compile `kernel` for compute capability `capability` (e.g. 90 for H100) to a cubin.
+
+    `aligned` names the arguments to compile as multiples of 16, as a launch does for
+    pointers from torch and for integers divisible by 16: without that, loads cannot be
+    vectorized and Triton does not pipeline them through shared memory, so both the code and
+    its shared-memory use would differ from what a GPU runs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -43,7 +49,8 @@ def compile_for_gpu(kernel, pointer_types: dict[str, str], constexprs: dict, cap
         else:
             # Strides, counts: Triton passes Python ints that fit in 32 bits as i32.
             signature[name] = pointer_types.get(name, "i32")
-    source = ASTSource(kernel, signature, constexprs)
+    attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(signature) if name in aligned}
+    source = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options or {"num_warps": 4})
 
 
@@ -124,6 +131,56 @@ def compile_all_kernels() -> list[str]:
     ]:
         compiled = compile_for_gpu(kernel, pointer_types, constexprs, capability=90, options=options)
         reports.append(f"{kernel.fn.__name__} bf16: shared={compiled.metadata.shared}")
+    return reports + compile_quant_kernels()
+
+
+def compile_quant_kernels() -> list[str]:
+    """The dequantizing matmuls with the tiles `choose_config` picks for Llama-3-8B's
+    4096 x 4096 projection, for decode (one token: split-K, the reduction kernel) and prefill
+    (4096 tokens), w8 and w4 (G = 128, and G = 32 whose half-groups are the smallest dots),
+    16-bit and float32 x, compiled with the alignment a launch from torch has."""
+    import torch
+
+    from fitserve.kernels import triton_quant
+
+    aligned = frozenset({
+        "x_ptr", "qweight_ptr", "scales_ptr", "zeros_ptr", "bias_ptr", "out_rows_ptr", "out_ptr", "partial_ptr",
+        "stride_x_row", "stride_qweight", "stride_out_row", "in_features", "out_features",
+    })
+    element_types = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    reports = []
+    for bits, group_size, dtype, rows in [
+        (8, None, torch.bfloat16, 1), (8, None, torch.bfloat16, 4096), (8, None, torch.float32, 1),
+        (4, 128, torch.bfloat16, 1), (4, 128, torch.bfloat16, 4096), (4, 32, torch.float16, 4096),
+        (4, 128, torch.float32, 4096),
+    ]:
+        config = triton_quant.choose_config(rows, 4096, 4096, dtype, torch.device("cpu"), group_size)
+        element = element_types[dtype]
+        pointer_types = {
+            "x_ptr": f"*{element}", "bias_ptr": f"*{element}", "out_ptr": f"*{element}",
+            "qweight_ptr": "*i8" if bits == 8 else "*u8", "scales_ptr": "*fp32" if bits == 8 else "*fp16",
+            "zeros_ptr": "*u8", "out_rows_ptr": "*i64", "partial_ptr": "*fp32",
+        }
+        half = (group_size or 2) // 2
+        constexprs = dict(
+            BITS=bits, GROUP_HALF=half, GROUP_HALF_PAD=max(16, half), BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=True, SPLIT=config.split_k > 1,
+            HAS_BIAS=True, SCATTER=rows > 1, UPCAST_OPERANDS=False,
+            INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        )
+        compiled = compile_for_gpu(
+            triton_quant._quant_matmul_kernel, pointer_types, constexprs, capability=90,
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages}, aligned=aligned,
+        )
+        reports.append(f"_quant_matmul_kernel w{bits} G={group_size} {element} rows={rows} {config}: "
+                       f"shared={compiled.metadata.shared}")
+    compiled = compile_for_gpu(
+        triton_quant._split_k_reduce_kernel,
+        {"partial_ptr": "*fp32", "bias_ptr": "*bf16", "out_rows_ptr": "*i64", "out_ptr": "*bf16"},
+        dict(BLOCK_M=16, BLOCK_N=triton_quant.REDUCE_BLOCK_N, HAS_BIAS=True, SCATTER=True),
+        capability=90, aligned=aligned,
+    )
+    reports.append(f"_split_k_reduce_kernel bf16: shared={compiled.metadata.shared}")
     return reports
 
 
@@ -141,7 +198,7 @@ def test_every_kernel_compiles_for_nvidia_gpus_within_consumer_shared_memory() -
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if "shared=" in line]
-    assert len(lines) == 9, result.stdout
+    assert len(lines) == 17, result.stdout
     for line in lines:
         shared_bytes = int(line.rsplit("shared=", 1)[1])
         assert shared_bytes <= SHARED_MEMORY_LIMIT, line
