@@ -138,3 +138,30 @@ def test_dynamic_quantization_with_a_group_that_does_not_divide_is_refused(tmp_p
     dense = write_tiny_checkpoint(tmp_path / "dense", "llama2")
     with pytest.raises(ModelLoadError, match="does not divide"):
         load_model(dense, torch.float32, CPU, "torch", quantization="w4", group_size=48)
+
+
+def test_triton_path_runs_quantized_models(tmp_path: Path, monkeypatch) -> None:
+    """The GPU path (Triton's interpreter here): attention and the dequantizing matmuls in
+    Triton. A mixllm model exercises both kernels (w4 rows, w8 rows and the w8 LM head)."""
+    method = "mixllm"
+    from fitserve.kernels import triton_quant
+
+    dense, quantized = quantize_tiny(tmp_path, "llama3_rope_scaling", method)
+    reference = dequantized_reference(dense, quantized)
+    calls = {"w4": 0, "w8": 0}
+    for kind in calls:
+        original = getattr(triton_quant, f"{kind}_linear")
+
+        def counted(*args, _original=original, _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(triton_quant, f"{kind}_linear", counted)
+    llm = LLM(str(quantized), dtype="float32", kv_cache_memory="1MiB", block_size=8, max_num_batched_tokens=32,
+              attention_backend="triton")
+    prompts = [random_token_ids(5, seed=1), random_token_ids(40, seed=2)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens=4))
+    for prompt, output in zip(prompts, outputs, strict=True):
+        expected, logits = hf_greedy(reference, prompt, 4)
+        assert_tokens_match(output.outputs[0].token_ids, expected, logits)
+    assert calls["w4"] > 0 and calls["w8"] > 0  # projections in w4, the LM head (and mixllm rows) in w8
