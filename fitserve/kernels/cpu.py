@@ -289,3 +289,45 @@ def widen_for_matmul(dtype: torch.dtype, device: torch.device) -> bool:
 _AVX512_BF16 = _cpu_flag("avx512_bf16")
 _AMX = _cpu_flag("amx_bf16")
 _NATIVE_BF16 = cpu_has_native_bf16()
+
+
+def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",
+                 decode_max_rows: int | None = None):
+    """A compiled `QuantLinear` (fitserve/kernels/cpu_quant_linear.h) for a layer stored in the
+    w8/w4 formats of fitserve.quant.packing, or None where the kernels cannot be built (callers
+    then dequantize and run F.linear, the formats' reference).
+
+    Add the layer's parts with `add_w8(qweight, scales, out_rows=None)` and
+    `add_w4(qweight, scales, zeros, group_size, out_rows=None)`, then call `forward(x)` with a
+    contiguous [M, in_features] float32 or bfloat16 x. Up to `decode_max_rows` rows of x
+    (default: the kernels' own, measured by benchmarks/cpu_quant_kernels.py --section rows) run
+    the integer kernels, more rows dequantize and multiply; the same object can be handed to the
+    fused decode stack. Where the CPU lacks AVX2 and AVX-512 VNNI, or a part's group size does
+    not fit the kernels' layout, that part runs the dequantizing path for every row count, and
+    a log line says so.
+    """
+    kernels = get()
+    if kernels is None:
+        return None
+    kwargs = {} if decode_max_rows is None else {"decode_max_rows": decode_max_rows}
+    layer = kernels.QuantLinear(in_features, out_features, bias, isa, **kwargs)
+    if layer.isa == "reference" and isa == "auto":
+        _log_once("quantized layers: this CPU has neither AVX-512 VNNI nor AVX2; decode rows dequantize "
+                  "and run the matmul library")
+    return layer
+
+
+def log_reference_parts(layer) -> None:
+    """Log (once per process) when a part of `layer` has no integer kernel on this CPU."""
+    if "reference" in layer.part_isas() and layer.isa != "reference":
+        _log_once("quantized layers: a group size that is not a multiple of 32 (or not a divisor or "
+                  "multiple of the vector width) runs the dequantizing path for decode rows too")
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)

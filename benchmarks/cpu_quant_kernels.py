@@ -1,0 +1,206 @@
+"""Micro-benchmarks of the quantized linear layers (fitserve/kernels/cpu_quant_linear.h).
+
+    python benchmarks/cpu_quant_kernels.py                   # one decode row: w4, w8 vs bf16
+    python benchmarks/cpu_quant_kernels.py --section rows    # integer kernel vs dequantize+matmul by rows
+    python benchmarks/cpu_quant_kernels.py --section prefill # 1024 rows: dequantize+matmul vs bf16/fp32
+
+`gemv`: one row of x against each Qwen2.5-0.5B projection shape (o 896x896, qkv 1152x896,
+gate_up 9728x896, down 896x4864, and the 151936x896 LM head, in w8 only as fitserve stores it)
+in bf16 through the streaming kernel (`linear_small_batch`), in w8 and in w4 (group 128)
+through QuantLinear (AVX-512 VNNI and AVX2 where the CPU runs them). Each variant has enough
+copies of its weights that every call reads them from memory, as a decode step does; the
+variants alternate call by call so a shared machine's bandwidth swings hit all alike, and a
+plain read of a large buffer (torch.sum, as benchmarks/cpu_decode.py's read bound) is measured
+between rounds. Reported: median time per call, effective read bandwidth (bytes stored / time)
+and its fraction of the read bound measured in the same run.
+
+`rows`: 1..64 rows of x against the gate_up shape: the integer kernel against the same layer's
+dequantize-then-matmul path; where the second wins sets the default decode_max_rows.
+
+`prefill`: 1024 rows through each projection shape of one layer: bf16 F.linear (what a bf16
+model runs), float32 F.linear, and QuantLinear w4/w8 (dequantize into a float32 slice, then
+the matmul library), float32 and bf16 x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_machine, write_result  # noqa: E402
+from cpu_decode import measure_read_bandwidth  # noqa: E402
+
+from fitserve.bench.roofline import memory_test_bytes  # noqa: E402
+from fitserve.kernels import cpu  # noqa: E402
+from fitserve.quant import packing  # noqa: E402
+
+QWEN_SHAPES = {"o": (896, 896), "qkv": (1152, 896), "gate_up": (9728, 896), "down": (896, 4864),
+               "lm_head": (151936, 896)}
+
+
+def quant_layer(kernels, fmt: str, weight: torch.Tensor, isa: str, group_size: int = 128, **kwargs):
+    """A QuantLinear holding `weight` in `fmt` (w8 or w4)."""
+    layer = kernels.QuantLinear(weight.shape[1], weight.shape[0], None, isa, **kwargs)
+    if fmt == "w8":
+        layer.add_w8(*packing.quantize_w8(weight))
+    else:
+        layer.add_w4(*packing.quantize_w4(weight, group_size), group_size)
+    return layer
+
+
+def copies_for(bytes_per_copy: int, target: int) -> int:
+    """How many copies of a weight make a round larger than the caches."""
+    return max(1, -(-target // bytes_per_copy))
+
+
+def gemv_section(args, kernels) -> dict:
+    target = memory_test_bytes(torch.device("cpu"))
+    isas = ["avx512_vnni", "avx2"] if kernels.has_avx512_vnni() else ["avx2"]
+    results = {}
+    for name in args.shapes:
+        out_features, in_features = QWEN_SHAPES[name]
+        weight = torch.randn(out_features, in_features) * 0.02
+        variants = {}  # name -> (callables over copies, bytes per call)
+        bf16 = weight.to(torch.bfloat16)
+        copies = copies_for(bf16.numel() * 2, target)
+        bf16_copies = [bf16.clone() for _ in range(copies)]
+        x16 = torch.randn(1, in_features).to(torch.bfloat16)
+        variants["bf16 linear_small_batch"] = (
+            [lambda w=w: kernels.linear_small_batch(x16, w, None) for w in bf16_copies], bf16.numel() * 2)
+        formats = ["w8"] if name == "lm_head" else ["w8", "w4"]
+        x32 = torch.randn(1, in_features)
+        for fmt in formats:
+            for isa in isas:
+                first = quant_layer(kernels, fmt, weight, isa)
+                layers = [first] + [quant_layer(kernels, fmt, weight, isa)
+                                    for _ in range(copies_for(first.bytes(), target) - 1)]
+                variants[f"{fmt} {isa}"] = ([lambda layer=layer: layer.forward(x32) for layer in layers],
+                                            first.bytes())
+        del bf16_copies
+        times = {v: [] for v in variants}
+        reads = []
+        order = list(variants)
+        for round_index in range(args.rounds):
+            reads.append(measure_read_bandwidth(min_time_s=0.05))
+            for step in range(args.calls_per_round):
+                v = order[(step + round_index) % len(order)]
+                calls, _ = variants[v]
+                fn = calls[(step // len(order) + round_index) % len(calls)]
+                start = time.perf_counter()
+                fn()
+                times[v].append(time.perf_counter() - start)
+        read = statistics.median(reads)
+        shape_result = {"shape": [out_features, in_features], "read_bandwidth_bytes_per_s": read, "variants": {}}
+        for v, (_, nbytes) in variants.items():
+            median = statistics.median(times[v])
+            rate = nbytes / median
+            shape_result["variants"][v] = {"bytes": nbytes, "median_ms": median * 1e3, "calls": len(times[v]),
+                                           "bytes_per_s": rate, "fraction_of_read": rate / read}
+            print(f"{name:8s} {v:24s} {median * 1e3:8.3f} ms {rate / 1e9:6.1f} GB/s "
+                  f"{rate / read:5.2f} of read ({read / 1e9:.1f} GB/s)", flush=True)
+        results[name] = shape_result
+        del variants
+    return {"shapes": results}
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()
+    return min(timed(fn) for _ in range(repeats))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def rows_section(args, kernels) -> dict:
+    out_features, in_features = QWEN_SHAPES[args.rows_shape]
+    weight = torch.randn(out_features, in_features) * 0.02
+    target = memory_test_bytes(torch.device("cpu"))
+    results = []
+    for fmt in ("w4", "w8"):
+        kernel_layers = [quant_layer(kernels, fmt, weight, "auto", decode_max_rows=1 << 20)]
+        kernel_layers += [quant_layer(kernels, fmt, weight, "auto", decode_max_rows=1 << 20)
+                          for _ in range(copies_for(kernel_layers[0].bytes(), target) - 1)]
+        dequant = quant_layer(kernels, fmt, weight, "reference")
+        for rows in args.rows:
+            x = torch.randn(rows, in_features)
+            kernel_times, dequant_times = [], []
+            for repeat in range(args.repeats):  # alternating
+                kernel_times.append(timed(lambda: kernel_layers[repeat % len(kernel_layers)].forward(x)))
+                dequant_times.append(timed(lambda: dequant.forward(x)))
+            row = {"format": fmt, "rows": rows, "kernel_ms": statistics.median(kernel_times) * 1e3,
+                   "dequantize_matmul_ms": statistics.median(dequant_times) * 1e3}
+            results.append(row)
+            print(row, flush=True)
+    return {"shape": [out_features, in_features], "results": results}
+
+
+def prefill_section(args, kernels) -> dict:
+    rows = args.prefill_rows
+    results = {}
+    totals: dict[str, float] = {}
+    for name in ("qkv", "o", "gate_up", "down"):
+        out_features, in_features = QWEN_SHAPES[name]
+        weight = torch.randn(out_features, in_features) * 0.02
+        x32 = torch.randn(rows, in_features)
+        x16 = x32.to(torch.bfloat16)
+        w16 = weight.to(torch.bfloat16)
+        w4 = quant_layer(kernels, "w4", weight, "auto")
+        w8 = quant_layer(kernels, "w8", weight, "auto")
+        variants = {
+            "bf16 F.linear (bf16 x)": lambda: F.linear(x16, w16),
+            "fp32 F.linear": lambda: F.linear(x32, weight),
+            "w4 QuantLinear fp32 x": lambda: w4.forward(x32),
+            "w4 QuantLinear bf16 x": lambda: w4.forward(x16),
+            "w8 QuantLinear fp32 x": lambda: w8.forward(x32),
+        }
+        times = {v: [] for v in variants}
+        for repeat in range(args.repeats):
+            for v in (list(variants)[repeat % len(variants):] + list(variants)[:repeat % len(variants)]):
+                times[v].append(timed(variants[v]))
+        results[name] = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+        for v, ms in results[name].items():
+            totals[v] = totals.get(v, 0.0) + ms
+        print(name, {v: round(ms, 2) for v, ms in results[name].items()}, flush=True)
+    base = totals["bf16 F.linear (bf16 x)"]
+    ratios = {v: ms / base for v, ms in totals.items()}
+    print("one layer's projections, ms:", {v: round(ms, 2) for v, ms in totals.items()}, flush=True)
+    print("ratio to bf16:", {v: round(r, 3) for v, r in ratios.items()}, flush=True)
+    return {"rows": rows, "median_ms": results, "layer_total_ms": totals, "ratio_to_bf16": ratios}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=["gemv", "rows", "prefill"], default="gemv")
+    parser.add_argument("--shapes", nargs="+", default=list(QWEN_SHAPES), choices=list(QWEN_SHAPES))
+    parser.add_argument("--rounds", type=int, default=9, help="gemv: rounds (a read-bound measurement each)")
+    parser.add_argument("--calls-per-round", type=int, default=60, help="gemv: calls per round, all variants")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 96])
+    parser.add_argument("--rows-shape", default="gate_up", choices=list(QWEN_SHAPES))
+    parser.add_argument("--prefill-rows", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    kernels = cpu.get()
+    assert kernels is not None, "the CPU kernels are unavailable here"
+    section = {"gemv": gemv_section, "rows": rows_section, "prefill": prefill_section}[args.section]
+    result = section(args, kernels)
+    path = write_result(f"cpu_quant_kernels_{args.section}",
+                        {"benchmark": "cpu_quant_kernels", "section": args.section, "machine": describe_machine(),
+                         "threads": torch.get_num_threads(), "shared_machine_note":
+                         "2-core VM shared with other jobs: compare ratios within one run", **result}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,777 @@
+// y = x W^T + b for a linear layer whose weight is stored in fitserve's integer formats
+// (fitserve/quant/packing.py defines them: w8 = int8 codes and a float32 scale per output row;
+// w4 = 4-bit codes packed per group, a float16 scale and a uint8 zero per group of G input
+// columns). One object per layer, called by the Python path and by the fused decode stack alike.
+//
+// A layer holds one or more parts, each writing its output rows to the positions `out_rows`
+// gives (MixLLM keeps most rows in w4 and the salient ones in w8, in one layer).
+//
+// Few rows of x (decode): the weights stream from memory once per call for all rows, and the
+// products are integer dot products. Each row of x is rounded to int8 per block of columns
+// (the w4 group, or 128 columns for w8) with scale max|x|/127, and then
+//   w4: x . w_g = s_g * xs_g * (sum q*xq - z_g * sum xq)   (q the 4-bit codes, 0..15)
+//   w8: x . w_b = s_n * xs_b * sum w*xq
+// with AVX-512 VNNI (vpdpbusd: unsigned bytes times signed bytes into int32 lanes) or AVX2
+// (vpmaddubsw + vpmaddwd). The sums are exact in int32; the only error beyond float32 rounding
+// is the rounding of x to int8, at most xs_b/2 per element (see tests/kernels/
+// test_quant_linear.py for the bound the tests check). Why integers: one vpdpbusd multiplies 64
+// weights, where widening 4-bit codes to float32 takes ~3 instructions per 16 weights before the
+// FMA; per 128 w4 weights the loop below spends ~12 vector instructions, which keeps up with
+// memory on two Zen 4 cores.
+//
+// Many rows (prefill): each part is dequantized, in slices of rows, into a float32 buffer
+// exactly as dequantize_w4 / dequantize_w8 compute it, and the matmul library multiplies
+// (at::addmm / at::mm), so the result equals dequantize-then-F.linear up to the library's own
+// summation order (identical calls where the layer is one part).
+//
+// The 4-bit layout: byte i of a group's G/2 bytes holds column i in its low nibble and column
+// G/2 + i in its high nibble. A vector of V bytes (V = 64 with AVX-512, 32 with AVX2) of codes
+// thus gives, after a mask and a shift, the codes of two runs of columns; the int8 x rows are
+// stored in that same order ("chunks": V low-nibble partners then V high-nibble partners), so
+// the kernels never shuffle weights. A 32-bit lane of a chunk covers 4 bytes of one group,
+// which is how a lane finds its group's scales.
+
+#pragma once
+
+#include "cpu_kernels.h"
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace fitserve_cpu {
+
+#define FITSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
+#define FITSERVE_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+
+inline bool cpu_has_avx512_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+inline bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// Which code computes a part: the integer kernels (for few rows of x) or the dequantize-then-
+// matmul path only (every row count; where no kernel fits the CPU or the group size).
+enum class QuantIsa { kReference, kAvx2, kAvx512Vnni };
+
+inline const char* isa_name(QuantIsa isa) {
+  switch (isa) {
+    case QuantIsa::kAvx512Vnni: return "avx512_vnni";
+    case QuantIsa::kAvx2: return "avx2";
+    default: return "reference";
+  }
+}
+
+constexpr int64_t kW8XBlock = 128;  // columns of x per int8 scale against w8 weights
+// Rows of x up to which the integer kernels run by default (above: dequantize and matmul).
+constexpr int64_t kQuantDecodeMaxRows = 32;
+
+// A buffer of T whose data starts on a 64-byte boundary, grown on demand and kept.
+template <typename T>
+struct AlignedBuffer {
+  std::vector<T> storage;
+  T* data = nullptr;
+  T* get(int64_t count) {
+    const size_t needed = static_cast<size_t>(count) + 64 / sizeof(T);
+    if (storage.size() < needed) storage.resize(needed);
+    data = align64(storage.data());
+    return data;
+  }
+};
+
+// Round count floats of x to int8 codes (nearest, ties to even) with scale max|x|/127;
+// returns the scale (0 for an all-zero block, whose codes are all 0).
+inline float quantize_block(const float* x, int64_t count, int8_t* codes) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  float amax = hmax(vmax);
+  for (; i < count; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const __m256 vinverse = _mm256_set1_ps(inverse);
+  for (i = 0; i + 8 <= count; i += 8) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinverse));
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packs_epi16(words, words));
+  }
+  for (; i < count; ++i)
+    codes[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] * inverse), -127.0f, 127.0f));
+  return amax / 127.0f;
+}
+
+// ---------------------------------------------------------------------------------- parts
+
+// Where a 4-bit part's chunks of V bytes fall on its groups: a chunk holds `groups_per_chunk`
+// whole groups (G <= 2V), or a group spans `chunks_per_group` chunks (G a multiple of 2V).
+struct W4Layout {
+  int64_t K = 0, G = 0, groups = 0, row_bytes = 0, vector_bytes = 0, chunks = 0, full_chunks = 0, tail_bytes = 0;
+  int64_t groups_per_chunk = 1, chunks_per_group = 1;
+
+  // False where the kernels' layout assumptions do not hold for this group size (G a multiple
+  // of 32 that divides 2V, or a multiple of 2V); the part then takes the dequantizing path.
+  static bool fits(int64_t G, int64_t vector_bytes) {
+    if (G % 32 != 0) return false;
+    return G <= 2 * vector_bytes ? (2 * vector_bytes) % G == 0 : G % (2 * vector_bytes) == 0;
+  }
+
+  W4Layout() = default;
+  W4Layout(int64_t K_, int64_t G_, int64_t vector_bytes_) : K(K_), G(G_), vector_bytes(vector_bytes_) {
+    groups = K / G;
+    row_bytes = K / 2;
+    chunks = (row_bytes + vector_bytes - 1) / vector_bytes;
+    full_chunks = row_bytes / vector_bytes;
+    tail_bytes = row_bytes - full_chunks * vector_bytes;
+    if (G <= 2 * vector_bytes) groups_per_chunk = 2 * vector_bytes / G;
+    else chunks_per_group = G / (2 * vector_bytes);
+  }
+  int64_t lanes() const { return vector_bytes / 4; }
+};
+
+struct QuantPart {
+  bool is_w4 = false;
+  torch::Tensor qweight, scales, zeros, out_rows;  // as stored; zeros undefined for w8
+  int64_t rows = 0, group_size = 0;
+  bool identity_rows = true;  // rows 0..N-1 of the layer in order (no out_rows)
+  std::vector<int64_t> row_map;  // out_rows as a vector (identity when empty)
+  QuantIsa isa = QuantIsa::kReference;
+  W4Layout layout;
+
+  int64_t out_row(int64_t n) const { return identity_rows ? n : row_map[n]; }
+  int64_t bytes() const {
+    int64_t total = qweight.nbytes() + scales.nbytes();
+    if (zeros.defined()) total += zeros.nbytes();
+    if (out_rows.defined()) total += out_rows.nbytes();
+    return total;
+  }
+};
+
+// x rows quantized for one part's kernel (see the file comment for the layouts).
+struct ActivationCodes {
+  int64_t code_stride = 0;   // bytes of codes per row of x
+  int64_t scale_stride = 0;  // floats of lane scales (w4) or block scales (w8) per row of x
+  int64_t extra_stride = 0;  // w4: zero terms (floats) per row; w8: offset lanes (int32) per row
+  AlignedBuffer<int8_t> codes;
+  AlignedBuffer<float> scales;      // w4: [M][chunks][lanes] xs of each lane's group; w8: [M][blocks]
+  AlignedBuffer<float> zero_terms;  // w4: [M][groups] xs_g * sum of the group's codes
+  AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum
+  std::vector<int8_t> natural;      // one row's codes in column order (w4 staging)
+};
+
+// w4: codes in chunk order, each lane's group scale and each group's zero term.
+inline void prepare_w4_activations(const float* x, int64_t M, const W4Layout& L, ActivationCodes& a) {
+  const int64_t V = L.vector_bytes, lanes = L.lanes(), half = L.G / 2;
+  a.code_stride = L.chunks * 2 * V;
+  a.scale_stride = L.chunks * lanes;
+  a.extra_stride = L.groups;
+  int8_t* codes = a.codes.get(M * a.code_stride);
+  float* lane_scales = a.scales.get(M * a.scale_stride);
+  float* zero_terms = a.zero_terms.get(M * a.extra_stride);
+  a.natural.resize(static_cast<size_t>(L.K));
+  std::vector<float> group_scales(static_cast<size_t>(L.groups));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * L.K;
+    int8_t* row = codes + m * a.code_stride;
+    for (int64_t g = 0; g < L.groups; ++g) {
+      const float scale = quantize_block(xr + g * L.G, L.G, a.natural.data() + g * L.G);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < L.G; ++k) sum += a.natural[g * L.G + k];
+      group_scales[g] = scale;
+      zero_terms[m * a.extra_stride + g] = scale * static_cast<float>(sum);
+    }
+    std::memset(row, 0, static_cast<size_t>(a.code_stride));
+    for (int64_t b = 0; b < L.row_bytes; b += 16) {  // G/2 and V are multiples of 16
+      const int64_t g = b / half, j = b % half, c = b / V, o = b % V;
+      std::memcpy(row + c * 2 * V + o, a.natural.data() + g * L.G + j, 16);
+      std::memcpy(row + c * 2 * V + V + o, a.natural.data() + g * L.G + half + j, 16);
+    }
+    float* scales_row = lane_scales + m * a.scale_stride;
+    for (int64_t c = 0; c < L.chunks; ++c)
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t b = c * V + 4 * l;
+        scales_row[c * lanes + l] = b < L.row_bytes ? group_scales[b / half] : 0.0f;
+      }
+  }
+}
+
+// w8: codes in column order (zero-padded to whole 128-column blocks), one scale per block and,
+// for the AVX-512 kernel (which adds 128 to each weight to make it unsigned), -128 times the
+// sum of the codes each 32-bit lane meets in a block, the lane's starting value.
+inline void prepare_w8_activations(const float* x, int64_t M, int64_t K, bool offsets, ActivationCodes& a) {
+  const int64_t blocks = (K + kW8XBlock - 1) / kW8XBlock;
+  a.code_stride = blocks * kW8XBlock;
+  a.scale_stride = blocks;
+  a.extra_stride = blocks * 16;
+  int8_t* codes = a.codes.get(M * a.code_stride);
+  float* scales = a.scales.get(M * a.scale_stride);
+  int32_t* lane_offsets = offsets ? a.offsets.get(M * a.extra_stride) : nullptr;
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* row = codes + m * a.code_stride;
+    std::memset(row, 0, static_cast<size_t>(a.code_stride));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * kW8XBlock, count = std::min(kW8XBlock, K - first);
+      scales[m * blocks + b] = quantize_block(x + m * K + first, count, row + first);
+      if (!offsets) continue;
+      for (int l = 0; l < 16; ++l) {
+        int32_t sum = 0;
+        for (int i = 0; i < 4; ++i) sum += row[first + 4 * l + i] + row[first + 64 + 4 * l + i];
+        lane_offsets[m * a.extra_stride + b * 16 + l] = -128 * sum;
+      }
+    }
+  }
+}
+
+// What every kernel gets: the part, the activations, and where results go. out is float32
+// [M, out_features]; each result is written with the bias of its output row added.
+struct KernelArgs {
+  const QuantPart* part;
+  const ActivationCodes* act;
+  const float* bias;  // [out_features] or nullptr
+  float* out;
+  int64_t out_features;
+};
+
+// ------------------------------------------------------------------------- AVX-512 VNNI
+
+// Sum over groups of s_g * z_g * zero_terms[m][g] for MR rows of x, 16 groups at a time.
+template <int MR>
+FITSERVE_VNNI inline void w4_zero_corrections_vnni(const uint16_t* scales, const uint8_t* zeros, int64_t groups,
+                                                   const float* const* zero_terms, float* corrections) {
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 mask = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + g));
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zeros + g)));
+    const __m512 sz = _mm512_mul_ps(s, z);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, zero_terms[m] + g), acc[m]);
+  }
+  for (int m = 0; m < MR; ++m) corrections[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// Rows [first, last) of a w4 part against MR rows of x starting at m0. GPC: groups per chunk
+// (1 where a group fills one or more chunks).
+template <int MR, int GPC>
+FITSERVE_VNNI void w4_rows_vnni(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+  const QuantPart& p = *args.part;
+  const W4Layout& L = p.layout;
+  const ActivationCodes& a = *args.act;
+  const uint8_t* codes_all = p.qweight.data_ptr<uint8_t>();
+  const uint16_t* scales_all = reinterpret_cast<const uint16_t*>(p.scales.data_ptr<at::Half>());
+  const uint8_t* zeros_all = p.zeros.data_ptr<uint8_t>();
+  const int8_t* x[MR];
+  const float* xs[MR];
+  const float* zt[MR];
+  for (int m = 0; m < MR; ++m) {
+    x[m] = a.codes.data + (m0 + m) * a.code_stride;
+    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
+    zt[m] = a.zero_terms.data + (m0 + m) * a.extra_stride;
+  }
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  // Lane l of a chunk covers bytes 4l..4l+3: group l / (16 / GPC) of the chunk.
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               GPC == 4 ? 2 : GPC == 2 ? 3 : 4);
+  const __mmask64 tail_mask = L.tail_bytes ? (~__mmask64(0)) >> (64 - L.tail_bytes) : 0;
+  const int tail_groups = static_cast<int>(L.tail_bytes / (L.G / 2));
+  for (int64_t n = first; n < last; ++n) {
+    const uint8_t* codes = codes_all + n * L.row_bytes;
+    const uint16_t* scales = scales_all + n * L.groups;
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t group = 0, in_group = 0;
+    for (int64_t c = 0; c < L.chunks; ++c) {
+      __m512i v;
+      __m512 s;
+      if (c < L.full_chunks) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + c * 64) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+        v = _mm512_loadu_si512(codes + c * 64);
+      } else {
+        v = _mm512_maskz_loadu_epi8(tail_mask, codes + c * 64);
+      }
+      if constexpr (GPC == 1) {
+        s = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(scales[group])));
+        if (++in_group == L.chunks_per_group) in_group = 0, ++group;
+      } else {
+        const __mmask8 gmask = static_cast<__mmask8>(c < L.full_chunks ? (1u << GPC) - 1 : (1u << tail_groups) - 1);
+        const __m256 h = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(gmask, scales + c * GPC));
+        s = _mm512_permutexvar_ps(lane_group, _mm512_castps256_ps512(h));
+      }
+      const __m512i lo = _mm512_and_si512(v, nibble);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xc = x[m] + c * 128;
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xc));
+        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(xc + 64));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_load_ps(xs[m] + c * 16)), acc[m]);
+      }
+    }
+    float corrections[MR];
+    w4_zero_corrections_vnni<MR>(scales, zeros_all + n * L.groups, L.groups, zt, corrections);
+    const int64_t row = p.out_row(n);
+    const float b = args.bias ? args.bias[row] : 0.0f;
+    for (int m = 0; m < MR; ++m)
+      args.out[(m0 + m) * args.out_features + row] = _mm512_reduce_add_ps(acc[m]) - corrections[m] + b;
+  }
+}
+
+// Rows [first, last) of a w8 part: each weight byte plus 128 (an xor) is unsigned for
+// vpdpbusd, and the lanes start at -128 times their codes' sums, so each lane ends exact.
+template <int MR>
+FITSERVE_VNNI void w8_rows_vnni(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+  const QuantPart& p = *args.part;
+  const ActivationCodes& a = *args.act;
+  const int64_t K = p.qweight.size(1), blocks = a.scale_stride;
+  const int8_t* w_all = p.qweight.data_ptr<int8_t>();
+  const float* row_scales = p.scales.data_ptr<float>();
+  const int8_t* x[MR];
+  const float* xs[MR];
+  const int32_t* offsets[MR];
+  for (int m = 0; m < MR; ++m) {
+    x[m] = a.codes.data + (m0 + m) * a.code_stride;
+    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
+    offsets[m] = a.offsets.data + (m0 + m) * a.extra_stride;
+  }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t n = first; n < last; ++n) {
+    const int8_t* w = w_all + n * K;
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t col = b * kW8XBlock, left = K - col;
+      __m512i w0, w1;
+      if (left >= 128) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + col) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w + col) + kSingleRowPrefetchBytes + 64, _MM_HINT_T1);
+        w0 = _mm512_loadu_si512(w + col);
+        w1 = _mm512_loadu_si512(w + col + 64);
+      } else {
+        const __mmask64 m0mask = left >= 64 ? ~__mmask64(0) : (~__mmask64(0)) >> (64 - left);
+        const __mmask64 m1mask = left > 64 ? (~__mmask64(0)) >> (128 - left) : 0;
+        w0 = _mm512_maskz_loadu_epi8(m0mask, w + col);
+        w1 = _mm512_maskz_loadu_epi8(m1mask, w + col + 64);
+      }
+      w0 = _mm512_xor_si512(w0, flip);
+      w1 = _mm512_xor_si512(w1, flip);
+      for (int m = 0; m < MR; ++m) {
+        __m512i dot = _mm512_load_si512(offsets[m] + b * 16);
+        dot = _mm512_dpbusd_epi32(dot, w0, _mm512_load_si512(x[m] + col));
+        dot = _mm512_dpbusd_epi32(dot, w1, _mm512_load_si512(x[m] + col + 64));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m][b]), acc[m]);
+      }
+    }
+    const int64_t row = p.out_row(n);
+    const float b = args.bias ? args.bias[row] : 0.0f;
+    for (int m = 0; m < MR; ++m)
+      args.out[(m0 + m) * args.out_features + row] = _mm512_reduce_add_ps(acc[m]) * row_scales[n] + b;
+  }
+}
+
+// --------------------------------------------------------------------------------- AVX2
+
+FITSERVE_AVX2_F16C inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+template <int MR, int GPC>
+FITSERVE_AVX2_F16C void w4_rows_avx2(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+  const QuantPart& p = *args.part;
+  const W4Layout& L = p.layout;
+  const ActivationCodes& a = *args.act;
+  const uint8_t* codes_all = p.qweight.data_ptr<uint8_t>();
+  const uint16_t* scales_all = reinterpret_cast<const uint16_t*>(p.scales.data_ptr<at::Half>());
+  const uint8_t* zeros_all = p.zeros.data_ptr<uint8_t>();
+  const int8_t* x[MR];
+  const float* xs[MR];
+  const float* zt[MR];
+  for (int m = 0; m < MR; ++m) {
+    x[m] = a.codes.data + (m0 + m) * a.code_stride;
+    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
+    zt[m] = a.zero_terms.data + (m0 + m) * a.extra_stride;
+  }
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i lane_group = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // GPC == 2 (G = 32)
+  for (int64_t n = first; n < last; ++n) {
+    const uint8_t* codes = codes_all + n * L.row_bytes;
+    const uint16_t* scales = scales_all + n * L.groups;
+    const uint8_t* zeros = zeros_all + n * L.groups;
+    __m256 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t group = 0, in_group = 0;
+    for (int64_t c = 0; c < L.chunks; ++c) {
+      __m256i v;
+      __m256 s;
+      if (c < L.full_chunks) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + c * 32) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+        v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 32));
+      } else {  // the last 16 bytes of a row whose byte count is an odd multiple of 16
+        v = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c * 32)));
+      }
+      if constexpr (GPC == 1) {
+        s = _mm256_set1_ps(half_to_float(scales[group]));
+        if (++in_group == L.chunks_per_group) in_group = 0, ++group;
+      } else {
+        const uint32_t pair = c < L.full_chunks ? (static_cast<uint32_t>(scales[2 * c + 1]) << 16) | scales[2 * c]
+                                                : scales[2 * c];
+        s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(pair)))),
+                                     lane_group);
+      }
+      const __m256i lo = _mm256_and_si256(v, nibble);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xc = x[m] + c * 64;
+        const __m256i pairs = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(xc))),
+            _mm256_maddubs_epi16(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(xc + 32))));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_load_ps(xs[m] + c * 8)), acc[m]);
+      }
+    }
+    const int64_t row = p.out_row(n);
+    const float b = args.bias ? args.bias[row] : 0.0f;
+    for (int m = 0; m < MR; ++m) {
+      float correction = 0.0f;
+      for (int64_t g = 0; g < L.groups; ++g)
+        correction += half_to_float(scales[g]) * static_cast<float>(zeros[g]) * zt[m][g];
+      args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) - correction + b;
+    }
+  }
+}
+
+// Signed times signed with vpmaddubsw: |w| (unsigned) times x with w's sign; |w| <= 128 and
+// |x| <= 127 keep each pair's sum within int16.
+template <int MR>
+FITSERVE_AVX2_F16C void w8_rows_avx2(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+  const QuantPart& p = *args.part;
+  const ActivationCodes& a = *args.act;
+  const int64_t K = p.qweight.size(1), blocks = a.scale_stride;
+  const int8_t* w_all = p.qweight.data_ptr<int8_t>();
+  const float* row_scales = p.scales.data_ptr<float>();
+  const int8_t* x[MR];
+  const float* xs[MR];
+  for (int m = 0; m < MR; ++m) {
+    x[m] = a.codes.data + (m0 + m) * a.code_stride;
+    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) int8_t tail[32];
+  for (int64_t n = first; n < last; ++n) {
+    const int8_t* w = w_all + n * K;
+    __m256 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i dot[MR];
+      for (int m = 0; m < MR; ++m) dot[m] = _mm256_setzero_si256();
+      for (int64_t col = b * kW8XBlock; col < std::min(K, (b + 1) * kW8XBlock); col += 32) {
+        __m256i wv;
+        if (col + 32 <= K) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + col) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+          wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + col));
+        } else {
+          std::memset(tail, 0, sizeof(tail));
+          std::memcpy(tail, w + col, static_cast<size_t>(K - col));
+          wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+        }
+        const __m256i magnitude = _mm256_abs_epi8(wv);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i signed_x = _mm256_sign_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(x[m] + col)), wv);
+          dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), ones));
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_set1_ps(xs[m][b]), acc[m]);
+    }
+    const int64_t row = p.out_row(n);
+    const float b = args.bias ? args.bias[row] : 0.0f;
+    for (int m = 0; m < MR; ++m) args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) * row_scales[n] + b;
+  }
+}
+
+// ------------------------------------------------------------------------- dispatch
+
+// f(std::integral_constant<int, rows>) for rows in 1..Max.
+template <int Max, typename F>
+inline void with_rows(int rows, const F& f) {
+  if constexpr (Max >= 1) {
+    if (rows == Max) f(std::integral_constant<int, Max>{});
+    else with_rows<Max - 1>(rows, f);
+  }
+}
+
+constexpr int kVnniTileRows = 8;  // rows of x per pass over a weight row: 2 accumulators each
+constexpr int kAvx2TileRows = 4;  // 16 ymm registers
+
+// The integer kernel of one part over all M rows of x: weight rows split between threads
+// (~32 KiB per claim), each weight row met by the rows of x in tiles while it is in L1.
+inline void run_part_kernel(const KernelArgs& args, int64_t M) {
+  const QuantPart& p = *args.part;
+  const int64_t row_bytes = std::max<int64_t>(1, p.is_w4 ? p.layout.row_bytes : p.qweight.size(1));
+  const int64_t chunk = std::max<int64_t>(1, kClaimBytes / row_bytes);
+  const bool vnni = p.isa == QuantIsa::kAvx512Vnni;
+  const int tile = vnni ? kVnniTileRows : kAvx2TileRows;
+  parallel_for_stealing(p.rows, chunk, [&](int64_t first, int64_t last) {
+    for (int64_t n0 = first; n0 < last; n0 += 8) {  // x tiles meet 8 weight rows at a time
+      const int64_t n1 = std::min(last, n0 + 8);
+      for (int64_t m0 = 0; m0 < M; m0 += tile) {
+        const int mr = static_cast<int>(std::min<int64_t>(tile, M - m0));
+        if (!p.is_w4) {
+          if (vnni) with_rows<kVnniTileRows>(mr, [&](auto R) { w8_rows_vnni<decltype(R)::value>(args, m0, n0, n1); });
+          else with_rows<kAvx2TileRows>(mr, [&](auto R) { w8_rows_avx2<decltype(R)::value>(args, m0, n0, n1); });
+        } else if (vnni) {
+          with_rows<kVnniTileRows>(mr, [&](auto R) {
+            constexpr int MR = decltype(R)::value;
+            switch (p.layout.groups_per_chunk) {
+              case 4: w4_rows_vnni<MR, 4>(args, m0, n0, n1); break;
+              case 2: w4_rows_vnni<MR, 2>(args, m0, n0, n1); break;
+              default: w4_rows_vnni<MR, 1>(args, m0, n0, n1); break;
+            }
+          });
+        } else {
+          with_rows<kAvx2TileRows>(mr, [&](auto R) {
+            constexpr int MR = decltype(R)::value;
+            if (p.layout.groups_per_chunk == 2) w4_rows_avx2<MR, 2>(args, m0, n0, n1);
+            else w4_rows_avx2<MR, 1>(args, m0, n0, n1);
+          });
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------- dequantize
+
+// Rows [first, first + count) of a part as float32 [count, K], as dequantize_w4 / dequantize_w8
+// compute them: (q - z) * s and q * s, one float32 rounding each.
+inline void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count, float* out) {
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = first + r;
+      float* o = out + r * K;
+      if (!p.is_w4) {
+        const int8_t* w = p.qweight.data_ptr<int8_t>() + n * K;
+        const float s = p.scales.data_ptr<float>()[n];
+        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(w[k]) * s;
+        continue;
+      }
+      const int64_t G = p.group_size, groups = K / G, half = G / 2;
+      const uint8_t* codes = p.qweight.data_ptr<uint8_t>() + n * (K / 2);
+      const at::Half* scales = p.scales.data_ptr<at::Half>() + n * groups;
+      const uint8_t* zeros = p.zeros.data_ptr<uint8_t>() + n * groups;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = static_cast<float>(scales[g]);
+        const int z = zeros[g];
+        const uint8_t* gc = codes + g * half;
+        float* og = o + g * G;
+        for (int64_t i = 0; i < half; ++i) {
+          og[i] = static_cast<float>((gc[i] & 0x0F) - z) * s;
+          og[half + i] = static_cast<float>((gc[i] >> 4) - z) * s;
+        }
+      }
+    }
+  });
+}
+
+// The float32 buffers of the dequantizing path, one per process: layers run one after
+// another, so one buffer the size of the largest slice serves all of them (a buffer per
+// layer would add up to a float32 copy of the model).
+struct DequantScratch {
+  std::mutex mutex;
+  torch::Tensor weight, product;
+  static DequantScratch& instance() {
+    static DequantScratch scratch;
+    return scratch;
+  }
+  static torch::Tensor take(torch::Tensor& storage, int64_t rows, int64_t cols) {
+    if (!storage.defined() || storage.numel() < rows * cols) storage = torch::empty({rows * cols}, torch::kFloat);
+    return storage.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+};
+
+// The most float32 elements of one dequantized slice, and of its product.
+constexpr int64_t kDequantSliceElements = int64_t{16} << 20;
+
+// ------------------------------------------------------------------------- the layer
+
+class QuantLinear {
+ public:
+  // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (dequantize
+  // and matmul for every row count). decode_max_rows: up to this many rows of x the integer
+  // kernels run, above it the dequantizing path.
+  QuantLinear(int64_t in_features, int64_t out_features, c10::optional<torch::Tensor> bias, const std::string& isa,
+              int64_t decode_max_rows)
+      : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows),
+        covered_(static_cast<size_t>(std::max<int64_t>(out_features, 0)), 0) {
+    TORCH_CHECK(in_features > 0 && out_features > 0, "QuantLinear: in_features and out_features must be positive");
+    if (isa == "auto") isa_ = cpu_has_avx512_vnni() ? QuantIsa::kAvx512Vnni
+                                : cpu_has_avx2_fma() ? QuantIsa::kAvx2 : QuantIsa::kReference;
+    else if (isa == "avx512_vnni") isa_ = QuantIsa::kAvx512Vnni;
+    else if (isa == "avx2") isa_ = QuantIsa::kAvx2;
+    else if (isa == "reference") isa_ = QuantIsa::kReference;
+    else TORCH_CHECK(false, "QuantLinear: isa must be auto, avx512_vnni, avx2 or reference (got ", isa, ")");
+    TORCH_CHECK(isa_ != QuantIsa::kAvx512Vnni || cpu_has_avx512_vnni(), "QuantLinear: this CPU lacks AVX-512 VNNI");
+    TORCH_CHECK(isa_ != QuantIsa::kAvx2 || cpu_has_avx2_fma(), "QuantLinear: this CPU lacks AVX2/FMA");
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->device().is_cpu(),
+                  "QuantLinear: bias must be a CPU tensor [out_features]");
+      bias_ = bias->to(torch::kFloat).contiguous();
+    }
+  }
+
+  // qweight int8 [N, K], scales float32 [N]; out_rows int64 [N] (the layer rows it writes).
+  void add_w8(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> out_rows) {
+    TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kChar && qweight.size(1) == in_features_,
+                "add_w8: qweight must be int8 [N, in_features]");
+    TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == torch::kFloat && scales.size(0) == qweight.size(0),
+                "add_w8: scales must be float32 [N]");
+    QuantPart part;
+    part.qweight = checked_storage(qweight);
+    part.scales = checked_storage(scales);
+    part.rows = qweight.size(0);
+    part.isa = isa_;
+    set_rows(part, out_rows);
+    parts_.push_back(std::move(part));
+  }
+
+  // qweight uint8 [N, K/2], scales float16 [N, K/G], zeros uint8 [N, K/G], in the w4 layout.
+  void add_w4(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
+              c10::optional<torch::Tensor> out_rows) {
+    TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && in_features_ % group_size == 0,
+                "add_w4: group size ", group_size, " must be even and divide in_features ", in_features_);
+    const int64_t groups = in_features_ / group_size;
+    TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kByte && qweight.size(1) * 2 == in_features_,
+                "add_w4: qweight must be uint8 [N, in_features / 2]");
+    TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kHalf && scales.size(0) == qweight.size(0) &&
+                    scales.size(1) == groups, "add_w4: scales must be float16 [N, in_features / group_size]");
+    TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kByte && zeros.sizes() == scales.sizes(),
+                "add_w4: zeros must be uint8 [N, in_features / group_size]");
+    QuantPart part;
+    part.is_w4 = true;
+    part.qweight = checked_storage(qweight);
+    part.scales = checked_storage(scales);
+    part.zeros = checked_storage(zeros);
+    part.rows = qweight.size(0);
+    part.group_size = group_size;
+    const int64_t vector_bytes = isa_ == QuantIsa::kAvx512Vnni ? 64 : 32;
+    part.isa = isa_ != QuantIsa::kReference && W4Layout::fits(group_size, vector_bytes) ? isa_ : QuantIsa::kReference;
+    if (part.isa != QuantIsa::kReference) part.layout = W4Layout(in_features_, group_size, vector_bytes);
+    set_rows(part, out_rows);
+    parts_.push_back(std::move(part));
+  }
+
+  // x [M, in_features] float32 or bfloat16, contiguous -> [M, out_features] in x's dtype.
+  torch::Tensor forward(const torch::Tensor& x) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features_ && x.is_contiguous() && x.device().is_cpu(),
+                "QuantLinear.forward: x must be a contiguous CPU tensor [M, ", in_features_, "]");
+    TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+                "QuantLinear.forward: x must be float32 or bfloat16");
+    TORCH_CHECK(covered_rows_ == out_features_, "QuantLinear.forward: the parts cover ", covered_rows_, " of ",
+                out_features_, " output rows");
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t M = x.size(0);
+    const torch::Tensor x_float = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
+    torch::Tensor out = torch::empty({M, out_features_}, x_float.options());
+    if (M == 0) return out.to(x.scalar_type());
+    for (const QuantPart& part : parts_) {
+      if (part.isa != QuantIsa::kReference && M <= decode_max_rows_) run_kernel(part, x_float, out);
+      else run_dequantized(part, x_float, out);
+    }
+    return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
+  }
+
+  // Stored bytes of all parts (codes, scales, zeros, out_rows) and the bias.
+  int64_t bytes() const {
+    int64_t total = bias_.defined() ? bias_.nbytes() : 0;
+    for (const QuantPart& part : parts_) total += part.bytes();
+    return total;
+  }
+
+  std::string isa() const { return isa_name(isa_); }
+  // The code each part runs for decode rows, in the order they were added.
+  std::vector<std::string> part_isas() const {
+    std::vector<std::string> names;
+    for (const QuantPart& part : parts_) names.emplace_back(isa_name(part.isa));
+    return names;
+  }
+  int64_t in_features() const { return in_features_; }
+  int64_t out_features() const { return out_features_; }
+  int64_t decode_max_rows() const { return decode_max_rows_; }
+
+ private:
+  static torch::Tensor checked_storage(const torch::Tensor& t) {
+    TORCH_CHECK(t.device().is_cpu(), "QuantLinear: weights must be CPU tensors");
+    return t.contiguous();
+  }
+
+  void set_rows(QuantPart& part, const c10::optional<torch::Tensor>& out_rows) {
+    std::vector<int64_t> rows;
+    if (out_rows.has_value() && out_rows->defined()) {
+      TORCH_CHECK(out_rows->dim() == 1 && out_rows->scalar_type() == torch::kLong && out_rows->size(0) == part.rows,
+                  "QuantLinear: out_rows must be int64 [N] (one output row per weight row)");
+      part.out_rows = out_rows->contiguous();
+      const int64_t* data = part.out_rows.data_ptr<int64_t>();
+      rows.assign(data, data + part.rows);
+      part.identity_rows = false;
+    } else {
+      TORCH_CHECK(part.rows <= out_features_, "QuantLinear: a part without out_rows has more rows than the layer");
+      rows.resize(static_cast<size_t>(part.rows));
+      for (int64_t n = 0; n < part.rows; ++n) rows[n] = n;
+    }
+    for (const int64_t row : rows) {
+      TORCH_CHECK(row >= 0 && row < out_features_, "QuantLinear: output row ", row, " outside [0, ", out_features_, ")");
+      TORCH_CHECK(!covered_[row], "QuantLinear: output row ", row, " is written by two parts");
+    }
+    for (const int64_t row : rows) covered_[row] = 1;
+    covered_rows_ += part.rows;
+    if (!part.identity_rows) part.row_map = std::move(rows);
+  }
+
+  void run_kernel(const QuantPart& part, const torch::Tensor& x, torch::Tensor& out) {
+    const int64_t M = x.size(0);
+    const bool vnni = part.isa == QuantIsa::kAvx512Vnni;
+    if (part.is_w4) prepare_w4_activations(x.data_ptr<float>(), M, part.layout, activations_);
+    else prepare_w8_activations(x.data_ptr<float>(), M, in_features_, vnni, activations_);
+    const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
+                          out.data_ptr<float>(), out_features_};
+    run_part_kernel(args, M);
+  }
+
+  // Dequantize slices of rows into the shared scratch and multiply with the matmul library.
+  void run_dequantized(const QuantPart& part, const torch::Tensor& x, torch::Tensor& out) {
+    const int64_t M = x.size(0), K = in_features_;
+    DequantScratch& scratch = DequantScratch::instance();
+    std::lock_guard<std::mutex> lock(scratch.mutex);
+    const int64_t slice_rows =
+        std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
+    for (int64_t first = 0; first < part.rows; first += slice_rows) {
+      const int64_t count = std::min(slice_rows, part.rows - first);
+      torch::Tensor weight = DequantScratch::take(scratch.weight, count, K);
+      dequantize_rows(part, K, first, count, weight.data_ptr<float>());
+      if (part.identity_rows && first == 0 && count == out_features_) {  // F.linear's own call
+        if (bias_.defined()) at::addmm_out(out, bias_, x, weight.t());
+        else at::mm_out(out, x, weight.t());
+        continue;
+      }
+      torch::Tensor product = DequantScratch::take(scratch.product, M, count);
+      at::mm_out(product, x, weight.t());
+      if (part.identity_rows) {
+        if (bias_.defined()) product.add_(bias_.narrow(0, first, count));
+        out.narrow(1, first, count).copy_(product);
+      } else {
+        const torch::Tensor rows = part.out_rows.narrow(0, first, count);
+        if (bias_.defined()) product.add_(bias_.index_select(0, rows));
+        out.index_copy_(1, rows, product);
+      }
+    }
+  }
+
+  int64_t in_features_, out_features_, decode_max_rows_;
+  QuantIsa isa_ = QuantIsa::kReference;
+  torch::Tensor bias_;  // float32
+  std::vector<QuantPart> parts_;
+  std::vector<uint8_t> covered_;
+  int64_t covered_rows_ = 0;
+  std::mutex mutex_;
+  ActivationCodes activations_;
+};
+
+}  // namespace fitserve_cpu

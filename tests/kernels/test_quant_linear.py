@@ -1,0 +1,218 @@
+"""QuantLinear (cpu_quant_linear.h) against fitserve.quant.packing's dequantize + a float matmul.
+
+Tolerances, per output y[m, n]:
+- dequantizing path (many rows, or isa="reference"): the same float32 matmul as
+  F.linear(x, dequantize(...), bias); bit-identical for a layer of one part, float32 rounding
+  (rtol 1e-6 of |x|.|w|) for parts scattered by out_rows.
+- integer kernels (few rows): x is rounded to int8 per block of columns b (the w4 group, or 128
+  columns for w8) with scale xs_b = max|x_b| / 127, and everything after that is exact integer
+  arithmetic plus float32 sums. So (1) the kernel equals a float64 matmul of the rounded x with
+  the dequantized weight within 1e-5 of |x|.|w|, and (2) against the float32 reference its
+  error is at most sum_k |w[n, k]| * xs_b(k) / 2 (+ the same 1e-5 of |x|.|w|): the activation
+  rounding and nothing else.
+bf16 x: the float32 result rounded once to bf16 (one bf16 ulp more).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fitserve.kernels import cpu
+from fitserve.quant import packing
+
+kernels = cpu.get()
+pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2 or no compiler)")
+
+KERNEL_ISAS = [] if kernels is None else (["avx512_vnni", "avx2"] if kernels.has_avx512_vnni() else ["avx2"])
+ALL_ISAS = [*KERNEL_ISAS, "reference"]
+W8_X_BLOCK = 128
+
+
+def rounded_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as the kernels see it after rounding to int8 per block of columns (float32 arithmetic
+    as in quantize_block), and each element's block scale xs."""
+    rows, columns = x.shape
+    padded = F.pad(x.float(), (0, -columns % block))
+    blocks = padded.view(rows, -1, block)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inverse).clamp(-127, 127)
+    scale = (amax / 127.0).expand_as(blocks)
+    return (codes * scale).reshape(rows, -1)[:, :columns], scale.reshape(rows, -1)[:, :columns]
+
+
+def check_kernel_output(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        block: int) -> None:
+    """Both bounds of the module docstring for an integer-kernel result."""
+    x_rounded, scales = rounded_activations(x, block)
+    bias64 = None if bias is None else bias.double()
+    magnitude = x.abs().double() @ weight.abs().double().t()
+    slack = 1e-5 * magnitude + 1e-6
+    if out.dtype == torch.bfloat16:  # one rounding of the float32 result
+        slack = slack + 2 ** -8 * out.float().abs().double()
+    emulated = F.linear(x_rounded.double(), weight.double(), bias64)
+    assert ((out.double() - emulated).abs() <= slack).all(), (out.double() - emulated).abs().max()
+    reference = F.linear(x.float(), weight, None if bias is None else bias.float()).double()
+    bound = 0.5 * scales.double() @ weight.abs().double().t() * (1 + 1e-3) + slack
+    assert ((out.double() - reference).abs() <= bound).all()
+    # The bound is not vacuous: the rounding error is a visible fraction of it.
+    assert (out.double() - reference).abs().max() > 1e-3 * bound.max()
+
+
+def w4_layer(K: int, N: int, G: int, isa: str, bias: torch.Tensor | None, seed: int, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(N, K, generator=generator)
+    qweight, scales, zeros = packing.quantize_w4(weight, G)
+    layer = kernels.QuantLinear(K, N, bias, isa, **kwargs)
+    layer.add_w4(qweight, scales, zeros, G)
+    return layer, packing.dequantize_w4(qweight, scales, zeros, G)
+
+
+def w8_layer(K: int, N: int, isa: str, bias: torch.Tensor | None, seed: int, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    qweight, scales = packing.quantize_w8(torch.randn(N, K, generator=generator))
+    layer = kernels.QuantLinear(K, N, bias, isa, **kwargs)
+    layer.add_w8(qweight, scales)
+    return layer, packing.dequantize_w8(qweight, scales)
+
+
+def run_and_check(layer, weight, bias, x, block):
+    out = layer.forward(x)
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], weight.shape[0])
+    uses_kernel = layer.part_isas() != ["reference"] and x.shape[0] <= layer.decode_max_rows
+    if uses_kernel:
+        check_kernel_output(out, x, weight, bias, block)
+    elif x.dtype == torch.float32:
+        assert torch.equal(out, F.linear(x, weight, bias))
+    else:
+        expected = F.linear(x.float(), weight, None if bias is None else bias.float()).to(torch.bfloat16)
+        assert torch.equal(out, expected)
+
+
+# K = 96 and 160 (G = 32) and 192 (G = 64) are not multiples of 64 or 128: the last chunk of
+# codes is partial. 37 output rows: not a multiple of any blocking.
+W4_SHAPES = [(32, 96), (32, 160), (64, 192), (64, 896), (128, 384), (128, 896), (256, 768)]
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize(("group_size", "in_features"), W4_SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 64, 300])
+def test_w4_matches_dequantized_reference(isa, group_size, in_features, rows):
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(rows))
+    layer, weight = w4_layer(in_features, 37, group_size, isa, bias, seed=in_features + rows)
+    assert layer.part_isas() == [isa]
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows + 1))
+    run_and_check(layer, weight, bias, x, group_size)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize("in_features", [100, 129, 896, 4864])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 64, 300])
+def test_w8_matches_dequantized_reference(isa, in_features, rows):
+    layer, weight = w8_layer(in_features, 37, isa, None, seed=in_features + rows)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows + 2))
+    run_and_check(layer, weight, None, x, W8_X_BLOCK)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("rows", [9, 33, 64])
+def test_integer_kernels_on_many_rows(isa, rows):
+    # Past one tile of x rows (8 with VNNI, 4 with AVX2) and past the default row limit.
+    bias = torch.randn(37)
+    x = torch.randn(rows, 896)
+    for layer, weight, block in [(*w4_layer(896, 37, 128, isa, bias, seed=1, decode_max_rows=1000), 128),
+                                 (*w8_layer(896, 37, isa, bias, seed=2, decode_max_rows=1000), W8_X_BLOCK)]:
+        check_kernel_output(layer.forward(x), x, weight, bias, block)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
+    # A MixLLM layer: most rows in w4, the salient ones in w8, each at its original position.
+    K, N, G = 256, 41, 64
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(N, K, generator=generator)
+    bias = torch.randn(N, generator=generator)
+    order = torch.randperm(N, generator=generator)
+    high, low = order[:5].sort().values, order[5:]
+    q8, s8 = packing.quantize_w8(weight[high])
+    q4, s4, z4 = packing.quantize_w4(weight[low], G)
+    layer = kernels.QuantLinear(K, N, bias, isa)
+    layer.add_w4(q4, s4, z4, G, out_rows=low)
+    layer.add_w8(q8, s8, out_rows=high)
+    dequantized = torch.empty(N, K)
+    dequantized[low] = packing.dequantize_w4(q4, s4, z4, G)
+    dequantized[high] = packing.dequantize_w8(q8, s8)
+    x = torch.randn(rows, K, generator=generator).to(x_dtype)
+    out = layer.forward(x)
+    assert out.dtype == x_dtype
+    if isa == "reference" or rows > layer.decode_max_rows:
+        expected = F.linear(x.float(), dequantized, bias)
+        tolerance = 1e-6 * (x.float().abs() @ dequantized.abs().t()) + 1e-6
+        if x_dtype == torch.bfloat16:
+            tolerance = tolerance + 2 ** -8 * expected.abs()
+        assert ((out.float() - expected).abs() <= tolerance).all()
+    else:
+        check_kernel_output(out[:, low], x, dequantized[low], bias[low], G)
+        check_kernel_output(out[:, high], x, dequantized[high], bias[high], W8_X_BLOCK)
+
+
+def test_unsupported_group_size_runs_the_dequantizing_path():
+    # G = 48 is no multiple of 32: the kernels' chunk layout does not fit, the part says so.
+    layer, weight = w4_layer(96, 37, 48, "auto", None, seed=3)
+    assert layer.part_isas() == ["reference"]
+    x = torch.randn(2, 96)
+    assert torch.equal(layer.forward(x), F.linear(x, weight))
+
+
+def test_results_do_not_depend_on_thread_count():
+    layer, _ = w4_layer(896, 301, 128, "auto", None, seed=4)
+    x = torch.randn(3, 896)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = layer.forward(x)
+        torch.set_num_threads(3)
+        assert torch.equal(layer.forward(x), alone)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_bytes_counts_every_stored_tensor():
+    K, N, G = 256, 10, 64
+    weight = torch.randn(N, K)
+    q4, s4, z4 = packing.quantize_w4(weight[:7], G)
+    q8, s8 = packing.quantize_w8(weight[7:])
+    layer = kernels.QuantLinear(K, N, torch.zeros(N))
+    layer.add_w4(q4, s4, z4, G)
+    rows = torch.tensor([7, 8, 9])
+    layer.add_w8(q8, s8, out_rows=rows)
+    expected = sum(t.numel() * t.element_size() for t in (q4, s4, z4, q8, s8, rows)) + 4 * N
+    assert layer.bytes() == expected
+    assert (layer.in_features, layer.out_features) == (K, N)
+
+
+def test_bad_input_is_refused_with_a_message():
+    q4, s4, z4 = packing.quantize_w4(torch.randn(4, 128), 64)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        kernels.QuantLinear(128, 4, None, "sse9")
+    with pytest.raises(RuntimeError, match="group size 48"):
+        kernels.QuantLinear(128, 4).add_w4(q4, s4, z4, 48)
+    with pytest.raises(RuntimeError, match="scales must be float16"):
+        kernels.QuantLinear(128, 4).add_w4(q4, s4.float(), z4, 64)
+    layer = kernels.QuantLinear(128, 8)
+    layer.add_w4(q4, s4, z4, 64)
+    with pytest.raises(RuntimeError, match="cover 4 of 8"):
+        layer.forward(torch.randn(1, 128))
+    with pytest.raises(RuntimeError, match="written by two parts"):
+        layer.add_w4(q4, s4, z4, 64, out_rows=torch.tensor([3, 4, 5, 6]))
+    with pytest.raises(RuntimeError, match="outside"):
+        layer.add_w4(q4, s4, z4, 64, out_rows=torch.tensor([4, 5, 6, 8]))
+    layer.add_w4(q4, s4, z4, 64, out_rows=torch.tensor([4, 5, 6, 7]))
+    with pytest.raises(RuntimeError, match="x must be a contiguous CPU tensor"):
+        layer.forward(torch.randn(1, 127))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        layer.forward(torch.randn(1, 128).half())
