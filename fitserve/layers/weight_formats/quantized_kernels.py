@@ -44,19 +44,19 @@ def _log_once(message: str) -> None:
 
 
 def cpu_quant_linear(layer: Linear, parts: list[IntegerPart]) -> Any | None:
-    """The compiled `QuantLinear` holding `parts` (None where the CPU kernels or the class are
-    missing: the reference runs instead, and a log line says so once)."""
-    kernels = cpu_kernels.get()
-    if kernels is None or not hasattr(kernels, "QuantLinear"):
-        _log_once("integer weights: no compiled CPU kernel on this machine; using the PyTorch reference (slow)")
-        return None
+    """The compiled `QuantLinear` holding `parts` (None where the CPU kernels cannot be built:
+    the reference runs instead, and a log line says so once)."""
     bias = None if layer.bias is None else layer.bias.detach()
-    quant = kernels.QuantLinear(layer.in_features, layer.out_features, bias)
+    quant = cpu_kernels.quant_linear(layer.in_features, layer.out_features, bias)
+    if quant is None:
+        _log_once("integer weights: the CPU kernels are not available here; using the PyTorch reference (slow)")
+        return None
     for part in parts:
         if part.kind == "w8":
             quant.add_w8(*part.tensors, part.out_rows)
         else:
             quant.add_w4(*part.tensors, part.group_size, part.out_rows)
+    cpu_kernels.log_reference_parts(quant)
     return quant
 
 
@@ -89,7 +89,7 @@ def integer_kernel(layer: Linear, parts: list[IntegerPart], reference: LinearKer
         quant = cpu_quant_linear(layer, parts)
         layer.cpu_kernel_object = quant
         if quant is not None:
-            return quant.forward
+            return lambda x: quant.forward(x.contiguous())
     else:
         _log_once(f"integer weights on {device.type} without the Triton path: using the PyTorch reference")
     return reference
