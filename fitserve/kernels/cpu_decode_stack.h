@@ -16,15 +16,31 @@
 #include "cpu_bf16_gemm.h"
 #include "cpu_decode_attention.h"
 #include "cpu_kernels.h"
+#include "cpu_quant_linear.h"
 
 #include <array>
 #include <cstring>
+#include <memory>
 
 namespace fitserve_cpu {
 
+// One projection's weight: a dense tensor, or the layer's QuantLinear (integer formats; the
+// same object the Python path multiplies with, so both paths run one kernel per format).
+struct Projection {
+  torch::Tensor dense;
+  std::shared_ptr<QuantLinear> quant;
+  Projection(torch::Tensor weight) : dense(std::move(weight)) {}  // NOLINT: a dense tensor is a projection
+  Projection(std::shared_ptr<QuantLinear> layer) : quant(std::move(layer)) {}  // NOLINT
+  int64_t rows() const { return quant ? quant->out_features() : dense.size(0); }
+  int64_t columns() const { return quant ? quant->in_features() : dense.size(1); }
+};
+
 // One decoder layer's tensors, shared with the Python module's parameters (never copied).
 struct DecodeLayer {
-  torch::Tensor input_norm, qkv, o, post_norm, gate_up, down;
+  torch::Tensor input_norm;
+  Projection qkv, o;
+  torch::Tensor post_norm;
+  Projection gate_up, down;
   c10::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias, q_norm, k_norm;
 };
 
@@ -50,13 +66,23 @@ class DecodeStack {
                  c10::optional<torch::Tensor> o_bias, torch::Tensor post_norm, torch::Tensor gate_up,
                  c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down,
                  c10::optional<torch::Tensor> down_bias) {
-    for (const auto* t : {&input_norm, &qkv, &o, &post_norm, &gate_up, &down})
+    for (const auto* t : {&qkv, &o, &gate_up, &down})
       TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "DecodeStack: weights must be contiguous CPU tensors");
-    const int64_t qkv_width = (num_heads_ + 2 * num_kv_heads_) * head_dim_;
-    TORCH_CHECK(qkv.size(0) == qkv_width && o.size(1) == num_heads_ * head_dim_, "DecodeStack: qkv/o shapes");
-    layers_.push_back({std::move(input_norm), std::move(qkv), std::move(o), std::move(post_norm),
-                       std::move(gate_up), std::move(down), std::move(qkv_bias), std::move(o_bias),
-                       std::move(gate_up_bias), std::move(down_bias), std::move(q_norm), std::move(k_norm)});
+    push_layer(std::move(input_norm), Projection(std::move(qkv)), std::move(qkv_bias), std::move(q_norm),
+               std::move(k_norm), Projection(std::move(o)), std::move(o_bias), std::move(post_norm),
+               Projection(std::move(gate_up)), std::move(gate_up_bias), Projection(std::move(down)),
+               std::move(down_bias));
+  }
+
+  // A layer whose projections are integer formats: each QuantLinear carries its own bias.
+  void add_quantized_layer(torch::Tensor input_norm, std::shared_ptr<QuantLinear> qkv,
+                           c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+                           std::shared_ptr<QuantLinear> o, torch::Tensor post_norm,
+                           std::shared_ptr<QuantLinear> gate_up, std::shared_ptr<QuantLinear> down) {
+    TORCH_CHECK(qkv && o && gate_up && down, "DecodeStack: a QuantLinear for every projection");
+    push_layer(std::move(input_norm), Projection(std::move(qkv)), c10::nullopt, std::move(q_norm),
+               std::move(k_norm), Projection(std::move(o)), c10::nullopt, std::move(post_norm),
+               Projection(std::move(gate_up)), c10::nullopt, Projection(std::move(down)), c10::nullopt);
   }
 
   // The paged caches, [num_blocks, block_size, num_kv_heads, head_dim] per layer.
@@ -131,6 +157,19 @@ class DecodeStack {
   }
 
  private:
+  void push_layer(torch::Tensor input_norm, Projection qkv, c10::optional<torch::Tensor> qkv_bias,
+                  c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, Projection o,
+                  c10::optional<torch::Tensor> o_bias, torch::Tensor post_norm, Projection gate_up,
+                  c10::optional<torch::Tensor> gate_up_bias, Projection down, c10::optional<torch::Tensor> down_bias) {
+    for (const auto* t : {&input_norm, &post_norm})
+      TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "DecodeStack: weights must be contiguous CPU tensors");
+    const int64_t qkv_width = (num_heads_ + 2 * num_kv_heads_) * head_dim_;
+    TORCH_CHECK(qkv.rows() == qkv_width && o.columns() == num_heads_ * head_dim_, "DecodeStack: qkv/o shapes");
+    layers_.push_back({std::move(input_norm), std::move(qkv), std::move(o), std::move(post_norm),
+                       std::move(gate_up), std::move(down), std::move(qkv_bias), std::move(o_bias),
+                       std::move(gate_up_bias), std::move(down_bias), std::move(q_norm), std::move(k_norm)});
+  }
+
   template <typename T>
   torch::Tensor forward_impl(const torch::Tensor& hidden, const torch::Tensor& cos, const torch::Tensor& sin,
                              const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
@@ -192,6 +231,13 @@ class DecodeStack {
         buffer.scalar_type() != options.dtype().toScalarType())
       buffer = torch::empty({rows, cols}, options);
     return buffer;
+  }
+
+  // An integer projection runs its QuantLinear (bias included); a dense one the rule below.
+  torch::Tensor linear(const torch::Tensor& x, const Projection& projection, const c10::optional<torch::Tensor>& bias,
+                       Slot slot) {
+    if (projection.quant) return projection.quant->forward(x);
+    return linear(x, projection.dense, bias, slot);
   }
 
   // fitserve.kernels.cpu.linear: the weight-streaming kernel for few rows of bf16 weights, the

@@ -238,6 +238,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("final_norm"), py::arg("small_batch_rows"), py::arg("float32_kernel_rows"), py::arg("native_bf16"),
            py::arg("fused_silu_max_rows"), py::arg("bf16_dot_rows"))
       .def("add_layer", &DecodeStack::add_layer)
+      .def("add_quantized_layer", &DecodeStack::add_quantized_layer)
       .def("set_kv_caches", &DecodeStack::set_kv_caches)
       .def("forward", &DecodeStack::forward, release)
       .def("forward_tokens", &DecodeStack::forward_tokens, release);

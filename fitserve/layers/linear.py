@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -34,6 +36,9 @@ class Linear(nn.Module):
         if self.weight_format.is_dense:
             self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self._kernel: LinearKernel | None = None
+        self.cpu_kernel_object: Any = None
+        """The compiled QuantLinear an integer layer's kernel calls on the CPU (set when the
+        kernel is chosen), which the fused C++ decode stack calls too."""
 
     @property
     def is_dense(self) -> bool:
@@ -42,17 +47,24 @@ class Linear(nn.Module):
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Store one of the format's tensors (a buffer: saved in state_dict, no gradient)."""
         self.register_buffer(name, tensor, persistent=True)
-        self._kernel = None
+        self.invalidate()
 
     def invalidate(self) -> None:
         """Choose the kernel again at the next call (after tensors were replaced)."""
         self._kernel = None
+        self.cpu_kernel_object = None
 
     @property
     def kernel(self) -> LinearKernel:
         if self._kernel is None:
             self._kernel = self.weight_format.make_kernel(self)
         return self._kernel
+
+    def compiled_cpu_kernel(self) -> Any:
+        """The compiled QuantLinear of an integer layer on the CPU, or None (dense weights, or no
+        compiled kernels): what the fused decode stack multiplies with."""
+        _ = self.kernel  # choosing the kernel builds the object
+        return self.cpu_kernel_object
 
     def stored_bytes(self) -> int:
         """Bytes of the weight as stored (scales and zeros included, bias excluded)."""

@@ -77,9 +77,13 @@ class FusedCpuDecode:
         """The final-normed hidden states of a step `applies` accepted. The stack gathers the
         embedding rows and the rotary table rows itself (see `RotaryEmbedding.table`)."""
         model = self._model
-        embedding = model.model.embed_tokens.weight
-        cos, sin = model.rotary_emb.table(embedding.dtype, metadata.max_seq_len)
-        return self._stack.forward_tokens(input_ids, positions, embedding, cos, sin, metadata.slot_mapping,
+        embed_tokens = model.model.embed_tokens
+        dtype = model.model.norm.weight.dtype
+        cos, sin = model.rotary_emb.table(dtype, metadata.max_seq_len)
+        if not isinstance(embed_tokens, torch.nn.Embedding):  # int8 rows: dequantized in Python
+            return self._stack.forward(embed_tokens(input_ids), cos[positions], sin[positions], metadata.slot_mapping,
+                                       metadata.block_tables, metadata.seq_lens)
+        return self._stack.forward_tokens(input_ids, positions, embed_tokens.weight, cos, sin, metadata.slot_mapping,
                                           metadata.block_tables, metadata.seq_lens)
 
     # ------------------------------------------------------------------ building
@@ -107,11 +111,19 @@ class FusedCpuDecode:
         dtype = model.model.norm.weight.dtype
         if kernels is None or dtype not in (torch.float32, torch.bfloat16):
             return None
-        if not model.plan.is_dense:
-            _decline(f"the fused CPU decode stack does not take {model.plan.method} weights yet; "
-                     "decode steps run layer by layer in Python")
-            return None
-        tensors = [*model.model.layers.parameters(), model.model.norm.weight]
+        quantized = not model.plan.is_dense
+        if quantized:
+            projections = [linear for layer in model.model.layers
+                           for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                          layer.mlp.down_proj)]
+            if any(linear.compiled_cpu_kernel() is None for linear in projections):
+                _decline(f"the fused CPU decode stack needs the compiled kernels for {model.plan.method} weights; "
+                         "decode steps run layer by layer in Python")
+                return None
+            tensors = [p for layer in model.model.layers for name, p in layer.named_parameters() if "norm" in name]
+        else:
+            tensors = [*model.model.layers.parameters()]
+        tensors.append(model.model.norm.weight)
         if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
             return None
         config = model.config
@@ -134,6 +146,15 @@ class FusedCpuDecode:
 
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
+            if quantized:
+                stack.add_quantized_layer(
+                    layer.input_layernorm.weight.detach(), attention.qkv_proj.compiled_cpu_kernel(),
+                    optional(attention.q_norm.weight if attention.q_norm is not None else None),
+                    optional(attention.k_norm.weight if attention.k_norm is not None else None),
+                    attention.o_proj.compiled_cpu_kernel(), layer.post_attention_layernorm.weight.detach(),
+                    mlp.gate_up_proj.compiled_cpu_kernel(), mlp.down_proj.compiled_cpu_kernel(),
+                )
+                continue
             stack.add_layer(
                 layer.input_layernorm.weight.detach(), attention.qkv_proj.weight.detach(),
                 optional(attention.qkv_proj.bias),

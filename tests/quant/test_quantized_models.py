@@ -165,3 +165,19 @@ def test_triton_path_runs_quantized_models(tmp_path: Path, monkeypatch) -> None:
         expected, logits = hf_greedy(reference, prompt, 4)
         assert_tokens_match(output.outputs[0].token_ids, expected, logits)
     assert calls["w4"] > 0 and calls["w8"] > 0  # projections in w4, the LM head (and mixllm rows) in w8
+
+
+@pytest.mark.parametrize("method,dtype", [("w4", "float32"), ("mixllm", "bfloat16"), ("w8", "bfloat16")])
+def test_fused_decode_stack_runs_quantized_models_bit_identically(tmp_path: Path, method: str, dtype: str) -> None:
+    """The fused C++ decode stack takes the same QuantLinear objects as the Python path, so
+    switching between the two never changes a token."""
+    _, quantized = quantize_tiny(tmp_path, "qwen3_qk_norm", method)
+    prompts = [{"prompt_token_ids": random_token_ids(n, seed=n)} for n in (3, 20, 37)]
+    tokens = []
+    for fused in (True, False):
+        llm = LLM(str(quantized), dtype=dtype, kv_cache_memory="1MiB", block_size=8)
+        llm.engine.model.fused_cpu_decode.enabled = fused
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy(max_tokens=12))])
+        if fused:
+            assert llm.engine.model.fused_cpu_decode._stack is not None, "the fused stack declined the model"
+    assert tokens[0] == tokens[1]
