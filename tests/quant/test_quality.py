@@ -29,6 +29,8 @@ from fitserve.quant.salience import channel_salience, select_random, select_sali
 CPU = torch.device("cpu")
 FRACTIONS = (0.0, 0.1, 0.2, 1.0)
 CALIBRATION_TOKENS = 4096
+REFERENCE_WINDOWS = 4
+"""Windows for the exactness check against transformers (equality needs no large sample)."""
 
 
 def fitserve_perplexity(model_dir: Path, windows: list[list[int]]) -> float:
@@ -87,8 +89,8 @@ def test_fitserve_perplexity_equals_the_dequantized_reference(method: str, quant
                                                              projection_parts: list[PartShape]) -> None:
     options = {"high_channels": select_random(projection_parts, 0.1, seed=0)} if method == "mixllm" else {}
     model_dir = quantized(method, **options)
-    ours = fitserve_perplexity(model_dir, windows)
-    reference = transformers_perplexity_of_dequantized(model_dir, windows)
+    ours = fitserve_perplexity(model_dir, windows[:REFERENCE_WINDOWS])
+    reference = transformers_perplexity_of_dequantized(model_dir, windows[:REFERENCE_WINDOWS])
     assert abs(ours / reference - 1) < 1e-3, (ours, reference)
 
 
