@@ -1,0 +1,63 @@
+"""`fitserve quantize` and `--quantization` from the command line, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fitserve.cli import main
+from fitserve.models.loader import load_model
+from tests.tiny_models import write_tiny_checkpoint
+
+
+def test_quantize_writes_a_directory_every_command_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = write_tiny_checkpoint(tmp_path / "dense", "llama2")
+    out = tmp_path / "w4"
+    assert main(["quantize", str(dense), "--method", "w4", "--group-size", "32", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "w4" and summary["linear_bits_per_weight"] == pytest.approx(4 + 24 / 32)
+    # The untied float32 embedding stays dense (it is only indexed); the rest shrinks ~7x.
+    assert summary["size_bytes"] == (out / "model.safetensors").stat().st_size < summary["original_size_bytes"] / 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "fitserve", "method": "w4", "bits": 4,
+                                             "group_size": 32, "lm_head": "w8"}
+    model, _ = load_model(out, torch.float32, torch.device("cpu"), "torch")
+    assert model.model.layers[1].mlp.down_proj.weight_format.name == "w4" and model.lm_head.weight_format.name == "w8"
+
+
+def test_quantize_errors_are_one_line_with_exit_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = write_tiny_checkpoint(tmp_path / "dense", "llama2")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "x").write_text("x")
+    assert main(["quantize", str(dense), "--method", "w8", "--out", str(tmp_path / "exists")]) == 2
+    assert main(["quantize", str(dense), "--method", "w4", "--group-size", "48", "--out", str(tmp_path / "o")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "--force" in errors[0] and "--group-size 64" in errors[1]
+    with pytest.raises(SystemExit):  # argparse names the valid methods
+        main(["quantize", str(dense), "--method", "int3", "--out", str(tmp_path / "o")])
+
+
+def test_calibration_files_that_cannot_be_used_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fitserve.config import default_model_dir
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "def f(): pass"}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    for path, message in ((empty, "is empty"), (short, "at least 256"), (broken, "not a JSON line")):
+        code = main(["quantize", str(default_model_dir()), "--method", "mixllm", "--out", str(tmp_path / "o"),
+                     "--force", "--calibration-data", str(path)])
+        assert code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_generate_quantizes_while_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--quantization", "w8", "--prompt", "def ", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit):
+        main(["generate", "--quantization", "mixllm", "--prompt", "def "])
