@@ -180,6 +180,28 @@ def synthetic_tokenizer(vocab_size: int) -> Path:
     return out_dir
 
 
+ACTIVATION_DTYPES = {"w8": "bfloat16", "w4": "bfloat16", "mixllm": "bfloat16"}
+"""The activations' dtype of each quantized format's run (for the matmul bound)."""
+
+
+def quantized_checkpoint(model_dir: Path, method: str) -> Path:
+    """`fitserve quantize` of the random checkpoint, cached beside it."""
+    from fitserve.models.config import load_model_config
+    from fitserve.models.loader import linear_layouts
+    from fitserve.quant.quantize import quantize_model
+    from fitserve.quant.salience import select_random
+
+    out = model_dir.parent / f"{model_dir.name}-{method}"
+    if not (out / "model.safetensors").is_file():
+        options = {}
+        if method == "mixllm":
+            layouts = linear_layouts(load_model_config(model_dir))
+            parts = [part for layout in layouts if layout.module_name != "lm_head" for part in layout.parts]
+            options["high_channels"] = select_random(parts, 0.1, seed=0)
+        quantize_model(model_dir, out, method, force=True, progress=False, **options)
+    return out
+
+
 # ------------------------------------------------------------------------------ fitserve
 
 class FitserveSide:
@@ -374,6 +396,10 @@ def main() -> int:
                         help="fitserve dtypes in the serve section (default: all of --dtypes)")
     parser.add_argument("--curve-dtypes", nargs="+", default=["bfloat16"],
                         help="fitserve dtypes run at 1, 4 and 16 concurrent requests too (all dtypes run at 32)")
+    parser.add_argument("--formats", nargs="+", default=[], choices=["w8", "w4", "mixllm"],
+                        help="also run fitserve on copies quantized by `fitserve quantize` (bf16 activations); "
+                             "mixllm's 10%% high-precision channels are drawn at random (no calibration: "
+                             "speed does not depend on which channels)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny serve workload (input 16-64, output 4-12): checks the harness, not speed")
     parser.add_argument("--out", type=Path, default=None)
@@ -403,6 +429,11 @@ def main() -> int:
             print(f"llama.cpp not installed ({error}); its columns are skipped", flush=True)
 
     fitserve = {d: FitserveSide(model_dir, d, kv_memory[d], args.threads, tokenizer) for d in args.dtypes}
+    for method in args.formats:  # labelled by format; activations in bf16
+        quantized_dir = quantized_checkpoint(model_dir, method)
+        shapes[method] = ModelShape.from_config(json.loads((quantized_dir / "config.json").read_text()),
+                                                torch.bfloat16)
+        fitserve[method] = FitserveSide(quantized_dir, "bfloat16", kv_memory["bfloat16"], args.threads, tokenizer)
     transformers_dtypes = [] if args.skip_transformers else sorted(
         set(args.transformers_dtypes) | ({args.transformers_serve_dtype} if "serve" in args.sections else set()))
     hf = {d: TransformersSide(model_dir, d) for d in transformers_dtypes}
@@ -578,7 +609,7 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
             context = 288 + 80  # mean prompt + about half the mean output at full batch
             # The same dtype's measured matmul rate: on CPUs with AMX / AVX512-BF16 bf16 runs
             # several times faster than float32; elsewhere it is the float32 rate (widened).
-            peak = machine["matmul_flops_per_s"][key[1]]
+            peak = machine["matmul_flops_per_s"][ACTIVATION_DTYPES.get(key[1], key[1])]
             entry["decode_matmul_bound_dtype"] = key[1]
             entry["decode_matmul_bound_tokens_per_s"] = peak / decode_flops_per_token(shape, context)
             entry["decode_fraction_of_matmul_bound"] = statistics.median(decode) / entry["decode_matmul_bound_tokens_per_s"]

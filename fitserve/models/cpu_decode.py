@@ -109,7 +109,11 @@ class FusedCpuDecode:
         model = self._model
         kernels = cpu_kernels.get()
         dtype = model.model.norm.weight.dtype
-        if kernels is None or dtype not in (torch.float32, torch.bfloat16):
+        if kernels is None:
+            return None  # cpu_kernels.get() has logged why
+        if dtype not in (torch.float32, torch.bfloat16):
+            _decline(f"the fused CPU decode stack runs float32 and bfloat16 models, not {dtype}; "
+                     "decode steps run layer by layer in Python")
             return None
         quantized = not model.plan.is_dense
         if quantized:
@@ -125,6 +129,8 @@ class FusedCpuDecode:
             tensors = [*model.model.layers.parameters()]
         tensors.append(model.model.norm.weight)
         if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+            _decline("the fused CPU decode stack needs contiguous CPU weights of one dtype; "
+                     "decode steps run layer by layer in Python")
             return None
         config = model.config
         first_attention = model.model.layers[0].self_attn
