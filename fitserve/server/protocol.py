@@ -39,6 +39,15 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    """Send a last chunk with the whole request's usage (OpenAI)."""
+    continuous_usage_stats: bool = False
+    """vLLM extension, sent by GuideLLM: with include_usage, every chunk also carries its
+    choice's usage so far (prompt tokens and the tokens generated until that chunk)."""
+
+    @property
+    def usage_in_every_chunk(self) -> bool:
+        # vLLM ignores continuous_usage_stats unless include_usage is set too.
+        return self.include_usage and self.continuous_usage_stats
 
 
 class SamplingFields(OpenAIModel):

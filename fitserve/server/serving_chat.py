@@ -160,11 +160,16 @@ async def _stream(
     tokenizer = state.async_engine.tokenizer
     chunk_header = {**header, "object": "chat.completion.chunk"}
 
+    usage_in_every_chunk = body.stream_options is not None and body.stream_options.usage_in_every_chunk
+
     def chunk(choice: _ChatChoice, delta: dict[str, Any], finish_reason: str | None) -> bytes:
-        return sse_event({**chunk_header, "choices": [{
+        event = {**chunk_header, "choices": [{
             "index": choice.index, "delta": delta, "logprobs": _take_logprobs(choice, num_top is not None),
             "finish_reason": finish_reason,
-        }]})
+        }]}
+        if usage_in_every_chunk:
+            event["usage"] = _usage({choice.request_id: choice}, num_prompt_tokens)
+        return sse_event(event)
 
     try:
         for choice in sorted(choices.values(), key=lambda choice: choice.index):
