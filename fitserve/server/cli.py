@@ -22,6 +22,17 @@ from fitserve.config import ConfigError, parse_size
 API_KEY_ENV = "FITSERVE_API_KEY"
 
 
+def port_number(text: str) -> int:
+    """argparse type for --port: an int in 0..65535 (the OS would silently wrap larger ones)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 65535 (got {text!r})") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (got {port}); 0 picks a free port")
+    return port
+
+
 class _SignalExit(Exception):
     """SIGTERM arrived; raised only after uvicorn finished its graceful shutdown."""
 
@@ -39,7 +50,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="same as the positional MODEL_DIR, for vLLM-style command lines")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
+    server.add_argument("--port", type=port_number, default=8000, help="port to listen on (0 picks a free one)")
     server.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -71,6 +82,18 @@ def _raise_signal_exit(signum: int, frame: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, bind, serve until Ctrl-C or SIGTERM; returns the exit status."""
+    if args.model_dir and args.model_flag and args.model_dir != args.model_flag:
+        print(f"fitserve serve: error: MODEL_DIR {args.model_dir!r} and --model {args.model_flag!r} disagree; "
+              "give one of them", file=sys.stderr)
+        return 2
+    args.model = args.model_dir or args.model_flag
+    # Bind before loading the model (as vLLM does): a bad host or a port in use is reported
+    # at once, not after a load that can take minutes, and nobody can take the port meanwhile.
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as error:
+        print(f"fitserve serve: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
     import uvicorn  # heavy imports only when actually serving
 
     from fitserve.engine.async_engine import AsyncLLMEngine
@@ -79,23 +102,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from fitserve.server.app import build_app
     from fitserve.server.serving_common import ServerSettings
 
-    if args.model_dir and args.model_flag and args.model_dir != args.model_flag:
-        print(f"fitserve serve: error: MODEL_DIR {args.model_dir!r} and --model {args.model_flag!r} disagree; "
-              "give one of them", file=sys.stderr)
-        return 2
-    args.model = args.model_dir or args.model_flag
     try:
         engine_args = engine_args_from(args)
         print(f"fitserve serve: loading {engine_args.model_dir} ...", flush=True)
         engine = LLMEngine(engine_args)
     except (ConfigError, ModelLoadError, OSError) as error:
+        sock.close()
         print(f"fitserve serve: error: {error}", file=sys.stderr)
         return 2
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as error:
-        print(f"fitserve serve: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return 1
 
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host

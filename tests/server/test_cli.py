@@ -94,3 +94,24 @@ def test_serve_reports_a_bad_model_dir_without_a_traceback(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "fitserve serve: error:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_serve_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fitserve.server.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_serve_refuses_a_port_out_of_range_before_anything_else(tmp_path: Path) -> None:
+    # The OS would wrap 99999 into another port; argparse refuses it, naming the flag.
+    result = run_serve_command(str(tmp_path / "missing"), "--port", "99999")
+    assert result.returncode == 2
+    assert "--port: must be from 0 to 65535 (got 99999)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_checks_the_host_before_loading_the_model(tmp_path: Path) -> None:
+    # The model directory is missing too: the host is the first thing checked, in one line.
+    result = run_serve_command(str(tmp_path / "missing"), "--host", "no-such-host.invalid", "--port", "0")
+    assert result.returncode == 1
+    assert "cannot listen on no-such-host.invalid:0" in result.stderr
+    assert "loading" not in result.stdout and "Traceback" not in result.stderr
