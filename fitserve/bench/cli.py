@@ -202,6 +202,22 @@ def _workload_from(args: argparse.Namespace) -> WorkloadConfig:
         num_turns=args.num_turns, seed=args.seed)
 
 
+def _served_model_name(base_url: str, api_key: str | None) -> str:
+    """The model a running server serves; a server that cannot be reached is a one-line error."""
+    import httpx
+
+    try:
+        return asyncio.run(fetch_model_name(base_url, api_key=api_key))
+    except httpx.HTTPStatusError as error:
+        raise ValueError(f"{base_url}/v1/models answered HTTP {error.response.status_code}; "
+                         "check --url and --api-key") from None
+    except (httpx.TransportError, httpx.InvalidURL, ValueError) as error:
+        reason = str(error) or type(error).__name__
+        raise ValueError(f"could not connect to {base_url} ({reason}); is the server running?") from None
+    except RuntimeError as error:  # it answered, but lists no model
+        raise ValueError(str(error)) from None
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from fitserve.bench.server_process import ServerProcess
     from fitserve.config import default_model_dir
@@ -211,13 +227,16 @@ def run_bench(args: argparse.Namespace) -> int:
                          "with --url, --model-info DIR names a local copy of its model")
     workload = _workload_from(args)
     out_dir = Path(args.out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     server = None
     if args.url:
         base_url, model_dir = args.url.rstrip("/"), (Path(args.model_info) if args.model_info else None)
+        # Reach the server before anything is written, so a wrong URL leaves no empty folder.
+        args.served_model_name = args.served_model_name or _served_model_name(base_url, args.api_key)
+        out_dir.mkdir(parents=True, exist_ok=True)
         local = is_local_url(base_url)
         server_pid = pid_listening_on(base_url) if local and args.hardware else None
     else:
+        out_dir.mkdir(parents=True, exist_ok=True)
         model_dir = Path(args.model) if args.model else default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir} has no config.json: give --model a Hugging Face model directory")
