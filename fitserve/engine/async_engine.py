@@ -62,6 +62,11 @@ class _StopCommand:
     pass
 
 
+@dataclass
+class _AbortAllCommand:
+    """Abort every request, delivering each one's final `abort` output (graceful shutdown)."""
+
+
 class RequestStream:
     """The outputs of one engine request, as the event loop sees them.
 
@@ -279,6 +284,17 @@ class AsyncLLMEngine:
     async def abort(self, request_ids: str | Iterable[str]) -> None:
         self._abort_nowait([request_ids] if isinstance(request_ids, str) else list(request_ids))
 
+    def abort_all(self) -> None:
+        """Abort every request in flight; each stream still gets its final output, whose
+        finish_reason is "abort" (unlike `shutdown`, which fails the streams)."""
+        if self._thread is not None:
+            self._commands.put(_AbortAllCommand())
+
+    @property
+    def num_live_requests(self) -> int:
+        """Requests the engine thread still delivers outputs for (a snapshot, from any thread)."""
+        return len(self._live_streams)
+
     def _abort_nowait(self, request_ids: list[str], stream: RequestStream | None = None) -> None:
         # Called from `finally` blocks of cancelled tasks, so it must not await.
         if self._thread is not None:
@@ -319,7 +335,12 @@ class AsyncLLMEngine:
         self._latest_stats = self.engine.get_stats()
         return True
 
-    def _apply(self, command: _AddCommand | _AbortCommand) -> None:
+    def _apply(self, command: _AddCommand | _AbortCommand | _AbortAllCommand) -> None:
+        if isinstance(command, _AbortAllCommand):
+            # The streams stay registered: their final outputs come with the next step.
+            if self._live_streams:
+                self.engine.abort_request(list(self._live_streams))
+            return
         if isinstance(command, _AbortCommand):
             known = [
                 request_id for request_id in command.request_ids

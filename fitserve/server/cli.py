@@ -101,6 +101,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from fitserve.models.config import ModelLoadError
     from fitserve.server.app import build_app
     from fitserve.server.serving_common import ServerSettings
+    from fitserve.server.shutdown import DrainingServer
 
     try:
         engine_args = engine_args_from(args)
@@ -130,15 +131,13 @@ def run_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    app = build_app(AsyncLLMEngine(engine), settings)
-    config = uvicorn.Config(
-        app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=args.shutdown_timeout,
-        access_log=args.uvicorn_log_level == "debug",
-    )
+    async_engine = AsyncLLMEngine(engine)
+    app = build_app(async_engine, settings)
+    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=args.uvicorn_log_level == "debug")
     # uvicorn re-raises the signal that stopped it once it is done; turn that into a clean exit.
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_signal_exit)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        DrainingServer(config, async_engine, args.shutdown_timeout).run(sockets=[sock])
     except (KeyboardInterrupt, _SignalExit):
         pass
     finally:

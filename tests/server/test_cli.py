@@ -3,6 +3,7 @@ cleanly on SIGTERM, also with a stream in flight."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -115,3 +116,31 @@ def test_serve_checks_the_host_before_loading_the_model(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot listen on no-such-host.invalid:0" in result.stderr
     assert "loading" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_streams_still_running_after_the_shutdown_timeout_end_with_abort_and_done(tiny_model_dir: Path) -> None:
+    # --shutdown-timeout 0: SIGTERM right after the first chunks leaves both choices running.
+    process, url, _ = start_server(tiny_model_dir, "--shutdown-timeout", "0")
+    try:
+        body = {"prompt": "story", "max_tokens": 240, "n": 2, "temperature": 0, "stream": True, "ignore_eos": True}
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 2:
+                        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert events[-1] == "[DONE]"
+    finish_reasons = {}
+    for event in events[:-1]:
+        for choice in json.loads(event)["choices"]:
+            if choice["finish_reason"] is not None:
+                finish_reasons[choice["index"]] = choice["finish_reason"]
+    assert finish_reasons == {0: "abort", 1: "abort"}
+    assert process.returncode == 0, output
+    assert "Traceback" not in output and "aborting them" in output
