@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,14 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(error.detail) or HTTPStatus(error.status_code).phrase
         return error_response(APIError(error.status_code, message))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, _: ClientDisconnect) -> Response:
+        # The client hung up while sending its body: nothing went wrong here and nobody is
+        # left to answer (499 is what nginx logs for this). A handler for this exact class
+        # also keeps Starlette from re-raising it as an unhandled error.
+        logger.info("client disconnected while sending its request body (%s %s)", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -153,3 +153,38 @@ def test_random_bodies_never_get_a_5xx(server: RunningServer) -> None:
     assert 200 in statuses and 400 in statuses
     stats = server.wait_until_idle()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_client_that_hangs_up_while_sending_its_body_is_logged_as_a_disconnect(server: RunningServer) -> None:
+    import logging
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # neither fitserve's nor uvicorn's loggers propagate to the root
+    loggers = [logging.getLogger("fitserve"), logging.getLogger("uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(handler)
+
+    def messages() -> list[str]:
+        return [record.getMessage() for record in records]
+
+    try:
+        address = urlparse(server.base_url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"prompt\": ".encode())
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not any("disconnected" in message or "error" in message for message in messages()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # a second, unwanted record would come right after the first
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert "client disconnected while sending its request body (POST /v1/completions)" in messages()
+    assert [record for record in records if record.levelno >= logging.ERROR] == [], messages()
+    assert httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200
