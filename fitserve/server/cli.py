@@ -33,6 +33,17 @@ def port_number(text: str) -> int:
     return port
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
 class _SignalExit(Exception):
     """SIGTERM arrived; raised only after uvicorn finished its graceful shutdown."""
 
@@ -57,6 +68,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="model name(s) clients use; the first is reported (default: MODEL_DIR as given)")
     server.add_argument("--max-request-body-bytes", type=parse_size, default=1 << 20, metavar="SIZE",
                         help="larger request bodies get HTTP 413 (default 1MiB; units like 4MiB work)")
+    server.add_argument("--max-choices-per-request", type=positive_int, default=1024, metavar="N",
+                        help="most completions one request may ask for (prompts x n); more get HTTP 400. "
+                             "A request's choices enter the queue interleaved with other requests' work")
     server.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on Ctrl-C/SIGTERM, how long in-flight requests may finish before they are aborted")
     server.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -119,6 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         served_model_names=names, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_request_body_bytes=args.max_request_body_bytes, model_path=model_path,
+        max_choices_per_request=args.max_choices_per_request,
     )
     kv_tokens = engine.num_kv_blocks * engine.block_size
     print(

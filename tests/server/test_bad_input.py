@@ -60,6 +60,8 @@ CASES = [
      ["max_completion_tokens"]),
     ("chat too long", CHAT, {"messages": [{"role": "user", "content": "fox " * 400}]}, 400, ["maximum context length"]),
     ("unknown model", COMPLETIONS, {"model": "gpt-4", "prompt": "hi"}, 404, ["gpt-4", MODEL_NAME]),
+    ("too many choices in one request", COMPLETIONS, {"prompt": ["hi"] * 200, "n": 8}, 400,
+     ["200 prompt(s) x n=8 = 1600 choices", "--max-choices-per-request"]),
     ("oversized body", COMPLETIONS, {"prompt": "x" * 100_000}, 413, ["larger than", "65536"]),
 ]
 
