@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fitserve.cli_args import add_engine_arguments, engine_args_from
+from fitserve.cli_args import HelpFormatter, add_engine_arguments, engine_args_from
 from fitserve.config import ConfigError, parse_size
 
 API_KEY_ENV = "FITSERVE_API_KEY"
@@ -54,6 +54,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/models, /health, /metrics).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
                         help="Hugging Face model directory (default: the bundled model)")
@@ -66,8 +67,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients use; the first is reported (default: MODEL_DIR as given)")
-    server.add_argument("--max-request-body-bytes", type=parse_size, default=1 << 20, metavar="SIZE",
-                        help="larger request bodies get HTTP 413 (default 1MiB; units like 4MiB work)")
+    server.add_argument("--max-request-body-bytes", type=parse_size, default="1MiB", metavar="SIZE",
+                        help="larger request bodies get HTTP 413 (units like 4MiB work)")
     server.add_argument("--max-choices-per-request", type=positive_int, default=1024, metavar="N",
                         help="most completions one request may ask for (prompts x n); more get HTTP 400. "
                              "A request's choices enter the queue interleaved with other requests' work")
