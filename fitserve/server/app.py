@@ -34,8 +34,10 @@ def require_api_key(request: Request) -> None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+    # HTTP headers arrive as bytes that Starlette decodes as latin-1; encoding back gives the
+    # bytes the client sent, so a non-ASCII key sent as UTF-8 matches the key's UTF-8 bytes.
     # Constant-time comparison, so response timing does not leak the key byte by byte.
-    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+    if not hmac.compare_digest(presented.strip().encode("latin-1"), expected.encode("utf-8")):
         raise APIError(401, "incorrect API key", code="invalid_api_key")
 
 

@@ -1,7 +1,10 @@
-"""OpenAI request bodies as pydantic models, validated strictly at the HTTP edge.
+"""OpenAI request bodies as pydantic models, validated at the HTTP edge.
 
-Strict mode and `extra="forbid"` are deliberate: a client that sends `"max_tokens": "10"`
-or misspells `temperature` gets a 400 that names the field, instead of a silently
+Types are coerced as vLLM's request models coerce them (pydantic's lax mode): `5.0` or `"5"`
+is the integer 5, `5.5` is refused. Clients generated from OpenAI's spec send integral floats
+(JSON has one number type), and a server that refuses what vLLM accepts breaks clients tested
+against vLLM. Unknown fields are refused (`extra="forbid"`, stricter than vLLM, which ignores
+them with a warning): a misspelt `temprature` gets a 400 that names it, instead of a silently
 different request. Range checks that `SamplingParams` already knows are left to it (one
 place per rule); only OpenAI-specific shapes are checked here.
 
@@ -25,7 +28,7 @@ SeedInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)]
 class OpenAIModel(BaseModel):
     # allow_inf_nan=False: a NaN temperature would pass every range check and poison the
     # whole batch's sampling step, not just this request.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

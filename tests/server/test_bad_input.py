@@ -29,8 +29,9 @@ CASES = [
     ("n above the limit", COMPLETIONS, {"prompt": "hi", "n": 1000}, 400, ["n: ", "128"]),
     ("stop_token_ids outside the vocabulary", COMPLETIONS, {"prompt": "hi", "stop_token_ids": [70000]}, 400,
      ["stop_token_ids", "70000"]),
-    ("temperature is a bool", COMPLETIONS, {"prompt": "hi", "temperature": True}, 400, ["temperature"]),
-    ("top_p zero", COMPLETIONS, {"prompt": "hi", "top_p": 0.0}, 400, ["top_p", "(0, 1]"]),
+    ("temperature is a list", COMPLETIONS, {"prompt": "hi", "temperature": [1]}, 400, ["temperature"]),
+    ("fractional max_tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": 2.5}, 400, ["max_tokens", "fractional"]),
+    ("top_p zero", COMPLETIONS, {"prompt": "hi", "top_p": 0.0}, 400, ["top_p", "(0, 1]", "temperature 0"]),
     ("top_p above one", COMPLETIONS, {"prompt": "hi", "top_p": 1.5}, 400, ["top_p"]),
     ("n zero", COMPLETIONS, {"prompt": "hi", "n": 0}, 400, ["n: ", "greater than or equal to 1"]),
     ("presence_penalty out of range", COMPLETIONS, {"prompt": "hi", "presence_penalty": 3}, 400, ["presence_penalty"]),
@@ -96,6 +97,34 @@ def test_unknown_route_and_wrong_method_answer_in_openai_format(server: RunningS
     assert missing.status_code == 404 and "/v1/engines" in missing.json()["error"]["message"]
     wrong_method = httpx.get(f"{server.base_url}{COMPLETIONS}", headers=AUTH, timeout=30)
     assert wrong_method.status_code == 405 and "GET" in wrong_method.json()["error"]["message"]
+    assert wrong_method.headers["Allow"] == "POST"  # HTTP requires it on a 405
+
+
+def test_integral_floats_are_integers_as_in_vllm(server: RunningServer) -> None:
+    # JSON has one number type; clients generated from OpenAI's spec may send 3.0 for 3.
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3.0, "n": 2.0, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(f"{server.base_url}{COMPLETIONS}", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 2 and response.json()["usage"]["completion_tokens"] == 6
+
+
+def test_non_ascii_api_key_sent_as_utf8_matches() -> None:
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from fitserve.server.app import require_api_key
+    from fitserve.server.errors import APIError
+
+    key = "clé-ünïcode-鍵"
+    app = SimpleNamespace(state=SimpleNamespace(fitserve=SimpleNamespace(settings=SimpleNamespace(api_key=key))))
+
+    def request_with(header_value: bytes) -> Request:
+        return Request({"type": "http", "headers": [(b"authorization", header_value)], "app": app})
+
+    require_api_key(request_with(f"Bearer {key}".encode("utf-8")))  # what curl and httpx send
+    with pytest.raises(APIError):
+        require_api_key(request_with("Bearer clé-ünïcode-鍵x".encode("utf-8")))
 
 
 def test_streaming_request_that_does_not_fit_fails_before_streaming(client: openai.OpenAI) -> None:
