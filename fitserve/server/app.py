@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from fitserve.engine.async_engine import AsyncLLMEngine
 from fitserve.server.errors import APIError, install_error_handlers, validation_error_to_api_error
 from fitserve.server.metrics import ServerMetrics
+from fitserve.server.openapi import openapi_document
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from fitserve.server.serving_chat import create_chat_completion
 from fitserve.server.serving_common import ServerSettings, ServerState, check_model_name, read_body
@@ -67,7 +68,7 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI
             # By now uvicorn has stopped accepting and drained (or cancelled) in-flight requests.
             await async_engine.shutdown()
 
-    app = FastAPI(title="fitserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="fitserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.fitserve = ServerState(async_engine, settings, ServerMetrics(async_engine.get_stats))
     install_error_handlers(app)
     authorized = [Depends(require_api_key)]
@@ -108,4 +109,12 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI
     async def metrics(request: Request) -> Response:
         return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    document: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if not document:
+            document.update(openapi_document(app, with_api_key=settings.api_key is not None))
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
