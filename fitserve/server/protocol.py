@@ -53,6 +53,20 @@ class StreamOptions(OpenAIModel):
         return self.include_usage and self.continuous_usage_stats
 
 
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`; only plain text is served (no structured output)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    type: str
+
+    @model_validator(mode="after")
+    def _only_text(self) -> "ResponseFormat":
+        if self.type != "text":
+            raise ValueError(f"response_format type {self.type!r} is not supported: this server has no "
+                             "structured output (JSON mode, JSON schema); leave it out or use \"text\"")
+        return self
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by /v1/completions and /v1/chat/completions.
 
@@ -82,6 +96,7 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check_openai_shapes(self) -> "SamplingFields":
@@ -156,11 +171,26 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
     """vLLM extension: end the prompt with the assistant turn's opening."""
+    continue_final_message: bool = False
+    """vLLM extension: the reply continues the last (assistant) message instead of starting a turn."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM extension: extra variables for the chat template, e.g. {"enable_thinking": false} for Qwen3."""
+    tools: list[dict[str, Any]] | None = None
+    """Accepted only empty: this server does no tool calling."""
+    tool_choice: str | dict[str, Any] | None = None
+    """Accepted only as "none" (what clients send when a turn must not call tools)."""
 
     @model_validator(mode="after")
     def _check_chat_shapes(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true "
+                             "(set add_generation_prompt to false to continue the last message)")
+        if self.tools:
+            raise ValueError("tools are not supported: this server does no tool calling; leave them out")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice must be \"none\" or left out: this server does no tool calling")
         return self
 
     @property

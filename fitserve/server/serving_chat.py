@@ -6,6 +6,7 @@ exactly the format it was trained on; the server never formats chat turns itself
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,9 +38,16 @@ def chat_prompt_token_ids(tokenizer: Any, body: ChatCompletionRequest) -> list[i
         messages.append(entry)
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions with a plain prompt")
+    template_kwargs = body.chat_template_kwargs or {}
+    reserved = sorted(set(template_kwargs) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: those are the server's "
+                            "own arguments of the template call", param="chat_template_kwargs")
     try:
         token_ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt, tokenize=True, return_dict=False
+            messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message, tokenize=True, return_dict=False,
+            **template_kwargs,
         )
     except Exception as error:  # noqa: BLE001 - templates raise (jinja) errors for message orders they refuse
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from error

@@ -75,3 +75,22 @@ def test_continuous_usage_stats_without_include_usage_adds_nothing(server: Runni
     events = sse_payloads(server, "/v1/completions", body)
     assert events[-1] == "[DONE]"
     assert all("usage" not in event for event in events[:-1])
+
+
+def post(server: RunningServer, path: str, body: dict) -> dict:
+    response = httpx.post(f"{server.base_url}{path}", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_vllm_chat_extensions_and_harmless_openai_fields(server: RunningServer, reference_llm) -> None:
+    # What clients written for vLLM (and OpenAI's own client, for text output) send.
+    tokenizer = reference_llm.engine.tokenizer
+    messages = [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "Once upon"}]
+    reply = post(server, "/v1/chat/completions", {
+        "model": MODEL_NAME, "messages": messages, "max_tokens": 2, "continue_final_message": True,
+        "add_generation_prompt": False, "chat_template_kwargs": {"enable_thinking": False},
+        "response_format": {"type": "text"}, "tool_choice": "none", "tools": []})
+    expected = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False)
+    assert reply["usage"]["prompt_tokens"] == len(expected)
+    assert tokenizer.decode(expected).endswith("Once upon")  # the reply continues this very message
