@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -197,20 +198,13 @@ class LLMEngine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         return None, list(prompt)
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | list[int] | dict,
-        sampling_params: SamplingParams | None = None,
-        arrival_time: float | None = None,
-        client_id: str | None = None,
-        final_output_only: bool = False,
-    ) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    sampling_params: SamplingParams | None = None, **options: Any) -> None:
         """Queue a prompt. Raises ValueError (PromptTooLongError for length) for bad input.
 
-        With `final_output_only`, `step` reports the request only when it finishes."""
-        self.enqueue_request(self.prepare_request(
-            request_id, prompt, sampling_params, arrival_time, client_id, final_output_only))
+        `options` are `prepare_request`'s: `arrival_time`, `client_id`, and `final_output_only`
+        (`step` reports the request only when it finishes)."""
+        self.enqueue_request(self.prepare_request(request_id, prompt, sampling_params, **options))
 
     def prepare_request(
         self,
