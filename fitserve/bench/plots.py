@@ -130,8 +130,10 @@ def hardware_timeline(run: dict) -> tuple[str, str] | None:
         axis.set_title(title)
         axis.set_xlabel("seconds into the run")
         axis.set_ylabel(unit)
-        top = np.nanmax([np.nanmax(values) if np.isfinite(values).any() else 0 for values in series.values()])
-        axis.set_ylim(0, max(top * 1.1, 100 if unit == "%" else 1e-9))
+        # A counter may be missing in some samples (None): it does not count for the scale.
+        finite = [value for values in series.values() for value in values
+                  if value is not None and np.isfinite(value)]
+        axis.set_ylim(0, max(max(finite, default=0) * 1.1, 100 if unit == "%" else 1e-9))
         axis.grid(alpha=0.3)
         if len(series) > 1:
             axis.legend(fontsize=7)

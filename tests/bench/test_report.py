@@ -104,3 +104,12 @@ def test_hardware_timeline_axes_start_at_zero_and_caption_names_only_drawn_panel
     with_gpu = [gpu_sample(t, 300.0, 10.0 * t).__dict__ for t in (0.0, 0.5)]
     _, caption = plots.hardware_timeline({"label": "gpu", "hardware": {"samples": with_gpu}})
     assert caption == "Server memory (RSS), CPU use, GPU power and GPU memory over time (gpu)"
+
+
+def test_hardware_timeline_tolerates_samples_with_a_missing_counter():
+    from fitserve.bench import plots
+
+    samples = [HardwareSample(time_s=t, server_rss_bytes=2**30, server_cpu_pct=None if t == 0 else 80.0,
+                              system_cpu_pct=None if t == 0 else 40.0, cpu_energy_j=None, gpus=None,
+                              temperatures_c=None).__dict__ for t in (0.0, 0.5, 1.0)]
+    assert plots.hardware_timeline({"label": "run", "hardware": {"samples": samples}}) is not None
