@@ -23,25 +23,40 @@ def test_commands_are_never_sent_to_the_model() -> None:
     assert chat.parse_line("   ") == ("empty", "")
 
 
+class _RecordingEngine:
+    """Stands in for LLMEngine: records what reaches the model and answers nothing."""
+
+    prompts: list[list[dict]] = []
+
+    def __init__(self, engine_args) -> None:
+        self.tokenizer = self
+
+    chat_template = "a template"
+
+    def apply_chat_template(self, messages, **kwargs):
+        _RecordingEngine.prompts.append([dict(message) for message in messages])
+        return [1, 2, 3]
+
+    def add_request(self, request_id, prompt, params) -> None:
+        pass
+
+    def has_unfinished_requests(self) -> bool:
+        return False
+
+
 def test_chat_loop_answers_help_itself_and_sends_only_messages(monkeypatch, capsys) -> None:
-    from fitserve.engine.engine import LLMEngine
+    from fitserve.engine import engine
 
-    lines = iter(["/help", "/nonsense", "def", "/exit"])
+    lines = iter(["/help", "/nonsense", "def", "//etc", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    prompts: list[list[int]] = []
-    original_add = LLMEngine.add_request
-
-    def add_request(self, request_id, prompt, params=None, *args, **kwargs):
-        prompts.append(prompt["prompt_token_ids"])
-        return original_add(self, request_id, prompt, params, *args, **kwargs)
-
-    monkeypatch.setattr(LLMEngine, "add_request", add_request)
-    code = chat.chat_loop(EngineArgs(device="cpu", kv_cache_memory="8MiB"), SamplingParams(max_tokens=3))
-    assert code == 0
+    monkeypatch.setattr(engine, "LLMEngine", _RecordingEngine)
+    _RecordingEngine.prompts = []
+    assert chat.chat_loop(EngineArgs(), SamplingParams(max_tokens=3)) == 0
     err = capsys.readouterr().err
     assert "/reset" in err and "forget the conversation" in err  # the help text
     assert "unknown command /nonsense" in err
-    assert len(prompts) == 1  # only "def" reached the model
+    # Only the two messages reached the model ("//etc" sends "/etc").
+    assert [prompt[-1]["content"] for prompt in _RecordingEngine.prompts] == ["def", "/etc"]
 
 
 def test_line_editing_is_on() -> None:

@@ -50,7 +50,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=20, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))
 def test_fuzzed_requests_never_get_a_server_error(case) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
