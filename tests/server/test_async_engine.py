@@ -181,3 +181,22 @@ def test_a_fan_out_group_does_not_hold_back_a_later_request(tiny_model_dir: Path
     assert finished.index("single") < 8, finished
     batch = [request_id for request_id in finished if request_id != "single"]
     assert batch == [f"batch-{i}" for i in range(40)]  # the group keeps its own order
+
+
+    async def abandon_a_group(async_engine: AsyncLLMEngine):
+        group = StreamGroup(async_engine)
+        await group.add_all([(f"gone-{i}", "The quick brown fox", params) for i in range(40)])
+        held = async_engine.get_stats()
+        for _ in range(2000):  # the stats are published after the engine thread's next iteration
+            if held.num_waiting + held.num_running == 40:
+                break
+            await asyncio.sleep(0.001)
+            held = async_engine.get_stats()
+        async for _ in group:
+            break  # the client went away after the first output: leaving the loop aborts them all
+        await wait_until_engine_idle(async_engine)
+        return held, async_engine.get_stats()
+
+    held, after = run_with_engine(engine, abandon_a_group)
+    assert held.num_waiting + held.num_running == 40  # members not yet admitted count as waiting
+    assert after.num_waiting == after.num_running == 0 and after.num_free_blocks == after.num_total_blocks
