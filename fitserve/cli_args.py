@@ -19,7 +19,7 @@ import typing
 from functools import cache
 from typing import Any, Literal
 
-from fitserve.config import EngineArgs
+from fitserve.config import EngineArgs, field_types
 
 
 @cache
@@ -41,18 +41,23 @@ def field_docs(cls: type = EngineArgs) -> dict[str, str]:
     return docs
 
 
-def _flag_type(annotation: Any) -> tuple[Any, tuple | None]:
-    """(argparse type, choices) for a field's annotation; `X | None` is X, and a union of
-    several types (such as `str | int` for sizes) is read as text for the field to parse."""
-    if typing.get_origin(annotation) is Literal:
+def _flag_type(annotation: Any) -> tuple[Any, tuple | None, str | None]:
+    """(argparse type, choices, nargs) for a field's annotation: `X | None` is X, `list[X]` takes
+    one or more values, and a union of several types (such as `str | int` for sizes) or a type
+    only a type checker knows is read as text for the field to parse."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
         choices = typing.get_args(annotation)
-        return type(choices[0]), choices
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return type(choices[0]), choices, None
+    if origin in (typing.Union, types.UnionType):
         members = [member for member in typing.get_args(annotation) if member is not type(None)]
-        return _flag_type(members[0]) if len(members) == 1 else (str, None)
+        return _flag_type(members[0]) if len(members) == 1 else (str, None, None)
+    if origin in (list, tuple) and typing.get_args(annotation):
+        element_type, choices, _ = _flag_type(typing.get_args(annotation)[0])
+        return element_type, choices, "+"
     if annotation in (int, float, str):
-        return annotation, None
-    return str, None
+        return annotation, None, None
+    return str, None, None
 
 
 
@@ -62,7 +67,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
     """Add one flag per documented field of `args_class` (`model_flag=False` leaves out --model,
     for commands that take the model directory as a positional argument)."""
     group = parser.add_argument_group("engine", "settings of the inference engine (fitserve.EngineArgs)")
-    hints = typing.get_type_hints(args_class)
+    hints = field_types(args_class)
     docs = field_docs(args_class)
     for field in dataclasses.fields(args_class):
         if field.name not in docs or (field.name == "model" and not model_flag):
@@ -74,8 +79,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
             continue
-        flag_type, choices = _flag_type(hints[field.name])
-        group.add_argument(flag, dest=field.name, type=flag_type, choices=choices, default=default,
+        flag_type, choices, nargs = _flag_type(hints[field.name])
+        group.add_argument(flag, dest=field.name, type=flag_type, choices=choices, default=default, nargs=nargs,
                            metavar=None if choices else field.name.upper(), help=help_text)
 
 

@@ -6,7 +6,7 @@ import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # torch is imported where a dtype or device is resolved, so that
     import torch   # `fitserve --help` and `--version` answer without loading it
@@ -168,11 +168,30 @@ class EngineArgs:
         return [f.name for f in fields(cls)]
 
 
+def field_types(cls: type) -> dict[str, Any]:
+    """Each dataclass field's annotation as a type. Resolved field by field: a name that only
+    exists for type checkers (`torch.dtype` here, where torch is not imported) gives None for
+    that field instead of failing for all of them."""
+    import sys
+
+    resolved: dict[str, Any] = {}
+    for field in fields(cls):
+        annotation = field.type
+        if isinstance(annotation, str):
+            owner = next((klass for klass in cls.__mro__ if field.name in klass.__dict__.get("__annotations__", {})), cls)
+            namespace = {**vars(typing), **vars(sys.modules[owner.__module__])}
+            try:
+                annotation = eval(annotation, namespace)  # noqa: S307 - the class's own annotations
+            except (NameError, AttributeError, TypeError):
+                annotation = None
+        resolved[field.name] = annotation
+    return resolved
+
+
 def literal_choices(cls: type) -> dict[str, tuple]:
     """The fields of a dataclass annotated `Literal[...]`, with their allowed values."""
-    hints = typing.get_type_hints(cls)
-    return {field.name: typing.get_args(hints[field.name]) for field in fields(cls)
-            if typing.get_origin(hints[field.name]) is Literal}
+    return {name: typing.get_args(annotation) for name, annotation in field_types(cls).items()
+            if typing.get_origin(annotation) is Literal}
 
 
 def _one_of(choices: tuple) -> str:

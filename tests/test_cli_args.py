@@ -67,13 +67,19 @@ class _ArgsWithNewFields(EngineArgs):
     """Weight quantization method."""
     use_new_thing: bool = True
     """A default-on switch."""
+    capture_sizes: list[int] | None = None
+    """Batch sizes to capture."""
+    cache_dtype: "str | torch.dtype" = "auto"
+    """Annotated with a type only type checkers resolve here (torch is not imported)."""
 
 
 def test_a_new_documented_field_gets_its_flag_without_an_edit() -> None:
     parser = engine_parser(_ArgsWithNewFields)
     args = engine_args_from(parser.parse_args(["--kv-cache-dtype", "fp8", "--quantization", "w8",
-                                               "--no-use-new-thing", "--block-size", "32"]), _ArgsWithNewFields)
+                                               "--no-use-new-thing", "--block-size", "32", "--capture-sizes", "1", "8",
+                                               "--cache-dtype", "bfloat16"]), _ArgsWithNewFields)
     assert (args.kv_cache_dtype, args.quantization, args.use_new_thing, args.block_size) == ("fp8", "w8", False, 32)
+    assert (args.capture_sizes, args.cache_dtype) == ([1, 8], "bfloat16")
     text = " ".join(parser.format_help().split())
     assert "--kv-cache-dtype {auto,fp8} Data type of the KV cache. (default: auto)" in text
 
