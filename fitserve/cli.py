@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
+from fitserve import __version__
 from fitserve.bench.cli import add_bench_parser
-from fitserve.cli_args import add_engine_arguments, engine_args_from
+from fitserve.cli_args import HelpFormatter, add_engine_arguments, engine_args_from
 from fitserve.quant.cli import add_quantize_parser
 from fitserve.server.cli import add_serve_parser
 
@@ -16,15 +17,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=-1)
-    group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
-    group.add_argument("--presence-penalty", type=float, default=0.0)
-    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this total probability")
+    group.add_argument("--top-k", type=int, default=-1, help="sample from the k most likely tokens; -1: all")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the most likely one")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the text")
+    group.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted from tokens already generated")
+    group.add_argument("--frequency-penalty", type=float, default=0.0,
+                       help="subtracted per occurrence of a token already generated")
     group.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    group.add_argument("--ignore-eos", action="store_true")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
 def sampling_params_from(namespace: argparse.Namespace):
@@ -75,18 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fitserve",
         description="Run, serve and measure Llama-family LLMs on the hardware you have.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"fitserve {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    generate = subparsers.add_parser("generate", help="complete one or more prompts and print the text")
+    generate = subparsers.add_parser("generate", help="complete one or more prompts and print the text",
+                                     formatter_class=HelpFormatter)
     generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     generate.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     add_engine_arguments(generate)
     add_sampling_arguments(generate)
     generate.set_defaults(func=run_generate)
 
-    chat = subparsers.add_parser("chat", help="talk to the model in the terminal (streams tokens)")
+    chat = subparsers.add_parser("chat", help="talk to the model in the terminal (streams tokens)",
+                                 formatter_class=HelpFormatter)
     chat.add_argument("--system", default=None, help="system prompt")
     add_engine_arguments(chat)
     add_sampling_arguments(chat)

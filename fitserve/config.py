@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype or device is resolved, so that
+    import torch   # `fitserve --help` and `--version` answer without loading it
 
 
 class ConfigError(ValueError):
@@ -39,16 +42,19 @@ def default_model_dir() -> Path:
 
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
+"""Accepted dtype names and aliases -> the name of the torch dtype."""
 
 
 def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """`auto` follows the checkpoint, with two exceptions: float16 on CPU (slow there) becomes
     bfloat16, and a float32 checkpoint on a GPU runs in bfloat16 (half the bytes per decode
     step, tensor cores; what vLLM does too). An explicit dtype is always honoured."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
@@ -59,10 +65,12 @@ def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype, device
         return checkpoint_dtype
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
-    return _DTYPES[name]
+    return getattr(torch, _DTYPES[name])
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -81,28 +89,36 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class EngineArgs:
-    """Everything that configures an engine. CLI flags map one-to-one onto these fields."""
+    """Everything that configures an engine.
+
+    This class is the one source of the engine's command-line flags (`fitserve/cli_args.py`
+    derives them, as vLLM's `EngineArgs.add_cli_args` does): each field becomes
+    `--field-name` with the field's default, its docstring as the help text, the choices of a
+    `Literal` annotation, and `--no-field-name` for booleans. A new field needs a docstring
+    (tests/test_cli_args.py checks) and nothing else to appear on every command.
+    """
 
     model: str | None = None
-    """Hugging Face model directory; None means the bundled model."""
+    """Hugging Face model directory (config.json, safetensors, tokenizer); unset: the bundled model."""
     tokenizer: str | None = None
-    """Tokenizer directory if it differs from the model's."""
+    """Tokenizer directory, if it is not the model's."""
     dtype: str = "auto"
     """auto (follow the checkpoint), float32, bfloat16 or float16."""
     device: str = "auto"
     """auto (CUDA if available, else CPU), cpu, or cuda[:N]."""
     kv_cache_memory: str | int | None = None
-    """Bytes for the KV cache ("2GiB"); None: a default (1 GiB on CPU, free memory on GPU)."""
+    """Bytes for the KV cache, e.g. 2GiB or 512MiB; unset: 1 GiB on CPU, on GPU what
+    gpu_memory_utilization leaves free."""
     gpu_memory_utilization: float = 0.9
     """On GPU without kv_cache_memory: the share of total GPU memory fitserve may use."""
     block_size: int = 16
-    """Tokens per KV-cache block."""
+    """Tokens per KV-cache block (a power of two)."""
     max_num_batched_tokens: int = 2048
     """Token budget of one engine step (prefill chunks + decodes)."""
     max_num_seqs: int = 128
     """Most requests running at once."""
     max_model_len: int | None = None
-    """Longest prompt + output; None: the model's max_position_embeddings."""
+    """Longest prompt + output; unset: the model's max_position_embeddings (or what the KV cache holds)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes across requests."""
     enable_chunked_prefill: bool = True
@@ -110,16 +126,16 @@ class EngineArgs:
     seed: int = 0
     """Seed of the engine's random generator for requests without a seed."""
     num_threads: int | None = None
-    """CPU threads for torch; None keeps torch's default."""
-    attention_backend: str = "auto"
+    """CPU threads for torch; unset: torch's default."""
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """auto (Triton on CUDA, torch elsewhere), torch or triton."""
     enforce_eager: bool = False
-    """Disable CUDA graphs."""
+    """On CUDA, run decode steps eagerly instead of replaying CUDA graphs."""
     max_seq_len_to_capture: int = 8192
     """Longest context a CUDA-graph decode step serves; a step with a longer one runs eagerly.
     The graphs' attention grid is sized for this length, and programs past a sequence's real
     length still launch, so a bound far above the contexts in use costs time every step."""
-    quantization: str | None = None
+    quantization: Literal["w8", "w4"] | None = None
     """w8 or w4: quantize a dense checkpoint's projections while loading (round to nearest;
     the LM head / tied embedding in w8), as vLLM's dynamic quantization does. Checkpoints made
     by `fitserve quantize` load in their own format without it."""
@@ -153,10 +169,9 @@ class EngineArgs:
             size = parse_size(self.kv_cache_memory)
             if size <= 0:
                 raise ConfigError("kv_cache_memory must be positive")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ConfigError(
-                f"attention_backend must be auto, torch or triton (got {self.attention_backend!r})"
-            )
+        for name, choices in literal_choices(type(self)).items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be {_one_of(choices)} (got {getattr(self, name)!r})")
 
     @property
     def model_dir(self) -> Path:
@@ -165,3 +180,34 @@ class EngineArgs:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Each dataclass field's annotation as a type. Resolved field by field: a name that only
+    exists for type checkers (`torch.dtype` here, where torch is not imported) gives None for
+    that field instead of failing for all of them."""
+    import sys
+
+    resolved: dict[str, Any] = {}
+    for field in fields(cls):
+        annotation = field.type
+        if isinstance(annotation, str):
+            owner = next((klass for klass in cls.__mro__ if field.name in klass.__dict__.get("__annotations__", {})), cls)
+            namespace = {**vars(typing), **vars(sys.modules[owner.__module__])}
+            try:
+                annotation = eval(annotation, namespace)  # noqa: S307 - the class's own annotations
+            except (NameError, AttributeError, TypeError):
+                annotation = None
+        resolved[field.name] = annotation
+    return resolved
+
+
+def literal_choices(cls: type) -> dict[str, tuple]:
+    """The fields of a dataclass annotated `Literal[...]`, with their allowed values."""
+    return {name: typing.get_args(annotation) for name, annotation in field_types(cls).items()
+            if typing.get_origin(annotation) is Literal}
+
+
+def _one_of(choices: tuple) -> str:
+    words = [str(choice) for choice in choices]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"

@@ -82,7 +82,9 @@ class SamplingParams:
         if self.temperature < 0:
             fail("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
-            fail("top_p", "must be in (0, 1]")
+            # vLLM's range too; OpenAI's [0, 1] allows 0, which means the most likely token
+            # only: that is temperature 0, which the message points to.
+            fail("top_p", "must be in (0, 1], as in vLLM (for only the most likely token use temperature 0)")
         if self.top_k < -1:
             fail("top_k", "must be -1 (all tokens) or a positive integer")
         if not 0 <= self.min_p <= 1:

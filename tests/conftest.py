@@ -12,3 +12,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+
+def pytest_sessionstart(session) -> None:
+    """Compile the CPU kernels up front when this machine has no build yet: the build logs a
+    line before and after itself, where otherwise the first test that runs a model would sit
+    silent (its output captured) for a minute or two."""
+    from fitserve.kernels import cpu
+
+    if cpu.cpu_supports_kernels() and not cpu.is_cached():
+        cpu.get()

@@ -10,16 +10,14 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fitserve.bench.arrivals import parse_rate
-from fitserve.bench.client import ClientOptions, StreamClient, fetch_model_name
-from fitserve.bench.environment import describe_environment, is_local_url, pid_listening_on
-from fitserve.bench.hardware import HardwareSampler
-from fitserve.bench.roofline import combine_limits
-from fitserve.bench.runner import BenchContext, LoadPlan, attach_roofline, build_report, execute_plan
 from fitserve.bench.slo import SLO_PRESETS, parse_slo
-from fitserve.bench.workload import LengthSpec, PromptMaker, WorkloadConfig
+from fitserve.cli_args import HelpFormatter
+
+if TYPE_CHECKING:  # the load generator, samplers and torch load only when a bench runs,
+    from fitserve.bench.workload import WorkloadConfig  # so that `fitserve --help` stays fast
 
 
 def _rates(text: str) -> list[float]:
@@ -45,13 +43,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the bundled model)")
     target.add_argument("--server-args", default="", metavar="ARGS",
                         help='extra flags for `fitserve serve`, quoted, e.g. "--dtype float32"')
-    target.add_argument("--server-start-timeout", type=float, default=300.0, metavar="SECONDS")
+    target.add_argument("--server-start-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how long the server started for --model may take to answer /health")
     target.add_argument("--model-info", default=None, metavar="DIR",
                         help="with --url: a local copy of the served model's directory "
                              "(its tokenizer and config.json give exact prompt lengths and the roofline)")
     target.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory for prompt lengths")
     target.add_argument("--served-model-name", default=None, help="`model` field to send (default: the first of /v1/models)")
-    target.add_argument("--api-key", default=None)
+    target.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     target.add_argument("--endpoint", default="auto", choices=["auto", "completions", "chat"],
                         help="auto: chat for multi-turn, completions otherwise")
 
@@ -64,14 +63,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     for kind, default in (("input", 128), ("output", 128)):
         workload.add_argument(f"--{kind}-len", type=int, default=default, metavar="TOKENS",
                               help=f"mean {kind} length in tokens")
-        workload.add_argument(f"--{kind}-len-dist", default="fixed", choices=["fixed", "uniform", "normal"])
+        workload.add_argument(f"--{kind}-len-dist", default="fixed", choices=["fixed", "uniform", "normal"],
+                              help=f"distribution of {kind} lengths around the mean")
         workload.add_argument(f"--{kind}-len-spread", type=float, default=0.25, metavar="FRACTION",
                               help="uniform: half-width, normal: standard deviation, as a fraction of the mean")
     workload.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens in each shared prefix")
     workload.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct prefixes")
     workload.add_argument("--num-turns", type=int, default=3, help="multi-turn: turns per conversation")
     workload.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
-    workload.add_argument("--temperature", type=float, default=0.0)
+    workload.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent with each request")
     workload.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                           help="do not send ignore_eos (for servers that reject it); outputs may end early")
 
@@ -93,7 +93,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--idle-seconds", type=float, default=2.0, help="idle baseline before the runs")
-    hardware.add_argument("--sample-interval", type=float, default=0.5, metavar="SECONDS")
+    hardware.add_argument("--sample-interval", type=float, default=0.5, metavar="SECONDS",
+                          help="time between two samples of the hardware counters")
     hardware.add_argument("--no-hardware", dest="hardware", action="store_false", help="no counters sampled")
     hardware.add_argument("--no-roofline", dest="roofline", action="store_false",
                           help="skip the bandwidth/matmul micro-benchmark and the roofline")
@@ -104,17 +105,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--out", default=None, metavar="DIR",
                         help="where bench.json, requests.csv and report.html go (default: bench-results/<time>)")
-    output.add_argument("--no-progress", dest="progress", action="store_false")
+    output.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `bench` (and `bench compare`) on the top-level CLI."""
     parser = subparsers.add_parser("bench", help="measure an OpenAI-compatible server (latency, throughput, "
-                                   "goodput, memory, energy, roofline)", description=__doc__)
+                                   "goodput, memory, energy, roofline)", description=__doc__,
+                                   formatter_class=HelpFormatter)
     add_bench_arguments(parser)
     parser.set_defaults(func=run_bench)
     actions = parser.add_subparsers(dest="bench_action", metavar="compare")
-    compare = actions.add_parser("compare", help="put two bench JSON reports side by side")
+    compare = actions.add_parser("compare", help="put two bench JSON reports side by side",
+                                 formatter_class=HelpFormatter)
     compare.add_argument("report_a", metavar="A.json")
     compare.add_argument("report_b", metavar="B.json")
     compare.set_defaults(func=run_compare_command)
@@ -185,6 +188,8 @@ def _measure_limit(args, shape, device) -> dict | None:
 
 def _workload_from(args: argparse.Namespace) -> WorkloadConfig:
     """The workload the flags describe; invalid values raise before any server is started."""
+    from fitserve.bench.workload import LengthSpec, WorkloadConfig
+
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1 (got {args.num_requests})")
     if args.concurrency is not None and args.concurrency < 1:
@@ -202,7 +207,26 @@ def _workload_from(args: argparse.Namespace) -> WorkloadConfig:
         num_turns=args.num_turns, seed=args.seed)
 
 
+def _served_model_name(base_url: str, api_key: str | None) -> str:
+    """The model a running server serves; a server that cannot be reached is a one-line error."""
+    import httpx
+
+    from fitserve.bench.client import fetch_model_name
+
+    try:
+        return asyncio.run(fetch_model_name(base_url, api_key=api_key))
+    except httpx.HTTPStatusError as error:
+        raise ValueError(f"{base_url}/v1/models answered HTTP {error.response.status_code}; "
+                         "check --url and --api-key") from None
+    except (httpx.TransportError, httpx.InvalidURL, ValueError) as error:
+        reason = str(error) or type(error).__name__
+        raise ValueError(f"could not connect to {base_url} ({reason}); is the server running?") from None
+    except RuntimeError as error:  # it answered, but lists no model
+        raise ValueError(str(error)) from None
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    from fitserve.bench.environment import is_local_url, pid_listening_on
     from fitserve.bench.server_process import ServerProcess
     from fitserve.config import default_model_dir
 
@@ -211,13 +235,16 @@ def run_bench(args: argparse.Namespace) -> int:
                          "with --url, --model-info DIR names a local copy of its model")
     workload = _workload_from(args)
     out_dir = Path(args.out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     server = None
     if args.url:
         base_url, model_dir = args.url.rstrip("/"), (Path(args.model_info) if args.model_info else None)
+        # Reach the server before anything is written, so a wrong URL leaves no empty folder.
+        args.served_model_name = args.served_model_name or _served_model_name(base_url, args.api_key)
+        out_dir.mkdir(parents=True, exist_ok=True)
         local = is_local_url(base_url)
         server_pid = pid_listening_on(base_url) if local and args.hardware else None
     else:
+        out_dir.mkdir(parents=True, exist_ok=True)
         model_dir = Path(args.model) if args.model else default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir} has no config.json: give --model a Hugging Face model directory")
@@ -234,6 +261,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _bench_against(args, workload: WorkloadConfig, base_url: str, model_dir: Path | None, local: bool,
                    server_pid: int | None, out_dir: Path, launched: bool) -> int:
+    from fitserve.bench.client import ClientOptions, StreamClient, fetch_model_name
+    from fitserve.bench.environment import describe_environment
+    from fitserve.bench.hardware import HardwareSampler
+    from fitserve.bench.roofline import combine_limits
+    from fitserve.bench.runner import BenchContext, LoadPlan, attach_roofline, build_report, execute_plan
+    from fitserve.bench.workload import PromptMaker
+
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else model_dir
     prompt_maker = PromptMaker(_load_tokenizer(tokenizer_dir))
     model_name = args.served_model_name or asyncio.run(fetch_model_name(base_url, api_key=args.api_key))

@@ -101,8 +101,10 @@ def rate_sweep(runs: list[dict]) -> str | None:
     return _to_base64(figure)
 
 
-def hardware_timeline(run: dict) -> str | None:
-    """Server memory, CPU use and (where measured) GPU power / memory over the run."""
+def hardware_timeline(run: dict) -> tuple[str, str] | None:
+    """(PNG, caption) of server memory, CPU use and, where measured, GPU power and memory over
+    the run; the caption names exactly the panels drawn. Every axis starts at 0, so a small
+    change looks small (a 25 MiB rise on 1 GiB is not a cliff)."""
     samples = run.get("hardware", {}).get("samples") or []
     if len(samples) < 2:
         return None
@@ -128,7 +130,12 @@ def hardware_timeline(run: dict) -> str | None:
         axis.set_title(title)
         axis.set_xlabel("seconds into the run")
         axis.set_ylabel(unit)
+        # A counter may be missing in some samples (None): it does not count for the scale.
+        finite = [value for values in series.values() for value in values
+                  if value is not None and np.isfinite(value)]
+        axis.set_ylim(0, max(max(finite, default=0) * 1.1, 100 if unit == "%" else 1e-9))
         axis.grid(alpha=0.3)
         if len(series) > 1:
             axis.legend(fontsize=7)
-    return _to_base64(figure)
+    names = [title for title, _, _ in panels]
+    return _to_base64(figure), f"{', '.join(names[:-1])} and {names[-1]} over time ({run['label']})"

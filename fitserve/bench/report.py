@@ -65,6 +65,35 @@ def fmt_bytes(value) -> str:
     return NOT_MEASURED if value is None else f"{value / 2**20:,.1f} MiB"
 
 
+def fmt_rate(value: float | None, unit: str) -> str:
+    """A per-second rate with the SI prefix people read: 33.2 GB/s, 431 GFLOP/s, 1.71 TFLOP/s."""
+    if value is None:
+        return NOT_MEASURED
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:,.3g} {prefix}{unit}/s"
+    return f"{value:,.3g} {unit}/s"
+
+
+def hardware_limit_rows(limit: dict) -> list[tuple[str, str]]:
+    """The measured bandwidth and matmul rate in GB/s and FLOP/s, with how they were measured."""
+    rows = [
+        ("memory bandwidth", fmt_rate(limit.get("memory_bandwidth_bytes_per_s"), "B")),
+        ("matmul throughput", f"{fmt_rate(limit.get('matmul_flops_per_s'), 'FLOP')} "
+                              f"({limit.get('dtype')} on {limit.get('device')}, computed in "
+                              f"{limit.get('matmul_arithmetic')}, best at {limit.get('matmul_size')}²)"),
+    ]
+    measurements = limit.get("measurements") or []
+    if len(measurements) > 1:
+        rows.append(("measured before / after the runs (the higher is used)", "; ".join(
+            f"{fmt_rate(m['memory_bandwidth_bytes_per_s'], 'B')}, {fmt_rate(m['matmul_flops_per_s'], 'FLOP')}"
+            for m in measurements)))
+    if limit.get("threads") is not None:
+        rows.append(("CPU threads", str(limit["threads"])))
+    rows.append(("method", str(limit.get("method", ""))))
+    return rows
+
+
 def summary_rows(run: dict) -> list[tuple[str, str]]:
     """(name, value) lines that describe one run; shared by the console and the HTML."""
     summary = run["summary"]
@@ -206,11 +235,13 @@ def write_html(report: dict, path: Path) -> None:
     if report.get("slo_search"):
         parts += ["<h2>SLO search</h2>", _dict_table(report["slo_search"])]
     for run in runs:
+        timeline = plots.hardware_timeline(run)
         parts += [f"<h2>Hardware: {html.escape(run['label'])}</h2>", _table(hardware_rows(run)),
-                  _image(plots.hardware_timeline(run), f"Memory and power over time ({run['label']})")]
+                  _image(*timeline) if timeline else ""]
     parts += [f"<p>{html.escape(report['baseline_note'])}</p>"]
     if report.get("hardware_limit"):
-        parts += ["<h2>Hardware limit (measured in this run)</h2>", _dict_table(report["hardware_limit"])]
+        parts += ["<h2>Hardware limit (measured in this run)</h2>",
+                  _table(hardware_limit_rows(report["hardware_limit"]))]
     parts += ["<h2>Setup</h2>", _dict_table(report["environment"]),
               "<h3>Server</h3>", _dict_table(report["server"]),
               "<h3>Model</h3>", _dict_table(report["model"] or {"model": "unknown (no config.json given)"}),

@@ -40,12 +40,22 @@ class LoadPlan:
     max_search_probes: int = 8
     """Cap on doubling/halving probes before bisection."""
 
+    def _arrivals(self) -> str:
+        """How requests arrive, in words; only finite rates have an arrival process at all."""
+        timed = "Poisson" if self.burstiness == 1 else f"gamma, burstiness {self.burstiness:g}"
+        untimed = (f"none: a closed loop of {self.max_concurrency} streams (a request starts when one ends)"
+                   if self.max_concurrency else "none: every request at once")
+        if all(math.isinf(rate) for rate in self.rates):
+            return untimed
+        if any(math.isinf(rate) for rate in self.rates):
+            return f"{timed} at finite rates; at rate inf {untimed.removeprefix('none: ')}"
+        return timed
+
     def describe(self) -> dict:
         mode = ("closed loop" if all(math.isinf(r) for r in self.rates) and self.max_concurrency
                 else "open loop")
         described = {"mode": mode, "rates_req_per_s": self.rates, "max_concurrency": self.max_concurrency,
-                     "arrivals": ("Poisson" if self.burstiness == 1 else f"gamma, burstiness {self.burstiness:g}"),
-                     "seed": self.seed}
+                     "arrivals": self._arrivals(), "seed": self.seed}
         if self.search:
             described["search"] = f"highest rate meeting the SLO, {self.search_steps} bisection steps"
         return described

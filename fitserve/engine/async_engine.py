@@ -17,6 +17,7 @@ before the next step, so concurrent HTTP requests share engine steps.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fitserve.engine.admission import GroupBacklog
 from fitserve.engine.engine import EngineStats, LLMEngine
 from fitserve.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
@@ -47,6 +49,8 @@ class _AddCommand:
     client_id: str | None
     stream: "RequestStream"
     accepted: asyncio.Future
+    group: object | None = None
+    """Set for the members of one fan-out call: they are admitted interleaved with other work."""
 
 
 @dataclass
@@ -60,6 +64,11 @@ class _AbortCommand:
 @dataclass
 class _StopCommand:
     pass
+
+
+@dataclass
+class _AbortAllCommand:
+    """Abort every request, delivering each one's final `abort` output (graceful shutdown)."""
 
 
 class RequestStream:
@@ -124,8 +133,9 @@ class StreamGroup:
         All commands are queued before waiting, so the engine thread takes them in one go
         between two steps instead of one request per step.
         """
+        group = self if len(requests) > 1 else None
         pending = [
-            self._engine._submit(request_id, prompt, params, client_id, self._queue)
+            self._engine._submit(request_id, prompt, params, client_id, self._queue, group)
             for request_id, prompt, params in requests
         ]
         for stream, _ in pending:
@@ -179,6 +189,8 @@ class AsyncLLMEngine:
         self._live_streams: dict[str, RequestStream] = {}
         self._latest_stats: EngineStats | None = None
         self._stopping = False
+        # Owned by the engine thread: accepted members of fan-out calls not yet in the scheduler.
+        self._backlog = GroupBacklog()
 
     # --- the engine's read-only facts, safe from any thread -------------------------------
 
@@ -255,13 +267,14 @@ class AsyncLLMEngine:
         sampling_params: SamplingParams,
         client_id: str | None,
         output_queue: asyncio.Queue | None,
+        group: object | None = None,
     ) -> tuple[RequestStream, asyncio.Future]:
         """Queue an add command; the future settles once the engine thread accepted or refused it."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running (the server is shutting down)")
         stream = RequestStream(request_id, self, output_queue)
         accepted = asyncio.get_running_loop().create_future()
-        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted))
+        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted, group))
         return stream, accepted
 
     async def generate(
@@ -278,6 +291,17 @@ class AsyncLLMEngine:
 
     async def abort(self, request_ids: str | Iterable[str]) -> None:
         self._abort_nowait([request_ids] if isinstance(request_ids, str) else list(request_ids))
+
+    def abort_all(self) -> None:
+        """Abort every request in flight; each stream still gets its final output, whose
+        finish_reason is "abort" (unlike `shutdown`, which fails the streams)."""
+        if self._thread is not None:
+            self._commands.put(_AbortAllCommand())
+
+    @property
+    def num_live_requests(self) -> int:
+        """Requests the engine thread still delivers outputs for (a snapshot, from any thread)."""
+        return len(self._live_streams)
 
     def _abort_nowait(self, request_ids: list[str], stream: RequestStream | None = None) -> None:
         # Called from `finally` blocks of cancelled tasks, so it must not await.
@@ -297,7 +321,7 @@ class AsyncLLMEngine:
 
     def _run_iteration(self) -> bool:
         """Apply queued commands, then run one step if there is work; False once told to stop."""
-        idle = not self.engine.has_unfinished_requests()
+        idle = not self.engine.has_unfinished_requests() and not self._backlog
         try:
             # Block while idle (no busy-wait); otherwise take whatever arrived during the step.
             command = self._commands.get(block=idle)
@@ -307,19 +331,39 @@ class AsyncLLMEngine:
             if isinstance(command, _StopCommand):
                 self._abort_everything("the server is shutting down")
                 self._refuse_queued_commands()
-                self._latest_stats = self.engine.get_stats()
+                self._publish_stats()
                 return False
             self._apply(command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
+        self._admit_from_backlog()
         if self.engine.has_unfinished_requests():
             self._step_once()
-        self._latest_stats = self.engine.get_stats()
+        self._publish_stats()
         return True
 
-    def _apply(self, command: _AddCommand | _AbortCommand) -> None:
+    def _admit_from_backlog(self) -> None:
+        # Keep the scheduler's queue about one batch long, so whatever arrives next (a single
+        # request or another group's turn) waits behind at most that much of any group.
+        while self._backlog and self.engine.scheduler.num_waiting < self.engine.args.max_num_seqs:
+            self.engine.enqueue_request(self._backlog.pop())
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.get_stats()
+        if self._backlog:
+            stats = dataclasses.replace(stats, num_waiting=stats.num_waiting + len(self._backlog))
+        self._latest_stats = stats
+
+    def _apply(self, command: _AddCommand | _AbortCommand | _AbortAllCommand) -> None:
+        if isinstance(command, _AbortAllCommand):
+            # The streams stay registered: their final outputs come with the next step.
+            while self._backlog:
+                self.engine.enqueue_request(self._backlog.pop())
+            if self._live_streams:
+                self.engine.abort_request(list(self._live_streams))
+            return
         if isinstance(command, _AbortCommand):
             known = [
                 request_id for request_id in command.request_ids
@@ -328,17 +372,24 @@ class AsyncLLMEngine:
             ]
             for request_id in known:
                 del self._live_streams[request_id]
-            if known:
-                self.engine.abort_request(known)
+            in_engine = [request_id for request_id in known if not self._backlog.remove(request_id)]
+            if in_engine:
+                self.engine.abort_request(in_engine)
             return
         if command.stream.finished:
             # Aborted before the engine ever saw it.
             self._resolve(command.accepted, None)
             return
         try:
-            self.engine.add_request(
+            if command.request_id in self._backlog:
+                raise ValueError(f"request id {command.request_id!r} is already in use")
+            request = self.engine.prepare_request(
                 command.request_id, command.prompt, command.sampling_params, client_id=command.client_id
             )
+            if command.group is None:
+                self.engine.enqueue_request(request)
+            else:
+                self._backlog.push(command.group, request)
         except Exception as error:  # noqa: BLE001 - any rejection belongs to the caller
             self._resolve(command.accepted, error)
             return
@@ -366,6 +417,8 @@ class AsyncLLMEngine:
         request_ids = list(self._live_streams)
         streams = list(self._live_streams.values())
         self._live_streams.clear()
+        while self._backlog:
+            self._backlog.pop()
         if request_ids:
             try:
                 self.engine.abort_request(request_ids)

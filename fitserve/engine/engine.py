@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -209,7 +210,15 @@ class LLMEngine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         return None, list(prompt)
 
-    def add_request(
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    sampling_params: SamplingParams | None = None, **options: Any) -> None:
+        """Queue a prompt. Raises ValueError (PromptTooLongError for length) for bad input.
+
+        `options` are `prepare_request`'s: `arrival_time`, `client_id`, and `final_output_only`
+        (`step` reports the request only when it finishes)."""
+        self.enqueue_request(self.prepare_request(request_id, prompt, sampling_params, **options))
+
+    def prepare_request(
         self,
         request_id: str,
         prompt: str | list[int] | dict,
@@ -217,10 +226,9 @@ class LLMEngine:
         arrival_time: float | None = None,
         client_id: str | None = None,
         final_output_only: bool = False,
-    ) -> None:
-        """Queue a prompt. Raises ValueError (PromptTooLongError for length) for bad input.
-
-        With `final_output_only`, `step` reports the request only when it finishes."""
+    ) -> Request:
+        """Validate and tokenize a prompt into a `Request` without queueing it (`enqueue_request`
+        does that), so a caller can accept a request at once and admit it later."""
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("LLMEngine runs one sequence per request; fan out n > 1 as separate requests")
@@ -247,10 +255,17 @@ class LLMEngine:
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
-        self._requests[request_id] = request
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params) \
-            if self.tokenizer is not None else None  # type: ignore[assignment]
-        self._num_prompt_tokens_total += len(token_ids)
+        return request
+
+    def enqueue_request(self, request: Request) -> None:
+        """Hand a request from `prepare_request` to the scheduler."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        self._detokenizers[request.request_id] = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, request.sampling_params
+        ) if self.tokenizer is not None else None  # type: ignore[assignment]
+        self._num_prompt_tokens_total += len(request.prompt_token_ids)
         self.scheduler.add_request(request)
 
     def _check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:

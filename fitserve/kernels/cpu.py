@@ -21,6 +21,7 @@ import logging
 import math
 import platform
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -62,22 +63,41 @@ def module_name(flags: list[str]) -> str:
     return f"fitserve_cpu_kernels_{digest.hexdigest()[:12]}"
 
 
+def _build_dir(name: str) -> Path:
+    from torch.utils import cpp_extension
+
+    # torch's own choice of folder (TORCH_EXTENSIONS_DIR, else a per-Python folder in ~/.cache).
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+def is_cached() -> bool:
+    """Whether this machine already has a build of the current kernel sources (no compile)."""
+    name = module_name(_BUILD_FLAGS)
+    return any(_build_dir(name).glob(f"{name}*.so"))
+
+
 def _build() -> ModuleType | None:
     if not cpu_supports_kernels():
         logger.info("CPU kernels: this CPU lacks AVX2/FMA; using the PyTorch paths")
         return None
     from torch.utils import cpp_extension
 
+    name = module_name(_BUILD_FLAGS)
+    build_dir = _build_dir(name)
+    # A first build takes a minute or more with nothing else to show: say so before and after.
+    compiling = not is_cached()
+    if compiling:
+        logger.info("CPU kernels: compiling them for this machine, once (a minute or two on two cores; "
+                    "cached in %s)...", build_dir)
+    started = time.perf_counter()
     try:
-        return cpp_extension.load(
-            name=module_name(_BUILD_FLAGS),
-            sources=[str(_SOURCE)],
-            extra_cflags=_BUILD_FLAGS,
-            verbose=False,
-        )
+        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS, verbose=False)
     except Exception as error:  # no compiler, missing headers, ...: the torch path still works
         logger.warning("CPU kernels could not be built (%s); using the slower PyTorch paths", error)
         return None
+    if compiling:
+        logger.info("CPU kernels: compiled in %.0f s", time.perf_counter() - started)
+    return module
 
 
 def get() -> ModuleType | None:

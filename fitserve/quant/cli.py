@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from fitserve.layers.weight_formats import QUANTIZATION_METHODS
+from fitserve.cli_args import HelpFormatter
+from fitserve.quant.methods import HEAD_FORMATS, QUANTIZATION_METHODS
 
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quantize", help="write a quantized copy of a model (w8, w4 or MixLLM mixed precision)",
         description="Quantize a dense Hugging Face checkpoint into a directory every fitserve command loads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model_dir", nargs="?", default=None, help="dense model directory (default: the bundled model)")
     parser.add_argument("--method", required=True, choices=QUANTIZATION_METHODS,
@@ -22,7 +23,7 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-size", type=int, default=128, help="input columns per 4-bit scale and zero")
     parser.add_argument("--high-precision-fraction", type=float, default=0.10,
                         help="mixllm: share of weights kept in 8 bits")
-    parser.add_argument("--lm-head", choices=("w8", "dense"), default="w8",
+    parser.add_argument("--lm-head", choices=HEAD_FORMATS, default="w8",
                         help="format of the LM head (of the embedding too, when tied); dense keeps the model dtype")
     parser.add_argument("--calibration-data", default=None,
                         help="mixllm: text or JSONL ('text' per line) file; default: Python's standard library "

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from fitserve.engine.async_engine import AsyncLLMEngine
 from fitserve.server.errors import APIError, install_error_handlers, validation_error_to_api_error
 from fitserve.server.metrics import ServerMetrics
+from fitserve.server.openapi import openapi_document
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from fitserve.server.serving_chat import create_chat_completion
 from fitserve.server.serving_common import ServerSettings, ServerState, check_model_name, read_body
@@ -34,8 +35,10 @@ def require_api_key(request: Request) -> None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+    # HTTP headers arrive as bytes that Starlette decodes as latin-1; encoding back gives the
+    # bytes the client sent, so a non-ASCII key sent as UTF-8 matches the key's UTF-8 bytes.
     # Constant-time comparison, so response timing does not leak the key byte by byte.
-    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+    if not hmac.compare_digest(presented.strip().encode("latin-1"), expected.encode("utf-8")):
         raise APIError(401, "incorrect API key", code="invalid_api_key")
 
 
@@ -65,7 +68,7 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI
             # By now uvicorn has stopped accepting and drained (or cancelled) in-flight requests.
             await async_engine.shutdown()
 
-    app = FastAPI(title="fitserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="fitserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.fitserve = ServerState(async_engine, settings, ServerMetrics(async_engine.get_stats))
     install_error_handlers(app)
     authorized = [Depends(require_api_key)]
@@ -106,4 +109,12 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI
     async def metrics(request: Request) -> Response:
         return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    document: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if not document:
+            document.update(openapi_document(app, with_api_key=settings.api_key is not None))
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -16,10 +16,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fitserve.cli_args import add_engine_arguments, engine_args_from
+from fitserve.cli_args import HelpFormatter, add_engine_arguments, engine_args_from
 from fitserve.config import ConfigError, parse_size
 
 API_KEY_ENV = "FITSERVE_API_KEY"
+
+
+def port_number(text: str) -> int:
+    """argparse type for --port: an int in 0..65535 (the OS would silently wrap larger ones)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 65535 (got {text!r})") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (got {port}); 0 picks a free port")
+    return port
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
 
 
 class _SignalExit(Exception):
@@ -32,6 +54,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/models, /health, /metrics).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
                         help="Hugging Face model directory (default: the bundled model)")
@@ -39,13 +62,16 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="same as the positional MODEL_DIR, for vLLM-style command lines")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
+    server.add_argument("--port", type=port_number, default=8000, help="port to listen on (0 picks a free one)")
     server.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients use; the first is reported (default: MODEL_DIR as given)")
-    server.add_argument("--max-request-body-bytes", type=parse_size, default=1 << 20, metavar="SIZE",
-                        help="larger request bodies get HTTP 413 (default 1MiB; units like 4MiB work)")
+    server.add_argument("--max-request-body-bytes", type=parse_size, default="1MiB", metavar="SIZE",
+                        help="larger request bodies get HTTP 413 (units like 4MiB work)")
+    server.add_argument("--max-choices-per-request", type=positive_int, default=1024, metavar="N",
+                        help="most completions one request may ask for (prompts x n); more get HTTP 400. "
+                             "A request's choices enter the queue interleaved with other requests' work")
     server.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on Ctrl-C/SIGTERM, how long in-flight requests may finish before they are aborted")
     server.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -71,6 +97,18 @@ def _raise_signal_exit(signum: int, frame: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, bind, serve until Ctrl-C or SIGTERM; returns the exit status."""
+    if args.model_dir and args.model_flag and args.model_dir != args.model_flag:
+        print(f"fitserve serve: error: MODEL_DIR {args.model_dir!r} and --model {args.model_flag!r} disagree; "
+              "give one of them", file=sys.stderr)
+        return 2
+    args.model = args.model_dir or args.model_flag
+    # Bind before loading the model (as vLLM does): a bad host or a port in use is reported
+    # at once, not after a load that can take minutes, and nobody can take the port meanwhile.
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as error:
+        print(f"fitserve serve: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
     import uvicorn  # heavy imports only when actually serving
 
     from fitserve.engine.async_engine import AsyncLLMEngine
@@ -78,24 +116,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from fitserve.models.config import ModelLoadError
     from fitserve.server.app import build_app
     from fitserve.server.serving_common import ServerSettings
+    from fitserve.server.shutdown import DrainingServer
 
-    if args.model_dir and args.model_flag and args.model_dir != args.model_flag:
-        print(f"fitserve serve: error: MODEL_DIR {args.model_dir!r} and --model {args.model_flag!r} disagree; "
-              "give one of them", file=sys.stderr)
-        return 2
-    args.model = args.model_dir or args.model_flag
     try:
         engine_args = engine_args_from(args)
         print(f"fitserve serve: loading {engine_args.model_dir} ...", flush=True)
         engine = LLMEngine(engine_args)
     except (ConfigError, ModelLoadError, OSError) as error:
+        sock.close()
         print(f"fitserve serve: error: {error}", file=sys.stderr)
         return 2
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as error:
-        print(f"fitserve serve: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return 1
 
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
@@ -104,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         served_model_names=names, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_request_body_bytes=args.max_request_body_bytes, model_path=model_path,
+        max_choices_per_request=args.max_choices_per_request,
     )
     kv_tokens = engine.num_kv_blocks * engine.block_size
     print(
@@ -116,15 +147,13 @@ def run_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    app = build_app(AsyncLLMEngine(engine), settings)
-    config = uvicorn.Config(
-        app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=args.shutdown_timeout,
-        access_log=args.uvicorn_log_level == "debug",
-    )
+    async_engine = AsyncLLMEngine(engine)
+    app = build_app(async_engine, settings)
+    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=args.uvicorn_log_level == "debug")
     # uvicorn re-raises the signal that stopped it once it is done; turn that into a clean exit.
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_signal_exit)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        DrainingServer(config, async_engine, args.shutdown_timeout).run(sockets=[sock])
     except (KeyboardInterrupt, _SignalExit):
         pass
     finally:

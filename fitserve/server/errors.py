@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
-def error_response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if error.status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(error.status, error.message, error.param, error.code), error.status, headers=headers)
 
 
@@ -133,10 +136,21 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see GET /v1/models and POST /v1/completions"
         elif error.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
+            # Starlette names the allowed methods in the Allow header, which HTTP requires on a 405.
+            allowed = (error.headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path}" + \
+                (f"; use {allowed}" if allowed else "")
         else:
             message = str(error.detail) or HTTPStatus(error.status_code).phrase
-        return error_response(APIError(error.status_code, message))
+        return error_response(APIError(error.status_code, message), headers=error.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, _: ClientDisconnect) -> Response:
+        # The client hung up while sending its body: nothing went wrong here and nobody is
+        # left to answer (499 is what nginx logs for this). A handler for this exact class
+        # also keeps Starlette from re-raising it as an unhandled error.
+        logger.info("client disconnected while sending its request body (%s %s)", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -1,7 +1,10 @@
-"""OpenAI request bodies as pydantic models, validated strictly at the HTTP edge.
+"""OpenAI request bodies as pydantic models, validated at the HTTP edge.
 
-Strict mode and `extra="forbid"` are deliberate: a client that sends `"max_tokens": "10"`
-or misspells `temperature` gets a 400 that names the field, instead of a silently
+Types are coerced as vLLM's request models coerce them (pydantic's lax mode): `5.0` or `"5"`
+is the integer 5, `5.5` is refused. Clients generated from OpenAI's spec send integral floats
+(JSON has one number type), and a server that refuses what vLLM accepts breaks clients tested
+against vLLM. Unknown fields are refused (`extra="forbid"`, stricter than vLLM, which ignores
+them with a warning): a misspelt `temprature` gets a 400 that names it, instead of a silently
 different request. Range checks that `SamplingParams` already knows are left to it (one
 place per rule); only OpenAI-specific shapes are checked here.
 
@@ -25,7 +28,7 @@ SeedInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)]
 class OpenAIModel(BaseModel):
     # allow_inf_nan=False: a NaN temperature would pass every range check and poison the
     # whole batch's sampling step, not just this request.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -39,6 +42,29 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    """Send a last chunk with the whole request's usage (OpenAI)."""
+    continuous_usage_stats: bool = False
+    """vLLM extension, sent by GuideLLM: with include_usage, every chunk also carries its
+    choice's usage so far (prompt tokens and the tokens generated until that chunk)."""
+
+    @property
+    def usage_in_every_chunk(self) -> bool:
+        # vLLM ignores continuous_usage_stats unless include_usage is set too.
+        return self.include_usage and self.continuous_usage_stats
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`; only plain text is served (no structured output)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    type: str
+
+    @model_validator(mode="after")
+    def _only_text(self) -> "ResponseFormat":
+        if self.type != "text":
+            raise ValueError(f"response_format type {self.type!r} is not supported: this server has no "
+                             "structured output (JSON mode, JSON schema); leave it out or use \"text\"")
+        return self
 
 
 class SamplingFields(OpenAIModel):
@@ -70,6 +96,7 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check_openai_shapes(self) -> "SamplingFields":
@@ -144,11 +171,26 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
     """vLLM extension: end the prompt with the assistant turn's opening."""
+    continue_final_message: bool = False
+    """vLLM extension: the reply continues the last (assistant) message instead of starting a turn."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM extension: extra variables for the chat template, e.g. {"enable_thinking": false} for Qwen3."""
+    tools: list[dict[str, Any]] | None = None
+    """Accepted only empty: this server does no tool calling."""
+    tool_choice: str | dict[str, Any] | None = None
+    """Accepted only as "none" (what clients send when a turn must not call tools)."""
 
     @model_validator(mode="after")
     def _check_chat_shapes(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true "
+                             "(set add_generation_prompt to false to continue the last message)")
+        if self.tools:
+            raise ValueError("tools are not supported: this server does no tool calling; leave them out")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice must be \"none\" or left out: this server does no tool calling")
         return self
 
     @property

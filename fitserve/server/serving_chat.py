@@ -6,6 +6,7 @@ exactly the format it was trained on; the server never formats chat turns itself
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,9 +38,16 @@ def chat_prompt_token_ids(tokenizer: Any, body: ChatCompletionRequest) -> list[i
         messages.append(entry)
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions with a plain prompt")
+    template_kwargs = body.chat_template_kwargs or {}
+    reserved = sorted(set(template_kwargs) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: those are the server's "
+                            "own arguments of the template call", param="chat_template_kwargs")
     try:
         token_ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt, tokenize=True, return_dict=False
+            messages, add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message, tokenize=True, return_dict=False,
+            **template_kwargs,
         )
     except Exception as error:  # noqa: BLE001 - templates raise (jinja) errors for message orders they refuse
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from error
@@ -160,11 +168,16 @@ async def _stream(
     tokenizer = state.async_engine.tokenizer
     chunk_header = {**header, "object": "chat.completion.chunk"}
 
+    usage_in_every_chunk = body.stream_options is not None and body.stream_options.usage_in_every_chunk
+
     def chunk(choice: _ChatChoice, delta: dict[str, Any], finish_reason: str | None) -> bytes:
-        return sse_event({**chunk_header, "choices": [{
+        event = {**chunk_header, "choices": [{
             "index": choice.index, "delta": delta, "logprobs": _take_logprobs(choice, num_top is not None),
             "finish_reason": finish_reason,
-        }]})
+        }]}
+        if usage_in_every_chunk:
+            event["usage"] = _usage({choice.request_id: choice}, num_prompt_tokens)
+        return sse_event(event)
 
     try:
         for choice in sorted(choices.values(), key=lambda choice: choice.index):

@@ -38,6 +38,8 @@ class ServerSettings:
     """Larger bodies get 413 before they are parsed."""
     model_path: str = ""
     """Where the weights came from, for /v1/models."""
+    max_choices_per_request: int = 1024
+    """Most engine requests (prompts x n) one HTTP request may create; more get a 400."""
 
     @property
     def model_name(self) -> str:
@@ -127,6 +129,12 @@ async def start_choices(
     All requests are accepted before the first byte of the response goes out, so a prompt
     that does not fit is still a clean 400 even for streaming requests.
     """
+    limit = state.settings.max_choices_per_request
+    if len(prompts) * num_choices_per_prompt > limit:
+        raise APIError(400, f"this request asks for {len(prompts)} prompt(s) x n={num_choices_per_prompt} = "
+                            f"{len(prompts) * num_choices_per_prompt} choices; this server allows at most {limit} "
+                            "per request (--max-choices-per-request): split it into several requests",
+                       param="n" if len(prompts) == 1 else "prompt")
     group = StreamGroup(state.async_engine)
     choices: list[ChoiceT] = []
     requests = []

@@ -185,6 +185,7 @@ async def _stream(
     prompts: list, header: dict, score_only: bool,
 ) -> AsyncIterator[bytes]:
     tokenizer = state.async_engine.tokenizer
+    usage_in_every_chunk = body.stream_options is not None and body.stream_options.usage_in_every_chunk
     try:
         async for output in group:
             choice = choices[output.request_id]
@@ -192,7 +193,10 @@ async def _stream(
             finish_reason = ("length" if score_only else choice.finish_reason) if output.finished else None
             if not text and finish_reason is None:
                 continue  # e.g. a step that only moved the prefill forward
-            yield sse_event({**header, "choices": [_choice_json(choice, text, finish_reason)]})
+            event = {**header, "choices": [_choice_json(choice, text, finish_reason)]}
+            if usage_in_every_chunk:
+                event["usage"] = _usage({choice.request_id: choice}, score_only)
+            yield sse_event(event)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield sse_event({**header, "choices": [], "usage": _usage(choices, score_only)})
     except EngineStepError as error:

@@ -102,3 +102,20 @@ def test_unreadable_rate_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         main(["--rate", "fast"])
     assert "--rate" in capsys.readouterr().err
+
+
+def test_url_with_no_server_is_one_line_and_writes_nothing(tmp_path, capsys):
+    import socket
+
+    from fitserve.cli import main as fitserve_main
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "results"
+    code = fitserve_main(["bench", "--url", f"http://127.0.0.1:{port}", *COMMON, "--out", str(out)])
+    assert code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert f"could not connect to http://127.0.0.1:{port}" in errors[0] and "is the server running?" in errors[0]
+    assert not out.exists()

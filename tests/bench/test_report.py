@@ -57,3 +57,59 @@ def test_gpu_energy_rows_and_plots_are_written(tmp_path):
     assert stored["runs"][1]["summary"]["goodput"] == 0.0  # TTFT 200 ms misses the 150 ms SLO
     rows = list(csv.DictReader(paths["csv"].open()))
     assert len(rows) == 15 and abs(float(rows[0]["tpot_ms"]) - 10.0) < 1e-6 and rows[0]["num_chunks"] == "4"
+
+
+def test_hardware_limit_is_shown_in_units_people_read(tmp_path):
+    from fitserve.bench.report import hardware_limit_rows
+
+    limit = {"device": "cpu", "dtype": "bfloat16", "memory_bandwidth_bytes_per_s": 33.21e9,
+             "matmul_flops_per_s": 1.712e12, "matmul_size": 1024, "matmul_arithmetic": "bfloat16",
+             "method": "copies and matmuls", "threads": 2,
+             "measurements": [{"memory_bandwidth_bytes_per_s": 33.21e9, "matmul_flops_per_s": 1.712e12},
+                              {"memory_bandwidth_bytes_per_s": 30.0e9, "matmul_flops_per_s": 431e9}]}
+    rows = dict(hardware_limit_rows(limit))
+    assert rows["memory bandwidth"] == "33.2 GB/s"
+    assert rows["matmul throughput"].startswith("1.71 TFLOP/s (bfloat16 on cpu")
+    assert rows["measured before / after the runs (the higher is used)"] == \
+        "33.2 GB/s, 1.71 TFLOP/s; 30 GB/s, 431 GFLOP/s"
+    page = write_all(make_report([make_run("1 req/s", 1.0, 0.1)]) | {"hardware_limit": limit}, tmp_path)["html"]
+    assert "33.2 GB/s" in page.read_text() and "memory_bandwidth_bytes_per_s" not in page.read_text()
+
+
+def test_closed_loop_and_all_at_once_runs_do_not_claim_poisson_arrivals():
+    from fitserve.bench.runner import LoadPlan
+
+    def arrivals(rates, concurrency, burstiness=1.0):
+        return LoadPlan(rates=rates, max_concurrency=concurrency, burstiness=burstiness, seed=0, slo=None).describe()["arrivals"]
+
+    assert arrivals([math.inf], 4) == "none: a closed loop of 4 streams (a request starts when one ends)"
+    assert arrivals([math.inf], None) == "none: every request at once"
+    assert arrivals([1.0, 2.0], None) == "Poisson"
+    assert arrivals([1.0, math.inf], None, 0.5).startswith("gamma, burstiness 0.5 at finite rates")
+
+
+def test_hardware_timeline_axes_start_at_zero_and_caption_names_only_drawn_panels(monkeypatch):
+    from fitserve.bench import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_to_base64", lambda figure: figures.append(figure) or "png")
+    cpu_only = [HardwareSample(time_s=t, server_rss_bytes=1000 * 2**20 + int(t * 25 * 2**20), server_cpu_pct=90.0,
+                               system_cpu_pct=50.0, cpu_energy_j=None, gpus=None, temperatures_c=None).__dict__
+                for t in (0.0, 0.5, 1.0)]
+    encoded, caption = plots.hardware_timeline({"label": "run", "hardware": {"samples": cpu_only}})
+    assert caption == "Server memory (RSS) and CPU use over time (run)"  # no power plot, so none named
+    memory_axis, cpu_axis = figures[0].axes
+    assert memory_axis.get_ylim()[0] == 0 and memory_axis.get_ylim()[1] >= 1025  # a 25 MiB rise stays small
+    assert cpu_axis.get_ylim() == (0, 100)
+    with_gpu = [gpu_sample(t, 300.0, 10.0 * t).__dict__ for t in (0.0, 0.5)]
+    _, caption = plots.hardware_timeline({"label": "gpu", "hardware": {"samples": with_gpu}})
+    assert caption == "Server memory (RSS), CPU use, GPU power and GPU memory over time (gpu)"
+
+
+def test_hardware_timeline_tolerates_samples_with_a_missing_counter():
+    from fitserve.bench import plots
+
+    samples = [HardwareSample(time_s=t, server_rss_bytes=2**30, server_cpu_pct=None if t == 0 else 80.0,
+                              system_cpu_pct=None if t == 0 else 40.0, cpu_energy_j=None, gpus=None,
+                              temperatures_c=None).__dict__ for t in (0.0, 0.5, 1.0)]
+    assert plots.hardware_timeline({"label": "run", "hardware": {"samples": samples}}) is not None

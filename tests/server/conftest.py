@@ -9,6 +9,7 @@ tests can also look at the engine's KV-cache accounting directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -100,14 +101,16 @@ class RunningServer:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
-    """One server for the whole session, in a background thread, API key required."""
-    engine = LLMEngine(engine_args_for(tiny_model_dir))
+@contextlib.contextmanager
+def serve_in_thread(model_dir: Path, engine_args: EngineArgs | None = None,
+                    **settings: object) -> Iterator[RunningServer]:
+    """A server for `model_dir` in a background thread, API key required; `settings` override
+    the `ServerSettings` defaults of the shared server."""
+    engine = LLMEngine(engine_args or engine_args_for(model_dir))
     async_engine = AsyncLLMEngine(engine)
-    settings = ServerSettings(served_model_names=[MODEL_NAME], api_key=API_KEY, model_path=str(tiny_model_dir),
-                              max_request_body_bytes=64 * 1024)
-    app = build_app(async_engine, settings)
+    options = {"served_model_names": [MODEL_NAME], "api_key": API_KEY, "model_path": str(model_dir),
+               "max_request_body_bytes": 64 * 1024}
+    app = build_app(async_engine, ServerSettings(**(options | settings)))
     sock = free_loopback_socket()
     port = sock.getsockname()[1]
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
@@ -117,10 +120,19 @@ def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
     while not uvicorn_server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
-    yield RunningServer(f"http://127.0.0.1:{port}", async_engine)
-    uvicorn_server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", async_engine)
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
+    """One server for the whole session, in a background thread, API key required."""
+    with serve_in_thread(tiny_model_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fitserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
+from fitserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError, StreamGroup
 from fitserve.engine.engine import LLMEngine, PromptTooLongError
 from fitserve.llm import LLM
 from fitserve.sampling_params import SamplingParams
@@ -153,3 +154,49 @@ def test_requests_after_shutdown_are_refused(engine: LLMEngine) -> None:
             await async_engine.add_request("late", "hello", GREEDY)
 
     run_async(main())
+
+
+def test_a_fan_out_group_does_not_hold_back_a_later_request(tiny_model_dir: Path) -> None:
+    # Two running slots; one call adds 40 requests, then another client sends one. FCFS over
+    # all 40 would finish the single request last; admission interleaves it near the front.
+    engine = LLMEngine(dataclasses.replace(engine_args_for(tiny_model_dir), max_num_seqs=2))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def scenario(async_engine: AsyncLLMEngine) -> list[str]:
+        finished: list[str] = []
+        group = StreamGroup(async_engine)
+        await group.add_all([(f"batch-{i}", "The quick brown fox", params) for i in range(40)])
+
+        async def consume(outputs) -> None:
+            async for output in outputs:
+                if output.finished:
+                    finished.append(output.request_id)
+
+        single = async_engine.generate("Once upon a time", params, "single")
+        await asyncio.gather(consume(group), consume(single))
+        return finished
+
+    finished = run_with_engine(engine, scenario)
+    assert len(finished) == 41
+    assert finished.index("single") < 8, finished
+    batch = [request_id for request_id in finished if request_id != "single"]
+    assert batch == [f"batch-{i}" for i in range(40)]  # the group keeps its own order
+
+
+    async def abandon_a_group(async_engine: AsyncLLMEngine):
+        group = StreamGroup(async_engine)
+        await group.add_all([(f"gone-{i}", "The quick brown fox", params) for i in range(40)])
+        held = async_engine.get_stats()
+        for _ in range(2000):  # the stats are published after the engine thread's next iteration
+            if held.num_waiting + held.num_running == 40:
+                break
+            await asyncio.sleep(0.001)
+            held = async_engine.get_stats()
+        async for _ in group:
+            break  # the client went away after the first output: leaving the loop aborts them all
+        await wait_until_engine_idle(async_engine)
+        return held, async_engine.get_stats()
+
+    held, after = run_with_engine(engine, abandon_a_group)
+    assert held.num_waiting + held.num_running == 40  # members not yet admitted count as waiting
+    assert after.num_waiting == after.num_running == 0 and after.num_free_blocks == after.num_total_blocks

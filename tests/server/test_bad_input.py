@@ -29,8 +29,9 @@ CASES = [
     ("n above the limit", COMPLETIONS, {"prompt": "hi", "n": 1000}, 400, ["n: ", "128"]),
     ("stop_token_ids outside the vocabulary", COMPLETIONS, {"prompt": "hi", "stop_token_ids": [70000]}, 400,
      ["stop_token_ids", "70000"]),
-    ("temperature is a bool", COMPLETIONS, {"prompt": "hi", "temperature": True}, 400, ["temperature"]),
-    ("top_p zero", COMPLETIONS, {"prompt": "hi", "top_p": 0.0}, 400, ["top_p", "(0, 1]"]),
+    ("temperature is a list", COMPLETIONS, {"prompt": "hi", "temperature": [1]}, 400, ["temperature"]),
+    ("fractional max_tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": 2.5}, 400, ["max_tokens", "fractional"]),
+    ("top_p zero", COMPLETIONS, {"prompt": "hi", "top_p": 0.0}, 400, ["top_p", "(0, 1]", "temperature 0"]),
     ("top_p above one", COMPLETIONS, {"prompt": "hi", "top_p": 1.5}, 400, ["top_p"]),
     ("n zero", COMPLETIONS, {"prompt": "hi", "n": 0}, 400, ["n: ", "greater than or equal to 1"]),
     ("presence_penalty out of range", COMPLETIONS, {"prompt": "hi", "presence_penalty": 3}, 400, ["presence_penalty"]),
@@ -59,7 +60,18 @@ CASES = [
     ("chat max_completion_tokens negative", CHAT, {"messages": USER_MESSAGE, "max_completion_tokens": -1}, 400,
      ["max_completion_tokens"]),
     ("chat too long", CHAT, {"messages": [{"role": "user", "content": "fox " * 400}]}, 400, ["maximum context length"]),
+    ("structured output", CHAT, {"messages": USER_MESSAGE, "response_format": {"type": "json_object"}}, 400,
+     ["response_format", "json_object", "structured output"]),
+    ("tools", CHAT, {"messages": USER_MESSAGE, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     ["tools", "tool calling"]),
+    ("tool_choice auto", CHAT, {"messages": USER_MESSAGE, "tool_choice": "auto"}, 400, ["tool_choice"]),
+    ("continue_final_message with a generation prompt", CHAT,
+     {"messages": USER_MESSAGE, "continue_final_message": True}, 400, ["continue_final_message", "add_generation_prompt"]),
+    ("chat_template_kwargs overriding the call", CHAT,
+     {"messages": USER_MESSAGE, "chat_template_kwargs": {"tokenize": False}}, 400, ["chat_template_kwargs", "tokenize"]),
     ("unknown model", COMPLETIONS, {"model": "gpt-4", "prompt": "hi"}, 404, ["gpt-4", MODEL_NAME]),
+    ("too many choices in one request", COMPLETIONS, {"prompt": ["hi"] * 200, "n": 8}, 400,
+     ["200 prompt(s) x n=8 = 1600 choices", "--max-choices-per-request"]),
     ("oversized body", COMPLETIONS, {"prompt": "x" * 100_000}, 413, ["larger than", "65536"]),
 ]
 
@@ -94,6 +106,34 @@ def test_unknown_route_and_wrong_method_answer_in_openai_format(server: RunningS
     assert missing.status_code == 404 and "/v1/engines" in missing.json()["error"]["message"]
     wrong_method = httpx.get(f"{server.base_url}{COMPLETIONS}", headers=AUTH, timeout=30)
     assert wrong_method.status_code == 405 and "GET" in wrong_method.json()["error"]["message"]
+    assert wrong_method.headers["Allow"] == "POST"  # HTTP requires it on a 405
+
+
+def test_integral_floats_are_integers_as_in_vllm(server: RunningServer) -> None:
+    # JSON has one number type; clients generated from OpenAI's spec may send 3.0 for 3.
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3.0, "n": 2.0, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(f"{server.base_url}{COMPLETIONS}", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 2 and response.json()["usage"]["completion_tokens"] == 6
+
+
+def test_non_ascii_api_key_sent_as_utf8_matches() -> None:
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from fitserve.server.app import require_api_key
+    from fitserve.server.errors import APIError
+
+    key = "clé-ünïcode-鍵"
+    app = SimpleNamespace(state=SimpleNamespace(fitserve=SimpleNamespace(settings=SimpleNamespace(api_key=key))))
+
+    def request_with(header_value: bytes) -> Request:
+        return Request({"type": "http", "headers": [(b"authorization", header_value)], "app": app})
+
+    require_api_key(request_with(f"Bearer {key}".encode("utf-8")))  # what curl and httpx send
+    with pytest.raises(APIError):
+        require_api_key(request_with("Bearer clé-ünïcode-鍵x".encode("utf-8")))
 
 
 def test_streaming_request_that_does_not_fit_fails_before_streaming(client: openai.OpenAI) -> None:
@@ -153,3 +193,38 @@ def test_random_bodies_never_get_a_5xx(server: RunningServer) -> None:
     assert 200 in statuses and 400 in statuses
     stats = server.wait_until_idle()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_client_that_hangs_up_while_sending_its_body_is_logged_as_a_disconnect(server: RunningServer) -> None:
+    import logging
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # neither fitserve's nor uvicorn's loggers propagate to the root
+    loggers = [logging.getLogger("fitserve"), logging.getLogger("uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(handler)
+
+    def messages() -> list[str]:
+        return [record.getMessage() for record in records]
+
+    try:
+        address = urlparse(server.base_url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"prompt\": ".encode())
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not any("disconnected" in message or "error" in message for message in messages()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # a second, unwanted record would come right after the first
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert "client disconnected while sending its request body (POST /v1/completions)" in messages()
+    assert [record for record in records if record.levelno >= logging.ERROR] == [], messages()
+    assert httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200

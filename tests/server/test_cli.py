@@ -3,12 +3,12 @@ cleanly on SIGTERM, also with a stream in flight."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -45,8 +45,9 @@ def start_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str, l
 
 
 def test_serve_prints_banner_answers_and_stops_on_sigterm_mid_stream(tiny_model_dir: Path) -> None:
+    # --shutdown-timeout 0: SIGTERM right after the first chunks leaves both choices running.
     process, url, banner = start_server(tiny_model_dir, "--served-model-name", "tiny", "--api-key", "k",
-                                        "--shutdown-timeout", "1")
+                                        "--shutdown-timeout", "0")
     try:
         text = "\n".join(banner)
         assert "dtype   float32" in text and "device cpu" in text
@@ -58,32 +59,33 @@ def test_serve_prints_banner_answers_and_stops_on_sigterm_mid_stream(tiny_model_
         reply = client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens >= 1
 
-        # A long stream is in flight when SIGTERM arrives; it must end (finished or cut) and
-        # the process must exit 0 within the grace period plus start-up slack.
-        received: list[str] = []
-
-        def stream_forever() -> None:
-            try:
-                for chunk in client.completions.create(model="tiny", prompt="story", max_tokens=240, temperature=0,
-                                                       stream=True, extra_body={"ignore_eos": True}):
-                    received.append(chunk.choices[0].text)
-            except (openai.APIError, httpx.HTTPError):
-                received.append("<cut>")
-
-        streamer = threading.Thread(target=stream_forever)
-        streamer.start()
-        while not received:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
+        # Streams still running when the grace period is over are aborted, not cut: each
+        # choice ends with finish_reason "abort" and the stream with [DONE].
+        body = {"model": "tiny", "prompt": "story", "max_tokens": 240, "n": 2, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"},
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 2:
+                        process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
-        streamer.join(timeout=60)
-        assert process.returncode == 0, output
-        assert "fitserve serve: stopped" in output
-        assert not streamer.is_alive()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert events[-1] == "[DONE]"
+    finish_reasons = {}
+    for event in events[:-1]:
+        for choice in json.loads(event)["choices"]:
+            if choice["finish_reason"] is not None:
+                finish_reasons[choice["index"]] = choice["finish_reason"]
+    assert finish_reasons == {0: "abort", 1: "abort"}
+    assert process.returncode == 0, output
+    assert "fitserve serve: stopped" in output
+    assert "Traceback" not in output and "aborting them" in output
 
 
 def test_serve_reports_a_bad_model_dir_without_a_traceback(tmp_path: Path) -> None:
@@ -94,3 +96,25 @@ def test_serve_reports_a_bad_model_dir_without_a_traceback(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "fitserve serve: error:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_serve_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fitserve.server.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_serve_refuses_a_port_out_of_range_before_anything_else(tmp_path: Path) -> None:
+    # The OS would wrap 99999 into another port; argparse refuses it, naming the flag.
+    result = run_serve_command(str(tmp_path / "missing"), "--port", "99999")
+    assert result.returncode == 2
+    assert "--port: must be from 0 to 65535 (got 99999)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_checks_the_host_before_loading_the_model(tmp_path: Path) -> None:
+    # The model directory is missing too: the host is the first thing checked, in one line.
+    result = run_serve_command(str(tmp_path / "missing"), "--host", "no-such-host.invalid", "--port", "0")
+    assert result.returncode == 1
+    assert "cannot listen on no-such-host.invalid:0" in result.stderr
+    assert "loading" not in result.stdout and "Traceback" not in result.stderr
+

@@ -11,13 +11,10 @@ from fitserve.layers.weight_formats.dense import DenseFormat
 from fitserve.layers.weight_formats.mixllm import MixedFormat
 from fitserve.layers.weight_formats.w4 import DEFAULT_GROUP_SIZE, W4Format
 from fitserve.layers.weight_formats.w8 import W8Format
+from fitserve.quant.methods import DYNAMIC_METHODS, HEAD_FORMATS, QUANTIZATION_METHODS
 
-QUANTIZATION_METHODS = ("w8", "w4", "mixllm")
-"""Methods `fitserve quantize` writes; w8 and w4 can also be applied at load time."""
-DYNAMIC_METHODS = ("w8", "w4")
-"""Methods `--quantization` applies to a dense checkpoint at load (round to nearest)."""
-HEAD_FORMATS = ("w8", "dense")
-"""How the LM head (for tied models, the embedding matrix) is stored in a quantized model."""
+__all__ = ["DYNAMIC_METHODS", "QUANTIZATION_METHODS", "FormatPlan", "FormatPlanError"]
+
 QUANT_METHOD_TAG = "fitserve"
 """`quant_method` in config.json, so other tools see the format is fitserve's own."""
 
