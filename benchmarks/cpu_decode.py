@@ -30,6 +30,7 @@ llama.cpp is optional (`pip install "fitserve[bench]"`); without it its columns 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import random
@@ -180,8 +181,10 @@ def synthetic_tokenizer(vocab_size: int) -> Path:
     return out_dir
 
 
-ACTIVATION_DTYPES = {"w8": "bfloat16", "w4": "bfloat16", "mixllm": "bfloat16"}
-"""The activations' dtype of each quantized format's run (for the matmul bound)."""
+def activation_dtype(label: str) -> str:
+    """The dtype a run's matmuls are judged by: its own for dense fitserve runs, bfloat16 for
+    quantized formats (their activations) and llama.cpp (which multiplies bf16 or in integers)."""
+    return label if label in ("bfloat16", "float32") else "bfloat16"
 
 
 def quantized_checkpoint(model_dir: Path, method: str) -> Path:
@@ -400,6 +403,9 @@ def main() -> int:
                         help="also run fitserve on copies quantized by `fitserve quantize` (bf16 activations); "
                              "mixllm's 10%% high-precision channels are drawn at random (no calibration: "
                              "speed does not depend on which channels)")
+    parser.add_argument("--llama-cpp-types", nargs="+", default=["bfloat16"],
+                        choices=["bfloat16", "Q4_0", "Q4_K_M", "Q8_0"],
+                        help="llama.cpp weight types to run (quantized by llama.cpp's own quantizer)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny serve workload (input 16-64, output 4-12): checks the harness, not speed")
     parser.add_argument("--out", type=Path, default=None)
@@ -414,17 +420,30 @@ def main() -> int:
     shapes = {d: ModelShape.from_config(config, getattr(torch, d)) for d in ("bfloat16", "float32")}
     kv_memory = {"bfloat16": "1GiB", "float32": "2GiB"}
 
-    llama_cpp_runner = None
+    llama_cpp_runners: dict = {}
     llama_cpp_version = None
+    llama_cpp_types: dict = {}
     if not args.skip_llama_cpp:
         try:
             import llama_cpp
 
-            from llama_cpp_side import LlamaCppRunner, write_gguf
+            from llama_cpp_side import LlamaCppRunner, gguf_bits_per_weight, quantize_gguf, write_gguf
 
             llama_cpp_version = llama_cpp.__version__
             gguf_path = write_gguf(model_dir, model_dir / "model-bf16.gguf")
-            llama_cpp_runner = LlamaCppRunner(gguf_path, args.threads, max_seqs=32, max_len=800, batch_tokens=2048)
+            for type_name in args.llama_cpp_types:
+                path = quantize_gguf(gguf_path, type_name, args.threads)
+                label = f"llama.cpp {type_name}"
+                if type_name != "bfloat16":  # bytes per step as llama.cpp stores them
+                    bits = gguf_bits_per_weight(path)
+                    llama_cpp_types[type_name] = bits
+                    shapes[label] = dataclasses.replace(
+                        shapes["bfloat16"], projection_bits=bits["projection_bits"],
+                        lm_head_bits=bits["lm_head_bits"], quantization=type_name)
+                else:
+                    shapes[label] = shapes["bfloat16"]
+                llama_cpp_runners[label] = LlamaCppRunner(path, args.threads, max_seqs=32, max_len=800,
+                                                          batch_tokens=2048)
         except ImportError as error:
             print(f"llama.cpp not installed ({error}); its columns are skipped", flush=True)
 
@@ -470,8 +489,8 @@ def main() -> int:
             f"{machine['matmul_flops_per_s']['bfloat16'] / 1e9:.1f} GF/s")
         if "single" in args.sections:
             single_sides = [("fitserve", dtype, side.single_stream) for dtype, side in fitserve.items()]
-            if llama_cpp_runner is not None:
-                single_sides.append(("llama.cpp", "bfloat16", llama_cpp_runner.single_stream))
+            for label, runner in llama_cpp_runners.items():
+                single_sides.append(("llama.cpp", label, runner.single_stream))
             for system, dtype, single_stream in single_sides:
                 step_bytes = shapes[dtype].decode_step_bytes(1, single_context)
                 measured: dict = {}
@@ -500,11 +519,11 @@ def main() -> int:
                 runs["prefill"].append({"repeat": repeat, "system": "fitserve", "dtype": dtype,
                                         "seconds": seconds, "machine": machine})
                 log(f"prefill fitserve {dtype}: {seconds:.2f} s")
-            if llama_cpp_runner is not None:
-                _, seconds = llama_cpp_runner.prefill(prefill_prompt)
-                runs["prefill"].append({"repeat": repeat, "system": "llama.cpp", "dtype": "bfloat16",
+            for label, runner in llama_cpp_runners.items():
+                _, seconds = runner.prefill(prefill_prompt)
+                runs["prefill"].append({"repeat": repeat, "system": "llama.cpp", "dtype": label,
                                         "seconds": seconds, "machine": machine})
-                log(f"prefill llama.cpp bf16: {seconds:.2f} s")
+                log(f"prefill {label}: {seconds:.2f} s")
         if repeat < serve_repeats and ("serve" in args.sections or "overhead" in args.sections):
             for dtype, side in fitserve.items():
                 if args.serve_dtypes and dtype not in args.serve_dtypes:
@@ -525,13 +544,13 @@ def main() -> int:
                     runs["serve"].append(entry)
                     log(f"serve fitserve {dtype} x{count}: {rate:.2f} tok/s e2e, decode-only {decode_rate}")
             if "serve" in args.sections:
-                if llama_cpp_runner is not None:
-                    seconds, produced, decode_rate = llama_cpp_runner.serve(workload)
-                    runs["serve"].append({"repeat": repeat, "system": "llama.cpp", "dtype": "bfloat16",
+                for label, runner in llama_cpp_runners.items():
+                    seconds, produced, decode_rate = runner.serve(workload)
+                    runs["serve"].append({"repeat": repeat, "system": "llama.cpp", "dtype": label,
                                           "concurrency": 32, "seconds": seconds, "output_tokens": produced,
                                           "output_tokens_per_s": produced / seconds,
                                           "decode_only_tokens_per_s": decode_rate, "machine": machine})
-                    log(f"serve llama.cpp bf16 x32: {produced / seconds:.2f} tok/s")
+                    log(f"serve {label} x32: {produced / seconds:.2f} tok/s")
                 if not args.skip_transformers:
                     dtype = args.transformers_serve_dtype
                     result = hf[dtype].serve(workload, args.transformers_batch_size)
@@ -559,7 +578,9 @@ def main() -> int:
                                         "total_output_tokens": sum(n for _, n in workload)},
                      "fitserve": {"max_num_batched_tokens": 2048, "enable_prefix_caching": False,
                                   "tokenizer": "synthetic word-level, model's vocabulary size"},
-                     "llama_cpp": {"weights": "bf16 GGUF (norms/biases f32)", "kv_cache": "f16 (default)",
+                     "llama_cpp": {"weights": "bf16 GGUF (norms/biases f32), quantized copies by llama.cpp's "
+                                              "llama_model_quantize", "types": llama_cpp_types,
+                                   "kv_cache": "f16 (default)",
                                    "n_batch": 2048, "n_ubatch": 512, "scheduling": "continuous batching, batch API"},
                      "transformers": {"serve_dtype": args.transformers_serve_dtype,
                                       "batch_size": args.transformers_batch_size,
@@ -573,8 +594,8 @@ def main() -> int:
     print(f"wrote {path}")
     for side in fitserve.values():
         del side
-    if llama_cpp_runner is not None:
-        llama_cpp_runner.close()
+    for runner in llama_cpp_runners.values():
+        runner.close()
     return 0
 
 
@@ -609,7 +630,7 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
             context = 288 + 80  # mean prompt + about half the mean output at full batch
             # The same dtype's measured matmul rate: on CPUs with AMX / AVX512-BF16 bf16 runs
             # several times faster than float32; elsewhere it is the float32 rate (widened).
-            peak = machine["matmul_flops_per_s"][ACTIVATION_DTYPES.get(key[1], key[1])]
+            peak = machine["matmul_flops_per_s"][activation_dtype(key[1])]
             entry["decode_matmul_bound_dtype"] = key[1]
             entry["decode_matmul_bound_tokens_per_s"] = peak / decode_flops_per_token(shape, context)
             entry["decode_fraction_of_matmul_bound"] = statistics.median(decode) / entry["decode_matmul_bound_tokens_per_s"]
@@ -634,7 +655,7 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
             "fraction_of_float32_matmul": summarize(
                 [a / r["machine"]["matmul_flops_per_s"]["float32"] for a, r in zip(achieved, rows)]),
             "fraction_of_same_dtype_matmul": summarize(
-                [a / r["machine"]["matmul_flops_per_s"][key[1]] for a, r in zip(achieved, rows)]),
+                [a / r["machine"]["matmul_flops_per_s"][activation_dtype(key[1])] for a, r in zip(achieved, rows)]),
         }
     return summary
 

@@ -98,6 +98,53 @@ def write_gguf(model_dir: Path, out_path: Path) -> Path:
     return out_path
 
 
+LLAMA_CPP_TYPES = ("bfloat16", "Q4_0", "Q4_K_M", "Q8_0")
+"""Weight types the benchmarks run llama.cpp with: the bf16 GGUF, and quantized copies made by
+llama.cpp's own quantizer (`llama_model_quantize`, what `llama-quantize` runs)."""
+
+
+def quantize_gguf(bf16_path: Path, type_name: str, num_threads: int) -> Path:
+    """llama.cpp's quantization of the bf16 GGUF to `type_name` (written once; reused)."""
+    if type_name == "bfloat16":
+        return bf16_path
+    import llama_cpp
+
+    out_path = bf16_path.with_name(f"{bf16_path.stem}-{type_name}.gguf")
+    if out_path.exists():
+        return out_path
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+    params.nthread = num_threads
+    partial = out_path.with_suffix(".partial")
+    if llama_cpp.llama_model_quantize(str(bf16_path).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {bf16_path} to {type_name}")
+    partial.rename(out_path)
+    return out_path
+
+
+def gguf_bits_per_weight(path: Path) -> dict:
+    """Stored bits per weight of the decoder projections and of the LM head / embedding, and the
+    tensor types present, read from the GGUF's tensor table."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    projection_bytes = projection_weights = head_bytes = head_weights = 0
+    types: set[str] = set()
+    for tensor in reader.tensors:
+        if len(tensor.shape) < 2 or tensor.name.endswith(".bias"):
+            continue
+        weights = int(np.prod(tensor.shape))
+        types.add(tensor.tensor_type.name)
+        if tensor.name.startswith("blk."):
+            projection_bytes += int(tensor.n_bytes)
+            projection_weights += weights
+        elif tensor.name in ("output.weight", "token_embd.weight"):
+            head_bytes += int(tensor.n_bytes)
+            head_weights += weights
+    return {"projection_bits": 8 * projection_bytes / projection_weights,
+            "lm_head_bits": 8 * head_bytes / head_weights, "tensor_types": sorted(types)}
+
+
 class LlamaCppRunner:
     """llama.cpp on one GGUF: a `llama_cpp.Llama` for single-stream decode and prefill, and a
     second context on the same weights with room for `max_seqs` sequences of `max_len`
