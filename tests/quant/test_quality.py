@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from fitserve.config import default_model_dir
 from fitserve.layers.linear import Linear
@@ -25,6 +24,7 @@ from fitserve.models.loader import linear_layouts, load_model
 from fitserve.quant.calibration import calibration_samples, default_calibration_text
 from fitserve.quant.evaluate import perplexity
 from fitserve.quant.salience import channel_salience, select_random, select_salient
+from tests.quant.reference import dequantized_transformers_model
 
 CPU = torch.device("cpu")
 FRACTIONS = (0.0, 0.1, 0.2, 1.0)
@@ -40,17 +40,8 @@ def fitserve_perplexity(model_dir: Path, windows: list[list[int]]) -> float:
 
 @torch.inference_mode()
 def transformers_perplexity_of_dequantized(model_dir: Path, windows: list[list[int]]) -> float:
-    """transformers' float32 model of the dense original with every weight replaced by what
-    fitserve's quantized model multiplies by (dequantized), scored by the card's protocol."""
-    quantized, config = load_model(model_dir, torch.float32, CPU, "torch")
-    reference = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    parameters = dict(reference.named_parameters())
-    for layout in linear_layouts(config):
-        weight = quantized.get_submodule(layout.module_name).dequantized_weight()
-        for part, rows in zip(layout.parts, weight.split([p.rows for p in layout.parts]), strict=True):
-            parameters[f"{part.prefix}.weight"].copy_(rows)
-    if config.tie_word_embeddings:
-        parameters["model.embed_tokens.weight"].copy_(quantized.lm_head.dequantized_weight())
+    """transformers' perplexity, by the card's protocol, on the weights `model_dir` stands for."""
+    reference = dequantized_transformers_model(default_model_dir(), model_dir)
     total = scored = 0.0
     for window in windows:
         ids = torch.tensor([window])

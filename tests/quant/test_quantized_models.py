@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from fitserve import LLM
 from fitserve.engine.runner import kv_cache_bytes_per_block
@@ -23,6 +22,7 @@ from fitserve.models.config import ModelLoadError, load_model_config
 from fitserve.models.loader import linear_layouts, load_model
 from fitserve.quant.quantize import QuantizeError, quantize_model
 from tests.engine.test_parity import greedy, hf_greedy
+from tests.quant.reference import dequantized_transformers_model
 from tests.tiny_models import VARIANTS, random_token_ids, write_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -44,19 +44,7 @@ def quantize_tiny(tmp_path: Path, variant: str, method: str) -> tuple[Path, Path
 
 
 def dequantized_reference(dense: Path, quantized: Path):
-    """transformers' model of `dense` carrying the weights `quantized` stands for."""
-    model, config = load_model(quantized, torch.float32, CPU, "torch")
-    reference = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
-    reference.generation_config.eos_token_id = None
-    parameters = dict(reference.named_parameters())
-    with torch.no_grad():
-        for layout in linear_layouts(config):
-            weight = model.get_submodule(layout.module_name).dequantized_weight()
-            for part, rows in zip(layout.parts, weight.split([p.rows for p in layout.parts]), strict=True):
-                parameters[f"{part.prefix}.weight"].copy_(rows)
-        if config.tie_word_embeddings:
-            parameters["model.embed_tokens.weight"].copy_(model.lm_head.dequantized_weight())
-    return reference
+    return dequantized_transformers_model(dense, quantized)
 
 
 def assert_tokens_match(ours: list[int], reference: list[int], reference_logits: list[torch.Tensor]) -> None:
