@@ -5,6 +5,11 @@ latency-critical case) run together: on CPUs with the AVX2 kernels (fitserve.ker
 they attend over the cache blocks in place, elsewhere over a padded gather of the block
 tables. Sequences with several new tokens (prefill chunks) loop one by one, which is fine
 because a prefill's matmuls dwarf the loop.
+
+An int8 cache (fitserve.attention.cache_layout) comes with `key_scales`/`value_scales`; its
+torch path (`_int8_attention`) is the reference the int8 kernels are tested against: the
+integers widened as they are, the key scale on each score, the value scale on each
+probability.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fitserve.attention.cache_layout import quantize_int8
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.kernels import cpu as cpu_kernels
 
@@ -22,11 +28,21 @@ def write_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> None:
-    """Store the new tokens' K and V ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    """Store the new tokens' K and V ([num_tokens, num_kv_heads, head_dim]) into their slots;
+    into an int8 cache quantized per token and head, with their scales beside them."""
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
-    key_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    value_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    num_slots = num_blocks * block_size
+    if key_scales is not None and value_scales is not None:
+        for source, cache, scales in ((key, key_cache, key_scales), (value, value_cache, value_scales)):
+            values, token_scales = quantize_int8(source)
+            cache.view(num_slots, num_kv_heads, head_dim).index_copy_(0, slot_mapping, values)
+            scales.view(num_slots, num_kv_heads).index_copy_(0, slot_mapping, token_scales)
+        return
+    key_cache.view(num_slots, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(num_slots, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
 def gather_context(
@@ -45,12 +61,16 @@ def paged_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequences' cached context.
 
     `query` is [num_tokens, num_heads, head_dim]; K/V of the new tokens must already be in
     the cache (see `write_kv`). Returns [num_tokens, num_heads, head_dim].
     """
+    if key_scales is not None and value_scales is not None:
+        return _paged_attention_int8(query, key_cache, value_cache, key_scales, value_scales, metadata, scale)
     if metadata.is_decode_only:
         return _decode_attention(query, key_cache, value_cache, metadata, scale)
     output = torch.empty_like(query)
@@ -155,3 +175,68 @@ def _decode_attention(
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     out = torch.matmul(probs, v)  # [S, Hkv, group, D]
     return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _paged_attention_int8(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """`paged_attention` over an int8 cache: decodes all at once over a padded gather of
+    their blocks, prefill chunks one sequence at a time."""
+    block_size = key_cache.shape[1]
+    if metadata.is_decode_only:
+        max_blocks = (metadata.max_seq_len + block_size - 1) // block_size
+        table = metadata.block_tables[:, :max_blocks].long()
+        positions = torch.arange(max_blocks * block_size, device=query.device)
+        visible = (positions[None, :] < metadata.seq_lens.to(query.device)[:, None])[:, None, :]
+        return _int8_attention(
+            query[:, None], key_cache[table].flatten(1, 2), key_scales[table].flatten(1, 2),
+            value_cache[table].flatten(1, 2), value_scales[table].flatten(1, 2), visible, scale,
+        )[:, 0]
+    output = torch.empty_like(query)
+    start = 0
+    for seq_index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+        block_table = metadata.block_tables[seq_index]
+        context = [gather_context(tensor, block_table, seq_len)[None]
+                   for tensor in (key_cache, key_scales, value_cache, value_scales)]
+        # Query row r sits at position (seq_len - query_len + r) and sees keys 0..that position.
+        positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
+        visible = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
+        output[start : start + query_len] = _int8_attention(
+            query[None, start : start + query_len], *context, visible[None], scale
+        )[0]
+        start += query_len
+    return output
+
+
+def _int8_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_scales: torch.Tensor,
+    values: torch.Tensor,
+    value_scales: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention in float32 of query [S, Lq, H, D] over int8 keys/values [S, L, Hkv, D] with
+    their scales [S, L, Hkv]; visible [S, Lq, L] says which keys each query row sees."""
+    num_seqs, query_len, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[2]
+    group = num_heads // num_kv_heads
+    # Grouped-query heads folded into the query rows: [S, Hkv, group * Lq, D].
+    q = query.float().view(num_seqs, query_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(num_seqs, num_kv_heads, group * query_len, head_dim)
+    k = keys.permute(0, 2, 1, 3).float()  # [S, Hkv, L, D], the integers as they are
+    v = values.permute(0, 2, 1, 3).float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (key_scales.permute(0, 2, 1)[:, :, None, :] * scale)
+    scores = scores.view(num_seqs, num_kv_heads, group, query_len, -1)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1) * value_scales.permute(0, 2, 1)[:, :, None, None, :]
+    out = torch.matmul(probs.flatten(2, 3), v)  # [S, Hkv, group * Lq, D]
+    out = out.view(num_seqs, num_kv_heads, group, query_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_seqs, query_len, num_heads, head_dim).to(query.dtype)
