@@ -69,10 +69,8 @@ def paged_attention(
     `query` is [num_tokens, num_heads, head_dim]; K/V of the new tokens must already be in
     the cache (see `write_kv`). Returns [num_tokens, num_heads, head_dim].
     """
-    if key_scales is not None and value_scales is not None:
-        return _paged_attention_int8(query, key_cache, value_cache, key_scales, value_scales, metadata, scale)
     if metadata.is_decode_only:
-        return _decode_attention(query, key_cache, value_cache, metadata, scale)
+        return _decode_attention(query, key_cache, value_cache, metadata, scale, key_scales, value_scales)
     output = torch.empty_like(query)
     kernels = _cpu_kernels_for(query, key_cache)
     query_lens = metadata.query_lens_cpu
@@ -85,8 +83,12 @@ def paged_attention(
             query.contiguous(), key_cache, value_cache,
             metadata.block_tables.index_select(0, seq_index).to(torch.int32),
             metadata.seq_lens.index_select(0, seq_index).to(torch.int32),
-            starts.index_select(0, seq_index).long(), output, scale,
+            starts.index_select(0, seq_index).long(), output, scale, key_scales, value_scales,
         )
+    if key_scales is not None and value_scales is not None:
+        _prefill_int8(query, key_cache, value_cache, key_scales, value_scales, metadata, scale, output,
+                      skip_decodes=bool(decode_seqs))
+        return output
     num_heads = query.shape[1]
     num_kv_heads = key_cache.shape[2]
     widen = cpu_kernels.widen_for_matmul(query.dtype, query.device)
@@ -132,7 +134,7 @@ def paged_attention(
 def _cpu_kernels_for(query: torch.Tensor, key_cache: torch.Tensor):
     """The compiled CPU kernels when they apply to these tensors, else None."""
     if (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16)
-            or key_cache.dtype != query.dtype or not key_cache.is_contiguous()):
+            or key_cache.dtype not in (query.dtype, torch.int8) or not key_cache.is_contiguous()):
         return None
     return cpu_kernels.get()
 
@@ -143,6 +145,8 @@ def _decode_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    key_scales: torch.Tensor | None,
+    value_scales: torch.Tensor | None,
 ) -> torch.Tensor:
     """One query token per sequence: the in-place CPU kernel, or else gather every sequence's
     blocks at once and mask the tail."""
@@ -152,9 +156,19 @@ def _decode_attention(
         rows = torch.arange(query.shape[0], device=query.device)
         kernels.paged_decode_attention(
             query.contiguous(), key_cache, value_cache, metadata.block_tables.to(torch.int32),
-            metadata.seq_lens.to(torch.int32), rows, output, scale,
+            metadata.seq_lens.to(torch.int32), rows, output, scale, key_scales, value_scales,
         )
         return output
+    if key_scales is not None and value_scales is not None:
+        block_size = key_cache.shape[1]
+        max_blocks = (metadata.max_seq_len + block_size - 1) // block_size
+        table = metadata.block_tables[:, :max_blocks].long()
+        positions = torch.arange(max_blocks * block_size, device=query.device)
+        visible = (positions[None, :] < metadata.seq_lens.to(query.device)[:, None])[:, None, :]
+        return _int8_attention(
+            query[:, None], key_cache[table].flatten(1, 2), key_scales[table].flatten(1, 2),
+            value_cache[table].flatten(1, 2), value_scales[table].flatten(1, 2), visible, scale,
+        )[:, 0]
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     max_seq_len = metadata.max_seq_len
@@ -177,7 +191,7 @@ def _decode_attention(
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
-def _paged_attention_int8(
+def _prefill_int8(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -185,22 +199,16 @@ def _paged_attention_int8(
     value_scales: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
-) -> torch.Tensor:
-    """`paged_attention` over an int8 cache: decodes all at once over a padded gather of
-    their blocks, prefill chunks one sequence at a time."""
-    block_size = key_cache.shape[1]
-    if metadata.is_decode_only:
-        max_blocks = (metadata.max_seq_len + block_size - 1) // block_size
-        table = metadata.block_tables[:, :max_blocks].long()
-        positions = torch.arange(max_blocks * block_size, device=query.device)
-        visible = (positions[None, :] < metadata.seq_lens.to(query.device)[:, None])[:, None, :]
-        return _int8_attention(
-            query[:, None], key_cache[table].flatten(1, 2), key_scales[table].flatten(1, 2),
-            value_cache[table].flatten(1, 2), value_scales[table].flatten(1, 2), visible, scale,
-        )[:, 0]
-    output = torch.empty_like(query)
+    output: torch.Tensor,
+    skip_decodes: bool,
+) -> None:
+    """The prefill chunks of a step over an int8 cache, one sequence at a time, into `output`
+    (decode rows too unless `skip_decodes`: the decode kernel has done them)."""
     start = 0
     for seq_index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+        if query_len == 1 and skip_decodes:
+            start += 1
+            continue
         block_table = metadata.block_tables[seq_index]
         context = [gather_context(tensor, block_table, seq_len)[None]
                    for tensor in (key_cache, key_scales, value_cache, value_scales)]
@@ -211,7 +219,6 @@ def _paged_attention_int8(
             query[None, start : start + query_len], *context, visible[None], scale
         )[0]
         start += query_len
-    return output
 
 
 def _int8_attention(

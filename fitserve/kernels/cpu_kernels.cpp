@@ -48,15 +48,33 @@ torch::Tensor linear_bf16_dot(torch::Tensor x, torch::Tensor weight, c10::option
   return out;
 }
 
-// query [T, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks] int32;
-// seq_lens [S] int32; query_rows [S] int64 (the query row of each sequence); out [T, Hq, D].
+// The scales of an int8 cache [num_blocks, block_size, Hkv, D]: float32 [num_blocks, block_size,
+// Hkv] each, contiguous; none for a float cache.
+KVScales kv_scales_of(const torch::Tensor& key_cache, const c10::optional<torch::Tensor>& key_scales,
+                      const c10::optional<torch::Tensor>& value_scales) {
+  const bool int8 = key_cache.scalar_type() == at::kChar;
+  const bool given = key_scales.has_value() && key_scales->defined() && value_scales.has_value() && value_scales->defined();
+  TORCH_CHECK(int8 == given, "an int8 KV cache comes with key and value scales, a float one without");
+  if (!int8) return {};
+  for (const auto* scales : {&*key_scales, &*value_scales})
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->dim() == 3 &&
+                scales->sizes() == key_cache.sizes().slice(0, 3), "KV scales: contiguous float32 [blocks, block_size, Hkv]");
+  return {key_scales->data_ptr<float>(), value_scales->data_ptr<float>()};
+}
+
+// query [T, Hq, D]; caches [num_blocks, block_size, Hkv, D] in the query's dtype, or int8 with
+// their scales; block_tables [S, max_blocks] int32; seq_lens [S] int32; query_rows [S] int64
+// (the query row of each sequence); out [T, Hq, D].
 void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                             torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_rows,
-                            torch::Tensor out, double scale) {
+                            torch::Tensor out, double scale, c10::optional<torch::Tensor> key_scales,
+                            c10::optional<torch::Tensor> value_scales) {
   TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous());
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
               query_rows.scalar_type() == at::kLong);
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == query.scalar_type());
+  const KVScales scales = kv_scales_of(key_cache, key_scales, value_scales);
+  TORCH_CHECK((scales || query.scalar_type() == key_cache.scalar_type()) && out.scalar_type() == query.scalar_type() &&
+              value_cache.scalar_type() == key_cache.scalar_type(), "paged_decode_attention: dtypes");
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto rows = query_rows.contiguous();
@@ -66,10 +84,14 @@ void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch:
   TORCH_CHECK(num_heads % num_kv_heads == 0);
   auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    decode_attention_impl<T>(query.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(),
-                             tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), rows.data_ptr<int64_t>(),
-                             out.data_ptr<T>(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-                             tables.size(1), num_heads * head_dim, static_cast<float>(scale));
+    auto attend = [&](auto* key_data, auto* value_data) {
+      decode_attention_impl(query.data_ptr<T>(), key_data, value_data, tables.data_ptr<int32_t>(),
+                            lens.data_ptr<int32_t>(), rows.data_ptr<int64_t>(), out.data_ptr<T>(), num_seqs, num_heads,
+                            num_kv_heads, head_dim, block_size, tables.size(1), num_heads * head_dim,
+                            static_cast<float>(scale), scales);
+    };
+    if (scales) attend(key_cache.data_ptr<int8_t>(), value_cache.data_ptr<int8_t>());
+    else attend(key_cache.data_ptr<T>(), value_cache.data_ptr<T>());
   };
   if (query.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
   else if (query.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
@@ -222,7 +244,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small_batch", &linear_small_batch, "x W^T + b for a few rows of x", release);
   m.def("linear_bf16_dot", static_cast<torch::Tensor (*)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>)>(&linear_bf16_dot),
         "bf16 x W^T + b for a few rows with vdpbf16ps (AVX512-BF16)", release);
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release);
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (float or int8)",
+        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("query_rows"), py::arg("out"), py::arg("scale"), py::arg("key_scales") = py::none(),
+        py::arg("value_scales") = py::none(), release);
   m.def("argmax_rows", &argmax_rows, "index of each row's maximum, as torch.max(x, -1).indices", release);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)", release);
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
