@@ -69,9 +69,12 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     x_float = x.float()
     amax = x_float.abs().amax(dim=-1)
-    inverse = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    # Tensor-by-tensor divisions: `127 / amax` on a tensor is computed as reciprocal(amax) * 127,
+    # one rounding more than the kernels' single division.
+    int8_max = torch.full_like(amax, INT8_MAX)
+    inverse = torch.where(amax > 0, int8_max / amax, torch.zeros_like(amax))
     values = torch.round(x_float * inverse[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return values, amax / INT8_MAX
+    return values, amax / int8_max
 
 
 def dequantize_int8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

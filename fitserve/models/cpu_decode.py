@@ -137,9 +137,12 @@ class FusedCpuDecode:
         tensors = [tensor for layer in layers for tensor in layer if tensor is not None]
         if any(tensor.device.type != "cpu" or not tensor.is_contiguous() for tensor in tensors):
             return False
-        if layers[0].is_int8:
+        int8 = layers[0].is_int8
+        cache_dtype = torch.int8 if int8 else dtype
+        if any(layer.key.dtype != cache_dtype or layer.value.dtype != cache_dtype or layer.is_int8 != int8
+               for layer in layers):
             return False
-        if any(layer.key.dtype != dtype or layer.value.dtype != dtype for layer in layers):
-            return False
-        self._stack.set_kv_caches([layer.key for layer in layers], [layer.value for layer in layers])
+        scales = [(layer.key_scales, layer.value_scales) for layer in layers] if int8 else []
+        self._stack.set_kv_caches([layer.key for layer in layers], [layer.value for layer in layers],
+                                  [key for key, _ in scales], [value for _, value in scales])
         return True
