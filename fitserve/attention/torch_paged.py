@@ -203,15 +203,24 @@ def _prefill_int8(
     skip_decodes: bool,
 ) -> None:
     """The prefill chunks of a step over an int8 cache, one sequence at a time, into `output`
-    (decode rows too unless `skip_decodes`: the decode kernel has done them)."""
+    (decode rows too unless `skip_decodes`: the decode kernel has done them): each sequence's
+    int8 blocks and scales gathered as stored, then the CPU kernel or the torch reference."""
+    kernel = cpu_kernels.prefill_attention_int8_kernel(query.dtype, query.shape[-1], query.device)
     start = 0
     for seq_index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
         if query_len == 1 and skip_decodes:
             start += 1
             continue
         block_table = metadata.block_tables[seq_index]
-        context = [gather_context(tensor, block_table, seq_len)[None]
+        context = [gather_context(tensor, block_table, seq_len)
                    for tensor in (key_cache, key_scales, value_cache, value_scales)]
+        if kernel is not None:
+            keys, key_scale_rows, values, value_scale_rows = context
+            kernel(query[start : start + query_len], keys, values, key_scale_rows, value_scale_rows,
+                   output[start : start + query_len], scale)
+            start += query_len
+            continue
+        context = [tensor[None] for tensor in context]
         # Query row r sits at position (seq_len - query_len + r) and sees keys 0..that position.
         positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
         visible = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]

@@ -175,46 +175,6 @@ FITSERVE_AVX512_BF16 void score_heads(const int32_t* q_pairs, const BF16* packed
   }
 }
 
-// D int8 values -> D bf16 (exact: |v| <= 127 needs 7 significant bits).
-template <int D>
-FITSERVE_AVX512_BF16 inline void widen_int8_row_bf16(const int8_t* row, BF16* out) {
-  for (int d = 0; d < D; d += 16) {
-    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), (__m256i)_mm512_cvtneps_pbh(v));
-  }
-}
-
-// pack_blocks for an int8 cache: each block's 16 rows widened to bf16 integers in a small
-// buffer (L1), then packed as bf16 rows are; the scales of the packed positions (0 past the
-// context) go to key_scales / value_scales [blocks * 16].
-template <int D, typename OffsetOf>
-FITSERVE_AVX512_BF16 void pack_blocks_int8(const int8_t* keys, const int8_t* values, KVScales scales, int64_t blocks,
-                                           const OffsetOf& offset_of, BF16* packed_keys, BF16* packed_values,
-                                           float* key_scales, float* value_scales) {
-  alignas(64) BF16 widened[2][kKeyBlock][D];
-  const BF16* key_rows[kKeyBlock];
-  const BF16* value_rows[kKeyBlock];
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int j = 0; j < kKeyBlock; ++j) {
-      const int64_t offset = offset_of(b * kKeyBlock + j);
-      const int64_t pos = b * kKeyBlock + j;
-      if (offset < 0) {
-        key_rows[j] = value_rows[j] = nullptr;
-        key_scales[pos] = value_scales[pos] = 0.0f;
-        continue;
-      }
-      widen_int8_row_bf16<D>(keys + offset, widened[0][j]);
-      widen_int8_row_bf16<D>(values + offset, widened[1][j]);
-      key_rows[j] = widened[0][j];
-      value_rows[j] = widened[1][j];
-      key_scales[pos] = scales.key[offset / D];
-      value_scales[pos] = scales.value[offset / D];
-    }
-    pack_key_block<D>(key_rows, packed_keys + b * kKeyBlock * D);
-    pack_value_block<D>(value_rows, packed_values + b * kKeyBlock * D);
-  }
-}
-
 // out_h = inverse_h * sum over positions of p_h[pos] * v_pos for H heads, from their bf16
 // probability pairs ([H][padded / 2]) and the packed values.
 template <int D, int H>

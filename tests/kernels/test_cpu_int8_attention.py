@@ -112,3 +112,28 @@ def test_decode_kernel_refuses_int8_without_scales():
     with pytest.raises(RuntimeError, match="int8 KV cache comes with key and value scales"):
         kernels.paged_decode_attention(query, caches[0], caches[1], metadata.block_tables, metadata.seq_lens,
                                        torch.arange(1), torch.empty_like(query), 1.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("dtype", "avx512"), [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)])
+@pytest.mark.parametrize(("head_dim", "num_heads", "num_kv_heads"), [(32, 2, 2), (64, 6, 2), (128, 8, 1)])
+@pytest.mark.parametrize(("query_len", "context_len"), [(1, 1), (7, 7), (33, 33), (5, 70), (40, 131)])
+def test_prefill_kernel_over_int8_matches_reference(dtype, avx512, head_dim, num_heads, num_kv_heads, query_len,
+                                                    context_len):
+    # bf16 queries: the AVX512-BF16 loop (where the CPU has it) and the AVX2 loop; float32:
+    # AVX2. Whole prompts and chunks at the end of a longer context, at odd lengths that cut
+    # the 16-key blocks and the 6-row tiles; GQA groups of 1, 3 and 8.
+    generator = torch.Generator().manual_seed(query_len * 1000 + context_len)
+    magnitudes = torch.linspace(0.5, 3.0, num_kv_heads)[None, :, None]
+    key_values, key_scales = quantize_int8(torch.randn(context_len, num_kv_heads, head_dim, generator=generator) * magnitudes)
+    value_values, value_scales = quantize_int8(torch.randn(context_len, num_kv_heads, head_dim, generator=generator))
+    query = torch.randn(query_len, num_heads, head_dim, generator=generator).to(dtype)
+    out = torch.empty_like(query)
+    scale = head_dim**-0.5
+    kernels.prefill_attention_int8(query, key_values, value_values, key_scales, value_scales, out, scale, avx512)
+    positions = torch.arange(context_len - query_len, context_len)
+    visible = torch.arange(context_len)[None, :] <= positions[:, None]
+    expected = torch_paged._int8_attention(query[None].float(), key_values[None], key_scales[None],
+                                           value_values[None], value_scales[None], visible[None], scale)[0]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
