@@ -208,26 +208,52 @@ def _prefill_int8(
     kernel = cpu_kernels.prefill_attention_int8_kernel(query.dtype, query.shape[-1], query.device)
     start = 0
     for seq_index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+        rows = slice(start, start + query_len)
+        start += query_len
         if query_len == 1 and skip_decodes:
-            start += 1
             continue
         block_table = metadata.block_tables[seq_index]
         context = [gather_context(tensor, block_table, seq_len)
                    for tensor in (key_cache, key_scales, value_cache, value_scales)]
         if kernel is not None:
             keys, key_scale_rows, values, value_scale_rows = context
-            kernel(query[start : start + query_len], keys, values, key_scale_rows, value_scale_rows,
-                   output[start : start + query_len], scale)
-            start += query_len
-            continue
-        context = [tensor[None] for tensor in context]
-        # Query row r sits at position (seq_len - query_len + r) and sees keys 0..that position.
-        positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
-        visible = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
-        output[start : start + query_len] = _int8_attention(
-            query[None, start : start + query_len], *context, visible[None], scale
-        )[0]
+            kernel(query[rows], keys, values, key_scale_rows, value_scale_rows, output[rows], scale)
+        else:
+            output[rows] = _sequence_int8_attention(query[rows], context, seq_len, scale)
+
+
+def int8_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of any batch over an int8 cache in plain torch (float32): the reference the
+    CPU and Triton int8 kernels are tested against."""
+    output = torch.empty_like(query)
+    start = 0
+    for seq_index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+        block_table = metadata.block_tables[seq_index]
+        context = [gather_context(tensor, block_table, seq_len)
+                   for tensor in (key_cache, key_scales, value_cache, value_scales)]
+        output[start : start + query_len] = _sequence_int8_attention(
+            query[start : start + query_len], context, seq_len, scale
+        )
         start += query_len
+    return output
+
+
+def _sequence_int8_attention(query: torch.Tensor, context: list[torch.Tensor], seq_len: int,
+                             scale: float) -> torch.Tensor:
+    """One sequence's new rows [q, H, D] over its gathered (keys, key scales, values, value
+    scales); query row r sits at position seq_len - q + r and sees keys 0..that position."""
+    query_len = query.shape[0]
+    positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
+    visible = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
+    return _int8_attention(query[None], *(tensor[None] for tensor in context), visible[None], scale)[0]
 
 
 def _int8_attention(
