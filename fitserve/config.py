@@ -87,6 +87,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+"""Values of `--kv-cache-dtype`: auto (the model's dtype) or int8 (per-token scales)."""
+
+
 @dataclass
 class EngineArgs:
     """Everything that configures an engine.
@@ -129,6 +133,10 @@ class EngineArgs:
     """CPU threads for torch; unset: torch's default."""
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """auto (Triton on CUDA, torch elsewhere), torch or triton."""
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"
+    """auto (the model's dtype) or int8: K and V stored as int8 with one float32 scale per token
+    per KV head (fitserve.attention.cache_layout says why), ~1.9x the tokens in the same
+    kv_cache_memory; every attention path reads the int8 values directly."""
     enforce_eager: bool = False
     """On CUDA, run decode steps eagerly instead of replaying CUDA graphs."""
     max_seq_len_to_capture: int = 8192

@@ -27,7 +27,11 @@ class AttentionBackend(Protocol):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
-    ) -> None: ...
+        key_scales: torch.Tensor | None = None,
+        value_scales: torch.Tensor | None = None,
+    ) -> None:
+        """The scales are given for an int8 cache (fitserve.attention.cache_layout): the
+        backend quantizes K/V per token and head as it stores them."""
 
     def paged_attention(
         self,
@@ -36,7 +40,10 @@ class AttentionBackend(Protocol):
         value_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor: ...
+        key_scales: torch.Tensor | None = None,
+        value_scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reads an int8 cache as it is stored, with its scales (no dequantized copy)."""
 
 
 BACKEND_NAMES = ("auto", "torch", "triton")

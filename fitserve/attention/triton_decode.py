@@ -96,6 +96,8 @@ def _decode_partition_kernel(
     query_ptr,
     key_cache_ptr,
     value_cache_ptr,
+    key_scales_ptr,
+    value_scales_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     output_ptr,
@@ -108,6 +110,8 @@ def _decode_partition_kernel(
     stride_cache_block,
     stride_cache_token,
     stride_cache_head,
+    stride_scale_block,
+    stride_scale_token,
     stride_table_seq,
     stride_output_token,
     stride_output_head,
@@ -122,6 +126,7 @@ def _decode_partition_kernel(
     SINGLE_PARTITION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INT8_KV: tl.constexpr,
 ):
     seq_index = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -174,18 +179,44 @@ def _decode_partition_kernel(
         values = tl.load(
             value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0
         )
+        if INT8_KV:
+            # The integers as they are (exact in 16-bit floats), in the query's dtype for the
+            # dot; each token's key scale multiplies its scores. (The interpreter converts
+            # int8 to bf16 wrongly; there the operands are float32 anyway.)
+            if UPCAST_OPERANDS:
+                keys = keys.to(tl.float32)
+            else:
+                keys = keys.to(query_ptr.dtype.element_ty)
+            scale_offsets = (
+                block_numbers * stride_scale_block + (positions % BLOCK_SIZE) * stride_scale_token + kv_head
+            )
+            key_scales = tl.load(key_scales_ptr + scale_offsets, mask=position_valid, other=0.0)
+            value_scales = tl.load(value_scales_ptr + scale_offsets, mask=position_valid, other=0.0)
         if UPCAST_OPERANDS:
             keys = keys.to(tl.float32)
 
-        scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * scale_log2
+        if INT8_KV:
+            scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * (
+                key_scales[None, :] * scale_log2
+            )
+        else:
+            scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * scale_log2
         scores = tl.where(position_valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp2(running_max - new_max)
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, axis=1)
         # Probabilities are rounded to the cache dtype for the second matmul, as FlashAttention
-        # and the torch reference do.
-        probs_operand = probs.to(value_cache_ptr.dtype.element_ty)
+        # and the torch reference do; over an int8 cache, to the query's dtype after the value
+        # scales (the running sum above has taken them unscaled).
+        if INT8_KV:
+            probs_operand = (probs * value_scales[None, :]).to(query_ptr.dtype.element_ty)
+            if UPCAST_OPERANDS:
+                values = values.to(tl.float32)
+            else:
+                values = values.to(query_ptr.dtype.element_ty)
+        else:
+            probs_operand = probs.to(value_cache_ptr.dtype.element_ty)
         if UPCAST_OPERANDS:
             probs_operand = probs_operand.to(tl.float32)
             values = values.to(tl.float32)
@@ -285,6 +316,8 @@ def decode_attention(
     scale: float,
     partition_size: int | None = None,
     tile_n: int | None = None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence ([num_seqs, num_heads, head_dim]).
 
@@ -305,6 +338,8 @@ def decode_attention(
         f"partition_size ({partition_size}) must be a multiple of tile_n ({tile_n}) >= {MIN_DOT_SIZE}"
     )
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
+    int8 = key_scales is not None and value_scales is not None
+    assert not int8 or (key_scales.stride() == value_scales.stride() and key_scales.stride(-1) == 1)
     if query.stride(-1) != 1:
         query = query.contiguous()
     group_size = num_heads // num_kv_heads
@@ -332,6 +367,8 @@ def decode_attention(
         query,
         key_cache,
         value_cache,
+        key_scales if int8 else key_cache,  # never read for a float cache
+        value_scales if int8 else value_cache,
         metadata.block_tables,
         metadata.seq_lens,
         output,
@@ -344,6 +381,8 @@ def decode_attention(
         key_cache.stride(0),
         key_cache.stride(1),
         key_cache.stride(2),
+        key_scales.stride(0) if int8 else 0,
+        key_scales.stride(1) if int8 else 0,
         metadata.block_tables.stride(0),
         output.stride(0),
         output.stride(1),
@@ -358,6 +397,7 @@ def decode_attention(
         SINGLE_PARTITION=single_partition,
         UPCAST_OPERANDS=is_interpreting(),
         INPUT_PRECISION=dot_input_precision(query.dtype),
+        INT8_KV=int8,
         num_warps=4,
     )
     if not single_partition:

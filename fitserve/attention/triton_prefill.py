@@ -72,6 +72,8 @@ def _prefill_kernel(
     query_ptr,
     key_cache_ptr,
     value_cache_ptr,
+    key_scales_ptr,
+    value_scales_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -83,6 +85,8 @@ def _prefill_kernel(
     stride_cache_block,
     stride_cache_token,
     stride_cache_head,
+    stride_scale_block,
+    stride_scale_token,
     stride_table_seq,
     stride_output_token,
     stride_output_head,
@@ -95,6 +99,7 @@ def _prefill_kernel(
     TILE_N: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INT8_KV: tl.constexpr,
 ):
     tile_index = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -153,17 +158,42 @@ def _prefill_kernel(
         values = tl.load(
             value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0
         )
+        if INT8_KV:
+            # The integers as they are (exact in 16-bit floats), in the query's dtype for the
+            # dot; each token's key scale multiplies its scores. (The interpreter converts
+            # int8 to bf16 wrongly; there the operands are float32 anyway.)
+            if UPCAST_OPERANDS:
+                keys = keys.to(tl.float32)
+            else:
+                keys = keys.to(query_ptr.dtype.element_ty)
+            scale_offsets = (
+                block_numbers * stride_scale_block + (positions % BLOCK_SIZE) * stride_scale_token + kv_head
+            )
+            key_scales = tl.load(key_scales_ptr + scale_offsets, mask=position_valid, other=0.0)
+            value_scales = tl.load(value_scales_ptr + scale_offsets, mask=position_valid, other=0.0)
         if UPCAST_OPERANDS:
             keys = keys.to(tl.float32)
 
-        scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * scale_log2
+        if INT8_KV:
+            scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * (
+                key_scales[None, :] * scale_log2
+            )
+        else:
+            scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * scale_log2
         visible = (positions[None, :] <= row_position[:, None]) & position_valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp2(running_max - new_max)
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-        probs_operand = probs.to(value_cache_ptr.dtype.element_ty)
+        if INT8_KV:  # value scales after the running sum; the query's dtype for the dot
+            probs_operand = (probs * value_scales[None, :]).to(query_ptr.dtype.element_ty)
+            if UPCAST_OPERANDS:
+                values = values.to(tl.float32)
+            else:
+                values = values.to(query_ptr.dtype.element_ty)
+        else:
+            probs_operand = probs.to(value_cache_ptr.dtype.element_ty)
         if UPCAST_OPERANDS:
             probs_operand = probs_operand.to(tl.float32)
             values = values.to(tl.float32)
@@ -191,6 +221,8 @@ def prefill_attention(
     scale: float,
     block_m: int | None = None,
     tile_n: int | None = None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of any mix of prefills, chunked prefills and decodes.
 
@@ -207,6 +239,8 @@ def prefill_attention(
     tile_n = tile_n or default_tile_n
     assert block_m >= max(group_size, MIN_DOT_SIZE) and tile_n >= MIN_DOT_SIZE
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
+    int8 = key_scales is not None and value_scales is not None
+    assert not int8 or (key_scales.stride() == value_scales.stride() and key_scales.stride(-1) == 1)
     if query.stride(-1) != 1:
         query = query.contiguous()
     output = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
@@ -219,6 +253,8 @@ def prefill_attention(
         query,
         key_cache,
         value_cache,
+        key_scales if int8 else key_cache,  # never read for a float cache
+        value_scales if int8 else value_cache,
         metadata.block_tables,
         metadata.seq_lens,
         metadata.query_start_loc,
@@ -230,6 +266,8 @@ def prefill_attention(
         key_cache.stride(0),
         key_cache.stride(1),
         key_cache.stride(2),
+        key_scales.stride(0) if int8 else 0,
+        key_scales.stride(1) if int8 else 0,
         metadata.block_tables.stride(0),
         output.stride(0),
         output.stride(1),
@@ -242,6 +280,7 @@ def prefill_attention(
         TILE_N=tile_n,
         UPCAST_OPERANDS=is_interpreting(),
         INPUT_PRECISION=dot_input_precision(query.dtype),
+        INT8_KV=int8,
         num_warps=4,
     )
     return output

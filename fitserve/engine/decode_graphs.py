@@ -37,6 +37,7 @@ import logging
 
 import torch
 
+from fitserve.attention.cache_layout import LayerKVCache
 from fitserve.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger("fitserve")
@@ -56,7 +57,7 @@ class DecodeGraphs:
     def __init__(
         self,
         model: torch.nn.Module,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerKVCache],
         block_size: int,
         max_seq_len: int,
         max_num_seqs: int,

@@ -83,7 +83,8 @@ class LLMEngine:
         config = self.model_config
         self.block_size = args.block_size
         bytes_per_block = kv_cache_bytes_per_block(
-            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.block_size, self.dtype
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.block_size, self.dtype,
+            args.kv_cache_dtype,
         )
         kv_bytes = self._kv_cache_budget()
         use_cuda_graphs = (self.device.type == "cuda" and not args.enforce_eager
@@ -100,7 +101,7 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         kv_caches = allocate_kv_cache(
             config.num_hidden_layers, num_allocated_blocks, self.block_size,
-            config.num_key_value_heads, config.head_dim, self.dtype, self.device,
+            config.num_key_value_heads, config.head_dim, self.dtype, self.device, args.kv_cache_dtype,
         )
         self.kv_cache_bytes = self.num_kv_blocks * bytes_per_block
         self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching)
@@ -179,11 +180,18 @@ class LLMEngine:
         return (f"weights {plan.method} ({projection_bits_per_weight(self.model):.2f} bits/weight in projections), "
                 f"{total / 2**20:.1f} MiB")
 
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        """What the KV cache stores: "int8" or the model dtype's name (for the banner)."""
+        if self.args.kv_cache_dtype == "int8":
+            return "int8"
+        return str(self.dtype).removeprefix("torch.")
+
     def startup_summary(self) -> str:
         return (
             f"model {self.args.model_dir} ({self.model_config.architecture}), dtype "
             f"{str(self.dtype).removeprefix('torch.')}, device {self.device}; {self.weights_summary()}; KV cache "
-            f"{self.num_kv_blocks} blocks x {self.block_size} tokens = {self.kv_capacity_tokens} tokens "
+            f"{self.kv_cache_dtype_name} {self.num_kv_blocks} blocks x {self.block_size} tokens = {self.kv_capacity_tokens} tokens "
             f"({self.kv_cache_bytes / 2**20:.1f} MiB); max model len {self.max_model_len}"
         )
 

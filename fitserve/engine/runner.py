@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fitserve.attention.cache_layout import SCALE_DTYPE, LayerKVCache, bytes_per_token_per_head, cache_element_dtype
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.engine.decode_graphs import DecodeGraphs
 from fitserve.engine.request import Request
@@ -19,20 +20,29 @@ from fitserve.outputs import PositionLogprobs
 
 
 def kv_cache_bytes_per_block(
-    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+    kv_cache_dtype: str = "auto",
 ) -> int:
-    """K and V of every layer for one block of tokens."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+    """K and V of every layer for one block of tokens (an int8 cache's scales included)."""
+    per_head = bytes_per_token_per_head(head_dim, kv_cache_dtype, dtype)
+    return 2 * num_layers * block_size * num_kv_heads * per_head
 
 
 def allocate_kv_cache(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One allocation for the whole cache, viewed as (key_cache, value_cache) per layer."""
-    storage = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-    return [(storage[layer, 0], storage[layer, 1]) for layer in range(num_layers)]
+    dtype: torch.dtype, device: torch.device, kv_cache_dtype: str = "auto",
+) -> list[LayerKVCache]:
+    """One allocation for the whole cache (and one for an int8 cache's scales), viewed as a
+    `LayerKVCache` per layer. `dtype` is the model's; `kv_cache_dtype` "int8" stores K/V as
+    int8 with float32 scales [num_blocks, block_size, num_kv_heads] beside them."""
+    element_dtype = cache_element_dtype(kv_cache_dtype, dtype)
+    storage = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=element_dtype,
+                          device=device)
+    if element_dtype != torch.int8:
+        return [LayerKVCache(storage[layer, 0], storage[layer, 1]) for layer in range(num_layers)]
+    scales = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, dtype=SCALE_DTYPE, device=device)
+    return [LayerKVCache(storage[layer, 0], storage[layer, 1], scales[layer, 0], scales[layer, 1])
+            for layer in range(num_layers)]
 
 
 @dataclass
@@ -57,7 +67,7 @@ class ModelRunner:
     def __init__(
         self,
         model: torch.nn.Module,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerKVCache],
         block_size: int,
         device: torch.device,
         sampler: Sampler,

@@ -301,6 +301,18 @@ def prefill_attention_kernel(dtype: torch.dtype, head_dim: int, device: torch.de
     return kernels.prefill_attention if _AVX512_BF16 else kernels.prefill_attention_avx2
 
 
+def prefill_attention_int8_kernel(dtype: torch.dtype, head_dim: int, device: torch.device) -> Callable | None:
+    """The compiled causal prefill attention over an int8 context, else None (the torch
+    reference runs). It takes (query [Tq, H, D], keys [Tk, Hk, D] int8, values, key_scales
+    [Tk, Hk], value_scales, out, scale), bf16 or float32 queries; unlike the float caches'
+    kernels it serves float32 models and AMX CPUs too, whose torch path would have to
+    materialise the scores (torch's fused attention cannot take the scales)."""
+    if dtype not in (torch.bfloat16, torch.float32) or device.type != "cpu" or head_dim not in PREFILL_ATTENTION_HEAD_DIMS:
+        return None
+    kernels = get()
+    return None if kernels is None else kernels.prefill_attention_int8
+
+
 def widen_for_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     """True where bf16 tensors should be computed on in float32 (CPU without native bf16)."""
     return dtype == torch.bfloat16 and device.type == "cpu" and not _NATIVE_BF16

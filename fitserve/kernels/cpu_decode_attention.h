@@ -12,10 +12,17 @@
 // probabilities rounded to bf16 for the value product. Everything else (float32 caches,
 // other head sizes, CPUs without AVX512-BF16) takes the float32-FMA loop, whose sums float32
 // models rely on.
+//
+// An int8 cache (cpu_kv_int8.h) runs the same two loops on its integers, which are exact in
+// float32 and bf16: the float32 loop widens them in registers, the bf16 loop converts each
+// 16-token block to bf16 while packing it (the packed copy holds the integers, not
+// dequantized values). The key scales multiply the scores and the value scales the
+// probabilities (after their sum is taken), so the int8 bytes are the only cache bytes read.
 
 #pragma once
 
 #include "cpu_kernels.h"
+#include "cpu_kv_int8.h"
 #include "cpu_prefill_attention.h"
 
 namespace fitserve_cpu {
@@ -35,13 +42,14 @@ inline void weighted_values_64(const T* const* value_rows, const float* weights,
 }
 
 // One (sequence, KV head) in float32 arithmetic: the `group` query heads at q (head_dim apart)
-// against the `length` cached tokens of the block table, written to o (head_dim apart).
-template <typename T>
-void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_cache, const int32_t* table,
+// against the `length` cached tokens of the block table, written to o (head_dim apart). KV
+// is T, or int8_t with `scales`.
+template <typename T, typename KV = T>
+void decode_attention_item_fma(const T* q, const KV* key_cache, const KV* value_cache, const int32_t* table,
                                int64_t length, int64_t kv_head, int64_t group, int64_t head_dim, int64_t block_size,
-                               int64_t token_stride, float scale, T* o) {
+                               int64_t token_stride, float scale, T* o, KVScales scales = {}) {
   thread_local std::vector<float> q_float, acc, scores;
-  thread_local std::vector<const T*> value_rows;
+  thread_local std::vector<const KV*> value_rows;
   q_float.resize(group * head_dim);
   acc.resize(group * head_dim);
   // Element offset of one cached token of this (sequence, KV head), in either cache.
@@ -56,7 +64,7 @@ void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_ca
   int64_t pos = 0;
   if (head_dim % 8 == 0) {
     for (; pos + 8 <= length; pos += 8) {
-      const T* keys[8];
+      const KV* keys[8];
       for (int j = 0; j < 8; ++j) keys[j] = key_cache + cached(pos + j);
       for (int64_t g = 0; g < group; ++g) {
         const float* qg = q_float.data() + g * head_dim;
@@ -71,7 +79,7 @@ void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_ca
     }
   }
   for (; pos < length; ++pos) {
-    const T* key = key_cache + cached(pos);
+    const KV* key = key_cache + cached(pos);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q_float.data() + g * head_dim;
       int64_t d = 0;
@@ -82,6 +90,13 @@ void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_ca
       scores[g * length + pos] = total;
     }
   }
+  // An int8 cache: the key scale of each position on its scores (the cache's scale index of
+  // a token is its element offset / head_dim).
+  if (scales)
+    for (int64_t pos = 0; pos < length; ++pos) {
+      const float key_scale = scales.key[cached(pos) / head_dim];
+      for (int64_t g = 0; g < group; ++g) scores[g * length + pos] *= key_scale;
+    }
   // Softmax per head (max-subtracted, float32).
   thread_local std::vector<float> inverse_sum;
   inverse_sum.resize(group);
@@ -104,6 +119,12 @@ void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_ca
     }
     inverse_sum[g] = 1.0f / sum;
   }
+  // The value scales on the probabilities (after their sum was taken).
+  if (scales)
+    for (int64_t pos = 0; pos < length; ++pos) {
+      const float value_scale = scales.value[cached(pos) / head_dim];
+      for (int64_t g = 0; g < group; ++g) scores[g * length + pos] *= value_scale;
+    }
   // Weighted sum of values. With head_dim a multiple of 64, each head's output stays in
   // eight registers for 64 dims while the values stream past (re-read from L1/L2 per
   // head); otherwise the accumulator lives in memory.
@@ -116,7 +137,7 @@ void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_ca
   } else {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t p = 0; p < length; ++p) {
-      const T* value = value_cache + cached(p);
+      const KV* value = value_cache + cached(p);
       for (int64_t g = 0; g < group; ++g) {
         const float weight = scores[g * length + p];
         float* a = acc.data() + g * head_dim;
@@ -134,19 +155,23 @@ void decode_attention_item_fma(const T* q, const T* key_cache, const T* value_ca
 }
 
 // Scores of H query heads (H compile-time, so the accumulators stay in registers) against
-// all packed keys: scores[h][pos] = scale * q_h . k_pos, -inf past the context.
+// all packed keys: scores[h][pos] = scale * q_h . k_pos (times key_scales[pos] for an int8
+// cache), -inf past the context.
 template <int D, int H>
 FITSERVE_AVX512_BF16 void score_heads(const int32_t* q_pairs, const BF16* packed_keys, int64_t blocks,
-                                      __mmask16 tail_mask, float scale, float* scores, int64_t padded) {
+                                      __mmask16 tail_mask, float scale, float* scores, int64_t padded,
+                                      const float* key_scales) {
   const __m512 scale_vec = _mm512_set1_ps(scale);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t block = 0; block < blocks; ++block) {
     __m512 acc[H];
     score_key_block<D, H>(q_pairs, packed_keys + block * kKeyBlock * D, acc);
     const __mmask16 mask = block + 1 == blocks ? tail_mask : static_cast<__mmask16>(0xFFFF);
+    const __m512 block_scale =
+        key_scales ? _mm512_mul_ps(_mm512_load_ps(key_scales + block * kKeyBlock), scale_vec) : scale_vec;
     for (int h = 0; h < H; ++h)
       _mm512_store_ps(scores + h * padded + block * kKeyBlock,
-                      _mm512_mask_mov_ps(minus_inf, mask, _mm512_mul_ps(acc[h], scale_vec)));
+                      _mm512_mask_mov_ps(minus_inf, mask, _mm512_mul_ps(acc[h], block_scale)));
   }
 }
 
@@ -189,37 +214,41 @@ inline void with_head_count(int n, const Fn& fn) {
 // times, all heads of the group at once where registers allow: scores (vdpbf16ps of each
 // query pair against 16 keys), one softmax per head over the whole context (vectorised, no
 // per-block rescaling as a prefill's online softmax needs), then the value sums.
-template <int D>
-FITSERVE_AVX512_BF16 void decode_attention_item_bf16(const BF16* q, const BF16* key_cache, const BF16* value_cache,
+template <int D, typename KV>
+FITSERVE_AVX512_BF16 void decode_attention_item_bf16(const BF16* q, const KV* key_cache, const KV* value_cache,
                                                      const int32_t* table, int64_t length, int64_t kv_head,
                                                      int64_t group, int64_t block_size, int64_t token_stride,
-                                                     float scale, BF16* o) {
+                                                     float scale, BF16* o, KVScales scales) {
   constexpr int kPairs = D / 2, kDimBlocks = D / 16;
   constexpr int kScoreHeads = 8;               // score accumulators per pass over the keys
   constexpr int kValueHeads = 16 / kDimBlocks;  // 16 value accumulators per pass (2 heads for D = 128)
   const int64_t blocks = (length + kKeyBlock - 1) / kKeyBlock, padded = blocks * kKeyBlock;
   thread_local std::vector<BF16> packed_storage;
-  thread_local std::vector<float> score_storage, inverse_sum;
+  thread_local std::vector<float> score_storage, inverse_sum, scale_storage;
   thread_local std::vector<int32_t> probability_storage;
   if (packed_storage.size() < static_cast<size_t>(2 * padded * D + 32)) packed_storage.resize(2 * padded * D + 32);
   if (score_storage.size() < static_cast<size_t>(group * padded + 16)) score_storage.resize(group * padded + 16);
   if (probability_storage.size() < static_cast<size_t>(group * padded / 2 + 16))
     probability_storage.resize(group * padded / 2 + 16);
   inverse_sum.resize(group);
+  if (scales && scale_storage.size() < static_cast<size_t>(2 * padded + 32)) scale_storage.resize(2 * padded + 32);
+  float* key_scales = scales ? align64(scale_storage.data()) : nullptr;  // [padded], then values'
+  float* value_scales = scales ? key_scales + padded : nullptr;
   BF16* packed_keys = align64(packed_storage.data());
   BF16* packed_values = packed_keys + padded * D;
   float* scores = align64(score_storage.data());                 // [group][padded]
   int32_t* probabilities = align64(probability_storage.data());  // [group][padded / 2] bf16 pairs
 
   // The element offset of a cached token of this KV head, in either cache.
-  pack_blocks<D>(key_cache, value_cache, blocks,
-                 [&](int64_t pos) {
-                   return pos < length
-                              ? ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride +
-                                    kv_head * D
-                              : int64_t{-1};
-                 },
-                 packed_keys, packed_values);
+  auto offset_of = [&](int64_t pos) {
+    return pos < length ? ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_head * D
+                        : int64_t{-1};
+  };
+  if constexpr (std::is_same_v<KV, int8_t>)
+    pack_blocks_int8<D>(key_cache, value_cache, scales, blocks, offset_of, packed_keys, packed_values, key_scales,
+                        value_scales);
+  else
+    pack_blocks<D>(key_cache, value_cache, blocks, offset_of, packed_keys, packed_values);
 
   const int32_t* q_pairs = reinterpret_cast<const int32_t*>(q);  // head h, pair i at h * kPairs + i
   const int tail = static_cast<int>(length - (blocks - 1) * kKeyBlock);
@@ -227,7 +256,7 @@ FITSERVE_AVX512_BF16 void decode_attention_item_bf16(const BF16* q, const BF16* 
   for (int64_t first = 0; first < group; first += kScoreHeads)
     with_head_count<kScoreHeads>(static_cast<int>(std::min<int64_t>(kScoreHeads, group - first)), [&](auto heads) {
       score_heads<D, heads()>(q_pairs + first * kPairs, packed_keys, blocks, tail_mask, scale, scores + first * padded,
-                              padded);
+                              padded, key_scales);
     });
 
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -244,7 +273,9 @@ FITSERVE_AVX512_BF16 void decode_attention_item_bf16(const BF16* q, const BF16* 
       const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, minus_inf, _CMP_NEQ_OQ),
                                            exp512(_mm512_sub_ps(s, max_score)));
       sum_vec = _mm512_add_ps(sum_vec, p);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + pos / 2), (__m256i)_mm512_cvtneps_pbh(p));
+      // An int8 cache: the value scales go on the probabilities, after the sum.
+      const __m512 weighted = value_scales ? _mm512_mul_ps(p, _mm512_load_ps(value_scales + pos)) : p;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + pos / 2), (__m256i)_mm512_cvtneps_pbh(weighted));
     }
     inverse_sum[h] = 1.0f / _mm512_reduce_add_ps(sum_vec);
   }
@@ -258,11 +289,12 @@ FITSERVE_AVX512_BF16 void decode_attention_item_bf16(const BF16* q, const BF16* 
 
 const bool kHasAvx512Bf16 = cpu_has_avx512_bf16();
 
-template <typename T>
-void decode_attention_impl(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
+// KV is T, or int8_t with the cache's `scales`.
+template <typename T, typename KV = T>
+void decode_attention_impl(const T* query, const KV* key_cache, const KV* value_cache, const int32_t* block_tables,
                            const int32_t* seq_lens, const int64_t* query_rows, T* out, int64_t num_seqs,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                           int64_t table_stride, int64_t query_row_stride, float scale) {
+                           int64_t table_stride, int64_t query_row_stride, float scale, KVScales scales = {}) {
   // query_row_stride: elements between the query rows (num_heads * head_dim when the queries
   // are their own tensor; more when they are the q part of fused qkv rows).
   const int64_t group = num_heads / num_kv_heads;
@@ -289,16 +321,17 @@ void decode_attention_impl(const T* query, const T* key_cache, const T* value_ca
       if constexpr (std::is_same_v<T, BF16>) {
         if (bf16_loop) {
           auto run = [&](auto item_fn) {
-            item_fn(q, key_cache, value_cache, table, length, kv_head, group, block_size, token_stride, scale, o);
+            item_fn(q, key_cache, value_cache, table, length, kv_head, group, block_size, token_stride, scale, o,
+                    scales);
           };
-          if (head_dim == 32) run(decode_attention_item_bf16<32>);
-          else if (head_dim == 64) run(decode_attention_item_bf16<64>);
-          else run(decode_attention_item_bf16<128>);
+          if (head_dim == 32) run(decode_attention_item_bf16<32, KV>);
+          else if (head_dim == 64) run(decode_attention_item_bf16<64, KV>);
+          else run(decode_attention_item_bf16<128, KV>);
           continue;
         }
       }
-      decode_attention_item_fma<T>(q, key_cache, value_cache, table, length, kv_head, group, head_dim, block_size,
-                                   token_stride, scale, o);
+      decode_attention_item_fma<T, KV>(q, key_cache, value_cache, table, length, kv_head, group, head_dim, block_size,
+                                       token_stride, scale, o, scales);
     }
   });
 }

@@ -16,6 +16,7 @@
 #include "cpu_bf16_gemm.h"
 #include "cpu_decode_attention.h"
 #include "cpu_kernels.h"
+#include "cpu_kv_int8.h"
 #include "cpu_quant_linear.h"
 
 #include <array>
@@ -85,16 +86,29 @@ class DecodeStack {
                Projection(std::move(gate_up)), c10::nullopt, Projection(std::move(down)), c10::nullopt);
   }
 
-  // The paged caches, [num_blocks, block_size, num_kv_heads, head_dim] per layer.
-  void set_kv_caches(std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values) {
+  // The paged caches, [num_blocks, block_size, num_kv_heads, head_dim] per layer; for an int8
+  // cache also its float32 scales, [num_blocks, block_size, num_kv_heads] per layer (empty
+  // lists for a float cache).
+  void set_kv_caches(std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                     std::vector<torch::Tensor> key_scales, std::vector<torch::Tensor> value_scales) {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "DecodeStack: one cache per layer");
+    const bool int8 = !keys.empty() && keys[0].scalar_type() == at::kChar;
+    TORCH_CHECK(key_scales.size() == (int8 ? keys.size() : 0) && value_scales.size() == key_scales.size(),
+                "DecodeStack: scales for each layer of an int8 cache, none for a float one");
     for (size_t i = 0; i < keys.size(); ++i) {
-      TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].sizes() == values[i].sizes(),
-                  "DecodeStack: contiguous caches of one shape");
+      TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].sizes() == values[i].sizes() &&
+                  keys[i].scalar_type() == keys[0].scalar_type() && values[i].scalar_type() == keys[0].scalar_type(),
+                  "DecodeStack: contiguous caches of one shape and dtype");
       TORCH_CHECK(keys[i].size(2) == num_kv_heads_ && keys[i].size(3) == head_dim_, "DecodeStack: cache layout");
+      if (int8)
+        for (const auto* scales : {&key_scales[i], &value_scales[i]})
+          TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
+                      scales->sizes() == keys[i].sizes().slice(0, 3), "DecodeStack: float32 scales [blocks, block_size, Hkv]");
     }
     key_caches_ = std::move(keys);
     value_caches_ = std::move(values);
+    key_scales_ = std::move(key_scales);
+    value_scales_ = std::move(value_scales);
   }
 
   // hidden [T, H] (the embedded tokens, one per sequence), cos/sin [T, head_dim] in the same
@@ -106,8 +120,9 @@ class DecodeStack {
     TORCH_CHECK(!layers_.empty() && key_caches_.size() == layers_.size(), "DecodeStack: layers and caches first");
     TORCH_CHECK(hidden.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == hidden.size(0) &&
                 cos.size(1) == head_dim_, "DecodeStack: hidden [T, H], cos/sin [T, head_dim]");
-    TORCH_CHECK(cos.scalar_type() == hidden.scalar_type() && key_caches_[0].scalar_type() == hidden.scalar_type(),
-                "DecodeStack: cos/sin and caches in the activations' dtype");
+    TORCH_CHECK(cos.scalar_type() == hidden.scalar_type() &&
+                (key_caches_[0].scalar_type() == hidden.scalar_type() || !key_scales_.empty()),
+                "DecodeStack: cos/sin and caches in the activations' dtype (or an int8 cache)");
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && block_tables.scalar_type() == at::kInt &&
                 seq_lens.scalar_type() == at::kInt, "DecodeStack: int64 slots, int32 tables and lengths");
     TORCH_CHECK(slot_mapping.numel() == hidden.size(0) && seq_lens.numel() == hidden.size(0) &&
@@ -177,7 +192,6 @@ class DecodeStack {
     const int64_t tokens = hidden.size(0), hidden_size = hidden.size(1);
     const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     const int64_t qkv_width = q_size + 2 * kv_size;
-    const int64_t block_size = key_caches_[0].size(1);
     torch::Tensor residual = hidden.contiguous().clone();  // the running sum, updated in place
     torch::Tensor normed = torch::empty_like(residual);
     torch::Tensor attention = scratch(Slot::kAttention, tokens, q_size, residual.options());
@@ -197,17 +211,7 @@ class DecodeStack {
       // q and k heads are adjacent in each row: one in-place rotation covers both.
       rotary_impl<T>(qkv_ptr, cos.data_ptr<T>(), sin.data_ptr<T>(), tokens, qkv_width, num_heads_ + num_kv_heads_,
                      head_dim_);
-      T* key_cache = key_caches_[index].data_ptr<T>();
-      T* value_cache = value_caches_[index].data_ptr<T>();
-      for (int64_t token = 0; token < tokens; ++token) {
-        const T* row = qkv_ptr + token * qkv_width;
-        std::memcpy(key_cache + slots[token] * kv_size, row + q_size, kv_size * sizeof(T));
-        std::memcpy(value_cache + slots[token] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
-      }
-      decode_attention_impl<T>(qkv_ptr, key_cache, value_cache, block_tables.data_ptr<int32_t>(),
-                               seq_lens.data_ptr<int32_t>(), query_rows.data_ptr<int64_t>(), attention.data_ptr<T>(),
-                               tokens, num_heads_, num_kv_heads_, head_dim_, block_size, block_tables.size(1),
-                               qkv_width, static_cast<float>(scale_));
+      write_and_attend<T>(index, qkv_ptr, slots, tokens, block_tables, seq_lens, query_rows, attention);
       torch::Tensor attention_out = linear(attention, layer.o, layer.o_bias, Slot::kAttentionOut);
       // residual += attention_out (rounded to the dtype); normed = norm(residual).
       rms_norm_impl<T>(attention_out.data_ptr<T>(), residual.data_ptr<T>(), layer.post_norm.data_ptr<T>(),
@@ -220,6 +224,46 @@ class DecodeStack {
                        tokens, hidden_size, static_cast<float>(eps_));
     }
     return normed;
+  }
+
+  // Layer `index`'s new K/V (the k and v parts of each qkv row) into its cache, quantized per
+  // token and head for an int8 cache, then decode attention of the q parts over the cache.
+  template <typename T>
+  void write_and_attend(size_t index, const T* qkv_ptr, const int64_t* slots, int64_t tokens,
+                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                        const torch::Tensor& query_rows, torch::Tensor& attention) {
+    const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+    const int64_t qkv_width = q_size + 2 * kv_size;
+    const int64_t block_size = key_caches_[index].size(1);
+    auto attend = [&](const auto* key_cache, const auto* value_cache, KVScales scales) {
+      decode_attention_impl(qkv_ptr, key_cache, value_cache, block_tables.data_ptr<int32_t>(),
+                            seq_lens.data_ptr<int32_t>(), query_rows.data_ptr<int64_t>(), attention.data_ptr<T>(),
+                            tokens, num_heads_, num_kv_heads_, head_dim_, block_size, block_tables.size(1), qkv_width,
+                            static_cast<float>(scale_), scales);
+    };
+    if (key_scales_.empty()) {
+      T* key_cache = key_caches_[index].data_ptr<T>();
+      T* value_cache = value_caches_[index].data_ptr<T>();
+      for (int64_t token = 0; token < tokens; ++token) {
+        const T* row = qkv_ptr + token * qkv_width;
+        std::memcpy(key_cache + slots[token] * kv_size, row + q_size, kv_size * sizeof(T));
+        std::memcpy(value_cache + slots[token] * kv_size, row + q_size + kv_size, kv_size * sizeof(T));
+      }
+      attend(key_cache, value_cache, KVScales{});
+      return;
+    }
+    int8_t* key_cache = key_caches_[index].data_ptr<int8_t>();
+    int8_t* value_cache = value_caches_[index].data_ptr<int8_t>();
+    float* key_scales = key_scales_[index].data_ptr<float>();
+    float* value_scales = value_scales_[index].data_ptr<float>();
+    for (int64_t token = 0; token < tokens; ++token)
+      for (int64_t head = 0; head < num_kv_heads_; ++head) {
+        const T* key = qkv_ptr + token * qkv_width + q_size + head * head_dim_;
+        const int64_t slot_head = slots[token] * num_kv_heads_ + head;  // the scale index
+        key_scales[slot_head] = quantize_row_int8(key, key_cache + slot_head * head_dim_, head_dim_);
+        value_scales[slot_head] = quantize_row_int8(key + kv_size, value_cache + slot_head * head_dim_, head_dim_);
+      }
+    attend(key_cache, value_cache, KVScales{key_scales, value_scales});
   }
 
   // The step's intermediates, kept between calls: a step allocated ~5 tensors per layer, each
@@ -318,7 +362,7 @@ class DecodeStack {
   bool native_bf16_;
   int64_t fused_silu_max_rows_, bf16_dot_rows_;
   std::vector<DecodeLayer> layers_;
-  std::vector<torch::Tensor> key_caches_, value_caches_;
+  std::vector<torch::Tensor> key_caches_, value_caches_, key_scales_, value_scales_;
   torch::Tensor widen_buffer_;
   std::array<torch::Tensor, static_cast<size_t>(Slot::kCount)> scratch_;
 };

@@ -49,15 +49,33 @@ torch::Tensor linear_bf16_dot(torch::Tensor x, torch::Tensor weight, c10::option
   return out;
 }
 
-// query [T, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks] int32;
-// seq_lens [S] int32; query_rows [S] int64 (the query row of each sequence); out [T, Hq, D].
+// The scales of an int8 cache [num_blocks, block_size, Hkv, D]: float32 [num_blocks, block_size,
+// Hkv] each, contiguous; none for a float cache.
+KVScales kv_scales_of(const torch::Tensor& key_cache, const c10::optional<torch::Tensor>& key_scales,
+                      const c10::optional<torch::Tensor>& value_scales) {
+  const bool int8 = key_cache.scalar_type() == at::kChar;
+  const bool given = key_scales.has_value() && key_scales->defined() && value_scales.has_value() && value_scales->defined();
+  TORCH_CHECK(int8 == given, "an int8 KV cache comes with key and value scales, a float one without");
+  if (!int8) return {};
+  for (const auto* scales : {&*key_scales, &*value_scales})
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->dim() == 3 &&
+                scales->sizes() == key_cache.sizes().slice(0, 3), "KV scales: contiguous float32 [blocks, block_size, Hkv]");
+  return {key_scales->data_ptr<float>(), value_scales->data_ptr<float>()};
+}
+
+// query [T, Hq, D]; caches [num_blocks, block_size, Hkv, D] in the query's dtype, or int8 with
+// their scales; block_tables [S, max_blocks] int32; seq_lens [S] int32; query_rows [S] int64
+// (the query row of each sequence); out [T, Hq, D].
 void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                             torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_rows,
-                            torch::Tensor out, double scale) {
+                            torch::Tensor out, double scale, c10::optional<torch::Tensor> key_scales,
+                            c10::optional<torch::Tensor> value_scales) {
   TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous());
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
               query_rows.scalar_type() == at::kLong);
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == query.scalar_type());
+  const KVScales scales = kv_scales_of(key_cache, key_scales, value_scales);
+  TORCH_CHECK((scales || query.scalar_type() == key_cache.scalar_type()) && out.scalar_type() == query.scalar_type() &&
+              value_cache.scalar_type() == key_cache.scalar_type(), "paged_decode_attention: dtypes");
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto rows = query_rows.contiguous();
@@ -67,10 +85,14 @@ void paged_decode_attention(torch::Tensor query, torch::Tensor key_cache, torch:
   TORCH_CHECK(num_heads % num_kv_heads == 0);
   auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    decode_attention_impl<T>(query.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(),
-                             tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), rows.data_ptr<int64_t>(),
-                             out.data_ptr<T>(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-                             tables.size(1), num_heads * head_dim, static_cast<float>(scale));
+    auto attend = [&](auto* key_data, auto* value_data) {
+      decode_attention_impl(query.data_ptr<T>(), key_data, value_data, tables.data_ptr<int32_t>(),
+                            lens.data_ptr<int32_t>(), rows.data_ptr<int64_t>(), out.data_ptr<T>(), num_seqs, num_heads,
+                            num_kv_heads, head_dim, block_size, tables.size(1), num_heads * head_dim,
+                            static_cast<float>(scale), scales);
+    };
+    if (scales) attend(key_cache.data_ptr<int8_t>(), value_cache.data_ptr<int8_t>());
+    else attend(key_cache.data_ptr<T>(), value_cache.data_ptr<T>());
   };
   if (query.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
   else if (query.scalar_type() == at::kBFloat16) run(static_cast<BF16*>(nullptr));
@@ -170,7 +192,7 @@ void prefill_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor va
          packed_keys.data_ptr<BF16>(), packed_values.data_ptr<BF16>());
     impl(query.data_ptr<BF16>(), query.stride(0), packed_keys.data_ptr<BF16>(), packed_values.data_ptr<BF16>(),
          out.data_ptr<BF16>(), out.stride(0), query_len, context_len, num_heads, num_kv_heads, blocks,
-         static_cast<float>(scale));
+         static_cast<float>(scale), nullptr, nullptr);
   };
   if (D == 32) run(pack_context<32>, prefill_attention_impl<32>);
   else if (D == 64) run(pack_context<64>, prefill_attention_impl<64>);
@@ -200,7 +222,7 @@ void prefill_attention_avx2(torch::Tensor query, torch::Tensor keys, torch::Tens
                          blocks * kAvx2KeyBlock, packed_values.data_ptr<float>());
     impl(query.data_ptr<T>(), query.stride(0), packed_keys.data_ptr<float>(), packed_values.data_ptr<float>(),
          out.data_ptr<T>(), out.stride(0), query_len, context_len, num_heads, num_kv_heads, blocks,
-         static_cast<float>(scale));
+         static_cast<float>(scale), nullptr, nullptr);
   };
   auto dispatch = [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
@@ -208,6 +230,73 @@ void prefill_attention_avx2(torch::Tensor query, torch::Tensor keys, torch::Tens
     else if (D == 64) run(typed, prefill_attention_avx2_impl<64, T>);
     else if (D == 128) run(typed, prefill_attention_avx2_impl<128, T>);
     else TORCH_CHECK(false, "prefill_attention_avx2: head_dim 32, 64 or 128");
+  };
+  if (dtype == at::kFloat) dispatch(static_cast<float*>(nullptr));
+  else dispatch(static_cast<BF16*>(nullptr));
+}
+
+// The same contract over an int8 context: keys/values [Tk, Hk, D] int8 (contiguous, a
+// sequence's int8 blocks as stored) with their float32 scales [Tk, Hk]; query/out bfloat16 or
+// float32. bf16 queries on AVX512-BF16 CPUs run prefill_attention's loop (unless `avx512` is
+// false: tests reach the other loop that way), the rest the AVX2 one; both on the integers,
+// the scales applied in their arithmetic.
+void prefill_attention_int8(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor key_scales,
+                            torch::Tensor value_scales, torch::Tensor out, double scale, bool avx512) {
+  check_prefill_attention_arguments("prefill_attention_int8", query, keys, values, out);
+  TORCH_CHECK(keys.scalar_type() == at::kChar && values.scalar_type() == at::kChar && keys.is_contiguous() &&
+              values.is_contiguous(), "prefill_attention_int8: contiguous int8 keys and values");
+  for (const auto* scales : {&key_scales, &value_scales})
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
+                scales->sizes() == keys.sizes().slice(0, 2), "prefill_attention_int8: float32 scales [Tk, Hk]");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && out.scalar_type() == dtype,
+              "prefill_attention_int8: bfloat16 or float32 query and out");
+  const int64_t query_len = query.size(0), num_heads = query.size(1), D = query.size(2);
+  const int64_t context_len = keys.size(0), num_kv_heads = keys.size(1);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "prefill_attention_int8: head_dim 32, 64 or 128");
+  const KVScales scales{key_scales.data_ptr<float>(), value_scales.data_ptr<float>()};
+  if (dtype == at::kBFloat16 && avx512 && cpu_has_avx512_bf16()) {
+    const int64_t blocks = (context_len + kKeyBlock - 1) / kKeyBlock, padded = blocks * kKeyBlock;
+    auto packed_keys = torch::empty({num_kv_heads * padded * D}, query.options());
+    auto packed_values = torch::empty_like(packed_keys);
+    auto packed_scales = torch::empty({2, num_kv_heads * padded}, query.options().dtype(at::kFloat));
+    float* key_scale_rows = packed_scales[0].data_ptr<float>();
+    float* value_scale_rows = packed_scales[1].data_ptr<float>();
+    auto run = [&](auto pack, auto impl) {
+      pack(keys.data_ptr<int8_t>(), values.data_ptr<int8_t>(), scales, context_len, num_kv_heads, blocks,
+           packed_keys.data_ptr<BF16>(), packed_values.data_ptr<BF16>(), key_scale_rows, value_scale_rows);
+      impl(query.data_ptr<BF16>(), query.stride(0), packed_keys.data_ptr<BF16>(), packed_values.data_ptr<BF16>(),
+           out.data_ptr<BF16>(), out.stride(0), query_len, context_len, num_heads, num_kv_heads, blocks,
+           static_cast<float>(scale), key_scale_rows, value_scale_rows);
+    };
+    if (D == 32) run(pack_context_int8<32>, prefill_attention_impl<32>);
+    else if (D == 64) run(pack_context_int8<64>, prefill_attention_impl<64>);
+    else run(pack_context_int8<128>, prefill_attention_impl<128>);
+    return;
+  }
+  const int64_t blocks = (context_len + kAvx2KeyBlock - 1) / kAvx2KeyBlock, padded = blocks * kAvx2KeyBlock;
+  auto packed_keys = torch::empty({num_kv_heads * padded * D}, query.options().dtype(at::kFloat));
+  auto packed_values = torch::empty_like(packed_keys);
+  auto packed_scales = torch::empty({2, num_kv_heads * padded}, packed_keys.options());
+  float* key_scale_rows = packed_scales[0].data_ptr<float>();
+  float* value_scale_rows = packed_scales[1].data_ptr<float>();
+  pack_keys_transposed<int8_t>(keys.data_ptr<int8_t>(), keys.stride(0), context_len, num_kv_heads, D, blocks,
+                               packed_keys.data_ptr<float>());
+  pack_values_float<int8_t>(values.data_ptr<int8_t>(), values.stride(0), context_len, num_kv_heads, D, padded,
+                            packed_values.data_ptr<float>());
+  transpose_scales(scales.key, context_len, num_kv_heads, padded, key_scale_rows);
+  transpose_scales(scales.value, context_len, num_kv_heads, padded, value_scale_rows);
+  auto run = [&](auto* typed, auto impl) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    impl(query.data_ptr<T>(), query.stride(0), packed_keys.data_ptr<float>(), packed_values.data_ptr<float>(),
+         out.data_ptr<T>(), out.stride(0), query_len, context_len, num_heads, num_kv_heads, blocks,
+         static_cast<float>(scale), key_scale_rows, value_scale_rows);
+  };
+  auto dispatch = [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    if (D == 32) run(typed, prefill_attention_avx2_impl<32, T>);
+    else if (D == 64) run(typed, prefill_attention_avx2_impl<64, T>);
+    else run(typed, prefill_attention_avx2_impl<128, T>);
   };
   if (dtype == at::kFloat) dispatch(static_cast<float*>(nullptr));
   else dispatch(static_cast<BF16*>(nullptr));
@@ -223,7 +312,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small_batch", &linear_small_batch, "x W^T + b for a few rows of x", release);
   m.def("linear_bf16_dot", static_cast<torch::Tensor (*)(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>)>(&linear_bf16_dot),
         "bf16 x W^T + b for a few rows with vdpbf16ps (AVX512-BF16)", release);
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release);
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (float or int8)",
+        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("query_rows"), py::arg("out"), py::arg("scale"), py::arg("key_scales") = py::none(),
+        py::arg("value_scales") = py::none(), release);
   m.def("argmax_rows", &argmax_rows, "index of each row's maximum, as torch.max(x, -1).indices", release);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)", release);
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);
@@ -231,6 +323,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal bf16 attention of a prefill (AVX512-BF16)", release);
   m.def("prefill_attention_avx2", &prefill_attention_avx2, "causal attention of a prefill (AVX2 FMA, float32 arithmetic)",
         release);
+  m.def("prefill_attention_int8", &prefill_attention_int8,
+        "causal attention of a prefill over an int8 context with per-token scales (AVX512-BF16 or AVX2)",
+        py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("key_scales"), py::arg("value_scales"),
+        py::arg("out"), py::arg("scale"), py::arg("avx512") = true, release);
   m.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16");
   py::class_<DecodeStack>(m, "DecodeStack", "a model's decoder layers for one-token-per-sequence steps")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, int64_t, int64_t, bool, int64_t, int64_t>(),

@@ -10,10 +10,15 @@
 //
 // Numerics: scores and the softmax are float32; probabilities are rounded to bf16 for the
 // value product, as bf16 flash kernels do; the output is rounded once to bf16.
+//
+// An int8 context (cpu_kv_int8.h) is packed as its integers in bf16 (exact), with each
+// position's key and value scale beside the packed blocks; the key scales multiply the
+// scores, the value scales the probabilities after the running sum has taken them.
 
 #pragma once
 
 #include "cpu_kernels.h"
+#include "cpu_kv_int8.h"
 
 #include <cstring>
 
@@ -107,6 +112,46 @@ FITSERVE_AVX512_BF16 void pack_blocks(const BF16* keys, const BF16* values, int6
   }
 }
 
+// D int8 values -> D bf16 (exact: |v| <= 127 needs 7 significant bits).
+template <int D>
+FITSERVE_AVX512_BF16 inline void widen_int8_row_bf16(const int8_t* row, BF16* out) {
+  for (int d = 0; d < D; d += 16) {
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// pack_blocks for an int8 cache: each block's 16 rows widened to bf16 integers in a small
+// buffer (L1), then packed as bf16 rows are; the scales of the packed positions (0 past the
+// context) go to key_scales / value_scales [blocks * 16].
+template <int D, typename OffsetOf>
+FITSERVE_AVX512_BF16 void pack_blocks_int8(const int8_t* keys, const int8_t* values, KVScales scales, int64_t blocks,
+                                           const OffsetOf& offset_of, BF16* packed_keys, BF16* packed_values,
+                                           float* key_scales, float* value_scales) {
+  alignas(64) BF16 widened[2][kKeyBlock][D];
+  const BF16* key_rows[kKeyBlock];
+  const BF16* value_rows[kKeyBlock];
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int j = 0; j < kKeyBlock; ++j) {
+      const int64_t offset = offset_of(b * kKeyBlock + j);
+      const int64_t pos = b * kKeyBlock + j;
+      if (offset < 0) {
+        key_rows[j] = value_rows[j] = nullptr;
+        key_scales[pos] = value_scales[pos] = 0.0f;
+        continue;
+      }
+      widen_int8_row_bf16<D>(keys + offset, widened[0][j]);
+      widen_int8_row_bf16<D>(values + offset, widened[1][j]);
+      key_rows[j] = widened[0][j];
+      value_rows[j] = widened[1][j];
+      key_scales[pos] = scales.key[offset / D];
+      value_scales[pos] = scales.value[offset / D];
+    }
+    pack_key_block<D>(key_rows, packed_keys + b * kKeyBlock * D);
+    pack_value_block<D>(value_rows, packed_values + b * kKeyBlock * D);
+  }
+}
+
 // keys/values [Tk, Hk, D] (token stride `stride`) -> pack_blocks' layouts per KV head,
 // packed[hk][block]..., zero-padded past Tk.
 template <int D>
@@ -116,6 +161,20 @@ FITSERVE_AVX512_BF16 void pack_context(const BF16* keys, const BF16* values, int
     pack_blocks<D>(keys, values, blocks,
                    [&](int64_t token) { return token < tokens ? token * stride + h * D : int64_t{-1}; },
                    packed_keys + h * blocks * kKeyBlock * D, packed_values + h * blocks * kKeyBlock * D);
+}
+
+// pack_context for an int8 context [Tk, Hk, D] (rows Hk * D apart) with its scales [Tk, Hk]:
+// the scales of each KV head's packed positions go to key_scales / value_scales [hk][blocks * 16].
+template <int D>
+FITSERVE_AVX512_BF16 void pack_context_int8(const int8_t* keys, const int8_t* values, KVScales scales, int64_t tokens,
+                                            int64_t kv_heads, int64_t blocks, BF16* packed_keys, BF16* packed_values,
+                                            float* key_scales, float* value_scales) {
+  const int64_t padded = blocks * kKeyBlock;
+  for (int64_t h = 0; h < kv_heads; ++h)
+    pack_blocks_int8<D>(keys, values, scales, blocks,
+                        [&](int64_t token) { return token < tokens ? (token * kv_heads + h) * D : int64_t{-1}; },
+                        packed_keys + h * padded * D, packed_values + h * padded * D, key_scales + h * padded,
+                        value_scales + h * padded);
 }
 
 // Unscaled scores of R query rows against one packed block of 16 keys: scores[r] lane j =
@@ -135,7 +194,8 @@ FITSERVE_AVX512_BF16 inline void score_key_block(const int32_t* q_pairs, const B
 template <int D, int R>
 FITSERVE_AVX512_BF16 void attend_rows(const BF16* query, int64_t query_stride, int64_t head, const BF16* packed_keys,
                                       const BF16* packed_values, int64_t first_row, int64_t rows,
-                                      int64_t context_offset, float scale, BF16* out, int64_t out_stride) {
+                                      int64_t context_offset, float scale, BF16* out, int64_t out_stride,
+                                      const float* key_scales, const float* value_scales) {
   constexpr int kPairs = D / 2, kDimBlocks = D / 16;
   int32_t q_pairs[R][kPairs];
   int64_t position[R];
@@ -158,13 +218,15 @@ FITSERVE_AVX512_BF16 void attend_rows(const BF16* query, int64_t query_stride, i
     __m512 scores[R];
     score_key_block<D, R>(&q_pairs[0][0], keys, scores);
     alignas(64) int32_t p_pairs[R][kKeyBlock / 2];
+    const __m512 block_scale =
+        key_scales ? _mm512_mul_ps(_mm512_loadu_ps(key_scales + block * kKeyBlock), scale_vec) : scale_vec;
     for (int r = 0; r < R; ++r) {
       const int64_t visible = position[r] - block * kKeyBlock + 1;  // keys of this block row r sees
       const __mmask16 mask = visible >= kKeyBlock ? static_cast<__mmask16>(0xFFFF)
                              : visible <= 0       ? static_cast<__mmask16>(0)
                                                   : static_cast<__mmask16>((1u << visible) - 1);
       const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), mask,
-                                          _mm512_mul_ps(scores[r], scale_vec));
+                                          _mm512_mul_ps(scores[r], block_scale));
       const float new_max = std::max(running_max[r], _mm512_reduce_max_ps(s));
       const float correction = std::exp(running_max[r] - new_max);
       const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
@@ -172,7 +234,8 @@ FITSERVE_AVX512_BF16 void attend_rows(const BF16* query, int64_t query_stride, i
       running_max[r] = new_max;
       const __m512 correction_vec = _mm512_set1_ps(correction);
       for (int b = 0; b < kDimBlocks; ++b) acc[r][b] = _mm512_mul_ps(acc[r][b], correction_vec);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(p_pairs[r]), (__m256i)_mm512_cvtneps_pbh(p));
+      const __m512 weighted = value_scales ? _mm512_mul_ps(p, _mm512_loadu_ps(value_scales + block * kKeyBlock)) : p;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p_pairs[r]), (__m256i)_mm512_cvtneps_pbh(weighted));
     }
     const BF16* values = packed_values + block * (kKeyBlock / 2) * D * 2;
     for (int pair = 0; pair < kKeyBlock / 2; ++pair)
@@ -190,18 +253,21 @@ FITSERVE_AVX512_BF16 void attend_rows(const BF16* query, int64_t query_stride, i
   }
 }
 
+// key_scales / value_scales: an int8 context's packed scales [Hk][key_blocks * 16], else null.
 template <int D>
 void prefill_attention_impl(const BF16* query, int64_t query_stride, const BF16* packed_keys,
                             const BF16* packed_values, BF16* out, int64_t out_stride, int64_t query_len,
                             int64_t context_len, int64_t num_heads, int64_t num_kv_heads, int64_t key_blocks,
-                            float scale) {
+                            float scale, const float* key_scales, const float* value_scales) {
   constexpr int R = 256 / D;  // rows per tile: R x D/16 accumulators fill 16 of the 32 registers
-  const int64_t keys_per_head = key_blocks * kKeyBlock * D;
+  const int64_t keys_per_head = key_blocks * kKeyBlock * D, padded = key_blocks * kKeyBlock;
   for_each_head_row_group(num_heads, num_kv_heads, query_len, R,
                           [&](int64_t head, int64_t kv_head, int64_t first_row, int64_t rows) {
                             attend_rows<D, R>(query, query_stride, head, packed_keys + kv_head * keys_per_head,
                                               packed_values + kv_head * keys_per_head, first_row, rows,
-                                              context_len - query_len, scale, out, out_stride);
+                                              context_len - query_len, scale, out, out_stride,
+                                              key_scales ? key_scales + kv_head * padded : nullptr,
+                                              value_scales ? value_scales + kv_head * padded : nullptr);
                           });
 }
 

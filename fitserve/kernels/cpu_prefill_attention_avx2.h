@@ -16,6 +16,10 @@
 //
 // Numerics: scores, softmax and both products in float32 (probabilities are not rounded),
 // q scaled before the product; the output is rounded once to the dtype.
+//
+// An int8 context is packed as its integers in float32 (pack_* with T = int8_t), its scales
+// per KV head and position beside it: the key scales multiply the scores, the value scales
+// the probabilities after the running sum has taken them.
 
 #pragma once
 
@@ -107,7 +111,7 @@ struct QueryTile {
 // value product. Keys past a row's position are masked on the diagonal.
 template <int D>
 void attend_key_group(QueryTile<D>& tile, const float* keys_t, const float* values, int64_t group_start,
-                      int blocks) {
+                      int blocks, const float* key_scales, const float* value_scales) {
   constexpr int R = kAvx2QueryRows, kChunks = D / 16;
   alignas(32) float p[R][kAvx2KeyGroup];
   const __m256 lanes_low = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
@@ -125,6 +129,14 @@ void attend_key_group(QueryTile<D>& tile, const float* keys_t, const float* valu
         const __m256 q_d = _mm256_broadcast_ss(&tile.q[r][d]);
         scores[r][0] = _mm256_fmadd_ps(q_d, k_low, scores[r][0]);
         scores[r][1] = _mm256_fmadd_ps(q_d, k_high, scores[r][1]);
+      }
+    }
+    if (key_scales) {
+      const float* block_scales = key_scales + group_start + block * kAvx2KeyBlock;
+      const __m256 scale_low = _mm256_loadu_ps(block_scales), scale_high = _mm256_loadu_ps(block_scales + 8);
+      for (int r = 0; r < R; ++r) {
+        scores[r][0] = _mm256_mul_ps(scores[r][0], scale_low);
+        scores[r][1] = _mm256_mul_ps(scores[r][1], scale_high);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -152,8 +164,9 @@ void attend_key_group(QueryTile<D>& tile, const float* keys_t, const float* valu
       __m256 e = exp256(_mm256_sub_ps(s, new_max_vec));
       // exp256 clamps -inf to a tiny positive value; masked keys must weigh exactly 0.
       if (diagonal) e = _mm256_and_ps(e, _mm256_cmp_ps(s, minus_infinity, _CMP_NEQ_OQ));
-      _mm256_store_ps(p[r] + k, e);
       sum = _mm256_add_ps(sum, e);
+      if (value_scales) e = _mm256_mul_ps(e, _mm256_loadu_ps(value_scales + group_start + k));
+      _mm256_store_ps(p[r] + k, e);
     }
     tile.running_sum[r] = tile.running_sum[r] * factor + hsum(sum);
     tile.running_max[r] = new_max;
@@ -189,7 +202,7 @@ void attend_key_group(QueryTile<D>& tile, const float* keys_t, const float* valu
 template <int D, typename T>
 void attend_rows_avx2(const T* query, int64_t query_stride, int64_t head, const float* keys_t,
                       const float* values, int64_t first_row, int64_t rows, int64_t context_offset, float scale,
-                      T* out, int64_t out_stride) {
+                      T* out, int64_t out_stride, const float* key_scales, const float* value_scales) {
   QueryTile<D> tiles[kAvx2TilesPerTask];
   const int count = static_cast<int>((rows + kAvx2QueryRows - 1) / kAvx2QueryRows);
   for (int t = 0; t < count; ++t)
@@ -201,23 +214,33 @@ void attend_rows_avx2(const T* query, int64_t query_stride, int64_t head, const 
       if (group_start > tiles[t].last_key()) continue;
       const int blocks = static_cast<int>(
           std::min<int64_t>(kAvx2KeyGroup / kAvx2KeyBlock, (tiles[t].last_key() - group_start) / kAvx2KeyBlock + 1));
-      attend_key_group<D>(tiles[t], keys_t, values, group_start, blocks);
+      attend_key_group<D>(tiles[t], keys_t, values, group_start, blocks, key_scales, value_scales);
     }
   for (int t = 0; t < count; ++t) tiles[t].finish(head, out, out_stride);
 }
 
+// key_scales / value_scales: an int8 context's scales [Hk][key_blocks * 16], else null.
 template <int D, typename T>
 void prefill_attention_avx2_impl(const T* query, int64_t query_stride, const float* packed_keys,
                                  const float* packed_values, T* out, int64_t out_stride, int64_t query_len,
                                  int64_t context_len, int64_t num_heads, int64_t num_kv_heads, int64_t key_blocks,
-                                 float scale) {
-  const int64_t per_kv_head = key_blocks * kAvx2KeyBlock * D;
+                                 float scale, const float* key_scales, const float* value_scales) {
+  const int64_t per_kv_head = key_blocks * kAvx2KeyBlock * D, padded = key_blocks * kAvx2KeyBlock;
   for_each_head_row_group(num_heads, num_kv_heads, query_len, kAvx2QueryRows * kAvx2TilesPerTask,
                           [&](int64_t head, int64_t kv_head, int64_t first_row, int64_t rows) {
                             attend_rows_avx2<D, T>(query, query_stride, head, packed_keys + kv_head * per_kv_head,
                                                    packed_values + kv_head * per_kv_head, first_row, rows,
-                                                   context_len - query_len, scale, out, out_stride);
+                                                   context_len - query_len, scale, out, out_stride,
+                                                   key_scales ? key_scales + kv_head * padded : nullptr,
+                                                   value_scales ? value_scales + kv_head * padded : nullptr);
                           });
+}
+
+// An int8 context's scales [Tk, Hk] -> [Hk][padded], zero past Tk (prefill_attention_avx2_impl's layout).
+inline void transpose_scales(const float* scales, int64_t tokens, int64_t kv_heads, int64_t padded, float* out) {
+  for (int64_t h = 0; h < kv_heads; ++h)
+    for (int64_t token = 0; token < padded; ++token)
+      out[h * padded + token] = token < tokens ? scales[token * kv_heads + h] : 0.0f;
 }
 
 }  // namespace fitserve_cpu

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fitserve.attention.triton_common import check_device, next_power_of_2
+from fitserve.attention.triton_int8 import int8_inverse_and_scale, int8_values
 
 SILU_BLOCK = 1024
 """Elements of one row of the MLP's intermediate activation per SiLU·up program."""
@@ -155,6 +156,8 @@ def _rotary_write_kv_kernel(
     sin_ptr,
     key_cache_ptr,
     value_cache_ptr,
+    key_scales_ptr,
+    value_scales_ptr,
     slot_mapping_ptr,
     stride_query_token,
     stride_key_token,
@@ -171,6 +174,7 @@ def _rotary_write_kv_kernel(
     HALF_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr,
+    INT8_KV: tl.constexpr,
 ):
     token = tl.program_id(0)
     half: tl.constexpr = HEAD_DIM // 2
@@ -211,14 +215,34 @@ def _rotary_write_kv_kernel(
         key_ptr + token * stride_key_token, kv_heads, dims, kv_mask,
         cos_first, cos_second, sin_first, sin_second, HEAD_DIM, dtype,
     )
-    cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
-    tl.store(key_cache_ptr + cache_first, key_first.to(cache_dtype), mask=kv_mask)
-    tl.store(key_cache_ptr + cache_first + half, key_second.to(cache_dtype), mask=kv_mask)
     value_first = value_ptr + token * stride_value_token + kv_heads[:, None] * HEAD_DIM + dims[None, :]
     values_first = tl.load(value_first, mask=kv_mask, other=0.0)
     values_second = tl.load(value_first + half, mask=kv_mask, other=0.0)
-    tl.store(value_cache_ptr + cache_first, values_first.to(cache_dtype), mask=kv_mask)
-    tl.store(value_cache_ptr + cache_first + half, values_second.to(cache_dtype), mask=kv_mask)
+    if INT8_KV:
+        # Each head quantized over both halves (fitserve.attention.triton_int8); its scale
+        # goes to [slot, head] of the scales ([num_blocks, block_size, num_kv_heads]).
+        scale_offsets = slot * num_kv_heads + kv_heads
+        scale_mask = kv_heads < num_kv_heads
+        key_first, key_second = key_first.to(tl.float32), key_second.to(tl.float32)
+        key_inverse, key_scale = int8_inverse_and_scale(
+            tl.maximum(tl.max(tl.abs(key_first), axis=1), tl.max(tl.abs(key_second), axis=1))
+        )
+        tl.store(key_cache_ptr + cache_first, int8_values(key_first, key_inverse), mask=kv_mask)
+        tl.store(key_cache_ptr + cache_first + half, int8_values(key_second, key_inverse), mask=kv_mask)
+        tl.store(key_scales_ptr + scale_offsets, key_scale, mask=scale_mask)
+        values_first, values_second = values_first.to(tl.float32), values_second.to(tl.float32)
+        value_inverse, value_scale = int8_inverse_and_scale(
+            tl.maximum(tl.max(tl.abs(values_first), axis=1), tl.max(tl.abs(values_second), axis=1))
+        )
+        tl.store(value_cache_ptr + cache_first, int8_values(values_first, value_inverse), mask=kv_mask)
+        tl.store(value_cache_ptr + cache_first + half, int8_values(values_second, value_inverse), mask=kv_mask)
+        tl.store(value_scales_ptr + scale_offsets, value_scale, mask=scale_mask)
+    else:
+        cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
+        tl.store(key_cache_ptr + cache_first, key_first.to(cache_dtype), mask=kv_mask)
+        tl.store(key_cache_ptr + cache_first + half, key_second.to(cache_dtype), mask=kv_mask)
+        tl.store(value_cache_ptr + cache_first, values_first.to(cache_dtype), mask=kv_mask)
+        tl.store(value_cache_ptr + cache_first + half, values_second.to(cache_dtype), mask=kv_mask)
 
 
 def rotary_and_write_kv(
@@ -230,11 +254,14 @@ def rotary_and_write_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> None:
     """One launch for what follows the QKV projection: rotate `query` ([tokens, heads,
     head_dim]) in place, and store the rotated `key` and the `value` ([tokens, kv_heads,
     head_dim]) into their cache slots, as `apply_rotary` and the attention backend's
-    `write_kv` would (tokens whose slot is negative are not stored). `key` itself is left
+    `write_kv` would (tokens whose slot is negative are not stored); into an int8 cache
+    (`key_scales`/`value_scales` given, contiguous) quantized as `write_kv` quantizes. `key` itself is left
     unrotated: attention reads keys from the cache. Each may be a strided view of the fused
     QKV output; within a token its heads must be contiguous."""
     check_device(query)
@@ -244,15 +271,19 @@ def rotary_and_write_kv(
         assert tensor.stride(2) == 1 and tensor.stride(1) == head_dim, "heads must be contiguous within a token"
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and head_dim % 2 == 0
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
+    int8 = key_scales is not None and value_scales is not None
+    assert not int8 or (key_scales.is_contiguous() and value_scales.is_contiguous())
     if tokens:
         heads_pad, half_pad = next_power_of_2(num_heads), next_power_of_2(head_dim // 2)
         _rotary_write_kv_kernel[(tokens,)](
-            query, key, value, cos, sin, key_cache, value_cache, slot_mapping,
+            query, key, value, cos, sin, key_cache, value_cache,
+            key_scales if int8 else key_cache, value_scales if int8 else value_cache,  # unread when float
+            slot_mapping,
             query.stride(0), key.stride(0), value.stride(0), cos.stride(0), sin.stride(0),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             num_heads, num_kv_heads,
             BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim, HALF_PAD=half_pad, HEADS_PAD=heads_pad,
-            KV_HEADS_PAD=next_power_of_2(num_kv_heads),
+            KV_HEADS_PAD=next_power_of_2(num_kv_heads), INT8_KV=int8,
             num_warps=_num_warps(heads_pad * half_pad), enable_fp_fusion=False,
         )
 

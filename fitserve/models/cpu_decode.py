@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fitserve.attention.cache_layout import LayerKVCache
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.kernels import cpu as cpu_kernels
 
@@ -56,7 +57,7 @@ class FusedCpuDecode:
         """Forget the built stack (call after replacing parameters in place)."""
         self._stack, self._weights_key, self._caches_key, self._caches_ok = None, None, None, False
 
-    def applies(self, input_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    def applies(self, input_ids: torch.Tensor, kv_caches: list[LayerKVCache],
                 metadata: AttentionMetadata) -> bool:
         """True when this step can take the fused path: a CPU decode-only step of a model whose
         tensors the kernels support."""
@@ -172,11 +173,21 @@ class FusedCpuDecode:
             )
         return stack
 
-    def _attach_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> bool:
+    def _attach_caches(self, kv_caches: list[LayerKVCache], dtype: torch.dtype) -> bool:
+        """Hand the caches to the stack: float caches in the model's dtype, or int8 caches
+        with their scales (which the stack quantizes into and attends over directly)."""
         if len(kv_caches) != len(self._model.model.layers):
             return False
-        if any(cache.dtype != dtype or cache.device.type != "cpu" or not cache.is_contiguous()
-               for pair in kv_caches for cache in pair):
+        layers = [LayerKVCache(*kv_cache) for kv_cache in kv_caches]
+        tensors = [tensor for layer in layers for tensor in layer if tensor is not None]
+        if any(tensor.device.type != "cpu" or not tensor.is_contiguous() for tensor in tensors):
             return False
-        self._stack.set_kv_caches([key for key, _ in kv_caches], [value for _, value in kv_caches])
+        int8 = layers[0].is_int8
+        cache_dtype = torch.int8 if int8 else dtype
+        if any(layer.key.dtype != cache_dtype or layer.value.dtype != cache_dtype or layer.is_int8 != int8
+               for layer in layers):
+            return False
+        scales = [(layer.key_scales, layer.value_scales) for layer in layers] if int8 else []
+        self._stack.set_kv_caches([layer.key for layer in layers], [layer.value for layer in layers],
+                                  [key for key, _ in scales], [value for _, value in scales])
         return True

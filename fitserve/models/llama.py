@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitserve.attention import AttentionBackend, get_attention_backend, is_triton_backend
+from fitserve.attention.cache_layout import LayerKVCache
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.kernels import cpu as cpu_kernels
 from fitserve.layers.embedding import Int8Embedding
@@ -115,8 +116,7 @@ class Attention(nn.Module):
         hidden_states: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
+        kv_cache: LayerKVCache,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
@@ -136,14 +136,17 @@ class Attention(nn.Module):
         if self.triton_ops is not None:
             # Rotates q in place and stores rotated k and v in the cache: one launch.
             self.triton_ops.rotary_and_write_kv(
-                query, key, value, cos, sin, key_cache, value_cache, attn_metadata.slot_mapping
+                query, key, value, cos, sin, kv_cache.key, kv_cache.value, attn_metadata.slot_mapping,
+                kv_cache.key_scales, kv_cache.value_scales,
             )
         else:
             if not rotate_in_place:
                 query = apply_rotary(query, cos, sin)
                 key = apply_rotary(key, cos, sin)
-            self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
-        output = self.backend.paged_attention(query, key_cache, value_cache, attn_metadata, self.scale)
+            self.backend.write_kv(key, value, kv_cache.key, kv_cache.value, attn_metadata.slot_mapping,
+                                  kv_cache.key_scales, kv_cache.value_scales)
+        output = self.backend.paged_attention(query, kv_cache.key, kv_cache.value, attn_metadata, self.scale,
+                                              kv_cache.key_scales, kv_cache.value_scales)
         return self.o_proj(output.reshape(num_tokens, self.q_size))
 
 
@@ -204,8 +207,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
+        kv_cache: LayerKVCache,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual stream): the layer's last residual add is left to the next
@@ -217,7 +219,7 @@ class DecoderLayer(nn.Module):
             normed = self.input_layernorm(hidden_states)
         else:
             normed, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
-        attention_out = self.self_attn(normed, cos, sin, key_cache, value_cache, attn_metadata)
+        attention_out = self.self_attn(normed, cos, sin, kv_cache, attn_metadata)
         normed, residual = self.post_attention_layernorm.add_and_norm(attention_out, residual)
         return self.mlp(normed), residual
 
@@ -279,12 +281,12 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerKVCache],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states [num_tokens, hidden_size] of the flat token stream.
 
-        Writes every new token's K/V into `kv_caches` (one (key, value) pair per layer) at
+        Writes every new token's K/V into `kv_caches` (one `LayerKVCache` per layer) at
         `attn_metadata.slot_mapping`. Callers usually project only the last token of each
         sequence through `compute_logits`, which is why the two are separate.
         """
@@ -293,8 +295,8 @@ class LlamaForCausalLM(nn.Module):
         hidden_states = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, hidden_states.dtype)
         residual = None
-        for layer, (key_cache, value_cache) in zip(self.model.layers, kv_caches, strict=True):
-            hidden_states, residual = layer(hidden_states, residual, cos, sin, key_cache, value_cache, attn_metadata)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden_states, residual = layer(hidden_states, residual, cos, sin, LayerKVCache(*kv_cache), attn_metadata)
         if residual is None:  # no layers
             return self.model.norm(hidden_states)
         return self.model.norm.add_and_norm(hidden_states, residual)[0]

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from fitserve.attention.cache_layout import LayerKVCache
 from fitserve.attention.metadata import AttentionMetadata
 from fitserve.models.llama import LlamaForCausalLM
 
@@ -29,16 +30,16 @@ def heldout_windows(token_ids: list[int], window: int = PERPLEXITY_WINDOW) -> li
 
 
 @torch.inference_mode()
-def window_nll(model: LlamaForCausalLM, window: list[int], kv_dtype: torch.dtype | None = None) -> float:
+def window_nll(model: LlamaForCausalLM, window: list[int]) -> float:
     """Summed negative log-likelihood of window[1:] given the tokens before each."""
     config = model.config
     device = model.model.norm.weight.device
-    dtype = kv_dtype or model.model.norm.weight.dtype
+    dtype = model.model.norm.weight.dtype
     length = len(window)
     num_blocks = -(-length // _BLOCK_SIZE)
     shape = (num_blocks, _BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-              for _ in range(config.num_hidden_layers)]
+    caches = [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(config.num_hidden_layers)]
     metadata = AttentionMetadata(
         query_start_loc=torch.tensor([0, length], dtype=torch.int32, device=device),
         seq_lens=torch.tensor([length], dtype=torch.int32, device=device),

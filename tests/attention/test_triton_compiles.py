@@ -62,11 +62,17 @@ def compile_all_kernels() -> list[str]:
     from fitserve.kernels import triton_ops
 
     reports: list[str] = []
-    for element, precision in [("bf16", "tf32"), ("fp32", "ieee")]:
+    # The float caches in both dtypes, and the int8 cache (int8 values, float32 scales) under
+    # bf16 queries, the GPU default.
+    for element, precision, int8 in [("bf16", "tf32", False), ("fp32", "ieee", False), ("bf16", "tf32", True)]:
         pointers = {
             name: f"*{element}"
             for name in ("query_ptr", "key_cache_ptr", "value_cache_ptr", "output_ptr")
         }
+        # A float cache's launchers pass the cache itself as the (unread) scales pointer.
+        pointers |= {name: "*fp32" if int8 else f"*{element}" for name in ("key_scales_ptr", "value_scales_ptr")}
+        if int8:
+            pointers |= {"key_cache_ptr": "*i8", "value_cache_ptr": "*i8"}
         pointers |= {name: "*i32" for name in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")}
         pointers |= {name: "*fp32" for name in ("partial_max_ptr", "partial_sum_ptr", "partial_out_ptr")}
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[element]
@@ -80,6 +86,7 @@ def compile_all_kernels() -> list[str]:
                     TILE_N=triton_decode.default_decode_tile_n(dtype, 128),
                     PARTITION_SIZE=triton_decode.DEFAULT_PARTITION_SIZE,
                     SINGLE_PARTITION=element == "fp32", UPCAST_OPERANDS=False, INPUT_PRECISION=precision,
+                    INT8_KV=int8,
                 ),
             ),
             (
@@ -90,13 +97,14 @@ def compile_all_kernels() -> list[str]:
                     **({"num_seqs": 1} if element == "bf16" else {}),
                     BLOCK_SIZE=16, GROUP_SIZE=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=block_m,
                     BLOCK_Q=block_m // 4, TILE_N=prefill_tile_n, UPCAST_OPERANDS=False,
-                    INPUT_PRECISION=precision,
+                    INPUT_PRECISION=precision, INT8_KV=int8,
                 ),
             ),
         ]
         for kernel, constexprs in variants:
             compiled = compile_for_gpu(kernel, pointers, constexprs, capability=90)
-            reports.append(f"{kernel.fn.__name__} {element}: shared={compiled.metadata.shared}")
+            cache = "int8 cache" if int8 else "cache"
+            reports.append(f"{kernel.fn.__name__} {element} {cache}: shared={compiled.metadata.shared}")
     compiled = compile_for_gpu(
         triton_decode._decode_reduce_kernel,
         {"seq_lens_ptr": "*i32", "partial_max_ptr": "*fp32", "partial_sum_ptr": "*fp32",
@@ -105,14 +113,15 @@ def compile_all_kernels() -> list[str]:
         capability=90,
     )
     reports.append(f"_decode_reduce_kernel bf16: shared={compiled.metadata.shared}")
-    compiled = compile_for_gpu(
-        triton_paged._write_kv_kernel,
-        {"key_ptr": "*bf16", "value_ptr": "*bf16", "key_cache_ptr": "*bf16",
-         "value_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
-        dict(BLOCK_SIZE=16, NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, HEAD_DIM_PAD=128),
-        capability=80,
-    )
-    reports.append(f"_write_kv_kernel bf16: shared={compiled.metadata.shared}")
+    for cache, scales in (("bf16", "bf16"), ("i8", "fp32")):
+        compiled = compile_for_gpu(
+            triton_paged._write_kv_kernel,
+            {"key_ptr": "*bf16", "value_ptr": "*bf16", "key_cache_ptr": f"*{cache}", "value_cache_ptr": f"*{cache}",
+             "key_scales_ptr": f"*{scales}", "value_scales_ptr": f"*{scales}", "slot_mapping_ptr": "*i64"},
+            dict(BLOCK_SIZE=16, NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, HEAD_DIM_PAD=128, INT8_KV=cache == "i8"),
+            capability=80, options={"num_warps": 4, "enable_fp_fusion": False},
+        )
+        reports.append(f"_write_kv_kernel bf16 -> {cache}: shared={compiled.metadata.shared}")
 
     # The fused per-layer ops, at Llama-3-8B's widths (hidden 4096, 32 query and 8 KV heads of
     # 128, intermediate 14336), with the options their launchers pass.
@@ -120,17 +129,19 @@ def compile_all_kernels() -> list[str]:
         (triton_ops._rms_norm_kernel,
          {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32"},
          dict(HAS_RESIDUAL=True, BLOCK=4096), {"num_warps": 8}),
-        (triton_ops._rotary_write_kv_kernel,
-         {"query_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
-          "key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
-         dict(BLOCK_SIZE=16, HEAD_DIM=128, HALF_PAD=64, HEADS_PAD=32, KV_HEADS_PAD=8),
-         {"num_warps": 4, "enable_fp_fusion": False}),
+        *((triton_ops._rotary_write_kv_kernel,
+           {"query_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+            "key_cache_ptr": f"*{cache}", "value_cache_ptr": f"*{cache}", "key_scales_ptr": f"*{scales}",
+            "value_scales_ptr": f"*{scales}", "slot_mapping_ptr": "*i64"},
+           dict(BLOCK_SIZE=16, HEAD_DIM=128, HALF_PAD=64, HEADS_PAD=32, KV_HEADS_PAD=8, INT8_KV=cache == "i8"),
+           {"num_warps": 4, "enable_fp_fusion": False}) for cache, scales in (("bf16", "bf16"), ("i8", "fp32"))),
         (triton_ops._silu_mul_kernel,
          {"gate_up_ptr": "*bf16", "out_ptr": "*bf16"},
          dict(BLOCK=triton_ops.SILU_BLOCK), {"num_warps": 4}),
     ]:
         compiled = compile_for_gpu(kernel, pointer_types, constexprs, capability=90, options=options)
-        reports.append(f"{kernel.fn.__name__} bf16: shared={compiled.metadata.shared}")
+        cache = f" -> {pointer_types['key_cache_ptr'][1:]} cache" if "key_cache_ptr" in pointer_types else ""
+        reports.append(f"{kernel.fn.__name__} bf16{cache}: shared={compiled.metadata.shared}")
     return reports + compile_quant_kernels()
 
 
@@ -198,7 +209,7 @@ def test_every_kernel_compiles_for_nvidia_gpus_within_consumer_shared_memory() -
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if "shared=" in line]
-    assert len(lines) == 17, result.stdout
+    assert len(lines) == 21, result.stdout
     for line in lines:
         shared_bytes = int(line.rsplit("shared=", 1)[1])
         assert shared_bytes <= SHARED_MEMORY_LIMIT, line

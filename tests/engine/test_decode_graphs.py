@@ -44,11 +44,12 @@ def install_static_decode(llm: LLM, max_seq_len: int | None = None,
     config = engine.model_config
     kv_caches = allocate_kv_cache(
         config.num_hidden_layers, engine.num_kv_blocks + 1, engine.block_size,
-        config.num_key_value_heads, config.head_dim, engine.dtype, engine.device,
+        config.num_key_value_heads, config.head_dim, engine.dtype, engine.device, engine.args.kv_cache_dtype,
     )
-    for key_cache, value_cache in kv_caches:
-        key_cache[engine.num_kv_blocks].fill_(float("nan"))
-        value_cache[engine.num_kv_blocks].fill_(float("nan"))
+    for layer in kv_caches:
+        # An int8 cache's values cannot be NaN: its scales carry the poison.
+        for tensor in (layer.key_scales, layer.value_scales) if layer.is_int8 else (layer.key, layer.value):
+            tensor[engine.num_kv_blocks].fill_(float("nan"))
     graphs = DecodeGraphs(
         engine.model, kv_caches, engine.block_size, max_seq_len or engine.max_model_len, max_num_seqs=8,
         padding_block=engine.num_kv_blocks, device=engine.device, use_cuda_graphs=False,

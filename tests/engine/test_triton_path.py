@@ -48,3 +48,25 @@ def test_triton_path_greedy_matches_transformers(tmp_path: Path, variant: str, m
     # Padding rows wrote only the spare block's first slot; no real row read its NaNs.
     padding_keys = llm.engine.runner.kv_caches[0][0][llm.engine.num_kv_blocks]
     assert torch.isnan(padding_keys[1:]).all()
+
+
+def test_triton_path_with_int8_cache_gives_the_torch_paths_tokens(tmp_path: Path, monkeypatch) -> None:
+    """The int8 cache on the GPU path (quantizing rotary + KV write, int8 decode and prefill
+    kernels, the static decode buffers with their spare block) against the torch path's int8
+    cache: the same bytes stored, attention in float32 over them, so the same greedy tokens."""
+    monkeypatch.setattr(triton_decode, "DEFAULT_PARTITION_SIZE", 64)
+    model_dir = write_tiny_checkpoint(tmp_path / "m", "llama3_rope_scaling")
+    settings = dict(dtype="float32", kv_cache_memory="4MiB", block_size=8, max_num_batched_tokens=32,
+                    kv_cache_dtype="int8")
+    prompts = [{"prompt_token_ids": random_token_ids(length, seed=length)} for length in PROMPT_LENGTHS]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    expected = LLM(str(model_dir), attention_backend="torch", **settings).generate(prompts, params)
+    llm = LLM(str(model_dir), attention_backend="triton", **settings)
+    padded_sizes = install_static_decode(llm, bounded_grids=True)
+    outputs = llm.generate(prompts, params)
+
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert padded_sizes, "decode steps should have gone through the static buffers"
+    layer = llm.engine.runner.kv_caches[0]
+    assert layer.is_int8 and layer.key.dtype == torch.int8
+    assert torch.isnan(layer.key_scales[llm.engine.num_kv_blocks][1:]).all()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fitserve.attention.metadata import AttentionMetadata
+from fitserve.engine.runner import allocate_kv_cache
 
 from tests.tiny_models import VARIANTS, random_token_ids, write_tiny_checkpoint
 
@@ -58,15 +59,13 @@ class PagedKVCache:
     num_blocks: int = 40
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    kv_cache_dtype: str = "auto"
+    """"int8": int8 K/V with per-token scales (fitserve.attention.cache_layout)."""
     free_blocks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.num_layers)
-        ]
+        self.kv_caches = allocate_kv_cache(self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads,
+                                           self.head_dim, self.dtype, self.device, self.kv_cache_dtype)
         # Shuffled so every sequence's blocks are scattered: catches any contiguity assumption.
         self.free_blocks = list(range(1, self.num_blocks))
         random.Random(0).shuffle(self.free_blocks)

@@ -13,6 +13,7 @@ import weakref
 import pytest
 import torch
 
+from fitserve.attention.cache_layout import LayerKVCache
 from fitserve.kernels import cpu
 from fitserve.models.loader import load_model
 
@@ -22,19 +23,22 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(cpu.get() is None, reason="CPU kernels unavailable (no AVX2 or no compiler)")
 
 
-def _clone_caches(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(key.clone(), value.clone()) for key, value in caches]
+def _clone_caches(caches: list[LayerKVCache]) -> list[LayerKVCache]:
+    return [LayerKVCache(*(None if tensor is None else tensor.clone() for tensor in layer)) for layer in caches]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("batch", [1, 3, 20])
-def test_fused_decode_is_bit_identical_to_the_python_path(variant, dtype, batch, make_checkpoint, token_ids):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_fused_decode_is_bit_identical_to_the_python_path(variant, dtype, batch, kv_cache_dtype, make_checkpoint,
+                                                          token_ids):
     """Decode steps of 1, 3 and 20 sequences (one token each; 20 exceeds the streaming kernel's
-    row limit, so the matmul library path runs too) over scattered blocks of different lengths."""
+    row limit, so the matmul library path runs too) over scattered blocks of different lengths;
+    with an int8 cache the stack's quantizing write must store the Python path's bytes."""
     checkpoint = make_checkpoint(variant, dtype=str(dtype).removeprefix("torch."))
     model, config = load_model(checkpoint, dtype, CPU, "torch")
     cache = PagedKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                         num_blocks=8 * batch + 4, dtype=dtype)
+                         num_blocks=8 * batch + 4, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
     sequences = [cache.new_sequence(token_ids(5 + 3 * index % 17, index)) for index in range(batch)]
     prompt_lens = [len(sequence.token_ids) - 3 for sequence in sequences]
     with torch.no_grad():
@@ -53,8 +57,10 @@ def test_fused_decode_is_bit_identical_to_the_python_path(variant, dtype, batch,
 
             assert fused.dtype == dtype and fused.shape == (batch, config.hidden_size)
             assert torch.equal(fused, expected)
-            for (key, value), (expected_key, expected_value) in zip(cache.kv_caches, python_caches, strict=True):
-                assert torch.equal(key, expected_key) and torch.equal(value, expected_value)
+            for layer, expected_layer in zip(cache.kv_caches, python_caches, strict=True):
+                assert layer.is_int8 == (kv_cache_dtype == "int8")
+                for tensor, expected_tensor in zip(layer, expected_layer, strict=True):
+                    assert (tensor is None and expected_tensor is None) or torch.equal(tensor, expected_tensor)
 
 
 def test_fused_decode_follows_a_new_kv_cache_and_recast_weights(make_checkpoint, token_ids):
