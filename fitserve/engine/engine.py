@@ -298,14 +298,13 @@ class LLMEngine:
     def _update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
         now = time.time()
         outputs: list[RequestOutput] = []
+        self.scheduler.update_from_output(scheduler_output)
         for item in scheduler_output.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
             prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
             if prompt_logprobs:
                 self._fill_decoded_tokens(request.request_id, prompt_logprobs)
                 request.prompt_logprobs.extend(prompt_logprobs)
-            self.scheduler.cache_computed_blocks(request)
             sampled = runner_output.sampled.get(request.request_id)
             if sampled is None:
                 continue

@@ -54,7 +54,8 @@ class KVCacheManager:
         """Give the request blocks for `num_new_tokens` more tokens (after any cached prefix).
 
         Returns False, changing nothing, when the pool cannot supply them. On success a
-        cached prefix is attached and `num_computed_tokens` moves past it.
+        cached prefix is attached to the request's block table; moving `num_computed_tokens`
+        past it is the scheduler's job (a request's progress has one owner).
         """
         room = len(request.block_ids) * self.block_size - request.num_computed_tokens
         if not cached_block_ids and num_new_tokens <= room:
@@ -70,7 +71,6 @@ class KVCacheManager:
         if cached_block_ids:
             self.pool.touch(cached_block_ids)
             request.block_ids.extend(cached_block_ids)
-            request.num_computed_tokens += num_cached_tokens
             if request.metrics.num_preemptions == 0:
                 # On resumption the hits are mostly the request's own earlier blocks (and may
                 # include output tokens): counting them again would exceed the prompt.

@@ -8,6 +8,11 @@ Each step (Sarathi-Serve's order):
 When a running request cannot get a block, the policy names a victim that is preempted: its
 blocks are freed and it is recomputed later (its prefix will often still be cached).
 The scheduler never touches tensors.
+
+A request's progress, `num_computed_tokens`, has one owner: this scheduler. It moves the
+number when it attaches a cached prefix, when it preempts, and in `update_from_output`, which
+the engine calls once per executed step (vLLM's `update_from_output`, nano-vllm's
+`postprocess`). The KV-cache manager and the engine only read it.
 """
 
 from __future__ import annotations
@@ -145,6 +150,7 @@ class Scheduler:
                 num_new = budget
             if not self.kv_cache.allocate(request, num_new, cached_blocks):
                 break
+            request.num_computed_tokens += num_cached  # the attached prefix needs no compute
             self.policy.pop()
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
@@ -172,5 +178,14 @@ class Scheduler:
         self.kv_cache.free(request)
         request.status = status
 
-    def cache_computed_blocks(self, request: Request) -> None:
-        self.kv_cache.cache_full_blocks(request)
+    def update_from_output(self, scheduler_output: SchedulerOutput) -> None:
+        """The step ran: every scheduled request now has K/V for its scheduled tokens.
+
+        Called by the engine after the runner, before it appends the sampled tokens. Newly
+        completed full blocks are registered in the prefix cache.
+        """
+        kv_cache = self.kv_cache
+        for item in scheduler_output.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            kv_cache.cache_full_blocks(request)

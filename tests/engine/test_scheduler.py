@@ -1,8 +1,8 @@
 """Scheduler: token budget, stall-free chunked prefill, max_num_seqs, preemption, cleanup.
 
 The scheduler is driven here the way the engine drives it, by a model-free engine loop
-(`FakeEngine`): schedule, advance each scheduled request's `num_computed_tokens`, register
-its full blocks, append a fake token when the step completes its sequence, and finish
+(`FakeEngine`): schedule, let the scheduler advance each scheduled request's progress and
+register its full blocks (`update_from_output`), append a fake token when the step completes its sequence, and finish
 requests at their length limit. The fake engine also simulates the KV contents of every
 block slot, so a request that ever reads KV computed for a different prefix (a wrong
 prefix-cache hit, a block handed to two owners, a shared block overwritten) fails the test
@@ -88,18 +88,19 @@ class FakeEngine:
         output = scheduler.schedule()
         record = StepRecord(output, decodes_before, running_before)
         check_schedule(scheduler, record)
+        completing = []
         for item in output.scheduled:
             request = item.request
-            completes = item.completes_sequence  # the runner reads it before progress moves
+            if item.completes_sequence:  # the runner reads it before progress moves
+                completing.append(request)
             record.chunks.append((request.request_id, item.num_new_tokens))
             self._compute(request, item.num_new_tokens)
-            request.num_computed_tokens += item.num_new_tokens
-            scheduler.cache_computed_blocks(request)
-            if completes:
-                request.output_token_ids.append(fake_token(request))
-                if request.num_output_tokens >= request.max_output_tokens:
-                    scheduler.finish_request(request, RequestStatus.FINISHED_LENGTH)
-                    self.finished.append(request)
+        scheduler.update_from_output(output)
+        for request in completing:
+            request.output_token_ids.append(fake_token(request))
+            if request.num_output_tokens >= request.max_output_tokens:
+                scheduler.finish_request(request, RequestStatus.FINISHED_LENGTH)
+                self.finished.append(request)
         check_ownership(scheduler)
         self.history.append(record)
         return record
