@@ -30,6 +30,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
     group.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     group.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "vtc"],
+                       help="fcfs (arrival order), priority (request's priority, lower first) or "
+                            "vtc (fair share of tokens between clients)")
+    group.add_argument("--vtc-prompt-token-weight", type=float, default=1.0,
+                       help="vtc: service charged per prompt token")
+    group.add_argument("--vtc-output-token-weight", type=float, default=2.0,
+                       help="vtc: service charged per generated token")
     group.add_argument("--max-seq-len-to-capture", type=int, default=8192,
                        help="longest context a CUDA-graph decode step serves; longer ones run eagerly")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from fitserve.engine.policy import POLICY_NAMES
+
 
 class ConfigError(ValueError):
     """A setting is invalid; the message says which one and what to use instead."""
@@ -120,7 +122,32 @@ class EngineArgs:
     The graphs' attention grid is sized for this length, and programs past a sequence's real
     length still launch, so a bound far above the contexts in use costs time every step."""
 
+    scheduling_policy: str = "fcfs"
+    """Order of the waiting queue and choice of preemption victims: fcfs (arrival order),
+    priority (each request's `priority`, lower first, ties by arrival; vLLM's convention) or
+    vtc (fair share of tokens between clients, the Virtual Token Counter: a client is the
+    API key's tenant or the OpenAI `user` field)."""
+    vtc_prompt_token_weight: float = 1.0
+    """vtc: service charged per prompt token (the VTC paper's w_in)."""
+    vtc_output_token_weight: float = 2.0
+    """vtc: service charged per generated token (w_out; a decode token costs more time per
+    token than a prefill token, so the paper weighs it 2)."""
+    client_weights: dict[str, float] | None = None
+    """vtc: client -> share weight (2 gets twice the service of 1; absent clients weigh 1).
+    `serve` fills it from the weights in --api-keys-file; not a command-line flag."""
+
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in POLICY_NAMES:
+            raise ConfigError(
+                f"scheduling_policy must be one of {', '.join(POLICY_NAMES)} (got {self.scheduling_policy!r})"
+            )
+        for name in ("vtc_prompt_token_weight", "vtc_output_token_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
+                raise ConfigError(f"{name} must be a finite number >= 0 (got {value!r})")
+        for client, weight in (self.client_weights or {}).items():
+            if not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
+                raise ConfigError(f"the weight of client {client!r} must be a positive number (got {weight!r})")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two >= 1 (got {self.block_size})")
         if self.max_num_batched_tokens < 1:

@@ -47,6 +47,7 @@ class _AddCommand:
     client_id: str | None
     stream: "RequestStream"
     accepted: asyncio.Future
+    priority: int = 0
 
 
 @dataclass
@@ -117,7 +118,7 @@ class StreamGroup:
         """After `add_all` raised: the request the engine refused."""
 
     async def add_all(self, requests: list[tuple[str, str | list[int] | dict, SamplingParams]],
-                      client_id: str | None = None) -> None:
+                      client_id: str | None = None, priority: int = 0) -> None:
         """Add (request_id, prompt, params) requests together; if any is rejected, abort them all
         and raise the first rejection (in list order).
 
@@ -125,7 +126,7 @@ class StreamGroup:
         between two steps instead of one request per step.
         """
         pending = [
-            self._engine._submit(request_id, prompt, params, client_id, self._queue)
+            self._engine._submit(request_id, prompt, params, client_id, self._queue, priority)
             for request_id, prompt, params in requests
         ]
         for stream, _ in pending:
@@ -233,13 +234,14 @@ class AsyncLLMEngine:
         prompt: str | list[int] | dict,
         sampling_params: SamplingParams,
         client_id: str | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Hand a request to the engine and return its stream once the engine accepted it.
 
         Errors from `LLMEngine.add_request` (prompt too long, empty prompt, duplicate id) are
         raised here, before any output exists, so an HTTP layer can still answer 400.
         """
-        stream, accepted = self._submit(request_id, prompt, sampling_params, client_id, None)
+        stream, accepted = self._submit(request_id, prompt, sampling_params, client_id, None, priority)
         try:
             await accepted
         except BaseException:
@@ -255,13 +257,14 @@ class AsyncLLMEngine:
         sampling_params: SamplingParams,
         client_id: str | None,
         output_queue: asyncio.Queue | None,
+        priority: int = 0,
     ) -> tuple[RequestStream, asyncio.Future]:
         """Queue an add command; the future settles once the engine thread accepted or refused it."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running (the server is shutting down)")
         stream = RequestStream(request_id, self, output_queue)
         accepted = asyncio.get_running_loop().create_future()
-        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted))
+        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted, priority))
         return stream, accepted
 
     async def generate(
@@ -270,9 +273,10 @@ class AsyncLLMEngine:
         sampling_params: SamplingParams,
         request_id: str,
         client_id: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its cumulative outputs; stopping early aborts it."""
-        stream = await self.add_request(request_id, prompt, sampling_params, client_id)
+        stream = await self.add_request(request_id, prompt, sampling_params, client_id, priority)
         async for output in stream:
             yield output
 
@@ -337,7 +341,8 @@ class AsyncLLMEngine:
             return
         try:
             self.engine.add_request(
-                command.request_id, command.prompt, command.sampling_params, client_id=command.client_id
+                command.request_id, command.prompt, command.sampling_params, client_id=command.client_id,
+                priority=command.priority,
             )
         except Exception as error:  # noqa: BLE001 - any rejection belongs to the caller
             self._resolve(command.accepted, error)

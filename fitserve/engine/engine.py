@@ -19,6 +19,7 @@ from fitserve.config import ConfigError, EngineArgs, parse_size, resolve_device,
 from fitserve.engine.decode_graphs import DecodeGraphs
 from fitserve.engine.detokenizer import IncrementalDetokenizer
 from fitserve.engine.kv_cache import KVCacheManager
+from fitserve.engine.policy import make_policy
 from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.runner import ModelRunner, RunnerOutput, allocate_kv_cache, kv_cache_bytes_per_block
 from fitserve.engine.sampler import Sampler
@@ -100,8 +101,10 @@ class LLMEngine:
         )
         self.kv_cache_bytes = self.num_kv_blocks * bytes_per_block
         self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching)
+        policy = make_policy(args.scheduling_policy, args.vtc_prompt_token_weight,
+                             args.vtc_output_token_weight, args.client_weights)
         self.scheduler = Scheduler(
-            self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill
+            self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill, policy
         )
         self.sampler = Sampler(config.vocab_size, self.device, seed=args.seed)
         decode_graphs = None
@@ -205,10 +208,15 @@ class LLMEngine:
         arrival_time: float | None = None,
         client_id: str | None = None,
         final_output_only: bool = False,
+        priority: int = 0,
     ) -> None:
         """Queue a prompt. Raises ValueError (PromptTooLongError for length) for bad input.
 
-        With `final_output_only`, `step` reports the request only when it finishes."""
+        With `final_output_only`, `step` reports the request only when it finishes.
+        `client_id` is who the `vtc` policy shares service between; `priority` orders the
+        `priority` policy's queue (lower first); other policies ignore them."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer (got {priority!r})")
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("LLMEngine runs one sequence per request; fan out n > 1 as separate requests")
@@ -232,6 +240,7 @@ class LLMEngine:
             client_id=client_id,
             arrival_time=arrival_time if arrival_time is not None else time.time(),
             final_output_only=final_output_only,
+            priority=priority,
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]

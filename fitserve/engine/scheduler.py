@@ -63,7 +63,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.policy: SchedulingPolicy = policy or FCFSPolicy()
+        # Not `policy or ...`: a policy with an empty queue has len 0 and would be falsy.
+        self.policy: SchedulingPolicy = policy if policy is not None else FCFSPolicy()
         self.running: list[Request] = []
         self.num_preemptions_total = 0
 
@@ -155,6 +156,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
+                self.policy.on_tokens_served(request, request.num_prompt_tokens, 0)
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
@@ -182,10 +184,14 @@ class Scheduler:
         """The step ran: every scheduled request now has K/V for its scheduled tokens.
 
         Called by the engine after the runner, before it appends the sampled tokens. Newly
-        completed full blocks are registered in the prefix cache.
+        completed full blocks are registered in the prefix cache, and the policy hears of
+        every output token the step produced.
         """
         kv_cache = self.kv_cache
+        on_tokens_served = self.policy.on_tokens_served
         for item in scheduler_output.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
             kv_cache.cache_full_blocks(request)
+            if request.num_computed_tokens == request.num_tokens:  # the step sampled a token
+                on_tokens_served(request, 0, 1)

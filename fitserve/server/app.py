@@ -26,16 +26,24 @@ def _state(request: Request) -> ServerState:
 
 
 def require_api_key(request: Request) -> None:
-    """When the server has a key, every /v1 call must present it as a bearer token."""
-    expected = _state(request).settings.api_key
-    if expected is None:
+    """When the server has keys, every /v1 call must present one as a bearer token. A key from
+    --api-keys-file also names the request's tenant (`request.state.tenant`), which the
+    scheduler shares service between."""
+    settings = _state(request).settings
+    expected, api_keys = settings.api_key, settings.api_keys
+    if expected is None and api_keys is None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+    presented = presented.strip()
+    tenant = api_keys.tenant_of(presented) if api_keys is not None else None
+    if tenant is not None:
+        request.state.tenant = tenant
+        return
     # Constant-time comparison, so response timing does not leak the key byte by byte.
-    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+    if expected is None or not hmac.compare_digest(presented.encode(), expected.encode()):
         raise APIError(401, "incorrect API key", code="invalid_api_key")
 
 

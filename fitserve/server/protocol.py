@@ -70,6 +70,8 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = 0
+    """Under --scheduling-policy priority: lower runs first, ties by arrival (vLLM's extension)."""
 
     @model_validator(mode="after")
     def _check_openai_shapes(self) -> "SamplingFields":
