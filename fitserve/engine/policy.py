@@ -16,6 +16,9 @@ from fitserve.engine.request import Request
 
 POLICY_NAMES = ("fcfs", "priority", "vtc")
 
+TokensServed = tuple[Request, int, int]
+"""(request, prompt tokens, output tokens) it was just served."""
+
 
 class SchedulingPolicy(Protocol):
     def add(self, request: Request) -> None:
@@ -36,10 +39,12 @@ class SchedulingPolicy(Protocol):
     def choose_victim(self, running: list[Request]) -> Request:
         """The running request to preempt when memory runs out."""
 
-    def on_tokens_served(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
-        """The request was served tokens: its whole prompt when first admitted (cached prefix
-        included, recomputation after preemption not counted again), then one output token per
-        step that sampled one. Called by the scheduler; most policies ignore it."""
+    def on_tokens_served(self, served: list[TokensServed]) -> None:
+        """Requests were served tokens: a request's whole prompt when it is first admitted
+        (cached prefix included; recomputation after a preemption is not counted again), and
+        after each step one output token for every request that sampled one (one call per
+        step, so a policy that counts pays one call, not one per request). Called by the
+        scheduler; most policies ignore it."""
 
     def __len__(self) -> int: ...
 
@@ -73,7 +78,7 @@ class FCFSPolicy:
     def choose_victim(self, running: list[Request]) -> Request:
         return max(running, key=lambda request: request.arrival_time)
 
-    def on_tokens_served(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
+    def on_tokens_served(self, served: list[TokensServed]) -> None:
         pass
 
     def __len__(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
+from fitserve.engine.policy import TokensServed
 from fitserve.engine.request import Request
 
 
@@ -49,7 +50,7 @@ class PriorityPolicy:
     def choose_victim(self, running: list[Request]) -> Request:
         return max(running, key=_urgency)
 
-    def on_tokens_served(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
+    def on_tokens_served(self, served: list[TokensServed]) -> None:
         pass
 
     def __len__(self) -> int:

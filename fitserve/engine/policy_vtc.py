@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from fitserve.engine.policy import TokensServed
 from fitserve.engine.request import Request
 
 ANONYMOUS_CLIENT = ""
@@ -116,10 +117,13 @@ class VTCPolicy:
         counters = self.counters
         return max(running, key=lambda r: (counters.get(self.client_of(r), 0.0), r.arrival_time))
 
-    def on_tokens_served(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
-        client = self.client_of(request)
-        cost = num_prompt_tokens * self.prompt_token_weight + num_output_tokens * self.output_token_weight
-        self.counters[client] = self.counters.get(client, 0.0) + cost / self.client_weights.get(client, 1.0)
+    def on_tokens_served(self, served: list[TokensServed]) -> None:
+        counters, weights = self.counters, self.client_weights
+        prompt_weight, output_weight = self.prompt_token_weight, self.output_token_weight
+        for request, num_prompt_tokens, num_output_tokens in served:
+            client = request.client_id or ANONYMOUS_CLIENT
+            cost = num_prompt_tokens * prompt_weight + num_output_tokens * output_weight
+            counters[client] = counters.get(client, 0.0) + cost / weights.get(client, 1.0)
 
     def __len__(self) -> int:
         return self._num_waiting

@@ -156,7 +156,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
-                self.policy.on_tokens_served(request, request.num_prompt_tokens, 0)
+                self.policy.on_tokens_served([(request, request.num_prompt_tokens, 0)])
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
@@ -188,10 +188,11 @@ class Scheduler:
         every output token the step produced.
         """
         kv_cache = self.kv_cache
-        on_tokens_served = self.policy.on_tokens_served
+        served = []
         for item in scheduler_output.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
             kv_cache.cache_full_blocks(request)
             if request.num_computed_tokens == request.num_tokens:  # the step sampled a token
-                on_tokens_served(request, 0, 1)
+                served.append((request, 0, 1))
+        self.policy.on_tokens_served(served)

@@ -168,7 +168,7 @@ def test_vtc_drained_client_reference_when_nobody_waits() -> None:
     early = client_request("a", 0, 5, 3, arrival_time=0.0)
     policy.add(early)
     assert policy.pop() is early
-    policy.on_tokens_served(early, 5, 3)
+    policy.on_tokens_served([(early, 5, 3)])
     assert policy.counters["a"] == 5 + 2 * 3
     policy.add(client_request("b", 0, 5, 3, arrival_time=1.0))
     assert policy.counters["b"] == policy.counters["a"]
