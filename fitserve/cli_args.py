@@ -37,6 +37,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
                        help="vtc: service charged per prompt token")
     group.add_argument("--vtc-output-token-weight", type=float, default=2.0,
                        help="vtc: service charged per generated token")
+    group.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                       help="when KV blocks run out: recompute the preempted request later, or swap its KV "
+                            "to host memory and back")
+    group.add_argument("--swap-space", default="4GiB", help="host memory for swapped KV, e.g. 4GiB")
     group.add_argument("--max-seq-len-to-capture", type=int, default=8192,
                        help="longest context a CUDA-graph decode step serves; longer ones run eagerly")
 

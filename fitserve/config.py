@@ -136,7 +136,19 @@ class EngineArgs:
     """vtc: client -> share weight (2 gets twice the service of 1; absent clients weigh 1).
     `serve` fills it from the weights in --api-keys-file; not a command-line flag."""
 
+    preemption_mode: str = "recompute"
+    """What happens to a running request's KV when blocks run out: recompute (drop it, compute
+    the prompt and output again later) or swap (copy it to host memory, `swap_space`, and back
+    when the request resumes; on a CPU this saves repeating a whole prefill)."""
+    swap_space: str | int = "4GiB"
+    """Host memory for swapped-out KV with preemption_mode swap ("4GiB", vLLM's default); a
+    request that does not fit falls back to recompute."""
+
     def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ConfigError(f"preemption_mode must be recompute or swap (got {self.preemption_mode!r})")
+        if parse_size(self.swap_space) <= 0:
+            raise ConfigError("swap_space must be positive")
         if self.scheduling_policy not in POLICY_NAMES:
             raise ConfigError(
                 f"scheduling_policy must be one of {', '.join(POLICY_NAMES)} (got {self.scheduling_policy!r})"

@@ -24,6 +24,7 @@ from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.runner import ModelRunner, RunnerOutput, allocate_kv_cache, kv_cache_bytes_per_block
 from fitserve.engine.sampler import Sampler
 from fitserve.engine.scheduler import Scheduler, SchedulerOutput
+from fitserve.engine.swap import SwapSpace
 from fitserve.engine.tokenizer import load_tokenizer
 from fitserve.models.config import load_model_config
 from fitserve.models.loader import load_model
@@ -51,6 +52,10 @@ class EngineStats:
     num_prefix_cache_hit_tokens_total: int
     num_prompt_tokens_total: int
     num_generated_tokens_total: int
+    num_swap_outs_total: int = 0
+    num_swap_ins_total: int = 0
+    num_swap_bytes_total: int = 0
+    """Bytes copied between device and host KV, both directions."""
 
     @property
     def kv_cache_usage(self) -> float:
@@ -100,11 +105,19 @@ class LLMEngine:
             config.num_key_value_heads, config.head_dim, self.dtype, self.device,
         )
         self.kv_cache_bytes = self.num_kv_blocks * bytes_per_block
-        self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching)
+        num_host_blocks = 0
+        if args.preemption_mode == "swap":
+            num_host_blocks = parse_size(args.swap_space) // bytes_per_block
+            if num_host_blocks < 1:
+                raise ConfigError(f"--swap-space {args.swap_space} is smaller than one KV block "
+                                  f"({bytes_per_block} bytes)")
+        self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching,
+                                       num_host_blocks)
         policy = make_policy(args.scheduling_policy, args.vtc_prompt_token_weight,
                              args.vtc_output_token_weight, args.client_weights)
         self.scheduler = Scheduler(
-            self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill, policy
+            self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill, policy,
+            args.preemption_mode,
         )
         self.sampler = Sampler(config.vocab_size, self.device, seed=args.seed)
         decode_graphs = None
@@ -116,6 +129,7 @@ class LLMEngine:
             )
             decode_graphs.capture()
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler, decode_graphs)
+        self.swap_space = SwapSpace(kv_caches, num_host_blocks) if num_host_blocks else None
 
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -290,6 +304,10 @@ class LLMEngine:
             num_prefix_cache_hit_tokens_total=self._num_cached_tokens_total,
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generated_tokens_total=self._num_generated_tokens_total,
+            num_swap_outs_total=self.scheduler.num_swap_outs_total,
+            num_swap_ins_total=self.scheduler.num_swap_ins_total,
+            num_swap_bytes_total=(self.swap_space.num_bytes_out + self.swap_space.num_bytes_in
+                                  if self.swap_space is not None else 0),
         )
 
     # ----------------------------------------------------------------------------- stepping
@@ -297,8 +315,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        swap_space = self.swap_space
+        if swap_space is not None and swap_space.has_pending():
+            self.scheduler.finish_swap_in(swap_space.completed())
         scheduler_output = self.scheduler.schedule()
+        if swap_space is not None:
+            for _, groups in scheduler_output.swap_out:
+                swap_space.swap_out(groups)  # before the step writes into the released blocks
+            for request, groups in scheduler_output.swap_in:
+                swap_space.start_swap_in(request.request_id, groups)
         if scheduler_output.is_empty:
+            if swap_space is not None and swap_space.has_pending():
+                swap_space.wait_any()  # nothing else can run until a swapped-in request is back
             return outputs
         runner_output = self.runner.execute(scheduler_output)
         outputs.extend(self._update(scheduler_output, runner_output))
@@ -355,6 +383,8 @@ class LLMEngine:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        if self.swap_space is not None and request.status == RequestStatus.SWAPPING_IN:
+            self.swap_space.wait(request.request_id)  # its copy is writing into its blocks
         self.scheduler.finish_request(request, status)
         self.sampler.free(request.request_id)
         request.metrics.finished_time = time.time()

@@ -174,17 +174,20 @@ def check_schedule(scheduler: Scheduler, record: StepRecord) -> None:
             assert item.num_new_tokens == remaining, "chunking is off: a prompt runs whole"
         used += item.num_new_tokens
 
+    swapped_out = [request for request, _ in output.swap_out]
     for victim in output.preempted:
-        assert victim.status == RequestStatus.PREEMPTED
-        assert victim.block_ids == [] and victim.num_computed_tokens == 0
-        assert victim not in scheduler.running
+        assert victim.block_ids == [] and victim not in scheduler.running
+        if victim in swapped_out:
+            assert victim.status == RequestStatus.SWAPPED  # its progress is kept in host memory
+        else:
+            assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
         passed_over = [r for r in scheduler.running if r.request_id not in ids]
         assert not isinstance(scheduler.policy, FCFSPolicy) or all(
             victim.arrival_time >= r.arrival_time for r in passed_over
         ), "FCFS preempts the latest arrival"
     if output.preempted:
         assert all(kind != "admitted" for kind in kinds), "admitted new work right after preempting"
-    if output.is_empty:
+    if output.is_empty and not scheduler.swapping_in:  # nothing to run while copies are in flight is fine
         assert not scheduler.has_unfinished_requests(), "idle step while requests wait"
 
 
@@ -197,7 +200,7 @@ def check_ownership(scheduler: Scheduler) -> None:
     block_size = kv_cache.block_size
     references = [0] * pool.num_blocks
     owners: dict[int, list[tuple[Request, int]]] = {}
-    for request in scheduler.running:
+    for request in scheduler.running + scheduler.swapping_in:
         assert len(request.block_ids) == len(set(request.block_ids)), "a block twice in one table"
         assert len(request.block_ids) == kv_cache.blocks_needed(request.num_computed_tokens)
         for index, block_id in enumerate(request.block_ids):
@@ -225,6 +228,8 @@ def check_all_returned(scheduler: Scheduler) -> None:
     assert not scheduler.has_unfinished_requests()
     assert pool.num_free_blocks == pool.num_blocks
     assert all(block.ref_count == 0 for block in pool.blocks)
+    host_pool = scheduler.kv_cache.host_pool
+    assert host_pool is None or host_pool.num_free_blocks == host_pool.num_blocks, "host blocks leaked"
 
 
 # ----------------------------------------------------------------------------- budget and chunking
