@@ -41,6 +41,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
                        help="when KV blocks run out: recompute the preempted request later, or swap its KV "
                             "to host memory and back")
     group.add_argument("--swap-space", default="4GiB", help="host memory for swapped KV, e.g. 4GiB")
+    group.add_argument("--slo", default=None, metavar="SPEC",
+                       help="latency targets the step token budget follows, e.g. ttft=500ms,tpot=50ms,p=90")
     group.add_argument("--max-seq-len-to-capture", type=int, default=8192,
                        help="longest context a CUDA-graph decode step serves; longer ones run eagerly")
 

@@ -144,11 +144,26 @@ class EngineArgs:
     """Host memory for swapped-out KV with preemption_mode swap ("4GiB", vLLM's default); a
     request that does not fit falls back to recompute."""
 
+    slo: str | None = None
+    """Latency targets the step token budget follows, e.g. "ttft=500ms,tpot=50ms,p=90": every
+    window the engine compares its own percentile TTFT and TPOT with them and shrinks the
+    budget when TPOT misses, grows it when TTFT misses (from max_num_batched_tokens, between
+    a floor of 64 tokens and 4x the start). Needs chunked prefill."""
+
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
             raise ConfigError(f"preemption_mode must be recompute or swap (got {self.preemption_mode!r})")
         if parse_size(self.swap_space) <= 0:
             raise ConfigError("swap_space must be positive")
+        if self.slo is not None:
+            from fitserve.bench.slo import parse_slo
+
+            try:
+                parse_slo(self.slo)
+            except ValueError as error:
+                raise ConfigError(f"slo: {error}") from error
+            if not self.enable_chunked_prefill:
+                raise ConfigError("slo needs chunked prefill: the budget it moves may fall below a prompt's length")
         if self.scheduling_policy not in POLICY_NAMES:
             raise ConfigError(
                 f"scheduling_policy must be one of {', '.join(POLICY_NAMES)} (got {self.scheduling_policy!r})"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fitserve.attention import get_attention_backend, is_triton_backend
+from fitserve.bench.slo import parse_slo
 from fitserve.config import ConfigError, EngineArgs, parse_size, resolve_device, resolve_dtype
 from fitserve.engine.decode_graphs import DecodeGraphs
 from fitserve.engine.detokenizer import IncrementalDetokenizer
@@ -24,6 +25,7 @@ from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.runner import ModelRunner, RunnerOutput, allocate_kv_cache, kv_cache_bytes_per_block
 from fitserve.engine.sampler import Sampler
 from fitserve.engine.scheduler import Scheduler, SchedulerOutput
+from fitserve.engine.slo_budget import SloBudgetController
 from fitserve.engine.swap import SwapSpace
 from fitserve.engine.tokenizer import load_tokenizer
 from fitserve.models.config import load_model_config
@@ -56,6 +58,10 @@ class EngineStats:
     num_swap_ins_total: int = 0
     num_swap_bytes_total: int = 0
     """Bytes copied between device and host KV, both directions."""
+    step_token_budget: int = 0
+    """The step token budget in use (moved by the SLO loop when --slo is set)."""
+    slo_attainment: float | None = None
+    """With --slo: share of the latest window's finished requests that met every target."""
 
     @property
     def kv_cache_usage(self) -> float:
@@ -130,6 +136,11 @@ class LLMEngine:
             decode_graphs.capture()
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler, decode_graphs)
         self.swap_space = SwapSpace(kv_caches, num_host_blocks) if num_host_blocks else None
+        self.slo_controller = None
+        if args.slo is not None:
+            self.slo_controller = SloBudgetController(
+                parse_slo(args.slo), budget=args.max_num_batched_tokens, min_budget=min(64, args.max_num_batched_tokens),
+                max_budget=4 * args.max_num_batched_tokens)
 
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -304,6 +315,8 @@ class LLMEngine:
             num_prefix_cache_hit_tokens_total=self._num_cached_tokens_total,
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generated_tokens_total=self._num_generated_tokens_total,
+            step_token_budget=self.scheduler.max_num_batched_tokens,
+            slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
             num_swap_outs_total=self.scheduler.num_swap_outs_total,
             num_swap_ins_total=self.scheduler.num_swap_ins_total,
             num_swap_bytes_total=(self.swap_space.num_bytes_out + self.swap_space.num_bytes_in
@@ -315,6 +328,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self.slo_controller is not None:
+            self.scheduler.max_num_batched_tokens = self.slo_controller.update(time.time())
         swap_space = self.swap_space
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())
@@ -388,6 +403,8 @@ class LLMEngine:
         self.scheduler.finish_request(request, status)
         self.sampler.free(request.request_id)
         request.metrics.finished_time = time.time()
+        if self.slo_controller is not None and status != RequestStatus.FINISHED_ABORTED:
+            self.slo_controller.observe(request)
         detokenizer = self._detokenizers.pop(request.request_id, None)
         if detokenizer is not None:
             # A matched stop string already cut the text; otherwise release the held-back tail.
