@@ -20,8 +20,6 @@ total output tokens/s under vtc >= 95 % of fcfs's.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -29,38 +27,33 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, describe_machine, write_result  # noqa: E402
+from common import RESULTS_DIR, write_result  # noqa: E402
+from side_by_side import bench_run, medians, result_header  # noqa: E402
 
 POLICIES = ("fcfs", "vtc")
 HEAVY = "client-0"
 
 
-def bench_run(policy: str, args: argparse.Namespace, out_dir: Path, rate: float, num_requests: int) -> dict:
+def run_with_policy(policy: str, args: argparse.Namespace, out_dir: Path, rate: float, num_requests: int) -> dict:
     """One `fitserve bench` multi-tenant run against a fresh server using `policy`."""
-    from fitserve.bench.cli import main as bench_main
-
     server_args = f"--scheduling-policy {policy} --max-num-seqs {args.max_num_seqs} {args.server_args}".strip()
-    code = bench_main([
+    return bench_run([
         "--workload", "multi-tenant", "--clients", str(len(args.client_rates)),
         "--client-rates", ",".join(f"{weight:g}" for weight in args.client_rates),
         "--num-requests", str(num_requests), "--input-len", str(args.input_len),
         "--output-len", str(args.output_len), "--rate", str(rate), "--seed", str(args.seed),
-        "--server-args", server_args, "--no-roofline", "--no-hardware", "--no-progress", "--out", str(out_dir),
-    ])
-    if code != 0:
-        raise SystemExit(f"the bench run for {policy} failed (exit {code}); see {out_dir}")
-    return json.loads((out_dir / "bench.json").read_text())["runs"][0]
+    ], server_args, out_dir)
 
 
 def measure_capacity(args: argparse.Namespace, out_dir: Path) -> float:
     """Requests/s the server completes when saturated (everything sent at once), under fcfs."""
-    run = bench_run("fcfs", args, out_dir, float("inf"), 8 * args.max_num_seqs)
+    run = run_with_policy("fcfs", args, out_dir, float("inf"), 8 * args.max_num_seqs)
     return run["summary"]["request_throughput"]
 
 
 def run_policy(policy: str, args: argparse.Namespace, out_dir: Path, rate: float) -> dict:
     """One bench run at `rate` against a server using `policy`; the numbers this comparison needs."""
-    run = bench_run(policy, args, out_dir, rate, args.num_requests)
+    run = run_with_policy(policy, args, out_dir, rate, args.num_requests)
     light_ttfts = [row["chunk_times_s"][0] * 1e3 for row in run["requests"]
                    if row["success"] and row["chunk_times_s"] and row["client"] != HEAVY]
     heavy_ttfts = [row["chunk_times_s"][0] * 1e3 for row in run["requests"]
@@ -117,23 +110,18 @@ def main() -> None:
                       f"{result['output_tokens_per_s']:.0f} output tok/s, Jain {result['jain_index']:.3f}",
                       flush=True)
 
-    def median(policy: str, key: str) -> float:
-        return statistics.median(run[key] for run in runs[policy])
-
-    ttft_ratio = median("vtc", "light_clients_ttft_p90_ms") / median("fcfs", "light_clients_ttft_p90_ms")
-    throughput_ratio = median("vtc", "output_tokens_per_s") / median("fcfs", "output_tokens_per_s")
-    result = {
-        "benchmark": "fair_scheduling",
-        "what": "fitserve bench --workload multi-tenant against fitserve serve with --scheduling-policy fcfs "
-                "and vtc, alternating, same seed (same prompts and arrival times), bundled model",
-        "machine": describe_machine(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    middle = medians(runs, ("light_clients_ttft_p90_ms", "heavy_client_ttft_p90_ms", "output_tokens_per_s",
+                             "tpot_p90_ms", "jain_index", "largest_backlogged_service_gap"))
+    ttft_ratio = middle["vtc"]["light_clients_ttft_p90_ms"] / middle["fcfs"]["light_clients_ttft_p90_ms"]
+    throughput_ratio = middle["vtc"]["output_tokens_per_s"] / middle["fcfs"]["output_tokens_per_s"]
+    result = result_header(
+        "fair_scheduling",
+        "fitserve bench --workload multi-tenant against fitserve serve with --scheduling-policy fcfs and vtc, "
+        "alternating, same seed (same prompts and arrival times), bundled model", args) | {
         "measured_capacity_req_per_s": capacity,
         "offered_rate_req_per_s": rate,
         "runs": runs,
-        "medians": {policy: {key: median(policy, key) for key in (
-            "light_clients_ttft_p90_ms", "heavy_client_ttft_p90_ms", "output_tokens_per_s", "tpot_p90_ms",
-            "jain_index", "largest_backlogged_service_gap")} for policy in POLICIES},
+        "medians": middle,
         "light_ttft_p90_vtc_over_fcfs": ttft_ratio,
         "output_throughput_vtc_over_fcfs": throughput_ratio,
         "targets": {"light_ttft_p90_ratio_at_most": 1 / 3, "throughput_ratio_at_least": 0.95,
