@@ -10,6 +10,11 @@ and the serving one (every request reported every step, as a stream needs).
 
     python benchmarks/engine_overhead.py                    # 256 running requests
     python benchmarks/engine_overhead.py --num-requests 64
+    python benchmarks/engine_overhead.py --policies fcfs,vtc   # scheduling policies side by side
+
+With `--policies`, the offline route is measured once per policy per repeat, alternating, the
+requests spread over 4 clients (what vtc shares between), and the result goes to
+engine_overhead_policies_<N>.json with each policy's host time relative to the first's.
 """
 
 from __future__ import annotations
@@ -49,16 +54,19 @@ def build_engine(model_dir: Path, num_requests: int):
     return engine
 
 
-def measure(engine, num_requests: int, final_output_only: bool, steps: int) -> dict:
+NUM_CLIENTS = 4
+
+
+def measure(engine, num_requests: int, final_output_only: bool, steps: int, tag: str = "") -> dict:
     """Milliseconds per decode step: total, forward, and the host-side phases."""
     from fitserve import SamplingParams
 
     generator = torch.Generator().manual_seed(0)
     for index in range(num_requests):
         prompt = torch.randint(3, TINY["vocab_size"], (100 + index % 200,), generator=generator).tolist()
-        engine.add_request(f"{final_output_only}-{index}", {"prompt_token_ids": prompt},
+        engine.add_request(f"{tag}{final_output_only}-{index}", {"prompt_token_ids": prompt},
                            SamplingParams(max_tokens=steps + 64, ignore_eos=True),
-                           final_output_only=final_output_only)
+                           final_output_only=final_output_only, client_id=f"client-{index % NUM_CLIENTS}")
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine._requests.values()):
         engine.step()  # prefill
 
@@ -118,7 +126,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--policies", default=None, metavar="P[,P...]",
+                        help="compare scheduling policies (e.g. fcfs,vtc) on the offline route instead")
     args = parser.parse_args()
+    if args.policies:
+        return compare_policies(args, args.policies.split(","))
 
     from fitserve.models.random_checkpoint import write_random_checkpoint
 
@@ -147,6 +159,41 @@ def main() -> int:
               "route": "decode through the CUDA graphs' static buffers, run eagerly on the CPU",
               "summary": summary, "runs": runs}
     path = write_result(f"engine_overhead_{args.num_requests}", result, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def compare_policies(args: argparse.Namespace, policies: list[str]) -> int:
+    """Host time per decode step under each policy, alternating within every repeat."""
+    from fitserve.engine.policy import make_policy
+    from fitserve.models.random_checkpoint import write_random_checkpoint
+
+    runs: dict[str, list[dict]] = {policy: [] for policy in policies}
+    with tempfile.TemporaryDirectory() as directory:
+        model_dir = write_random_checkpoint(Path(directory) / "tiny", "qwen3-0.6b", dtype="float32",
+                                            seed=0, overrides=TINY)
+        engine = build_engine(model_dir, args.num_requests)
+        measure(engine, args.num_requests, True, 10, "warm-")
+        for repeat in range(args.repeats):
+            for policy in policies:
+                engine.scheduler.policy = make_policy(policy)  # the scheduler is empty between runs
+                runs[policy].append(measure(engine, args.num_requests, True, args.steps, f"{policy}{repeat}-"))
+    summary = {policy: {"host_ms": statistics.median(r["host_ms"] for r in results),
+                        "schedule_ms": statistics.median(r["parts_ms"]["schedule"] for r in results),
+                        "update_ms": statistics.median(r["parts_ms"]["update_and_outputs"] for r in results)}
+               for policy, results in runs.items()}
+    base = summary[policies[0]]["host_ms"]
+    for policy in policies:
+        summary[policy]["host_relative_to_first"] = summary[policy]["host_ms"] / base
+        print(f"{policy:>9}: host {summary[policy]['host_ms']:.2f} ms per step at {args.num_requests} running "
+              f"requests (schedule {summary[policy]['schedule_ms']:.2f}, update {summary[policy]['update_ms']:.2f}), "
+              f"{summary[policy]['host_relative_to_first']:.3f}x {policies[0]}")
+    result = {"benchmark": "engine_overhead_policies", "machine": describe_machine(),
+              "num_requests": args.num_requests, "steps": args.steps, "repeats": args.repeats,
+              "num_clients": NUM_CLIENTS, "model": {"preset": "qwen3-0.6b", "overrides": TINY},
+              "route": "offline (final outputs only), decode through the CUDA graphs' static buffers, eager on CPU",
+              "summary": summary, "runs": runs}
+    path = write_result(f"engine_overhead_policies_{args.num_requests}", result, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -70,7 +70,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = Tru
     hints = field_types(args_class)
     docs = field_docs(args_class)
     for field in dataclasses.fields(args_class):
-        if field.name not in docs or (field.name == "model" and not model_flag):
+        if field.name not in docs or (field.name == "model" and not model_flag) or not field.metadata.get("cli", True):
             continue
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]

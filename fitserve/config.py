@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import typing
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # torch is imported where a dtype or device is resolved, so that
     import torch   # `fitserve --help` and `--version` answer without loading it
+
 
 
 class ConfigError(ValueError):
@@ -150,7 +152,53 @@ class EngineArgs:
     quantization_group_size: int = 128
     """Input columns per scale and zero for --quantization w4."""
 
+    scheduling_policy: Literal["fcfs", "priority", "vtc"] = "fcfs"
+    """Order of the waiting queue and choice of preemption victims: fcfs (arrival order),
+    priority (each request's `priority`, lower first, ties by arrival; vLLM's convention) or
+    vtc (fair share of tokens between clients, the Virtual Token Counter: a client is the
+    API key's tenant or the OpenAI `user` field)."""
+    vtc_prompt_token_weight: float = 1.0
+    """vtc: service charged per prompt token (the VTC paper's w_in)."""
+    vtc_output_token_weight: float = 2.0
+    """vtc: service charged per generated token (w_out; a decode token costs more time per
+    token than a prefill token, so the paper weighs it 2)."""
+    client_weights: dict[str, float] | None = dataclasses.field(default=None, metadata={"cli": False})
+    """vtc: client -> share weight (2 gets twice the service of 1; absent clients weigh 1).
+    `serve` fills it from the weights in --api-keys-file; not a command-line flag."""
+
+    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    """What happens to a running request's KV when blocks run out: recompute (drop it, compute
+    the prompt and output again later) or swap (copy it to host memory, `swap_space`, and back
+    when the request resumes; on a CPU this saves repeating a whole prefill)."""
+    swap_space: str | int = "4GiB"
+    """Host memory for swapped-out KV with preemption_mode swap ("4GiB", vLLM's default); a
+    request that does not fit falls back to recompute."""
+
+    slo: str | None = None
+    """Latency targets the step token budget follows, e.g. "ttft=500ms,tpot=50ms,p=90": every
+    window the engine compares its own percentile TTFT and TPOT with them and shrinks the
+    budget when TPOT misses, grows it when TTFT misses (from max_num_batched_tokens, between
+    a floor of 64 tokens and 4x the start). Needs chunked prefill."""
+
     def __post_init__(self) -> None:
+        if parse_size(self.swap_space) <= 0:
+            raise ConfigError("swap_space must be positive")
+        if self.slo is not None:
+            from fitserve.bench.slo import parse_slo
+
+            try:
+                parse_slo(self.slo)
+            except ValueError as error:
+                raise ConfigError(f"slo: {error}") from error
+            if not self.enable_chunked_prefill:
+                raise ConfigError("slo needs chunked prefill: the budget it moves may fall below a prompt's length")
+        for name in ("vtc_prompt_token_weight", "vtc_output_token_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
+                raise ConfigError(f"{name} must be a finite number >= 0 (got {value!r})")
+        for client, weight in (self.client_weights or {}).items():
+            if not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
+                raise ConfigError(f"the weight of client {client!r} must be a positive number (got {weight!r})")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two >= 1 (got {self.block_size})")
         if self.max_num_batched_tokens < 1:

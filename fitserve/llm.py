@@ -34,12 +34,15 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; results come back in prompt order, all finished.
 
         A prompt is a string, a list of token ids, or {"prompt_token_ids": [...]}. One
         `SamplingParams` applies to all prompts, or pass one per prompt. `n > 1` runs n
-        sequences per prompt (seeds seed, seed+1, ... when a seed is given).
+        sequences per prompt (seeds seed, seed+1, ... when a seed is given). `priority`, one
+        integer per prompt, orders the queue under `scheduling_policy="priority"` (lower
+        first), as in vLLM.
         """
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -57,13 +60,18 @@ class LLM:
                     f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; pass one or one per prompt"
                 )
 
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts; pass one per prompt")
+
         # request id -> (prompt index, sequence index)
         owners: dict[str, tuple[int, int]] = {}
         for prompt_index, (prompt, params) in enumerate(zip(prompts, params_list)):
             for sequence_index in range(params.n):
                 request_id = str(next(self._request_counter))
                 self.engine.add_request(
-                    request_id, prompt, _single_sequence(params, sequence_index), final_output_only=True
+                    request_id, prompt, _single_sequence(params, sequence_index), final_output_only=True,
+                    priority=priorities[prompt_index],
                 )
                 owners[request_id] = (prompt_index, sequence_index)
 

@@ -28,7 +28,7 @@ def test_every_engine_field_is_documented_and_has_a_flag() -> None:
     flags = {option for action in engine_parser()._actions for option in action.option_strings}
     for field in dataclasses.fields(EngineArgs):
         assert docs.get(field.name), f"EngineArgs.{field.name} needs a docstring (it is the flag's help)"
-        assert "--" + field.name.replace("_", "-") in flags
+        assert ("--" + field.name.replace("_", "-") in flags) == field.metadata.get("cli", True), field.name
 
 
 def test_flag_defaults_are_the_fields_defaults() -> None:

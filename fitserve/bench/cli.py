@@ -27,6 +27,13 @@ def _rates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+def _client_rates(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--client-rates takes numbers separated by commas (got {text!r})") from error
+
+
 def _slo(text: str):
     try:
         return parse_slo(text)
@@ -56,7 +63,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     workload = parser.add_argument_group("workload")
     workload.add_argument("--workload", default=None,
-                          choices=["synthetic", "sharegpt", "shared-prefix", "multi-turn"],
+                          choices=["synthetic", "sharegpt", "shared-prefix", "multi-turn", "multi-tenant"],
                           help="default: sharegpt when --dataset-path is given, else synthetic")
     workload.add_argument("--dataset-path", default=None, metavar="FILE", help="ShareGPT-format JSON")
     workload.add_argument("--num-requests", type=int, default=50, help="requests in each run")
@@ -70,6 +77,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     workload.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens in each shared prefix")
     workload.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct prefixes")
     workload.add_argument("--num-turns", type=int, default=3, help="multi-turn: turns per conversation")
+    workload.add_argument("--clients", type=int, default=4,
+                          help="multi-tenant: clients (each request carries its client as the `user` field)")
+    workload.add_argument("--client-rates", type=_client_rates, default=None, metavar="W[,W...]",
+                          help="multi-tenant: relative request rate per client, e.g. 4,1,1,1 (default: equal); "
+                               "--rate is the total")
     workload.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
     workload.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent with each request")
     workload.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
@@ -199,12 +211,15 @@ def _workload_from(args: argparse.Namespace) -> WorkloadConfig:
     if args.slo_search and args.slo is None:
         raise ValueError("--slo-search needs --slo (limits or a preset such as mlperf-server)")
     kind = args.workload or ("sharegpt" if args.dataset_path else "synthetic")
-    return WorkloadConfig(
+    config = WorkloadConfig(
         kind=kind, num_requests=args.num_requests,
         input_len=LengthSpec(args.input_len, args.input_len_dist, args.input_len_spread),
         output_len=LengthSpec(args.output_len, args.output_len_dist, args.output_len_spread),
         dataset_path=args.dataset_path, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
-        num_turns=args.num_turns, seed=args.seed)
+        num_turns=args.num_turns, num_clients=args.clients, client_rates=args.client_rates, seed=args.seed)
+    if kind == "multi-tenant":
+        config.relative_client_rates()  # bad --clients / --client-rates fail before a server starts
+    return config
 
 
 def _served_model_name(base_url: str, api_key: str | None) -> str:

@@ -58,7 +58,8 @@ class StreamClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    def _body(self, prompt_or_messages: str | list[dict], max_tokens: int) -> tuple[str, dict]:
+    def _body(self, prompt_or_messages: str | list[dict], max_tokens: int,
+              user: str | None = None) -> tuple[str, dict]:
         body: dict[str, Any] = {
             "model": self.options.model,
             "max_tokens": max_tokens,
@@ -68,6 +69,8 @@ class StreamClient:
         }
         if self.options.ignore_eos:
             body["ignore_eos"] = True
+        if user is not None:
+            body["user"] = user
         if self.options.endpoint == "chat":
             messages = prompt_or_messages if isinstance(prompt_or_messages, list) else [
                 {"role": "user", "content": prompt_or_messages}]
@@ -88,9 +91,10 @@ class StreamClient:
         return await self.send(prompt, 1, result, time.perf_counter())
 
     async def send(self, prompt_or_messages: str | list[dict], max_tokens: int,
-                   result: RequestResult, run_start: float) -> RequestResult:
-        """Send one request and fill `result` (timings relative to its send time)."""
-        path, body = self._body(prompt_or_messages, max_tokens)
+                   result: RequestResult, run_start: float, user: str | None = None) -> RequestResult:
+        """Send one request and fill `result` (timings relative to its send time); `user` is
+        the OpenAI field naming the client (multi-tenant workloads)."""
+        path, body = self._body(prompt_or_messages, max_tokens, user)
         sent = time.perf_counter()
         result.sent_s = sent - run_start
         try:

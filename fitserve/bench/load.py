@@ -59,10 +59,11 @@ async def run_load(conversations: list[Conversation], arrival_offsets_s: list[fl
                     request_id=first_id + turn_index, conversation_id=conversation.conversation_id,
                     turn_index=turn_index, scheduled_s=offset_s, sent_s=0.0,
                     input_tokens=turn.input_tokens, requested_output_tokens=turn.output_tokens,
+                    client=conversation.client,
                 )
                 history.append({"role": "user", "content": turn.prompt})
                 prompt = turn.prompt if len(conversation.turns) == 1 else list(history)
-                await client.send(prompt, turn.output_tokens, result, run_start)
+                await client.send(prompt, turn.output_tokens, result, run_start, user=conversation.client)
                 results[result.request_id] = result
                 if on_request_done is not None:
                     on_request_done(result)
@@ -74,7 +75,7 @@ async def run_load(conversations: list[Conversation], arrival_offsets_s: list[fl
                             request_id=first_id + later_index, conversation_id=conversation.conversation_id,
                             turn_index=later_index, scheduled_s=offset_s, sent_s=result.sent_s,
                             input_tokens=later_turn.input_tokens,
-                            requested_output_tokens=later_turn.output_tokens,
+                            requested_output_tokens=later_turn.output_tokens, client=conversation.client,
                             error="skipped: an earlier turn of the conversation failed")
                         results[skipped.request_id] = skipped
                         if on_request_done is not None:

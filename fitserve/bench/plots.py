@@ -139,3 +139,30 @@ def hardware_timeline(run: dict) -> tuple[str, str] | None:
             axis.legend(fontsize=7)
     names = [title for title, _, _ in panels]
     return _to_base64(figure), f"{', '.join(names[:-1])} and {names[-1]} over time ({run['label']})"
+
+
+def client_fairness(run: dict) -> str | None:
+    """Multi-tenant runs: each client's cumulative service over time, and its TTFT p50 / p90."""
+    fairness = run.get("fairness")
+    if not fairness:
+        return None
+    timeline = fairness["timeline"]
+    clients = list(fairness["per_client"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for client in clients:
+        left.plot(timeline["times_s"], timeline["service"][client], label=client, linewidth=2)
+    left.set_title("Service received (VTC-weighted tokens)")
+    left.set_xlabel("seconds into the run")
+    left.set_ylabel("cumulative service")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    positions = np.arange(len(clients))
+    for offset, stat in ((-0.2, "median"), (0.2, "p90")):
+        values = [fairness["per_client"][c]["ttft_ms"][stat] or 0.0 for c in clients]
+        right.bar(positions + offset, values, width=0.4, label=f"TTFT {stat}")
+    right.set_xticks(positions, clients)
+    right.set_ylabel("ms")
+    right.set_title("TTFT per client")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=7)
+    return _to_base64(figure)

@@ -38,6 +38,8 @@ class RequestResult:
     success: bool = False
     error: str | None = None
     """Why the request failed ("timeout", "HTTP 500: ...", ...); None on success."""
+    client: str | None = None
+    """multi-tenant: the client that sent it (its `user` field)."""
     output_text: str = ""
     """Generated text; needed to continue multi-turn conversations, dropped from reports."""
 

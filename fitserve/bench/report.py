@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from fitserve.bench.fairness import FAIRNESS_DEFINITIONS
 from fitserve.bench.metrics import METRIC_DEFINITIONS
 
 NOT_MEASURED = "not measured on this machine"
@@ -115,6 +116,24 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def fairness_rows(run: dict) -> list[tuple[str, str]]:
+    """Multi-tenant runs: the fairness measures and each client's latency (none otherwise)."""
+    fairness = run.get("fairness")
+    if not fairness:
+        return []
+    gap = fairness["largest_backlogged_service_gap"]
+    rows = [("Jain's fairness index (service rate while active)", fmt(fairness["jain_index"], 3)),
+            ("largest service gap between backlogged clients",
+             f"{fmt(gap, 0)} ({fairness['largest_gap_pair'] or 'no pair'}; largest single request "
+             f"costs {fmt(fairness['largest_request_cost'], 0)})")]
+    for client, numbers in fairness["per_client"].items():
+        ttft, e2e = numbers["ttft_ms"], numbers["e2e_ms"]
+        rows.append((f"{client}: completed, service, TTFT ms median / p90 / p99, E2E ms p90",
+                     f"{numbers['completed']}/{numbers['requests']}, {fmt(numbers['service'], 0)}, "
+                     f"{fmt(ttft['median'])} / {fmt(ttft['p90'])} / {fmt(ttft['p99'])}, {fmt(e2e['p90'])}"))
+    return rows
+
+
 def hardware_rows(run: dict) -> list[tuple[str, str]]:
     hardware = run.get("hardware", {}).get("summary") or {}
     rows = [
@@ -179,7 +198,7 @@ def print_summary(report: dict) -> None:
         table = Table(title=f"fitserve bench — {run['label']}", show_header=False)
         table.add_column("metric", style="bold")
         table.add_column("value")
-        for name, value in summary_rows(run) + roofline_rows(run) + hardware_rows(run):
+        for name, value in summary_rows(run) + fairness_rows(run) + roofline_rows(run) + hardware_rows(run):
             table.add_row(name, value)
         console.print(table)
     if report.get("slo_search"):
@@ -210,8 +229,8 @@ th{background:#f3f3f3;font-weight:600}img{max-width:100%}figure{margin:1em 0}cod
 
 def _runs_table(runs: list[dict]) -> str:
     """Every run's summary in one table, one column per run, so a sweep reads across."""
-    columns = [dict(summary_rows(run) + roofline_rows(run)) for run in runs]
-    names = list(columns[0]) if columns else []
+    columns = [dict(summary_rows(run) + fairness_rows(run) + roofline_rows(run)) for run in runs]
+    names = list(dict.fromkeys(name for column in columns for name in column))
     header = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(run['label'])}</th>" for run in runs) + "</tr>"
     body = "".join("<tr><th>" + html.escape(name) + "</th>" +
                    "".join(f"<td>{html.escape(column.get(name, ''))}</td>" for column in columns) + "</tr>"
@@ -229,6 +248,8 @@ def write_html(report: dict, path: Path) -> None:
              f"<p>Created {html.escape(report['created'])}. Command: <code>{html.escape(' '.join(report['command']))}</code></p>",
              "<h2>Results</h2>", _runs_table(runs),
              _image(plots.latency_cdfs(runs), "Latency CDFs (TTFT, TPOT, ITL, E2E)")]
+    for run in runs:
+        parts.append(_image(plots.client_fairness(run), f"Service and TTFT per client ({run['label']})"))
     sweep = plots.rate_sweep(runs)
     if sweep:
         parts += ["<h2>Rate sweep</h2>", _image(sweep, "Throughput and latency vs offered rate")]
@@ -248,7 +269,10 @@ def write_html(report: dict, path: Path) -> None:
               "<h3>Workload and load</h3>", _dict_table(report["workload"]), _dict_table(report["load"])]
     if report.get("slo"):
         parts += ["<h3>SLO</h3>", _dict_table(report["slo"])]
-    parts += ["<h3>Metric definitions</h3>", _table(list(METRIC_DEFINITIONS.items())), "</body></html>"]
+    definitions = list(METRIC_DEFINITIONS.items())
+    if any(run.get("fairness") for run in runs):
+        definitions += list(FAIRNESS_DEFINITIONS.items())
+    parts += ["<h3>Metric definitions</h3>", _table(definitions), "</body></html>"]
     path.write_text("\n".join(parts), encoding="utf-8")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from fitserve.bench.arrivals import arrival_offsets
 from fitserve.bench.client import StreamClient
+from fitserve.bench.fairness import summarize_fairness
 from fitserve.bench.hardware import HardwareSampler, summarize_hardware
 from fitserve.bench.load import run_load
 from fitserve.bench.metrics import Slo, summarize
@@ -101,10 +102,12 @@ def run_one(context: BenchContext, plan: LoadPlan, rate: float, label: str) -> d
         if progress_bar is not None:
             progress_bar.close()
     summary = summarize(load.results, load.duration_s, plan.slo)
+    rows = [result.to_row() for result in load.results]
     run: dict[str, Any] = {
         "label": label, "rate": rate, "max_concurrency": plan.max_concurrency,
         "started_at_unix": load.started_at_unix, "summary": summary,
-        "requests": [result.to_row() for result in load.results],
+        "requests": rows,
+        "fairness": summarize_fairness(rows, load.duration_s),
         "hardware": {"summary": summarize_hardware(samples, context.idle_samples, summary["total_output_tokens"]),
                      "samples": [asdict(sample) for sample in samples]} if context.sampler else
                     {"summary": None, "samples": [], "note": "server not on this machine: not measured"},

@@ -11,6 +11,7 @@ uses the server's own `usage.prompt_tokens` where it reports it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,14 @@ class Conversation:
     conversation_id: int
     turns: list[Turn]
     prefix_group: int | None = None
+    client: str | None = None
+    """multi-tenant: who sends it (the OpenAI `user` field of its requests)."""
 
 
 @dataclass
 class WorkloadConfig:
     kind: str = "synthetic"
-    """synthetic, sharegpt, shared-prefix or multi-turn."""
+    """synthetic, sharegpt, shared-prefix, multi-turn or multi-tenant."""
     num_requests: int = 100
     """Requests (HTTP calls) in all; multi-turn: num_requests // num_turns conversations."""
     input_len: LengthSpec = field(default_factory=lambda: LengthSpec(128))
@@ -98,6 +101,12 @@ class WorkloadConfig:
     """shared-prefix: how many distinct prefixes (groups)."""
     num_turns: int = 3
     """multi-turn: turns per conversation."""
+    num_clients: int = 4
+    """multi-tenant: clients sending requests (named client-0, client-1, ...)."""
+    client_rates: list[float] | None = None
+    """multi-tenant: relative request rate of each client (None: equal). Each request of the
+    arrival process goes to client i with probability rate_i / sum(rates), which splits a
+    Poisson process into independent Poisson processes at those rates."""
     seed: int = 0
 
     def describe(self) -> dict[str, Any]:
@@ -112,7 +121,20 @@ class WorkloadConfig:
             described.update(prefix_len=self.prefix_len, num_prefixes=self.num_prefixes)
         if self.kind == "multi-turn":
             described["num_turns"] = self.num_turns
+        if self.kind == "multi-tenant":
+            described.update(num_clients=self.num_clients, client_rates=self.relative_client_rates())
         return described
+
+    def relative_client_rates(self) -> list[float]:
+        """Each client's relative rate (validated: one positive rate per client)."""
+        if self.num_clients < 1:
+            raise ValueError(f"multi-tenant needs --clients >= 1 (got {self.num_clients})")
+        rates = self.client_rates or [1.0] * self.num_clients
+        if len(rates) != self.num_clients:
+            raise ValueError(f"--client-rates gives {len(rates)} rates for {self.num_clients} clients; give one per client")
+        if not all(rate > 0 and math.isfinite(rate) for rate in rates):
+            raise ValueError(f"--client-rates must all be positive numbers (got {rates})")
+        return list(rates)
 
 
 class PromptMaker:
@@ -190,7 +212,10 @@ def build_workload(config: WorkloadConfig, prompt_maker: PromptMaker) -> list[Co
         return _shared_prefix(config, prompt_maker, rng)
     if config.kind == "multi-turn":
         return _multi_turn(config, prompt_maker, rng)
-    raise ValueError(f"unknown workload {config.kind!r}: use synthetic, sharegpt, shared-prefix or multi-turn")
+    if config.kind == "multi-tenant":
+        return _multi_tenant(config, prompt_maker, rng)
+    raise ValueError(f"unknown workload {config.kind!r}: use synthetic, sharegpt, shared-prefix, multi-turn "
+                     "or multi-tenant")
 
 
 def _synthetic(config: WorkloadConfig, maker: PromptMaker, rng: np.random.Generator) -> list[Conversation]:
@@ -201,6 +226,20 @@ def _synthetic(config: WorkloadConfig, maker: PromptMaker, rng: np.random.Genera
         text, count = maker.make(input_len, rng)
         conversations.append(Conversation(index, [Turn(text, count, output_len)]))
     return conversations
+
+
+def _multi_tenant(config: WorkloadConfig, maker: PromptMaker, rng: np.random.Generator) -> list[Conversation]:
+    """Synthetic requests, each owned by a client drawn in proportion to the client rates."""
+    rates = np.asarray(config.relative_client_rates())
+    owners = rng.choice(len(rates), size=config.num_requests, p=rates / rates.sum())
+    conversations = _synthetic(config, maker, rng)
+    for conversation, owner in zip(conversations, owners):
+        conversation.client = client_name(int(owner))
+    return conversations
+
+
+def client_name(index: int) -> str:
+    return f"client-{index}"
 
 
 def _shared_prefix(config: WorkloadConfig, maker: PromptMaker, rng: np.random.Generator) -> list[Conversation]:

@@ -51,6 +51,7 @@ class _AddCommand:
     accepted: asyncio.Future
     group: object | None = None
     """Set for the members of one fan-out call: they are admitted interleaved with other work."""
+    priority: int = 0
 
 
 @dataclass
@@ -126,7 +127,7 @@ class StreamGroup:
         """After `add_all` raised: the request the engine refused."""
 
     async def add_all(self, requests: list[tuple[str, str | list[int] | dict, SamplingParams]],
-                      client_id: str | None = None) -> None:
+                      client_id: str | None = None, priority: int = 0) -> None:
         """Add (request_id, prompt, params) requests together; if any is rejected, abort them all
         and raise the first rejection (in list order).
 
@@ -135,7 +136,7 @@ class StreamGroup:
         """
         group = self if len(requests) > 1 else None
         pending = [
-            self._engine._submit(request_id, prompt, params, client_id, self._queue, group)
+            self._engine._submit(request_id, prompt, params, client_id, self._queue, group, priority)
             for request_id, prompt, params in requests
         ]
         for stream, _ in pending:
@@ -245,13 +246,14 @@ class AsyncLLMEngine:
         prompt: str | list[int] | dict,
         sampling_params: SamplingParams,
         client_id: str | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Hand a request to the engine and return its stream once the engine accepted it.
 
         Errors from `LLMEngine.add_request` (prompt too long, empty prompt, duplicate id) are
         raised here, before any output exists, so an HTTP layer can still answer 400.
         """
-        stream, accepted = self._submit(request_id, prompt, sampling_params, client_id, None)
+        stream, accepted = self._submit(request_id, prompt, sampling_params, client_id, None, priority=priority)
         try:
             await accepted
         except BaseException:
@@ -268,13 +270,15 @@ class AsyncLLMEngine:
         client_id: str | None,
         output_queue: asyncio.Queue | None,
         group: object | None = None,
+        priority: int = 0,
     ) -> tuple[RequestStream, asyncio.Future]:
         """Queue an add command; the future settles once the engine thread accepted or refused it."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running (the server is shutting down)")
         stream = RequestStream(request_id, self, output_queue)
         accepted = asyncio.get_running_loop().create_future()
-        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted, group))
+        self._commands.put(_AddCommand(request_id, prompt, sampling_params, client_id, stream, accepted, group,
+                                       priority))
         return stream, accepted
 
     async def generate(
@@ -283,9 +287,10 @@ class AsyncLLMEngine:
         sampling_params: SamplingParams,
         request_id: str,
         client_id: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its cumulative outputs; stopping early aborts it."""
-        stream = await self.add_request(request_id, prompt, sampling_params, client_id)
+        stream = await self.add_request(request_id, prompt, sampling_params, client_id, priority)
         async for output in stream:
             yield output
 
@@ -384,7 +389,8 @@ class AsyncLLMEngine:
             if command.request_id in self._backlog:
                 raise ValueError(f"request id {command.request_id!r} is already in use")
             request = self.engine.prepare_request(
-                command.request_id, command.prompt, command.sampling_params, client_id=command.client_id
+                command.request_id, command.prompt, command.sampling_params, client_id=command.client_id,
+                priority=command.priority,
             )
             if command.group is None:
                 self.engine.enqueue_request(request)

@@ -69,13 +69,24 @@ class BlockPool:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
-    def allocate(self, count: int) -> list[int]:
-        """Take `count` free blocks (evicting their cached content); the caller checked there are enough."""
+    def allocate(self, count: int, contiguous: bool = False, after: int | None = None) -> list[int]:
+        """Take `count` free blocks (evicting their cached content); the caller checked there are enough.
+
+        `contiguous`: each block is the id after the previous one (the first: after `after`,
+        the request's last block) whenever that block is free, ahead of the LRU order, so a
+        request's blocks form runs of consecutive ids that a swap moves in one copy per run.
+        """
         if count > len(self._free):
             raise BlockPoolError(f"asked for {count} blocks with only {len(self._free)} free")
         block_ids = []
+        previous = after
         for _ in range(count):
-            block_id, _ = self._free.popitem(last=False)
+            if contiguous and previous is not None and previous + 1 in self._free:
+                block_id = previous + 1
+                del self._free[block_id]
+            else:
+                block_id, _ = self._free.popitem(last=False)
+            previous = block_id
             block = self.blocks[block_id]
             self._forget_hash(block)
             block.ref_count = 1

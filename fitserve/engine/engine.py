@@ -16,14 +16,18 @@ from typing import Any
 import torch
 
 from fitserve.attention import get_attention_backend, is_triton_backend
+from fitserve.bench.slo import parse_slo
 from fitserve.config import ConfigError, EngineArgs, parse_size, resolve_device, resolve_dtype
 from fitserve.engine.decode_graphs import DecodeGraphs
 from fitserve.engine.detokenizer import IncrementalDetokenizer
 from fitserve.engine.kv_cache import KVCacheManager
+from fitserve.engine.policy import make_policy
 from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.runner import ModelRunner, RunnerOutput, allocate_kv_cache, kv_cache_bytes_per_block
 from fitserve.engine.sampler import Sampler
 from fitserve.engine.scheduler import Scheduler, SchedulerOutput
+from fitserve.engine.slo_budget import SloBudgetController
+from fitserve.engine.swap import SwapSpace
 from fitserve.engine.tokenizer import load_tokenizer
 from fitserve.models.config import load_model_config
 from fitserve.models.loader import load_model
@@ -52,6 +56,14 @@ class EngineStats:
     num_prefix_cache_hit_tokens_total: int
     num_prompt_tokens_total: int
     num_generated_tokens_total: int
+    num_swap_outs_total: int = 0
+    num_swap_ins_total: int = 0
+    num_swap_bytes_total: int = 0
+    """Bytes copied between device and host KV, both directions."""
+    step_token_budget: int = 0
+    """The step token budget in use (moved by the SLO loop when --slo is set)."""
+    slo_attainment: float | None = None
+    """With --slo: share of the latest window's finished requests that met every target."""
 
     @property
     def kv_cache_usage(self) -> float:
@@ -104,9 +116,19 @@ class LLMEngine:
             config.num_key_value_heads, config.head_dim, self.dtype, self.device, args.kv_cache_dtype,
         )
         self.kv_cache_bytes = self.num_kv_blocks * bytes_per_block
-        self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching)
+        num_host_blocks = 0
+        if args.preemption_mode == "swap":
+            num_host_blocks = parse_size(args.swap_space) // bytes_per_block
+            if num_host_blocks < 1:
+                raise ConfigError(f"--swap-space {args.swap_space} is smaller than one KV block "
+                                  f"({bytes_per_block} bytes)")
+        self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching,
+                                       num_host_blocks)
+        policy = make_policy(args.scheduling_policy, args.vtc_prompt_token_weight,
+                             args.vtc_output_token_weight, args.client_weights)
         self.scheduler = Scheduler(
-            self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill
+            self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill, policy,
+            args.preemption_mode,
         )
         self.sampler = Sampler(config.vocab_size, self.device, seed=args.seed)
         decode_graphs = None
@@ -118,6 +140,12 @@ class LLMEngine:
             )
             decode_graphs.capture()
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler, decode_graphs)
+        self.swap_space = SwapSpace(kv_caches, num_host_blocks) if num_host_blocks else None
+        self.slo_controller = None
+        if args.slo is not None:
+            self.slo_controller = SloBudgetController(
+                parse_slo(args.slo), budget=args.max_num_batched_tokens, min_budget=min(64, args.max_num_batched_tokens),
+                max_budget=4 * args.max_num_batched_tokens)
 
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -234,9 +262,14 @@ class LLMEngine:
         arrival_time: float | None = None,
         client_id: str | None = None,
         final_output_only: bool = False,
+        priority: int = 0,
     ) -> Request:
         """Validate and tokenize a prompt into a `Request` without queueing it (`enqueue_request`
-        does that), so a caller can accept a request at once and admit it later."""
+        does that), so a caller can accept a request at once and admit it later. `client_id` is
+        who the `vtc` policy shares service between; `priority` orders the `priority` policy's
+        queue (lower first); other policies ignore them."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer (got {priority!r})")
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("LLMEngine runs one sequence per request; fan out n > 1 as separate requests")
@@ -260,6 +293,7 @@ class LLMEngine:
             client_id=client_id,
             arrival_time=arrival_time if arrival_time is not None else time.time(),
             final_output_only=final_output_only,
+            priority=priority,
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
@@ -316,6 +350,12 @@ class LLMEngine:
             num_prefix_cache_hit_tokens_total=self._num_cached_tokens_total,
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generated_tokens_total=self._num_generated_tokens_total,
+            step_token_budget=self.scheduler.max_num_batched_tokens,
+            slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
+            num_swap_outs_total=self.scheduler.num_swap_outs_total,
+            num_swap_ins_total=self.scheduler.num_swap_ins_total,
+            num_swap_bytes_total=(self.swap_space.num_bytes_out + self.swap_space.num_bytes_in
+                                  if self.swap_space is not None else 0),
         )
 
     # ----------------------------------------------------------------------------- stepping
@@ -323,8 +363,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self.slo_controller is not None:
+            self.scheduler.max_num_batched_tokens = self.slo_controller.update(time.time())
+        swap_space = self.swap_space
+        if swap_space is not None and swap_space.has_pending():
+            self.scheduler.finish_swap_in(swap_space.completed())
         scheduler_output = self.scheduler.schedule()
+        if swap_space is not None:
+            for _, groups in scheduler_output.swap_out:
+                swap_space.swap_out(groups)  # before the step writes into the released blocks
+            for request, groups in scheduler_output.swap_in:
+                swap_space.start_swap_in(request.request_id, groups)
         if scheduler_output.is_empty:
+            if swap_space is not None and swap_space.has_pending():
+                swap_space.wait_any()  # nothing else can run until a swapped-in request is back
             return outputs
         runner_output = self.runner.execute(scheduler_output)
         outputs.extend(self._update(scheduler_output, runner_output))
@@ -333,14 +385,13 @@ class LLMEngine:
     def _update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
         now = time.time()
         outputs: list[RequestOutput] = []
+        self.scheduler.update_from_output(scheduler_output)
         for item in scheduler_output.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
             prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
             if prompt_logprobs:
                 self._fill_decoded_tokens(request.request_id, prompt_logprobs)
                 request.prompt_logprobs.extend(prompt_logprobs)
-            self.scheduler.cache_computed_blocks(request)
             sampled = runner_output.sampled.get(request.request_id)
             if sampled is None:
                 continue
@@ -382,9 +433,13 @@ class LLMEngine:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        if self.swap_space is not None and request.status == RequestStatus.SWAPPING_IN:
+            self.swap_space.wait(request.request_id)  # its copy is writing into its blocks
         self.scheduler.finish_request(request, status)
         self.sampler.free(request.request_id)
         request.metrics.finished_time = time.time()
+        if self.slo_controller is not None and status != RequestStatus.FINISHED_ABORTED:
+            self.slo_controller.observe(request)
         detokenizer = self._detokenizers.pop(request.request_id, None)
         if detokenizer is not None:
             # A matched stop string already cut the text; otherwise release the held-back tail.

@@ -19,6 +19,11 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    """Waiting to be recomputed from scratch (its KV was dropped)."""
+    SWAPPED = "swapped"
+    """Waiting with its KV in host memory; progress kept."""
+    SWAPPING_IN = "swapping_in"
+    """Admitted again: its KV is being copied back; it runs once the copy is done."""
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -44,7 +49,10 @@ class Request:
     """Tokens that end the sequence (a model may have several, e.g. Llama 3's <|eot_id|>)."""
     max_model_len: int = 1 << 30
     client_id: str | None = None
-    """Who sent it (the OpenAI `user` field); scheduling policies may use it for fairness."""
+    """Who sent it (the API key's tenant, else the OpenAI `user` field); the `vtc` policy
+    shares service fairly between clients."""
+    priority: int = 0
+    """For the `priority` policy: lower runs first (vLLM's convention); ties by arrival."""
     arrival_time: float = field(default_factory=time.time)
     final_output_only: bool = False
     """Report this request from `LLMEngine.step` only once it finishes (offline generation):

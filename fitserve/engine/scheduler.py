@@ -6,8 +6,16 @@ Each step (Sarathi-Serve's order):
   3. waiting requests are admitted, in the policy's order, while the budget, `max_num_seqs`
      and free KV blocks allow (their cached prefix is attached first and skipped).
 When a running request cannot get a block, the policy names a victim that is preempted: its
-blocks are freed and it is recomputed later (its prefix will often still be cached).
-The scheduler never touches tensors.
+blocks are freed and it is recomputed later (its prefix will often still be cached), or,
+with `preemption_mode="swap"`, its KV is copied to host memory and copied back when it is
+admitted again, progress intact (FastSwitch). A swapped-in request runs only once the engine
+reports its copy done (`finish_swap_in`). The scheduler never touches tensors: it names the
+copies (`SchedulerOutput.swap_out` / `swap_in`) and the engine makes them.
+
+A request's progress, `num_computed_tokens`, has one owner: this scheduler. It moves the
+number when it attaches a cached prefix, when it preempts, and in `update_from_output`, which
+the engine calls once per executed step (vLLM's `update_from_output`, nano-vllm's
+`postprocess`). The KV-cache manager and the engine only read it.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from fitserve.engine.kv_cache import KVCacheManager
+from fitserve.engine.kv_cache import CopyGroup, KVCacheManager
 from fitserve.engine.policy import FCFSPolicy, SchedulingPolicy
 from fitserve.engine.request import Request, RequestStatus
 
@@ -35,6 +43,10 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    swap_out: list[tuple[Request, list[CopyGroup]]] = field(default_factory=list)
+    """Device -> host copies to make before this step writes into any block."""
+    swap_in: list[tuple[Request, list[CopyGroup]]] = field(default_factory=list)
+    """Host -> device copies to start; each request joins once its copies are done."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -53,14 +65,21 @@ class Scheduler:
         max_num_seqs: int,
         enable_chunked_prefill: bool = True,
         policy: SchedulingPolicy | None = None,
+        preemption_mode: str = "recompute",
     ) -> None:
         self.kv_cache = kv_cache
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.policy: SchedulingPolicy = policy or FCFSPolicy()
+        # Not `policy or ...`: a policy with an empty queue has len 0 and would be falsy.
+        self.policy: SchedulingPolicy = policy if policy is not None else FCFSPolicy()
+        self.preemption_mode = preemption_mode
         self.running: list[Request] = []
+        self.swapping_in: list[Request] = []
+        """Admitted requests whose KV is being copied back; they hold device blocks."""
         self.num_preemptions_total = 0
+        self.num_swap_outs_total = 0
+        self.num_swap_ins_total = 0
 
     @property
     def num_waiting(self) -> int:
@@ -71,7 +90,7 @@ class Scheduler:
         return len(self.running)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running) or len(self.policy) > 0
+        return bool(self.running) or bool(self.swapping_in) or len(self.policy) > 0
 
     def add_request(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -125,17 +144,20 @@ class Scheduler:
                 if r.request_id not in scheduled_ids and r.status == RequestStatus.RUNNING
             ]
             victim = self.policy.choose_victim(candidates)
-            self._preempt(victim)
-            output.preempted.append(victim)
+            self._preempt(victim, output)
             if victim is request:
                 return False
         return True
 
     def _admit_waiting(self, budget: int, output: SchedulerOutput) -> int:
-        while budget > 0 and len(self.running) < self.max_num_seqs:
+        while budget > 0 and len(self.running) + len(self.swapping_in) < self.max_num_seqs:
             request = self.policy.peek()
             if request is None:
                 break
+            if request.status == RequestStatus.SWAPPED:
+                if not self._start_swap_in(request, output):
+                    break
+                continue
             cached_blocks = self.kv_cache.find_cached_prefix(request)
             num_cached = len(cached_blocks) * self.kv_cache.block_size
             num_new = request.num_tokens - request.num_computed_tokens - num_cached
@@ -145,32 +167,82 @@ class Scheduler:
                 num_new = budget
             if not self.kv_cache.allocate(request, num_new, cached_blocks):
                 break
+            request.num_computed_tokens += num_cached  # the attached prefix needs no compute
             self.policy.pop()
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
+                self.policy.on_tokens_served([(request, request.num_prompt_tokens, 0)])
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return budget
 
-    def _preempt(self, request: Request) -> None:
+    def _start_swap_in(self, request: Request, output: SchedulerOutput) -> bool:
+        """Give a swapped-out request device blocks and name the copies that refill them.
+        It costs no step budget: nothing is computed until the copy is done."""
+        groups = self.kv_cache.swap_in(request)
+        if groups is None:
+            return False
+        self.policy.pop()
+        request.status = RequestStatus.SWAPPING_IN
+        self.swapping_in.append(request)
+        self.num_swap_ins_total += 1
+        output.swap_in.append((request, groups))
+        return True
+
+    def finish_swap_in(self, request_ids: list[str]) -> None:
+        """The engine's copies for these requests are done: they run from the next step."""
+        done = set(request_ids)
+        for request in [r for r in self.swapping_in if r.request_id in done]:
+            self.swapping_in.remove(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+
+    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.kv_cache.free(request)
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         self.num_preemptions_total += 1
+        output.preempted.append(request)
+        groups = self.kv_cache.swap_out(request) if self.preemption_mode == "swap" else None
+        if groups is not None:
+            request.status = RequestStatus.SWAPPED  # progress kept: its KV waits in host memory
+            self.num_swap_outs_total += 1
+            output.swap_out.append((request, groups))
+        else:  # recompute (also when host memory is full)
+            self.kv_cache.free(request)
+            self.kv_cache.free_host(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
         self.policy.add_preempted(request)
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
-        """Take a running or waiting request out of scheduling and return its blocks."""
+        """Take a request out of scheduling, wherever it is, and return its blocks in both
+        tiers. A request still swapping in must have its copy finished first (the engine
+        waits for it): its device blocks are being written."""
         if request in self.running:
             self.running.remove(request)
+        elif request in self.swapping_in:
+            self.swapping_in.remove(request)
         else:
             self.policy.remove(request)
         self.kv_cache.free(request)
+        self.kv_cache.free_host(request)
         request.status = status
 
-    def cache_computed_blocks(self, request: Request) -> None:
-        self.kv_cache.cache_full_blocks(request)
+    def update_from_output(self, scheduler_output: SchedulerOutput) -> None:
+        """The step ran: every scheduled request now has K/V for its scheduled tokens.
+
+        Called by the engine after the runner, before it appends the sampled tokens. Newly
+        completed full blocks are registered in the prefix cache, and the policy hears of
+        every output token the step produced.
+        """
+        kv_cache = self.kv_cache
+        served = []
+        for item in scheduler_output.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            kv_cache.cache_full_blocks(request)
+            if request.num_computed_tokens == request.num_tokens:  # the step sampled a token
+                served.append((request, 0, 1))
+        self.policy.on_tokens_served(served)

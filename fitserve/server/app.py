@@ -27,9 +27,12 @@ def _state(request: Request) -> ServerState:
 
 
 def require_api_key(request: Request) -> None:
-    """When the server has a key, every /v1 call must present it as a bearer token."""
-    expected = _state(request).settings.api_key
-    if expected is None:
+    """When the server has keys, every /v1 call must present one as a bearer token. A key from
+    --api-keys-file also names the request's tenant (`request.state.tenant`), which the
+    scheduler shares service between."""
+    settings = _state(request).settings
+    expected, api_keys = settings.api_key, settings.api_keys
+    if expected is None and api_keys is None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
@@ -37,8 +40,14 @@ def require_api_key(request: Request) -> None:
         raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
     # HTTP headers arrive as bytes that Starlette decodes as latin-1; encoding back gives the
     # bytes the client sent, so a non-ASCII key sent as UTF-8 matches the key's UTF-8 bytes.
+    presented_bytes = presented.strip().encode("latin-1")
+    tenant = (api_keys.tenant_of(presented_bytes.decode("utf-8", errors="replace"))
+              if api_keys is not None else None)
+    if tenant is not None:
+        request.state.tenant = tenant
+        return
     # Constant-time comparison, so response timing does not leak the key byte by byte.
-    if not hmac.compare_digest(presented.strip().encode("latin-1"), expected.encode("utf-8")):
+    if expected is None or not hmac.compare_digest(presented_bytes, expected.encode("utf-8")):
         raise APIError(401, "incorrect API key", code="invalid_api_key")
 
 

@@ -8,6 +8,7 @@ use is a one-line error instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -65,6 +66,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     server.add_argument("--port", type=port_number, default=8000, help="port to listen on (0 picks a free one)")
     server.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
+    server.add_argument("--api-keys-file", default=None, metavar="PATH",
+                        help="accepted keys, one 'KEY TENANT [WEIGHT]' per line: the tenant is the client "
+                             "that --scheduling-policy vtc shares service between (it wins over the 'user' "
+                             "field), the weight its share")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients use; the first is reported (default: MODEL_DIR as given)")
     server.add_argument("--max-request-body-bytes", type=parse_size, default="1MiB", metavar="SIZE",
@@ -114,12 +119,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from fitserve.engine.async_engine import AsyncLLMEngine
     from fitserve.engine.engine import LLMEngine
     from fitserve.models.config import ModelLoadError
+    from fitserve.server.api_keys import load_api_keys_file
     from fitserve.server.app import build_app
     from fitserve.server.serving_common import ServerSettings
     from fitserve.server.shutdown import DrainingServer
 
     try:
+        api_keys = load_api_keys_file(args.api_keys_file) if args.api_keys_file else None
         engine_args = engine_args_from(args)
+        if api_keys is not None and api_keys.weights:
+            engine_args = dataclasses.replace(engine_args, client_weights=api_keys.weights)
         print(f"fitserve serve: loading {engine_args.model_dir} ...", flush=True)
         engine = LLMEngine(engine_args)
     except (ConfigError, ModelLoadError, OSError) as error:
@@ -132,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model_path = str(engine_args.model_dir)
     names = args.served_model_name or [args.model or Path(model_path).name]
     settings = ServerSettings(
-        served_model_names=names, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        served_model_names=names, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, api_keys=api_keys,
         max_request_body_bytes=args.max_request_body_bytes, model_path=model_path,
         max_choices_per_request=args.max_choices_per_request,
     )
@@ -143,7 +152,9 @@ def run_serve(args: argparse.Namespace) -> int:
         f"  dtype   {str(engine.dtype).removeprefix('torch.')}   device {engine.device}\n"
         f"  KV cache {kv_tokens} tokens ({engine.num_kv_blocks} blocks x {engine.block_size}), "
         f"max model len {engine.max_model_len}\n"
-        f"  API key {'required' if settings.api_key else 'not required'}",
+        f"  API key {'required' if settings.api_key or api_keys else 'not required'}"
+        f"{f' ({len(api_keys.tenants)} keys from --api-keys-file)' if api_keys else ''}\n"
+        f"  scheduling policy {engine_args.scheduling_policy}",
         flush=True,
     )
 

@@ -49,6 +49,16 @@ class _EngineStatsCollector(Collector):
         yield GaugeMetricFamily("fitserve_kv_cache_free_blocks", "KV-cache blocks free.", value=stats.num_free_blocks)
         yield GaugeMetricFamily("fitserve_kv_cache_total_blocks", "KV-cache blocks in all.",
                                 value=stats.num_total_blocks)
+        yield GaugeMetricFamily("fitserve_step_token_budget", "Token budget of one engine step (moved by --slo).",
+                                value=stats.step_token_budget)
+        if stats.slo_attainment is not None:
+            yield GaugeMetricFamily("fitserve_slo_attainment_ratio",
+                                    "Share of the latest --slo window's finished requests that met every target.",
+                                    value=stats.slo_attainment)
+        yield CounterMetricFamily("fitserve_swap_outs", "Requests whose KV was swapped out to host memory.",
+                                  value=stats.num_swap_outs_total)
+        yield CounterMetricFamily("fitserve_swap_bytes", "Bytes of KV copied between device and host.",
+                                  value=stats.num_swap_bytes_total)
 
 
 @dataclass

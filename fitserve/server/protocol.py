@@ -97,6 +97,8 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
+    priority: int = 0
+    """Under --scheduling-policy priority: lower runs first, ties by arrival (vLLM's extension)."""
 
     @model_validator(mode="after")
     def _check_openai_shapes(self) -> "SamplingFields":

@@ -20,6 +20,7 @@ from fitserve.outputs import PositionLogprobs, RequestOutput
 from fitserve.server.errors import APIError, error_body
 from fitserve.server.protocol import ChatCompletionRequest
 from fitserve.server.serving_common import (
+    client_id_of,
     SSE_DONE, Choice, ClientDisconnected, EngineStreamingResponse, ServerState, cancel_on_disconnect,
     check_model_name, make_sampling_params, new_request_id, record_finished, sse_event, start_choices, usage_dict,
 )
@@ -118,7 +119,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 
     request_id = new_request_id("chatcmpl")
     group, choice_list = await start_choices(
-        state, request_id, [prompt_token_ids], body.n, params_for_choice, body.user, _ChatChoice
+        state, request_id, [prompt_token_ids], body.n, params_for_choice, client_id_of(raw_request, body),
+        _ChatChoice, body.priority,
     )
     choices = {choice.request_id: choice for choice in choice_list}
     header = {"id": request_id, "created": int(time.time()), "model": state.settings.model_name}

@@ -19,6 +19,7 @@ from fitserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, Stream
 from fitserve.engine.engine import PromptTooLongError
 from fitserve.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams, SamplingParamsError
+from fitserve.server.api_keys import APIKeys
 from fitserve.server.errors import APIError
 from fitserve.server.metrics import SequenceTimer, ServerMetrics
 from fitserve.server.protocol import SamplingFields
@@ -34,6 +35,8 @@ class ServerSettings:
     """Names clients may put in `model`; the first is the one responses report."""
     api_key: str | None = None
     """When set, /v1/* requires `Authorization: Bearer <api_key>`."""
+    api_keys: APIKeys | None = None
+    """From --api-keys-file: further accepted keys, each naming the tenant it belongs to."""
     max_request_body_bytes: int = 1 << 20
     """Larger bodies get 413 before they are parsed."""
     model_path: str = ""
@@ -54,6 +57,12 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     created_time: int = field(default_factory=lambda: int(time.time()))
+
+
+def client_id_of(raw_request: Request, body: SamplingFields) -> str | None:
+    """Who the scheduler shares service between: the tenant of the API key that made the
+    request (set by the key check), else the OpenAI `user` field."""
+    return getattr(raw_request.state, "tenant", None) or body.user
 
 
 def new_request_id(prefix: str) -> str:
@@ -123,6 +132,7 @@ async def start_choices(
     params_for_choice: Callable[[int], SamplingParams],
     client_id: str | None,
     choice_type: type[ChoiceT],
+    priority: int = 0,
 ) -> tuple[StreamGroup, list[ChoiceT]]:
     """Add one engine request per (prompt, choice); on any rejection abort the ones already added.
 
@@ -146,7 +156,7 @@ async def start_choices(
             choices.append(choice)
             requests.append((choice.request_id, engine_prompt, params_for_choice(choice_in_prompt)))
     try:
-        await group.add_all(requests, client_id)
+        await group.add_all(requests, client_id, priority)
     except EngineDeadError as error:
         raise APIError(503, str(error)) from error
     except ValueError as error:  # PromptTooLongError included

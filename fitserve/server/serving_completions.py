@@ -21,6 +21,7 @@ from fitserve.outputs import PositionLogprobs, RequestOutput
 from fitserve.server.errors import APIError, error_body
 from fitserve.server.protocol import CompletionRequest
 from fitserve.server.serving_common import (
+    client_id_of,
     SSE_DONE, Choice, ClientDisconnected, EngineStreamingResponse, ServerState, cancel_on_disconnect,
     check_model_name, make_sampling_params, new_request_id, record_finished, sse_event, start_choices, usage_dict,
 )
@@ -119,7 +120,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw_req
 
     request_id = new_request_id("cmpl")
     group, choice_list = await start_choices(
-        state, request_id, prompts, body.n, params_for_choice, body.user, _CompletionChoice
+        state, request_id, prompts, body.n, params_for_choice, client_id_of(raw_request, body),
+        _CompletionChoice, body.priority,
     )
     choices = {choice.request_id: choice for choice in choice_list}
     for choice in choice_list:

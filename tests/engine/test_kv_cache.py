@@ -21,11 +21,13 @@ def make_request(request_id: str, prompt: list[int], **sampling: object) -> Requ
 
 def prefill(manager: KVCacheManager, request: Request) -> None:
     """Attach the cached prefix, allocate and 'compute' the rest of the prompt in one step,
-    then register the full blocks, as the scheduler and engine do for an unchunked prefill."""
+    then register the full blocks, as the scheduler does for an unchunked prefill (it owns
+    the request's progress: the manager only attaches blocks)."""
     cached = manager.find_cached_prefix(request)
-    num_new = request.num_tokens - len(cached) * manager.block_size
+    num_cached = len(cached) * manager.block_size
+    num_new = request.num_tokens - num_cached
     assert manager.allocate(request, num_new, cached)
-    request.num_computed_tokens += num_new
+    request.num_computed_tokens += num_cached + num_new
     manager.cache_full_blocks(request)
 
 
@@ -53,7 +55,7 @@ def test_second_request_with_same_prefix_hits_the_full_blocks() -> None:
     assert manager.allocate(second, second.num_tokens - 8, cached)
     assert second.block_ids[:2] == first.block_ids[:2]
     assert second.block_ids[2] not in first.block_ids
-    assert second.num_computed_tokens == 8
+    assert second.num_computed_tokens == 0, "progress is the scheduler's to move"
     assert second.metrics.num_cached_prompt_tokens == 8
     assert first.metrics.num_cached_prompt_tokens == 0
     for block_id in first.block_ids[:2]:
@@ -73,7 +75,7 @@ def test_block_aligned_prompt_never_hits_its_last_token() -> None:
     cached = manager.find_cached_prefix(second)
     assert cached == first.block_ids[:2]
     assert manager.allocate(second, second.num_tokens - 8, cached)
-    assert second.num_uncomputed_tokens == 4
+    assert len(second.block_ids) == 3  # two cached blocks + one for the recomputed last block
     assert second.metrics.num_cached_prompt_tokens == 8
 
 

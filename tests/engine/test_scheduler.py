@@ -1,8 +1,8 @@
 """Scheduler: token budget, stall-free chunked prefill, max_num_seqs, preemption, cleanup.
 
 The scheduler is driven here the way the engine drives it, by a model-free engine loop
-(`FakeEngine`): schedule, advance each scheduled request's `num_computed_tokens`, register
-its full blocks, append a fake token when the step completes its sequence, and finish
+(`FakeEngine`): schedule, let the scheduler advance each scheduled request's progress and
+register its full blocks (`update_from_output`), append a fake token when the step completes its sequence, and finish
 requests at their length limit. The fake engine also simulates the KV contents of every
 block slot, so a request that ever reads KV computed for a different prefix (a wrong
 prefix-cache hit, a block handed to two owners, a shared block overwritten) fails the test
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from fitserve.engine.kv_cache import KVCacheManager
+from fitserve.engine.policy import FCFSPolicy, SchedulingPolicy
 from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.scheduler import Scheduler, SchedulerOutput
 from fitserve.sampling_params import SamplingParams
@@ -42,12 +43,14 @@ def make_scheduler(
     max_num_seqs: int = 8,
     enable_chunked_prefill: bool = True,
     enable_prefix_caching: bool = True,
+    policy: SchedulingPolicy | None = None,
 ) -> Scheduler:
     return Scheduler(
         KVCacheManager(num_blocks, block_size, enable_prefix_caching),
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         enable_chunked_prefill=enable_chunked_prefill,
+        policy=policy,
     )
 
 
@@ -88,18 +91,19 @@ class FakeEngine:
         output = scheduler.schedule()
         record = StepRecord(output, decodes_before, running_before)
         check_schedule(scheduler, record)
+        completing = []
         for item in output.scheduled:
             request = item.request
-            completes = item.completes_sequence  # the runner reads it before progress moves
+            if item.completes_sequence:  # the runner reads it before progress moves
+                completing.append(request)
             record.chunks.append((request.request_id, item.num_new_tokens))
             self._compute(request, item.num_new_tokens)
-            request.num_computed_tokens += item.num_new_tokens
-            scheduler.cache_computed_blocks(request)
-            if completes:
-                request.output_token_ids.append(fake_token(request))
-                if request.num_output_tokens >= request.max_output_tokens:
-                    scheduler.finish_request(request, RequestStatus.FINISHED_LENGTH)
-                    self.finished.append(request)
+        scheduler.update_from_output(output)
+        for request in completing:
+            request.output_token_ids.append(fake_token(request))
+            if request.num_output_tokens >= request.max_output_tokens:
+                scheduler.finish_request(request, RequestStatus.FINISHED_LENGTH)
+                self.finished.append(request)
         check_ownership(scheduler)
         self.history.append(record)
         return record
@@ -170,17 +174,20 @@ def check_schedule(scheduler: Scheduler, record: StepRecord) -> None:
             assert item.num_new_tokens == remaining, "chunking is off: a prompt runs whole"
         used += item.num_new_tokens
 
+    swapped_out = [request for request, _ in output.swap_out]
     for victim in output.preempted:
-        assert victim.status == RequestStatus.PREEMPTED
-        assert victim.block_ids == [] and victim.num_computed_tokens == 0
-        assert victim not in scheduler.running
+        assert victim.block_ids == [] and victim not in scheduler.running
+        if victim in swapped_out:
+            assert victim.status == RequestStatus.SWAPPED  # its progress is kept in host memory
+        else:
+            assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
         passed_over = [r for r in scheduler.running if r.request_id not in ids]
-        assert all(victim.arrival_time >= r.arrival_time for r in passed_over), (
-            "FCFS preempts the latest arrival"
-        )
+        assert not isinstance(scheduler.policy, FCFSPolicy) or all(
+            victim.arrival_time >= r.arrival_time for r in passed_over
+        ), "FCFS preempts the latest arrival"
     if output.preempted:
         assert all(kind != "admitted" for kind in kinds), "admitted new work right after preempting"
-    if output.is_empty:
+    if output.is_empty and not scheduler.swapping_in:  # nothing to run while copies are in flight is fine
         assert not scheduler.has_unfinished_requests(), "idle step while requests wait"
 
 
@@ -193,7 +200,7 @@ def check_ownership(scheduler: Scheduler) -> None:
     block_size = kv_cache.block_size
     references = [0] * pool.num_blocks
     owners: dict[int, list[tuple[Request, int]]] = {}
-    for request in scheduler.running:
+    for request in scheduler.running + scheduler.swapping_in:
         assert len(request.block_ids) == len(set(request.block_ids)), "a block twice in one table"
         assert len(request.block_ids) == kv_cache.blocks_needed(request.num_computed_tokens)
         for index, block_id in enumerate(request.block_ids):
@@ -221,6 +228,8 @@ def check_all_returned(scheduler: Scheduler) -> None:
     assert not scheduler.has_unfinished_requests()
     assert pool.num_free_blocks == pool.num_blocks
     assert all(block.ref_count == 0 for block in pool.blocks)
+    host_pool = scheduler.kv_cache.host_pool
+    assert host_pool is None or host_pool.num_free_blocks == host_pool.num_blocks, "host blocks leaked"
 
 
 # ----------------------------------------------------------------------------- budget and chunking

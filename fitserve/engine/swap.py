@@ -1,0 +1,132 @@
+"""The copies behind swap preemption: device <-> host KV, one copy per group of blocks.
+
+The scheduler decides which blocks move (`SchedulerOutput.swap_out` / `swap_in`, in groups of
+consecutive blocks); this object owns the host-memory KV tensor and makes the copies:
+
+- swap-out copies are made before the step runs (the step may write into the blocks just
+  released), in the engine's thread;
+- swap-in copies run in a worker thread (on a CUDA device, on their own stream) while the
+  engine keeps stepping the other requests; `completed()` tells the engine whose copies are
+  done, and only then does the scheduler let those requests run.
+
+Each group moves every layer's K and V with one tensor copy when the per-layer caches are
+views of one allocation (as `allocate_kv_cache` makes them), else with one copy per layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from fitserve.engine.kv_cache import CopyGroup
+
+
+def stacked_view(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """All layers' (key, value) caches as one (layers, 2, blocks, ...) view of their common
+    storage, or None when they are not evenly spaced views of one allocation."""
+    first_key, first_value = kv_caches[0]
+    element = first_key.element_size()
+    kv_stride = (first_value.data_ptr() - first_key.data_ptr()) // element
+    layer_stride = ((kv_caches[1][0].data_ptr() - first_key.data_ptr()) // element if len(kv_caches) > 1
+                    else 2 * kv_stride)
+    for layer, (key, value) in enumerate(kv_caches):
+        if (key.shape != first_key.shape or key.stride() != first_key.stride() or not key.is_contiguous()
+                or key.data_ptr() != first_key.data_ptr() + layer * layer_stride * element
+                or value.data_ptr() != key.data_ptr() + kv_stride * element):
+            return None
+    return torch.as_strided(first_key, (len(kv_caches), 2, *first_key.shape),
+                            (layer_stride, kv_stride, *first_key.stride()))
+
+
+class SwapSpace:
+    """Host KV blocks (pinned on CUDA) shaped like the device cache's blocks, and the copies."""
+
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_host_blocks: int) -> None:
+        self.kv_caches = kv_caches
+        key = kv_caches[0][0]
+        self.device = key.device
+        self.device_view = stacked_view(kv_caches)
+        self.host = torch.zeros((len(kv_caches), 2, num_host_blocks, *key.shape[1:]), dtype=key.dtype,
+                                pin_memory=self.device.type == "cuda")
+        self.bytes_per_block = self.host[:, :, 0].numel() * key.element_size()
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fitserve-swap")
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.num_copies = 0
+        """Tensor copies made (one per group when the cache is one allocation)."""
+        self.num_bytes_out = 0
+        self.num_bytes_in = 0
+
+    def swap_out(self, groups: list[CopyGroup]) -> None:
+        """Device -> host, done when this returns."""
+        self._copy(groups, to_host=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def start_swap_in(self, request_id: str, groups: list[CopyGroup]) -> None:
+        """Host -> device in the worker thread; `completed()` reports it once done."""
+        self._pending[request_id] = self._worker.submit(self._swap_in, groups)
+
+    def _swap_in(self, groups: list[CopyGroup]) -> None:
+        if self._stream is None:
+            self._copy(groups, to_host=False)
+            return
+        with torch.cuda.stream(self._stream):
+            self._copy(groups, to_host=False)
+        self._stream.synchronize()
+
+    def completed(self) -> list[str]:
+        """Requests whose swap-in finished since the last call (a failed copy raises here)."""
+        done = [request_id for request_id, future in self._pending.items() if future.done()]
+        for request_id in done:
+            self._pending.pop(request_id).result()
+        return done
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def wait_any(self) -> None:
+        """Block until some pending swap-in is done (the engine has nothing else to run)."""
+        if self._pending:
+            next(iter(self._pending.values())).result()
+
+    def wait(self, request_id: str) -> None:
+        """Block until this request's swap-in (if any) is done, e.g. before freeing its blocks."""
+        future = self._pending.pop(request_id, None)
+        if future is not None:
+            future.result()
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    def _copy(self, groups: list[CopyGroup], to_host: bool) -> None:
+        for source, destination, count in groups:
+            if self.device_view is not None:
+                self._copy_one(self.device_view, self.host, source, destination, count, to_host)
+                num_copies = 1
+            else:
+                num_copies = 2 * len(self.kv_caches)
+                for layer, pair in enumerate(self.kv_caches):
+                    for index, device_cache in enumerate(pair):
+                        self._copy_one(device_cache, self.host[layer, index], source, destination, count,
+                                       to_host, block_dim=0)
+            moved = count * self.bytes_per_block
+            with self._lock:
+                self.num_copies += num_copies
+                if to_host:
+                    self.num_bytes_out += moved
+                else:
+                    self.num_bytes_in += moved
+
+    @staticmethod
+    def _copy_one(device: torch.Tensor, host: torch.Tensor, source: int, destination: int, count: int,
+                  to_host: bool, block_dim: int = 2) -> None:
+        if to_host:
+            host.narrow(block_dim, destination, count).copy_(device.narrow(block_dim, source, count),
+                                                             non_blocking=True)
+        else:
+            device.narrow(block_dim, destination, count).copy_(host.narrow(block_dim, source, count),
+                                                               non_blocking=True)

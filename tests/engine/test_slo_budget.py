@@ -1,0 +1,95 @@
+"""`--slo`: the step token budget follows the latency targets (semi-PD's feedback loop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fitserve import LLM, SamplingParams
+from fitserve.bench.metrics import Slo
+from fitserve.config import ConfigError, EngineArgs
+from fitserve.engine.engine import EngineStats
+from fitserve.engine.request import Request
+from fitserve.engine.slo_budget import SloBudgetController
+from fitserve.sampling_params import SamplingParams as Params
+from fitserve.server.metrics import ServerMetrics
+from tests.tiny_models import random_token_ids, write_tiny_checkpoint
+
+
+def finished(ttft_s: float, tpot_s: float, num_tokens: int = 11) -> Request:
+    request = Request("r", [1, 2, 3], Params(), arrival_time=100.0)
+    request.output_token_ids = [5] * num_tokens
+    request.metrics.first_token_time = 100.0 + ttft_s
+    request.metrics.finished_time = 100.0 + ttft_s + tpot_s * (num_tokens - 1)
+    return request
+
+
+def controller(**kwargs) -> SloBudgetController:
+    return SloBudgetController(Slo(ttft_ms=500, tpot_ms=50, percentile=90), budget=1000, min_budget=64,
+                               max_budget=4000, window_s=1.0, **kwargs)
+
+
+def run_window(control: SloBudgetController, start: float, ttft_s: float, tpot_s: float) -> int:
+    control.update(start)
+    for _ in range(10):
+        control.observe(finished(ttft_s, tpot_s))
+    return control.update(start + 1.5)
+
+
+def test_budget_shrinks_when_tpot_misses_and_grows_when_ttft_misses() -> None:
+    control = controller()
+    assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2) == 800  # TPOT misses: 1000 / 1.25
+    assert control.attainment == 0.0
+    assert run_window(control, 10.0, ttft_s=2.0, tpot_s=0.01) == 1001  # TTFT misses: 800 * 1.25 + 1
+    assert run_window(control, 20.0, ttft_s=0.1, tpot_s=0.01) == 1001  # both met: kept
+    assert control.attainment == 1.0
+    assert run_window(control, 30.0, ttft_s=2.0, tpot_s=0.2) == 1001  # both miss: overload, kept
+    assert control.num_finished_total == 40 and control.num_met_total == 10
+
+
+def test_budget_stays_within_its_bounds_and_waits_for_enough_requests() -> None:
+    control = controller()
+    for window in range(40):
+        run_window(control, 10.0 * window, ttft_s=0.1, tpot_s=0.5)
+    assert control.budget == 64
+    for window in range(40, 80):
+        run_window(control, 10.0 * window, ttft_s=5.0, tpot_s=0.001)
+    assert control.budget == 4000
+    control.update(1000.0)
+    control.observe(finished(0.1, 0.5))
+    assert control.update(1002.0) == 4000  # one request is not a window
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("slo") / "model", "llama3_rope_scaling")
+
+
+def test_engine_moves_its_budget_and_reports_it(model_dir: Path) -> None:
+    """An unreachable TTFT target with a lax TPOT one: the engine raises its step budget."""
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_memory="4MiB", max_num_batched_tokens=128,
+              slo="ttft=0.001ms,tpot=10s,p=50")
+    engine = llm.engine
+    assert engine.slo_controller is not None
+    engine.slo_controller.window_s = 0.0
+    for round_index in range(3):
+        prompts = [{"prompt_token_ids": random_token_ids(20, seed=10 * round_index + i)} for i in range(6)]
+        llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+        engine.step()  # the window closes at the start of a step
+    stats = engine.get_stats()
+    assert stats.step_token_budget > 128 and stats.step_token_budget == engine.scheduler.max_num_batched_tokens
+    assert stats.slo_attainment == 0.0
+    with pytest.raises(ConfigError, match="slo: unknown SLO key 'ttfb'"):
+        EngineArgs(slo="ttfb=1s")
+    with pytest.raises(ConfigError, match="slo needs chunked prefill"):
+        EngineArgs(slo="ttft=1s", enable_chunked_prefill=False)
+
+
+def test_metrics_expose_budget_and_attainment() -> None:
+    stats = EngineStats(num_running=0, num_waiting=0, num_free_blocks=1, num_total_blocks=2, num_preemptions_total=0,
+                        num_prefix_cache_hit_tokens_total=0, num_prompt_tokens_total=0, num_generated_tokens_total=0,
+                        step_token_budget=777, slo_attainment=0.25)
+    text = ServerMetrics(lambda: stats).render().decode()
+    assert "fitserve_step_token_budget 777.0" in text
+    assert "fitserve_slo_attainment_ratio 0.25" in text
