@@ -126,7 +126,7 @@ def test_non_ascii_api_key_sent_as_utf8_matches() -> None:
     from fitserve.server.errors import APIError
 
     key = "clé-ünïcode-鍵"
-    app = SimpleNamespace(state=SimpleNamespace(fitserve=SimpleNamespace(settings=SimpleNamespace(api_key=key))))
+    app = SimpleNamespace(state=SimpleNamespace(fitserve=SimpleNamespace(settings=SimpleNamespace(api_key=key, api_keys=None))))
 
     def request_with(header_value: bytes) -> Request:
         return Request({"type": "http", "headers": [(b"authorization", header_value)], "app": app})
