@@ -153,7 +153,8 @@ def _prefilled(llm: LLM) -> bool:
 
 
 def capacity_section(args) -> dict:
-    prompts = [torch.randint(3, 4000, (args.capacity_prompt_tokens,), generator=torch.Generator().manual_seed(i)).tolist()
+    prompts = [torch.randint(3, 4000, (args.capacity_prompt_tokens,),
+                             generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(args.capacity_requests)]
     params = SamplingParams(temperature=0, max_tokens=args.capacity_output_tokens, ignore_eos=True)
     row = {"model": "fitserve-tiny (bundled), bf16 weights", "requests": args.capacity_requests,
@@ -183,7 +184,8 @@ def capacity_section(args) -> dict:
     row["int8_over_bf16_capacity"] = row["int8"]["kv_capacity_tokens"] / row["bf16"]["kv_capacity_tokens"]
     row["int8_over_bf16_most_running"] = row["int8"]["most_running"] / max(1, row["bf16"]["most_running"])
     row["int8_over_bf16_running_before_preemption"] = (
-        row["int8"]["most_running_before_first_preemption"] / max(1, row["bf16"]["most_running_before_first_preemption"])
+        row["int8"]["most_running_before_first_preemption"]
+        / max(1, row["bf16"]["most_running_before_first_preemption"])
     )
     return row
 

@@ -201,11 +201,14 @@ def _prefill_int8(
     scale: float,
     output: torch.Tensor,
     skip_decodes: bool,
+    use_kernel: bool = True,
 ) -> None:
     """The prefill chunks of a step over an int8 cache, one sequence at a time, into `output`
     (decode rows too unless `skip_decodes`: the decode kernel has done them): each sequence's
     int8 blocks and scales gathered as stored, then the CPU kernel or the torch reference."""
     kernel = cpu_kernels.prefill_attention_int8_kernel(query.dtype, query.shape[-1], query.device)
+    if not use_kernel:
+        kernel = None
     start = 0
     for seq_index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
         rows = slice(start, start + query_len)
@@ -234,15 +237,8 @@ def int8_attention_reference(
     """Attention of any batch over an int8 cache in plain torch (float32): the reference the
     CPU and Triton int8 kernels are tested against."""
     output = torch.empty_like(query)
-    start = 0
-    for seq_index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
-        block_table = metadata.block_tables[seq_index]
-        context = [gather_context(tensor, block_table, seq_len)
-                   for tensor in (key_cache, key_scales, value_cache, value_scales)]
-        output[start : start + query_len] = _sequence_int8_attention(
-            query[start : start + query_len], context, seq_len, scale
-        )
-        start += query_len
+    _prefill_int8(query, key_cache, value_cache, key_scales, value_scales, metadata, scale, output,
+                  skip_decodes=False, use_kernel=False)
     return output
 
 

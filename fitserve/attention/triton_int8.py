@@ -32,3 +32,34 @@ def int8_values(x, inverse):
     y = (y + 12582912.0) - 12582912.0
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     return y.to(tl.int8)
+
+
+@triton.jit
+def int8_operand(values, dtype: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """A loaded int8 tile as a dot operand of `dtype` (exact: |v| <= 127); float32 in Triton's
+    interpreter, which converts int8 to bfloat16 wrongly (its operands are float32 anyway)."""
+    if UPCAST_OPERANDS:
+        converted = values.to(tl.float32)
+    else:
+        converted = values.to(dtype)
+    return converted
+
+
+@triton.jit
+def load_token_scales(key_scales_ptr, value_scales_ptr, block_numbers, positions, position_valid, kv_head,
+                      stride_scale_block, stride_scale_token, BLOCK_SIZE: tl.constexpr):
+    """The key and value scales of a tile of cached tokens of one KV head (0 where invalid)."""
+    offsets = block_numbers * stride_scale_block + (positions % BLOCK_SIZE) * stride_scale_token + kv_head
+    key_scales = tl.load(key_scales_ptr + offsets, mask=position_valid, other=0.0)
+    value_scales = tl.load(value_scales_ptr + offsets, mask=position_valid, other=0.0)
+    return key_scales, value_scales
+
+
+@triton.jit
+def store_int8_halves(cache_ptr, scales_ptr, first_offsets, half, first, second, scale_offsets, mask, scale_mask):
+    """Quantize heads given as two halves (float32 [heads, half]) and store them at
+    cache_ptr + first_offsets (+ half), their scales at scales_ptr + scale_offsets."""
+    inverse, scale = int8_inverse_and_scale(tl.maximum(tl.max(tl.abs(first), axis=1), tl.max(tl.abs(second), axis=1)))
+    tl.store(cache_ptr + first_offsets, int8_values(first, inverse), mask=mask)
+    tl.store(cache_ptr + first_offsets + half, int8_values(second, inverse), mask=mask)
+    tl.store(scales_ptr + scale_offsets, scale, mask=scale_mask)

@@ -35,6 +35,7 @@ from fitserve.attention.triton_common import (
     next_power_of_2,
     padded_head_dim,
 )
+from fitserve.attention.triton_int8 import int8_operand, load_token_scales
 
 
 def default_prefill_tiles(dtype: torch.dtype, head_dim: int, group_size: int) -> tuple[int, int]:
@@ -159,27 +160,21 @@ def _prefill_kernel(
             value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0
         )
         if INT8_KV:
-            # The integers as they are (exact in 16-bit floats), in the query's dtype for the
-            # dot; each token's key scale multiplies its scores. (The interpreter converts
-            # int8 to bf16 wrongly; there the operands are float32 anyway.)
-            if UPCAST_OPERANDS:
-                keys = keys.to(tl.float32)
-            else:
-                keys = keys.to(query_ptr.dtype.element_ty)
-            scale_offsets = (
-                block_numbers * stride_scale_block + (positions % BLOCK_SIZE) * stride_scale_token + kv_head
+            # The integers as they are (exact in 16-bit floats) in the query's dtype for the
+            # dot; each token's key scale multiplies its scores.
+            keys = int8_operand(keys, query_ptr.dtype.element_ty, UPCAST_OPERANDS)
+            key_scales, value_scales = load_token_scales(
+                key_scales_ptr, value_scales_ptr, block_numbers, positions, position_valid, kv_head,
+                stride_scale_block, stride_scale_token, BLOCK_SIZE,
             )
-            key_scales = tl.load(key_scales_ptr + scale_offsets, mask=position_valid, other=0.0)
-            value_scales = tl.load(value_scales_ptr + scale_offsets, mask=position_valid, other=0.0)
         if UPCAST_OPERANDS:
             keys = keys.to(tl.float32)
 
+        scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION)
         if INT8_KV:
-            scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * (
-                key_scales[None, :] * scale_log2
-            )
+            scores = scores * (key_scales[None, :] * scale_log2)
         else:
-            scores = tl.dot(query, tl.trans(keys), input_precision=INPUT_PRECISION) * scale_log2
+            scores = scores * scale_log2
         visible = (positions[None, :] <= row_position[:, None]) & position_valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -188,10 +183,7 @@ def _prefill_kernel(
         running_sum = running_sum * rescale + tl.sum(probs, axis=1)
         if INT8_KV:  # value scales after the running sum; the query's dtype for the dot
             probs_operand = (probs * value_scales[None, :]).to(query_ptr.dtype.element_ty)
-            if UPCAST_OPERANDS:
-                values = values.to(tl.float32)
-            else:
-                values = values.to(query_ptr.dtype.element_ty)
+            values = int8_operand(values, query_ptr.dtype.element_ty, UPCAST_OPERANDS)
         else:
             probs_operand = probs.to(value_cache_ptr.dtype.element_ty)
         if UPCAST_OPERANDS:

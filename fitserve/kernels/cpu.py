@@ -307,7 +307,8 @@ def prefill_attention_int8_kernel(dtype: torch.dtype, head_dim: int, device: tor
     [Tk, Hk], value_scales, out, scale), bf16 or float32 queries; unlike the float caches'
     kernels it serves float32 models and AMX CPUs too, whose torch path would have to
     materialise the scores (torch's fused attention cannot take the scales)."""
-    if dtype not in (torch.bfloat16, torch.float32) or device.type != "cpu" or head_dim not in PREFILL_ATTENTION_HEAD_DIMS:
+    if (dtype not in (torch.bfloat16, torch.float32) or device.type != "cpu"
+            or head_dim not in PREFILL_ATTENTION_HEAD_DIMS):
         return None
     kernels = get()
     return None if kernels is None else kernels.prefill_attention_int8

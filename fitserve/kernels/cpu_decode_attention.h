@@ -241,8 +241,8 @@ FITSERVE_AVX512_BF16 void decode_attention_item_bf16(const BF16* q, const KV* ke
 
   // The element offset of a cached token of this KV head, in either cache.
   auto offset_of = [&](int64_t pos) {
-    return pos < length ? ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_head * D
-                        : int64_t{-1};
+    if (pos >= length) return int64_t{-1};
+    return ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_head * D;
   };
   if constexpr (std::is_same_v<KV, int8_t>)
     pack_blocks_int8<D>(key_cache, value_cache, scales, blocks, offset_of, packed_keys, packed_values, key_scales,

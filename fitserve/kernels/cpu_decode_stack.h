@@ -103,7 +103,8 @@ class DecodeStack {
       if (int8)
         for (const auto* scales : {&key_scales[i], &value_scales[i]})
           TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
-                      scales->sizes() == keys[i].sizes().slice(0, 3), "DecodeStack: float32 scales [blocks, block_size, Hkv]");
+                      scales->sizes() == keys[i].sizes().slice(0, 3),
+                      "DecodeStack: float32 scales [blocks, block_size, Hkv]");
     }
     key_caches_ = std::move(keys);
     value_caches_ = std::move(values);

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fitserve.attention.triton_common import check_device, next_power_of_2
-from fitserve.attention.triton_int8 import int8_inverse_and_scale, int8_values
+from fitserve.attention.triton_int8 import store_int8_halves
 
 SILU_BLOCK = 1024
 """Elements of one row of the MLP's intermediate activation per SiLU·up program."""
@@ -223,20 +223,10 @@ def _rotary_write_kv_kernel(
         # goes to [slot, head] of the scales ([num_blocks, block_size, num_kv_heads]).
         scale_offsets = slot * num_kv_heads + kv_heads
         scale_mask = kv_heads < num_kv_heads
-        key_first, key_second = key_first.to(tl.float32), key_second.to(tl.float32)
-        key_inverse, key_scale = int8_inverse_and_scale(
-            tl.maximum(tl.max(tl.abs(key_first), axis=1), tl.max(tl.abs(key_second), axis=1))
-        )
-        tl.store(key_cache_ptr + cache_first, int8_values(key_first, key_inverse), mask=kv_mask)
-        tl.store(key_cache_ptr + cache_first + half, int8_values(key_second, key_inverse), mask=kv_mask)
-        tl.store(key_scales_ptr + scale_offsets, key_scale, mask=scale_mask)
-        values_first, values_second = values_first.to(tl.float32), values_second.to(tl.float32)
-        value_inverse, value_scale = int8_inverse_and_scale(
-            tl.maximum(tl.max(tl.abs(values_first), axis=1), tl.max(tl.abs(values_second), axis=1))
-        )
-        tl.store(value_cache_ptr + cache_first, int8_values(values_first, value_inverse), mask=kv_mask)
-        tl.store(value_cache_ptr + cache_first + half, int8_values(values_second, value_inverse), mask=kv_mask)
-        tl.store(value_scales_ptr + scale_offsets, value_scale, mask=scale_mask)
+        store_int8_halves(key_cache_ptr, key_scales_ptr, cache_first, half, key_first.to(tl.float32),
+                          key_second.to(tl.float32), scale_offsets, kv_mask, scale_mask)
+        store_int8_halves(value_cache_ptr, value_scales_ptr, cache_first, half, values_first.to(tl.float32),
+                          values_second.to(tl.float32), scale_offsets, kv_mask, scale_mask)
     else:
         cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
         tl.store(key_cache_ptr + cache_first, key_first.to(cache_dtype), mask=kv_mask)
