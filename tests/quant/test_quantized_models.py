@@ -169,3 +169,21 @@ def test_fused_decode_stack_runs_quantized_models_bit_identically(tmp_path: Path
         if fused:
             assert llm.engine.model.fused_cpu_decode._stack is not None, "the fused stack declined the model"
     assert tokens[0] == tokens[1]
+
+
+def test_quantized_weights_with_an_int8_kv_cache(tmp_path: Path) -> None:
+    """Both compressions at once: w4/w8 weights over an int8 cache, fused stack and Python path
+    agreeing token for token, chunked prefill and prefix hits included."""
+    _, quantized = quantize_tiny(tmp_path, "qwen2_bias", "mixllm")
+    shared = random_token_ids(24, seed=7)
+    prompts = [{"prompt_token_ids": shared + random_token_ids(n, seed=n)} for n in (3, 30)]
+    tokens = []
+    for fused in (True, False):
+        llm = LLM(str(quantized), dtype="float32", kv_cache_memory="1MiB", block_size=8, max_num_batched_tokens=16,
+                  kv_cache_dtype="int8")
+        llm.engine.model.fused_cpu_decode.enabled = fused
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy(max_tokens=10))])
+        if fused:
+            assert llm.engine.model.fused_cpu_decode._stack is not None
+        assert llm.engine.get_stats().num_prefix_cache_hit_tokens_total > 0
+    assert tokens[0] == tokens[1]
