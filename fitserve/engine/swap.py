@@ -10,7 +10,8 @@ consecutive blocks); this object owns the host-memory KV tensor and makes the co
   done, and only then does the scheduler let those requests run.
 
 Each group moves every layer's K and V with one tensor copy when the per-layer caches are
-views of one allocation (as `allocate_kv_cache` makes them), else with one copy per layer.
+float views of one allocation (as `allocate_kv_cache` makes them), else with one copy per
+tensor of each layer (an int8 cache's K, V and their scales).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from fitserve.attention.cache_layout import LayerKVCache
 from fitserve.engine.kv_cache import CopyGroup
+
+
+def layer_tensors(cache: LayerKVCache | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The tensors of one layer's cache that hold per-block data: K and V, plus their scales
+    for an int8 cache."""
+    cache = LayerKVCache(*cache)
+    return [cache.key, cache.value, *([cache.key_scales, cache.value_scales] if cache.is_int8 else [])]
 
 
 def stacked_view(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
@@ -43,14 +52,20 @@ def stacked_view(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
 class SwapSpace:
     """Host KV blocks (pinned on CUDA) shaped like the device cache's blocks, and the copies."""
 
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_host_blocks: int) -> None:
-        self.kv_caches = kv_caches
-        key = kv_caches[0][0]
+    def __init__(self, kv_caches: list[LayerKVCache], num_host_blocks: int) -> None:
+        self.layers = [layer_tensors(cache) for cache in kv_caches]
+        key = self.layers[0][0]
         self.device = key.device
-        self.device_view = stacked_view(kv_caches)
-        self.host = torch.zeros((len(kv_caches), 2, num_host_blocks, *key.shape[1:]), dtype=key.dtype,
-                                pin_memory=self.device.type == "cuda")
-        self.bytes_per_block = self.host[:, :, 0].numel() * key.element_size()
+        pin = self.device.type == "cuda"
+        self.device_view = stacked_view([(k, v) for k, v, *_ in self.layers]) if len(self.layers[0]) == 2 else None
+        if self.device_view is not None:
+            self.host = torch.zeros((len(self.layers), 2, num_host_blocks, *key.shape[1:]), dtype=key.dtype,
+                                    pin_memory=pin)
+            self.host_layers: list[list[torch.Tensor]] = []
+        else:  # one host tensor per device tensor, blocks first like the cache
+            self.host_layers = [[torch.zeros((num_host_blocks, *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+                                 for t in tensors] for tensors in self.layers]
+        self.bytes_per_block = sum(t[0].numel() * t.element_size() for t in self.layers[0]) * len(self.layers)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fitserve-swap")
         self._pending: dict[str, Future] = {}
@@ -108,11 +123,11 @@ class SwapSpace:
                 self._copy_one(self.device_view, self.host, source, destination, count, to_host)
                 num_copies = 1
             else:
-                num_copies = 2 * len(self.kv_caches)
-                for layer, pair in enumerate(self.kv_caches):
-                    for index, device_cache in enumerate(pair):
-                        self._copy_one(device_cache, self.host[layer, index], source, destination, count,
-                                       to_host, block_dim=0)
+                num_copies = sum(len(tensors) for tensors in self.layers)
+                for tensors, host_tensors in zip(self.layers, self.host_layers, strict=True):
+                    for device_tensor, host_tensor in zip(tensors, host_tensors, strict=True):
+                        self._copy_one(device_tensor, host_tensor, source, destination, count, to_host,
+                                       block_dim=0)
             moved = count * self.bytes_per_block
             with self._lock:
                 self.num_copies += num_copies

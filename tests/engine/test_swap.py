@@ -225,3 +225,18 @@ def test_swap_settings_are_checked(model_dir: Path) -> None:
         EngineArgs(preemption_mode="drop")
     with pytest.raises(ConfigError, match="smaller than one KV block"):
         LLM(str(model_dir), dtype="float32", preemption_mode="swap", swap_space="1KiB", kv_cache_memory="1MiB")
+
+
+def test_swap_moves_an_int8_cache_with_its_scales(model_dir: Path) -> None:
+    """An int8 KV cache swaps its values and their per-token scales: requests swapped out and
+    back generate what they generate unpreempted over the same int8 cache."""
+    prompts = [{"prompt_token_ids": random_token_ids(8 + 5 * i, seed=i)} for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    options = dict(dtype="float32", block_size=8, max_num_batched_tokens=64, max_num_seqs=6, kv_cache_dtype="int8")
+    expected = [o.outputs[0].token_ids for o in LLM(str(model_dir), kv_cache_memory="4MiB", **options)
+                .generate(prompts, params)]
+    llm = LLM(str(model_dir), kv_cache_memory="40KiB", preemption_mode="swap", swap_space="4MiB", **options)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    stats = llm.engine.get_stats()
+    assert stats.num_swap_outs_total > 0 and stats.num_swap_ins_total == stats.num_swap_outs_total
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks

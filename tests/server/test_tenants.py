@@ -34,13 +34,13 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     keys_path.write_text(KEYS_FILE)
     engine = LLMEngine(engine_args_for(tiny_model_dir))
     seen: list[tuple[str | None, int]] = []
-    original_add = engine.add_request
+    original_prepare = engine.prepare_request
 
-    def recording_add(*args, **kwargs):
+    def recording_prepare(*args, **kwargs):
         seen.append((kwargs.get("client_id"), kwargs.get("priority", 0)))
-        return original_add(*args, **kwargs)
+        return original_prepare(*args, **kwargs)
 
-    engine.add_request = recording_add  # type: ignore[method-assign]
+    engine.prepare_request = recording_prepare  # type: ignore[method-assign]
     settings = ServerSettings(served_model_names=[MODEL_NAME], api_keys=load_api_keys_file(keys_path))
     with TestClient(build_app(AsyncLLMEngine(engine), settings)) as client:
         yield client, seen
