@@ -42,7 +42,7 @@
 
 namespace fitserve_cpu {
 
-#define FITSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
+#define FITSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c,gfni")))
 #define FITSERVE_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 
 inline bool cpu_has_avx512_vnni() {
@@ -139,6 +139,22 @@ struct QuantPart {
   std::vector<int64_t> row_map;  // out_rows as a vector (identity when empty)
   QuantIsa isa = QuantIsa::kReference;
   W4Layout layout;
+  // The tensors' data, taken once (Tensor::data_ptr checks the dtype on every call: at two
+  // calls per weight row it cost as much as the row's arithmetic).
+  const uint8_t* codes = nullptr;        // w4 codes or w8 int8 weights, as bytes
+  const uint16_t* half_scales = nullptr;  // w4: float16 bits
+  const float* row_scales = nullptr;      // w8
+  const uint8_t* zero_codes = nullptr;    // w4
+
+  void take_pointers() {
+    codes = static_cast<const uint8_t*>(qweight.data_ptr());
+    if (is_w4) {
+      half_scales = static_cast<const uint16_t*>(scales.data_ptr());
+      zero_codes = zeros.data_ptr<uint8_t>();
+    } else {
+      row_scales = scales.data_ptr<float>();
+    }
+  }
 
   int64_t out_row(int64_t n) const { return identity_rows ? n : row_map[n]; }
   int64_t bytes() const {
@@ -157,6 +173,7 @@ struct ActivationCodes {
   AlignedBuffer<int8_t> codes;
   AlignedBuffer<float> scales;      // w4: [M][chunks][lanes] xs of each lane's group; w8: [M][blocks]
   AlignedBuffer<float> zero_terms;  // w4: [M][groups] xs_g * sum of the group's codes
+  AlignedBuffer<float> group_scales;  // w4: [M][groups] xs_g
   AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum
   std::vector<int8_t> natural;      // one row's codes in column order (w4 staging)
 };
@@ -170,11 +187,12 @@ inline void prepare_w4_activations(const float* x, int64_t M, const W4Layout& L,
   int8_t* codes = a.codes.get(M * a.code_stride);
   float* lane_scales = a.scales.get(M * a.scale_stride);
   float* zero_terms = a.zero_terms.get(M * a.extra_stride);
+  float* all_group_scales = a.group_scales.get(M * a.extra_stride);
   a.natural.resize(static_cast<size_t>(L.K));
-  std::vector<float> group_scales(static_cast<size_t>(L.groups));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * L.K;
     int8_t* row = codes + m * a.code_stride;
+    float* group_scales = all_group_scales + m * a.extra_stride;
     for (int64_t g = 0; g < L.groups; ++g) {
       const float scale = quantize_block(xr + g * L.G, L.G, a.natural.data() + g * L.G);
       int32_t sum = 0;
@@ -252,16 +270,17 @@ FITSERVE_VNNI inline void w4_zero_corrections_vnni(const uint16_t* scales, const
   for (int m = 0; m < MR; ++m) corrections[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// Rows [first, last) of a w4 part against MR rows of x starting at m0. GPC: groups per chunk
-// (1 where a group fills one or more chunks).
+// Rows [first, last) of a w4 part with GPC = 2 or 4 groups per chunk (G = 64 or 32) against MR
+// rows of x starting at m0: each chunk's lanes get their group's scales by a permute.
 template <int MR, int GPC>
 FITSERVE_VNNI void w4_rows_vnni(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+  static_assert(GPC == 2 || GPC == 4, "G >= 128 runs w4_rows_vnni_wide");
   const QuantPart& p = *args.part;
   const W4Layout& L = p.layout;
   const ActivationCodes& a = *args.act;
-  const uint8_t* codes_all = p.qweight.data_ptr<uint8_t>();
-  const uint16_t* scales_all = reinterpret_cast<const uint16_t*>(p.scales.data_ptr<at::Half>());
-  const uint8_t* zeros_all = p.zeros.data_ptr<uint8_t>();
+  const uint8_t* codes_all = p.codes;
+  const uint16_t* scales_all = p.half_scales;
+  const uint8_t* zeros_all = p.zero_codes;
   const int8_t* x[MR];
   const float* xs[MR];
   const float* zt[MR];
@@ -281,7 +300,6 @@ FITSERVE_VNNI void w4_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
     const uint16_t* scales = scales_all + n * L.groups;
     __m512 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t group = 0, in_group = 0;
     for (int64_t c = 0; c < L.chunks; ++c) {
       __m512i v;
       __m512 s;
@@ -291,14 +309,8 @@ FITSERVE_VNNI void w4_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
       } else {
         v = _mm512_maskz_loadu_epi8(tail_mask, codes + c * 64);
       }
-      if constexpr (GPC == 1) {
-        s = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(scales[group])));
-        if (++in_group == L.chunks_per_group) in_group = 0, ++group;
-      } else {
-        const __mmask8 gmask = static_cast<__mmask8>(c < L.full_chunks ? (1u << GPC) - 1 : (1u << tail_groups) - 1);
-        const __m256 h = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(gmask, scales + c * GPC));
-        s = _mm512_permutexvar_ps(lane_group, _mm512_castps256_ps512(h));
-      }
+      const __mmask8 gmask = static_cast<__mmask8>(c < L.full_chunks ? (1u << GPC) - 1 : (1u << tail_groups) - 1);
+      s = _mm512_permutexvar_ps(lane_group, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(gmask, scales + c * GPC))));
       const __m512i lo = _mm512_and_si512(v, nibble);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       for (int m = 0; m < MR; ++m) {
@@ -324,8 +336,8 @@ FITSERVE_VNNI void w8_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
   const QuantPart& p = *args.part;
   const ActivationCodes& a = *args.act;
   const int64_t K = p.qweight.size(1), blocks = a.scale_stride;
-  const int8_t* w_all = p.qweight.data_ptr<int8_t>();
-  const float* row_scales = p.scales.data_ptr<float>();
+  const int8_t* w_all = reinterpret_cast<const int8_t*>(p.codes);
+  const float* row_scales = p.row_scales;
   const int8_t* x[MR];
   const float* xs[MR];
   const int32_t* offsets[MR];
@@ -369,6 +381,100 @@ FITSERVE_VNNI void w8_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
   }
 }
 
+// The high nibble of each byte as a byte: one GF(2) affine transform (a bit permutation) where
+// the CPU has GFNI, else a shift and a mask.
+const bool kHasGfni = __builtin_cpu_supports("gfni");
+template <bool Gfni>
+FITSERVE_VNNI inline __m512i high_nibbles(__m512i v, __m512i nibble) {
+  if constexpr (Gfni) {
+    // Output bit i (i < 4) takes input bit i + 4: matrix rows (bytes 7 - i) 0x10, 0x20, 0x40, 0x80.
+    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
+  } else {
+    return _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  }
+}
+
+// NR rows of a w4 part with G a multiple of 128 (each chunk inside one group), MR rows of x
+// from m0. Per weight row the products s_g * xs_g are formed once for all groups (16 per
+// vector) and each chunk broadcasts its group's, and the zero terms start the accumulators (at
+// minus s_g * z_g * xs_g * sum of the group's codes, in the lane of g): per chunk and row of x
+// that leaves two vpdpbusd, a conversion and an FMA; NR weight rows share each load of x.
+template <int MR, int NR, bool Gfni>
+FITSERVE_VNNI inline void w4_block_vnni_wide(const KernelArgs& args, int64_t m0, int64_t n, float* products) {
+  const QuantPart& p = *args.part;
+  const W4Layout& L = p.layout;
+  const ActivationCodes& a = *args.act;
+  const int64_t groups = L.groups, stride = (groups + 15) / 16 * 16;
+  const uint8_t* codes[NR];
+  __m512 acc[NR][MR];
+  for (int r = 0; r < NR; ++r) {
+    codes[r] = p.codes + (n + r) * L.row_bytes;
+    const uint16_t* scales = p.half_scales + (n + r) * groups;
+    const uint8_t* zeros = p.zero_codes + (n + r) * groups;
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + g));
+      const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, zeros + g))));
+      for (int m = 0; m < MR; ++m) {
+        const int64_t row = (m0 + m) * a.extra_stride + g;
+        // A full store (the buffer is padded to 16 per row): a masked store would not forward
+        // to the loads below, which then wait for it to retire.
+        // A full store (the buffer is padded to 16 per row): a masked store would not forward
+        // to the loads below, which then wait for it to retire.
+        _mm512_storeu_ps(products + (r * MR + m) * stride + g,
+                         _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, a.group_scales.data + row)));
+        acc[r][m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(mask, a.zero_terms.data + row), acc[r][m]);
+      }
+    }
+  }
+  // Every address of the loop in a register before it (the compiler cannot prove the stores
+  // above leave the structures they come from alone, and would recompute them per chunk).
+  const int8_t* x_rows[MR];
+  const float* row_products[NR][MR];
+  for (int m = 0; m < MR; ++m) x_rows[m] = a.codes.data + (m0 + m) * a.code_stride;
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) row_products[r][m] = products + (r * MR + m) * stride;
+  const int64_t chunks = L.chunks, chunks_per_group = L.chunks_per_group;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  int64_t group = 0, in_group = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i lo[NR], hi[NR];
+    for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(codes[r] + c * 64) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+      const __m512i v = _mm512_loadu_si512(codes[r] + c * 64);
+      lo[r] = _mm512_and_si512(v, nibble);
+      hi[r] = high_nibbles<Gfni>(v, nibble);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xc = x_rows[m] + c * 128;
+      const __m512i x0 = _mm512_load_si512(xc), x1 = _mm512_load_si512(xc + 64);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x0), hi[r], x1);
+        // The broadcast folds into the FMA's memory operand ({1to16}): no extra instruction.
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(row_products[r][m][group]), acc[r][m]);
+      }
+    }
+    if (++in_group == chunks_per_group) in_group = 0, ++group;
+  }
+  for (int r = 0; r < NR; ++r) {
+    const int64_t row = p.out_row(n + r);
+    const float b = args.bias ? args.bias[row] : 0.0f;
+    for (int m = 0; m < MR; ++m) args.out[(m0 + m) * args.out_features + row] = _mm512_reduce_add_ps(acc[r][m]) + b;
+  }
+}
+
+template <int MR, bool Gfni>
+FITSERVE_VNNI void w4_rows_vnni_wide(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+  // Weight rows per pass: four share each load of x when the accumulators allow (4 x MR).
+  constexpr int NR = MR <= 2 ? 4 : 2;
+  thread_local AlignedBuffer<float> buffer;
+  float* products = buffer.get(NR * MR * ((args.part->layout.groups + 15) / 16 * 16));
+  int64_t n = first;
+  for (; n + NR <= last; n += NR) w4_block_vnni_wide<MR, NR, Gfni>(args, m0, n, products);
+  for (; n < last; ++n) w4_block_vnni_wide<MR, 1, Gfni>(args, m0, n, products);
+}
+
 // --------------------------------------------------------------------------------- AVX2
 
 FITSERVE_AVX2_F16C inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
@@ -378,9 +484,9 @@ FITSERVE_AVX2_F16C void w4_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
   const QuantPart& p = *args.part;
   const W4Layout& L = p.layout;
   const ActivationCodes& a = *args.act;
-  const uint8_t* codes_all = p.qweight.data_ptr<uint8_t>();
-  const uint16_t* scales_all = reinterpret_cast<const uint16_t*>(p.scales.data_ptr<at::Half>());
-  const uint8_t* zeros_all = p.zeros.data_ptr<uint8_t>();
+  const uint8_t* codes_all = p.codes;
+  const uint16_t* scales_all = p.half_scales;
+  const uint8_t* zeros_all = p.zero_codes;
   const int8_t* x[MR];
   const float* xs[MR];
   const float* zt[MR];
@@ -445,8 +551,8 @@ FITSERVE_AVX2_F16C void w8_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
   const QuantPart& p = *args.part;
   const ActivationCodes& a = *args.act;
   const int64_t K = p.qweight.size(1), blocks = a.scale_stride;
-  const int8_t* w_all = p.qweight.data_ptr<int8_t>();
-  const float* row_scales = p.scales.data_ptr<float>();
+  const int8_t* w_all = reinterpret_cast<const int8_t*>(p.codes);
+  const float* row_scales = p.row_scales;
   const int8_t* x[MR];
   const float* xs[MR];
   for (int m = 0; m < MR; ++m) {
@@ -523,7 +629,10 @@ inline void run_part_kernel(const KernelArgs& args, int64_t M) {
             switch (p.layout.groups_per_chunk) {
               case 4: w4_rows_vnni<MR, 4>(args, m0, n0, n1); break;
               case 2: w4_rows_vnni<MR, 2>(args, m0, n0, n1); break;
-              default: w4_rows_vnni<MR, 1>(args, m0, n0, n1); break;
+              default:
+                if (kHasGfni) w4_rows_vnni_wide<MR, true>(args, m0, n0, n1);
+                else w4_rows_vnni_wide<MR, false>(args, m0, n0, n1);
+                break;
             }
           });
         } else {
@@ -548,15 +657,15 @@ inline void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_
       const int64_t n = first + r;
       float* o = out + r * K;
       if (!p.is_w4) {
-        const int8_t* w = p.qweight.data_ptr<int8_t>() + n * K;
-        const float s = p.scales.data_ptr<float>()[n];
+        const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * K;
+        const float s = p.row_scales[n];
         for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(w[k]) * s;
         continue;
       }
       const int64_t G = p.group_size, groups = K / G, half = G / 2;
-      const uint8_t* codes = p.qweight.data_ptr<uint8_t>() + n * (K / 2);
-      const at::Half* scales = p.scales.data_ptr<at::Half>() + n * groups;
-      const uint8_t* zeros = p.zeros.data_ptr<uint8_t>() + n * groups;
+      const uint8_t* codes = p.codes + n * (K / 2);
+      const at::Half* scales = reinterpret_cast<const at::Half*>(p.half_scales) + n * groups;
+      const uint8_t* zeros = p.zero_codes + n * groups;
       for (int64_t g = 0; g < groups; ++g) {
         const float s = static_cast<float>(scales[g]);
         const int z = zeros[g];
@@ -629,6 +738,7 @@ class QuantLinear {
     part.rows = qweight.size(0);
     part.isa = isa_;
     set_rows(part, out_rows);
+    part.take_pointers();
     parts_.push_back(std::move(part));
   }
 
@@ -655,6 +765,7 @@ class QuantLinear {
     part.isa = isa_ != QuantIsa::kReference && W4Layout::fits(group_size, vector_bytes) ? isa_ : QuantIsa::kReference;
     if (part.isa != QuantIsa::kReference) part.layout = W4Layout(in_features_, group_size, vector_bytes);
     set_rows(part, out_rows);
+    part.take_pointers();
     parts_.push_back(std::move(part));
   }
 
