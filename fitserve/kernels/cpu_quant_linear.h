@@ -651,15 +651,17 @@ inline void run_part_kernel(const KernelArgs& args, int64_t M) {
 
 // Rows [first, first + count) of a part as float32 [count, K], as dequantize_w4 / dequantize_w8
 // compute them: (q - z) * s and q * s, one float32 rounding each.
-inline void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count, float* out) {
+// T = BF16: each float32 value rounded to bfloat16 (nearest even), as .to(torch.bfloat16) does.
+template <typename T>
+void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count, T* out) {
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = first + r;
-      float* o = out + r * K;
+      T* o = out + r * K;
       if (!p.is_w4) {
         const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * K;
         const float s = p.row_scales[n];
-        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(w[k]) * s;
+        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<T>(static_cast<float>(w[k]) * s);
         continue;
       }
       const int64_t G = p.group_size, groups = K / G, half = G / 2;
@@ -670,10 +672,10 @@ inline void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_
         const float s = static_cast<float>(scales[g]);
         const int z = zeros[g];
         const uint8_t* gc = codes + g * half;
-        float* og = o + g * G;
+        T* og = o + g * G;
         for (int64_t i = 0; i < half; ++i) {
-          og[i] = static_cast<float>((gc[i] & 0x0F) - z) * s;
-          og[half + i] = static_cast<float>((gc[i] >> 4) - z) * s;
+          og[i] = static_cast<T>(static_cast<float>((gc[i] & 0x0F) - z) * s);
+          og[half + i] = static_cast<T>(static_cast<float>((gc[i] >> 4) - z) * s);
         }
       }
     }
@@ -685,13 +687,14 @@ inline void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_
 // layer would add up to a float32 copy of the model).
 struct DequantScratch {
   std::mutex mutex;
-  torch::Tensor weight, product;
+  torch::Tensor weight, product;  // float32 or bfloat16: reallocated when the dtype changes
   static DequantScratch& instance() {
     static DequantScratch scratch;
     return scratch;
   }
-  static torch::Tensor take(torch::Tensor& storage, int64_t rows, int64_t cols) {
-    if (!storage.defined() || storage.numel() < rows * cols) storage = torch::empty({rows * cols}, torch::kFloat);
+  static torch::Tensor take(torch::Tensor& storage, int64_t rows, int64_t cols, at::ScalarType dtype) {
+    if (!storage.defined() || storage.numel() < rows * cols || storage.scalar_type() != dtype)
+      storage = torch::empty({rows * cols}, torch::dtype(dtype));
     return storage.narrow(0, 0, rows * cols).view({rows, cols});
   }
 };
@@ -723,6 +726,7 @@ class QuantLinear {
       TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->device().is_cpu(),
                   "QuantLinear: bias must be a CPU tensor [out_features]");
       bias_ = bias->to(torch::kFloat).contiguous();
+      bias_bf16_ = bias->to(torch::kBFloat16).contiguous();
     }
   }
 
@@ -779,6 +783,14 @@ class QuantLinear {
                 out_features_, " output rows");
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t M = x.size(0);
+    if (x.scalar_type() == torch::kBFloat16 && native_bf16_ && M > decode_max_rows_) {
+      // Prefill of a bf16 model on a CPU with bf16 arithmetic: bf16 weights into the bf16
+      // matmul, which runs ~2.2x faster there than float32 (benchmarks/cpu_quant_kernels.py
+      // --section prefill, 2-core Zen 4): F.linear(x, dequantize(...).to(bf16), bias.to(bf16)).
+      torch::Tensor out = torch::empty({M, out_features_}, x.options());
+      for (const QuantPart& part : parts_) run_dequantized(part, x, out);
+      return out;
+    }
     const torch::Tensor x_float = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
     torch::Tensor out = torch::empty({M, out_features_}, x_float.options());
     if (M == 0) return out.to(x.scalar_type());
@@ -791,7 +803,7 @@ class QuantLinear {
 
   // Stored bytes of all parts (codes, scales, zeros, out_rows) and the bias.
   int64_t bytes() const {
-    int64_t total = bias_.defined() ? bias_.nbytes() : 0;
+    int64_t total = bias_.defined() ? bias_.nbytes() : 0;  // the bf16 copy is only read by prefill
     for (const QuantPart& part : parts_) total += part.bytes();
     return total;
   }
@@ -847,29 +859,34 @@ class QuantLinear {
   }
 
   // Dequantize slices of rows into the shared scratch and multiply with the matmul library.
+  // x and out are both float32 or both bfloat16; the weight slices take their dtype.
   void run_dequantized(const QuantPart& part, const torch::Tensor& x, torch::Tensor& out) {
     const int64_t M = x.size(0), K = in_features_;
+    const at::ScalarType dtype = x.scalar_type();
+    const torch::Tensor& bias = dtype == torch::kFloat ? bias_ : bias_bf16_;
     DequantScratch& scratch = DequantScratch::instance();
     std::lock_guard<std::mutex> lock(scratch.mutex);
     const int64_t slice_rows =
         std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
     for (int64_t first = 0; first < part.rows; first += slice_rows) {
       const int64_t count = std::min(slice_rows, part.rows - first);
-      torch::Tensor weight = DequantScratch::take(scratch.weight, count, K);
-      dequantize_rows(part, K, first, count, weight.data_ptr<float>());
+      torch::Tensor weight = DequantScratch::take(scratch.weight, count, K, dtype);
+      if (dtype == torch::kFloat) dequantize_rows(part, K, first, count, weight.data_ptr<float>());
+      else dequantize_rows(part, K, first, count, weight.data_ptr<BF16>());
       if (part.identity_rows && first == 0 && count == out_features_) {  // F.linear's own call
-        if (bias_.defined()) at::addmm_out(out, bias_, x, weight.t());
+        if (bias.defined()) at::addmm_out(out, bias, x, weight.t());
         else at::mm_out(out, x, weight.t());
         continue;
       }
-      torch::Tensor product = DequantScratch::take(scratch.product, M, count);
-      at::mm_out(product, x, weight.t());
+      torch::Tensor product = DequantScratch::take(scratch.product, M, count, dtype);
       if (part.identity_rows) {
-        if (bias_.defined()) product.add_(bias_.narrow(0, first, count));
+        if (bias.defined()) at::addmm_out(product, bias.narrow(0, first, count), x, weight.t());
+        else at::mm_out(product, x, weight.t());
         out.narrow(1, first, count).copy_(product);
       } else {
         const torch::Tensor rows = part.out_rows.narrow(0, first, count);
-        if (bias_.defined()) product.add_(bias_.index_select(0, rows));
+        if (bias.defined()) at::addmm_out(product, bias.index_select(0, rows), x, weight.t());
+        else at::mm_out(product, x, weight.t());
         out.index_copy_(1, rows, product);
       }
     }
@@ -877,7 +894,8 @@ class QuantLinear {
 
   int64_t in_features_, out_features_, decode_max_rows_;
   QuantIsa isa_ = QuantIsa::kReference;
-  torch::Tensor bias_;  // float32
+  torch::Tensor bias_, bias_bf16_;  // float32, and rounded to bf16 for the bf16 matmul
+  const bool native_bf16_ = cpu_has_avx512_bf16();
   std::vector<QuantPart> parts_;
   std::vector<uint8_t> covered_;
   int64_t covered_rows_ = 0;
