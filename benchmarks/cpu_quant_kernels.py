@@ -170,6 +170,7 @@ def prefill_section(args, kernels) -> dict:
             "w4 QuantLinear fp32 x": lambda: w4.forward(x32),
             "w4 QuantLinear bf16 x": lambda: w4.forward(x16),
             "w8 QuantLinear fp32 x": lambda: w8.forward(x32),
+            "w8 QuantLinear bf16 x": lambda: w8.forward(x16),
         }
         times = {v: [] for v in variants}
         for repeat in range(args.repeats):
