@@ -67,7 +67,11 @@ inline const char* isa_name(QuantIsa isa) {
 
 constexpr int64_t kW8XBlock = 128;  // columns of x per int8 scale against w8 weights
 // Rows of x up to which the integer kernels run by default (above: dequantize and matmul).
-constexpr int64_t kQuantDecodeMaxRows = 32;
+// benchmarks/cpu_quant_kernels.py --section rows (gate_up 9728x896, float32 x, 2-core Zen 4
+// shared with other jobs): the kernel took 0.1-0.3x the dequantize-and-matmul time at every
+// row count from 1 to 128, in w4 and w8; 64 keeps a batched decode step (32 sequences in the
+// CPU benchmark) on the kernel with margin, as BF16_DOT_MAX_ROWS does for bf16 weights.
+constexpr int64_t kQuantDecodeMaxRows = 64;
 
 // A buffer of T whose data starts on a 64-byte boundary, grown on demand and kept.
 template <typename T>
