@@ -182,6 +182,25 @@ struct ActivationCodes {
   std::vector<int8_t> natural;      // one row's codes in column order (w4 staging)
 };
 
+// The rows m0 .. m0 + MR - 1 of quantized x, as the kernels read them (offsets only for w8 on
+// AVX-512, zero terms only for w4).
+template <int MR>
+struct XRows {
+  const int8_t* codes[MR];
+  const float* scales[MR];
+  const float* zero_terms[MR];
+  const int32_t* offsets[MR];
+  XRows(const ActivationCodes& a, int64_t m0) {
+    for (int m = 0; m < MR; ++m) {
+      const int64_t row = m0 + m;
+      codes[m] = a.codes.data + row * a.code_stride;
+      scales[m] = a.scales.data + row * a.scale_stride;
+      zero_terms[m] = a.zero_terms.data ? a.zero_terms.data + row * a.extra_stride : nullptr;
+      offsets[m] = a.offsets.data ? a.offsets.data + row * a.extra_stride : nullptr;
+    }
+  }
+};
+
 // w4: codes in chunk order, each lane's group scale and each group's zero term.
 inline void prepare_w4_activations(const float* x, int64_t M, const W4Layout& L, ActivationCodes& a) {
   const int64_t V = L.vector_bytes, lanes = L.lanes(), half = L.G / 2;
@@ -282,17 +301,7 @@ FITSERVE_VNNI void w4_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
   const QuantPart& p = *args.part;
   const W4Layout& L = p.layout;
   const ActivationCodes& a = *args.act;
-  const uint8_t* codes_all = p.codes;
-  const uint16_t* scales_all = p.half_scales;
-  const uint8_t* zeros_all = p.zero_codes;
-  const int8_t* x[MR];
-  const float* xs[MR];
-  const float* zt[MR];
-  for (int m = 0; m < MR; ++m) {
-    x[m] = a.codes.data + (m0 + m) * a.code_stride;
-    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
-    zt[m] = a.zero_terms.data + (m0 + m) * a.extra_stride;
-  }
+  const XRows<MR> rows(a, m0);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   // Lane l of a chunk covers bytes 4l..4l+3: group l / (16 / GPC) of the chunk.
   const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -300,8 +309,8 @@ FITSERVE_VNNI void w4_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
   const __mmask64 tail_mask = L.tail_bytes ? (~__mmask64(0)) >> (64 - L.tail_bytes) : 0;
   const int tail_groups = static_cast<int>(L.tail_bytes / (L.G / 2));
   for (int64_t n = first; n < last; ++n) {
-    const uint8_t* codes = codes_all + n * L.row_bytes;
-    const uint16_t* scales = scales_all + n * L.groups;
+    const uint8_t* codes = p.codes + n * L.row_bytes;
+    const uint16_t* scales = p.half_scales + n * L.groups;
     __m512 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < L.chunks; ++c) {
@@ -318,14 +327,14 @@ FITSERVE_VNNI void w4_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
       const __m512i lo = _mm512_and_si512(v, nibble);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       for (int m = 0; m < MR; ++m) {
-        const int8_t* xc = x[m] + c * 128;
+        const int8_t* xc = rows.codes[m] + c * 128;
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xc));
         dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(xc + 64));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_load_ps(xs[m] + c * 16)), acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_load_ps(rows.scales[m] + c * 16)), acc[m]);
       }
     }
     float corrections[MR];
-    w4_zero_corrections_vnni<MR>(scales, zeros_all + n * L.groups, L.groups, zt, corrections);
+    w4_zero_corrections_vnni<MR>(scales, p.zero_codes + n * L.groups, L.groups, rows.zero_terms, corrections);
     const int64_t row = p.out_row(n);
     const float b = args.bias ? args.bias[row] : 0.0f;
     for (int m = 0; m < MR; ++m)
@@ -340,19 +349,10 @@ FITSERVE_VNNI void w8_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
   const QuantPart& p = *args.part;
   const ActivationCodes& a = *args.act;
   const int64_t K = p.qweight.size(1), blocks = a.scale_stride;
-  const int8_t* w_all = reinterpret_cast<const int8_t*>(p.codes);
-  const float* row_scales = p.row_scales;
-  const int8_t* x[MR];
-  const float* xs[MR];
-  const int32_t* offsets[MR];
-  for (int m = 0; m < MR; ++m) {
-    x[m] = a.codes.data + (m0 + m) * a.code_stride;
-    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
-    offsets[m] = a.offsets.data + (m0 + m) * a.extra_stride;
-  }
+  const XRows<MR> rows(a, m0);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t n = first; n < last; ++n) {
-    const int8_t* w = w_all + n * K;
+    const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * K;
     __m512 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
@@ -372,16 +372,16 @@ FITSERVE_VNNI void w8_rows_vnni(const KernelArgs& args, int64_t m0, int64_t firs
       w0 = _mm512_xor_si512(w0, flip);
       w1 = _mm512_xor_si512(w1, flip);
       for (int m = 0; m < MR; ++m) {
-        __m512i dot = _mm512_load_si512(offsets[m] + b * 16);
-        dot = _mm512_dpbusd_epi32(dot, w0, _mm512_load_si512(x[m] + col));
-        dot = _mm512_dpbusd_epi32(dot, w1, _mm512_load_si512(x[m] + col + 64));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m][b]), acc[m]);
+        __m512i dot = _mm512_load_si512(rows.offsets[m] + b * 16);
+        dot = _mm512_dpbusd_epi32(dot, w0, _mm512_load_si512(rows.codes[m] + col));
+        dot = _mm512_dpbusd_epi32(dot, w1, _mm512_load_si512(rows.codes[m] + col + 64));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(rows.scales[m][b]), acc[m]);
       }
     }
     const int64_t row = p.out_row(n);
     const float b = args.bias ? args.bias[row] : 0.0f;
     for (int m = 0; m < MR; ++m)
-      args.out[(m0 + m) * args.out_features + row] = _mm512_reduce_add_ps(acc[m]) * row_scales[n] + b;
+      args.out[(m0 + m) * args.out_features + row] = _mm512_reduce_add_ps(acc[m]) * p.row_scales[n] + b;
   }
 }
 
@@ -434,9 +434,8 @@ FITSERVE_VNNI inline void w4_block_vnni_wide(const KernelArgs& args, int64_t m0,
   }
   // Every address of the loop in a register before it (the compiler cannot prove the stores
   // above leave the structures they come from alone, and would recompute them per chunk).
-  const int8_t* x_rows[MR];
+  const XRows<MR> rows(a, m0);
   const float* row_products[NR][MR];
-  for (int m = 0; m < MR; ++m) x_rows[m] = a.codes.data + (m0 + m) * a.code_stride;
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) row_products[r][m] = products + (r * MR + m) * stride;
   const int64_t chunks = L.chunks, chunks_per_group = L.chunks_per_group;
@@ -451,7 +450,7 @@ FITSERVE_VNNI inline void w4_block_vnni_wide(const KernelArgs& args, int64_t m0,
       hi[r] = high_nibbles<Gfni>(v, nibble);
     }
     for (int m = 0; m < MR; ++m) {
-      const int8_t* xc = x_rows[m] + c * 128;
+      const int8_t* xc = rows.codes[m] + c * 128;
       const __m512i x0 = _mm512_load_si512(xc), x1 = _mm512_load_si512(xc + 64);
       for (int r = 0; r < NR; ++r) {
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x0), hi[r], x1);
@@ -488,23 +487,13 @@ FITSERVE_AVX2_F16C void w4_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
   const QuantPart& p = *args.part;
   const W4Layout& L = p.layout;
   const ActivationCodes& a = *args.act;
-  const uint8_t* codes_all = p.codes;
-  const uint16_t* scales_all = p.half_scales;
-  const uint8_t* zeros_all = p.zero_codes;
-  const int8_t* x[MR];
-  const float* xs[MR];
-  const float* zt[MR];
-  for (int m = 0; m < MR; ++m) {
-    x[m] = a.codes.data + (m0 + m) * a.code_stride;
-    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
-    zt[m] = a.zero_terms.data + (m0 + m) * a.extra_stride;
-  }
+  const XRows<MR> rows(a, m0);
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i lane_group = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // GPC == 2 (G = 32)
   for (int64_t n = first; n < last; ++n) {
-    const uint8_t* codes = codes_all + n * L.row_bytes;
-    const uint16_t* scales = scales_all + n * L.groups;
-    const uint8_t* zeros = zeros_all + n * L.groups;
+    const uint8_t* codes = p.codes + n * L.row_bytes;
+    const uint16_t* scales = p.half_scales + n * L.groups;
+    const uint8_t* zeros = p.zero_codes + n * L.groups;
     __m256 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
     int64_t group = 0, in_group = 0;
@@ -529,12 +518,12 @@ FITSERVE_AVX2_F16C void w4_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
       const __m256i lo = _mm256_and_si256(v, nibble);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
       for (int m = 0; m < MR; ++m) {
-        const int8_t* xc = x[m] + c * 64;
+        const int8_t* xc = rows.codes[m] + c * 64;
         const __m256i pairs = _mm256_add_epi16(
             _mm256_maddubs_epi16(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(xc))),
             _mm256_maddubs_epi16(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(xc + 32))));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_load_ps(xs[m] + c * 8)), acc[m]);
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_load_ps(rows.scales[m] + c * 8)), acc[m]);
       }
     }
     const int64_t row = p.out_row(n);
@@ -542,7 +531,7 @@ FITSERVE_AVX2_F16C void w4_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
     for (int m = 0; m < MR; ++m) {
       float correction = 0.0f;
       for (int64_t g = 0; g < L.groups; ++g)
-        correction += half_to_float(scales[g]) * static_cast<float>(zeros[g]) * zt[m][g];
+        correction += half_to_float(scales[g]) * static_cast<float>(zeros[g]) * rows.zero_terms[m][g];
       args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) - correction + b;
     }
   }
@@ -555,18 +544,11 @@ FITSERVE_AVX2_F16C void w8_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
   const QuantPart& p = *args.part;
   const ActivationCodes& a = *args.act;
   const int64_t K = p.qweight.size(1), blocks = a.scale_stride;
-  const int8_t* w_all = reinterpret_cast<const int8_t*>(p.codes);
-  const float* row_scales = p.row_scales;
-  const int8_t* x[MR];
-  const float* xs[MR];
-  for (int m = 0; m < MR; ++m) {
-    x[m] = a.codes.data + (m0 + m) * a.code_stride;
-    xs[m] = a.scales.data + (m0 + m) * a.scale_stride;
-  }
+  const XRows<MR> rows(a, m0);
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) int8_t tail[32];
   for (int64_t n = first; n < last; ++n) {
-    const int8_t* w = w_all + n * K;
+    const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * K;
     __m256 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
@@ -584,16 +566,16 @@ FITSERVE_AVX2_F16C void w8_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
         }
         const __m256i magnitude = _mm256_abs_epi8(wv);
         for (int m = 0; m < MR; ++m) {
-          const __m256i signed_x = _mm256_sign_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(x[m] + col)), wv);
+          const __m256i signed_x = _mm256_sign_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(rows.codes[m] + col)), wv);
           dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), ones));
         }
       }
       for (int m = 0; m < MR; ++m)
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_set1_ps(xs[m][b]), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_set1_ps(rows.scales[m][b]), acc[m]);
     }
     const int64_t row = p.out_row(n);
     const float b = args.bias ? args.bias[row] : 0.0f;
-    for (int m = 0; m < MR; ++m) args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) * row_scales[n] + b;
+    for (int m = 0; m < MR; ++m) args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) * p.row_scales[n] + b;
   }
 }
 
