@@ -1,0 +1,70 @@
+"""`--slo` against fixed step budgets, side by side, same requests (issue 22).
+
+Each setting serves the same open-loop workload (prompts long enough that the step budget
+decides how much prefill rides along with each decode step) against a fresh server: fixed
+`--max-num-batched-tokens` 256, 2048 and 8192, and `--slo` starting from 2048. Goodput
+(completed requests/s meeting the TTFT and TPOT targets) is the bench's own. Target: goodput
+with `--slo` >= the best fixed budget's, at a rate where a fixed budget misses the SLO.
+
+    python benchmarks/slo_budget.py --rate 6 --slo ttft=2s,tpot=60ms,p=90
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, write_result  # noqa: E402
+from side_by_side import bench_run, medians, result_header  # noqa: E402
+
+FIXED_BUDGETS = (256, 2048, 8192)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slo", default="ttft=2s,tpot=60ms,p=90")
+    parser.add_argument("--rate", default="6")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--server-args", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "slo_budget.json")
+    args = parser.parse_args()
+
+    settings = {f"fixed {budget}": f"--max-num-batched-tokens {budget}" for budget in FIXED_BUDGETS}
+    settings["slo"] = f"--max-num-batched-tokens 2048 --slo {args.slo}"
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    with tempfile.TemporaryDirectory(prefix="slo-budget-") as scratch:
+        for repeat in range(args.repeats):
+            for name, server_flags in settings.items():
+                run = bench_run(["--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
+                                 "--output-len", str(args.output_len), "--rate", args.rate, "--seed", str(args.seed),
+                                 "--slo", args.slo], f"{server_flags} {args.server_args}".strip(),
+                                Path(scratch) / f"{name.replace(' ', '-')}-{repeat}")
+                summary = run["summary"]
+                result = {"goodput": summary["goodput"], "slo_attainment": summary["slo_attainment"],
+                          "ttft_p90_ms": summary["ttft_ms"]["p90"], "tpot_p90_ms": summary["tpot_ms"]["p90"],
+                          "output_tokens_per_s": summary["output_throughput"]}
+                runs[name].append(result)
+                print(f"[{repeat}] {name}: goodput {result['goodput']:.3f} req/s, attainment "
+                      f"{result['slo_attainment']:.2f}, p90 TTFT {result['ttft_p90_ms']:.0f} ms, "
+                      f"p90 TPOT {result['tpot_p90_ms']:.1f} ms", flush=True)
+    middle = medians(runs, ("goodput", "slo_attainment", "ttft_p90_ms", "tpot_p90_ms", "output_tokens_per_s"))
+    best_fixed = max(middle[f"fixed {budget}"]["goodput"] for budget in FIXED_BUDGETS)
+    result = result_header("slo_budget", "fitserve bench with --slo against servers with fixed step budgets and "
+                           "one with the --slo feedback loop, same seed, bundled model", args) | {
+        "runs": runs, "medians": middle,
+        "slo_goodput_over_best_fixed": middle["slo"]["goodput"] / best_fixed if best_fixed else None,
+        "target": "goodput with --slo >= the best fixed budget's",
+    }
+    path = write_result("slo_budget", result, args.out)
+    print(f"goodput: --slo {middle['slo']['goodput']:.3f} req/s vs best fixed {best_fixed:.3f}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
