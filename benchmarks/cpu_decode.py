@@ -433,15 +433,13 @@ def main() -> int:
             gguf_path = write_gguf(model_dir, model_dir / "model-bf16.gguf")
             for type_name in args.llama_cpp_types:
                 path = quantize_gguf(gguf_path, type_name, args.threads)
-                label = f"llama.cpp {type_name}"
+                label = type_name  # results read "llama.cpp Q4_0"; bfloat16 shares fitserve's shape
                 if type_name != "bfloat16":  # bytes per step as llama.cpp stores them
                     bits = gguf_bits_per_weight(path)
                     llama_cpp_types[type_name] = bits
                     shapes[label] = dataclasses.replace(
                         shapes["bfloat16"], projection_bits=bits["projection_bits"],
                         lm_head_bits=bits["lm_head_bits"], quantization=type_name)
-                else:
-                    shapes[label] = shapes["bfloat16"]
                 llama_cpp_runners[label] = LlamaCppRunner(path, args.threads, max_seqs=32, max_len=800,
                                                           batch_tokens=2048)
         except ImportError as error:
@@ -523,7 +521,7 @@ def main() -> int:
                 _, seconds = runner.prefill(prefill_prompt)
                 runs["prefill"].append({"repeat": repeat, "system": "llama.cpp", "dtype": label,
                                         "seconds": seconds, "machine": machine})
-                log(f"prefill {label}: {seconds:.2f} s")
+                log(f"prefill llama.cpp {label}: {seconds:.2f} s")
         if repeat < serve_repeats and ("serve" in args.sections or "overhead" in args.sections):
             for dtype, side in fitserve.items():
                 if args.serve_dtypes and dtype not in args.serve_dtypes:
@@ -550,7 +548,7 @@ def main() -> int:
                                           "concurrency": 32, "seconds": seconds, "output_tokens": produced,
                                           "output_tokens_per_s": produced / seconds,
                                           "decode_only_tokens_per_s": decode_rate, "machine": machine})
-                    log(f"serve {label} x32: {produced / seconds:.2f} tok/s")
+                    log(f"serve llama.cpp {label} x32: {produced / seconds:.2f} tok/s")
                 if not args.skip_transformers:
                     dtype = args.transformers_serve_dtype
                     result = hf[dtype].serve(workload, args.transformers_batch_size)
