@@ -197,13 +197,18 @@ def _write_config(model_dir: Path, out_dir: Path, plan: FormatPlan) -> None:
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ggml", ".onnx")
+_SIDE_FILE_LIMIT = 64 * 2**20
+
+
 def _copy_side_files(model_dir: Path, out_dir: Path) -> None:
-    """Tokenizer, generation config, chat template and any other non-weight file, so the
-    directory stands on its own; the dense weights, their index and the model card are not
-    copied (the card describes the dense model)."""
+    """Tokenizer, generation config, chat template and the other small non-weight files, so the
+    directory stands on its own; weights in any format (safetensors, .bin, GGUF, ...), their
+    index, files over 64 MiB and the model card (it describes the dense model) are not copied."""
     skipped = {"config.json", "model.safetensors.index.json", "README.md", "eval.json"}
     for path in model_dir.iterdir():
-        if path.is_file() and path.suffix not in (".safetensors", ".bin", ".pt") and path.name not in skipped:
+        if (path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and path.name not in skipped
+                and path.stat().st_size <= _SIDE_FILE_LIMIT):
             shutil.copy2(path, out_dir / path.name)
 
 

@@ -15,8 +15,11 @@ from tests.tiny_models import write_tiny_checkpoint
 
 def test_quantize_writes_a_directory_every_command_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dense = write_tiny_checkpoint(tmp_path / "dense", "llama2")
+    (dense / "generation_config.json").write_text("{}")
+    (dense / "model-bf16.gguf").write_bytes(b"GGUF")  # other formats' weights stay behind
     out = tmp_path / "w4"
     assert main(["quantize", str(dense), "--method", "w4", "--group-size", "32", "--out", str(out), "--json"]) == 0
+    assert (out / "generation_config.json").is_file() and not (out / "model-bf16.gguf").exists()
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "w4" and summary["linear_bits_per_weight"] == pytest.approx(4 + 24 / 32)
     # The untied float32 embedding stays dense (it is only indexed); the rest shrinks ~7x.
