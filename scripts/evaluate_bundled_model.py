@@ -28,7 +28,8 @@ from model_card import render_model_card  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "fitserve" / "assets" / "fitserve-tiny"
-PERPLEXITY_WINDOW = 512
+from fitserve.quant.evaluate import PERPLEXITY_WINDOW  # noqa: E402
+from fitserve.quant.evaluate import heldout_windows as windows_of  # noqa: E402
 # The test re-measures only this many leading windows, to stay within seconds on CPU.
 SUBSET_WINDOWS = 16
 # (first line, end line) slices of heldout.txt used as sample prompts; chosen to start at a
@@ -38,9 +39,7 @@ SAMPLE_NEW_TOKENS = 64
 
 
 def heldout_windows(tokenizer, text: str, window: int = PERPLEXITY_WINDOW) -> list[list[int]]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    windows = [ids[start : start + window] for start in range(0, len(ids), window)]
-    return [w for w in windows if len(w) >= 2]
+    return windows_of(tokenizer(text, add_special_tokens=False)["input_ids"], window)
 
 
 @torch.inference_mode()

@@ -22,16 +22,15 @@ import torch
 
 from fitserve import LLM, SamplingParams
 from fitserve.config import default_model_dir
+from fitserve.quant.evaluate import PERPLEXITY_WINDOW
+from fitserve.quant.evaluate import heldout_windows as windows_of
 
-PERPLEXITY_WINDOW = 512  # the model card's protocol (scripts/evaluate_bundled_model.py)
 
 
 def heldout_windows(llm: LLM, num_windows: int | None) -> list[list[int]]:
     """The card's windows of heldout.txt (tokenized without special tokens)."""
     text = (default_model_dir() / "heldout.txt").read_text(encoding="utf-8")
-    ids = llm.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-    windows = [ids[start : start + PERPLEXITY_WINDOW] for start in range(0, len(ids), PERPLEXITY_WINDOW)]
-    windows = [window for window in windows if len(window) >= 2]
+    windows = windows_of(llm.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
     return windows[:num_windows] if num_windows else windows
 
 

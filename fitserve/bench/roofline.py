@@ -156,9 +156,10 @@ def quantized_bits(config: dict) -> dict:
     quantization = config.get("quantization_config")
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "fitserve":
         return {}
-    width = int(config["hidden_size"])
-    w8_bits = 8 + 32 / width
-    w4_bits = 4 + 24 / int(quantization.get("group_size", 128))
+    from fitserve.quant.packing import w4_bits_per_weight, w8_bits_per_weight
+
+    w8_bits = w8_bits_per_weight(int(config["hidden_size"]))
+    w4_bits = w4_bits_per_weight(int(quantization.get("group_size", 128)))
     method = quantization.get("method")
     if method == "w8":
         bits = w8_bits

@@ -1,5 +1,5 @@
-"""How many bytes a loaded model's weights hold, by format: for the start-up banner, the
-roofline's bytes per decode step and memory budgets."""
+"""How many bytes a loaded model's weights hold, by format (the start-up banner and
+benchmarks/weight_memory.py)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,3 @@ def projection_bits_per_weight(model: torch.nn.Module) -> float:
     stored = sum(layer.stored_bytes() for layer in layers)
     return 8 * stored / sum(layer.in_features * layer.out_features for layer in layers)
 
-
-def decode_read_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes one decode step reads: every projection and the LM head as stored, plus
-    one embedding row per token (negligible; not counted). An untied embedding is not read."""
-    linears = [module for module in model.modules() if isinstance(module, Linear)]
-    norms = [parameter for name, parameter in model.named_parameters() if "norm" in name]
-    return sum(layer.stored_bytes() for layer in linears) + _unique_bytes(norms)

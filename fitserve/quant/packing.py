@@ -106,6 +106,11 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return weight.view(rows, columns)
 
 
+def w8_bits_per_weight(in_features: int) -> float:
+    """Stored bits per weight of w8: 8 for the code plus a float32 scale per row of `in_features`."""
+    return 8 + 32 / in_features
+
+
 def w4_bits_per_weight(group_size: int) -> float:
     """Stored bits per weight of w4: 4 for the code plus a float16 scale and a uint8 zero per group."""
     return 4 + (16 + 8) / group_size

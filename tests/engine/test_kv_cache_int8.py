@@ -20,6 +20,7 @@ from fitserve import LLM, SamplingParams
 from fitserve.config import ConfigError, EngineArgs, default_model_dir
 from fitserve.engine.runner import allocate_kv_cache, kv_cache_bytes_per_block
 from fitserve.models.config import load_model_config
+from fitserve.quant.evaluate import heldout_windows
 from tests.tiny_models import random_token_ids, write_tiny_checkpoint
 
 
@@ -93,10 +94,9 @@ def test_scheduling_features_do_not_change_int8_tokens(tmp_path: Path) -> None:
     assert [output.outputs[0].token_ids for output in produced] == expected
 
 
-def _heldout_windows(tokenizer, count: int, window: int = 512) -> list[list[int]]:
+def _heldout_windows(tokenizer, count: int) -> list[list[int]]:
     text = (default_model_dir() / "heldout.txt").read_text(encoding="utf-8")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: count * window]
-    return [ids[start : start + window] for start in range(0, len(ids), window)]
+    return heldout_windows(tokenizer(text, add_special_tokens=False)["input_ids"])[:count]
 
 
 def test_bundled_model_quality_with_int8_cache() -> None:

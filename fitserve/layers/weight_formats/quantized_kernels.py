@@ -64,13 +64,14 @@ def triton_linear(layer: Linear, parts: list[IntegerPart]) -> LinearKernel:
     """The Triton dequantizing matmuls (GPU path, or Triton's interpreter in tests)."""
     from fitserve.kernels import triton_quant
 
+    # Each part adds the bias of the output rows it writes, in its own row order; the slices
+    # are taken once here rather than gathered on every call.
+    biases = [None if layer.bias is None else (layer.bias if part.out_rows is None else layer.bias[part.out_rows])
+              for part in parts]
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
-        for index, part in enumerate(parts):
-            # The bias is added once, by the first part, over the rows it writes; the others
-            # add theirs by row as well.
-            bias = None if layer.bias is None else (
-                layer.bias if part.out_rows is None else layer.bias[part.out_rows])
+        for part, bias in zip(parts, biases, strict=True):
             if part.kind == "w8":
                 triton_quant.w8_linear(x, *part.tensors, bias, out=out, out_rows=part.out_rows)
             else:
