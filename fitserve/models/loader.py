@@ -305,7 +305,10 @@ class _LayerFiller:
             parts = self.parts.pop(target.layer)
             if target.layer == EMBEDDING:
                 (tensors,) = parts.values()
-                module.set_tensors(tensors["qweight"].to(self.device), tensors["scales"].to(self.device))
+                # safetensors hands back views of its file mapping; an owned copy lets the
+                # mapping (and every page of the file read so far) go when loading ends.
+                module.set_tensors(tensors["qweight"].to(self.device, copy=True),
+                                   tensors["scales"].to(self.device, copy=True))
             else:
                 ordered = sorted(parts.items(), key=lambda item: self.row_starts[item[0]])
                 weight_format.load_parts(module, ordered, self.device)
