@@ -175,7 +175,8 @@ def _model_shape(args, model_dir: Path | None):
     device = resolve_device(args.roofline_device if args.roofline_device != "auto"
                             else (_server_flag(args.server_args, "--device") or "auto"))
     dtype_name = args.roofline_dtype if args.roofline_dtype != "auto" else (_server_flag(args.server_args, "--dtype") or "auto")
-    return ModelShape.from_model_dir(model_dir, dtype_name, device), device
+    kv_cache_dtype = _server_flag(args.server_args, "--kv-cache-dtype") or "auto"
+    return ModelShape.from_model_dir(model_dir, dtype_name, device, kv_cache_dtype), device
 
 
 def _measure_limit(args, shape, device) -> dict | None:

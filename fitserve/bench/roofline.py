@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ class ModelShape:
     lm_head_bits: float = 0.0
     """The same for the LM head (the tied embedding)."""
     quantization: str = "dense"
+    kv_cache_dtype: str = "auto"
+    """`--kv-cache-dtype` of the server: "auto" stores K/V in the model dtype, "int8" one byte
+    per element plus a float32 scale per token and head."""
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype | None = None) -> "ModelShape":
@@ -65,11 +68,11 @@ class ModelShape:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: str = "auto",
-                       device: torch.device | None = None) -> "ModelShape":
+                       device: torch.device | None = None, kv_cache_dtype: str = "auto") -> "ModelShape":
         config = json.loads((Path(model_dir) / "config.json").read_text())
         checkpoint_dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"))
         resolved = resolve_dtype(dtype, checkpoint_dtype, device or torch.device("cpu"))
-        return cls.from_config(config, resolved)
+        return replace(cls.from_config(config, resolved), kv_cache_dtype=kv_cache_dtype)
 
     # -- parameter counts ------------------------------------------------------------------
     @property
@@ -117,8 +120,12 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token over all layers (GQA: only the KV heads are stored)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """K and V of one token over all layers (GQA: only the KV heads are stored), as the
+        cache stores them (int8 values and their scales for an int8 cache)."""
+        from fitserve.attention.cache_layout import bytes_per_token_per_head
+
+        per_head = bytes_per_token_per_head(self.head_dim, self.kv_cache_dtype, getattr(torch, self.dtype_name))
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
     # -- per-step costs ---------------------------------------------------------------------
     def attention_flops(self, query_tokens: int, context_tokens: float) -> float:

@@ -24,6 +24,17 @@ def test_llama_3_8b_counts_match_the_published_shape():
     assert shape.weight_bytes_per_step == (8_030_261_248 - 128256 * 4096) * 2
 
 
+def test_int8_kv_cache_counts_one_byte_per_element_plus_a_scale_per_token_and_head(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B))
+    dense = ModelShape.from_model_dir(tmp_path, "bfloat16")
+    int8 = ModelShape.from_model_dir(tmp_path, "bfloat16", kv_cache_dtype="int8")
+    # 32 layers x 8 KV heads x (K and V): 128 int8 values and one float32 scale each.
+    assert int8.kv_bytes_per_token == 2 * 32 * 8 * (128 + 4)
+    assert int8.decode_step_bytes(4, 1000) - dense.decode_step_bytes(4, 1000) == \
+        4 * 1001 * (int8.kv_bytes_per_token - dense.kv_bytes_per_token)
+    assert int8.to_dict()["kv_cache_dtype"] == "int8"
+
+
 def test_step_costs_by_hand_for_a_tiny_tied_model():
     config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1, "vocab_size": 10, "tie_word_embeddings": True, "torch_dtype": "float32"}
