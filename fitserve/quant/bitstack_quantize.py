@@ -26,14 +26,15 @@ from fitserve.quant import bitstack_budget, bitstack_order, bitstack_packing, pa
 from fitserve.quant.activation_scales import column_scales, input_magnitudes
 from fitserve.quant.bitstack import choose_rank, decompose
 from fitserve.quant.bitstack_standin import Stack, StandIn
-from fitserve.quant.evaluate import heldout_windows, perplexity
+from fitserve.quant.bitstack_evaluate import model_windows
+from fitserve.quant.evaluate import perplexity
 
 DEFAULT_NUM_BLOCKS = 16
 DEFAULT_RANK = 16
 AUTO_RANK_CANDIDATES = (4, 8, 16)
-ORDERING_WINDOWS = 4
-"""Calibration windows each loss of the measured ordering is taken on (a few 512-token
-windows rank the blocks stably; every one costs (matrices + 1) x blocks forward passes)."""
+ORDERING_TOKENS = 2048
+"""Calibration tokens each loss of the measured ordering is taken on (a few 512-token windows
+rank the blocks stably; each costs (matrices + 1) x blocks forward passes)."""
 CURVE_POINTS = 9
 CURVE_WINDOWS = 16
 """The perplexity curve in quantization_config is measured on the model card's 16-window
@@ -47,10 +48,13 @@ class BitStackOptions:
     """Rank of every block's factors, or "auto": per matrix, the candidate rank with the most
     activation-weighted residual reduction per byte (bitstack.choose_rank)."""
     ordering: str = "measured"
+    ordering_tokens: int = ORDERING_TOKENS
+    """measured: calibration tokens per loss (the first windows of the calibration samples)."""
     alpha: float = 0.5
     """Exponent of the input magnitudes in the column scales (activation_scales.column_scales)."""
-    curve: bool = True
-    """Measure the held-out perplexity curve when the model ships heldout.txt."""
+    curve_points: int = CURVE_POINTS
+    """Budgets of the held-out perplexity curve, measured when the model ships heldout.txt
+    (0: none; at least 2 otherwise: the smallest and the full model)."""
 
 
 @dataclass
@@ -70,6 +74,10 @@ def check_options(options: BitStackOptions) -> None:
         raise ValueError(f"--num-blocks must be at least 1 (got {options.num_blocks})")
     if options.rank != "auto" and (not isinstance(options.rank, int) or options.rank < 1):
         raise ValueError(f"--rank must be a positive integer or 'auto' (got {options.rank!r})")
+    if options.ordering_tokens < 2:
+        raise ValueError(f"ordering_tokens must be at least 2 (got {options.ordering_tokens})")
+    if options.curve_points == 1 or options.curve_points < 0:
+        raise ValueError(f"curve_points must be 0 or at least 2 (got {options.curve_points})")
     if options.ordering not in bitstack_order.ORDERINGS:
         raise ValueError(f"--ordering must be one of {', '.join(bitstack_order.ORDERINGS)} (got {options.ordering!r})")
 
@@ -148,7 +156,7 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
     stand_in = None
     if options.ordering == "measured":
         stand_in = _stand_in(model_dir, fixed, stacks)
-        values = bitstack_order.measured_values(stand_in, samples[:ORDERING_WINDOWS],
+        values = bitstack_order.measured_values(stand_in, first_tokens(samples, options.ordering_tokens),
                                                 lambda depths: _bar(depths, "ordering", progress, "depth"))
     else:
         values = residual_values
@@ -161,11 +169,11 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
         "lm_head": head, "ordering": options.ordering, "activation_alpha": options.alpha,
     }
     heldout = model_dir / "heldout.txt"
-    if options.curve and heldout.is_file():
+    if options.curve_points and heldout.is_file():
         stand_in = stand_in or _stand_in(model_dir, fixed, stacks)
-        windows = _heldout(model_dir)[:CURVE_WINDOWS]
+        windows = model_windows(model_dir)[:CURVE_WINDOWS]
         quantization_config["perplexity_curve"] = perplexity_curve(stand_in, order, sizes, fixed_bytes, windows,
-                                                                   CURVE_POINTS, progress)
+                                                                   options.curve_points, progress)
         quantization_config["perplexity_curve_windows"] = f"first {len(windows)} 512-token windows of heldout.txt"
     tensors = dict(fixed)
     for prefix, stack in stacks.items():
@@ -176,12 +184,15 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
                           linear_weights=sum(part.rows * part.in_features for part in parts))
 
 
-def _heldout(model_dir: Path) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    text = (model_dir / "heldout.txt").read_text(encoding="utf-8")
-    return heldout_windows(tokenizer.encode(text, add_special_tokens=False).ids)
+def first_tokens(samples: list[list[int]], tokens: int) -> list[list[int]]:
+    """The leading windows of `samples` holding `tokens` tokens (the last one cut to fit)."""
+    out, left = [], tokens
+    for sample in samples:
+        if left < 2:
+            break
+        out.append(sample[:left])
+        left -= len(out[-1])
+    return out
 
 
 def curve_counts(total_blocks: int, points: int) -> list[int]:
