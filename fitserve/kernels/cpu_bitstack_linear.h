@@ -29,6 +29,7 @@
 #include "cpu_kernels.h"
 #include "cpu_quant_linear.h"
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -40,7 +41,7 @@ namespace fitserve_cpu {
 constexpr int64_t kBitStackColumns = 128;  // columns of T per int8 scale
 constexpr int64_t kBitStackGroups = kBitStackColumns / 4;  // 4-column groups per scale block
 constexpr int64_t kBitStackLanes = 16;     // ranks per chunk (one 512-bit vector of int32)
-constexpr int kBitStackTileRows = 4;       // weight rows sharing each load of T
+constexpr int kBitStackTileRows = 8;       // weight rows sharing each load of T
 // Rows of x up to which the integer kernel runs by default (above: rebuild W and matmul).
 // The kernel's work grows with the rows of x (N K r per block and row) while the rebuild's does
 // not: benchmarks/cpu_bitstack_kernels.py --section rows measures where they cross.
@@ -218,6 +219,37 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
   }
   for (int64_t i = 0; i < args.M * kBitStackTileRows; ++i) totals[i] = _mm512_reduce_add_ps(_mm512_load_ps(totals + i * kBitStackLanes));
   finish_tile(args, n0, R, totals);
+}
+
+// vpdpbusd instructions per second that one thread retires with twelve independent
+// accumulators and no memory operands: the compute bound the kernel's speed is quoted against
+// (benchmarks/cpu_bitstack_kernels.py multiplies it by the threads and measures it in the same run).
+FITSERVE_VNNI inline double dpbusd_rate_one_thread(int64_t iterations) {
+  __m512i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
+  const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(3);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iterations; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  __m512i total = acc[0];
+  for (int i = 1; i < 12; ++i) total = _mm512_add_epi32(total, acc[i]);
+  volatile int sink = _mm512_reduce_add_epi32(total);  // keeps the loop
+  (void)sink;
+  return 12.0 * static_cast<double>(iterations) / seconds;
+}
+
+// The same on every one of torch's threads at once, summed (0 where the CPU lacks VNNI).
+inline double dpbusd_rate(int64_t iterations) {
+  if (!cpu_has_avx512_vnni()) return 0.0;
+  const int threads = at::get_num_threads();
+  std::vector<double> rates(static_cast<size_t>(threads), 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) rates[t] = dpbusd_rate_one_thread(iterations);
+  });
+  double total = 0.0;
+  for (const double rate : rates) total += rate;
+  return total;
 }
 
 // ------------------------------------------------------------------------- AVX2
@@ -524,12 +556,28 @@ class BitStackLinear {
       for (int64_t tile = first; tile < last; ++tile) {
         const int64_t n0 = tile * kBitStackTileRows;
         const int64_t rows = std::min<int64_t>(kBitStackTileRows, part.rows - n0);
-        static_assert(kBitStackTileRows == 4, "the switch below lists the tile sizes");
-        switch (rows) {
-          case 4: vnni ? bitstack_tile_vnni<4>(args, n0) : bitstack_tile_avx2<4>(args, n0); break;
-          case 3: vnni ? bitstack_tile_vnni<3>(args, n0) : bitstack_tile_avx2<3>(args, n0); break;
-          case 2: vnni ? bitstack_tile_vnni<2>(args, n0) : bitstack_tile_avx2<2>(args, n0); break;
-          default: vnni ? bitstack_tile_vnni<1>(args, n0) : bitstack_tile_avx2<1>(args, n0); break;
+        if (vnni) {
+          static_assert(kBitStackTileRows == 8, "the switch below lists the tile sizes");
+          switch (rows) {
+            case 8: bitstack_tile_vnni<8>(args, n0); break;
+            case 7: bitstack_tile_vnni<7>(args, n0); break;
+            case 6: bitstack_tile_vnni<6>(args, n0); break;
+            case 5: bitstack_tile_vnni<5>(args, n0); break;
+            case 4: bitstack_tile_vnni<4>(args, n0); break;
+            case 3: bitstack_tile_vnni<3>(args, n0); break;
+            case 2: bitstack_tile_vnni<2>(args, n0); break;
+            default: bitstack_tile_vnni<1>(args, n0); break;
+          }
+          continue;
+        }
+        // AVX2 has 16 vector registers: four rows at a time (two 8-lane halves each).
+        for (int64_t half = 0; half < rows; half += 4) {
+          switch (std::min<int64_t>(4, rows - half)) {
+            case 4: bitstack_tile_avx2<4>(args, n0 + half); break;
+            case 3: bitstack_tile_avx2<3>(args, n0 + half); break;
+            case 2: bitstack_tile_avx2<2>(args, n0 + half); break;
+            default: bitstack_tile_avx2<1>(args, n0 + half); break;
+          }
         }
       }
     });

@@ -357,6 +357,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("out_features", &QuantLinear::out_features)
       .def_property_readonly("decode_max_rows", &QuantLinear::decode_max_rows);
   m.def("has_avx512_vnni", &cpu_has_avx512_vnni, "whether this CPU has AVX-512 VNNI");
+  m.def("dpbusd_rate", &dpbusd_rate, "vpdpbusd per second on all threads (register-only loop; 0 without VNNI)",
+        py::arg("iterations") = 2000000, release);
   py::class_<BitStackLinear, std::shared_ptr<BitStackLinear>>(
       m, "BitStackLinear", "a linear layer of BitStack sign/rank-r blocks (cpu_bitstack_linear.h)")
       .def(py::init<int64_t, int64_t, c10::optional<torch::Tensor>, const std::string&, int64_t>(),
