@@ -350,6 +350,33 @@ def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None 
     return layer
 
 
+def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",
+                    decode_max_rows: int | None = None):
+    """A compiled `BitStackLinear` (fitserve/kernels/cpu_bitstack_linear.h) for a layer stored as
+    BitStack blocks (fitserve.quant.bitstack_packing), or None where the kernels cannot be built
+    (callers then rebuild W with dequantize_blocks and run F.linear, the layout's reference).
+
+    Build: `part = layer.add_part(rows, rank)` once per projection of a fused layer (parts take
+    consecutive output rows in the order added), then `layer.append_block(part, signs, u, v)`
+    per loaded block (signs uint8 [rows, ceil(K/8)], u float16 [rows, rank], v float16 [rank, K];
+    held by reference, not copied, when contiguous). Resize: `layer.set_active_blocks(part, d)`
+    (a count; stored blocks stay), `layer.truncate(part, d)` (drops the tensors after the first
+    d) and `append_block` again to grow. `forward(x)` takes a contiguous [M, in_features]
+    float32 or bfloat16 x; up to `decode_max_rows` rows (default: the kernel's own) run the
+    integer kernel straight from the bits, more rows rebuild W in slices and run the matmul
+    library. The object is thread-safe: a resize waits for a running forward and vice versa.
+    """
+    kernels = get()
+    if kernels is None:
+        return None
+    kwargs = {} if decode_max_rows is None else {"decode_max_rows": decode_max_rows}
+    layer = kernels.BitStackLinear(in_features, out_features, bias, isa, **kwargs)
+    if layer.isa == "reference" and isa == "auto":
+        _log_once("BitStack layers: this CPU has neither AVX-512 VNNI nor AVX2/F16C; decode rows rebuild the "
+                  "weights and run the matmul library")
+    return layer
+
+
 def log_reference_parts(layer) -> None:
     """Log (once per process) when a part of `layer` has no integer kernel on this CPU."""
     if "reference" in layer.part_isas() and layer.isa != "reference":

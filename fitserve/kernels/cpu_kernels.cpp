@@ -10,6 +10,7 @@
 #include "cpu_prefill_attention.h"
 #include "cpu_prefill_attention_avx2.h"
 #include "cpu_quant_linear.h"
+#include "cpu_bitstack_linear.h"
 
 namespace fitserve_cpu {
 
@@ -356,4 +357,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("out_features", &QuantLinear::out_features)
       .def_property_readonly("decode_max_rows", &QuantLinear::decode_max_rows);
   m.def("has_avx512_vnni", &cpu_has_avx512_vnni, "whether this CPU has AVX-512 VNNI");
+  m.def("dpbusd_rate", &dpbusd_rate, "vpdpbusd per second on all threads (register-only loop; 0 without VNNI)",
+        py::arg("iterations") = 2000000, release);
+  py::class_<BitStackLinear, std::shared_ptr<BitStackLinear>>(
+      m, "BitStackLinear", "a linear layer of BitStack sign/rank-r blocks (cpu_bitstack_linear.h)")
+      .def(py::init<int64_t, int64_t, c10::optional<torch::Tensor>, const std::string&, int64_t>(),
+           py::arg("in_features"), py::arg("out_features"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
+           py::arg("decode_max_rows") = kBitStackDecodeMaxRows)
+      .def("add_part", &BitStackLinear::add_part, py::arg("rows"), py::arg("rank"))
+      .def("append_block", &BitStackLinear::append_block, py::arg("part"), py::arg("signs"), py::arg("u"), py::arg("v"),
+           release)
+      .def("truncate", &BitStackLinear::truncate, py::arg("part"), py::arg("blocks"), release)
+      .def("set_active_blocks", &BitStackLinear::set_active_blocks, py::arg("part"), py::arg("blocks"), release)
+      .def("stored_blocks", &BitStackLinear::stored_blocks, py::arg("part"))
+      .def("active_blocks", &BitStackLinear::active_blocks, py::arg("part"))
+      .def("forward", &BitStackLinear::forward, py::arg("x"), release)
+      .def("__call__", &BitStackLinear::forward, py::arg("x"), release)
+      .def("bytes", &BitStackLinear::bytes)
+      .def_property_readonly("num_parts", &BitStackLinear::num_parts)
+      .def_property_readonly("isa", &BitStackLinear::isa)
+      .def_property_readonly("in_features", &BitStackLinear::in_features)
+      .def_property_readonly("out_features", &BitStackLinear::out_features)
+      .def_property_readonly("decode_max_rows", &BitStackLinear::decode_max_rows);
 }

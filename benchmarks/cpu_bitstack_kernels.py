@@ -1,0 +1,262 @@
+"""Micro-benchmarks of the BitStack CPU kernel (fitserve/kernels/cpu_bitstack_linear.h).
+
+    python benchmarks/cpu_bitstack_kernels.py                    # one decode row, Qwen2.5-0.5B shapes
+    python benchmarks/cpu_bitstack_kernels.py --section rows     # kernel vs rebuild+matmul by rows of x
+    python benchmarks/cpu_bitstack_kernels.py --section resize   # shrink/grow of a model's layers
+
+`gemv`: one row of x against each fused projection of a Qwen2.5-0.5B layer (qkv = q 896 +
+k 128 + v 128 rows x 896, o 896x896, gate_up 2 x 4864 x 896, down 896x4864) and the LM head,
+in three formats, calls alternating so a shared machine's swings hit all alike:
+- bf16 through the streaming kernel (`linear_small_batch`, what a bf16 model runs),
+- w4 group 128 through QuantLinear (the format whose memory sets the budget),
+- BitStack rank 16 through BitStackLinear at `--blocks` blocks per matrix (random signs and
+  factors: the kernel's time does not depend on their values).
+Every variant has enough copies of its weights that each call reads them from memory.
+The budget equal to w4's memory: w4 stores N K / 2 code bytes + 3 bytes per 128 weights (a
+float16 scale and a uint8 zero); a rank-16 BitStack block stores N K / 8 sign bytes + 32 (N + K)
+factor bytes, so the depth that fits w4's bytes is their ratio, summed over a layer's matrices
+(`w4_equal_depth`, ~3.1 for Qwen2.5-0.5B). Reported per shape: best and median time, the
+kernel's vpdpbusd count per call over the best time as a fraction of the machine's measured
+vpdpbusd rate (`dpbusd_rate`, same run: the compute bound — BitStack decode is compute-bound,
+N K r / 64 vpdpbusd per block and row), and bytes read per second as a fraction of the best
+read rate (the bound of bf16 and w4).
+
+The whole-model estimate (single-stream decode): 24 x (qkv + o + gate_up + down) + LM head per
+token, bf16 model (bf16 tied head) vs BitStack (w8 head, as `fitserve quantize --method bitstack`
+writes it) at the w4-equal depth (per-block time scaled linearly from the measured depth).
+Attention, norms and the engine's per-step work are left out: they are the same for both and
+would only raise the ratio, so the estimate is conservative.
+
+`rows`: 1..16 rows of x against gate_up: the integer kernel against the rebuild-and-matmul path
+of the same layer (sets decode_max_rows).
+
+`resize`: a Qwen2.5-0.5B-shaped model's 96 fused layers at the w4-equal depth: time to drop
+all but one block per part (`truncate`) and to append them back (`append_block`), the kernel
+side of a resize (reading blocks from disk is the runtime format's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_machine, write_result  # noqa: E402
+from cpu_decode import measure_read_bandwidth  # noqa: E402
+
+from fitserve.bench.roofline import memory_test_bytes  # noqa: E402
+from fitserve.kernels import cpu  # noqa: E402
+from fitserve.quant import bitstack_packing, packing  # noqa: E402
+
+HIDDEN, INTERMEDIATE, KV_ROWS, LAYERS, VOCAB = 896, 4864, 128, 24, 151936
+RANK = 16
+W4_GROUP = 128
+# Fused projections of one layer: name -> (parts' rows, in_features).
+LAYER_SHAPES = {"qkv": ([HIDDEN, KV_ROWS, KV_ROWS], HIDDEN), "o": ([HIDDEN], HIDDEN),
+                "gate_up": ([INTERMEDIATE, INTERMEDIATE], HIDDEN), "down": ([HIDDEN], INTERMEDIATE)}
+
+
+def w4_bytes(rows: int, columns: int) -> int:
+    """Bytes of a w4 group-128 matrix: packed codes plus a float16 scale and uint8 zero per group."""
+    return rows * columns // 2 + rows * (columns // W4_GROUP) * 3
+
+
+def w4_equal_depth() -> float:
+    """Blocks per matrix whose bytes equal w4's over one layer's projections."""
+    w4 = sum(w4_bytes(rows, k) for parts, k in LAYER_SHAPES.values() for rows in parts)
+    block = sum(bitstack_packing.block_bytes(rows, k, RANK) for parts, k in LAYER_SHAPES.values() for rows in parts)
+    return w4 / block
+
+
+def random_bitstack_layer(parts: list[int], columns: int, blocks: int, isa: str, **kwargs):
+    """A BitStackLinear with random rank-16 blocks (the kernel's time does not depend on values)."""
+    layer = cpu.bitstack_linear(columns, sum(parts), None, isa, **kwargs)
+    for rows in parts:
+        index = layer.add_part(rows, RANK)
+        for _ in range(blocks):
+            signs = torch.randint(0, 256, (rows, bitstack_packing.packed_columns(columns)), dtype=torch.uint8)
+            layer.append_block(index, signs, (torch.randn(rows, RANK) * 0.1).half(),
+                               (torch.randn(RANK, columns) * 0.1).half())
+    return layer
+
+
+def w4_layer(kernels, rows: int, columns: int):
+    layer = kernels.QuantLinear(columns, rows, None, "auto")
+    layer.add_w4(*packing.quantize_w4(torch.randn(rows, columns) * 0.02, W4_GROUP), W4_GROUP)
+    return layer
+
+
+def copies_for(bytes_per_copy: int, target: int) -> int:
+    return max(1, -(-target // bytes_per_copy))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def gemv_section(args, kernels) -> dict:
+    target = memory_test_bytes(torch.device("cpu"))
+    isas = ["avx512_vnni", "avx2"] if kernels.has_avx512_vnni() else ["avx2"]
+    dpbusd_rates = []
+    results = {}
+    shapes = {**LAYER_SHAPES, "lm_head": ([VOCAB], HIDDEN)}
+    for name in args.shapes:
+        parts, columns = shapes[name]
+        rows = sum(parts)
+        variants = {}  # name -> (callables over copies, bytes per call, vpdpbusd per call)
+        bf16 = (torch.randn(rows, columns) * 0.02).to(torch.bfloat16)
+        x16 = torch.randn(1, columns).to(torch.bfloat16)
+        x32 = x16.float()
+        bf16_copies = [bf16] + [bf16.clone() for _ in range(copies_for(bf16.nbytes, target) - 1)]
+        variants["bf16 linear_small_batch"] = (
+            [lambda w=w: kernels.linear_small_batch(x16, w, None) for w in bf16_copies], bf16.nbytes, 0)
+        if name == "lm_head":  # stored in w8 next to BitStack projections
+            layer = kernels.QuantLinear(columns, rows, None, "auto")
+            layer.add_w8(*packing.quantize_w8(bf16.float()))
+            variants["w8 QuantLinear"] = ([lambda: layer.forward(x32)], layer.bytes(), 0)
+        else:
+            first = w4_layer(kernels, rows, columns)
+            w4 = [first] + [w4_layer(kernels, rows, columns) for _ in range(copies_for(first.bytes(), target) - 1)]
+            variants["w4 QuantLinear"] = ([lambda layer=layer: layer.forward(x32) for layer in w4], first.bytes(), 0)
+            for isa in isas:
+                first = random_bitstack_layer(parts, columns, args.blocks, isa)
+                layers = [first] + [random_bitstack_layer(parts, columns, args.blocks, isa)
+                                    for _ in range(copies_for(first.bytes(), target) - 1)]
+                dpbusd = sum(part_rows * -(-columns // 128) * 32 * -(-RANK // 16) for part_rows in parts) * args.blocks
+                variants[f"bitstack {isa}"] = ([lambda layer=layer: layer.forward(x32) for layer in layers],
+                                               first.bytes(), dpbusd)
+        times = {v: [] for v in variants}
+        reads = []
+        order = list(variants)
+        for round_index in range(args.rounds):
+            reads.append(measure_read_bandwidth(min_time_s=0.05))
+            if kernels.has_avx512_vnni():
+                dpbusd_rates.append(kernels.dpbusd_rate(200000))
+            for step in range(args.calls_per_round):
+                v = order[(step + round_index) % len(order)]
+                calls = variants[v][0]
+                times[v].append(timed(calls[(step // len(order) + round_index) % len(calls)]))
+        read_best = max(reads)
+        dpbusd_best = max(dpbusd_rates) if dpbusd_rates else 0.0
+        shape_result = {"parts_rows": parts, "in_features": columns, "read_bandwidth_best_bytes_per_s": read_best,
+                        "dpbusd_rate_best_per_s": dpbusd_best, "variants": {}}
+        for v, (_, nbytes, dpbusd) in variants.items():
+            best, median = min(times[v]), statistics.median(times[v])
+            entry = {"bytes": nbytes, "calls": len(times[v]), "best_ms": best * 1e3, "median_ms": median * 1e3,
+                     "best_bytes_per_s": nbytes / best, "fraction_of_read_best": nbytes / best / read_best}
+            if dpbusd:
+                entry["dpbusd_per_call"] = dpbusd
+                entry["fraction_of_dpbusd_peak"] = dpbusd / best / dpbusd_best if dpbusd_best else None
+            shape_result["variants"][v] = entry
+            extra = f" {entry['fraction_of_dpbusd_peak']:.2f} of vpdpbusd peak" if entry.get("fraction_of_dpbusd_peak") else ""
+            print(f"{name:8s} {v:24s} best {best * 1e3:8.3f} ms median {median * 1e3:8.3f} ms "
+                  f"{nbytes / best / 1e9:6.1f} GB/s = {nbytes / best / read_best:5.2f} of read{extra}", flush=True)
+        results[name] = shape_result
+        del variants
+    return {"blocks": args.blocks, "rank": RANK, "w4_equal_depth": w4_equal_depth(), "shapes": results,
+            "dpbusd_rate_best_per_s": max(dpbusd_rates) if dpbusd_rates else None,
+            "model_estimate": model_estimate(results, args.blocks)}
+
+
+def model_estimate(results: dict, blocks: int) -> dict:
+    """Single-stream decode per token from the per-matrix best times (see the module docstring)."""
+    if not all(name in results for name in [*LAYER_SHAPES, "lm_head"]):
+        return {}
+    depth = w4_equal_depth()
+    layer = lambda variant, scale=1.0: sum(results[n]["variants"][variant]["best_ms"] for n in LAYER_SHAPES) * scale
+    bf16 = LAYERS * layer("bf16 linear_small_batch") + results["lm_head"]["variants"]["bf16 linear_small_batch"]["best_ms"]
+    head_w8 = results["lm_head"]["variants"]["w8 QuantLinear"]["best_ms"]
+    estimate = {"w4_equal_depth": depth, "bf16_ms_per_token": bf16,
+                "w4_ms_per_token": LAYERS * layer("w4 QuantLinear") + head_w8}
+    for variant in results["qkv"]["variants"]:
+        if variant.startswith("bitstack"):
+            ms = LAYERS * layer(variant, depth / blocks) + head_w8
+            estimate[f"{variant} ms_per_token"] = ms
+            estimate[f"{variant} tok_s_ratio_to_bf16"] = bf16 / ms
+    estimate["w4 tok_s_ratio_to_bf16"] = bf16 / estimate["w4_ms_per_token"]
+    print("whole-model estimate:", {k: round(v, 3) for k, v in estimate.items()}, flush=True)
+    return estimate
+
+
+def rows_section(args, kernels) -> dict:
+    parts, columns = LAYER_SHAPES["gate_up"]
+    kernel = random_bitstack_layer(parts, columns, args.blocks, "auto", decode_max_rows=1 << 20)
+    rebuild = random_bitstack_layer(parts, columns, args.blocks, "reference")
+    results = []
+    for rows in args.rows:
+        x = torch.randn(rows, columns)
+        kernel_times, rebuild_times = [], []
+        for _ in range(args.repeats):  # alternating
+            kernel_times.append(timed(lambda: kernel.forward(x)))
+            rebuild_times.append(timed(lambda: rebuild.forward(x)))
+        row = {"rows": rows, "kernel_best_ms": min(kernel_times) * 1e3, "rebuild_matmul_best_ms": min(rebuild_times) * 1e3,
+               "kernel_median_ms": statistics.median(kernel_times) * 1e3,
+               "rebuild_matmul_median_ms": statistics.median(rebuild_times) * 1e3}
+        results.append(row)
+        print(row, flush=True)
+    return {"blocks": args.blocks, "shape": [sum(parts), columns], "results": results}
+
+
+def resize_section(args, kernels) -> dict:
+    depth = max(1, round(w4_equal_depth()))
+    layers, blocks = [], []
+    for _ in range(LAYERS):
+        for parts, columns in LAYER_SHAPES.values():
+            layer = random_bitstack_layer(parts, columns, depth, "auto")
+            layers.append(layer)
+            blocks.append([[(torch.randint(0, 256, (rows, bitstack_packing.packed_columns(columns)), dtype=torch.uint8),
+                             (torch.randn(rows, RANK) * 0.1).half(), (torch.randn(RANK, columns) * 0.1).half())
+                            for _ in range(depth - 1)] for rows in parts])
+    shrink, grow = [], []
+    for _ in range(args.repeats):
+        shrink.append(timed(lambda: [layer.truncate(p, 1) for layer in layers for p in range(layer.num_parts)]))
+
+        def append_all():
+            for layer, part_blocks in zip(layers, blocks):
+                for p, stack in enumerate(part_blocks):
+                    for signs, u, v in stack:
+                        layer.append_block(p, signs, u, v)
+        grow.append(timed(append_all))
+    result = {"layers": len(layers), "depth": depth, "shrink_to_one_block_ms": statistics.median(shrink) * 1e3,
+              "grow_back_ms": statistics.median(grow) * 1e3,
+              "bytes_full": sum(layer.bytes() for layer in layers)}
+    print(result, flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=["gemv", "rows", "resize"], default="gemv")
+    parser.add_argument("--shapes", nargs="+", default=[*LAYER_SHAPES, "lm_head"], choices=[*LAYER_SHAPES, "lm_head"])
+    parser.add_argument("--blocks", type=int, default=3, help="BitStack blocks per matrix (w4-equal: ~3.1)")
+    parser.add_argument("--rounds", type=int, default=7, help="gemv: rounds (a read and vpdpbusd bound each)")
+    parser.add_argument("--calls-per-round", type=int, default=40, help="gemv: calls per round, all variants")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kernels = cpu.get()
+    if kernels is None:
+        print("the CPU kernels are unavailable here (no AVX2 or no compiler)", file=sys.stderr)
+        return 1
+    section = {"gemv": gemv_section, "rows": rows_section, "resize": resize_section}[args.section](args, kernels)
+    result = {"benchmark": "cpu_bitstack_kernels", "section": args.section, "machine": describe_machine(),
+              "threads": torch.get_num_threads(),
+              "shared_machine_note": "2-core VM shared with other jobs: compare ratios within one run", **section}
+    suffix = "" if args.section == "gemv" else f"_{args.section}"
+    print("wrote", write_result(f"cpu_bitstack_kernels{suffix}", result, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,665 @@
+// y = x W^T + b for a layer stored as BitStack blocks (fitserve/quant/bitstack_packing.py):
+// W = Σ_b sign_b ⊙ (u_b v_b), signs packed 1 bit per weight (set bit = -1), u_b [N, r] and
+// v_b [r, K] in float16. One object per layer, holding one or more parts (the projections of a
+// fused qkv or gate_up layer, each writing its own consecutive rows), each a list of blocks of
+// which the first `active` are used, so a resize changes a count or drops tensors, nothing more.
+//
+// Few rows of x (decode): W is never rebuilt. Per block and row x of the input,
+//   T[k, j] = v[j, k] x[k]                         (K x r, the r scaled copies of x)
+//   (S T)[n, j] = Σ_k T[k, j] - 2 Σ_{k: bit set} T[k, j]   (S = 1 - 2B, B the sign bits as 0/1)
+//   y[n] += Σ_j u[n, j] (S T)[n, j]
+// T is rounded to int8 per block of 128 columns and rank (scale t = max|T| / 127, as QuantLinear
+// rounds x), so B T is an integer product: the bits of a weight row are expanded to 0/1 bytes
+// (vpmovm2b-style, one instruction per 64 weights) and vpdpbusd multiplies four columns of one
+// row by the 16 ranks of those columns at once, one 32-bit lane per rank (AVX-512 VNNI; AVX2
+// does the same with vpmaddubsw + vpmaddwd on two 256-bit halves). Ranks above 16 take several
+// 16-lane chunks; ranks below 16 leave lanes idle. The sums are exact in int32, so the only
+// error beyond float32 rounding is the rounding of T: at most t/2 per element (the bound
+// tests/kernels/test_bitstack_linear.py checks). Why this shape: the work is N K r
+// multiply-adds per block, 64 per vpdpbusd, with four weight rows sharing each load of T;
+// nothing of W but its bits is read, so the kernel is compute-bound, not memory-bound (see
+// benchmarks/cpu_bitstack_kernels.py for the fraction of the vpdpbusd peak it reaches).
+//
+// Many rows (prefill): slices of rows of W are rebuilt (float32, or bf16 for bf16 x on CPUs
+// with bf16 arithmetic) into the process-wide dequantizing scratch shared with QuantLinear and
+// multiplied by the matmul library, as QuantLinear does for its formats.
+
+#pragma once
+
+#include "cpu_kernels.h"
+#include "cpu_quant_linear.h"
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace fitserve_cpu {
+
+constexpr int64_t kBitStackColumns = 128;  // columns of T per int8 scale
+constexpr int64_t kBitStackGroups = kBitStackColumns / 4;  // 4-column groups per scale block
+constexpr int64_t kBitStackLanes = 16;     // ranks per chunk (one 512-bit vector of int32)
+constexpr int kBitStackTileRows = 8;       // weight rows sharing each load of T
+// Rows of x up to which the integer kernel runs by default (above: rebuild W and matmul).
+// The kernel's work grows with the rows of x (N K r per block and row) while the rebuild's does
+// not: benchmarks/cpu_bitstack_kernels.py --section rows measures where they cross.
+constexpr int64_t kBitStackDecodeMaxRows = 4;
+
+inline bool cpu_has_f16c() { return __builtin_cpu_supports("f16c"); }
+
+struct BitStackBlock {
+  torch::Tensor signs, u, v;  // uint8 [N, ceil(K/8)], float16 [N, r], float16 [r, K]
+  const uint8_t* sign_bytes = nullptr;
+  const uint16_t* u_half = nullptr;
+  const uint16_t* v_half = nullptr;
+};
+
+struct BitStackPart {
+  int64_t rows = 0, row_offset = 0, rank = 0;
+  std::vector<BitStackBlock> blocks;
+  int64_t active = 0;  // blocks [0, active) take part in products
+};
+
+// Per block, rank chunk and row of x, the int8 T in the kernels' order, and its scales:
+//   codes   [chunks][padded groups][16 lanes][4 bytes]  lane j of group g: T[4g .. 4g+3, 16c + j]
+//   scales  [chunks][scale blocks][16]  -2 t of each rank and block of 128 columns
+//   offsets [chunks][16]                Σ over blocks of t Σ_k code (the Σ_k T term)
+struct BitStackActivations {
+  int64_t scale_blocks = 0, padded_columns = 0, chunks = 0;
+  int64_t code_stride = 0, scale_stride = 0, offset_stride = 0;  // per (block, row of x)
+  // AVX-512: codes stored + 128 as unsigned bytes (see bitstack_tile_vnni); AVX2: signed.
+  bool unsigned_codes = false;
+  AlignedBuffer<int8_t> codes;
+  AlignedBuffer<float> scales, offsets;
+};
+
+// One thread's buffers while it prepares T (threads prepare different blocks at once).
+struct BitStackStaging {
+  std::vector<int8_t> codes;    // [16][padded_columns] codes of one chunk in column order
+  std::vector<float> products;  // one 128-column slice of v[j] * x
+};
+
+// T of one block for one row x into slot (codes, scales, offsets).
+FITSERVE_AVX2_F16C inline void prepare_bitstack_block(const float* x, const uint16_t* v, int64_t rank, int64_t K,
+                                                      const BitStackActivations& a, int8_t* codes, float* scales,
+                                                      float* offsets) {
+  thread_local BitStackStaging staging;
+  const int64_t P = a.padded_columns, groups = P / 4;
+  staging.codes.resize(static_cast<size_t>(kBitStackLanes * P));
+  staging.products.resize(static_cast<size_t>(kBitStackColumns));
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    std::fill(staging.codes.begin(), staging.codes.end(), 0);
+    float* chunk_scales = scales + c * a.scale_blocks * kBitStackLanes;
+    for (int64_t j = 0; j < kBitStackLanes; ++j) {
+      const int64_t r = c * kBitStackLanes + j;
+      float offset = 0.0f;
+      for (int64_t b = 0; b < a.scale_blocks; ++b) {
+        const int64_t first = b * kBitStackColumns, count = std::min(kBitStackColumns, K - first);
+        float scale = 0.0f;
+        if (r < rank) {
+          const uint16_t* vr = v + r * K + first;
+          float* p = staging.products.data();
+          int64_t k = 0;
+          for (; k + 8 <= count; k += 8)
+            _mm256_storeu_ps(p + k, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + k))),
+                                                  _mm256_loadu_ps(x + first + k)));
+          for (; k < count; ++k) p[k] = _cvtsh_ss(vr[k]) * x[first + k];
+          int8_t* row_codes = staging.codes.data() + j * P + first;
+          scale = quantize_block(p, count, row_codes);
+          int32_t sum = 0;
+          for (int64_t i = 0; i < count; ++i) sum += row_codes[i];
+          offset += scale * static_cast<float>(sum);
+        }
+        chunk_scales[b * kBitStackLanes + j] = -2.0f * scale;
+      }
+      offsets[c * kBitStackLanes + j] = offset;
+    }
+    // Column order -> lane order: dword g of rank j's codes becomes lane j of group g.
+    const uint32_t flip = a.unsigned_codes ? 0x80808080u : 0u;
+    uint32_t* out = reinterpret_cast<uint32_t*>(codes + c * groups * 64);
+    for (int64_t j = 0; j < kBitStackLanes; ++j) {
+      const uint32_t* in = reinterpret_cast<const uint32_t*>(staging.codes.data() + j * P);
+      for (int64_t g = 0; g < groups; ++g) out[g * kBitStackLanes + j] = in[g] ^ flip;
+    }
+  }
+}
+
+// What a row tile needs: the part, the prepared activations of every (block, row of x), where
+// the results go, and the thread's buffers.
+struct BitStackArgs {
+  const BitStackPart* part;
+  const BitStackActivations* act;
+  int64_t M, K;
+  const float* bias;  // [out_features] or nullptr
+  float* out;          // [M, out_features]
+  int64_t out_features;
+};
+
+// The results of a tile: Σ over blocks and chunks of u ⊙ (S T), one 16-lane vector per (row of
+// x, weight row), summed across lanes at the end.
+struct BitStackTileBuffers {
+  AlignedBuffer<uint8_t> bits;     // [kBitStackTileRows][padded_columns] 0/1 bytes
+  AlignedBuffer<float> totals;     // [M][kBitStackTileRows][16]
+  AlignedBuffer<int32_t> set_bits;  // AVX-512: [kBitStackTileRows][scale blocks] 128 x set bits
+};
+
+inline BitStackTileBuffers& tile_buffers() {
+  thread_local BitStackTileBuffers buffers;
+  return buffers;
+}
+
+// The packed bits of row n (ceil(K/8) bytes) as 64-bit words; bytes past the row read as 0.
+inline uint64_t sign_word(const uint8_t* row, int64_t row_bytes, int64_t byte) {
+  uint64_t word = 0;
+  if (__builtin_expect(byte + 8 <= row_bytes, 1)) std::memcpy(&word, row + byte, 8);
+  else if (byte < row_bytes) std::memcpy(&word, row + byte, static_cast<size_t>(row_bytes - byte));
+  return word;
+}
+
+// out[m][row] = the tile's sums (one per row of x and weight row) plus the bias.
+inline void finish_tile(const BitStackArgs& args, int64_t n0, int rows, const float* sums) {
+  const BitStackPart& p = *args.part;
+  for (int64_t m = 0; m < args.M; ++m)
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = p.row_offset + n0 + r;
+      args.out[m * args.out_features + row] = sums[m * kBitStackTileRows + r] + (args.bias ? args.bias[row] : 0.0f);
+    }
+}
+
+// ------------------------------------------------------------------------- AVX-512 VNNI
+
+// The bits of one weight row as 0/1 bytes (padded columns 0), and 128 x the set bits of each
+// block of 128 columns (the +128 of the unsigned codes to take back).
+FITSERVE_VNNI inline void expand_bits_vnni(const uint8_t* row, int64_t row_bytes, int64_t padded, uint8_t* out,
+                                           int32_t* set_bits) {
+  const __m512i one = _mm512_set1_epi8(1);
+  for (int64_t k = 0; k < padded; k += 128) {
+    uint64_t low, high;
+    if (__builtin_expect(k / 8 + 16 <= row_bytes, 1)) {
+      std::memcpy(&low, row + k / 8, 8);
+      std::memcpy(&high, row + k / 8 + 8, 8);
+    } else {
+      low = sign_word(row, row_bytes, k / 8);
+      high = sign_word(row, row_bytes, k / 8 + 8);
+    }
+    _mm512_store_si512(out + k, _mm512_maskz_mov_epi8(static_cast<__mmask64>(low), one));
+    _mm512_store_si512(out + k + 64, _mm512_maskz_mov_epi8(static_cast<__mmask64>(high), one));
+    set_bits[k / 128] = 128 * (__builtin_popcountll(low) + __builtin_popcountll(high));
+  }
+}
+
+// acc += vpdpbusd(t, the 32 bits at word broadcast to every lane), written out because the
+// compiler neither folds the broadcast into the instruction nor keeps an array of accumulators in
+// place (GCC 12 copied each accumulator once per instruction: 8 register moves per 8 vpdpbusd).
+FITSERVE_VNNI inline void dpbusd_broadcast(__m512i& acc, __m512i t, const uint8_t* word) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(t), "m"(*reinterpret_cast<const int32_t*>(word)));
+}
+
+// Rows [n0, n0 + R) of the part. The codes are stored + 128 (unsigned) and the 0/1 bits are the
+// signed operand, so that each vpdpbusd takes its four bits as a broadcast memory operand (one
+// instruction per 64 multiply-adds); the +128 adds 128 per set bit, subtracted per block of 128
+// columns from the bits' popcount. On Zen 4 (one thread, gate_up shape) this loop runs at ~0.7
+// of the register-only vpdpbusd rate; without expanding the bits (a wrong result, as an
+// experiment) it ran at 0.87: the 0/1 bytes' stores and popcounts are the rest.
+template <int R>
+FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
+  const BitStackPart& p = *args.part;
+  const BitStackActivations& a = *args.act;
+  const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
+  BitStackTileBuffers& buffers = tile_buffers();
+  uint8_t* bits = buffers.bits.get(kBitStackTileRows * P);
+  float* totals = buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes);
+  std::memset(totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
+  int32_t* set_bits = buffers.set_bits.get(kBitStackTileRows * a.scale_blocks);
+  for (int64_t b = 0; b < p.active; ++b) {
+    const BitStackBlock& block = p.blocks[b];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = block.sign_bytes + (n0 + r) * row_bytes;
+      expand_bits_vnni(row, row_bytes, P, bits + r * P, set_bits + r * a.scale_blocks);
+    }
+    for (int64_t m = 0; m < args.M; ++m) {
+      const int64_t slot = b * args.M + m;
+      const int8_t* codes = a.codes.data + slot * a.code_stride;
+      const float* scales = a.scales.data + slot * a.scale_stride;
+      const float* offsets = a.offsets.data + slot * a.offset_stride;
+      for (int64_t c = 0; c < a.chunks; ++c) {
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+        const int8_t* chunk_codes = codes + c * (P / 4) * 64;
+        for (int64_t s = 0; s < a.scale_blocks; ++s) {
+          __m512i sums[R];
+          for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_si512();
+          const int8_t* t = chunk_codes + s * kBitStackGroups * 64;
+          const int64_t column = s * kBitStackColumns;
+          for (int64_t g = 0; g < kBitStackGroups; ++g) {
+            const __m512i tg = _mm512_load_si512(t + g * 64);
+            for (int r = 0; r < R; ++r) dpbusd_broadcast(sums[r], tg, bits + r * P + column + 4 * g);
+          }
+          const __m512 scale = _mm512_load_ps(scales + (c * a.scale_blocks + s) * kBitStackLanes);
+          for (int r = 0; r < R; ++r) {
+            const __m512i exact = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(set_bits[r * a.scale_blocks + s]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, acc[r]);
+          }
+        }
+        const __m512 offset = _mm512_loadu_ps(offsets + c * kBitStackLanes);
+        const int64_t lanes = std::min<int64_t>(kBitStackLanes, p.rank - c * kBitStackLanes);
+        const __mmask16 lane_mask = static_cast<__mmask16>((1u << lanes) - 1);
+        for (int r = 0; r < R; ++r) {
+          const __m512 u = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+              lane_mask, block.u_half + (n0 + r) * p.rank + c * kBitStackLanes));
+          float* total = totals + (m * kBitStackTileRows + r) * kBitStackLanes;
+          _mm512_store_ps(total, _mm512_fmadd_ps(u, _mm512_add_ps(acc[r], offset), _mm512_load_ps(total)));
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < args.M * kBitStackTileRows; ++i) totals[i] = _mm512_reduce_add_ps(_mm512_load_ps(totals + i * kBitStackLanes));
+  finish_tile(args, n0, R, totals);
+}
+
+// vpdpbusd instructions per second that one thread retires with twelve independent
+// accumulators and no memory operands: the compute bound the kernel's speed is quoted against
+// (benchmarks/cpu_bitstack_kernels.py multiplies it by the threads and measures it in the same run).
+FITSERVE_VNNI inline double dpbusd_rate_one_thread(int64_t iterations) {
+  __m512i acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
+  const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(3);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iterations; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  __m512i total = acc[0];
+  for (int i = 1; i < 12; ++i) total = _mm512_add_epi32(total, acc[i]);
+  volatile int sink = _mm512_reduce_add_epi32(total);  // keeps the loop
+  (void)sink;
+  return 12.0 * static_cast<double>(iterations) / seconds;
+}
+
+// The same on every one of torch's threads at once, summed (0 where the CPU lacks VNNI).
+inline double dpbusd_rate(int64_t iterations) {
+  if (!cpu_has_avx512_vnni()) return 0.0;
+  const int threads = at::get_num_threads();
+  std::vector<double> rates(static_cast<size_t>(threads), 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) rates[t] = dpbusd_rate_one_thread(iterations);
+  });
+  double total = 0.0;
+  for (const double rate : rates) total += rate;
+  return total;
+}
+
+// ------------------------------------------------------------------------- AVX2
+
+FITSERVE_AVX2_F16C inline void expand_bits_avx2(const uint8_t* row, int64_t row_bytes, int64_t padded, uint8_t* out) {
+  // Byte i of a 32-column slice takes byte i / 8 of the bits, then tests bit i % 8.
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int64_t k = 0; k < padded; k += 32) {
+    const uint32_t word = static_cast<uint32_t>(sign_word(row, row_bytes, k / 8));
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(word)), spread);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out + k), _mm256_and_si256(set, one));
+  }
+}
+
+template <int R>
+FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0) {
+  const BitStackPart& p = *args.part;
+  const BitStackActivations& a = *args.act;
+  const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
+  BitStackTileBuffers& buffers = tile_buffers();
+  uint8_t* bits = buffers.bits.get(kBitStackTileRows * P);
+  float* totals = buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes);
+  std::memset(totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < p.active; ++b) {
+    const BitStackBlock& block = p.blocks[b];
+    for (int r = 0; r < R; ++r) expand_bits_avx2(block.sign_bytes + (n0 + r) * row_bytes, row_bytes, P, bits + r * P);
+    for (int64_t m = 0; m < args.M; ++m) {
+      const int64_t slot = b * args.M + m;
+      const int8_t* codes = a.codes.data + slot * a.code_stride;
+      const float* scales = a.scales.data + slot * a.scale_stride;
+      const float* offsets = a.offsets.data + slot * a.offset_stride;
+      for (int64_t c = 0; c < a.chunks; ++c) {
+        __m256 acc[R][2];
+        for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        const int8_t* chunk_codes = codes + c * (P / 4) * 64;
+        for (int64_t s = 0; s < a.scale_blocks; ++s) {
+          __m256i sums[R][2];
+          for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+          const int8_t* t = chunk_codes + s * kBitStackGroups * 64;
+          const int64_t column = s * kBitStackColumns;
+          for (int64_t g = 0; g < kBitStackGroups; ++g) {
+            const __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + g * 64));
+            const __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + g * 64 + 32));
+            for (int r = 0; r < R; ++r) {
+              int32_t word;
+              std::memcpy(&word, bits + r * P + column + 4 * g, 4);
+              const __m256i w = _mm256_set1_epi32(word);
+              // 0/1 bytes times int8: pair sums within ±254, no saturation.
+              sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(w, t0), ones16));
+              sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w, t1), ones16));
+            }
+          }
+          const float* scale = scales + (c * a.scale_blocks + s) * kBitStackLanes;
+          const __m256 s0 = _mm256_load_ps(scale), s1 = _mm256_load_ps(scale + 8);
+          for (int r = 0; r < R; ++r) {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][0]), s0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][1]), s1, acc[r][1]);
+          }
+        }
+        const __m256 o0 = _mm256_loadu_ps(offsets + c * kBitStackLanes), o1 = _mm256_loadu_ps(offsets + c * kBitStackLanes + 8);
+        const int64_t lanes = std::min<int64_t>(kBitStackLanes, p.rank - c * kBitStackLanes);
+        for (int r = 0; r < R; ++r) {
+          alignas(32) uint16_t u_bits[kBitStackLanes] = {};
+          std::memcpy(u_bits, block.u_half + (n0 + r) * p.rank + c * kBitStackLanes, 2 * lanes);
+          const __m256 u0 = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(u_bits)));
+          const __m256 u1 = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(u_bits + 8)));
+          float* total = totals + (m * kBitStackTileRows + r) * kBitStackLanes;
+          _mm256_store_ps(total, _mm256_fmadd_ps(u0, _mm256_add_ps(acc[r][0], o0), _mm256_load_ps(total)));
+          _mm256_store_ps(total + 8, _mm256_fmadd_ps(u1, _mm256_add_ps(acc[r][1], o1), _mm256_load_ps(total + 8)));
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < args.M * kBitStackTileRows; ++i)
+    totals[i] = hsum(_mm256_add_ps(_mm256_load_ps(totals + i * kBitStackLanes), _mm256_load_ps(totals + i * kBitStackLanes + 8)));
+  finish_tile(args, n0, R, totals);
+}
+
+// ------------------------------------------------------------------------- rebuilding W
+
+// Rows [first, first + count) of the part's W = Σ_{b < active} sign_b ⊙ (u_b v_b) into out, with
+// float32 arithmetic (u_b[n, j] v_b[j, k] summed in rank order, the sign applied, blocks added in
+// order). v_float holds each active block's v widened to float32 ([r, K] per block).
+template <typename T>
+void rebuild_rows(const BitStackPart& p, int64_t K, const std::vector<std::vector<float>>& v_float, int64_t first,
+                  int64_t count, T* out) {
+  const int64_t row_bytes = (K + 7) / 8, rank = p.rank;
+  at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(K)), magnitude(static_cast<size_t>(K));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = first + i;
+      std::fill(row.begin(), row.end(), 0.0f);
+      for (int64_t b = 0; b < p.active; ++b) {
+        const BitStackBlock& block = p.blocks[b];
+        const at::Half* u = reinterpret_cast<const at::Half*>(block.u_half) + n * rank;
+        const uint8_t* bits = block.sign_bytes + n * row_bytes;
+        float* mag = magnitude.data();
+        std::fill(magnitude.begin(), magnitude.end(), 0.0f);
+        for (int64_t j = 0; j < rank; ++j) {
+          const float uj = static_cast<float>(u[j]);
+          const float* v = v_float[b].data() + j * K;
+          for (int64_t k = 0; k < K; ++k) mag[k] += uj * v[k];
+        }
+        for (int64_t k = 0; k < K; ++k) row[k] += (bits[k / 8] >> (k % 8)) & 1 ? -mag[k] : mag[k];
+      }
+      T* o = out + i * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<T>(row[k]);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------- the layer
+
+class BitStackLinear {
+ public:
+  // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (rebuild and
+  // matmul for every row count). decode_max_rows: up to this many rows of x the integer
+  // kernel runs, above it the rebuilding path.
+  BitStackLinear(int64_t in_features, int64_t out_features, c10::optional<torch::Tensor> bias, const std::string& isa,
+                 int64_t decode_max_rows)
+      : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows) {
+    TORCH_CHECK(in_features > 0 && out_features > 0, "BitStackLinear: in_features and out_features must be positive");
+    TORCH_CHECK(decode_max_rows >= 0, "BitStackLinear: decode_max_rows must be >= 0");
+    const bool avx2 = cpu_has_avx2_fma() && cpu_has_f16c();
+    if (isa == "auto") isa_ = cpu_has_avx512_vnni() && avx2 ? QuantIsa::kAvx512Vnni
+                                : avx2 ? QuantIsa::kAvx2 : QuantIsa::kReference;
+    else if (isa == "avx512_vnni") isa_ = QuantIsa::kAvx512Vnni;
+    else if (isa == "avx2") isa_ = QuantIsa::kAvx2;
+    else if (isa == "reference") isa_ = QuantIsa::kReference;
+    else TORCH_CHECK(false, "BitStackLinear: isa must be auto, avx512_vnni, avx2 or reference (got ", isa, ")");
+    TORCH_CHECK(isa_ != QuantIsa::kAvx512Vnni || (cpu_has_avx512_vnni() && avx2),
+                "BitStackLinear: this CPU lacks AVX-512 VNNI");
+    TORCH_CHECK(isa_ != QuantIsa::kAvx2 || avx2, "BitStackLinear: this CPU lacks AVX2/FMA/F16C");
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->device().is_cpu(),
+                  "BitStackLinear: bias must be a CPU tensor [out_features]");
+      bias_ = bias->to(torch::kFloat).contiguous();
+      bias_bf16_ = bias->to(torch::kBFloat16).contiguous();
+    }
+  }
+
+  // A part of `rows` output rows with rank `rank`, after the parts added before; returns its
+  // index. The parts must cover out_features rows before forward.
+  int64_t add_part(int64_t rows, int64_t rank) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK(rows > 0 && rank > 0, "BitStackLinear.add_part: rows and rank must be positive");
+    TORCH_CHECK(covered_rows_ + rows <= out_features_, "BitStackLinear.add_part: parts would cover ",
+                covered_rows_ + rows, " rows of a layer with ", out_features_);
+    BitStackPart part;
+    part.rows = rows;
+    part.rank = rank;
+    part.row_offset = covered_rows_;
+    covered_rows_ += rows;
+    parts_.push_back(std::move(part));
+    return static_cast<int64_t>(parts_.size()) - 1;
+  }
+
+  // Append one block to a part (signs uint8 [rows, ceil(K/8)], u float16 [rows, rank], v
+  // float16 [rank, K]; kept by reference when contiguous) and make it active when every block
+  // before it is (a part that was set to fewer active blocks stays so).
+  void append_block(int64_t part_index, torch::Tensor signs, torch::Tensor u, torch::Tensor v) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    BitStackPart& part = part_at(part_index);
+    const int64_t K = in_features_;
+    TORCH_CHECK(signs.dim() == 2 && signs.scalar_type() == torch::kByte && signs.size(0) == part.rows &&
+                    signs.size(1) == (K + 7) / 8,
+                "BitStackLinear.append_block: signs must be uint8 [", part.rows, ", ", (K + 7) / 8, "]");
+    TORCH_CHECK(u.dim() == 2 && u.scalar_type() == torch::kHalf && u.size(0) == part.rows && u.size(1) == part.rank,
+                "BitStackLinear.append_block: u must be float16 [", part.rows, ", ", part.rank, "]");
+    TORCH_CHECK(v.dim() == 2 && v.scalar_type() == torch::kHalf && v.size(0) == part.rank && v.size(1) == K,
+                "BitStackLinear.append_block: v must be float16 [", part.rank, ", ", K, "]");
+    TORCH_CHECK(signs.device().is_cpu() && u.device().is_cpu() && v.device().is_cpu(),
+                "BitStackLinear.append_block: blocks must be CPU tensors");
+    BitStackBlock block;
+    block.signs = signs.contiguous();
+    block.u = u.contiguous();
+    block.v = v.contiguous();
+    block.sign_bytes = block.signs.data_ptr<uint8_t>();
+    block.u_half = reinterpret_cast<const uint16_t*>(block.u.data_ptr());
+    block.v_half = reinterpret_cast<const uint16_t*>(block.v.data_ptr());
+    const bool all_active = part.active == static_cast<int64_t>(part.blocks.size());
+    part.blocks.push_back(std::move(block));
+    if (all_active) part.active = static_cast<int64_t>(part.blocks.size());
+  }
+
+  // Drop a part's blocks from `blocks` on (their tensors are released here; the memory returns
+  // once no one else holds them).
+  void truncate(int64_t part_index, int64_t blocks) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    BitStackPart& part = part_at(part_index);
+    TORCH_CHECK(blocks >= 0 && blocks <= static_cast<int64_t>(part.blocks.size()), "BitStackLinear.truncate: ",
+                blocks, " outside [0, ", part.blocks.size(), "]");
+    part.blocks.resize(static_cast<size_t>(blocks));
+    part.blocks.shrink_to_fit();
+    part.active = std::min(part.active, blocks);
+  }
+
+  // Use only the first `blocks` stored blocks of a part (cheap: a count).
+  void set_active_blocks(int64_t part_index, int64_t blocks) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    BitStackPart& part = part_at(part_index);
+    TORCH_CHECK(blocks >= 0 && blocks <= static_cast<int64_t>(part.blocks.size()), "BitStackLinear.set_active_blocks: ",
+                blocks, " outside the stored [0, ", part.blocks.size(), "]");
+    part.active = blocks;
+  }
+
+  int64_t stored_blocks(int64_t part_index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(part_at(part_index).blocks.size());
+  }
+  int64_t active_blocks(int64_t part_index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return part_at(part_index).active;
+  }
+
+  // x [M, in_features] float32 or bfloat16, contiguous -> [M, out_features] in x's dtype.
+  torch::Tensor forward(const torch::Tensor& x) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features_ && x.is_contiguous() && x.device().is_cpu(),
+                "BitStackLinear.forward: x must be a contiguous CPU tensor [M, ", in_features_, "]");
+    TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+                "BitStackLinear.forward: x must be float32 or bfloat16");
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK(covered_rows_ == out_features_, "BitStackLinear.forward: the parts cover ", covered_rows_, " of ",
+                out_features_, " output rows");
+    const int64_t M = x.size(0);
+    const bool kernel = isa_ != QuantIsa::kReference && M <= decode_max_rows_;
+    if (!kernel && x.scalar_type() == torch::kBFloat16 && native_bf16_) {
+      torch::Tensor out = torch::empty({M, out_features_}, x.options());
+      for (const BitStackPart& part : parts_) run_rebuilt(part, x, out);
+      return out;
+    }
+    const torch::Tensor x_float = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
+    torch::Tensor out = torch::empty({M, out_features_}, x_float.options());
+    if (M > 0) {
+      for (const BitStackPart& part : parts_) {
+        if (kernel) run_kernel(part, x_float, out);
+        else run_rebuilt(part, x_float, out);
+      }
+    }
+    return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
+  }
+
+  // Bytes held: the stored blocks of every part (signs, u, v) and the bias.
+  int64_t bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t total = bias_.defined() ? bias_.nbytes() : 0;
+    for (const BitStackPart& part : parts_)
+      for (const BitStackBlock& block : part.blocks) total += block.signs.nbytes() + block.u.nbytes() + block.v.nbytes();
+    return total;
+  }
+
+  std::string isa() const { return isa_name(isa_); }
+  int64_t in_features() const { return in_features_; }
+  int64_t out_features() const { return out_features_; }
+  int64_t decode_max_rows() const { return decode_max_rows_; }
+  int64_t num_parts() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(parts_.size());
+  }
+
+ private:
+  BitStackPart& part_at(int64_t index) {
+    TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(parts_.size()), "BitStackLinear: no part ", index,
+                " (the layer has ", parts_.size(), ")");
+    return parts_[static_cast<size_t>(index)];
+  }
+
+  void run_kernel(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out) {
+    const int64_t M = x.size(0), K = in_features_;
+    const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+    if (part.active == 0) {  // no block loaded: the bias alone
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < part.rows; ++n)
+          out.data_ptr<float>()[m * out_features_ + part.row_offset + n] = bias ? bias[part.row_offset + n] : 0.0f;
+      return;
+    }
+    BitStackActivations& a = activations_;
+    a.scale_blocks = (K + kBitStackColumns - 1) / kBitStackColumns;
+    a.padded_columns = a.scale_blocks * kBitStackColumns;
+    a.chunks = (part.rank + kBitStackLanes - 1) / kBitStackLanes;
+    a.code_stride = a.chunks * a.padded_columns * kBitStackLanes;
+    a.scale_stride = a.chunks * a.scale_blocks * kBitStackLanes;
+    a.offset_stride = a.chunks * kBitStackLanes;
+    a.unsigned_codes = isa_ == QuantIsa::kAvx512Vnni;
+    const int64_t slots = part.active * M;
+    int8_t* codes = a.codes.get(slots * a.code_stride);
+    float* scales = a.scales.get(slots * a.scale_stride);
+    float* offsets = a.offsets.get(slots * a.offset_stride);
+    const float* xs = x.data_ptr<float>();
+    // T of each (block, row of x), the blocks spread over the threads (one block of a 896-wide
+    // matrix takes ~6 us, a tenth of the block's products on a small matrix).
+    at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t slot = begin; slot < end; ++slot)
+        prepare_bitstack_block(xs + (slot % M) * K, part.blocks[slot / M].v_half, part.rank, K, a,
+                               codes + slot * a.code_stride, scales + slot * a.scale_stride,
+                               offsets + slot * a.offset_stride);
+    });
+    const BitStackArgs args{&part, &a, M, K, bias, out.data_ptr<float>(), out_features_};
+    const int64_t tiles = (part.rows + kBitStackTileRows - 1) / kBitStackTileRows;
+    const bool vnni = isa_ == QuantIsa::kAvx512Vnni;
+    parallel_for_stealing(tiles, 4, [&](int64_t first, int64_t last) {
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t n0 = tile * kBitStackTileRows;
+        const int64_t rows = std::min<int64_t>(kBitStackTileRows, part.rows - n0);
+        if (vnni) {
+          static_assert(kBitStackTileRows == 8, "the switch below lists the tile sizes");
+          switch (rows) {
+            case 8: bitstack_tile_vnni<8>(args, n0); break;
+            case 7: bitstack_tile_vnni<7>(args, n0); break;
+            case 6: bitstack_tile_vnni<6>(args, n0); break;
+            case 5: bitstack_tile_vnni<5>(args, n0); break;
+            case 4: bitstack_tile_vnni<4>(args, n0); break;
+            case 3: bitstack_tile_vnni<3>(args, n0); break;
+            case 2: bitstack_tile_vnni<2>(args, n0); break;
+            default: bitstack_tile_vnni<1>(args, n0); break;
+          }
+          continue;
+        }
+        // AVX2 has 16 vector registers: four rows at a time (two 8-lane halves each).
+        for (int64_t half = 0; half < rows; half += 4) {
+          switch (std::min<int64_t>(4, rows - half)) {
+            case 4: bitstack_tile_avx2<4>(args, n0 + half); break;
+            case 3: bitstack_tile_avx2<3>(args, n0 + half); break;
+            case 2: bitstack_tile_avx2<2>(args, n0 + half); break;
+            default: bitstack_tile_avx2<1>(args, n0 + half); break;
+          }
+        }
+      }
+    });
+  }
+
+  // Rebuild slices of the part's rows into the shared scratch and multiply with the matmul
+  // library; x and out both float32 or both bfloat16.
+  void run_rebuilt(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out) {
+    const int64_t M = x.size(0), K = in_features_;
+    const at::ScalarType dtype = x.scalar_type();
+    const torch::Tensor& bias = dtype == torch::kFloat ? bias_ : bias_bf16_;
+    DequantScratch& scratch = DequantScratch::instance();
+    std::lock_guard<std::mutex> lock(scratch.mutex);
+    const int64_t slice_rows =
+        std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
+    std::vector<std::vector<float>> v_float(static_cast<size_t>(part.active));
+    for (int64_t b = 0; b < part.active; ++b) {
+      const at::Half* v = reinterpret_cast<const at::Half*>(part.blocks[b].v_half);
+      v_float[b].assign(v, v + part.rank * K);
+    }
+    for (int64_t first = 0; first < part.rows; first += slice_rows) {
+      const int64_t count = std::min(slice_rows, part.rows - first);
+      torch::Tensor weight = DequantScratch::take(scratch.weight, count, K, dtype);
+      if (dtype == torch::kFloat) rebuild_rows(part, K, v_float, first, count, weight.data_ptr<float>());
+      else rebuild_rows(part, K, v_float, first, count, weight.data_ptr<BF16>());
+      const int64_t row = part.row_offset + first;
+      torch::Tensor product = DequantScratch::take(scratch.product, M, count, dtype);
+      if (bias.defined()) at::addmm_out(product, bias.narrow(0, row, count), x, weight.t());
+      else at::mm_out(product, x, weight.t());
+      out.narrow(1, row, count).copy_(product);
+    }
+  }
+
+  int64_t in_features_, out_features_, decode_max_rows_;
+  QuantIsa isa_ = QuantIsa::kReference;
+  torch::Tensor bias_, bias_bf16_;
+  const bool native_bf16_ = cpu_has_avx512_bf16();
+  std::vector<BitStackPart> parts_;
+  int64_t covered_rows_ = 0;
+  std::mutex mutex_;
+  BitStackActivations activations_;
+};
+
+}  // namespace fitserve_cpu
