@@ -16,7 +16,6 @@ import pytest
 
 from fitserve import LLM, SamplingParams
 from fitserve.config import ConfigError, EngineArgs
-from fitserve.engine.host_block_pool import HostBlockPool
 from fitserve.engine.kv_cache import KVCacheManager
 from fitserve.engine.policy import make_policy
 from fitserve.engine.request import Request, RequestStatus
@@ -48,7 +47,7 @@ class SwappingFakeEngine(FakeEngine):
 
         def schedule_and_copy_out():
             output = original_schedule()
-            for _, groups in output.swap_out:
+            for groups in [output.offload] + [groups for _, groups in output.swap_out]:
                 for device_start, host_start, count in groups:
                     for offset in range(count):
                         self.host_kv[host_start + offset] = dict(self.kv.get(device_start + offset, {}))
@@ -172,18 +171,6 @@ def test_aborts_while_swapped_or_swapping_in_leak_nothing(policy_name: str) -> N
     assert scheduler.num_swap_outs_total > 3
     assert RequestStatus.SWAPPED in hit and RequestStatus.RUNNING in hit
     check_all_returned(scheduler)
-
-
-def test_host_block_pool_prefers_runs() -> None:
-    pool = HostBlockPool(10)
-    first = pool.allocate(3)
-    assert first == [0, 1, 2]
-    pool.allocate(2)  # 3, 4
-    pool.free([1])
-    assert pool.allocate(2, prefer_after=2) == [5, 6]  # 3 is taken: the longest free run instead
-    assert pool.allocate(3) == [7, 8, 9]
-    with pytest.raises(RuntimeError, match="freed while already free"):
-        pool.free([1])
 
 
 # ----------------------------------------------------------------------------- the real engine
