@@ -90,15 +90,17 @@ class BlockPool:
         """Take `count` free blocks (evicting their cached content); the caller checked there are enough.
 
         `contiguous`: each block is the id after the previous one (the first: after `after`,
-        the request's last block) whenever that block is free, ahead of the LRU order, so a
-        request's blocks form runs of consecutive ids that a swap moves in one copy per run.
+        the request's last block) whenever that block is free and caches nothing, ahead of the
+        LRU order, so a request's blocks form runs of consecutive ids that a swap moves in one
+        copy per run. Cached content is still evicted strictly least recently used first.
         """
         if count > len(self._free):
             raise BlockPoolError(f"asked for {count} blocks with only {len(self._free)} free")
         block_ids = []
         previous = after
         for _ in range(count):
-            if contiguous and previous is not None and previous + 1 in self._free:
+            if (contiguous and previous is not None and previous + 1 in self._free
+                    and self.blocks[previous + 1].block_hash is None):
                 block_id = previous + 1
                 del self._free[block_id]
             else:

@@ -137,7 +137,8 @@ class KVCacheManager:
         assert host_pool is not None
         evicted = [block for block in self.pool.take_evicted() if host_pool.find(block.block_hash) is None]
         # Blocks owned by swapped-out requests are not free: cached content may go, they may not.
-        evicted = evicted[:host_pool.num_free_blocks]
+        # In id order, so that consecutive device blocks land in consecutive host blocks (one copy).
+        evicted = sorted(evicted[:host_pool.num_free_blocks], key=lambda block: block.block_id)
         if not evicted:
             return
         host_ids = host_pool.allocate(len(evicted), contiguous=True)
@@ -154,7 +155,7 @@ class KVCacheManager:
         if not pairs:
             return []
         assert self.host_pool is not None
-        self.host_pool.free([host_id for _, host_id in pairs])
+        self.host_pool.free([host_id for _, host_id in reversed(pairs)])  # the later blocks go first
         return _groups([device_id for device_id, _ in pairs], [host_id for _, host_id in pairs])
 
     def can_allocate(self, num_blocks: int) -> bool:
