@@ -229,13 +229,20 @@ class KVCacheManager:
     def swap_in(self, request: Request) -> list[CopyGroup] | None:
         """Device blocks for a swapped-out request's computed tokens, and the host -> device
         copies that fill them; None (changing nothing) when the device has too few free
-        blocks. The host copy is kept for the next swap-out."""
+        blocks. Leading full blocks the device still caches (the request's own, freed at
+        swap-out and not yet overwritten, or another request's with the same prefix) are
+        shared, not copied. The host copy is kept for the next swap-out."""
         host = self._host[request.request_id]
         num_blocks = self.blocks_needed(host.num_tokens)
-        if num_blocks > self.pool.num_free_blocks:
+        cached = _find_chain(self.pool, request, self.block_size, 0, None)[:host.num_tokens // self.block_size]
+        num_revived = sum(1 for block_id in cached if self.pool.blocks[block_id].ref_count == 0)
+        if num_blocks - len(cached) + num_revived > self.pool.num_free_blocks:
             return None
-        request.block_ids = self._allocate_device(num_blocks, contiguous=True)
-        return _groups(host.block_ids[:num_blocks], request.block_ids)
+        self.pool.touch(cached)
+        self._block_hashes[request.request_id] = [self.pool.blocks[b].block_hash for b in cached]  # type: ignore[misc]
+        fresh = self._allocate_device(num_blocks - len(cached), True, cached[-1] if cached else None)
+        request.block_ids = cached + fresh
+        return _groups(host.block_ids[len(cached):num_blocks], fresh)
 
     def load_prefix(self, request: Request, device_block_ids: list[int], host_block_ids: list[int]) -> list[CopyGroup] | None:
         """Attach a new request's cached prefix that continues in the host tier: the device
@@ -268,10 +275,6 @@ class KVCacheManager:
         if self.host_pool is not None:
             self.host_pool.free(self._loading.pop(request.request_id, []))
         self.cache_full_blocks(request)
-
-    def can_swap_in(self, request: Request) -> bool:
-        host = self._host.get(request.request_id)
-        return host is not None and self.blocks_needed(host.num_tokens) <= self.pool.num_free_blocks
 
     def free_host(self, request: Request) -> None:
         """Release the request's host copy (it finished, or resumes by recomputation)."""

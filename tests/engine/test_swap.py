@@ -127,6 +127,24 @@ def test_swap_moves_groups_and_a_second_swap_out_without_new_tokens_moves_nothin
     assert manager.host_pool is not None and manager.host_pool.num_free_blocks == 32
 
 
+def test_swap_in_shares_the_blocks_the_device_still_caches() -> None:
+    """A request swapped out and back before its freed blocks were overwritten copies back
+    only the block that was never cached (the partial last one): its full blocks are still
+    in the device's prefix cache and are attached instead."""
+    manager = KVCacheManager(num_blocks=32, block_size=4, num_host_blocks=32)
+    request = make_request("r", list(range(18)), 4, 0.0)
+    assert manager.allocate(request, 18)
+    request.num_computed_tokens = 18
+    manager.cache_full_blocks(request)
+    device_blocks = list(request.block_ids)
+    out = manager.swap_out(request)
+    assert out is not None and sum(count for _, _, count in out) == 5
+    back = manager.swap_in(request)
+    assert back is not None and sum(count for _, _, count in back) == 1
+    assert request.block_ids[:4] == device_blocks[:4]
+    assert manager.num_free_blocks == 32 - 5
+
+
 def test_swap_out_falls_back_to_recompute_when_host_memory_is_full() -> None:
     """A victim that does not fit in host memory is recomputed instead, and still finishes."""
     scheduler = swap_scheduler(num_blocks=10, num_host_blocks=2)
