@@ -21,7 +21,7 @@ from fitserve.engine.kv_cache import KVCacheManager
 from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.scheduler import Scheduler
 from tests.engine.test_scheduler import check_all_returned, make_request
-from tests.engine.test_swap import SwappingFakeEngine, swap_scheduler
+from tests.engine.test_swap import SwappingFakeEngine, check_host_ownership, swap_scheduler
 from tests.tiny_models import random_token_ids, write_tiny_checkpoint
 
 
@@ -139,21 +139,6 @@ class ConversationEngine(SwappingFakeEngine):
         return record
 
 
-def check_host_ownership(scheduler: Scheduler) -> None:
-    kv_cache = scheduler.kv_cache
-    host_pool = kv_cache.host_pool
-    assert host_pool is not None
-    references = [0] * host_pool.num_blocks
-    for host in kv_cache._host.values():
-        for block_id in host.block_ids:
-            references[block_id] += 1
-    for block_ids in kv_cache._loading.values():
-        for block_id in block_ids:
-            references[block_id] += 1
-    assert [block.ref_count for block in host_pool.blocks] == references
-    assert host_pool.num_free_blocks == references.count(0)
-
-
 def conversation_run(num_blocks: int, num_host_blocks: int, seed: int,
                      abort_rate: float = 0.0) -> tuple[dict[str, list[int]], ConversationEngine]:
     """Five conversations: first turns, then fillers that push them off the device, then
@@ -207,6 +192,24 @@ def test_second_turns_load_their_history_from_the_host_tier_instead_of_recomputi
         assert engine.computed_tokens[request_id] < history  # not recomputed from the start
     assert sum(engine.computed_tokens[f"t2-{i}"] for i in range(5)) < sum(
         roomy.computed_tokens[f"t2-{i}"] for i in range(5)) + kv_cache.num_host_hit_tokens_total
+
+
+def test_a_small_host_tier_evicts_lru_and_still_serves_correct_kv() -> None:
+    """Host memory smaller than what the conversations offload: the host tier evicts as it
+    goes (least recently used first, so the fillers' newer blocks push the first turns out),
+    fewer second turns hit it the smaller it is, and every read is still the right K/V with
+    unchanged outputs."""
+    expected, _ = conversation_run(num_blocks=256, num_host_blocks=64, seed=1)
+    hits = []
+    for num_host_blocks in (10, 24, 64):
+        outputs, engine = conversation_run(num_blocks=12, num_host_blocks=num_host_blocks, seed=1)
+        assert outputs == expected
+        kv_cache = engine.scheduler.kv_cache
+        assert kv_cache.host_pool is not None and kv_cache.host_pool.num_cached_blocks <= num_host_blocks
+        if num_host_blocks < 64:
+            assert kv_cache.num_offloaded_blocks_total > num_host_blocks  # some were evicted again
+        hits.append(kv_cache.num_host_hit_tokens_total)
+    assert hits[0] < hits[1] < hits[2]
 
 
 @pytest.mark.parametrize("seed", [2, 3, 4])

@@ -158,19 +158,41 @@ def test_swap_out_falls_back_to_recompute_when_host_memory_is_full() -> None:
     check_all_returned(scheduler)
 
 
+def check_host_ownership(scheduler: Scheduler) -> None:
+    """Every host block's references are exactly its owners': swapped-out requests' host
+    copies and the prefix loads still copying from it; the free ones are the unreferenced."""
+    kv_cache = scheduler.kv_cache
+    host_pool = kv_cache.host_pool
+    assert host_pool is not None
+    references = [0] * host_pool.num_blocks
+    for host in kv_cache._host.values():
+        for block_id in host.block_ids:
+            references[block_id] += 1
+    for block_ids in kv_cache._loading.values():
+        for block_id in block_ids:
+            references[block_id] += 1
+    assert [block.ref_count for block in host_pool.blocks] == references
+    assert host_pool.num_free_blocks == references.count(0)
+
+
 @pytest.mark.parametrize("policy_name", ["fcfs", "vtc"])
 def test_aborts_while_swapped_or_swapping_in_leak_nothing(policy_name: str) -> None:
-    """Random aborts hit requests that are running, swapped out or being swapped in: both
-    tiers get every block back."""
+    """Random aborts hit requests that are running, swapped out or being swapped in (their own
+    KV, or a next turn's prefix from the host tier): both tiers get every block back, and host
+    references match their owners after every step."""
     rng = random.Random(7)
     scheduler = swap_scheduler(num_blocks=14, num_host_blocks=24, policy=make_policy(policy_name), max_num_seqs=5)
     engine = SwappingFakeEngine(scheduler)
     live: list[Request] = []
+    earlier: list[Request] = []
     hit = set()
     for index in range(150):
         if index < 90 and rng.random() < 0.6:
-            request = make_request(f"r{index}", random_token_ids(rng.randint(2, 18), seed=index, vocab_size=90),
-                                   rng.randint(2, 20), float(index))
+            prompt = random_token_ids(rng.randint(2, 18), seed=index, vocab_size=90)
+            if earlier and rng.random() < 0.4:  # a next turn: an earlier request's tokens come first
+                prompt = rng.choice(earlier).all_token_ids + prompt
+            request = make_request(f"r{index}", prompt[:40], rng.randint(2, 20), float(index))
+            earlier.append(request)
             request.client_id = rng.choice("ab")
             engine.add(request)
             live.append(request)
@@ -184,9 +206,11 @@ def test_aborts_while_swapped_or_swapping_in_leak_nothing(policy_name: str) -> N
                 engine.abort(victim)
         if scheduler.has_unfinished_requests():
             engine.step()
+            check_host_ownership(scheduler)
         live = [r for r in live if not r.is_finished]
     engine.run(max_steps=3000)
     assert scheduler.num_swap_outs_total > 3
+    assert scheduler.kv_cache.num_host_hit_tokens_total > 0  # next turns loaded from the host tier
     assert RequestStatus.SWAPPED in hit and RequestStatus.RUNNING in hit
     check_all_returned(scheduler)
 
