@@ -23,6 +23,7 @@ swap / swap-no-host-cache pair shows what the host tier of the prefix cache buys
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -85,6 +86,12 @@ def main() -> None:
     gains = {mode: {"ttft_p99": middle[baseline]["ttft_p99_ms"] / middle[mode]["ttft_p99_ms"],
                     "tpot_p99": middle[baseline]["tpot_p99_ms"] / middle[mode]["tpot_p99_ms"]}
              for mode in modes[1:]}
+    # On a shared machine the load drifts between repetitions far more than within one, so
+    # the ratio of the runs made next to each other is the steadier estimate.
+    paired = {mode: {metric: statistics.median(base[f"{metric}_ms"] / run[f"{metric}_ms"]
+                                               for base, run in zip(runs[baseline], runs[mode]))
+                     for metric in ("ttft_p99", "tpot_p99")}
+              for mode in modes[1:]}
     result = result_header(
         "swap_preemption",
         "fitserve bench against fitserve serve with each preemption mode, alternating, same seed, bundled "
@@ -92,12 +99,15 @@ def main() -> None:
         "runs": runs,
         "medians": middle,
         f"p99_{baseline}_over_mode": gains,
+        f"p99_{baseline}_over_mode_paired": paired,
     }
     if "swap" in gains and baseline == "recompute":
-        result["targets"] = {"swap_at_least": 1.4, "met": min(gains["swap"].values()) >= 1.4}
+        result["targets"] = {"swap_at_least": 1.4, "met": min(gains["swap"].values()) >= 1.4,
+                             "met_paired": min(paired["swap"].values()) >= 1.4}
     path = write_result("swap_preemption", result, args.out)
     for mode, gain in gains.items():
-        print(f"{baseline}/{mode}: p99 TTFT {gain['ttft_p99']:.2f}, p99 TPOT {gain['tpot_p99']:.2f}")
+        print(f"{baseline}/{mode}: p99 TTFT {gain['ttft_p99']:.2f}, p99 TPOT {gain['tpot_p99']:.2f} (medians); "
+              f"{paired[mode]['ttft_p99']:.2f}, {paired[mode]['tpot_p99']:.2f} (median of paired runs)")
     print(f"wrote {path}")
 
 
