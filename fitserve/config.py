@@ -173,6 +173,12 @@ class EngineArgs:
     swap_space: str | int = "4GiB"
     """Host memory for swapped-out KV with preemption_mode swap ("4GiB", vLLM's default); a
     request that does not fit falls back to recompute."""
+    host_prefix_cache: bool = True
+    """With preemption_mode swap and prefix caching: swap_space is also a second tier of the
+    prefix cache. Cached blocks the device overwrites are copied there first (one extra copy
+    per evicted block, only under memory pressure), and a new request whose prefix is held
+    there (a conversation's next turn) copies it back instead of recomputing it. Off: host
+    memory holds swapped-out requests only."""
 
     slo: str | None = None
     """Latency targets the step token budget follows, e.g. "ttft=500ms,tpot=50ms,p=90": every

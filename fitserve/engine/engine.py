@@ -60,6 +60,9 @@ class EngineStats:
     num_swap_ins_total: int = 0
     num_swap_bytes_total: int = 0
     """Bytes copied between device and host KV, both directions."""
+    num_host_prefix_hit_tokens_total: int = 0
+    """Prompt tokens whose K/V was copied in from the host tier's prefix cache instead of
+    being computed."""
     step_token_budget: int = 0
     """The step token budget in use (moved by the SLO loop when --slo is set)."""
     slo_attainment: float | None = None
@@ -123,7 +126,7 @@ class LLMEngine:
                 raise ConfigError(f"--swap-space {args.swap_space} is smaller than one KV block "
                                   f"({bytes_per_block} bytes)")
         self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching,
-                                       num_host_blocks)
+                                       num_host_blocks, args.host_prefix_cache)
         policy = make_policy(args.scheduling_policy, args.vtc_prompt_token_weight,
                              args.vtc_output_token_weight, args.client_weights)
         self.scheduler = Scheduler(
@@ -354,6 +357,7 @@ class LLMEngine:
             slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
             num_swap_outs_total=self.scheduler.num_swap_outs_total,
             num_swap_ins_total=self.scheduler.num_swap_ins_total,
+            num_host_prefix_hit_tokens_total=self.kv_cache.num_host_hit_tokens_total,
             num_swap_bytes_total=(self.swap_space.num_bytes_out + self.swap_space.num_bytes_in
                                   if self.swap_space is not None else 0),
         )
@@ -370,6 +374,7 @@ class LLMEngine:
             self.scheduler.finish_swap_in(swap_space.completed())
         scheduler_output = self.scheduler.schedule()
         if swap_space is not None:
+            swap_space.swap_out(scheduler_output.offload)  # first: later copies may overwrite those blocks
             for _, groups in scheduler_output.swap_out:
                 swap_space.swap_out(groups)  # before the step writes into the released blocks
             for request, groups in scheduler_output.swap_in:

@@ -59,6 +59,9 @@ class _EngineStatsCollector(Collector):
                                   value=stats.num_swap_outs_total)
         yield CounterMetricFamily("fitserve_swap_bytes", "Bytes of KV copied between device and host.",
                                   value=stats.num_swap_bytes_total)
+        yield CounterMetricFamily("fitserve_host_prefix_cache_hit_tokens",
+                                  "Prompt tokens copied in from the host tier of the prefix cache instead of computed.",
+                                  value=stats.num_host_prefix_hit_tokens_total)
 
 
 @dataclass
