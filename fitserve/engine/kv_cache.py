@@ -39,6 +39,19 @@ class KVCacheManager:
         self._host: dict[str, HostCopy] = {}
         # Swap wants each request's blocks in runs of consecutive ids (one copy per run).
         self._contiguous = self.host_pool is not None
+        self.weights_epoch = 0
+        """Bumped when the model's weights change (an elastic-weights resize). It salts the
+        first block's hash of every prefix chain, so KV computed with other weights is never
+        a prefix-cache hit; each request keeps the epoch it started computing in."""
+
+    def new_weights_epoch(self) -> None:
+        """The model's weights changed: no later request may reuse KV cached before now."""
+        self.weights_epoch += 1
+        self.pool.reset_prefix_cache()
+
+    @staticmethod
+    def _epoch_key(epoch: int) -> object:
+        return None if epoch == 0 else ("weights", epoch)  # epoch 0 hashes as before
 
     @property
     def num_blocks(self) -> int:
@@ -65,7 +78,8 @@ class KVCacheManager:
         tokens = request.all_token_ids
         for index in range(max_blocks):
             chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
-            block_id = self.pool.lookup(parent_hash, chunk)
+            extra_key = self._epoch_key(self.weights_epoch) if index == 0 else None
+            block_id = self.pool.lookup(parent_hash, chunk, extra_key)
             if block_id is None:
                 break
             block_ids.append(block_id)
@@ -79,6 +93,8 @@ class KVCacheManager:
         cached prefix is attached to the request's block table; moving `num_computed_tokens`
         past it is the scheduler's job (a request's progress has one owner).
         """
+        if request.num_computed_tokens == 0 and not request.block_ids:
+            request.kv_weights_epoch = self.weights_epoch  # (re)starts computing its KV now
         room = len(request.block_ids) * self.block_size - request.num_computed_tokens
         if not cached_block_ids and num_new_tokens <= room:
             return True  # the common decode step: its token fits in the last block
@@ -120,7 +136,8 @@ class KVCacheManager:
         parent_hash = hashes[-1] if hashes else None
         for index in range(len(hashes), num_full):
             chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
-            parent_hash = self.pool.register(request.block_ids[index], parent_hash, chunk)
+            extra_key = self._epoch_key(request.kv_weights_epoch) if index == 0 else None
+            parent_hash = self.pool.register(request.block_ids[index], parent_hash, chunk, extra_key)
             hashes.append(parent_hash)
 
     def free(self, request: Request) -> None:

@@ -1,6 +1,6 @@
 """The names of the weight formats, importable without torch (the CLI's fast `--help`)."""
 
-QUANTIZATION_METHODS = ("w8", "w4", "mixllm")
+QUANTIZATION_METHODS = ("w8", "w4", "mixllm", "bitstack")
 """Methods `fitserve quantize` writes; w8 and w4 can also be applied at load time."""
 DYNAMIC_METHODS = ("w8", "w4")
 """Methods `--quantization` applies to a dense checkpoint at load (round to nearest)."""
