@@ -111,8 +111,6 @@ class ElasticWeights:
             self._bytes_at.append(self._bytes_at[-1] + entry.part.block_bytes)
         self.max_bytes = self._bytes_at[-1]
         self.blocks_total = len(self._parts) + len(self._order)
-        self._loaded = -1
-        """How many entries of the order are loaded (-1: not even block 0 yet)."""
         self.budget_bytes = self.max_bytes
 
     # ------------------------------------------------------------------ budgets
@@ -154,12 +152,19 @@ class ElasticWeights:
         (None if `cancel` was set meanwhile). Only reads: safe beside running steps."""
         depths = self._depths(count)
         blocks: dict[tuple[int, int], Block] = {}
-        for _, part in self._parts:
-            for index in range(part.depth, depths[id(part)]):
-                if cancel is not None and cancel.is_set():
-                    return None
-                blocks[(id(part), index)] = part.read_block(index)
+        try:
+            for _, part in self._parts:
+                for index in range(part.depth, depths[id(part)]):
+                    if cancel is not None and cancel.is_set():
+                        return None
+                    blocks[(id(part), index)] = part.read_block(index)
+        finally:
+            self._close_sources()
         return blocks
+
+    def _close_sources(self) -> None:
+        for source in {id(part.source): part.source for _, part in self._parts}.values():
+            source.close()
 
     def apply(self, count: int, blocks: dict[tuple[int, int], Block] | None = None) -> None:
         """Load exactly the first `count` entries of the order (and every block 0): drop the
@@ -176,7 +181,7 @@ class ElasticWeights:
             elif target > part.depth:
                 added = [blocks.get((id(part), index)) or part.read_block(index) for index in range(part.depth, target)]
                 layer.weight_format.set_blocks(layer, part, part.blocks + added)
-        self._loaded = count
+        self._close_sources()
         if shrank:
             release_free_memory()
 
