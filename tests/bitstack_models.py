@@ -30,34 +30,3 @@ def write_bitstack_checkpoint(dense_dir: Path, out_dir: Path, num_blocks: int = 
     _copy_side_files(dense_dir, out_dir)
     return out_dir
 
-
-def write_random_bitstack_checkpoint(out_dir: Path, overrides: dict, num_blocks: int, rank: int) -> Path:
-    """A BitStack checkpoint of random tensors with the shapes `overrides` give a Llama (no
-    decomposition, so it is quick to write at sizes where memory can be measured)."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    from fitserve.models.loader import expected_checkpoint_tensors
-    from fitserve.models.random_checkpoint import resolve_preset
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = resolve_preset("llama-3.2-1b", {**overrides, "torch_dtype": "float32"})
-    (out_dir / "config.json").write_text(json.dumps(raw), encoding="utf-8")
-    config = load_model_config(out_dir)
-    prefixes = [part.prefix for layout in linear_layouts(config) if layout.module_name != "lm_head"
-                for part in layout.parts]
-    plan = FormatPlan(method="bitstack", num_blocks=num_blocks, ranks={prefix: rank for prefix in prefixes},
-                      block_order=[prefix for _ in range(1, num_blocks) for prefix in prefixes], prequantized=True)
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, target in expected_checkpoint_tensors(config, plan).items():
-        if target.dtype in (torch.uint8, torch.int8):
-            tensors[name] = torch.randint(0, 127, target.shape, generator=generator, dtype=target.dtype)
-        else:
-            tensors[name] = (0.02 * torch.randn(target.shape, generator=generator)).to(target.dtype or torch.float32)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    raw["quantization_config"] = plan.to_config()
-    (out_dir / "config.json").write_text(json.dumps(raw), encoding="utf-8")
-    return out_dir

@@ -23,7 +23,8 @@ from fitserve.models.elastic_weights import WeightBudgetError, interpolate
 from fitserve.models.loader import load_model
 from fitserve.models.weight_memory import weight_memory_bytes
 from fitserve.quant.bitstack_packing import SIGNS, U, V, dequantize_blocks
-from tests.bitstack_models import write_bitstack_checkpoint, write_random_bitstack_checkpoint
+from fitserve.models.random_checkpoint import write_random_bitstack_checkpoint
+from tests.bitstack_models import write_bitstack_checkpoint
 from tests.tiny_models import write_tiny_checkpoint
 
 NUM_BLOCKS = 4
@@ -177,7 +178,7 @@ def test_resident_memory_falls_after_a_shrink(tmp_path: Path) -> None:
     shapes = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 8,
               "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 256, "max_position_embeddings": 64,
               "rope_scaling": None}
-    model_dir = write_random_bitstack_checkpoint(tmp_path, shapes, num_blocks=10, rank=16)
+    model_dir = write_random_bitstack_checkpoint(tmp_path, "llama-3.2-1b", num_blocks=10, rank=16, overrides=shapes)
     process = psutil.Process()
     model = _load(model_dir)
     elastic = model.elastic_weights
