@@ -2,9 +2,9 @@
 
 A new budget is checked at once (a bad one fails with the valid range, nothing changes).
 The blocks it adds are read from disk by a background thread while the engine keeps
-stepping; the switch itself — drop blocks past the new prefix, attach the ones read — happens
-in `poll`, which the engine calls between steps, so a step never sees a half-changed model
-and never waits for disk. Only one resize is in flight: a newer budget cancels the older
+stepping; the switch itself — detach blocks past the new prefix, attach the ones read —
+happens in `poll`, which the engine calls between steps, so a step never sees a half-changed
+model and never waits for disk; the detached blocks are freed by another background thread. Only one resize is in flight: a newer budget cancels the older
 one's reading, and both tickets complete when the newer one is applied.
 """
 
@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from fitserve.models.elastic_weights import ElasticWeights, WeightMemoryInfo
+from fitserve.models.elastic_weights import ElasticWeights, WeightMemoryInfo, release_blocks
 
 logger = logging.getLogger("fitserve")
 
@@ -127,8 +127,12 @@ class WeightResizer:
         read_s = time.perf_counter() - job.started
         switch_start = time.perf_counter()
         before = self.elastic.current_bytes
-        self.elastic.apply(job.count, job.blocks)
+        dropped = self.elastic.apply(job.count, job.blocks)
         self.elastic.budget_bytes = budget
+        if dropped:  # freed beside the next steps rather than between them
+            threading.Thread(target=release_blocks, args=(dropped,), name="fitserve-weight-release",
+                             daemon=True).start()
+            del dropped
         info = self.elastic.info()
         logger.info("weights resized from %.2f MiB to %.2f MiB (%d/%d blocks; read %.3f s, switch %.3f s)",
                     before / 2**20, info.current_bytes / 2**20, info.blocks_loaded, info.blocks_total, read_s,

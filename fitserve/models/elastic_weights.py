@@ -75,6 +75,13 @@ def release_free_memory() -> None:
         pass
 
 
+def release_blocks(dropped: list[Block]) -> None:
+    """Free detached blocks (the list held their last references) and return the memory."""
+    if dropped:
+        dropped.clear()
+        release_free_memory()
+
+
 @dataclass(frozen=True)
 class _OrderEntry:
     layer: Linear
@@ -95,7 +102,8 @@ class ElasticWeights:
         if not parts:
             raise ValueError("the model has no BitStack layers")
         self._parts = list(parts.values())
-        self._fixed_bytes = weight_memory_bytes(model) - self.blocks_bytes()
+        self.fixed_bytes = weight_memory_bytes(model) - self.blocks_bytes()
+        """Bytes of everything but the blocks (embedding, LM head, norms, biases)."""
         seen: dict[str, int] = {}
         self._order: list[_OrderEntry] = []
         for prefix in block_order:
@@ -105,7 +113,7 @@ class ElasticWeights:
             seen[prefix] = seen.get(prefix, 0) + 1
             layer, part = parts[prefix]
             self._order.append(_OrderEntry(layer, part, seen[prefix]))
-        self.min_bytes = self._fixed_bytes + sum(part.block_bytes for _, part in self._parts)
+        self.min_bytes = self.fixed_bytes + sum(part.block_bytes for _, part in self._parts)
         self._bytes_at = [self.min_bytes]
         for entry in self._order:
             self._bytes_at.append(self._bytes_at[-1] + entry.part.block_bytes)
@@ -120,7 +128,7 @@ class ElasticWeights:
 
     @property
     def current_bytes(self) -> int:
-        return self._fixed_bytes + self.blocks_bytes()
+        return self.fixed_bytes + self.blocks_bytes()
 
     @property
     def blocks_loaded(self) -> int:
@@ -166,29 +174,30 @@ class ElasticWeights:
         for source in {id(part.source): part.source for _, part in self._parts}.values():
             source.close()
 
-    def apply(self, count: int, blocks: dict[tuple[int, int], Block] | None = None) -> None:
-        """Load exactly the first `count` entries of the order (and every block 0): drop the
+    def apply(self, count: int, blocks: dict[tuple[int, int], Block] | None = None) -> list[Block]:
+        """Load exactly the first `count` entries of the order (and every block 0): detach the
         blocks past it, attach `blocks` (from `read_blocks`; any missing are read now). Call
-        between steps: the layers' kernels change."""
+        between steps: the layers' kernels change. Returns the detached blocks, the last
+        references to them: `release_blocks` frees them (freeing ~1 GB takes ~0.1 s, which an
+        engine does off its stepping thread)."""
         depths = self._depths(count)
         blocks = blocks or {}
-        shrank = False
+        dropped: list[Block] = []
         for layer, part in self._parts:
             target = depths[id(part)]
             if target < part.depth:
+                dropped.extend(part.blocks[target:])
                 layer.weight_format.set_blocks(layer, part, part.blocks[:target])
-                shrank = True
             elif target > part.depth:
                 added = [blocks.get((id(part), index)) or part.read_block(index) for index in range(part.depth, target)]
                 layer.weight_format.set_blocks(layer, part, part.blocks + added)
         self._close_sources()
-        if shrank:
-            release_free_memory()
+        return dropped
 
     def set_budget(self, budget: int) -> None:
         """Load what `budget` allows, now (at load time, or from a caller that steps no engine)."""
         count = self.check_budget(budget)
-        self.apply(count)
+        release_blocks(self.apply(count))
         self.budget_bytes = budget
 
     def info(self, pending_budget: int | None = None) -> WeightMemoryInfo:
