@@ -192,3 +192,24 @@ def test_resident_memory_falls_after_a_shrink(tmp_path: Path) -> None:
     assert full_rss - small_rss > 0.8 * freed
     elastic.set_budget(elastic.max_bytes)
     assert process.memory_info().rss - small_rss > 0.8 * freed
+
+
+@pytest.mark.parametrize("columns", [13, 64])
+def test_in_memory_stacks_equal_the_layout_reference_at_every_depth(columns: int) -> None:
+    from fitserve.layers.linear import Linear
+    from fitserve.layers.weight_formats import PartShape
+    from fitserve.quant.bitstack import decompose
+
+    parts = [PartShape("a", 5, columns), PartShape("b", 3, columns)]
+    weights = {part.prefix: torch.randn(part.rows, columns) for part in parts}
+    stacks = {prefix: dict(zip((SIGNS, U, V), decompose(weight, None, 3, 2))) for prefix, weight in weights.items()}
+    weight_format = BitStackFormat({"a": 2, "b": 2}, num_blocks=3)
+    layer = Linear(columns, 8, False, None, weight_format)
+    weight_format.load_parts(layer, [(part, stacks[part.prefix]) for part in parts], torch.device("cpu"))
+    for depth in (3, 1, 2):
+        for part in weight_format.parts:
+            weight_format.set_blocks(layer, part, [part.read_block(index) for index in range(depth)])
+        expected = torch.cat([dequantize_blocks(*(stacks[part.prefix][suffix][:depth] for suffix in (SIGNS, U, V)),
+                                                columns) for part in parts])
+        torch.testing.assert_close(layer.dequantized_weight(), expected, rtol=1e-5, atol=1e-6)
+        assert weight_format.stored_bytes(layer) == sum(depth * part.block_bytes for part in weight_format.parts)
