@@ -110,8 +110,12 @@ class LLMEngine:
             args.kv_cache_dtype,
         )
         kv_bytes = self._kv_cache_budget()
+        # Captured graphs would keep multiplying by the blocks loaded at capture time, so a
+        # model whose weights can be resized decodes eagerly.
         use_cuda_graphs = (self.device.type == "cuda" and not args.enforce_eager
-                           and is_triton_backend(attention_backend))
+                           and is_triton_backend(attention_backend) and self.weight_resizer is None)
+        if self.device.type == "cuda" and self.weight_resizer is not None and not args.enforce_eager:
+            logger.info("bitstack weights can be resized while serving: decode steps run without CUDA graphs")
         # CUDA graphs pad decode batches; the padding rows write into one spare block.
         num_allocated_blocks = kv_bytes // bytes_per_block
         self.num_kv_blocks = num_allocated_blocks - (1 if use_cuda_graphs else 0)

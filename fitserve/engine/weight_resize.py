@@ -112,7 +112,8 @@ class WeightResizer:
 
     def poll(self) -> bool:
         """Between steps: switch to the requested budget if its blocks are read. True when the
-        model's weights changed (cached KV computed with the old ones must not be reused)."""
+        model's weights changed (cached KV computed with the old ones must not be reused); a
+        budget that loads the same blocks changes nothing."""
         with self._lock:
             job = self._job
             if job is None or not job.finished:
@@ -126,7 +127,7 @@ class WeightResizer:
             return False
         read_s = time.perf_counter() - job.started
         switch_start = time.perf_counter()
-        before = self.elastic.current_bytes
+        before, changed = self.elastic.current_bytes, job.count != self.elastic.loaded_count
         dropped = self.elastic.apply(job.count, job.blocks)
         self.elastic.budget_bytes = budget
         if dropped:  # freed beside the next steps rather than between them
@@ -139,7 +140,7 @@ class WeightResizer:
                     time.perf_counter() - switch_start)
         for ticket in job.tickets:
             ticket._finish(info)
-        return True
+        return changed
 
     def wait(self) -> bool:
         """Block until the resize in flight is read, then switch (as `poll`)."""

@@ -120,6 +120,8 @@ class ElasticWeights:
         self.max_bytes = self._bytes_at[-1]
         self.blocks_total = len(self._parts) + len(self._order)
         self.budget_bytes = self.max_bytes
+        self.loaded_count = -1
+        """Entries of the order loaded (-1 until the first `apply`)."""
 
     # ------------------------------------------------------------------ budgets
 
@@ -192,6 +194,7 @@ class ElasticWeights:
                 added = [blocks.get((id(part), index)) or part.read_block(index) for index in range(part.depth, target)]
                 layer.weight_format.set_blocks(layer, part, part.blocks + added)
         self._close_sources()
+        self.loaded_count = count
         return dropped
 
     def set_budget(self, budget: int) -> None:

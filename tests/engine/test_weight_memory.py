@@ -122,3 +122,14 @@ def test_weight_memory_is_fixed_for_other_formats(tmp_path: Path) -> None:
     assert llm.weight_memory_info() is None and llm.engine.get_stats().weight_memory_bytes is None
     with pytest.raises(ConfigError, match="only change for a BitStack model"):
         llm.set_weight_memory("1MiB")
+
+
+def test_a_budget_that_loads_the_same_blocks_keeps_the_prefix_cache(bitstack_dir: Path) -> None:
+    llm = _llm(bitstack_dir)
+    info = llm.weight_memory_info()
+    _greedy(llm)
+    hits = llm.engine.get_stats().num_prefix_cache_hit_tokens_total
+    same = llm.set_weight_memory(info.max_bytes)
+    assert same.blocks_loaded == info.blocks_loaded
+    _greedy(llm)
+    assert llm.engine.get_stats().num_prefix_cache_hit_tokens_total > hits
