@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fitserve.kernels import cpu as cpu_kernels
 from fitserve.layers.weight_formats.base import LinearKernel, PartShape, TensorSpec, WeightFormat
 from fitserve.layers.weight_formats.source import InMemorySource, TensorSource
 from fitserve.quant import bitstack_packing
@@ -159,10 +160,24 @@ class BitStackFormat(WeightFormat):
         return {suffix: torch.stack(tensors) for suffix, tensors in zip(TENSOR_SUFFIXES, zip(*part.blocks))}
 
     def make_kernel(self, layer: Linear) -> LinearKernel:
-        # The single place that picks the multiply: for now the reference (dequantize the
-        # loaded blocks, then one float32 matmul) on every device; the compiled CPU kernel
-        # that multiplies from packed signs will plug in here.
-        return self.reference_kernel(layer)
+        """The compiled CPU `BitStackLinear` (fitserve.kernels.cpu.bitstack_linear: integer
+        dot products straight from the packed signs for decode rows) where it is built, else
+        the reference: dequantize the loaded blocks, then one float32 matmul. Made again after
+        every resize (`set_blocks` invalidates the layer); it holds the blocks by reference,
+        so building it copies nothing."""
+        build = getattr(cpu_kernels, "bitstack_linear", None)
+        on_cpu = all(part.device.type == "cpu" for part in self.parts)
+        compiled = None
+        if build is not None and on_cpu and not layer.use_triton:
+            bias = None if layer.bias is None else layer.bias.detach().float()
+            compiled = build(layer.in_features, layer.out_features, bias)
+        if compiled is None:
+            return self.reference_kernel(layer)
+        for part in self.parts:
+            index = compiled.add_part(part.shape.rows, part.rank)
+            for signs, u, v in part.blocks:
+                compiled.append_block(index, signs, u, v)
+        return lambda x: compiled.forward(x.contiguous())
 
     def config_entry(self) -> dict:
         return {"method": self.name, "num_blocks": self.num_blocks}
