@@ -81,8 +81,12 @@ def test_layers_multiply_by_the_sum_of_their_loaded_blocks(bitstack_dir: Path) -
                               part.shape.in_features)
             for part in parts])
     assert 1 <= parts[0].depth < NUM_BLOCKS
+    torch.testing.assert_close(layer.dequantized_weight(), expected, rtol=1e-5, atol=1e-6)
+    # Whichever kernel runs (the compiled one rounds activations to int8 per block and rank),
+    # it multiplies by that weight.
     x = torch.randn(3, layer.in_features)
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, expected, layer.bias), rtol=1e-5, atol=1e-5)
+    reference = torch.nn.functional.linear(x, expected, layer.bias)
+    assert torch.linalg.vector_norm(layer(x) - reference) < 0.02 * torch.linalg.vector_norm(reference)
 
 
 def test_the_loader_reads_only_the_blocks_it_keeps(bitstack_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
