@@ -47,6 +47,8 @@ class KVBlock:
     parent_hash: BlockHash | None = None
     token_ids: tuple[int, ...] = ()
     """Tokens the block holds, kept only while it is in the prefix-cache index (for hit checks)."""
+    extra_key: object = None
+    """What besides parent and tokens went into the hash (the first block's weights epoch)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class EvictedBlock:
     block_hash: BlockHash
     parent_hash: BlockHash | None
     token_ids: tuple[int, ...]
+    extra_key: object = None
 
 
 class BlockPoolError(RuntimeError):
@@ -108,7 +111,8 @@ class BlockPool:
             previous = block_id
             block = self.blocks[block_id]
             if self.record_evictions and block.block_hash is not None and self._cached.get(block.block_hash) == block_id:
-                self._evicted.append(EvictedBlock(block_id, block.block_hash, block.parent_hash, block.token_ids))
+                self._evicted.append(EvictedBlock(block_id, block.block_hash, block.parent_hash, block.token_ids,
+                                                 block.extra_key))
             self._forget_hash(block)
             block.ref_count = 1
             block_ids.append(block_id)
@@ -157,6 +161,7 @@ class BlockPool:
             block.block_hash = block_hash
             block.parent_hash = parent_hash
             block.token_ids = token_ids
+            block.extra_key = extra_key
         return block_hash
 
     def free(self, block_ids: list[int]) -> None:
@@ -186,3 +191,4 @@ class BlockPool:
         block.block_hash = None
         block.parent_hash = None
         block.token_ids = ()
+        block.extra_key = None

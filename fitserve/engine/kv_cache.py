@@ -60,6 +60,22 @@ class KVCacheManager:
         """Cached device blocks copied to the host tier as the device overwrote them."""
         # Swap wants each request's blocks in runs of consecutive ids (one copy per run).
         self._contiguous = self.host_pool is not None
+        self.weights_epoch = 0
+        """Bumped when the model's weights change (an elastic-weights resize). It salts the
+        first block's hash of every prefix chain, so KV computed with other weights is never
+        a prefix-cache hit; each request keeps the epoch it started computing in."""
+
+    def new_weights_epoch(self) -> None:
+        """The model's weights changed: no later request may reuse KV cached before now."""
+        self.weights_epoch += 1
+        self.pool.reset_prefix_cache()
+        if self.host_prefix_cache:
+            assert self.host_pool is not None
+            self.host_pool.reset_prefix_cache()
+
+    @staticmethod
+    def _epoch_key(epoch: int) -> object:
+        return None if epoch == 0 else ("weights", epoch)  # epoch 0 hashes as before
 
     @property
     def num_blocks(self) -> int:
@@ -80,7 +96,7 @@ class KVCacheManager:
         """
         if not self.pool.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []  # prompt log-probs need every prompt position computed
-        return _find_chain(self.pool, request, self.block_size, 0, None)
+        return _find_chain(self.pool, request, self.block_size, 0, None, self._epoch_key(self.weights_epoch))
 
     def find_host_prefix(self, request: Request, device_block_ids: list[int]) -> list[int]:
         """Host blocks continuing the device hits `device_block_ids` (from `find_cached_prefix`)
@@ -89,7 +105,8 @@ class KVCacheManager:
             return []
         assert self.host_pool is not None
         parent_hash = self.pool.blocks[device_block_ids[-1]].block_hash if device_block_ids else None
-        return _find_chain(self.host_pool, request, self.block_size, len(device_block_ids), parent_hash)
+        return _find_chain(self.host_pool, request, self.block_size, len(device_block_ids), parent_hash,
+                           self._epoch_key(self.weights_epoch))
 
     def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
         """Give the request blocks for `num_new_tokens` more tokens (after any cached prefix).
@@ -98,6 +115,8 @@ class KVCacheManager:
         cached prefix is attached to the request's block table; moving `num_computed_tokens`
         past it is the scheduler's job (a request's progress has one owner).
         """
+        if request.num_computed_tokens == 0 and not request.block_ids:
+            request.kv_weights_epoch = self.weights_epoch  # (re)starts computing its KV now
         room = len(request.block_ids) * self.block_size - request.num_computed_tokens
         if not cached_block_ids and num_new_tokens <= room:
             return True  # the common decode step: its token fits in the last block
@@ -143,7 +162,7 @@ class KVCacheManager:
             return
         host_ids = host_pool.allocate(len(evicted), contiguous=True)
         for block, host_id in zip(evicted, host_ids):
-            host_pool.register(host_id, block.parent_hash, block.token_ids)
+            host_pool.register(host_id, block.parent_hash, block.token_ids, block.extra_key)
             self._offloads.append((block.block_id, host_id))
         self.num_offloaded_blocks_total += len(evicted)
 
@@ -173,7 +192,8 @@ class KVCacheManager:
         parent_hash = hashes[-1] if hashes else None
         for index in range(len(hashes), num_full):
             chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
-            parent_hash = self.pool.register(request.block_ids[index], parent_hash, chunk)
+            extra_key = self._epoch_key(request.kv_weights_epoch) if index == 0 else None
+            parent_hash = self.pool.register(request.block_ids[index], parent_hash, chunk, extra_key)
             hashes.append(parent_hash)
 
     def free(self, request: Request) -> None:
@@ -220,8 +240,9 @@ class KVCacheManager:
         for index in copied:
             if index < len(hashes):  # a full block the device cache registered
                 parent_hash = hashes[index - 1] if index else None
+                extra_key = self._epoch_key(request.kv_weights_epoch) if index == 0 else None
                 host_pool.register(host.block_ids[index], parent_hash,
-                                   tuple(tokens[index * self.block_size:(index + 1) * self.block_size]))
+                                   tuple(tokens[index * self.block_size:(index + 1) * self.block_size]), extra_key)
         host.num_tokens = request.num_computed_tokens
         self.free(request)
         return groups
@@ -234,7 +255,8 @@ class KVCacheManager:
         shared, not copied. The host copy is kept for the next swap-out."""
         host = self._host[request.request_id]
         num_blocks = self.blocks_needed(host.num_tokens)
-        cached = _find_chain(self.pool, request, self.block_size, 0, None)[:host.num_tokens // self.block_size]
+        cached = _find_chain(self.pool, request, self.block_size, 0, None,
+                             self._epoch_key(request.kv_weights_epoch))[:host.num_tokens // self.block_size]
         num_revived = sum(1 for block_id in cached if self.pool.blocks[block_id].ref_count == 0)
         if num_blocks - len(cached) + num_revived > self.pool.num_free_blocks:
             return None
@@ -258,6 +280,7 @@ class KVCacheManager:
         self.pool.touch(device_block_ids)
         self.host_pool.touch(host_block_ids)
         self._loading[request.request_id] = list(host_block_ids)
+        request.kv_weights_epoch = self.weights_epoch  # the hits were found under this epoch
         last = device_block_ids[-1] if device_block_ids else None
         loaded = self._allocate_device(len(host_block_ids), True, last)
         request.block_ids = list(device_block_ids) + loaded
@@ -290,15 +313,16 @@ class KVCacheManager:
 
 
 def _find_chain(pool: BlockPool, request: Request, block_size: int, start: int,
-                parent_hash: BlockHash | None) -> list[int]:
+                parent_hash: BlockHash | None, first_block_key: object = None) -> list[int]:
     """Blocks of `pool` holding the request's blocks `start`, `start`+1, ... after `parent_hash`,
-    up to the first miss; never the block with the last known token."""
+    up to the first miss; never the block with the last known token. `first_block_key` salts
+    block 0's hash (the weights epoch)."""
     max_blocks = (request.num_tokens - 1) // block_size
     block_ids: list[int] = []
     tokens = request.all_token_ids
     for index in range(start, max_blocks):
         chunk = tuple(tokens[index * block_size : (index + 1) * block_size])
-        block_id = pool.lookup(parent_hash, chunk)
+        block_id = pool.lookup(parent_hash, chunk, first_block_key if index == 0 else None)
         if block_id is None:
             break
         block_ids.append(block_id)

@@ -287,3 +287,33 @@ def test_engine_second_turn_copies_its_history_in_and_generates_the_same_tokens(
     host_pool = engine.kv_cache.host_pool
     assert host_pool is not None and host_pool.num_free_blocks == host_pool.num_blocks
     assert host_pool.num_cached_blocks > 0
+
+
+def test_a_weights_change_hides_both_tiers_cached_prefixes_but_new_ones_round_trip() -> None:
+    """After the model's weights change (an elastic-weights resize), KV computed before is no hit
+    in either tier; blocks computed afterwards are found on the device and, once evicted there,
+    in the host tier under the same salted hash."""
+    manager = KVCacheManager(num_blocks=4, block_size=4, num_host_blocks=4)
+    prompt = list(range(9))
+
+    def finish_and_evict(name: str) -> None:
+        request = make_request(name, prompt, 4, 0.0)
+        computed(manager, request, len(prompt))
+        manager.free(request)
+        filler = make_request(f"{name}-filler", [99] * 16, 4, 0.0)
+        assert manager.allocate(filler, 16)
+        manager.take_offloads()
+        manager.free(filler)
+
+    finish_and_evict("before")
+    assert len(manager.find_host_prefix(make_request("probe", prompt + [1], 4, 1.0), [])) == 2
+    manager.new_weights_epoch()
+    after = make_request("after", prompt + [1], 4, 2.0)
+    assert manager.find_cached_prefix(after) == [] and manager.find_host_prefix(after, []) == []
+
+    fresh = make_request("fresh", prompt, 4, 3.0)
+    computed(manager, fresh, len(prompt))
+    manager.free(fresh)
+    assert len(manager.find_cached_prefix(make_request("hit", prompt + [1], 4, 4.0))) == 2
+    finish_and_evict("again")
+    assert len(manager.find_host_prefix(make_request("host-hit", prompt + [1], 4, 5.0), [])) == 2
