@@ -13,7 +13,11 @@ after. While each read runs, the main thread times a loop of small torch operati
 longest gap between two of its iterations, against the same loop with no read beside it, is
 how long the read can hold up a step (the GIL and memory bandwidth are shared).
 
-    python benchmarks/bitstack_resize.py [--num-blocks 16] [--rank 16]
+With `--engine`, one stream decodes through `LLMEngine` at the smallest budget while the
+engine grows to the w4 budget and shrinks back; the step times per phase show whether any
+step waited for the reads (the switching step is the last "growing" one).
+
+    python benchmarks/bitstack_resize.py [--num-blocks 16] [--rank 16] [--engine]
 """
 
 from __future__ import annotations
@@ -97,11 +101,60 @@ def baseline_gap_ms(seconds: float = 1.0) -> float:
     return max_gap_ms(stop)
 
 
+def engine_steps(model_dir: Path, low: int, high: int, threads: int, decode_tokens: int = 400) -> dict:
+    """Decode step times of one stream through `LLMEngine` while it grows from `low` to `high`
+    bytes (blocks read in the background) and shrinks back: does any step wait for the disk?"""
+    from fitserve import EngineArgs, SamplingParams
+    from fitserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineArgs(model=str(model_dir), dtype="bfloat16", weight_memory=low,
+                                  kv_cache_memory="64MiB", num_threads=threads))
+    engine.add_request("stream", [5, 6, 7, 8, 9, 10, 11, 12],
+                       SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True))
+    phases: dict[str, list[float]] = {"before": [], "growing": [], "grown": [], "shrinking": [], "shrunk": []}
+
+    def step(phase: str) -> None:
+        started = time.perf_counter()
+        engine.step()
+        phases[phase].append(time.perf_counter() - started)
+
+    for _ in range(12):
+        step("before")
+    grow = engine.request_weight_memory(high)
+    while not grow.done:
+        step("growing")  # the step that switches is the last of these
+    for _ in range(8):
+        step("grown")
+    shrink = engine.request_weight_memory(low)
+    while not shrink.done:
+        step("shrinking")
+    for _ in range(8):
+        step("shrunk")
+    engine.abort_request("stream")
+    summary = {phase: {"steps": len(times), "median_ms": 1e3 * sorted(times)[len(times) // 2],
+                       "max_ms": 1e3 * max(times)} for phase, times in phases.items()}
+    summary["kernel"] = "compiled" if getattr(cpu_kernels_module(), "bitstack_linear", None) else "reference"
+    return summary
+
+
+def cpu_kernels_module():
+    from fitserve.kernels import cpu
+
+    return cpu
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-blocks", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"bitstack_resize_{PRESET}.json")
+    parser.add_argument("--engine-threads", type=int, default=1,
+                        help="torch threads of the --engine run (1: on a shared machine a descheduled second "
+                             "thread stalls parallel regions for a time slice, which swamps the step times)")
+    parser.add_argument("--note", default=None, help="free text stored in the JSON (e.g. which kernel build ran)")
+    parser.add_argument("--engine", action="store_true",
+                        help="also time decode steps of one stream while the engine grows smallest -> w4 budget "
+                             "and shrinks back (slow with the PyTorch reference kernel)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model_dir = CHECKPOINT_CACHE / f"{PRESET}-bitstack-random-{args.num_blocks}x{args.rank}"
@@ -124,6 +177,7 @@ def main() -> int:
                           ("w4 budget -> full", elastic.max_bytes), ("full -> w4 budget", w4)):
         rows.append({"move": label, **move(elastic, budget)})
         print(json.dumps(rows[-1]), flush=True)
+    engine = engine_steps(model_dir, elastic.min_bytes, w4, args.engine_threads) if args.engine else None
     result = {
         "what": "BitStack resize times (read in a background thread, switch between steps) and the longest "
                 "stall a read causes in another Python thread; random tensors, Qwen2.5-0.5B shapes",
@@ -132,6 +186,10 @@ def main() -> int:
         "blocks_total": elastic.blocks_total, "full_load_s": full_load_s,
         "main_thread_gap_without_read_ms": baseline_gap_ms(), "moves": rows,
     }
+    if engine is not None:
+        result["engine_decode_steps_smallest_to_w4_and_back"] = {"threads": args.engine_threads, **engine}
+    if args.note:
+        result["note"] = args.note
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -347,6 +347,8 @@ class AsyncLLMEngine:
             command = None
         while command is not None:
             if isinstance(command, _StopCommand):
+                if self.engine.resize_pending:
+                    self.engine.finish_weight_resize()  # settles the admin calls waiting on it
                 self._abort_everything("the server is shutting down")
                 self._refuse_queued_commands()
                 self._publish_stats()

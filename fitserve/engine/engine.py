@@ -268,14 +268,20 @@ class LLMEngine:
     def set_weight_memory(self, budget: str | int) -> WeightMemoryInfo:
         """Move the weights to `budget` now and return where they stand. For callers that step
         the engine themselves (`LLM`); the server uses `request_weight_memory`."""
-        resizer = self._resizer()
-        ticket = resizer.request(parse_size(budget))
-        if resizer.wait():
-            self._weights_changed()
+        ticket = self._resizer().request(parse_size(budget))
+        self.finish_weight_resize()
         if ticket.error is not None:
             raise ticket.error
         assert ticket.info is not None
         return ticket.info
+
+    def finish_weight_resize(self) -> bool:
+        """Block until a requested resize is read, then switch (only from the thread that
+        steps the engine). True when the weights changed."""
+        if self.weight_resizer is None or not self.weight_resizer.wait():
+            return False
+        self._weights_changed()
+        return True
 
     def poll_weight_resize(self) -> bool:
         """Switch to a requested budget whose blocks are read (`step` does this first; an idle

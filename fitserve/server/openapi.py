@@ -16,6 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from fitserve import __version__
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from fitserve.server.serving_admin import WEIGHT_MEMORY_BODY
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -25,7 +26,8 @@ _ERROR_SCHEMA = {
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
 }
 _ERRORS = {
-    "400": "invalid parameters, unknown fields, invalid JSON, or a prompt that does not fit the context",
+    "400": "invalid parameters, unknown fields, invalid JSON, a prompt that does not fit the context, or a "
+           "weight-memory budget out of range (or a model whose weights cannot be resized)",
     "401": "missing or wrong API key (when the server has one)",
     "404": "unknown model",
     "413": "body larger than --max-request-body-bytes",
@@ -63,6 +65,10 @@ def openapi_document(app: FastAPI, with_api_key: bool) -> dict[str, Any]:
     document["paths"]["/v1/models"]["get"]["responses"] = _responses(json_ok, ["401"])
     document["paths"]["/v1/models/{name}"]["get"]["responses"] = _responses(json_ok, ["401", "404"])
     document["paths"]["/health"]["get"]["responses"] = _responses(json_ok, ["503"])
+    admin = document["paths"]["/v1/admin/weight-memory"]
+    admin["get"]["responses"] = _responses(json_ok, ["400", "401"])
+    admin["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": WEIGHT_MEMORY_BODY}}}
+    admin["post"]["responses"] = _responses(json_ok, ["400", "401", "413", "503"])
     document["paths"]["/metrics"]["get"]["responses"] = {"200": {
         "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}
     if with_api_key:

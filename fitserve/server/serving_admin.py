@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from fitserve.config import ConfigError
+from fitserve.engine.async_engine import EngineDeadError
 from fitserve.server.errors import APIError
 from fitserve.server.serving_common import ServerState
 
@@ -19,6 +20,14 @@ from fitserve.server.serving_common import ServerState
 def _not_elastic() -> APIError:
     return APIError(400, "this model's weight memory is fixed: only BitStack models (made with `fitserve quantize "
                          "MODEL --method bitstack --out DIR`) can be resized", code="not_resizable")
+
+
+WEIGHT_MEMORY_BODY = {
+    "type": "object", "required": ["bytes"], "additionalProperties": False,
+    "properties": {"bytes": {"description": "the new budget: bytes, or a size such as \"300MiB\"",
+                             "oneOf": [{"type": "integer", "minimum": 1}, {"type": "string"}]}},
+}
+"""The POST body's JSON schema (for /openapi.json)."""
 
 
 def weight_memory(state: ServerState) -> dict[str, Any]:
@@ -33,6 +42,9 @@ def _budget_from(raw_body: bytes) -> str | int:
         body = json.loads(raw_body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON: {error}") from error
+    unknown = sorted(set(body) - {"bytes"}) if isinstance(body, dict) else []
+    if unknown:
+        raise APIError(400, f"unknown field {unknown[0]!r}: the body is {{\"bytes\": N}}", param=unknown[0])
     budget = body.get("bytes") if isinstance(body, dict) else None
     if isinstance(budget, bool) or not isinstance(budget, (int, str)):
         raise APIError(400, 'send {"bytes": N} with N a number of bytes or a size such as "300MiB"', param="bytes")
@@ -47,4 +59,6 @@ async def set_weight_memory(state: ServerState, raw_body: bytes) -> dict[str, An
         info = await state.async_engine.set_weight_memory(budget)
     except ConfigError as error:  # out of range, or not a size: the message gives the valid range
         raise APIError(400, str(error), param="bytes") from error
+    except EngineDeadError as error:
+        raise APIError(503, str(error)) from error
     return info.to_dict()

@@ -133,3 +133,14 @@ def test_a_budget_that_loads_the_same_blocks_keeps_the_prefix_cache(bitstack_dir
     assert same.blocks_loaded == info.blocks_loaded
     _greedy(llm)
     assert llm.engine.get_stats().num_prefix_cache_hit_tokens_total > hits
+
+
+def test_every_engine_command_takes_weight_memory_as_a_size() -> None:
+    import argparse
+
+    from fitserve.cli_args import add_engine_arguments, engine_args_from
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_args_from(parser.parse_args(["--weight-memory", "300MiB"])).weight_memory == "300MiB"
+    assert engine_args_from(parser.parse_args([])).weight_memory is None

@@ -134,3 +134,8 @@ def test_a_dense_model_reports_its_weights_as_fixed(server: RunningServer) -> No
     assert response.status_code == 400 and "only BitStack models" in response.json()["error"]["message"]
     assert httpx.post(server.base_url + ADMIN, headers=AUTH, json={"bytes": 10**6}, timeout=60).status_code == 400
     assert server.metric("fitserve_weight_memory_bytes") == 0  # no gauge for fixed weights
+
+
+def test_unknown_fields_are_refused(bitstack_server: RunningServer) -> None:
+    response = httpx.post(bitstack_server.base_url + ADMIN, headers=AUTH, json={"bytes": 10**6, "byte": 1}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "byte"
