@@ -722,8 +722,12 @@ struct DequantScratch {
     return scratch;
   }
   static torch::Tensor take(torch::Tensor& storage, int64_t rows, int64_t cols, at::ScalarType dtype) {
-    if (!storage.defined() || storage.numel() < rows * cols || storage.scalar_type() != dtype)
+    if (!storage.defined() || storage.numel() < rows * cols || storage.scalar_type() != dtype) {
+      // A normal tensor even when first made under inference mode (the engine): an inference
+      // tensor could not be written by a later call outside it (a test, a user's own loop).
+      c10::InferenceMode not_inference(false);
       storage = torch::empty({rows * cols}, torch::dtype(dtype));
+    }
     return storage.narrow(0, 0, rows * cols).view({rows, cols});
   }
 };
