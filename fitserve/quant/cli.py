@@ -44,15 +44,10 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _rank(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        rank = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto' (got {text!r})") from None
-    if rank < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto' (got {rank})")
-    return rank
+    """argparse type of --rank: a positive integer or "auto"."""
+    from fitserve.server.cli import positive_int
+
+    return text if text == "auto" else positive_int(text)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
