@@ -137,7 +137,8 @@ def bitstack_rows(work: Path, name: str, options: dict, subsets: dict, extra_bud
         rows.append({"method": name, "budget_bytes": budget, "weight_bytes": held,
                      **measure(stacked.stand_in.model, subsets)})
         print(json.dumps(rows[-1]), flush=True)
-    info = {"variant": name, **{key: str(value) for key, value in options.items()}, "num_blocks": num_blocks, "ordering_tokens": ordering_tokens,
+    info = {"variant": name, **{key: str(value) for key, value in options.items()}, "num_blocks": num_blocks,
+            "ordering_tokens": ordering_tokens,
             "smallest_bytes": smallest, "full_bytes": full, "ranks": summary.ranks,
             "quantize_seconds": summary.seconds, "total_seconds": time.perf_counter() - started}
     return rows, info
@@ -243,7 +244,7 @@ def main() -> int:
             infos.append(info)
             result.update(rows=rows, bitstack=infos)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
-    fixed_rows = sorted((r for r in rows if r["method"] != "float32 (original)" and not r["method"].startswith("bitstack")),
+    fixed_rows = sorted((r for r in rows if not r["method"].startswith(("float32", "bitstack"))),
                         key=lambda r: r["weight_bytes"])
     comparison = {}
     for info in infos:

@@ -11,7 +11,8 @@ from fitserve.quant.methods import BITSTACK_ORDERINGS, HEAD_FORMATS, QUANTIZATIO
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "quantize", help="write a quantized copy of a model (w8, w4, MixLLM mixed precision or BitStack elastic blocks)",
+        "quantize",
+        help="write a quantized copy of a model (w8, w4, MixLLM mixed precision or BitStack elastic blocks)",
         description="Quantize a dense Hugging Face checkpoint into a directory every fitserve command loads.",
         formatter_class=HelpFormatter,
     )
@@ -27,8 +28,8 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lm-head", choices=HEAD_FORMATS, default="w8",
                         help="format of the LM head (of the embedding too, when tied); dense keeps the model dtype")
     parser.add_argument("--calibration-data", default=None,
-                        help="mixllm, bitstack: text or JSONL ('text' per line) file; default: Python's standard library "
-                             "sources (for the bundled model, its training files only)")
+                        help="mixllm, bitstack: text or JSONL ('text' per line) file; default: Python's standard "
+                             "library sources (for the bundled model, its training files only)")
     parser.add_argument("--num-calibration-tokens", type=int, default=8192, help="mixllm, bitstack: calibration tokens")
     parser.add_argument("--num-blocks", type=int, default=16, help="bitstack: residual blocks per matrix")
     parser.add_argument("--rank", type=_rank, default=16,
