@@ -218,6 +218,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is faster than 2 on the shared two-core machine)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bitstack_quality.json")
+    parser.add_argument("--baselines", type=Path, default=None,
+                        help="take the fixed formats' rows from this earlier JSON instead of measuring them again")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = parser.parse_args()
     if args.plot_only:
@@ -233,7 +235,11 @@ def main() -> int:
               "windows": {name: len(w) for name, w in subsets.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        rows = baseline_rows(Path(work), subsets)
+        if args.baselines:
+            rows = [row for row in json.loads(args.baselines.read_text())["rows"]
+                    if not row["method"].startswith("bitstack")]
+        else:
+            rows = baseline_rows(Path(work), subsets)
         extra = [row["weight_bytes"] for row in rows if row["method"] != "float32 (original)"]
         infos = []
         for name in args.variants:

@@ -32,7 +32,7 @@ from fitserve.quant.methods import BITSTACK_ORDERINGS
 
 DEFAULT_NUM_BLOCKS = 16
 DEFAULT_RANK = 16
-AUTO_RANK_CANDIDATES = (2, 4, 8, 16)
+AUTO_RANK_CANDIDATES = (1, 2, 4, 8, 16)
 ORDERING_TOKENS = 2048
 """Calibration tokens each loss of the measured ordering is taken on (a few 512-token windows
 rank the blocks stably; each costs (matrices + 1) x blocks forward passes)."""
