@@ -37,7 +37,6 @@ import torch
 
 from fitserve.bench.environment import cpu_model
 from fitserve.config import default_model_dir
-from fitserve.models.config import load_model_config
 from fitserve.models.loader import EMBEDDING, load_model
 from fitserve.models.weight_memory import weight_memory_bytes
 from fitserve.quant import packing
@@ -55,7 +54,6 @@ VARIANTS = {
 }
 MAIN = "bitstack (rank auto, measured order)"
 """The variant measured on all of heldout.txt; the others on the 16-window subset (time)."""
-ORDERING_TOKENS = 1024
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group: int = GROUP) -> torch.Tensor:
@@ -120,12 +118,12 @@ def _projection_modules(model) -> list[str]:
 
 
 def bitstack_rows(work: Path, name: str, options: dict, subsets: dict, extra_budgets: list[int],
-                  points: int, num_blocks: int) -> tuple[list[dict], dict]:
+                  points: int, num_blocks: int, ordering_tokens: int) -> tuple[list[dict], dict]:
     started = time.perf_counter()
     out = work / name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
     summary = quantize_model(default_model_dir(), out, "bitstack", force=True, progress=False,
                              bitstack=BitStackOptions(num_blocks=num_blocks, curve_points=0,
-                                                      ordering_tokens=ORDERING_TOKENS, **options))
+                                                      ordering_tokens=ordering_tokens, **options))
     stacked = BitStackModel(out)
     smallest, full = stacked.budget_range()
     # Evenly spaced up to a bit past the largest baseline (w8), where the comparison is; the
@@ -140,6 +138,7 @@ def bitstack_rows(work: Path, name: str, options: dict, subsets: dict, extra_bud
                      **measure(stacked.stand_in.model, subsets)})
         print(json.dumps(rows[-1]), flush=True)
     info = {"variant": name, **{key: str(value) for key, value in options.items()}, "num_blocks": num_blocks,
+            "ordering_tokens": ordering_tokens,
             "smallest_bytes": smallest, "full_bytes": full, "ranks": summary.ranks,
             "quantize_seconds": summary.seconds, "total_seconds": time.perf_counter() - started}
     return rows, info
@@ -213,10 +212,14 @@ def main() -> int:
     parser.add_argument("--subset-only", action="store_true", help="only the card's 16-window subset (faster)")
     parser.add_argument("--points", type=int, default=10, help="evenly spaced budgets per BitStack variant")
     parser.add_argument("--num-blocks", type=int, default=16)
+    parser.add_argument("--ordering-tokens", type=int, default=1024,
+                        help="calibration tokens per loss of the measured order")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is faster than 2 on the shared two-core machine)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bitstack_quality.json")
+    parser.add_argument("--baselines", type=Path, default=None,
+                        help="take the fixed formats' rows from this earlier JSON instead of measuring them again")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = parser.parse_args()
     if args.plot_only:
@@ -232,18 +235,22 @@ def main() -> int:
               "windows": {name: len(w) for name, w in subsets.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        rows = baseline_rows(Path(work), subsets)
+        if args.baselines:
+            rows = [row for row in json.loads(args.baselines.read_text())["rows"]
+                    if not row["method"].startswith("bitstack")]
+        else:
+            rows = baseline_rows(Path(work), subsets)
         extra = [row["weight_bytes"] for row in rows if row["method"] != "float32 (original)"]
         infos = []
         for name in args.variants:
             variant_subsets = subsets if name == MAIN else {"subset16": subsets["subset16"]}
             variant_rows, info = bitstack_rows(Path(work), name, VARIANTS[name], variant_subsets, extra, args.points,
-                                               args.num_blocks)
+                                               args.num_blocks, args.ordering_tokens)
             rows.extend(variant_rows)
             infos.append(info)
             result.update(rows=rows, bitstack=infos)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
-    fixed_rows = sorted((r for r in rows if r["method"] != "float32 (original)" and not r["method"].startswith("bitstack")),
+    fixed_rows = sorted((r for r in rows if not r["method"].startswith(("float32", "bitstack"))),
                         key=lambda r: r["weight_bytes"])
     comparison = {}
     for info in infos:

@@ -7,7 +7,8 @@ busy inputs cost more), every block takes the signs of R and a rank-r approximat
 
 Because sign(R) ⊙ |R| = R, the new residual is sign(R) ⊙ (|R| - u @ v), whose norm is that of
 |R| - u @ v: never more than |R|'s, as the truncated SVD is the best rank-r approximation and
-zero is one (the SVD is a randomized one, near-optimal, and the check below keeps the guarantee). The block is subtracted as stored (factors rounded to float16), and a block whose
+zero is one (the SVD here is a randomized one, near-optimal; the check below keeps the
+guarantee). The block is subtracted as stored (factors rounded to float16), and a block whose
 rounding would still raise the norm is stored as zero factors, so the guarantee holds for what
 is loaded. The scaling is folded into v before storing (see bitstack_packing).
 """

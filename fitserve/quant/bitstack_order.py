@@ -30,7 +30,6 @@ import torch
 
 from fitserve.quant.bitstack import residual_energies
 from fitserve.quant.bitstack_standin import Stack, StandIn
-from fitserve.quant.methods import BITSTACK_ORDERINGS as ORDERINGS
 
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +28,11 @@ from fitserve.quant.bitstack import choose_rank, decompose
 from fitserve.quant.bitstack_standin import Stack, StandIn
 from fitserve.quant.bitstack_evaluate import model_windows
 from fitserve.quant.evaluate import perplexity
+from fitserve.quant.methods import BITSTACK_ORDERINGS
 
 DEFAULT_NUM_BLOCKS = 16
 DEFAULT_RANK = 16
-AUTO_RANK_CANDIDATES = (2, 4, 8, 16)
+AUTO_RANK_CANDIDATES = (1, 2, 4, 8, 16)
 ORDERING_TOKENS = 2048
 """Calibration tokens each loss of the measured ordering is taken on (a few 512-token windows
 rank the blocks stably; each costs (matrices + 1) x blocks forward passes)."""
@@ -43,6 +44,8 @@ subset of heldout.txt (the full file takes minutes per point on two cores)."""
 
 @dataclass
 class BitStackOptions:
+    """The settings of `fitserve quantize --method bitstack` (the CLI flags' values)."""
+
     num_blocks: int = DEFAULT_NUM_BLOCKS
     rank: int | str = DEFAULT_RANK
     """Rank of every block's factors, or "auto": per matrix, the candidate rank with the most
@@ -55,17 +58,21 @@ class BitStackOptions:
     curve_points: int = CURVE_POINTS
     """Budgets of the held-out perplexity curve, measured when the model ships heldout.txt
     (0: none; at least 2 otherwise: the smallest and the full model)."""
+    curve_windows: int = CURVE_WINDOWS
+    """512-token windows of heldout.txt the curve is measured on (its first ones)."""
 
 
 @dataclass
 class BitStackResult:
+    """What build_bitstack made: the tensors and quantization_config to write, and the sizes
+    the summary reports (weight bytes of the smallest loadable and the full model)."""
+
     tensors: dict[str, torch.Tensor]
     quantization_config: dict
     smallest_bytes: int
     full_bytes: int
     linear_bytes: int
     linear_weights: int
-    details: dict = field(default_factory=dict)
 
 
 def check_options(options: BitStackOptions) -> None:
@@ -76,10 +83,12 @@ def check_options(options: BitStackOptions) -> None:
         raise ValueError(f"--rank must be a positive integer or 'auto' (got {options.rank!r})")
     if options.ordering_tokens < 2:
         raise ValueError(f"ordering_tokens must be at least 2 (got {options.ordering_tokens})")
+    if options.curve_windows < 1:
+        raise ValueError(f"curve_windows must be at least 1 (got {options.curve_windows})")
     if options.curve_points == 1 or options.curve_points < 0:
         raise ValueError(f"curve_points must be 0 or at least 2 (got {options.curve_points})")
-    if options.ordering not in bitstack_order.ORDERINGS:
-        raise ValueError(f"--ordering must be one of {', '.join(bitstack_order.ORDERINGS)} (got {options.ordering!r})")
+    if options.ordering not in BITSTACK_ORDERINGS:
+        raise ValueError(f"--ordering must be one of {', '.join(BITSTACK_ORDERINGS)} (got {options.ordering!r})")
 
 
 def _bar(items: Iterable, description: str, enabled: bool, unit: str) -> Iterable:
@@ -171,7 +180,7 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
     heldout = model_dir / "heldout.txt"
     if options.curve_points and heldout.is_file():
         stand_in = stand_in or _stand_in(model_dir, fixed, stacks)
-        windows = model_windows(model_dir)[:CURVE_WINDOWS]
+        windows = model_windows(model_dir)[:options.curve_windows]
         quantization_config["perplexity_curve"] = perplexity_curve(stand_in, order, sizes, fixed_bytes, windows,
                                                                    options.curve_points, progress)
         quantization_config["perplexity_curve_windows"] = f"first {len(windows)} 512-token windows of heldout.txt"

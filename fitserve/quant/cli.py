@@ -11,7 +11,8 @@ from fitserve.quant.methods import BITSTACK_ORDERINGS, HEAD_FORMATS, QUANTIZATIO
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "quantize", help="write a quantized copy of a model (w8, w4, MixLLM mixed precision or BitStack elastic blocks)",
+        "quantize",
+        help="write a quantized copy of a model (w8, w4, MixLLM mixed precision or BitStack elastic blocks)",
         description="Quantize a dense Hugging Face checkpoint into a directory every fitserve command loads.",
         formatter_class=HelpFormatter,
     )
@@ -27,12 +28,12 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lm-head", choices=HEAD_FORMATS, default="w8",
                         help="format of the LM head (of the embedding too, when tied); dense keeps the model dtype")
     parser.add_argument("--calibration-data", default=None,
-                        help="mixllm, bitstack: text or JSONL ('text' per line) file; default: Python's standard library "
-                             "sources (for the bundled model, its training files only)")
+                        help="mixllm, bitstack: text or JSONL ('text' per line) file; default: Python's standard "
+                             "library sources (for the bundled model, its training files only)")
     parser.add_argument("--num-calibration-tokens", type=int, default=8192, help="mixllm, bitstack: calibration tokens")
     parser.add_argument("--num-blocks", type=int, default=16, help="bitstack: residual blocks per matrix")
     parser.add_argument("--rank", type=_rank, default=16,
-                        help="bitstack: rank of each block's factors, or 'auto' (per matrix, the rank among 2, 4, 8 "
+                        help="bitstack: rank of each block's factors, or 'auto' (per matrix, the rank among 1, 2, 4, 8 "
                              "and 16 that removes the most activation-weighted error per byte)")
     parser.add_argument("--ordering", choices=BITSTACK_ORDERINGS, default="measured",
                         help="bitstack: global block order by calibration loss gained per byte (measured: "
@@ -44,15 +45,10 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _rank(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        rank = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto' (got {text!r})") from None
-    if rank < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto' (got {rank})")
-    return rank
+    """argparse type of --rank: a positive integer or "auto"."""
+    from fitserve.server.cli import positive_int
+
+    return text if text == "auto" else positive_int(text)
 
 
 def run_quantize(args: argparse.Namespace) -> int:

@@ -87,7 +87,7 @@ def test_quantize_bitstack_writes_the_block_order_and_refuses_bad_settings(
     assert summary["method"] == "bitstack" and summary["ordering"] == "residual"
     assert summary["smallest_loadable_bytes"] < summary["full_stack_bytes"] <= summary["size_bytes"]
     settings = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert set(settings["ranks"].values()) <= {2, 4, 8, 16} and len(settings["ranks"]) == 2 * 7
+    assert set(settings["ranks"].values()) <= {1, 2, 4, 8, 16} and len(settings["ranks"]) == 2 * 7
     assert len(settings["block_order"]) == 2 * len(settings["ranks"])
     assert "perplexity_curve" not in settings  # no heldout.txt beside this model
     with safe_open(str(out / "model.safetensors"), framework="pt") as file:
