@@ -16,6 +16,7 @@ operating system).
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 import ctypes
 import ctypes.util
 import logging
@@ -28,6 +29,7 @@ from fitserve.config import ConfigError
 from fitserve.layers.linear import Linear
 from fitserve.layers.weight_formats.bitstack import BitStackFormat, Block, StackPart
 from fitserve.models.weight_memory import weight_memory_bytes
+from fitserve.quant import bitstack_budget
 
 logger = logging.getLogger("fitserve")
 
@@ -113,11 +115,11 @@ class ElasticWeights:
             seen[prefix] = seen.get(prefix, 0) + 1
             layer, part = parts[prefix]
             self._order.append(_OrderEntry(layer, part, seen[prefix]))
-        self.min_bytes = self.fixed_bytes + sum(part.block_bytes for _, part in self._parts)
-        self._bytes_at = [self.min_bytes]
-        for entry in self._order:
-            self._bytes_at.append(self._bytes_at[-1] + entry.part.block_bytes)
-        self.max_bytes = self._bytes_at[-1]
+        self._order_prefixes = list(block_order)
+        later_blocks = Counter(block_order)
+        self._block_sizes = {prefix: part.block_bytes for prefix, (_, part) in parts.items()}
+        self.min_bytes, self.max_bytes = bitstack_budget.budget_range(
+            self.fixed_bytes, self._block_sizes, {prefix: 1 + later_blocks[prefix] for prefix in parts})
         self.blocks_total = len(self._parts) + len(self._order)
         self.budget_bytes = self.max_bytes
         self.loaded_count = -1
@@ -140,13 +142,10 @@ class ElasticWeights:
         """How many entries of the order `budget` loads; WeightBudgetError outside the range."""
         if isinstance(budget, bool) or not isinstance(budget, int):
             raise WeightBudgetError(f"weight memory must be a number of bytes (got {budget!r})")
-        valid = f"choose between {_mib(self.min_bytes)} and {_mib(self.max_bytes)}"
-        if budget < self.min_bytes:
-            raise WeightBudgetError(f"weight memory {_mib(budget)} is below the smallest loadable model "
-                                    f"(embeddings, norms and one block per matrix); {valid}")
-        if budget > self.max_bytes:
-            raise WeightBudgetError(f"weight memory {_mib(budget)} is above the full model; {valid}")
-        return bisect.bisect_right(self._bytes_at, budget) - 1
+        try:
+            return bitstack_budget.loaded_blocks(self._order_prefixes, self._block_sizes, self.fixed_bytes, budget)
+        except bitstack_budget.BudgetError as error:
+            raise WeightBudgetError(str(error)) from None
 
     def _depths(self, count: int) -> dict[int, int]:
         """id(part) -> its depth with the first `count` entries of the order loaded."""

@@ -9,6 +9,7 @@ loads exactly the same blocks.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from itertools import accumulate
 
 
@@ -23,13 +24,22 @@ def budget_range(fixed_bytes: int, block_sizes: dict[str, int], num_blocks: dict
 
 
 def loaded_blocks(block_order: list[str], block_sizes: dict[str, int], fixed_bytes: int, budget: int) -> int:
-    """How many entries of `block_order` a budget of `budget` bytes loads (a prefix length)."""
+    """How many entries of `block_order` a budget of `budget` bytes loads (a prefix length);
+    BudgetError, naming the valid range, for a budget below the smallest loadable model or
+    above the full stack."""
     smallest = fixed_bytes + sum(block_sizes.values())
+    totals = list(accumulate((block_sizes[prefix] for prefix in block_order), initial=smallest))
+    valid = f"choose between {_mib(smallest)} and {_mib(totals[-1])}"
     if budget < smallest:
-        raise BudgetError(f"weight memory {budget / 2**20:.2f} MiB is below the smallest loadable model "
-                          f"({smallest / 2**20:.2f} MiB)")
-    totals = accumulate((block_sizes[prefix] for prefix in block_order), initial=smallest)
-    return sum(1 for total in list(totals)[1:] if total <= budget) if block_order else 0
+        raise BudgetError(f"weight memory {_mib(budget)} is below the smallest loadable model "
+                          f"(embeddings, norms and one block per matrix); {valid}")
+    if budget > totals[-1]:
+        raise BudgetError(f"weight memory {_mib(budget)} is above the full model; {valid}")
+    return bisect_right(totals, budget) - 1
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
 
 
 def depths_for(block_order: list[str], count: int, prefixes: list[str]) -> dict[str, int]:

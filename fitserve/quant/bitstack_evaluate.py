@@ -1,11 +1,11 @@
 """Held-out perplexity of a BitStack model directory at a weight-memory budget.
 
-`evaluate_at_budget(model_dir, budget_bytes)` is the seam the quality tests and
-benchmarks/bitstack_quality.py call. It reads the directory alone (no dense original needed):
-the blocks the budget loads (bitstack_budget) are summed into a dense float32 stand-in model
-(bitstack_standin) and scored by the model card's protocol (fitserve.quant.evaluate). Once the
-runtime format loads a directory under `--weight-memory`, this function can load it that way
-instead; the numbers must agree, since both multiply by the same partial sums.
+`evaluate_at_budget(model_dir, budget_bytes)` loads the directory as every fitserve command
+does under `--weight-memory` and scores it by the model card's protocol
+(fitserve.quant.evaluate). `BitStackModel` reads the directory alone into a dense float32
+stand-in (bitstack_standin) whose projections hold the partial sums a budget loads: switching
+budgets there costs a weight write, not a load, which sweeps over many budgets need. Both
+multiply by the same partial sums, so their perplexities agree to float32 rounding (tested).
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def model_windows(model_dir: Path) -> list[list[int]]:
 
 
 def evaluate_at_budget(model_dir: str | Path, budget_bytes: int, windows: list[list[int]] | None = None) -> float:
-    """Held-out perplexity of the BitStack model in `model_dir` loaded under `budget_bytes` of
-    weight memory; `windows` default to every window of the directory's heldout.txt."""
-    model = BitStackModel(model_dir)
-    return model.perplexity(budget_bytes, windows if windows is not None else model_windows(Path(model_dir)))
+    """Held-out perplexity of the BitStack model in `model_dir` as fitserve runs it under
+    `budget_bytes` of weight memory (`--weight-memory`: the runtime format and its kernels);
+    `windows` default to every window of the directory's heldout.txt."""
+    model, _ = load_model(model_dir, torch.float32, torch.device("cpu"), "torch", huge_pages=False,
+                          weight_memory=budget_bytes)
+    return perplexity(model, windows if windows is not None else model_windows(Path(model_dir)))
