@@ -52,8 +52,9 @@ def input_magnitudes(model_dir: Path, prefixes: list[str], samples: list[list[in
 def column_scales(magnitude: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """The decomposition's column scales from input magnitudes: magnitude ** alpha, normalized
     to a geometric mean of 1 (the stored factors stay in float16's comfortable range) and
-    floored at SCALE_FLOOR. alpha = 0 is no scaling; 0.5 (the default) measured best on the
-    bundled model (see benchmarks/bitstack_quality.py)."""
+    floored at SCALE_FLOOR. alpha = 0 is no scaling; 0.5 (the default), on the bundled model with
+    rank 16 and every matrix at 1-6 blocks, beat no scaling at every depth (ppl 67 vs 75 at one
+    block, 4 held-out windows) and was within noise of alpha = 1."""
     scales = magnitude.float().clamp_min(1e-12) ** alpha
     scales = scales / scales.log().mean().exp()
     return scales.clamp_min(SCALE_FLOOR)
