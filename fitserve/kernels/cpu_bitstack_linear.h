@@ -373,35 +373,34 @@ FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0)
 
 // ------------------------------------------------------------------------- rebuilding W
 
-// Rows [first, first + count) of the part's W = Σ_{b < active} sign_b ⊙ (u_b v_b) into out, with
-// float32 arithmetic (u_b[n, j] v_b[j, k] summed in rank order, the sign applied, blocks added in
-// order). v_float holds each active block's v widened to float32 ([r, K] per block).
-template <typename T>
-void rebuild_rows(const BitStackPart& p, int64_t K, const std::vector<std::vector<float>>& v_float, int64_t first,
-                  int64_t count, T* out) {
-  const int64_t row_bytes = (K + 7) / 8, rank = p.rank;
-  at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(K)), magnitude(static_cast<size_t>(K));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = first + i;
-      std::fill(row.begin(), row.end(), 0.0f);
-      for (int64_t b = 0; b < p.active; ++b) {
-        const BitStackBlock& block = p.blocks[b];
-        const at::Half* u = reinterpret_cast<const at::Half*>(block.u_half) + n * rank;
-        const uint8_t* bits = block.sign_bytes + n * row_bytes;
-        float* mag = magnitude.data();
-        std::fill(magnitude.begin(), magnitude.end(), 0.0f);
-        for (int64_t j = 0; j < rank; ++j) {
-          const float uj = static_cast<float>(u[j]);
-          const float* v = v_float[b].data() + j * K;
-          for (int64_t k = 0; k < K; ++k) mag[k] += uj * v[k];
-        }
-        for (int64_t k = 0; k < K; ++k) row[k] += (bits[k / 8] >> (k % 8)) & 1 ? -mag[k] : mag[k];
-      }
-      T* o = out + i * K;
-      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<T>(row[k]);
-    }
-  });
+// row[k] += ±magnitude[k], minus where bit k of the packed signs is set (an exact sign flip).
+FITSERVE_AVX2_F16C inline void add_signed(const float* magnitude, const uint8_t* bits, int64_t K, float* row) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[k / 8]), bit), bit);
+    const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(set, 31));
+    _mm256_storeu_ps(row + k, _mm256_add_ps(_mm256_loadu_ps(row + k), _mm256_xor_ps(_mm256_loadu_ps(magnitude + k), sign)));
+  }
+  for (; k < K; ++k) row[k] += (bits[k / 8] >> (k % 8)) & 1 ? -magnitude[k] : magnitude[k];
+}
+
+// Rows [first, first + count) of the part's W = Σ_{b < active} sign_b ⊙ (u_b v_b) into weight
+// (float32 [count, K]), as dequantize_blocks computes it: u_b v_b by the matmul library in
+// float32, the signs applied, blocks added in order.
+inline void rebuild_rows(const BitStackPart& p, int64_t K, const std::vector<torch::Tensor>& v_float, int64_t first,
+                         int64_t count, torch::Tensor& magnitude, float* weight) {
+  const int64_t row_bytes = (K + 7) / 8;
+  std::memset(weight, 0, sizeof(float) * count * K);
+  for (int64_t b = 0; b < p.active; ++b) {
+    const BitStackBlock& block = p.blocks[b];
+    at::mm_out(magnitude, block.u.narrow(0, first, count).to(torch::kFloat), v_float[b]);
+    const float* mag = magnitude.data_ptr<float>();
+    at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        add_signed(mag + i * K, block.sign_bytes + (first + i) * row_bytes, K, weight + i * K);
+    });
+  }
 }
 
 // ------------------------------------------------------------------------- the layer
@@ -634,16 +633,19 @@ class BitStackLinear {
     std::lock_guard<std::mutex> lock(scratch.mutex);
     const int64_t slice_rows =
         std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
-    std::vector<std::vector<float>> v_float(static_cast<size_t>(part.active));
-    for (int64_t b = 0; b < part.active; ++b) {
-      const at::Half* v = reinterpret_cast<const at::Half*>(part.blocks[b].v_half);
-      v_float[b].assign(v, v + part.rank * K);
-    }
+    std::vector<torch::Tensor> v_float;
+    for (int64_t b = 0; b < part.active; ++b) v_float.push_back(part.blocks[b].v.to(torch::kFloat));
     for (int64_t first = 0; first < part.rows; first += slice_rows) {
       const int64_t count = std::min(slice_rows, part.rows - first);
-      torch::Tensor weight = DequantScratch::take(scratch.weight, count, K, dtype);
-      if (dtype == torch::kFloat) rebuild_rows(part, K, v_float, first, count, weight.data_ptr<float>());
-      else rebuild_rows(part, K, v_float, first, count, weight.data_ptr<BF16>());
+      torch::Tensor magnitude = torch::empty({count, K}, torch::kFloat);
+      torch::Tensor rebuilt = dtype == torch::kFloat ? DequantScratch::take(scratch.weight, count, K, dtype)
+                                                     : torch::empty({count, K}, torch::kFloat);
+      rebuild_rows(part, K, v_float, first, count, magnitude, rebuilt.data_ptr<float>());
+      torch::Tensor weight = rebuilt;
+      if (dtype != torch::kFloat) {  // rounded once to bf16, as .to(torch.bfloat16) does
+        weight = DequantScratch::take(scratch.weight, count, K, dtype);
+        weight.copy_(rebuilt);
+      }
       const int64_t row = part.row_offset + first;
       torch::Tensor product = DequantScratch::take(scratch.product, M, count, dtype);
       if (bias.defined()) at::addmm_out(product, bias.narrow(0, row, count), x, weight.t());
