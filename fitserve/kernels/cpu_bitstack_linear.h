@@ -42,10 +42,13 @@ constexpr int64_t kBitStackColumns = 128;  // columns of T per int8 scale
 constexpr int64_t kBitStackGroups = kBitStackColumns / 4;  // 4-column groups per scale block
 constexpr int64_t kBitStackLanes = 16;     // ranks per chunk (one 512-bit vector of int32)
 constexpr int kBitStackTileRows = 8;       // weight rows sharing each load of T
-// Rows of x up to which the integer kernel runs by default (above: rebuild W and matmul).
-// The kernel's work grows with the rows of x (N K r per block and row) while the rebuild's does
-// not: benchmarks/cpu_bitstack_kernels.py --section rows measures where they cross.
-constexpr int64_t kBitStackDecodeMaxRows = 4;
+// Rows of x up to which the integer kernel runs by default (above: rebuild W and matmul). The
+// kernel's work grows with the rows of x (N K r per block and row) while the rebuild's barely
+// does: benchmarks/cpu_bitstack_kernels.py --section rows (gate_up 9728x896, 3 blocks, one
+// thread, 2-core Zen 4 shared with other jobs): kernel 6.8 / 8.8 / 13 / 33 / 82 / 153 ms at
+// 1 / 2 / 4 / 8 / 16 / 32 rows, rebuild + matmul 61-94 ms throughout; 8 keeps the kernel
+// where it is clearly faster.
+constexpr int64_t kBitStackDecodeMaxRows = 8;
 
 inline bool cpu_has_f16c() { return __builtin_cpu_supports("f16c"); }
 
