@@ -57,8 +57,17 @@ def main() -> int:
     for row in rows:
         row["rss_share_of_bf16"] = row["rss_above_overhead_bytes"] / dense_row["rss_above_overhead_bytes"]
         row["weight_share_of_bf16"] = row["weight_bytes"] / dense_row["weight_bytes"]
+        # The bound: resident memory <= the format's share of the dense model's
+        # (weights beyond the fixed overhead) plus that fixed overhead.
+        row["bound_bytes"] = row["weight_share_of_bf16"] * dense_row["rss_above_overhead_bytes"] + baseline["rss_bytes"]
+        row["within_bound"] = row["rss_bytes"] <= row["bound_bytes"]
     out = args.out or RESULTS / f"weight_memory_{args.preset}.json"
-    out.write_text(json.dumps({"preset": args.preset, "overhead_process": baseline, "kv_cache": "16MiB",
+    import torch
+
+    from fitserve.bench.environment import cpu_model
+
+    out.write_text(json.dumps({"preset": args.preset, "cpu": cpu_model(),
+                               "torch": torch.__version__, "overhead_process": baseline, "kv_cache": "16MiB",
                                "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -151,6 +151,10 @@ class EngineArgs:
     by `fitserve quantize` load in their own format without it."""
     quantization_group_size: int = 128
     """Input columns per scale and zero for --quantization w4."""
+    weight_memory: str | int | None = None
+    """BitStack models (`fitserve quantize --method bitstack`): bytes for all weights, e.g.
+    300MiB or 1.5GB; the most valuable blocks that fit are loaded (within one block of it).
+    Unset: the whole stack. A running server can change it (POST /v1/admin/weight-memory)."""
 
     scheduling_policy: Literal["fcfs", "priority", "vtc"] = "fcfs"
     """Order of the waiting queue and choice of preemption victims: fcfs (arrival order),
@@ -173,6 +177,12 @@ class EngineArgs:
     swap_space: str | int = "4GiB"
     """Host memory for swapped-out KV with preemption_mode swap ("4GiB", vLLM's default); a
     request that does not fit falls back to recompute."""
+    host_prefix_cache: bool = True
+    """With preemption_mode swap and prefix caching: swap_space is also a second tier of the
+    prefix cache. Cached blocks the device overwrites are copied there first (one extra copy
+    per evicted block, only under memory pressure), and a new request whose prefix is held
+    there (a conversation's next turn) copies it back instead of recomputing it. Off: host
+    memory holds swapped-out requests only."""
 
     slo: str | None = None
     """Latency targets the step token budget follows, e.g. "ttft=500ms,tpot=50ms,p=90": every
@@ -221,6 +231,8 @@ class EngineArgs:
             raise ConfigError(f"max_seq_len_to_capture must be >= 1 (got {self.max_seq_len_to_capture})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1 (got {self.max_model_len})")
+        if self.weight_memory is not None and parse_size(self.weight_memory) <= 0:
+            raise ConfigError("weight_memory must be positive")
         if self.kv_cache_memory is not None:
             size = parse_size(self.kv_cache_memory)
             if size <= 0:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from fitserve.config import EngineArgs
 from fitserve.engine.engine import LLMEngine
+from fitserve.models.elastic_weights import WeightMemoryInfo
 from fitserve.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
 
@@ -28,6 +29,15 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def set_weight_memory(self, budget: str | int) -> WeightMemoryInfo:
+        """Move a BitStack model to `budget` ("300MiB", bytes): the most valuable blocks that
+        fit stay loaded, memory of the others is given back. ConfigError names the valid range."""
+        return self.engine.set_weight_memory(budget)
+
+    def weight_memory_info(self) -> WeightMemoryInfo | None:
+        """Loaded bytes, budget range and blocks of a BitStack model (None for other formats)."""
+        return self.engine.weight_memory_info()
 
     def generate(
         self,

@@ -168,14 +168,17 @@ def _load_tokenizer(directory: Path | None):
 def _model_shape(args, model_dir: Path | None):
     """(ModelShape, device) of the served model as the server runs it; (None, None) unknown."""
     from fitserve.bench.roofline import ModelShape
-    from fitserve.config import resolve_device
+    from fitserve.config import parse_size, resolve_device
 
     if model_dir is None or not (model_dir / "config.json").is_file():
         return None, None
     device = resolve_device(args.roofline_device if args.roofline_device != "auto"
                             else (_server_flag(args.server_args, "--device") or "auto"))
     dtype_name = args.roofline_dtype if args.roofline_dtype != "auto" else (_server_flag(args.server_args, "--dtype") or "auto")
-    return ModelShape.from_model_dir(model_dir, dtype_name, device), device
+    kv_cache_dtype = _server_flag(args.server_args, "--kv-cache-dtype") or "auto"
+    weight_memory = _server_flag(args.server_args, "--weight-memory")
+    return ModelShape.from_model_dir(model_dir, dtype_name, device, kv_cache_dtype,
+                                     parse_size(weight_memory) if weight_memory else None), device
 
 
 def _measure_limit(args, shape, device) -> dict | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,9 +41,14 @@ class ModelShape:
     lm_head_bits: float = 0.0
     """The same for the LM head (the tied embedding)."""
     quantization: str = "dense"
+    kv_cache_dtype: str = "auto"
+    """`--kv-cache-dtype` of the server: "auto" stores K/V in the model dtype, "int8" one byte
+    per element plus a float32 scale per token and head."""
 
     @classmethod
-    def from_config(cls, config: dict, dtype: torch.dtype | None = None) -> "ModelShape":
+    def from_config(cls, config: dict, dtype: torch.dtype | None = None,
+                    weight_memory: int | None = None) -> "ModelShape":
+        """`weight_memory`: the budget an elastic (BitStack) model is loaded under, if any."""
         num_heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         checkpoint_dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"))
@@ -60,16 +65,17 @@ class ModelShape:
             attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
             dtype_name=str(dtype).removeprefix("torch."),
             dtype_bytes=torch.empty((), dtype=dtype).element_size(),
-            **quantized_bits(config),
+            **quantized_bits(config, weight_memory),
         )
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: str = "auto",
-                       device: torch.device | None = None) -> "ModelShape":
+                       device: torch.device | None = None, kv_cache_dtype: str = "auto",
+                       weight_memory: int | None = None) -> "ModelShape":
         config = json.loads((Path(model_dir) / "config.json").read_text())
         checkpoint_dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"))
         resolved = resolve_dtype(dtype, checkpoint_dtype, device or torch.device("cpu"))
-        return cls.from_config(config, resolved)
+        return replace(cls.from_config(config, resolved, weight_memory), kv_cache_dtype=kv_cache_dtype)
 
     # -- parameter counts ------------------------------------------------------------------
     @property
@@ -117,8 +123,12 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token over all layers (GQA: only the KV heads are stored)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """K and V of one token over all layers (GQA: only the KV heads are stored), as the
+        cache stores them (int8 values and their scales for an int8 cache)."""
+        from fitserve.attention.cache_layout import bytes_per_token_per_head
+
+        per_head = bytes_per_token_per_head(self.head_dim, self.kv_cache_dtype, getattr(torch, self.dtype_name))
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
     # -- per-step costs ---------------------------------------------------------------------
     def attention_flops(self, query_tokens: int, context_tokens: float) -> float:
@@ -149,7 +159,36 @@ class ModelShape:
         return described
 
 
-def quantized_bits(config: dict) -> dict:
+def bitstack_projection_bits(config: dict, quantization: dict, head_bits: float,
+                             weight_memory: int | None) -> float:
+    """Bits per projection weight of a BitStack model: the whole stack of every matrix, or, when
+    the server loads it under `--weight-memory`, what the budget leaves for the projections
+    once the embedding / LM head (at `head_bits`, or the checkpoint dtype when dense) and the
+    norms are held (within one block of what the engine loads)."""
+    from fitserve.quant.bitstack_packing import block_bytes
+
+    shape = ModelShape.from_config({key: value for key, value in config.items() if key != "quantization_config"})
+    widths = {"q_proj": (shape.num_heads * shape.head_dim, shape.hidden_size),
+              "k_proj": (shape.num_kv_heads * shape.head_dim, shape.hidden_size),
+              "v_proj": (shape.num_kv_heads * shape.head_dim, shape.hidden_size),
+              "o_proj": (shape.hidden_size, shape.num_heads * shape.head_dim),
+              "gate_proj": (shape.intermediate_size, shape.hidden_size),
+              "up_proj": (shape.intermediate_size, shape.hidden_size),
+              "down_proj": (shape.hidden_size, shape.intermediate_size)}
+    num_blocks = int(quantization.get("num_blocks", 1))
+    ranks = quantization.get("ranks") or {}
+    full = sum(num_blocks * block_bytes(*widths[prefix.rsplit(".", 1)[-1]], int(rank))
+               for prefix, rank in ranks.items() if prefix.rsplit(".", 1)[-1] in widths)
+    projections = shape.num_layers * shape.layer_matmul_params
+    if weight_memory is not None:
+        # The LM head at head_bits; an untied input embedding stays dense.
+        head_bytes = (head_bits / 8 if head_bits else shape.dtype_bytes) * shape.embedding_params
+        other = shape.total_params - projections - shape.embedding_params
+        full = min(full, max(0.0, weight_memory - head_bytes - other * shape.dtype_bytes))
+    return 8 * full / projections
+
+
+def quantized_bits(config: dict, weight_memory: int | None = None) -> dict:
     """projection_bits / lm_head_bits / quantization of a `fitserve quantize` config.json
     (empty for dense checkpoints): w8 stores a float32 scale per row, w4 a float16 scale and a
     uint8 zero per group, mixllm a share of rows in w8 and the rest in w4."""
@@ -161,6 +200,10 @@ def quantized_bits(config: dict) -> dict:
     w8_bits = w8_bits_per_weight(int(config["hidden_size"]))
     w4_bits = w4_bits_per_weight(int(quantization.get("group_size", 128)))
     method = quantization.get("method")
+    head_bits = w8_bits if quantization.get("lm_head", "w8") == "w8" else 0.0
+    if method == "bitstack":
+        bits = bitstack_projection_bits(config, quantization, head_bits, weight_memory)
+        return {"projection_bits": bits, "lm_head_bits": head_bits, "quantization": "bitstack"}
     if method == "w8":
         bits = w8_bits
     elif method == "w4":
@@ -168,7 +211,6 @@ def quantized_bits(config: dict) -> dict:
     else:
         fraction = float(quantization.get("high_precision_fraction", 0.1))
         bits = fraction * w8_bits + (1 - fraction) * w4_bits
-    head_bits = w8_bits if quantization.get("lm_head", "w8") == "w8" else 0.0
     return {"projection_bits": bits, "lm_head_bits": head_bits, "quantization": str(method)}
 
 

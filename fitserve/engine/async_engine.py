@@ -33,6 +33,10 @@ from fitserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+_RESIZE_POLL_S = 0.005
+"""How often an idle engine thread looks whether a resize's blocks are read."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread is not running (shut down, or never started)."""
 
@@ -70,6 +74,13 @@ class _StopCommand:
 @dataclass
 class _AbortAllCommand:
     """Abort every request, delivering each one's final `abort` output (graceful shutdown)."""
+
+
+@dataclass
+class _ResizeCommand:
+    budget: str | int
+    done: asyncio.Future
+    """Settles with the engine's WeightMemoryInfo once the switch happened, or the error."""
 
 
 class RequestStream:
@@ -329,7 +340,9 @@ class AsyncLLMEngine:
         idle = not self.engine.has_unfinished_requests() and not self._backlog
         try:
             # Block while idle (no busy-wait); otherwise take whatever arrived during the step.
-            command = self._commands.get(block=idle)
+            # A resize in flight wakes the idle loop now and then to switch once it is read.
+            timeout = _RESIZE_POLL_S if self.engine.resize_pending else None
+            command = self._commands.get(block=idle, timeout=timeout if idle else None)
         except queue.Empty:
             command = None
         while command is not None:
@@ -346,6 +359,8 @@ class AsyncLLMEngine:
         self._admit_from_backlog()
         if self.engine.has_unfinished_requests():
             self._step_once()
+        elif self.engine.resize_pending:
+            self.engine.poll_weight_resize()
         self._publish_stats()
         return True
 
@@ -361,7 +376,10 @@ class AsyncLLMEngine:
             stats = dataclasses.replace(stats, num_waiting=stats.num_waiting + len(self._backlog))
         self._latest_stats = stats
 
-    def _apply(self, command: _AddCommand | _AbortCommand | _AbortAllCommand) -> None:
+    def _apply(self, command: _AddCommand | _AbortCommand | _AbortAllCommand | _ResizeCommand) -> None:
+        if isinstance(command, _ResizeCommand):
+            self._start_resize(command)
+            return
         if isinstance(command, _AbortAllCommand):
             # The streams stay registered: their final outputs come with the next step.
             while self._backlog:
@@ -402,6 +420,28 @@ class AsyncLLMEngine:
         self._live_streams[command.request_id] = command.stream
         self._resolve(command.accepted, None)
 
+    async def set_weight_memory(self, budget: str | int) -> Any:
+        """Move a BitStack model to `budget` bytes between steps (requests in flight keep
+        going); returns the engine's WeightMemoryInfo after the switch. A bad budget raises
+        ConfigError with the valid range, changing nothing."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running (the server is shutting down)")
+        done = asyncio.get_running_loop().create_future()
+        self._commands.put(_ResizeCommand(budget, done))
+        return await done
+
+    def weight_memory_info(self) -> Any:
+        """The BitStack model's WeightMemoryInfo (None for other formats); a snapshot."""
+        return self.engine.weight_memory_info()
+
+    def _start_resize(self, command: _ResizeCommand) -> None:
+        try:
+            ticket = self.engine.request_weight_memory(command.budget)
+        except Exception as error:  # noqa: BLE001 - a bad budget belongs to the caller
+            self._settle(command.done, None, error)
+            return
+        ticket.add_done_callback(lambda done: self._settle(command.done, done.info, done.error))
+
     def _step_once(self) -> None:
         try:
             outputs = self.engine.step()
@@ -441,6 +481,8 @@ class AsyncLLMEngine:
                 return
             if isinstance(command, _AddCommand):
                 self._resolve(command.accepted, EngineDeadError("the server is shutting down"))
+            elif isinstance(command, _ResizeCommand):
+                self._settle(command.done, None, EngineDeadError("the server is shutting down"))
 
     def _deliver(self, deliveries: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
         # One wake-up of the event loop per step, however many requests progressed.
@@ -458,13 +500,16 @@ class AsyncLLMEngine:
             pass  # the event loop is closed: nobody left to tell
 
     def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
+        self._settle(future, None, error)
+
+    def _settle(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
         assert self._loop is not None
 
         def settle() -> None:
             if future.done():
                 return
             if error is None:
-                future.set_result(None)
+                future.set_result(result)
             else:
                 future.set_exception(error)
 

@@ -5,6 +5,11 @@ read-only by several that have the same prefix) or free (ref_count == 0, in the 
 A free block may still carry the hash of the tokens it holds; until the pool hands it out for
 something else it can be revived by a prefix-cache hit. The free list is ordered by when the
 blocks were freed, so the least recently used cached content is overwritten first.
+
+The same class is both tiers of the prefix cache: the device's KV blocks and, with swap
+preemption, the host's (`KVCacheManager.host_pool`). A device pool that `record_evictions`
+remembers the cached blocks it overwrites, so their content can be copied to the host tier
+first and stay findable there.
 """
 
 from __future__ import annotations
@@ -42,6 +47,19 @@ class KVBlock:
     parent_hash: BlockHash | None = None
     token_ids: tuple[int, ...] = ()
     """Tokens the block holds, kept only while it is in the prefix-cache index (for hit checks)."""
+    extra_key: object = None
+    """What besides parent and tokens went into the hash (the first block's weights epoch)."""
+
+
+@dataclass(frozen=True)
+class EvictedBlock:
+    """A cached block whose content `allocate` is about to overwrite (read it before the step)."""
+
+    block_id: int
+    block_hash: BlockHash
+    parent_hash: BlockHash | None
+    token_ids: tuple[int, ...]
+    extra_key: object = None
 
 
 class BlockPoolError(RuntimeError):
@@ -51,7 +69,7 @@ class BlockPoolError(RuntimeError):
 class BlockPool:
     """Fixed set of `num_blocks` blocks, allocated once; hands them out and takes them back."""
 
-    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True, record_evictions: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
@@ -60,6 +78,8 @@ class BlockPool:
         # Insertion order = eviction order (oldest first). Values are unused.
         self._free: OrderedDict[int, None] = OrderedDict((block_id, None) for block_id in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
+        self.record_evictions = record_evictions
+        self._evicted: list[EvictedBlock] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -73,21 +93,26 @@ class BlockPool:
         """Take `count` free blocks (evicting their cached content); the caller checked there are enough.
 
         `contiguous`: each block is the id after the previous one (the first: after `after`,
-        the request's last block) whenever that block is free, ahead of the LRU order, so a
-        request's blocks form runs of consecutive ids that a swap moves in one copy per run.
+        the request's last block) whenever that block is free and caches nothing, ahead of the
+        LRU order, so a request's blocks form runs of consecutive ids that a swap moves in one
+        copy per run. Cached content is still evicted strictly least recently used first.
         """
         if count > len(self._free):
             raise BlockPoolError(f"asked for {count} blocks with only {len(self._free)} free")
         block_ids = []
         previous = after
         for _ in range(count):
-            if contiguous and previous is not None and previous + 1 in self._free:
+            if (contiguous and previous is not None and previous + 1 in self._free
+                    and self.blocks[previous + 1].block_hash is None):
                 block_id = previous + 1
                 del self._free[block_id]
             else:
                 block_id, _ = self._free.popitem(last=False)
             previous = block_id
             block = self.blocks[block_id]
+            if self.record_evictions and block.block_hash is not None and self._cached.get(block.block_hash) == block_id:
+                self._evicted.append(EvictedBlock(block_id, block.block_hash, block.parent_hash, block.token_ids,
+                                                 block.extra_key))
             self._forget_hash(block)
             block.ref_count = 1
             block_ids.append(block_id)
@@ -105,6 +130,15 @@ class BlockPool:
         if block.token_ids != token_ids or block.parent_hash != parent_hash:
             return None  # a hash collision: treat as a miss
         return block_id
+
+    def find(self, block_hash: BlockHash) -> int | None:
+        """Block id indexed under this hash (computed by `hash_block_tokens`), or None."""
+        return self._cached.get(block_hash) if self.enable_prefix_caching else None
+
+    def take_evicted(self) -> list[EvictedBlock]:
+        """Cached blocks handed out since the last call (with `record_evictions`), oldest first."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     def touch(self, block_ids: list[int]) -> None:
         """Take a reference on cached blocks found by `lookup` (reviving them if free)."""
@@ -127,6 +161,7 @@ class BlockPool:
             block.block_hash = block_hash
             block.parent_hash = parent_hash
             block.token_ids = token_ids
+            block.extra_key = extra_key
         return block_hash
 
     def free(self, block_ids: list[int]) -> None:
@@ -156,3 +191,4 @@ class BlockPool:
         block.block_hash = None
         block.parent_hash = None
         block.token_ids = ()
+        block.extra_key = None

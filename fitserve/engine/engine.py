@@ -28,9 +28,11 @@ from fitserve.engine.sampler import Sampler
 from fitserve.engine.scheduler import Scheduler, SchedulerOutput
 from fitserve.engine.slo_budget import SloBudgetController
 from fitserve.engine.swap import SwapSpace
+from fitserve.engine.weight_resize import ResizeTicket, WeightResizer
 from fitserve.engine.tokenizer import load_tokenizer
 from fitserve.models.config import load_model_config
 from fitserve.models.loader import load_model
+from fitserve.models.elastic_weights import WeightMemoryInfo
 from fitserve.models.weight_memory import projection_bits_per_weight, weight_memory_bytes
 from fitserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from fitserve.sampling_params import SamplingParams
@@ -60,10 +62,17 @@ class EngineStats:
     num_swap_ins_total: int = 0
     num_swap_bytes_total: int = 0
     """Bytes copied between device and host KV, both directions."""
+    num_host_prefix_hit_tokens_total: int = 0
+    """Prompt tokens whose K/V was copied in from the host tier's prefix cache instead of
+    being computed."""
     step_token_budget: int = 0
     """The step token budget in use (moved by the SLO loop when --slo is set)."""
     slo_attainment: float | None = None
     """With --slo: share of the latest window's finished requests that met every target."""
+    weight_memory_bytes: int | None = None
+    """BitStack models: bytes of all weights now in memory (None for other formats)."""
+    weight_memory_budget_bytes: int | None = None
+    """BitStack models: the budget the loaded weights were chosen for (or are moving to)."""
 
     @property
     def kv_cache_usage(self) -> float:
@@ -83,9 +92,14 @@ class LLMEngine:
         checkpoint_config = load_model_config(model_dir)
         self.dtype = resolve_dtype(args.dtype, checkpoint_config.checkpoint_dtype, self.device)
         attention_backend = get_attention_backend(args.attention_backend, self.device)
+        weight_memory = parse_size(args.weight_memory) if args.weight_memory is not None else None
         self.model, self.model_config = load_model(model_dir, self.dtype, self.device, attention_backend,
                                                    quantization=args.quantization,
-                                                   group_size=args.quantization_group_size)
+                                                   group_size=args.quantization_group_size,
+                                                   weight_memory=weight_memory)
+        elastic = self.model.elastic_weights
+        self.weight_resizer = WeightResizer(elastic) if elastic is not None else None
+        """BitStack models: moves the weights to another memory budget between steps."""
         self.tokenizer = load_tokenizer(args.tokenizer or model_dir, required=args.tokenizer is not None)
         eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -99,8 +113,12 @@ class LLMEngine:
             args.kv_cache_dtype,
         )
         kv_bytes = self._kv_cache_budget()
+        # Captured graphs would keep multiplying by the blocks loaded at capture time, so a
+        # model whose weights can be resized decodes eagerly.
         use_cuda_graphs = (self.device.type == "cuda" and not args.enforce_eager
-                           and is_triton_backend(attention_backend))
+                           and is_triton_backend(attention_backend) and self.weight_resizer is None)
+        if self.device.type == "cuda" and self.weight_resizer is not None and not args.enforce_eager:
+            logger.info("bitstack weights can be resized while serving: decode steps run without CUDA graphs")
         # CUDA graphs pad decode batches; the padding rows write into one spare block.
         num_allocated_blocks = kv_bytes // bytes_per_block
         self.num_kv_blocks = num_allocated_blocks - (1 if use_cuda_graphs else 0)
@@ -123,7 +141,7 @@ class LLMEngine:
                 raise ConfigError(f"--swap-space {args.swap_space} is smaller than one KV block "
                                   f"({bytes_per_block} bytes)")
         self.kv_cache = KVCacheManager(self.num_kv_blocks, self.block_size, args.enable_prefix_caching,
-                                       num_host_blocks)
+                                       num_host_blocks, args.host_prefix_cache)
         policy = make_policy(args.scheduling_policy, args.vtc_prompt_token_weight,
                              args.vtc_output_token_weight, args.client_weights)
         self.scheduler = Scheduler(
@@ -203,6 +221,10 @@ class LLMEngine:
         """Weight format and memory, e.g. "weights w4 (4.19 bits/weight in projections), 5.4 MiB"."""
         plan = self.model.plan
         total = weight_memory_bytes(self.model)
+        elastic = self.model.elastic_weights
+        if elastic is not None:
+            return (f"weights {plan.method} ({projection_bits_per_weight(self.model):.2f} bits/weight in projections), "
+                    f"{elastic.summary(plan.perplexity_curve)}")
         if plan.is_dense:
             return f"weights dense, {total / 2**20:.1f} MiB"
         return (f"weights {plan.method} ({projection_bits_per_weight(self.model):.2f} bits/weight in projections), "
@@ -222,6 +244,55 @@ class LLMEngine:
             f"{self.kv_cache_dtype_name} {self.num_kv_blocks} blocks x {self.block_size} tokens = {self.kv_capacity_tokens} tokens "
             f"({self.kv_cache_bytes / 2**20:.1f} MiB); max model len {self.max_model_len}"
         )
+
+    # ----------------------------------------------------------------------------- weight memory
+
+    def _resizer(self) -> WeightResizer:
+        if self.weight_resizer is None:
+            raise ConfigError(f"weight memory can only change for a BitStack model (made with `fitserve quantize "
+                              f"MODEL --method bitstack --out DIR`); this model holds {self.model.plan.method} "
+                              "weights")
+        return self.weight_resizer
+
+    def weight_memory_info(self) -> WeightMemoryInfo | None:
+        """Loaded bytes, the valid budget range and blocks of a BitStack model (None otherwise)."""
+        return self.weight_resizer.info() if self.weight_resizer is not None else None
+
+    def request_weight_memory(self, budget: str | int) -> ResizeTicket:
+        """Start moving the weights to `budget` ("300MiB", bytes) without blocking: the blocks
+        are read in the background and the switch happens between two `step()` calls (the
+        ticket is then done). Raises ConfigError (the valid range in its message) for a bad
+        budget, changing nothing. Safe to call from another thread than the one stepping."""
+        return self._resizer().request(parse_size(budget))
+
+    def set_weight_memory(self, budget: str | int) -> WeightMemoryInfo:
+        """Move the weights to `budget` now and return where they stand. For callers that step
+        the engine themselves (`LLM`); the server uses `request_weight_memory`."""
+        resizer = self._resizer()
+        ticket = resizer.request(parse_size(budget))
+        if resizer.wait():
+            self._weights_changed()
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.info is not None
+        return ticket.info
+
+    def poll_weight_resize(self) -> bool:
+        """Switch to a requested budget whose blocks are read (`step` does this first; an idle
+        loop calls it itself). True when the weights changed."""
+        if self.weight_resizer is None or not self.weight_resizer.poll():
+            return False
+        self._weights_changed()
+        return True
+
+    @property
+    def resize_pending(self) -> bool:
+        return self.weight_resizer is not None and self.weight_resizer.pending
+
+    def _weights_changed(self) -> None:
+        # KV computed with the old weights stays with the requests that own it (they keep
+        # going), but later prompts must not reuse it from the prefix cache.
+        self.kv_cache.new_weights_epoch()
 
     # ----------------------------------------------------------------------------- requests
 
@@ -354,15 +425,25 @@ class LLMEngine:
             slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
             num_swap_outs_total=self.scheduler.num_swap_outs_total,
             num_swap_ins_total=self.scheduler.num_swap_ins_total,
+            num_host_prefix_hit_tokens_total=self.kv_cache.num_host_hit_tokens_total,
             num_swap_bytes_total=(self.swap_space.num_bytes_out + self.swap_space.num_bytes_in
                                   if self.swap_space is not None else 0),
+            **self._weight_memory_stats(),
         )
+
+    def _weight_memory_stats(self) -> dict[str, int]:
+        info = self.weight_memory_info()
+        if info is None:
+            return {}
+        budget = info.pending_budget_bytes if info.pending_budget_bytes is not None else info.budget_bytes
+        return {"weight_memory_bytes": info.current_bytes, "weight_memory_budget_bytes": budget}
 
     # ----------------------------------------------------------------------------- stepping
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        self.poll_weight_resize()
         if self.slo_controller is not None:
             self.scheduler.max_num_batched_tokens = self.slo_controller.update(time.time())
         swap_space = self.swap_space
@@ -370,6 +451,7 @@ class LLMEngine:
             self.scheduler.finish_swap_in(swap_space.completed())
         scheduler_output = self.scheduler.schedule()
         if swap_space is not None:
+            swap_space.swap_out(scheduler_output.offload)  # first: later copies may overwrite those blocks
             for _, groups in scheduler_output.swap_out:
                 swap_space.swap_out(groups)  # before the step writes into the released blocks
             for request, groups in scheduler_output.swap_in:

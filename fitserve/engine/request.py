@@ -64,6 +64,8 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     """KV-cache blocks, in order: block i holds tokens [i*block_size, (i+1)*block_size)."""
+    kv_weights_epoch: int = 0
+    """The KV cache's weights epoch when this request's KV began (its prefix-cache namespace)."""
     output_logprobs: list[PositionLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)

@@ -9,8 +9,11 @@ When a running request cannot get a block, the policy names a victim that is pre
 blocks are freed and it is recomputed later (its prefix will often still be cached), or,
 with `preemption_mode="swap"`, its KV is copied to host memory and copied back when it is
 admitted again, progress intact (FastSwitch). A swapped-in request runs only once the engine
-reports its copy done (`finish_swap_in`). The scheduler never touches tensors: it names the
-copies (`SchedulerOutput.swap_out` / `swap_in`) and the engine makes them.
+reports its copy done (`finish_swap_in`). A new request whose cached prefix continues in the
+host tier (`KVCacheManager.find_host_prefix`) is admitted the same way: those blocks are
+copied in rather than computed, and it runs once the copy is done. The scheduler never
+touches tensors: it names the copies (`SchedulerOutput.offload` / `swap_out` / `swap_in`)
+and the engine makes them.
 
 A request's progress, `num_computed_tokens`, has one owner: this scheduler. It moves the
 number when it attaches a cached prefix, when it preempts, and in `update_from_output`, which
@@ -43,6 +46,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    offload: list[CopyGroup] = field(default_factory=list)
+    """Device -> host copies saving cached blocks this step overwrites to the host tier; made
+    first, before the step and before any other copy touches those blocks."""
     swap_out: list[tuple[Request, list[CopyGroup]]] = field(default_factory=list)
     """Device -> host copies to make before this step writes into any block."""
     swap_in: list[tuple[Request, list[CopyGroup]]] = field(default_factory=list)
@@ -125,6 +131,7 @@ class Scheduler:
         # Admitting new work right after preempting would only thrash the cache.
         if not output.preempted:
             budget = self._admit_waiting(budget, output)
+        output.offload = self.kv_cache.take_offloads()
         return output
 
     def _may_chunk(self, num_uncomputed: int) -> bool:
@@ -159,6 +166,11 @@ class Scheduler:
                     break
                 continue
             cached_blocks = self.kv_cache.find_cached_prefix(request)
+            host_blocks = self.kv_cache.find_host_prefix(request, cached_blocks)
+            if host_blocks:
+                if not self._start_prefix_load(request, cached_blocks, host_blocks, output):
+                    break
+                continue
             num_cached = len(cached_blocks) * self.kv_cache.block_size
             num_new = request.num_tokens - request.num_computed_tokens - num_cached
             if num_new > budget:
@@ -168,15 +180,32 @@ class Scheduler:
             if not self.kv_cache.allocate(request, num_new, cached_blocks):
                 break
             request.num_computed_tokens += num_cached  # the attached prefix needs no compute
-            self.policy.pop()
-            request.status = RequestStatus.RUNNING
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = time.time()
-                self.policy.on_tokens_served([(request, request.num_prompt_tokens, 0)])
+            self._admitted(request, RequestStatus.RUNNING)
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return budget
+
+    def _admitted(self, request: Request, status: RequestStatus) -> None:
+        self.policy.pop()
+        request.status = status
+        if request.metrics.first_scheduled_time is None:
+            request.metrics.first_scheduled_time = time.time()
+            self.policy.on_tokens_served([(request, request.num_prompt_tokens, 0)])
+
+    def _start_prefix_load(self, request: Request, device_blocks: list[int], host_blocks: list[int],
+                           output: SchedulerOutput) -> bool:
+        """Admit a request whose cached prefix continues in host memory: its device hits are
+        attached, its host hits copied in (no step budget: nothing is computed until the copy
+        is done; then it runs like any request part-way through its prompt)."""
+        groups = self.kv_cache.load_prefix(request, device_blocks, host_blocks)
+        if groups is None:
+            return False
+        request.num_computed_tokens += (len(device_blocks) + len(host_blocks)) * self.kv_cache.block_size
+        self._admitted(request, RequestStatus.SWAPPING_IN)
+        self.swapping_in.append(request)
+        output.swap_in.append((request, groups))
+        return True
 
     def _start_swap_in(self, request: Request, output: SchedulerOutput) -> bool:
         """Give a swapped-out request device blocks and name the copies that refill them.
@@ -184,8 +213,7 @@ class Scheduler:
         groups = self.kv_cache.swap_in(request)
         if groups is None:
             return False
-        self.policy.pop()
-        request.status = RequestStatus.SWAPPING_IN
+        self._admitted(request, RequestStatus.SWAPPING_IN)
         self.swapping_in.append(request)
         self.num_swap_ins_total += 1
         output.swap_in.append((request, groups))
@@ -196,6 +224,7 @@ class Scheduler:
         done = set(request_ids)
         for request in [r for r in self.swapping_in if r.request_id in done]:
             self.swapping_in.remove(request)
+            self.kv_cache.finish_load(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
 

@@ -33,7 +33,7 @@ logger = logging.getLogger("fitserve")
 _declined: set[str] = set()
 
 
-def _decline(reason: str) -> None:
+def decline(reason: str) -> None:
     """Log once why the fused stack does not run a model (it would otherwise fall back silently)."""
     if reason not in _declined:
         _declined.add(reason)
@@ -113,7 +113,7 @@ class FusedCpuDecode:
         if kernels is None:
             return None  # cpu_kernels.get() has logged why
         if dtype not in (torch.float32, torch.bfloat16):
-            _decline(f"the fused CPU decode stack runs float32 and bfloat16 models, not {dtype}; "
+            decline(f"the fused CPU decode stack runs float32 and bfloat16 models, not {dtype}; "
                      "decode steps run layer by layer in Python")
             return None
         quantized = not model.plan.is_dense
@@ -122,7 +122,7 @@ class FusedCpuDecode:
                            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                           layer.mlp.down_proj)]
             if any(linear.compiled_cpu_kernel() is None for linear in projections):
-                _decline(f"the fused CPU decode stack needs the compiled kernels for {model.plan.method} weights; "
+                decline(f"the fused CPU decode stack needs the compiled kernels for {model.plan.method} weights; "
                          "decode steps run layer by layer in Python")
                 return None
             tensors = [p for layer in model.model.layers for name, p in layer.named_parameters() if "norm" in name]
@@ -130,7 +130,7 @@ class FusedCpuDecode:
             tensors = [*model.model.layers.parameters()]
         tensors.append(model.model.norm.weight)
         if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-            _decline("the fused CPU decode stack needs contiguous CPU weights of one dtype; "
+            decline("the fused CPU decode stack needs contiguous CPU weights of one dtype; "
                      "decode steps run layer by layer in Python")
             return None
         config = model.config

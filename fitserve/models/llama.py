@@ -22,6 +22,7 @@ layer where the torch code takes ~30.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from fitserve.layers.weight_formats import FormatPlan
 from fitserve.models.config import ModelConfig
 from fitserve.models.cpu_decode import FusedCpuDecode
 from fitserve.models.rope import RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:
+    from fitserve.models.elastic_weights import ElasticWeights
 
 
 def _fused_kernels(x: torch.Tensor):
@@ -264,6 +268,8 @@ class LlamaForCausalLM(nn.Module):
         # Decode-only CPU steps run the decoder layers in one C++ call (see cpu_decode.py);
         # `fused_cpu_decode.enabled = False` keeps every step on the Python path.
         self.fused_cpu_decode = FusedCpuDecode(self)
+        self.elastic_weights: ElasticWeights | None = None
+        """BitStack models: the loaded blocks and the budget they fit (set by the loader)."""
 
     def tie_weights(self) -> None:
         """Share one matrix between input embedding and output projection (re-run after

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from fitserve.attention import AttentionBackend, get_attention_backend
 from fitserve.layers.weight_formats import DenseFormat, FormatPlan, FormatPlanError, PartShape
+from fitserve.layers.weight_formats.source import TensorSource
 from fitserve.models import host_memory
 from fitserve.models.config import ModelConfig, ModelLoadError, load_model_config
 from fitserve.layers.embedding import Int8Embedding
@@ -235,6 +236,8 @@ def _fill_parameters(
     their parts are copied into. Tensors of non-dense layers are gathered per layer and
     handed to the layer's weight format once all its parts are read (`_LayerFiller`).
     """
+    lazy = _attach_lazy_layers(model, expected, found, device)
+    expected = {name: target for name, target in expected.items() if name not in lazy}
     layer_filler = _LayerFiller(model, expected, device)
     parameters = dict(model.named_parameters())
     parts_per_parameter: dict[str, int] = {}
@@ -273,6 +276,28 @@ def _fill_parameters(
         _set_parameter(model, name, tensor)
 
 
+def _attach_lazy_layers(model: LlamaForCausalLM, expected: dict[str, WeightTarget],
+                        found: dict[str, tuple[Path, tuple[int, ...], str]], device: torch.device) -> set[str]:
+    """Hand the layers whose format `reads_own_tensors` their parts and a source over the
+    checkpoint files, reading nothing; returns the tensor names they took."""
+    layers: dict[str, dict[PartShape, tuple[int, dict[str, str]]]] = {}
+    for name, target in expected.items():
+        if target.layer is None or target.layer == EMBEDDING:
+            continue
+        if not model.get_submodule(target.layer).weight_format.reads_own_tensors:
+            continue
+        assert target.part is not None
+        _, names = layers.setdefault(target.layer, {}).setdefault(target.part, (target.row_start, {}))
+        names[name[len(target.part.prefix) + 1:]] = name
+    taken = {name for parts in layers.values() for _, names in parts.values() for name in names.values()}
+    source = TensorSource({name: found[name][0] for name in taken})
+    for layer, parts in layers.items():
+        ordered = sorted(parts.items(), key=lambda item: item[1][0])
+        module = model.get_submodule(layer)
+        module.weight_format.attach_source(module, [(part, names) for part, (_, names) in ordered], source, device)
+    return taken
+
+
 class _LayerFiller:
     """Collects the checkpoint tensors of each non-dense layer (an integer linear layer or the
     int8 embedding) and hands them to its weight format when the layer is complete. A dense
@@ -305,7 +330,10 @@ class _LayerFiller:
             parts = self.parts.pop(target.layer)
             if target.layer == EMBEDDING:
                 (tensors,) = parts.values()
-                module.set_tensors(tensors["qweight"].to(self.device), tensors["scales"].to(self.device))
+                # safetensors hands back views of its file mapping; an owned copy lets the
+                # mapping (and every page of the file read so far) go when loading ends.
+                module.set_tensors(tensors["qweight"].to(self.device, copy=True),
+                                   tensors["scales"].to(self.device, copy=True))
             else:
                 ordered = sorted(parts.items(), key=lambda item: self.row_starts[item[0]])
                 weight_format.load_parts(module, ordered, self.device)
@@ -357,6 +385,7 @@ def load_model(
     huge_pages: bool = True,
     quantization: str | None = None,
     group_size: int | None = None,
+    weight_memory: int | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load config and weights from `model_dir`, cast to `dtype`, onto `device`, in eval mode.
 
@@ -366,10 +395,16 @@ def load_model(
     made by `fitserve quantize` loads in its formats; `quantization` ("w8", "w4") quantizes a
     dense one while loading (groups of `group_size` columns for w4). `dtype` is then the dtype
     of activations, norms and biases.
+
+    A BitStack checkpoint loads the blocks that fit `weight_memory` bytes (None: all of them),
+    reading only those; `model.elastic_weights` then moves it to other budgets.
     """
     model_dir = Path(model_dir)
     config = load_model_config(model_dir)
     plan = format_plan(config, model_dir, quantization, group_size)
+    if weight_memory is not None and plan.method != "bitstack":
+        raise ModelLoadError(f"--weight-memory needs a BitStack model (made with `fitserve quantize MODEL "
+                             f"--method bitstack --out DIR`); {model_dir} holds {plan.method} weights")
     try:
         expected = expected_checkpoint_tensors(config, plan)
     except ValueError as error:  # a group size that does not divide a layer's width
@@ -395,4 +430,24 @@ def load_model(
         raise RuntimeError(f"parameters left without checkpoint data: {unfilled}")
     model.eval()
     model.requires_grad_(False)
+    if plan.method == "bitstack":
+        _load_budget(model, plan, model_dir, weight_memory)
     return model, config
+
+
+def _load_budget(model: LlamaForCausalLM, plan: FormatPlan, model_dir: Path, weight_memory: int | None) -> None:
+    """Attach the model's `ElasticWeights` and load the blocks `weight_memory` allows."""
+    from fitserve.models.cpu_decode import decline
+    from fitserve.models.elastic_weights import ElasticWeights
+
+    try:
+        elastic = ElasticWeights(model, plan.block_order)
+    except ValueError as error:
+        raise ModelLoadError(f"{model_dir / 'config.json'}: {error}") from error
+    elastic.set_budget(elastic.max_bytes if weight_memory is None else weight_memory)
+    model.elastic_weights = elastic
+    # The fused decode stack holds the projections' kernel objects; BitStack layers have none
+    # yet (their compiled kernel is to come), so decode steps run layer by layer.
+    model.fused_cpu_decode.enabled = False
+    decline("the fused CPU decode stack does not run bitstack weights yet; decode steps run layer by layer "
+            "in Python")

@@ -179,6 +179,41 @@ def write_random_checkpoint(
     return out_dir
 
 
+def write_random_bitstack_checkpoint(out_dir: str | Path, preset_or_config: str | dict[str, Any], num_blocks: int,
+                                     rank: int, overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """A BitStack checkpoint (fitserve.quant.bitstack_packing's layout; LM head / tied
+    embedding in w8) of random tensors with a real model's shapes: every matrix `num_blocks`
+    blocks of rank `rank`, in a level-wise block order. No decomposition, so it is written in
+    seconds at the sizes where memory and resize times are measured; its outputs mean nothing."""
+    from safetensors.torch import save_file
+
+    from fitserve.layers.weight_formats import FormatPlan
+    from fitserve.models.loader import linear_layouts
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = resolve_preset(preset_or_config, overrides)
+    config["torch_dtype"] = "float32"
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    model_config = load_model_config(out_dir)
+    prefixes = [part.prefix for layout in linear_layouts(model_config) if layout.module_name != "lm_head"
+                for part in layout.parts]
+    plan = FormatPlan(method="bitstack", num_blocks=num_blocks, ranks={prefix: rank for prefix in prefixes},
+                      block_order=[prefix for _ in range(1, num_blocks) for prefix in prefixes], prequantized=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, target in expected_checkpoint_tensors(model_config, plan).items():
+        if target.dtype in (torch.uint8, torch.int8):
+            tensors[name] = torch.randint(0, 127, target.shape, generator=generator, dtype=target.dtype)
+        else:
+            values = 0.02 * torch.randn(target.shape, generator=generator)
+            tensors[name] = (values + 1.0 if name.endswith("norm.weight") else values).to(target.dtype or torch.float32)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = plan.to_config()
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Write a random-weight Hugging Face checkpoint with a real model's shapes."

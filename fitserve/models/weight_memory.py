@@ -20,8 +20,13 @@ def _unique_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def weight_memory_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and stored weight buffer (shared tensors once)."""
-    return _unique_bytes([*model.parameters(), *model.buffers()])
+    """Bytes of every parameter and stored weight buffer (what a checkpoint holds, not
+    tables derived at load such as rotary frequencies), and of the tensors weight formats
+    hold outside them (BitStack's loaded blocks); shared tensors once. BitStack budgets and
+    `fitserve quantize --method bitstack`'s sizes count the same bytes."""
+    held = [tensor for module in model.modules() if isinstance(module, Linear)
+            for tensor in module.weight_format.held_tensors(module)]
+    return _unique_bytes([*model.state_dict(keep_vars=True).values(), *held])
 
 
 def projection_bits_per_weight(model: torch.nn.Module) -> float:

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from fitserve.models.loader import (
     EMBEDDING, _check_checkpoint, _index_checkpoint, checkpoint_files, expected_checkpoint_tensors, linear_layouts,
 )
 from fitserve.quant import packing
+from fitserve.quant.bitstack_quantize import BitStackOptions, build_bitstack, check_options
+from fitserve.quant.bitstack_quantize import write_config as write_bitstack_config
 from fitserve.quant.calibration import (
     CALIBRATION_SEQUENCE_TOKENS, CalibrationText, calibration_samples, default_calibration_text,
     read_calibration_file,
@@ -53,6 +56,14 @@ class QuantizeSummary:
     seconds: float
     calibration: str | None = None
     high_precision_fraction: float | None = None
+    smallest_loadable_bytes: int | None = None
+    """bitstack: weight memory of the smallest loadable model (block 0 of every matrix)."""
+    full_stack_bytes: int | None = None
+    """bitstack: weight memory with every block loaded."""
+    ordering: str | None = None
+    """bitstack: how the global block order was made (measured or residual)."""
+    ranks: str | None = None
+    """bitstack: the ranks chosen, e.g. "16 (all)" or "4: 30 matrices, 8: 12 matrices"."""
 
     def describe(self) -> str:
         ratio = self.size_bytes / self.original_size_bytes
@@ -61,6 +72,10 @@ class QuantizeSummary:
                 f"({ratio:.0%} of {self.original_size_bytes / 2**20:.1f} MiB) in {self.seconds:.1f} s -> {self.out_dir}")
         if self.calibration:
             text += f"\ncalibration: {self.calibration}"
+        if self.full_stack_bytes is not None:
+            text += (f"\nweight memory from {self.smallest_loadable_bytes / 2**20:.2f} MiB (block 0 of every matrix) "
+                     f"to {self.full_stack_bytes / 2**20:.2f} MiB (full stack); block order: {self.ordering}; "
+                     f"ranks: {self.ranks}")
         return text
 
 
@@ -89,11 +104,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, method: str, grou
                    high_precision_fraction: float = 0.10, lm_head: str = "w8",
                    calibration_data: str | Path | None = None,
                    num_calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, force: bool = False,
-                   high_channels: dict[str, list[int]] | None = None, progress: bool = True) -> QuantizeSummary:
+                   high_channels: dict[str, list[int]] | None = None, progress: bool = True,
+                   bitstack: BitStackOptions | None = None) -> QuantizeSummary:
     """Write a quantized copy of `model_dir` to `out_dir` (see the module docstring).
 
     mixllm chooses its high-precision channels from calibration gradients, unless
     `high_channels` gives them (tests compare salience with random choices that way).
+    bitstack takes its settings from `bitstack` (defaults: BitStackOptions()).
     """
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -108,7 +125,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, method: str, grou
         raise QuantizeError(f"{model_dir} is already quantized; quantize its dense original")
     layouts = linear_layouts(config)
     parts = [part for layout in layouts if layout.module_name != "lm_head" for part in layout.parts]
-    if method != "w8":
+    if method == "bitstack":
+        try:
+            check_options(bitstack or BitStackOptions())
+        except ValueError as error:
+            raise QuantizeError(str(error)) from error
+    if method in ("w4", "mixllm"):
         for width in sorted({part.in_features for part in parts}):
             try:
                 packing.check_group_size(width, group_size)
@@ -120,6 +142,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, method: str, grou
     _check_checkpoint(config, expected_checkpoint_tensors(config), found, model_dir)
     _prepare_out_dir(model_dir, out_dir, force)
 
+    if method == "bitstack":
+        return _quantize_bitstack(model_dir, out_dir, config, found, bitstack or BitStackOptions(), lm_head,
+                                  calibration_data, num_calibration_tokens, progress, started)
     calibration_source = None
     if method == "mixllm" and high_channels is None:
         ids, text = _calibration_token_ids(model_dir, Path(calibration_data) if calibration_data else None)
@@ -149,6 +174,30 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, method: str, grou
         original_size_bytes=sum(path.stat().st_size for path in checkpoint_files(model_dir)),
         seconds=time.perf_counter() - started, calibration=calibration_source,
         high_precision_fraction=high_precision_fraction if method == "mixllm" else None,
+    )
+
+
+def _quantize_bitstack(model_dir: Path, out_dir: Path, config, found: dict, options: BitStackOptions, lm_head: str,
+                       calibration_data: str | Path | None, num_calibration_tokens: int, progress: bool,
+                       started: float) -> QuantizeSummary:
+    ids, text = _calibration_token_ids(model_dir, Path(calibration_data) if calibration_data else None)
+    samples = calibration_samples(ids, num_calibration_tokens, CALIBRATION_SEQUENCE_TOKENS)
+    calibration_source = f"{text.source}; {len(samples)} samples of {len(samples[0])} tokens"
+    result = build_bitstack(model_dir, config, found, samples, options, lm_head, progress)
+    result.quantization_config["calibration"] = calibration_source
+    save_file(result.tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    write_bitstack_config(model_dir, out_dir, result.quantization_config)
+    _copy_side_files(model_dir, out_dir)
+    parameters = sum(math.prod(found[name][1]) for name in expected_checkpoint_tensors(config))
+    size = (out_dir / "model.safetensors").stat().st_size
+    ranks = Counter(result.quantization_config["ranks"].values())
+    return QuantizeSummary(
+        method="bitstack", out_dir=str(out_dir), linear_bits_per_weight=8 * result.linear_bytes / result.linear_weights,
+        model_bits_per_weight=8 * size / parameters, size_bytes=size,
+        original_size_bytes=sum(path.stat().st_size for path in checkpoint_files(model_dir)),
+        seconds=time.perf_counter() - started, calibration=calibration_source,
+        smallest_loadable_bytes=result.smallest_bytes, full_stack_bytes=result.full_bytes, ordering=options.ordering,
+        ranks=", ".join(f"{rank}: {count} matrices" for rank, count in sorted(ranks.items())),
     )
 
 

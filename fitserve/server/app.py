@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from fitserve.engine.async_engine import AsyncLLMEngine
+from fitserve.server import serving_admin
 from fitserve.server.errors import APIError, install_error_handlers, validation_error_to_api_error
 from fitserve.server.metrics import ServerMetrics
 from fitserve.server.openapi import openapi_document
@@ -107,6 +108,16 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI
         state = _state(request)
         check_model_name(state, name)
         return JSONResponse(model_card(state, name))
+
+    @app.get("/v1/admin/weight-memory", dependencies=authorized)
+    async def get_weight_memory(request: Request) -> Response:
+        return JSONResponse(serving_admin.weight_memory(_state(request)))
+
+    @app.post("/v1/admin/weight-memory", dependencies=authorized)
+    async def post_weight_memory(request: Request) -> Response:
+        state = _state(request)
+        raw_body = await read_body(request, state.settings.max_request_body_bytes)
+        return JSONResponse(await serving_admin.set_weight_memory(state, raw_body))
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -55,10 +55,19 @@ class _EngineStatsCollector(Collector):
             yield GaugeMetricFamily("fitserve_slo_attainment_ratio",
                                     "Share of the latest --slo window's finished requests that met every target.",
                                     value=stats.slo_attainment)
+        if stats.weight_memory_bytes is not None:
+            yield GaugeMetricFamily("fitserve_weight_memory_bytes", "Bytes of all model weights in memory "
+                                    "(BitStack models: changes with the budget).", value=stats.weight_memory_bytes)
+            yield GaugeMetricFamily("fitserve_weight_memory_budget_bytes",
+                                    "The weight-memory budget set (or being moved to).",
+                                    value=stats.weight_memory_budget_bytes)
         yield CounterMetricFamily("fitserve_swap_outs", "Requests whose KV was swapped out to host memory.",
                                   value=stats.num_swap_outs_total)
         yield CounterMetricFamily("fitserve_swap_bytes", "Bytes of KV copied between device and host.",
                                   value=stats.num_swap_bytes_total)
+        yield CounterMetricFamily("fitserve_host_prefix_cache_hit_tokens",
+                                  "Prompt tokens copied in from the host tier of the prefix cache instead of computed.",
+                                  value=stats.num_host_prefix_hit_tokens_total)
 
 
 @dataclass

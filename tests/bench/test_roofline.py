@@ -24,6 +24,17 @@ def test_llama_3_8b_counts_match_the_published_shape():
     assert shape.weight_bytes_per_step == (8_030_261_248 - 128256 * 4096) * 2
 
 
+def test_int8_kv_cache_counts_one_byte_per_element_plus_a_scale_per_token_and_head(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_8B))
+    dense = ModelShape.from_model_dir(tmp_path, "bfloat16")
+    int8 = ModelShape.from_model_dir(tmp_path, "bfloat16", kv_cache_dtype="int8")
+    # 32 layers x 8 KV heads x (K and V): 128 int8 values and one float32 scale each.
+    assert int8.kv_bytes_per_token == 2 * 32 * 8 * (128 + 4)
+    assert int8.decode_step_bytes(4, 1000) - dense.decode_step_bytes(4, 1000) == \
+        4 * 1001 * (int8.kv_bytes_per_token - dense.kv_bytes_per_token)
+    assert int8.to_dict()["kv_cache_dtype"] == "int8"
+
+
 def test_step_costs_by_hand_for_a_tiny_tied_model():
     config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1, "vocab_size": 10, "tie_word_embeddings": True, "torch_dtype": "float32"}
@@ -117,3 +128,26 @@ def test_bandwidth_buffer_outgrows_large_caches(monkeypatch):
     monkeypatch.setattr(roofline, "last_level_cache_bytes", lambda: None)
     assert roofline.memory_test_bytes(torch.device("cpu")) == 256 * 2**20
     assert roofline.memory_test_bytes(torch.device("cuda")) == 256 * 2**20
+
+
+def test_bitstack_model_counts_its_blocks_or_the_budget_it_is_loaded_under():
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    prefixes = [f"model.layers.0.{'self_attn' if n[0] in 'qkvo' else 'mlp'}.{n}" for n in names]
+    quantized = {**config, "quantization_config": {
+        "quant_method": "fitserve", "method": "bitstack", "num_blocks": 3, "lm_head": "w8",
+        "ranks": dict.fromkeys(prefixes, 4), "block_order": []}}
+    # One block: N·ceil(K/8) sign bytes + 2·r·(N + K) factor bytes; 3 blocks per matrix.
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    stack = sum(3 * (n * (k // 8) + 2 * 4 * (n + k)) for n, k in shapes)
+    full = ModelShape.from_config(quantized)
+    assert full.quantization == "bitstack"
+    assert full.projection_bits == pytest.approx(8 * stack / full.layer_matmul_params)
+    # Under a budget: what is left after the w8 table (100 x 64 int8 + a float32 scale per row:
+    # 8.5 bits) and the bf16 norms.
+    head = 100 * 64 * 8.5 / 8
+    norms = (2 * 64 + 64) * 2
+    budget = ModelShape.from_config(quantized, weight_memory=int(head + norms + 5000))
+    assert budget.projection_bits == pytest.approx(8 * 5000 / full.layer_matmul_params)
+    assert ModelShape.from_config(quantized, weight_memory=10**9).projection_bits == full.projection_bits

@@ -16,7 +16,6 @@ import pytest
 
 from fitserve import LLM, SamplingParams
 from fitserve.config import ConfigError, EngineArgs
-from fitserve.engine.host_block_pool import HostBlockPool
 from fitserve.engine.kv_cache import KVCacheManager
 from fitserve.engine.policy import make_policy
 from fitserve.engine.request import Request, RequestStatus
@@ -48,7 +47,7 @@ class SwappingFakeEngine(FakeEngine):
 
         def schedule_and_copy_out():
             output = original_schedule()
-            for _, groups in output.swap_out:
+            for groups in [output.offload] + [groups for _, groups in output.swap_out]:
                 for device_start, host_start, count in groups:
                     for offset in range(count):
                         self.host_kv[host_start + offset] = dict(self.kv.get(device_start + offset, {}))
@@ -128,6 +127,24 @@ def test_swap_moves_groups_and_a_second_swap_out_without_new_tokens_moves_nothin
     assert manager.host_pool is not None and manager.host_pool.num_free_blocks == 32
 
 
+def test_swap_in_shares_the_blocks_the_device_still_caches() -> None:
+    """A request swapped out and back before its freed blocks were overwritten copies back
+    only the block that was never cached (the partial last one): its full blocks are still
+    in the device's prefix cache and are attached instead."""
+    manager = KVCacheManager(num_blocks=32, block_size=4, num_host_blocks=32)
+    request = make_request("r", list(range(18)), 4, 0.0)
+    assert manager.allocate(request, 18)
+    request.num_computed_tokens = 18
+    manager.cache_full_blocks(request)
+    device_blocks = list(request.block_ids)
+    out = manager.swap_out(request)
+    assert out is not None and sum(count for _, _, count in out) == 5
+    back = manager.swap_in(request)
+    assert back is not None and sum(count for _, _, count in back) == 1
+    assert request.block_ids[:4] == device_blocks[:4]
+    assert manager.num_free_blocks == 32 - 5
+
+
 def test_swap_out_falls_back_to_recompute_when_host_memory_is_full() -> None:
     """A victim that does not fit in host memory is recomputed instead, and still finishes."""
     scheduler = swap_scheduler(num_blocks=10, num_host_blocks=2)
@@ -141,19 +158,41 @@ def test_swap_out_falls_back_to_recompute_when_host_memory_is_full() -> None:
     check_all_returned(scheduler)
 
 
+def check_host_ownership(scheduler: Scheduler) -> None:
+    """Every host block's references are exactly its owners': swapped-out requests' host
+    copies and the prefix loads still copying from it; the free ones are the unreferenced."""
+    kv_cache = scheduler.kv_cache
+    host_pool = kv_cache.host_pool
+    assert host_pool is not None
+    references = [0] * host_pool.num_blocks
+    for host in kv_cache._host.values():
+        for block_id in host.block_ids:
+            references[block_id] += 1
+    for block_ids in kv_cache._loading.values():
+        for block_id in block_ids:
+            references[block_id] += 1
+    assert [block.ref_count for block in host_pool.blocks] == references
+    assert host_pool.num_free_blocks == references.count(0)
+
+
 @pytest.mark.parametrize("policy_name", ["fcfs", "vtc"])
 def test_aborts_while_swapped_or_swapping_in_leak_nothing(policy_name: str) -> None:
-    """Random aborts hit requests that are running, swapped out or being swapped in: both
-    tiers get every block back."""
+    """Random aborts hit requests that are running, swapped out or being swapped in (their own
+    KV, or a next turn's prefix from the host tier): both tiers get every block back, and host
+    references match their owners after every step."""
     rng = random.Random(7)
     scheduler = swap_scheduler(num_blocks=14, num_host_blocks=24, policy=make_policy(policy_name), max_num_seqs=5)
     engine = SwappingFakeEngine(scheduler)
     live: list[Request] = []
+    earlier: list[Request] = []
     hit = set()
     for index in range(150):
         if index < 90 and rng.random() < 0.6:
-            request = make_request(f"r{index}", random_token_ids(rng.randint(2, 18), seed=index, vocab_size=90),
-                                   rng.randint(2, 20), float(index))
+            prompt = random_token_ids(rng.randint(2, 18), seed=index, vocab_size=90)
+            if earlier and rng.random() < 0.4:  # a next turn: an earlier request's tokens come first
+                prompt = rng.choice(earlier).all_token_ids + prompt
+            request = make_request(f"r{index}", prompt[:40], rng.randint(2, 20), float(index))
+            earlier.append(request)
             request.client_id = rng.choice("ab")
             engine.add(request)
             live.append(request)
@@ -167,23 +206,13 @@ def test_aborts_while_swapped_or_swapping_in_leak_nothing(policy_name: str) -> N
                 engine.abort(victim)
         if scheduler.has_unfinished_requests():
             engine.step()
+            check_host_ownership(scheduler)
         live = [r for r in live if not r.is_finished]
     engine.run(max_steps=3000)
     assert scheduler.num_swap_outs_total > 3
+    assert scheduler.kv_cache.num_host_hit_tokens_total > 0  # next turns loaded from the host tier
     assert RequestStatus.SWAPPED in hit and RequestStatus.RUNNING in hit
     check_all_returned(scheduler)
-
-
-def test_host_block_pool_prefers_runs() -> None:
-    pool = HostBlockPool(10)
-    first = pool.allocate(3)
-    assert first == [0, 1, 2]
-    pool.allocate(2)  # 3, 4
-    pool.free([1])
-    assert pool.allocate(2, prefer_after=2) == [5, 6]  # 3 is taken: the longest free run instead
-    assert pool.allocate(3) == [7, 8, 9]
-    with pytest.raises(RuntimeError, match="freed while already free"):
-        pool.free([1])
 
 
 # ----------------------------------------------------------------------------- the real engine

@@ -64,3 +64,36 @@ def test_generate_quantizes_while_loading(capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().out.strip()
     with pytest.raises(SystemExit):
         main(["generate", "--quantization", "mixllm", "--prompt", "def "])
+
+
+def test_quantize_bitstack_writes_the_block_order_and_refuses_bad_settings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from safetensors import safe_open
+
+    from fitserve.config import default_model_dir
+
+    dense = write_tiny_checkpoint(tmp_path / "dense", "llama2", vocab_size=4096)
+    shutil.copy(default_model_dir() / "tokenizer.json", dense / "tokenizer.json")
+    text = tmp_path / "calibration.txt"
+    text.write_text(Path(json.__file__).read_text())
+    out = tmp_path / "bitstack"
+    common = ["quantize", str(dense), "--method", "bitstack", "--calibration-data", str(text),
+              "--num-calibration-tokens", "512"]
+    assert main([*common, "--num-blocks", "3", "--rank", "auto", "--ordering", "residual", "--out", str(out),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "bitstack" and summary["ordering"] == "residual"
+    assert summary["smallest_loadable_bytes"] < summary["full_stack_bytes"] <= summary["size_bytes"]
+    settings = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(settings["ranks"].values()) <= {2, 4, 8, 16} and len(settings["ranks"]) == 2 * 7
+    assert len(settings["block_order"]) == 2 * len(settings["ranks"])
+    assert "perplexity_curve" not in settings  # no heldout.txt beside this model
+    with safe_open(str(out / "model.safetensors"), framework="pt") as file:
+        assert file.get_slice("model.layers.1.mlp.down_proj.bitstack_signs").get_shape() == [3, 64, 16]
+        assert "lm_head.qweight" in file.keys()  # the untied head in w8, as the other formats
+    assert main([*common, "--num-blocks", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--num-blocks must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--rank", "sixteen", "--out", str(tmp_path / "o")])

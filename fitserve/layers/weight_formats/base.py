@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,6 +54,10 @@ class WeightFormat(ABC):
     """Method name as written in quantization_config and accepted by `--quantization`."""
     is_dense: bool = False
     """Dense float weights: the loader fills them in place, the fused decode stack reads them."""
+    reads_own_tensors: bool = False
+    """The format reads its checkpoint tensors itself, only as far as it needs them (elastic
+    weights, which load a budget's worth of blocks and more later): the loader reads none of
+    them and calls `attach_source` instead of `load_parts`."""
 
     @abstractmethod
     def part_tensors(self, part: PartShape) -> dict[str, TensorSpec]:
@@ -88,6 +92,17 @@ class WeightFormat(ABC):
     def stored_bytes(self, layer: Linear) -> int:
         """Bytes of the stored weight tensors (scales and zeros included; bias excluded)."""
         return sum(t.numel() * t.element_size() for t in self.tensors(layer).values())
+
+    def attach_source(self, layer: Linear, parts: list[tuple[PartShape, dict[str, str]]],
+                      source: Any, device: torch.device) -> None:
+        """Formats that `reads_own_tensors`: take the layer's parts (row order), each with its
+        checkpoint tensor names by suffix, and the source that reads them on demand."""
+        raise NotImplementedError(f"the {self.name} format is loaded with load_parts")
+
+    def held_tensors(self, layer: Linear) -> list[torch.Tensor]:
+        """Weight tensors the format keeps outside the layer's parameters and buffers (counted
+        by fitserve.models.weight_memory)."""
+        return []
 
     def bits_per_weight(self, layer: Linear) -> float:
         return 8 * self.stored_bytes(layer) / (layer.out_features * layer.in_features)
