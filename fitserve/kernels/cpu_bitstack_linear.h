@@ -45,9 +45,9 @@ constexpr int kBitStackTileRows = 8;       // weight rows sharing each load of T
 // Rows of x up to which the integer kernel runs by default (above: rebuild W and matmul). The
 // kernel's work grows with the rows of x (N K r per block and row) while the rebuild's barely
 // does: benchmarks/cpu_bitstack_kernels.py --section rows (gate_up 9728x896, 3 blocks, one
-// thread, 2-core Zen 4 shared with other jobs): kernel 6.8 / 8.8 / 13 / 33 / 82 / 153 ms at
-// 1 / 2 / 4 / 8 / 16 / 32 rows, rebuild + matmul 61-94 ms throughout; 8 keeps the kernel
-// where it is clearly faster.
+// thread, 2-core Zen 4 shared with other jobs): kernel 6.5 / 8.8 / 16 / 33 / 65 / 135 ms at
+// 1 / 2 / 4 / 8 / 16 / 32 rows, rebuild + matmul 72-120 ms throughout; 8 keeps the kernel
+// where it is clearly faster (2.4x at 8 rows).
 constexpr int64_t kBitStackDecodeMaxRows = 8;
 
 inline bool cpu_has_f16c() { return __builtin_cpu_supports("f16c"); }
