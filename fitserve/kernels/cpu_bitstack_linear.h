@@ -148,9 +148,22 @@ struct BitStackTileBuffers {
   AlignedBuffer<int32_t> set_bits;  // AVX-512: [kBitStackTileRows][scale blocks] 128 x set bits
 };
 
-inline BitStackTileBuffers& tile_buffers() {
+// A tile's buffers, from the calling thread's: the 0/1 bytes of its rows, its zeroed totals,
+// and (AVX-512) its set-bit counts.
+struct BitStackTile {
+  uint8_t* bits;
+  float* totals;
+  int32_t* set_bits;
+};
+
+inline BitStackTile begin_tile(const BitStackArgs& args) {
   thread_local BitStackTileBuffers buffers;
-  return buffers;
+  const BitStackActivations& a = *args.act;
+  BitStackTile tile{buffers.bits.get(kBitStackTileRows * a.padded_columns),
+                    buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes),
+                    buffers.set_bits.get(kBitStackTileRows * a.scale_blocks)};
+  std::memset(tile.totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
+  return tile;
 }
 
 // The packed bits of row n (ceil(K/8) bytes) as 64-bit words; bytes past the row read as 0.
@@ -211,11 +224,10 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
   const BitStackPart& p = *args.part;
   const BitStackActivations& a = *args.act;
   const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
-  BitStackTileBuffers& buffers = tile_buffers();
-  uint8_t* bits = buffers.bits.get(kBitStackTileRows * P);
-  float* totals = buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes);
-  std::memset(totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
-  int32_t* set_bits = buffers.set_bits.get(kBitStackTileRows * a.scale_blocks);
+  const BitStackTile tile = begin_tile(args);
+  uint8_t* bits = tile.bits;
+  float* totals = tile.totals;
+  int32_t* set_bits = tile.set_bits;
   for (int64_t b = 0; b < p.active; ++b) {
     const BitStackBlock& block = p.blocks[b];
     for (int r = 0; r < R; ++r) {
@@ -314,10 +326,9 @@ FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0)
   const BitStackPart& p = *args.part;
   const BitStackActivations& a = *args.act;
   const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
-  BitStackTileBuffers& buffers = tile_buffers();
-  uint8_t* bits = buffers.bits.get(kBitStackTileRows * P);
-  float* totals = buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes);
-  std::memset(totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
+  const BitStackTile tile = begin_tile(args);
+  uint8_t* bits = tile.bits;
+  float* totals = tile.totals;
   const __m256i ones16 = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < p.active; ++b) {
     const BitStackBlock& block = p.blocks[b];
@@ -634,8 +645,7 @@ class BitStackLinear {
     const torch::Tensor& bias = dtype == torch::kFloat ? bias_ : bias_bf16_;
     DequantScratch& scratch = DequantScratch::instance();
     std::lock_guard<std::mutex> lock(scratch.mutex);
-    const int64_t slice_rows =
-        std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
+    const int64_t slice_rows = DequantScratch::slice_rows(K, M);
     std::vector<torch::Tensor> v_float;
     for (int64_t b = 0; b < part.active; ++b) v_float.push_back(part.blocks[b].v.to(torch::kFloat));
     for (int64_t first = 0; first < part.rows; first += slice_rows) {
