@@ -9,10 +9,10 @@
 //   (S T)[n, j] = Σ_k T[k, j] - 2 Σ_{k: bit set} T[k, j]   (S = 1 - 2B, B the sign bits as 0/1)
 //   y[n] += Σ_j u[n, j] (S T)[n, j]
 // T is rounded to int8 per block of 128 columns and rank (scale t = max|T| / 127, as QuantLinear
-// rounds x), so B T is an integer product: the bits of a weight row are expanded to 0/1 bytes
-// (vpmovm2b-style, one instruction per 64 weights) and vpdpbusd multiplies four columns of one
-// row by the 16 ranks of those columns at once, one 32-bit lane per rank (AVX-512 VNNI; AVX2
-// does the same with vpmaddubsw + vpmaddwd on two 256-bit halves). Ranks above 16 take several
+// rounds x), so B T is an integer product: each 4 bits of a weight row index a 16-entry table of
+// their 0/1 bytes, and vpdpbusd multiplies those four columns of the row by the 16 ranks of the
+// columns at once, one 32-bit lane per rank (AVX-512 VNNI; AVX2 does the same with vpmaddubsw +
+// vpmaddwd on two 256-bit halves). Ranks above 16 take several
 // 16-lane chunks; ranks below 16 leave lanes idle. The sums are exact in int32, so the only
 // error beyond float32 rounding is the rounding of T: at most t/2 per element (the bound
 // tests/kernels/test_bitstack_linear.py checks). Why this shape: the work is N K r
@@ -143,15 +143,12 @@ struct BitStackArgs {
 // The results of a tile: Σ over blocks and chunks of u ⊙ (S T), one 16-lane vector per (row of
 // x, weight row), summed across lanes at the end.
 struct BitStackTileBuffers {
-  AlignedBuffer<uint8_t> bits;     // [kBitStackTileRows][padded_columns] 0/1 bytes
   AlignedBuffer<float> totals;     // [M][kBitStackTileRows][16]
   AlignedBuffer<int32_t> set_bits;  // AVX-512: [kBitStackTileRows][scale blocks] 128 x set bits
 };
 
-// A tile's buffers, from the calling thread's: the 0/1 bytes of its rows, its zeroed totals,
-// and (AVX-512) its set-bit counts.
+// A tile's buffers, from the calling thread's: its zeroed totals and (AVX-512) its set-bit counts.
 struct BitStackTile {
-  uint8_t* bits;
   float* totals;
   int32_t* set_bits;
 };
@@ -159,8 +156,7 @@ struct BitStackTile {
 inline BitStackTile begin_tile(const BitStackArgs& args) {
   thread_local BitStackTileBuffers buffers;
   const BitStackActivations& a = *args.act;
-  BitStackTile tile{buffers.bits.get(kBitStackTileRows * a.padded_columns),
-                    buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes),
+  BitStackTile tile{buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes),
                     buffers.set_bits.get(kBitStackTileRows * a.scale_blocks)};
   std::memset(tile.totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
   return tile;
@@ -186,25 +182,19 @@ inline void finish_tile(const BitStackArgs& args, int64_t n0, int rows, const fl
 
 // ------------------------------------------------------------------------- AVX-512 VNNI
 
-// The bits of one weight row as 0/1 bytes (padded columns 0), and 128 x the set bits of each
-// block of 128 columns (the +128 of the unsigned codes to take back).
-FITSERVE_VNNI inline void expand_bits_vnni(const uint8_t* row, int64_t row_bytes, int64_t padded, uint8_t* out,
-                                           int32_t* set_bits) {
-  const __m512i one = _mm512_set1_epi8(1);
-  for (int64_t k = 0; k < padded; k += 128) {
-    uint64_t low, high;
-    if (__builtin_expect(k / 8 + 16 <= row_bytes, 1)) {
-      std::memcpy(&low, row + k / 8, 8);
-      std::memcpy(&high, row + k / 8 + 8, 8);
-    } else {
-      low = sign_word(row, row_bytes, k / 8);
-      high = sign_word(row, row_bytes, k / 8 + 8);
-    }
-    _mm512_store_si512(out + k, _mm512_maskz_mov_epi8(static_cast<__mmask64>(low), one));
-    _mm512_store_si512(out + k + 64, _mm512_maskz_mov_epi8(static_cast<__mmask64>(high), one));
-    set_bits[k / 128] = 128 * (__builtin_popcountll(low) + __builtin_popcountll(high));
-  }
+// 128 x the set bits of each block of 128 columns of one weight row (the +128 of the unsigned
+// codes to take back).
+inline void count_set_bits(const uint8_t* row, int64_t row_bytes, int64_t scale_blocks, int32_t* set_bits) {
+  for (int64_t s = 0; s < scale_blocks; ++s)
+    set_bits[s] = 128 * (__builtin_popcountll(sign_word(row, row_bytes, 16 * s)) +
+                         __builtin_popcountll(sign_word(row, row_bytes, 16 * s + 8)));
 }
+
+// The four 0/1 bytes a 4-bit sign pattern stands for (bit i -> byte i): the broadcast operand of
+// one vpdpbusd, read straight from this 64-byte table, so the bits are never expanded in memory.
+alignas(64) inline constexpr uint32_t kNibbleBytes[16] = {
+    0x00000000, 0x00000001, 0x00000100, 0x00000101, 0x00010000, 0x00010001, 0x00010100, 0x00010101,
+    0x01000000, 0x01000001, 0x01000100, 0x01000101, 0x01010000, 0x01010001, 0x01010100, 0x01010101};
 
 // acc += vpdpbusd(t, the 32 bits at word broadcast to every lane), written out because the
 // compiler neither folds the broadcast into the instruction nor keeps an array of accumulators in
@@ -216,23 +206,25 @@ FITSERVE_VNNI inline void dpbusd_broadcast(__m512i& acc, __m512i t, const uint8_
 // Rows [n0, n0 + R) of the part. The codes are stored + 128 (unsigned) and the 0/1 bits are the
 // signed operand, so that each vpdpbusd takes its four bits as a broadcast memory operand (one
 // instruction per 64 multiply-adds); the +128 adds 128 per set bit, subtracted per block of 128
-// columns from the bits' popcount. On Zen 4 (one thread, gate_up shape) this loop runs at ~0.7
-// of the register-only vpdpbusd rate; without expanding the bits (a wrong result, as an
-// experiment) it ran at 0.87: the 0/1 bytes' stores and popcounts are the rest.
+// columns from the bits' popcount. The broadcast comes from kNibbleBytes indexed by the sign
+// nibble, not from the row's bits expanded to 0/1 bytes in a buffer: on Zen 4 (one thread,
+// gate_up shape) 0.77 instead of 0.71 of the register-only vpdpbusd rate (the expansion's 64-byte
+// stores were the cost; with no expansion at all, a wrong result as an experiment, 0.87).
 template <int R>
 FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
   const BitStackPart& p = *args.part;
   const BitStackActivations& a = *args.act;
   const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
   const BitStackTile tile = begin_tile(args);
-  uint8_t* bits = tile.bits;
   float* totals = tile.totals;
   int32_t* set_bits = tile.set_bits;
+  const uint8_t* nibble_bytes = reinterpret_cast<const uint8_t*>(kNibbleBytes);
   for (int64_t b = 0; b < p.active; ++b) {
     const BitStackBlock& block = p.blocks[b];
+    const uint8_t* rows[R];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* row = block.sign_bytes + (n0 + r) * row_bytes;
-      expand_bits_vnni(row, row_bytes, P, bits + r * P, set_bits + r * a.scale_blocks);
+      rows[r] = block.sign_bytes + (n0 + r) * row_bytes;
+      count_set_bits(rows[r], row_bytes, a.scale_blocks, set_bits + r * a.scale_blocks);
     }
     for (int64_t m = 0; m < args.M; ++m) {
       const int64_t slot = b * args.M + m;
@@ -247,10 +239,16 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
           __m512i sums[R];
           for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_si512();
           const int8_t* t = chunk_codes + s * kBitStackGroups * 64;
-          const int64_t column = s * kBitStackColumns;
-          for (int64_t g = 0; g < kBitStackGroups; ++g) {
-            const __m512i tg = _mm512_load_si512(t + g * 64);
-            for (int r = 0; r < R; ++r) dpbusd_broadcast(sums[r], tg, bits + r * P + column + 4 * g);
+          // Each sign byte covers two groups; bytes past the row (padding) would add nothing.
+          const int64_t first_byte = s * kBitStackColumns / 8;
+          const int64_t bytes = std::min<int64_t>(kBitStackColumns / 8, row_bytes - first_byte);
+          for (int64_t i = 0; i < bytes; ++i) {
+            const __m512i low = _mm512_load_si512(t + 2 * i * 64), high = _mm512_load_si512(t + (2 * i + 1) * 64);
+            for (int r = 0; r < R; ++r) {
+              const unsigned byte = rows[r][first_byte + i];
+              dpbusd_broadcast(sums[r], low, nibble_bytes + 4 * (byte & 15u));
+              dpbusd_broadcast(sums[r], high, nibble_bytes + 4 * (byte >> 4));
+            }
           }
           const __m512 scale = _mm512_load_ps(scales + (c * a.scale_blocks + s) * kBitStackLanes);
           for (int r = 0; r < R; ++r) {
@@ -307,32 +305,18 @@ inline double dpbusd_rate(int64_t iterations) {
 
 // ------------------------------------------------------------------------- AVX2
 
-FITSERVE_AVX2_F16C inline void expand_bits_avx2(const uint8_t* row, int64_t row_bytes, int64_t padded, uint8_t* out) {
-  // Byte i of a 32-column slice takes byte i / 8 of the bits, then tests bit i % 8.
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
-  const __m256i one = _mm256_set1_epi8(1);
-  for (int64_t k = 0; k < padded; k += 32) {
-    const uint32_t word = static_cast<uint32_t>(sign_word(row, row_bytes, k / 8));
-    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(word)), spread);
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + k), _mm256_and_si256(set, one));
-  }
-}
-
 template <int R>
 FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0) {
   const BitStackPart& p = *args.part;
   const BitStackActivations& a = *args.act;
   const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
   const BitStackTile tile = begin_tile(args);
-  uint8_t* bits = tile.bits;
   float* totals = tile.totals;
   const __m256i ones16 = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < p.active; ++b) {
     const BitStackBlock& block = p.blocks[b];
-    for (int r = 0; r < R; ++r) expand_bits_avx2(block.sign_bytes + (n0 + r) * row_bytes, row_bytes, P, bits + r * P);
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = block.sign_bytes + (n0 + r) * row_bytes;
     for (int64_t m = 0; m < args.M; ++m) {
       const int64_t slot = b * args.M + m;
       const int8_t* codes = a.codes.data + slot * a.code_stride;
@@ -346,14 +330,14 @@ FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0)
           __m256i sums[R][2];
           for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
           const int8_t* t = chunk_codes + s * kBitStackGroups * 64;
-          const int64_t column = s * kBitStackColumns;
-          for (int64_t g = 0; g < kBitStackGroups; ++g) {
+          const int64_t first_byte = s * kBitStackColumns / 8;
+          const int64_t groups = 2 * std::min<int64_t>(kBitStackColumns / 8, row_bytes - first_byte);
+          for (int64_t g = 0; g < groups; ++g) {
             const __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + g * 64));
             const __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + g * 64 + 32));
             for (int r = 0; r < R; ++r) {
-              int32_t word;
-              std::memcpy(&word, bits + r * P + column + 4 * g, 4);
-              const __m256i w = _mm256_set1_epi32(word);
+              const unsigned nibble = (rows[r][first_byte + g / 2] >> (4 * (g & 1))) & 15u;
+              const __m256i w = _mm256_set1_epi32(static_cast<int32_t>(kNibbleBytes[nibble]));
               // 0/1 bytes times int8: pair sums within ±254, no saturation.
               sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(w, t0), ones16));
               sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w, t1), ones16));
