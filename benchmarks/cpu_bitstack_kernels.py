@@ -3,6 +3,7 @@
     python benchmarks/cpu_bitstack_kernels.py                    # one decode row, Qwen2.5-0.5B shapes
     python benchmarks/cpu_bitstack_kernels.py --section rows     # kernel vs rebuild+matmul by rows of x
     python benchmarks/cpu_bitstack_kernels.py --section resize   # shrink/grow of a model's layers
+    python benchmarks/cpu_bitstack_kernels.py --section engine   # single-stream decode through the engine
 
 `gemv`: one row of x against each fused projection of a Qwen2.5-0.5B layer (qkv = q 896 +
 k 128 + v 128 rows x 896, o 896x896, gate_up 2 x 4864 x 896, down 896x4864) and the LM head,
@@ -33,6 +34,13 @@ of the same layer (sets decode_max_rows).
 `resize`: a Qwen2.5-0.5B-shaped model's 96 fused layers at the w4-equal depth: time to drop
 all but one block per part (`truncate`) and to append them back (`append_block`), the kernel
 side of a resize (reading blocks from disk is the runtime format's).
+
+`engine`: single-stream decode through fitserve (LLMEngine.step, one request, 128-token
+prompt) of a random Qwen2.5-0.5B bf16 checkpoint and a random BitStack checkpoint of the same
+shape (rank 16, benchmarks/bitstack_resize.py's) loaded with `--weight-memory` equal to what the
+w4 model holds, both in one process, runs alternating. The bf16 model runs the fused C++ decode
+stack; the BitStack model runs layer by layer (the stack declines BitStack weights so far), so
+this also carries the Python per-layer overhead the fused stack avoids.
 """
 
 from __future__ import annotations
@@ -181,6 +189,17 @@ def model_estimate(results: dict, blocks: int) -> dict:
             estimate[f"{variant} ms_per_token"] = ms
             estimate[f"{variant} tok_s_ratio_to_bf16"] = bf16 / ms
     estimate["w4 tok_s_ratio_to_bf16"] = bf16 / estimate["w4_ms_per_token"]
+    # The bf16 head is one 272 MB read per token; where it was read more slowly than the bf16
+    # projections in this run (a shared machine, or 4 KiB pages), the ratio above flatters
+    # BitStack: the same estimate with the head read at gate_up's bf16 rate.
+    gate_up = results["gate_up"]["variants"]["bf16 linear_small_batch"]
+    head_bytes = results["lm_head"]["variants"]["bf16 linear_small_batch"]["bytes"]
+    bf16_even = LAYERS * layer("bf16 linear_small_batch") + head_bytes / gate_up["best_bytes_per_s"] * 1e3
+    estimate["bf16_ms_per_token_head_at_projection_rate"] = bf16_even
+    for variant in results["qkv"]["variants"]:
+        if variant.startswith("bitstack"):
+            estimate[f"{variant} tok_s_ratio_to_bf16_head_at_projection_rate"] = bf16_even / estimate[f"{variant} ms_per_token"]
+            estimate[f"{variant} projections_time_ratio_to_bf16"] = layer(variant, depth / blocks) / layer("bf16 linear_small_batch")
     print("whole-model estimate:", {k: round(v, 3) for k, v in estimate.items()}, flush=True)
     return estimate
 
@@ -231,15 +250,60 @@ def resize_section(args, kernels) -> dict:
     return result
 
 
+def engine_section(args, kernels) -> dict:
+    from bitstack_resize import PRESET, _bytes  # noqa: PLC0415 (benchmark helpers)
+    from common import CHECKPOINT_CACHE, random_checkpoint  # noqa: PLC0415
+    from cpu_decode import FitserveSide, make_prompt, synthetic_tokenizer  # noqa: PLC0415
+
+    from fitserve import LLM  # noqa: PLC0415
+    from fitserve.layers.weight_formats import W4Format  # noqa: PLC0415
+    from fitserve.models.config import load_model_config  # noqa: PLC0415
+    from fitserve.models.loader import linear_layouts  # noqa: PLC0415
+    from fitserve.models.random_checkpoint import write_random_bitstack_checkpoint  # noqa: PLC0415
+    from fitserve.models.weight_memory import weight_memory_bytes  # noqa: PLC0415
+
+    bf16_dir = random_checkpoint(PRESET, "bfloat16")
+    bitstack_dir = CHECKPOINT_CACHE / f"{PRESET}-bitstack-random-16x16"
+    if not (bitstack_dir / "model.safetensors").is_file():
+        write_random_bitstack_checkpoint(bitstack_dir, PRESET, 16, RANK)
+    config = load_model_config(bitstack_dir)
+    tokenizer = synthetic_tokenizer(config.vocab_size)
+    bf16 = FitserveSide(bf16_dir, "bfloat16", "64MiB", torch.get_num_threads(), tokenizer)
+    w4_projections = sum(_bytes(W4Format().part_tensors(part)) for layout in linear_layouts(config)
+                         if layout.module_name != "lm_head" for part in layout.parts)
+    bitstack = FitserveSide.__new__(FitserveSide)  # its timing methods, with a weight budget
+    bitstack.llm = LLM(str(bitstack_dir), tokenizer=str(tokenizer), dtype="bfloat16", kv_cache_memory="64MiB",
+                       num_threads=torch.get_num_threads(), enable_prefix_caching=False, weight_memory="400MiB")
+    bitstack.engine, bitstack.counter = bitstack.llm.engine, 0
+    budget = bitstack.engine.model.elastic_weights.fixed_bytes + w4_projections
+    bitstack.engine.set_weight_memory(budget)
+    loaded = weight_memory_bytes(bitstack.engine.model)
+    prompt = make_prompt(128, config.vocab_size, seed=0)
+    steps = {"bf16": [], "bitstack": []}
+    for round_index in range(args.repeats):
+        for name, side in (("bf16", bf16), ("bitstack", bitstack))[:: 1 if round_index % 2 == 0 else -1]:
+            steps[name].extend(side.single_stream(prompt, args.decode_tokens))
+    result = {"budget_bytes": budget, "bitstack_loaded_bytes": loaded, "decode_tokens": args.decode_tokens,
+              "rounds": args.repeats}
+    for name, seconds in steps.items():
+        result[f"{name}_step_ms_median"] = statistics.median(seconds) * 1e3
+        result[f"{name}_step_ms_p10"] = statistics.quantiles(seconds, n=10)[0] * 1e3
+    result["tok_s_ratio_median"] = result["bf16_step_ms_median"] / result["bitstack_step_ms_median"]
+    result["tok_s_ratio_p10"] = result["bf16_step_ms_p10"] / result["bitstack_step_ms_p10"]
+    print(result, flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["gemv", "rows", "resize"], default="gemv")
+    parser.add_argument("--section", choices=["gemv", "rows", "resize", "engine"], default="gemv")
     parser.add_argument("--shapes", nargs="+", default=[*LAYER_SHAPES, "lm_head"], choices=[*LAYER_SHAPES, "lm_head"])
     parser.add_argument("--blocks", type=int, default=3, help="BitStack blocks per matrix (w4-equal: ~3.1)")
     parser.add_argument("--rounds", type=int, default=7, help="gemv: rounds (a read and vpdpbusd bound each)")
     parser.add_argument("--calls-per-round", type=int, default=40, help="gemv: calls per round, all variants")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="engine: decode steps per run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -249,7 +313,8 @@ def main() -> int:
     if kernels is None:
         print("the CPU kernels are unavailable here (no AVX2 or no compiler)", file=sys.stderr)
         return 1
-    section = {"gemv": gemv_section, "rows": rows_section, "resize": resize_section}[args.section](args, kernels)
+    sections = {"gemv": gemv_section, "rows": rows_section, "resize": resize_section, "engine": engine_section}
+    section = sections[args.section](args, kernels)
     result = {"benchmark": "cpu_bitstack_kernels", "section": args.section, "machine": describe_machine(),
               "threads": torch.get_num_threads(),
               "shared_machine_note": "2-core VM shared with other jobs: compare ratios within one run", **section}

@@ -339,15 +339,9 @@ def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None 
     not fit the kernels' layout, that part runs the dequantizing path for every row count, and
     a log line says so.
     """
-    kernels = get()
-    if kernels is None:
-        return None
-    kwargs = {} if decode_max_rows is None else {"decode_max_rows": decode_max_rows}
-    layer = kernels.QuantLinear(in_features, out_features, bias, isa, **kwargs)
-    if layer.isa == "reference" and isa == "auto":
-        _log_once("quantized layers: this CPU has neither AVX-512 VNNI nor AVX2; decode rows dequantize "
-                  "and run the matmul library")
-    return layer
+    return _compiled_layer("QuantLinear", in_features, out_features, bias, isa, decode_max_rows,
+                           "quantized layers: this CPU has neither AVX-512 VNNI nor AVX2; decode rows dequantize "
+                           "and run the matmul library")
 
 
 def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",
@@ -366,14 +360,22 @@ def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | No
     integer kernel straight from the bits, more rows rebuild W in slices and run the matmul
     library. The object is thread-safe: a resize waits for a running forward and vice versa.
     """
+    return _compiled_layer("BitStackLinear", in_features, out_features, bias, isa, decode_max_rows,
+                           "BitStack layers: this CPU has neither AVX-512 VNNI nor AVX2/F16C; decode rows rebuild "
+                           "the weights and run the matmul library")
+
+
+def _compiled_layer(class_name: str, in_features: int, out_features: int, bias: torch.Tensor | None, isa: str,
+                    decode_max_rows: int | None, no_kernel_message: str):
+    """The compiled layer class `class_name` (None without the kernels); logs `no_kernel_message`
+    once where "auto" found no kernel ISA on this CPU."""
     kernels = get()
     if kernels is None:
         return None
     kwargs = {} if decode_max_rows is None else {"decode_max_rows": decode_max_rows}
-    layer = kernels.BitStackLinear(in_features, out_features, bias, isa, **kwargs)
+    layer = getattr(kernels, class_name)(in_features, out_features, bias, isa, **kwargs)
     if layer.isa == "reference" and isa == "auto":
-        _log_once("BitStack layers: this CPU has neither AVX-512 VNNI nor AVX2/F16C; decode rows rebuild the "
-                  "weights and run the matmul library")
+        _log_once(no_kernel_message)
     return layer
 
 

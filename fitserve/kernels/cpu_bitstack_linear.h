@@ -9,10 +9,10 @@
 //   (S T)[n, j] = Σ_k T[k, j] - 2 Σ_{k: bit set} T[k, j]   (S = 1 - 2B, B the sign bits as 0/1)
 //   y[n] += Σ_j u[n, j] (S T)[n, j]
 // T is rounded to int8 per block of 128 columns and rank (scale t = max|T| / 127, as QuantLinear
-// rounds x), so B T is an integer product: the bits of a weight row are expanded to 0/1 bytes
-// (vpmovm2b-style, one instruction per 64 weights) and vpdpbusd multiplies four columns of one
-// row by the 16 ranks of those columns at once, one 32-bit lane per rank (AVX-512 VNNI; AVX2
-// does the same with vpmaddubsw + vpmaddwd on two 256-bit halves). Ranks above 16 take several
+// rounds x), so B T is an integer product: each 4 bits of a weight row index a 16-entry table of
+// their 0/1 bytes, and vpdpbusd multiplies those four columns of the row by the 16 ranks of the
+// columns at once, one 32-bit lane per rank (AVX-512 VNNI; AVX2 does the same with vpmaddubsw +
+// vpmaddwd on two 256-bit halves). Ranks above 16 take several
 // 16-lane chunks; ranks below 16 leave lanes idle. The sums are exact in int32, so the only
 // error beyond float32 rounding is the rounding of T: at most t/2 per element (the bound
 // tests/kernels/test_bitstack_linear.py checks). Why this shape: the work is N K r
@@ -42,10 +42,13 @@ constexpr int64_t kBitStackColumns = 128;  // columns of T per int8 scale
 constexpr int64_t kBitStackGroups = kBitStackColumns / 4;  // 4-column groups per scale block
 constexpr int64_t kBitStackLanes = 16;     // ranks per chunk (one 512-bit vector of int32)
 constexpr int kBitStackTileRows = 8;       // weight rows sharing each load of T
-// Rows of x up to which the integer kernel runs by default (above: rebuild W and matmul).
-// The kernel's work grows with the rows of x (N K r per block and row) while the rebuild's does
-// not: benchmarks/cpu_bitstack_kernels.py --section rows measures where they cross.
-constexpr int64_t kBitStackDecodeMaxRows = 4;
+// Rows of x up to which the integer kernel runs by default (above: rebuild W and matmul). The
+// kernel's work grows with the rows of x (N K r per block and row) while the rebuild's barely
+// does: benchmarks/cpu_bitstack_kernels.py --section rows (gate_up 9728x896, 3 blocks, one
+// thread, 2-core Zen 4 shared with other jobs): kernel 6.5 / 8.8 / 16 / 33 / 65 / 135 ms at
+// 1 / 2 / 4 / 8 / 16 / 32 rows, rebuild + matmul 72-120 ms throughout; 8 keeps the kernel
+// where it is clearly faster (2.4x at 8 rows).
+constexpr int64_t kBitStackDecodeMaxRows = 8;
 
 inline bool cpu_has_f16c() { return __builtin_cpu_supports("f16c"); }
 
@@ -140,14 +143,23 @@ struct BitStackArgs {
 // The results of a tile: Σ over blocks and chunks of u ⊙ (S T), one 16-lane vector per (row of
 // x, weight row), summed across lanes at the end.
 struct BitStackTileBuffers {
-  AlignedBuffer<uint8_t> bits;     // [kBitStackTileRows][padded_columns] 0/1 bytes
   AlignedBuffer<float> totals;     // [M][kBitStackTileRows][16]
   AlignedBuffer<int32_t> set_bits;  // AVX-512: [kBitStackTileRows][scale blocks] 128 x set bits
 };
 
-inline BitStackTileBuffers& tile_buffers() {
+// A tile's buffers, from the calling thread's: its zeroed totals and (AVX-512) its set-bit counts.
+struct BitStackTile {
+  float* totals;
+  int32_t* set_bits;
+};
+
+inline BitStackTile begin_tile(const BitStackArgs& args) {
   thread_local BitStackTileBuffers buffers;
-  return buffers;
+  const BitStackActivations& a = *args.act;
+  BitStackTile tile{buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes),
+                    buffers.set_bits.get(kBitStackTileRows * a.scale_blocks)};
+  std::memset(tile.totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
+  return tile;
 }
 
 // The packed bits of row n (ceil(K/8) bytes) as 64-bit words; bytes past the row read as 0.
@@ -170,25 +182,19 @@ inline void finish_tile(const BitStackArgs& args, int64_t n0, int rows, const fl
 
 // ------------------------------------------------------------------------- AVX-512 VNNI
 
-// The bits of one weight row as 0/1 bytes (padded columns 0), and 128 x the set bits of each
-// block of 128 columns (the +128 of the unsigned codes to take back).
-FITSERVE_VNNI inline void expand_bits_vnni(const uint8_t* row, int64_t row_bytes, int64_t padded, uint8_t* out,
-                                           int32_t* set_bits) {
-  const __m512i one = _mm512_set1_epi8(1);
-  for (int64_t k = 0; k < padded; k += 128) {
-    uint64_t low, high;
-    if (__builtin_expect(k / 8 + 16 <= row_bytes, 1)) {
-      std::memcpy(&low, row + k / 8, 8);
-      std::memcpy(&high, row + k / 8 + 8, 8);
-    } else {
-      low = sign_word(row, row_bytes, k / 8);
-      high = sign_word(row, row_bytes, k / 8 + 8);
-    }
-    _mm512_store_si512(out + k, _mm512_maskz_mov_epi8(static_cast<__mmask64>(low), one));
-    _mm512_store_si512(out + k + 64, _mm512_maskz_mov_epi8(static_cast<__mmask64>(high), one));
-    set_bits[k / 128] = 128 * (__builtin_popcountll(low) + __builtin_popcountll(high));
-  }
+// 128 x the set bits of each block of 128 columns of one weight row (the +128 of the unsigned
+// codes to take back).
+inline void count_set_bits(const uint8_t* row, int64_t row_bytes, int64_t scale_blocks, int32_t* set_bits) {
+  for (int64_t s = 0; s < scale_blocks; ++s)
+    set_bits[s] = 128 * (__builtin_popcountll(sign_word(row, row_bytes, 16 * s)) +
+                         __builtin_popcountll(sign_word(row, row_bytes, 16 * s + 8)));
 }
+
+// The four 0/1 bytes a 4-bit sign pattern stands for (bit i -> byte i): the broadcast operand of
+// one vpdpbusd, read straight from this 64-byte table, so the bits are never expanded in memory.
+alignas(64) inline constexpr uint32_t kNibbleBytes[16] = {
+    0x00000000, 0x00000001, 0x00000100, 0x00000101, 0x00010000, 0x00010001, 0x00010100, 0x00010101,
+    0x01000000, 0x01000001, 0x01000100, 0x01000101, 0x01010000, 0x01010001, 0x01010100, 0x01010101};
 
 // acc += vpdpbusd(t, the 32 bits at word broadcast to every lane), written out because the
 // compiler neither folds the broadcast into the instruction nor keeps an array of accumulators in
@@ -200,24 +206,25 @@ FITSERVE_VNNI inline void dpbusd_broadcast(__m512i& acc, __m512i t, const uint8_
 // Rows [n0, n0 + R) of the part. The codes are stored + 128 (unsigned) and the 0/1 bits are the
 // signed operand, so that each vpdpbusd takes its four bits as a broadcast memory operand (one
 // instruction per 64 multiply-adds); the +128 adds 128 per set bit, subtracted per block of 128
-// columns from the bits' popcount. On Zen 4 (one thread, gate_up shape) this loop runs at ~0.7
-// of the register-only vpdpbusd rate; without expanding the bits (a wrong result, as an
-// experiment) it ran at 0.87: the 0/1 bytes' stores and popcounts are the rest.
+// columns from the bits' popcount. The broadcast comes from kNibbleBytes indexed by the sign
+// nibble, not from the row's bits expanded to 0/1 bytes in a buffer: on Zen 4 (one thread,
+// gate_up shape) 0.77 instead of 0.71 of the register-only vpdpbusd rate (the expansion's 64-byte
+// stores were the cost; with no expansion at all, a wrong result as an experiment, 0.87).
 template <int R>
 FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
   const BitStackPart& p = *args.part;
   const BitStackActivations& a = *args.act;
   const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
-  BitStackTileBuffers& buffers = tile_buffers();
-  uint8_t* bits = buffers.bits.get(kBitStackTileRows * P);
-  float* totals = buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes);
-  std::memset(totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
-  int32_t* set_bits = buffers.set_bits.get(kBitStackTileRows * a.scale_blocks);
+  const BitStackTile tile = begin_tile(args);
+  float* totals = tile.totals;
+  int32_t* set_bits = tile.set_bits;
+  const uint8_t* nibble_bytes = reinterpret_cast<const uint8_t*>(kNibbleBytes);
   for (int64_t b = 0; b < p.active; ++b) {
     const BitStackBlock& block = p.blocks[b];
+    const uint8_t* rows[R];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* row = block.sign_bytes + (n0 + r) * row_bytes;
-      expand_bits_vnni(row, row_bytes, P, bits + r * P, set_bits + r * a.scale_blocks);
+      rows[r] = block.sign_bytes + (n0 + r) * row_bytes;
+      count_set_bits(rows[r], row_bytes, a.scale_blocks, set_bits + r * a.scale_blocks);
     }
     for (int64_t m = 0; m < args.M; ++m) {
       const int64_t slot = b * args.M + m;
@@ -232,10 +239,16 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
           __m512i sums[R];
           for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_si512();
           const int8_t* t = chunk_codes + s * kBitStackGroups * 64;
-          const int64_t column = s * kBitStackColumns;
-          for (int64_t g = 0; g < kBitStackGroups; ++g) {
-            const __m512i tg = _mm512_load_si512(t + g * 64);
-            for (int r = 0; r < R; ++r) dpbusd_broadcast(sums[r], tg, bits + r * P + column + 4 * g);
+          // Each sign byte covers two groups; bytes past the row (padding) would add nothing.
+          const int64_t first_byte = s * kBitStackColumns / 8;
+          const int64_t bytes = std::min<int64_t>(kBitStackColumns / 8, row_bytes - first_byte);
+          for (int64_t i = 0; i < bytes; ++i) {
+            const __m512i low = _mm512_load_si512(t + 2 * i * 64), high = _mm512_load_si512(t + (2 * i + 1) * 64);
+            for (int r = 0; r < R; ++r) {
+              const unsigned byte = rows[r][first_byte + i];
+              dpbusd_broadcast(sums[r], low, nibble_bytes + 4 * (byte & 15u));
+              dpbusd_broadcast(sums[r], high, nibble_bytes + 4 * (byte >> 4));
+            }
           }
           const __m512 scale = _mm512_load_ps(scales + (c * a.scale_blocks + s) * kBitStackLanes);
           for (int r = 0; r < R; ++r) {
@@ -292,33 +305,18 @@ inline double dpbusd_rate(int64_t iterations) {
 
 // ------------------------------------------------------------------------- AVX2
 
-FITSERVE_AVX2_F16C inline void expand_bits_avx2(const uint8_t* row, int64_t row_bytes, int64_t padded, uint8_t* out) {
-  // Byte i of a 32-column slice takes byte i / 8 of the bits, then tests bit i % 8.
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
-  const __m256i one = _mm256_set1_epi8(1);
-  for (int64_t k = 0; k < padded; k += 32) {
-    const uint32_t word = static_cast<uint32_t>(sign_word(row, row_bytes, k / 8));
-    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(word)), spread);
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + k), _mm256_and_si256(set, one));
-  }
-}
-
 template <int R>
 FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0) {
   const BitStackPart& p = *args.part;
   const BitStackActivations& a = *args.act;
   const int64_t P = a.padded_columns, row_bytes = (args.K + 7) / 8;
-  BitStackTileBuffers& buffers = tile_buffers();
-  uint8_t* bits = buffers.bits.get(kBitStackTileRows * P);
-  float* totals = buffers.totals.get(args.M * kBitStackTileRows * kBitStackLanes);
-  std::memset(totals, 0, sizeof(float) * args.M * kBitStackTileRows * kBitStackLanes);
+  const BitStackTile tile = begin_tile(args);
+  float* totals = tile.totals;
   const __m256i ones16 = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < p.active; ++b) {
     const BitStackBlock& block = p.blocks[b];
-    for (int r = 0; r < R; ++r) expand_bits_avx2(block.sign_bytes + (n0 + r) * row_bytes, row_bytes, P, bits + r * P);
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = block.sign_bytes + (n0 + r) * row_bytes;
     for (int64_t m = 0; m < args.M; ++m) {
       const int64_t slot = b * args.M + m;
       const int8_t* codes = a.codes.data + slot * a.code_stride;
@@ -332,14 +330,14 @@ FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0)
           __m256i sums[R][2];
           for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
           const int8_t* t = chunk_codes + s * kBitStackGroups * 64;
-          const int64_t column = s * kBitStackColumns;
-          for (int64_t g = 0; g < kBitStackGroups; ++g) {
+          const int64_t first_byte = s * kBitStackColumns / 8;
+          const int64_t groups = 2 * std::min<int64_t>(kBitStackColumns / 8, row_bytes - first_byte);
+          for (int64_t g = 0; g < groups; ++g) {
             const __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + g * 64));
             const __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + g * 64 + 32));
             for (int r = 0; r < R; ++r) {
-              int32_t word;
-              std::memcpy(&word, bits + r * P + column + 4 * g, 4);
-              const __m256i w = _mm256_set1_epi32(word);
+              const unsigned nibble = (rows[r][first_byte + g / 2] >> (4 * (g & 1))) & 15u;
+              const __m256i w = _mm256_set1_epi32(static_cast<int32_t>(kNibbleBytes[nibble]));
               // 0/1 bytes times int8: pair sums within ±254, no saturation.
               sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(w, t0), ones16));
               sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w, t1), ones16));
@@ -373,35 +371,34 @@ FITSERVE_AVX2_F16C void bitstack_tile_avx2(const BitStackArgs& args, int64_t n0)
 
 // ------------------------------------------------------------------------- rebuilding W
 
-// Rows [first, first + count) of the part's W = Σ_{b < active} sign_b ⊙ (u_b v_b) into out, with
-// float32 arithmetic (u_b[n, j] v_b[j, k] summed in rank order, the sign applied, blocks added in
-// order). v_float holds each active block's v widened to float32 ([r, K] per block).
-template <typename T>
-void rebuild_rows(const BitStackPart& p, int64_t K, const std::vector<std::vector<float>>& v_float, int64_t first,
-                  int64_t count, T* out) {
-  const int64_t row_bytes = (K + 7) / 8, rank = p.rank;
-  at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(K)), magnitude(static_cast<size_t>(K));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = first + i;
-      std::fill(row.begin(), row.end(), 0.0f);
-      for (int64_t b = 0; b < p.active; ++b) {
-        const BitStackBlock& block = p.blocks[b];
-        const at::Half* u = reinterpret_cast<const at::Half*>(block.u_half) + n * rank;
-        const uint8_t* bits = block.sign_bytes + n * row_bytes;
-        float* mag = magnitude.data();
-        std::fill(magnitude.begin(), magnitude.end(), 0.0f);
-        for (int64_t j = 0; j < rank; ++j) {
-          const float uj = static_cast<float>(u[j]);
-          const float* v = v_float[b].data() + j * K;
-          for (int64_t k = 0; k < K; ++k) mag[k] += uj * v[k];
-        }
-        for (int64_t k = 0; k < K; ++k) row[k] += (bits[k / 8] >> (k % 8)) & 1 ? -mag[k] : mag[k];
-      }
-      T* o = out + i * K;
-      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<T>(row[k]);
-    }
-  });
+// row[k] += ±magnitude[k], minus where bit k of the packed signs is set (an exact sign flip).
+FITSERVE_AVX2_F16C inline void add_signed(const float* magnitude, const uint8_t* bits, int64_t K, float* row) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[k / 8]), bit), bit);
+    const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(set, 31));
+    _mm256_storeu_ps(row + k, _mm256_add_ps(_mm256_loadu_ps(row + k), _mm256_xor_ps(_mm256_loadu_ps(magnitude + k), sign)));
+  }
+  for (; k < K; ++k) row[k] += (bits[k / 8] >> (k % 8)) & 1 ? -magnitude[k] : magnitude[k];
+}
+
+// Rows [first, first + count) of the part's W = Σ_{b < active} sign_b ⊙ (u_b v_b) into weight
+// (float32 [count, K]), as dequantize_blocks computes it: u_b v_b by the matmul library in
+// float32, the signs applied, blocks added in order.
+inline void rebuild_rows(const BitStackPart& p, int64_t K, const std::vector<torch::Tensor>& v_float, int64_t first,
+                         int64_t count, torch::Tensor& magnitude, float* weight) {
+  const int64_t row_bytes = (K + 7) / 8;
+  std::memset(weight, 0, sizeof(float) * count * K);
+  for (int64_t b = 0; b < p.active; ++b) {
+    const BitStackBlock& block = p.blocks[b];
+    at::mm_out(magnitude, block.u.narrow(0, first, count).to(torch::kFloat), v_float[b]);
+    const float* mag = magnitude.data_ptr<float>();
+    at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        add_signed(mag + i * K, block.sign_bytes + (first + i) * row_bytes, K, weight + i * K);
+    });
+  }
 }
 
 // ------------------------------------------------------------------------- the layer
@@ -526,12 +523,9 @@ class BitStackLinear {
     }
     const torch::Tensor x_float = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
     torch::Tensor out = torch::empty({M, out_features_}, x_float.options());
-    if (M > 0) {
-      for (const BitStackPart& part : parts_) {
-        if (kernel) run_kernel(part, x_float, out);
-        else run_rebuilt(part, x_float, out);
-      }
-    }
+    if (M > 0 && kernel) run_kernels(x_float, out);
+    else if (M > 0)
+      for (const BitStackPart& part : parts_) run_rebuilt(part, x_float, out);
     return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
   }
 
@@ -560,68 +554,84 @@ class BitStackLinear {
     return parts_[static_cast<size_t>(index)];
   }
 
-  void run_kernel(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out) {
+  // Decode rows through the integer kernels: T of every (part, block, row of x) prepared on the
+  // calling thread, then the row tiles of all parts in one parallel region. One region per
+  // call, not two per part: on a shared 2-core machine each region's join waited for a
+  // descheduled thread, and a fused qkv layer had six (the engine's two-thread decode step took
+  // 3.3x its one-thread time; one thread was 0.29x bf16's tokens/s, two 0.18x).
+  void run_kernels(const torch::Tensor& x, torch::Tensor& out) {
     const int64_t M = x.size(0), K = in_features_;
     const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
-    if (part.active == 0) {  // no block loaded: the bias alone
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < part.rows; ++n)
-          out.data_ptr<float>()[m * out_features_ + part.row_offset + n] = bias ? bias[part.row_offset + n] : 0.0f;
-      return;
-    }
-    BitStackActivations& a = activations_;
-    a.scale_blocks = (K + kBitStackColumns - 1) / kBitStackColumns;
-    a.padded_columns = a.scale_blocks * kBitStackColumns;
-    a.chunks = (part.rank + kBitStackLanes - 1) / kBitStackLanes;
-    a.code_stride = a.chunks * a.padded_columns * kBitStackLanes;
-    a.scale_stride = a.chunks * a.scale_blocks * kBitStackLanes;
-    a.offset_stride = a.chunks * kBitStackLanes;
-    a.unsigned_codes = isa_ == QuantIsa::kAvx512Vnni;
-    const int64_t slots = part.active * M;
-    int8_t* codes = a.codes.get(slots * a.code_stride);
-    float* scales = a.scales.get(slots * a.scale_stride);
-    float* offsets = a.offsets.get(slots * a.offset_stride);
     const float* xs = x.data_ptr<float>();
-    // T of each (block, row of x), the blocks spread over the threads (one block of a 896-wide
-    // matrix takes ~6 us, a tenth of the block's products on a small matrix).
-    at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t slot = begin; slot < end; ++slot)
+    float* o = out.data_ptr<float>();
+    activations_.resize(parts_.size());
+    std::vector<BitStackArgs> args;
+    std::vector<int64_t> tile_ends;  // cumulative tiles of the parts in `args`
+    for (size_t i = 0; i < parts_.size(); ++i) {
+      const BitStackPart& part = parts_[i];
+      if (part.active == 0) {  // no block loaded: the bias alone
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < part.rows; ++n)
+            o[m * out_features_ + part.row_offset + n] = bias ? bias[part.row_offset + n] : 0.0f;
+        continue;
+      }
+      BitStackActivations& a = activations_[i];
+      a.scale_blocks = (K + kBitStackColumns - 1) / kBitStackColumns;
+      a.padded_columns = a.scale_blocks * kBitStackColumns;
+      a.chunks = (part.rank + kBitStackLanes - 1) / kBitStackLanes;
+      a.code_stride = a.chunks * a.padded_columns * kBitStackLanes;
+      a.scale_stride = a.chunks * a.scale_blocks * kBitStackLanes;
+      a.offset_stride = a.chunks * kBitStackLanes;
+      a.unsigned_codes = isa_ == QuantIsa::kAvx512Vnni;
+      const int64_t slots = part.active * M;
+      int8_t* codes = a.codes.get(slots * a.code_stride);
+      float* scales = a.scales.get(slots * a.scale_stride);
+      float* offsets = a.offsets.get(slots * a.offset_stride);
+      for (int64_t slot = 0; slot < slots; ++slot)
         prepare_bitstack_block(xs + (slot % M) * K, part.blocks[slot / M].v_half, part.rank, K, a,
                                codes + slot * a.code_stride, scales + slot * a.scale_stride,
                                offsets + slot * a.offset_stride);
-    });
-    const BitStackArgs args{&part, &a, M, K, bias, out.data_ptr<float>(), out_features_};
-    const int64_t tiles = (part.rows + kBitStackTileRows - 1) / kBitStackTileRows;
+      args.push_back(BitStackArgs{&part, &a, M, K, bias, o, out_features_});
+      tile_ends.push_back((tile_ends.empty() ? 0 : tile_ends.back()) +
+                          (part.rows + kBitStackTileRows - 1) / kBitStackTileRows);
+    }
+    if (args.empty()) return;
     const bool vnni = isa_ == QuantIsa::kAvx512Vnni;
-    parallel_for_stealing(tiles, 4, [&](int64_t first, int64_t last) {
+    parallel_for_stealing(tile_ends.back(), 4, [&](int64_t first, int64_t last) {
+      size_t i = 0;
       for (int64_t tile = first; tile < last; ++tile) {
-        const int64_t n0 = tile * kBitStackTileRows;
-        const int64_t rows = std::min<int64_t>(kBitStackTileRows, part.rows - n0);
-        if (vnni) {
-          static_assert(kBitStackTileRows == 8, "the switch below lists the tile sizes");
-          switch (rows) {
-            case 8: bitstack_tile_vnni<8>(args, n0); break;
-            case 7: bitstack_tile_vnni<7>(args, n0); break;
-            case 6: bitstack_tile_vnni<6>(args, n0); break;
-            case 5: bitstack_tile_vnni<5>(args, n0); break;
-            case 4: bitstack_tile_vnni<4>(args, n0); break;
-            case 3: bitstack_tile_vnni<3>(args, n0); break;
-            case 2: bitstack_tile_vnni<2>(args, n0); break;
-            default: bitstack_tile_vnni<1>(args, n0); break;
-          }
-          continue;
-        }
-        // AVX2 has 16 vector registers: four rows at a time (two 8-lane halves each).
-        for (int64_t half = 0; half < rows; half += 4) {
-          switch (std::min<int64_t>(4, rows - half)) {
-            case 4: bitstack_tile_avx2<4>(args, n0 + half); break;
-            case 3: bitstack_tile_avx2<3>(args, n0 + half); break;
-            case 2: bitstack_tile_avx2<2>(args, n0 + half); break;
-            default: bitstack_tile_avx2<1>(args, n0 + half); break;
-          }
-        }
+        while (tile >= tile_ends[i]) ++i;
+        const BitStackArgs& part_args = args[i];
+        const int64_t n0 = (tile - (i == 0 ? 0 : tile_ends[i - 1])) * kBitStackTileRows;
+        run_tile(part_args, vnni, n0, std::min<int64_t>(kBitStackTileRows, part_args.part->rows - n0));
       }
     });
+  }
+
+  static void run_tile(const BitStackArgs& args, bool vnni, int64_t n0, int64_t rows) {
+    if (vnni) {
+      static_assert(kBitStackTileRows == 8, "the switch below lists the tile sizes");
+      switch (rows) {
+        case 8: bitstack_tile_vnni<8>(args, n0); break;
+        case 7: bitstack_tile_vnni<7>(args, n0); break;
+        case 6: bitstack_tile_vnni<6>(args, n0); break;
+        case 5: bitstack_tile_vnni<5>(args, n0); break;
+        case 4: bitstack_tile_vnni<4>(args, n0); break;
+        case 3: bitstack_tile_vnni<3>(args, n0); break;
+        case 2: bitstack_tile_vnni<2>(args, n0); break;
+        default: bitstack_tile_vnni<1>(args, n0); break;
+      }
+      return;
+    }
+    // AVX2 has 16 vector registers: four rows at a time (two 8-lane halves each).
+    for (int64_t half = 0; half < rows; half += 4) {
+      switch (std::min<int64_t>(4, rows - half)) {
+        case 4: bitstack_tile_avx2<4>(args, n0 + half); break;
+        case 3: bitstack_tile_avx2<3>(args, n0 + half); break;
+        case 2: bitstack_tile_avx2<2>(args, n0 + half); break;
+        default: bitstack_tile_avx2<1>(args, n0 + half); break;
+      }
+    }
   }
 
   // Rebuild slices of the part's rows into the shared scratch and multiply with the matmul
@@ -632,18 +642,20 @@ class BitStackLinear {
     const torch::Tensor& bias = dtype == torch::kFloat ? bias_ : bias_bf16_;
     DequantScratch& scratch = DequantScratch::instance();
     std::lock_guard<std::mutex> lock(scratch.mutex);
-    const int64_t slice_rows =
-        std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
-    std::vector<std::vector<float>> v_float(static_cast<size_t>(part.active));
-    for (int64_t b = 0; b < part.active; ++b) {
-      const at::Half* v = reinterpret_cast<const at::Half*>(part.blocks[b].v_half);
-      v_float[b].assign(v, v + part.rank * K);
-    }
+    const int64_t slice_rows = DequantScratch::slice_rows(K, M);
+    std::vector<torch::Tensor> v_float;
+    for (int64_t b = 0; b < part.active; ++b) v_float.push_back(part.blocks[b].v.to(torch::kFloat));
     for (int64_t first = 0; first < part.rows; first += slice_rows) {
       const int64_t count = std::min(slice_rows, part.rows - first);
-      torch::Tensor weight = DequantScratch::take(scratch.weight, count, K, dtype);
-      if (dtype == torch::kFloat) rebuild_rows(part, K, v_float, first, count, weight.data_ptr<float>());
-      else rebuild_rows(part, K, v_float, first, count, weight.data_ptr<BF16>());
+      torch::Tensor magnitude = torch::empty({count, K}, torch::kFloat);
+      torch::Tensor rebuilt = dtype == torch::kFloat ? DequantScratch::take(scratch.weight, count, K, dtype)
+                                                     : torch::empty({count, K}, torch::kFloat);
+      rebuild_rows(part, K, v_float, first, count, magnitude, rebuilt.data_ptr<float>());
+      torch::Tensor weight = rebuilt;
+      if (dtype != torch::kFloat) {  // rounded once to bf16, as .to(torch.bfloat16) does
+        weight = DequantScratch::take(scratch.weight, count, K, dtype);
+        weight.copy_(rebuilt);
+      }
       const int64_t row = part.row_offset + first;
       torch::Tensor product = DequantScratch::take(scratch.product, M, count, dtype);
       if (bias.defined()) at::addmm_out(product, bias.narrow(0, row, count), x, weight.t());
@@ -659,7 +671,7 @@ class BitStackLinear {
   std::vector<BitStackPart> parts_;
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
-  BitStackActivations activations_;
+  std::vector<BitStackActivations> activations_;  // one per part
 };
 
 }  // namespace fitserve_cpu

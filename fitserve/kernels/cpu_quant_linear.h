@@ -714,8 +714,15 @@ void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count
 // The float32 buffers of the dequantizing path, one per process: layers run one after
 // another, so one buffer the size of the largest slice serves all of them (a buffer per
 // layer would add up to a float32 copy of the model).
+// The most float32 elements of one dequantized slice, and of its product.
+constexpr int64_t kDequantSliceElements = int64_t{16} << 20;
+
 struct DequantScratch {
   std::mutex mutex;
+  // Rows of a [N, K] weight per slice against M rows of x, within kDequantSliceElements.
+  static int64_t slice_rows(int64_t K, int64_t M) {
+    return std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
+  }
   torch::Tensor weight, product;  // float32 or bfloat16: reallocated when the dtype changes
   static DequantScratch& instance() {
     static DequantScratch scratch;
@@ -732,8 +739,6 @@ struct DequantScratch {
   }
 };
 
-// The most float32 elements of one dequantized slice, and of its product.
-constexpr int64_t kDequantSliceElements = int64_t{16} << 20;
 
 // ------------------------------------------------------------------------- the layer
 
@@ -899,8 +904,7 @@ class QuantLinear {
     const torch::Tensor& bias = dtype == torch::kFloat ? bias_ : bias_bf16_;
     DequantScratch& scratch = DequantScratch::instance();
     std::lock_guard<std::mutex> lock(scratch.mutex);
-    const int64_t slice_rows =
-        std::max<int64_t>(1, std::min(kDequantSliceElements / K, kDequantSliceElements / std::max<int64_t>(M, 1)));
+    const int64_t slice_rows = DequantScratch::slice_rows(K, M);
     for (int64_t first = 0; first < part.rows; first += slice_rows) {
       const int64_t count = std::min(slice_rows, part.rows - first);
       torch::Tensor weight = DequantScratch::take(scratch.weight, count, K, dtype);
