@@ -31,7 +31,7 @@ from fitserve.quant.evaluate import perplexity
 from fitserve.quant.methods import BITSTACK_ORDERINGS
 
 DEFAULT_NUM_BLOCKS = 16
-DEFAULT_RANK = 16
+DEFAULT_RANK = "auto"
 AUTO_RANK_CANDIDATES = (1, 2, 4, 8, 16)
 ORDERING_TOKENS = 2048
 """Calibration tokens each loss of the measured ordering is taken on (a few 512-token windows

@@ -32,9 +32,10 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
                              "library sources (for the bundled model, its training files only)")
     parser.add_argument("--num-calibration-tokens", type=int, default=8192, help="mixllm, bitstack: calibration tokens")
     parser.add_argument("--num-blocks", type=int, default=16, help="bitstack: residual blocks per matrix")
-    parser.add_argument("--rank", type=_rank, default=16,
+    parser.add_argument("--rank", type=_rank, default="auto",
                         help="bitstack: rank of each block's factors, or 'auto' (per matrix, the rank among 1, 2, 4, 8 "
-                             "and 16 that removes the most activation-weighted error per byte)")
+                             "and 16 that removes the most activation-weighted error per byte; slower to quantize, "
+                             "better per byte, and low ranks decode fastest)")
     parser.add_argument("--ordering", choices=BITSTACK_ORDERINGS, default="measured",
                         help="bitstack: global block order by calibration loss gained per byte (measured: "
                              "(matrices+1) x blocks forward passes) or by activation-weighted residual reduction "
