@@ -272,6 +272,159 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
   finish_tile(args, n0, R, totals);
 }
 
+// ------------------------------------------------------------ AVX-512 VNNI, small ranks
+//
+// The kernel above puts the ranks in the 16 lanes of each vpdpbusd, so a block of rank r < 16
+// costs as much as rank 16. Small ranks (what `--rank auto` picks) put the COLUMNS in the lanes
+// instead: per block, rank j and row x, t_j[k] = v[j, k] x[k] is rounded to int8 per group of
+// kSmallRankColumns columns (scale t = max|t_j| / 127 over the group, stored in column order);
+// per weight row, 64 sign bits become 64 0/1 bytes with one masked move (the mask loaded straight
+// from the packed signs), and one vpdpbusd per rank adds those 64 columns of B t_j into 16 int32
+// lanes, the 0/1 bytes reused by every rank of the block. After each group the int32 sums are
+// converted and added with weight u[n, j] (-2 t) into one float vector per row, and
+//   y[n] += Σ_j u[n, j] (Σ_k t_j[k] - 2 Σ_{k: bit set} t_j[k])    (S = 1 - 2B).
+// Work per weight and block: (2 + r) / 64 instructions for the bits and products plus 2 r /
+// kSmallRankColumns for the conversions, against 16 ceil(r / 16) / 64 in the lane-per-rank
+// kernel: cheaper up to rank ~6 by this count (the measured crossover sets kBitStackSmallRankMax).
+// Error: as above, the rounding of t alone, at most t/2 per element with t per group.
+
+constexpr int64_t kSmallRankColumns = 128;  // columns of t_j per int8 scale
+constexpr int kSmallRankTileRows = 4;       // weight rows sharing each load of t_j
+constexpr int kSmallRankChunk = 4;          // ranks per pass over a row's bits (registers)
+// Parts of rank up to this run the columns-in-lanes kernel on AVX-512 VNNI by default:
+// benchmarks/cpu_bitstack_kernels.py --section ranks (gate_up 9728x896, the same bytes of
+// blocks at each rank, one thread, 2-core Zen 4 shared with other jobs).
+constexpr int64_t kBitStackSmallRankMax = 8;
+
+// Per (block, row of x) of a small-rank part: int8 t_j in column order and its scales.
+//   codes   [rank][padded columns]   (0 past K)
+//   scales  [rank][groups]           -2 t of each group
+//   offsets [rank]                   Σ over groups of t Σ_k code (the Σ_k t_j[k] term)
+struct SmallRankActivations {
+  int64_t groups = 0, padded_columns = 0, code_stride = 0, scale_stride = 0, offset_stride = 0;
+  AlignedBuffer<int8_t> codes;
+  AlignedBuffer<float> scales, offsets;
+};
+
+FITSERVE_AVX2_F16C inline void prepare_small_rank_block(const float* x, const uint16_t* v, int64_t rank, int64_t K,
+                                                        const SmallRankActivations& a, int8_t* codes, float* scales,
+                                                        float* offsets) {
+  thread_local std::vector<float> products;
+  products.resize(static_cast<size_t>(kSmallRankColumns));
+  for (int64_t j = 0; j < rank; ++j) {
+    int8_t* row_codes = codes + j * a.padded_columns;
+    std::memset(row_codes, 0, static_cast<size_t>(a.padded_columns));
+    float offset = 0.0f;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t first = g * kSmallRankColumns, count = std::min(kSmallRankColumns, K - first);
+      const uint16_t* vj = v + j * K + first;
+      float* p = products.data();
+      int64_t k = 0;
+      for (; k + 8 <= count; k += 8)
+        _mm256_storeu_ps(p + k, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + k))),
+                                              _mm256_loadu_ps(x + first + k)));
+      for (; k < count; ++k) p[k] = _cvtsh_ss(vj[k]) * x[first + k];
+      const float scale = quantize_block(p, count, row_codes + first);
+      int32_t sum = 0;
+      for (int64_t i = 0; i < count; ++i) sum += row_codes[first + i];
+      offset += scale * static_cast<float>(sum);
+      scales[j * a.groups + g] = -2.0f * scale;
+    }
+    offsets[j] = offset;
+  }
+}
+
+// Rows [n0, n0 + R) and ranks [j0, j0 + J) of one block for one row of x: adds their share of
+// y to sums[r] (one float per weight row).
+template <int R, int J>
+FITSERVE_VNNI void small_rank_tile_vnni(const BitStackBlock& block, int64_t rank, int64_t K, int64_t n0, int64_t j0,
+                                        const SmallRankActivations& a, const int8_t* codes, const float* scales,
+                                        const float* offsets, float* sums) {
+  const int64_t row_bytes = (K + 7) / 8, groups = a.groups, P = a.padded_columns;
+  // weights[g][r][jj] = u[n0 + r, j0 + jj] (-2 t of rank j0 + jj, group g)
+  thread_local AlignedBuffer<float> weight_buffer;
+  float* weights = weight_buffer.get(groups * R * J);
+  float u[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int jj = 0; jj < J; ++jj) {
+      u[r][jj] = _cvtsh_ss(block.u_half[(n0 + r) * rank + j0 + jj]);
+      sums[r] += u[r][jj] * offsets[j0 + jj];
+    }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int r = 0; r < R; ++r)
+      for (int jj = 0; jj < J; ++jj) weights[(g * R + r) * J + jj] = u[r][jj] * scales[(j0 + jj) * groups + g];
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = block.sign_bytes + (n0 + r) * row_bytes;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[R][J];
+    for (int r = 0; r < R; ++r)
+      for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_setzero_si512();
+    const int64_t end = std::min(K, (g + 1) * kSmallRankColumns);
+    for (int64_t column = g * kSmallRankColumns; column < end; column += 64) {
+      __m512i t[J];
+      for (int jj = 0; jj < J; ++jj) t[jj] = _mm512_load_si512(codes + (j0 + jj) * P + column);
+      const int64_t byte = column / 8;
+      const bool inside = byte + 8 <= row_bytes;  // else the row's last bytes (past K: codes 0)
+      for (int r = 0; r < R; ++r) {
+        uint64_t word;
+        if (__builtin_expect(inside, 1)) std::memcpy(&word, rows[r] + byte, 8);
+        else word = sign_word(rows[r], row_bytes, byte);
+        const __m512i bits = _mm512_maskz_mov_epi8(_cvtu64_mask64(word), ones);
+        for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_dpbusd_epi32(acc[r][jj], bits, t[jj]);
+      }
+    }
+    const float* w = weights + g * R * J;
+    for (int r = 0; r < R; ++r)
+      for (int jj = 0; jj < J; ++jj)
+        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][jj]), _mm512_set1_ps(w[r * J + jj]), total[r]);
+  }
+  for (int r = 0; r < R; ++r) sums[r] += _mm512_reduce_add_ps(total[r]);
+}
+
+template <int R>
+FITSERVE_VNNI void small_rank_ranks_vnni(const BitStackBlock& block, int64_t rank, int64_t K, int64_t n0,
+                                         const SmallRankActivations& a, const int8_t* codes, const float* scales,
+                                         const float* offsets, float* sums) {
+  static_assert(kSmallRankChunk == 4, "the switch below lists the rank chunks");
+  for (int64_t j0 = 0; j0 < rank; j0 += kSmallRankChunk) {
+    switch (std::min<int64_t>(kSmallRankChunk, rank - j0)) {
+      case 4: small_rank_tile_vnni<R, 4>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
+      case 3: small_rank_tile_vnni<R, 3>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
+      case 2: small_rank_tile_vnni<R, 2>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
+      default: small_rank_tile_vnni<R, 1>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
+    }
+  }
+}
+
+// Rows [n0, n0 + rows) of a small-rank part for every row of x and active block.
+inline void small_rank_rows_vnni(const BitStackArgs& args, const SmallRankActivations& a, int64_t n0, int rows) {
+  const BitStackPart& p = *args.part;
+  thread_local AlignedBuffer<float> sum_buffer;
+  float* sums = sum_buffer.get(args.M * kBitStackTileRows);
+  static_assert(kSmallRankTileRows <= kBitStackTileRows, "finish_tile's stride");
+  for (int64_t m = 0; m < args.M; ++m) {
+    float* s = sums + m * kBitStackTileRows;
+    std::fill(s, s + kBitStackTileRows, 0.0f);
+    for (int64_t b = 0; b < p.active; ++b) {
+      const int64_t slot = b * args.M + m;
+      const int8_t* codes = a.codes.data + slot * a.code_stride;
+      const float* scales = a.scales.data + slot * a.scale_stride;
+      const float* offsets = a.offsets.data + slot * a.offset_stride;
+      static_assert(kSmallRankTileRows == 4, "the switch below lists the tile sizes");
+      switch (rows) {
+        case 4: small_rank_ranks_vnni<4>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
+        case 3: small_rank_ranks_vnni<3>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
+        case 2: small_rank_ranks_vnni<2>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
+        default: small_rank_ranks_vnni<1>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
+      }
+    }
+  }
+  finish_tile(args, n0, rows, sums);
+}
+
 // vpdpbusd instructions per second that one thread retires with twelve independent
 // accumulators and no memory operands: the compute bound the kernel's speed is quoted against
 // (benchmarks/cpu_bitstack_kernels.py multiplies it by the threads and measures it in the same run).
@@ -407,12 +560,15 @@ class BitStackLinear {
  public:
   // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (rebuild and
   // matmul for every row count). decode_max_rows: up to this many rows of x the integer
-  // kernel runs, above it the rebuilding path.
+  // kernel runs, above it the rebuilding path. small_rank_max: on AVX-512 VNNI, parts of rank up
+  // to this run the columns-in-lanes kernel, higher ranks the lane-per-rank one (0: never).
   BitStackLinear(int64_t in_features, int64_t out_features, c10::optional<torch::Tensor> bias, const std::string& isa,
-                 int64_t decode_max_rows)
-      : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows) {
+                 int64_t decode_max_rows, int64_t small_rank_max)
+      : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows),
+        small_rank_max_(small_rank_max) {
     TORCH_CHECK(in_features > 0 && out_features > 0, "BitStackLinear: in_features and out_features must be positive");
     TORCH_CHECK(decode_max_rows >= 0, "BitStackLinear: decode_max_rows must be >= 0");
+    TORCH_CHECK(small_rank_max >= 0, "BitStackLinear: small_rank_max must be >= 0");
     const bool avx2 = cpu_has_avx2_fma() && cpu_has_f16c();
     if (isa == "auto") isa_ = cpu_has_avx512_vnni() && avx2 ? QuantIsa::kAvx512Vnni
                                 : avx2 ? QuantIsa::kAvx2 : QuantIsa::kReference;
@@ -545,6 +701,16 @@ class BitStackLinear {
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
   int64_t decode_max_rows() const { return decode_max_rows_; }
+  int64_t small_rank_max() const { return small_rank_max_; }
+  // The decode kernel each part runs: "small_rank" (columns in the lanes), "lanes_per_rank",
+  // or "rebuild" (no integer kernel: isa "reference").
+  std::vector<std::string> part_kernels() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::string> names;
+    for (const BitStackPart& part : parts_)
+      names.push_back(isa_ == QuantIsa::kReference ? "rebuild" : small_rank(part) ? "small_rank" : "lanes_per_rank");
+    return names;
+  }
   int64_t num_parts() {
     std::lock_guard<std::mutex> lock(mutex_);
     return static_cast<int64_t>(parts_.size());
@@ -557,6 +723,10 @@ class BitStackLinear {
     return parts_[static_cast<size_t>(index)];
   }
 
+  bool small_rank(const BitStackPart& part) const {
+    return isa_ == QuantIsa::kAvx512Vnni && part.rank <= small_rank_max_;
+  }
+
   void run_kernel(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out) {
     const int64_t M = x.size(0), K = in_features_;
     const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
@@ -564,6 +734,10 @@ class BitStackLinear {
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < part.rows; ++n)
           out.data_ptr<float>()[m * out_features_ + part.row_offset + n] = bias ? bias[part.row_offset + n] : 0.0f;
+      return;
+    }
+    if (small_rank(part)) {
+      run_small_rank(part, x, out, bias);
       return;
     }
     BitStackActivations& a = activations_;
@@ -621,6 +795,36 @@ class BitStackLinear {
     });
   }
 
+  // The columns-in-lanes kernel (small_rank_tile_vnni) for a part with active blocks.
+  void run_small_rank(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out, const float* bias) {
+    const int64_t M = x.size(0), K = in_features_;
+    SmallRankActivations& a = small_rank_activations_;
+    a.groups = (K + kSmallRankColumns - 1) / kSmallRankColumns;
+    a.padded_columns = a.groups * kSmallRankColumns;
+    a.code_stride = part.rank * a.padded_columns;
+    a.scale_stride = part.rank * a.groups;
+    a.offset_stride = part.rank;
+    const int64_t slots = part.active * M;
+    int8_t* codes = a.codes.get(slots * a.code_stride);
+    float* scales = a.scales.get(slots * a.scale_stride);
+    float* offsets = a.offsets.get(slots * a.offset_stride);
+    const float* xs = x.data_ptr<float>();
+    at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t slot = begin; slot < end; ++slot)
+        prepare_small_rank_block(xs + (slot % M) * K, part.blocks[slot / M].v_half, part.rank, K, a,
+                                 codes + slot * a.code_stride, scales + slot * a.scale_stride,
+                                 offsets + slot * a.offset_stride);
+    });
+    const BitStackArgs args{&part, nullptr, M, K, bias, out.data_ptr<float>(), out_features_};
+    const int64_t tiles = (part.rows + kSmallRankTileRows - 1) / kSmallRankTileRows;
+    parallel_for_stealing(tiles, 8, [&](int64_t first, int64_t last) {
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t n0 = tile * kSmallRankTileRows;
+        small_rank_rows_vnni(args, a, n0, static_cast<int>(std::min<int64_t>(kSmallRankTileRows, part.rows - n0)));
+      }
+    });
+  }
+
   // Rebuild slices of the part's rows into the shared scratch and multiply with the matmul
   // library; x and out both float32 or both bfloat16.
   void run_rebuilt(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out) {
@@ -651,7 +855,7 @@ class BitStackLinear {
     }
   }
 
-  int64_t in_features_, out_features_, decode_max_rows_;
+  int64_t in_features_, out_features_, decode_max_rows_, small_rank_max_;
   QuantIsa isa_ = QuantIsa::kReference;
   torch::Tensor bias_, bias_bf16_;
   const bool native_bf16_ = cpu_has_avx512_bf16();
@@ -659,6 +863,7 @@ class BitStackLinear {
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
   BitStackActivations activations_;
+  SmallRankActivations small_rank_activations_;
 };
 
 }  // namespace fitserve_cpu
