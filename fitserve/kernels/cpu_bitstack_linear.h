@@ -285,16 +285,18 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
 //   y[n] += Σ_j u[n, j] (Σ_k t_j[k] - 2 Σ_{k: bit set} t_j[k])    (S = 1 - 2B).
 // Work per weight and block: (2 + r) / 64 instructions for the bits and products plus 2 r /
 // kSmallRankColumns for the conversions, against 16 ceil(r / 16) / 64 in the lane-per-rank
-// kernel: cheaper up to rank ~6 by this count (the measured crossover sets kBitStackSmallRankMax).
+// kernel: cheaper up to rank ~7 by this count; measured, up to rank 6 (kBitStackSmallRankMax).
 // Error: as above, the rounding of t alone, at most t/2 per element with t per group.
 
 constexpr int64_t kSmallRankColumns = 128;  // columns of t_j per int8 scale
 constexpr int kSmallRankTileRows = 4;       // weight rows sharing each load of t_j
 constexpr int kSmallRankChunk = 4;          // ranks per pass over a row's bits (registers)
-// Parts of rank up to this run the columns-in-lanes kernel on AVX-512 VNNI by default:
-// benchmarks/cpu_bitstack_kernels.py --section ranks (gate_up 9728x896, the same bytes of
-// blocks at each rank, one thread, 2-core Zen 4 shared with other jobs).
-constexpr int64_t kBitStackSmallRankMax = 8;
+// Parts of rank up to this run the columns-in-lanes kernel on AVX-512 VNNI by default, from
+// benchmarks/cpu_bitstack_kernels.py --section ranks (one decode row, each Qwen2.5-0.5B layer
+// shape at w4's bytes, two threads of a 2-core Zen 4 shared with other jobs, best of ~20 calls):
+// gate_up 9728x896 columns-in-lanes / lane-per-rank 0.47 / 1.58 ms at rank 1 (4 blocks), 1.22 /
+// 1.59 at rank 4 (4 blocks), 1.64 / 1.23 at rank 8 (3 blocks); the other shapes cross alike.
+constexpr int64_t kBitStackSmallRankMax = 6;
 
 // Per (block, row of x) of a small-rank part: int8 t_j in column order and its scales.
 //   codes   [rank][padded columns]   (0 past K)
