@@ -1,6 +1,7 @@
 """Micro-benchmarks of the BitStack CPU kernel (fitserve/kernels/cpu_bitstack_linear.h).
 
     python benchmarks/cpu_bitstack_kernels.py                    # one decode row, Qwen2.5-0.5B shapes
+    python benchmarks/cpu_bitstack_kernels.py --section ranks    # ranks 1..16 at w4's bytes, both decode kernels
     python benchmarks/cpu_bitstack_kernels.py --section rows     # kernel vs rebuild+matmul by rows of x
     python benchmarks/cpu_bitstack_kernels.py --section resize   # shrink/grow of a model's layers
     python benchmarks/cpu_bitstack_kernels.py --section engine   # single-stream decode through the engine
@@ -37,7 +38,7 @@ side of a resize (reading blocks from disk is the runtime format's).
 
 `engine`: single-stream decode through fitserve (LLMEngine.step, one request, 128-token
 prompt) of a random Qwen2.5-0.5B bf16 checkpoint and a random BitStack checkpoint of the same
-shape (rank 16, benchmarks/bitstack_resize.py's) loaded with `--weight-memory` equal to what the
+shape (`--engine-rank`, default 1 as `--rank auto` picks, `--engine-blocks` stored) loaded with `--weight-memory` equal to what the
 w4 model holds, both in one process, runs alternating. The bf16 model runs the fused C++ decode
 stack; the BitStack model runs layer by layer (the stack declines BitStack weights so far), so
 this also carries the Python per-layer overhead the fused stack avoids.
@@ -328,9 +329,10 @@ def engine_section(args, kernels) -> dict:
     from fitserve.models.weight_memory import weight_memory_bytes  # noqa: PLC0415
 
     bf16_dir = random_checkpoint(PRESET, "bfloat16")
-    bitstack_dir = CHECKPOINT_CACHE / f"{PRESET}-bitstack-random-16x16"
+    rank, num_blocks = args.engine_rank, args.engine_blocks
+    bitstack_dir = CHECKPOINT_CACHE / f"{PRESET}-bitstack-random-{num_blocks}x{rank}"
     if not (bitstack_dir / "model.safetensors").is_file():
-        write_random_bitstack_checkpoint(bitstack_dir, PRESET, 16, RANK)
+        write_random_bitstack_checkpoint(bitstack_dir, PRESET, num_blocks, rank)
     config = load_model_config(bitstack_dir)
     tokenizer = synthetic_tokenizer(config.vocab_size)
     bf16 = FitserveSide(bf16_dir, "bfloat16", "64MiB", torch.get_num_threads(), tokenizer)
@@ -348,8 +350,8 @@ def engine_section(args, kernels) -> dict:
     for round_index in range(args.repeats):
         for name, side in (("bf16", bf16), ("bitstack", bitstack))[:: 1 if round_index % 2 == 0 else -1]:
             steps[name].extend(side.single_stream(prompt, args.decode_tokens))
-    result = {"budget_bytes": budget, "bitstack_loaded_bytes": loaded, "decode_tokens": args.decode_tokens,
-              "rounds": args.repeats}
+    result = {"rank": rank, "stored_blocks": num_blocks, "budget_bytes": budget, "bitstack_loaded_bytes": loaded,
+              "decode_tokens": args.decode_tokens, "rounds": args.repeats}
     for name, seconds in steps.items():
         result[f"{name}_step_ms_median"] = statistics.median(seconds) * 1e3
         result[f"{name}_step_ms_p10"] = statistics.quantiles(seconds, n=10)[0] * 1e3
@@ -370,6 +372,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--decode-tokens", type=int, default=32, help="engine: decode steps per run")
+    parser.add_argument("--engine-rank", type=int, default=1, help="engine: rank of every block (--rank auto: 1)")
+    parser.add_argument("--engine-blocks", type=int, default=8, help="engine: blocks stored per matrix")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
