@@ -131,13 +131,16 @@ FITSERVE_AVX2_F16C inline void prepare_bitstack_block(const float* x, const uint
 
 // What a row tile needs: the part, the prepared activations of every (block, row of x), where
 // the results go, and the thread's buffers.
+struct SmallRankActivations;
+
 struct BitStackArgs {
   const BitStackPart* part;
-  const BitStackActivations* act;
+  const BitStackActivations* act;  // the lane-per-rank kernel's T, or nullptr
   int64_t M, K;
   const float* bias;  // [out_features] or nullptr
   float* out;          // [M, out_features]
   int64_t out_features;
+  const SmallRankActivations* small_rank = nullptr;  // the columns-in-lanes kernel's t, or nullptr
 };
 
 // The results of a tile: Σ over blocks and chunks of u ⊙ (S T), one 16-lane vector per (row of
@@ -681,12 +684,9 @@ class BitStackLinear {
     }
     const torch::Tensor x_float = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
     torch::Tensor out = torch::empty({M, out_features_}, x_float.options());
-    if (M > 0) {
-      for (const BitStackPart& part : parts_) {
-        if (kernel) run_kernel(part, x_float, out);
-        else run_rebuilt(part, x_float, out);
-      }
-    }
+    if (M > 0 && kernel) run_kernels(x_float, out);
+    else if (M > 0)
+      for (const BitStackPart& part : parts_) run_rebuilt(part, x_float, out);
     return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
   }
 
@@ -729,78 +729,73 @@ class BitStackLinear {
     return isa_ == QuantIsa::kAvx512Vnni && part.rank <= small_rank_max_;
   }
 
-  void run_kernel(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out) {
+  // Decode rows through the integer kernels: T of every (part, block, row of x) prepared on the
+  // calling thread, then the row tiles of all parts in one parallel region. One region per
+  // call, not two per part: on a shared 2-core machine each region's join waited for a
+  // descheduled thread, and a fused qkv layer had six (the engine's two-thread decode step took
+  // 3.3x its one-thread time; one thread was 0.29x bf16's tokens/s, two 0.18x).
+  void run_kernels(const torch::Tensor& x, torch::Tensor& out) {
     const int64_t M = x.size(0), K = in_features_;
     const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
-    if (part.active == 0) {  // no block loaded: the bias alone
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < part.rows; ++n)
-          out.data_ptr<float>()[m * out_features_ + part.row_offset + n] = bias ? bias[part.row_offset + n] : 0.0f;
-      return;
-    }
-    if (small_rank(part)) {
-      run_small_rank(part, x, out, bias);
-      return;
-    }
-    BitStackActivations& a = activations_;
-    a.scale_blocks = (K + kBitStackColumns - 1) / kBitStackColumns;
-    a.padded_columns = a.scale_blocks * kBitStackColumns;
-    a.chunks = (part.rank + kBitStackLanes - 1) / kBitStackLanes;
-    a.code_stride = a.chunks * a.padded_columns * kBitStackLanes;
-    a.scale_stride = a.chunks * a.scale_blocks * kBitStackLanes;
-    a.offset_stride = a.chunks * kBitStackLanes;
-    a.unsigned_codes = isa_ == QuantIsa::kAvx512Vnni;
-    const int64_t slots = part.active * M;
-    int8_t* codes = a.codes.get(slots * a.code_stride);
-    float* scales = a.scales.get(slots * a.scale_stride);
-    float* offsets = a.offsets.get(slots * a.offset_stride);
     const float* xs = x.data_ptr<float>();
-    // T of each (block, row of x), the blocks spread over the threads (one block of a 896-wide
-    // matrix takes ~6 us, a tenth of the block's products on a small matrix).
-    at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t slot = begin; slot < end; ++slot)
+    float* o = out.data_ptr<float>();
+    activations_.resize(parts_.size());
+    small_rank_activations_.resize(parts_.size());
+    std::vector<BitStackArgs> args;
+    std::vector<int64_t> tile_ends;  // cumulative tiles of the parts in `args`
+    for (size_t i = 0; i < parts_.size(); ++i) {
+      const BitStackPart& part = parts_[i];
+      if (part.active == 0) {  // no block loaded: the bias alone
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < part.rows; ++n)
+            o[m * out_features_ + part.row_offset + n] = bias ? bias[part.row_offset + n] : 0.0f;
+        continue;
+      }
+      if (small_rank(part)) {
+        args.push_back(BitStackArgs{&part, nullptr, M, K, bias, o, out_features_,
+                                    prepare_small_rank(part, x, small_rank_activations_[i])});
+        tile_ends.push_back((tile_ends.empty() ? 0 : tile_ends.back()) +
+                            (part.rows + kBitStackTileRows - 1) / kBitStackTileRows);
+        continue;
+      }
+      BitStackActivations& a = activations_[i];
+      a.scale_blocks = (K + kBitStackColumns - 1) / kBitStackColumns;
+      a.padded_columns = a.scale_blocks * kBitStackColumns;
+      a.chunks = (part.rank + kBitStackLanes - 1) / kBitStackLanes;
+      a.code_stride = a.chunks * a.padded_columns * kBitStackLanes;
+      a.scale_stride = a.chunks * a.scale_blocks * kBitStackLanes;
+      a.offset_stride = a.chunks * kBitStackLanes;
+      a.unsigned_codes = isa_ == QuantIsa::kAvx512Vnni;
+      const int64_t slots = part.active * M;
+      int8_t* codes = a.codes.get(slots * a.code_stride);
+      float* scales = a.scales.get(slots * a.scale_stride);
+      float* offsets = a.offsets.get(slots * a.offset_stride);
+      for (int64_t slot = 0; slot < slots; ++slot)
         prepare_bitstack_block(xs + (slot % M) * K, part.blocks[slot / M].v_half, part.rank, K, a,
                                codes + slot * a.code_stride, scales + slot * a.scale_stride,
                                offsets + slot * a.offset_stride);
-    });
-    const BitStackArgs args{&part, &a, M, K, bias, out.data_ptr<float>(), out_features_};
-    const int64_t tiles = (part.rows + kBitStackTileRows - 1) / kBitStackTileRows;
+      args.push_back(BitStackArgs{&part, &a, M, K, bias, o, out_features_});
+      tile_ends.push_back((tile_ends.empty() ? 0 : tile_ends.back()) +
+                          (part.rows + kBitStackTileRows - 1) / kBitStackTileRows);
+    }
+    if (args.empty()) return;
     const bool vnni = isa_ == QuantIsa::kAvx512Vnni;
-    parallel_for_stealing(tiles, 4, [&](int64_t first, int64_t last) {
+    parallel_for_stealing(tile_ends.back(), 4, [&](int64_t first, int64_t last) {
+      size_t i = 0;
       for (int64_t tile = first; tile < last; ++tile) {
-        const int64_t n0 = tile * kBitStackTileRows;
-        const int64_t rows = std::min<int64_t>(kBitStackTileRows, part.rows - n0);
-        if (vnni) {
-          static_assert(kBitStackTileRows == 8, "the switch below lists the tile sizes");
-          switch (rows) {
-            case 8: bitstack_tile_vnni<8>(args, n0); break;
-            case 7: bitstack_tile_vnni<7>(args, n0); break;
-            case 6: bitstack_tile_vnni<6>(args, n0); break;
-            case 5: bitstack_tile_vnni<5>(args, n0); break;
-            case 4: bitstack_tile_vnni<4>(args, n0); break;
-            case 3: bitstack_tile_vnni<3>(args, n0); break;
-            case 2: bitstack_tile_vnni<2>(args, n0); break;
-            default: bitstack_tile_vnni<1>(args, n0); break;
-          }
-          continue;
-        }
-        // AVX2 has 16 vector registers: four rows at a time (two 8-lane halves each).
-        for (int64_t half = 0; half < rows; half += 4) {
-          switch (std::min<int64_t>(4, rows - half)) {
-            case 4: bitstack_tile_avx2<4>(args, n0 + half); break;
-            case 3: bitstack_tile_avx2<3>(args, n0 + half); break;
-            case 2: bitstack_tile_avx2<2>(args, n0 + half); break;
-            default: bitstack_tile_avx2<1>(args, n0 + half); break;
-          }
-        }
+        while (tile >= tile_ends[i]) ++i;
+        const BitStackArgs& part_args = args[i];
+        const int64_t n0 = (tile - (i == 0 ? 0 : tile_ends[i - 1])) * kBitStackTileRows;
+        run_tile(part_args, vnni, n0, std::min<int64_t>(kBitStackTileRows, part_args.part->rows - n0));
       }
     });
   }
 
-  // The columns-in-lanes kernel (small_rank_tile_vnni) for a part with active blocks.
-  void run_small_rank(const BitStackPart& part, const torch::Tensor& x, torch::Tensor& out, const float* bias) {
+  // t of every (block, row of x) of a small-rank part into `a` (on the calling thread, as the
+  // lane-per-rank kernel's T); returns `a`.
+  const SmallRankActivations* prepare_small_rank(const BitStackPart& part, const torch::Tensor& x,
+                                                 SmallRankActivations& a) {
     const int64_t M = x.size(0), K = in_features_;
-    SmallRankActivations& a = small_rank_activations_;
     a.groups = (K + kSmallRankColumns - 1) / kSmallRankColumns;
     a.padded_columns = a.groups * kSmallRankColumns;
     a.code_stride = part.rank * a.padded_columns;
@@ -811,20 +806,43 @@ class BitStackLinear {
     float* scales = a.scales.get(slots * a.scale_stride);
     float* offsets = a.offsets.get(slots * a.offset_stride);
     const float* xs = x.data_ptr<float>();
-    at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t slot = begin; slot < end; ++slot)
-        prepare_small_rank_block(xs + (slot % M) * K, part.blocks[slot / M].v_half, part.rank, K, a,
-                                 codes + slot * a.code_stride, scales + slot * a.scale_stride,
-                                 offsets + slot * a.offset_stride);
-    });
-    const BitStackArgs args{&part, nullptr, M, K, bias, out.data_ptr<float>(), out_features_};
-    const int64_t tiles = (part.rows + kSmallRankTileRows - 1) / kSmallRankTileRows;
-    parallel_for_stealing(tiles, 8, [&](int64_t first, int64_t last) {
-      for (int64_t tile = first; tile < last; ++tile) {
-        const int64_t n0 = tile * kSmallRankTileRows;
-        small_rank_rows_vnni(args, a, n0, static_cast<int>(std::min<int64_t>(kSmallRankTileRows, part.rows - n0)));
+    for (int64_t slot = 0; slot < slots; ++slot)
+      prepare_small_rank_block(xs + (slot % M) * K, part.blocks[slot / M].v_half, part.rank, K, a,
+                               codes + slot * a.code_stride, scales + slot * a.scale_stride,
+                               offsets + slot * a.offset_stride);
+    return &a;
+  }
+
+  static void run_tile(const BitStackArgs& args, bool vnni, int64_t n0, int64_t rows) {
+    if (args.small_rank != nullptr) {  // the columns-in-lanes kernel: four rows at a time
+      for (int64_t first = 0; first < rows; first += kSmallRankTileRows)
+        small_rank_rows_vnni(args, *args.small_rank, n0 + first,
+                             static_cast<int>(std::min<int64_t>(kSmallRankTileRows, rows - first)));
+      return;
+    }
+    if (vnni) {
+      static_assert(kBitStackTileRows == 8, "the switch below lists the tile sizes");
+      switch (rows) {
+        case 8: bitstack_tile_vnni<8>(args, n0); break;
+        case 7: bitstack_tile_vnni<7>(args, n0); break;
+        case 6: bitstack_tile_vnni<6>(args, n0); break;
+        case 5: bitstack_tile_vnni<5>(args, n0); break;
+        case 4: bitstack_tile_vnni<4>(args, n0); break;
+        case 3: bitstack_tile_vnni<3>(args, n0); break;
+        case 2: bitstack_tile_vnni<2>(args, n0); break;
+        default: bitstack_tile_vnni<1>(args, n0); break;
       }
-    });
+      return;
+    }
+    // AVX2 has 16 vector registers: four rows at a time (two 8-lane halves each).
+    for (int64_t half = 0; half < rows; half += 4) {
+      switch (std::min<int64_t>(4, rows - half)) {
+        case 4: bitstack_tile_avx2<4>(args, n0 + half); break;
+        case 3: bitstack_tile_avx2<3>(args, n0 + half); break;
+        case 2: bitstack_tile_avx2<2>(args, n0 + half); break;
+        default: bitstack_tile_avx2<1>(args, n0 + half); break;
+      }
+    }
   }
 
   // Rebuild slices of the part's rows into the shared scratch and multiply with the matmul
@@ -864,8 +882,8 @@ class BitStackLinear {
   std::vector<BitStackPart> parts_;
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
-  BitStackActivations activations_;
-  SmallRankActivations small_rank_activations_;
+  std::vector<BitStackActivations> activations_;  // one per part
+  std::vector<SmallRankActivations> small_rank_activations_;  // one per part
 };
 
 }  // namespace fitserve_cpu
