@@ -214,6 +214,8 @@ def ranks_section(args, kernels) -> dict:
     shapes = {**LAYER_SHAPES, "lm_head": ([VOCAB], HIDDEN)}
     times: dict[tuple[str, str], list[float]] = {}
     results: dict = {"ranks": {}, "shapes": {}}
+    dpbusd: dict[str, int] = {}
+    dpbusd_rates: list[float] = []
     for name, (parts, columns) in shapes.items():
         rows = sum(parts)
         x16 = torch.randn(1, columns).to(torch.bfloat16)
@@ -238,10 +240,17 @@ def ranks_section(args, kernels) -> dict:
                     layer = make()
                     layers = [layer] + [make() for _ in range(copies_for(layer.bytes(), target) - 1)]
                     variants[f"rank {rank} {kind}"] = [lambda layer=layer: layer.forward(x32) for layer in layers]
+                    # vpdpbusd per call: columns-in-lanes one per 64 columns, row and rank (and as
+                    # many sign expansions); lane-per-rank one per 4 columns, row and 16 ranks
+                    per_row = (-(-columns // 64) * rank if kind == "small_rank"
+                               else -(-columns // 128) * 32 * -(-rank // 16))
+                    dpbusd[f"rank {rank} {kind}"] = rows * per_row * blocks
                     results["ranks"].setdefault(str(rank), {"blocks": blocks, "w4_equal_depth": w4_equal_depth(rank)})
         order = list(variants)
         shape_times = {v: [] for v in order}
         for round_index in range(args.rounds):
+            if kernels.has_avx512_vnni():
+                dpbusd_rates.append(kernels.dpbusd_rate(200000))
             for step in range(args.calls_per_round):
                 v = order[(step + round_index) % len(order)]
                 calls = variants[v]
@@ -249,9 +258,14 @@ def ranks_section(args, kernels) -> dict:
         results["shapes"][name] = {}
         for v, samples in shape_times.items():
             times[(name, v)] = samples
-            results["shapes"][name][v] = {"best_ms": min(samples) * 1e3, "median_ms": statistics.median(samples) * 1e3}
-            print(f"{name:8s} {v:28s} best {min(samples) * 1e3:8.3f} ms median {statistics.median(samples) * 1e3:8.3f} ms",
-                  flush=True)
+            entry = {"best_ms": min(samples) * 1e3, "median_ms": statistics.median(samples) * 1e3}
+            if v in dpbusd and dpbusd_rates:
+                entry["dpbusd_per_call"] = dpbusd[v]
+                entry["fraction_of_dpbusd_peak"] = dpbusd[v] / min(samples) / max(dpbusd_rates)
+            results["shapes"][name][v] = entry
+            peak = f" {entry['fraction_of_dpbusd_peak']:.2f} of vpdpbusd peak" if "fraction_of_dpbusd_peak" in entry else ""
+            print(f"{name:8s} {v:28s} best {min(samples) * 1e3:8.3f} ms median {statistics.median(samples) * 1e3:8.3f} ms"
+                  f"{peak}", flush=True)
         del variants
     best = {key: min(samples) * 1e3 for key, samples in times.items()}
     layer = lambda variant, scale=1.0: sum(best[(n, variant)] for n in LAYER_SHAPES) * scale  # noqa: E731
@@ -267,6 +281,7 @@ def ranks_section(args, kernels) -> dict:
                 layer(variant, info["w4_equal_depth"] / info["blocks"]) / layer("bf16"))
     print("whole-model estimate:", {k: round(v, 3) for k, v in sorted(estimate.items())}, flush=True)
     results["model_estimate"] = estimate
+    results["dpbusd_rate_best_per_s"] = max(dpbusd_rates) if dpbusd_rates else None
     return results
 
 
