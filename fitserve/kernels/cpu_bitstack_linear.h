@@ -286,14 +286,15 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
 // lanes, the 0/1 bytes reused by every rank of the block. After each group the int32 sums are
 // converted and added with weight u[n, j] (-2 t) into one float vector per row, and
 //   y[n] += Σ_j u[n, j] (Σ_k t_j[k] - 2 Σ_{k: bit set} t_j[k])    (S = 1 - 2B).
-// Work per weight and block: (2 + r) / 64 instructions for the bits and products plus 2 r /
-// kSmallRankColumns for the conversions, against 16 ceil(r / 16) / 64 in the lane-per-rank
-// kernel: cheaper up to rank ~7 by this count; measured, up to rank 6 (kBitStackSmallRankMax).
+// Work per weight and block: (2 ceil(r / 2) + r) / 64 instructions for the bits (expanded once
+// per pass of two ranks) and products plus 2 r / kSmallRankColumns for the conversions, against
+// 16 ceil(r / 16) / 64 in the lane-per-rank kernel: cheaper up to rank ~6 by this count;
+// measured, up to rank 6 (kBitStackSmallRankMax).
 // Error: as above, the rounding of t alone, at most t/2 per element with t per group.
 
 constexpr int64_t kSmallRankColumns = 128;  // columns of t_j per int8 scale
 constexpr int kSmallRankTileRows = 4;       // weight rows sharing each load of t_j
-constexpr int kSmallRankChunk = 4;          // ranks per pass over a row's bits (registers)
+constexpr int kSmallRankChunk = 2;          // ranks per pass over a row's bits (registers)
 // Parts of rank up to this run the columns-in-lanes kernel on AVX-512 VNNI by default, from
 // benchmarks/cpu_bitstack_kernels.py --section ranks (one decode row, each Qwen2.5-0.5B layer
 // shape at w4's bytes, two threads of a 2-core Zen 4 shared with other jobs, best of ~20 calls):
@@ -339,30 +340,24 @@ FITSERVE_AVX2_F16C inline void prepare_small_rank_block(const float* x, const ui
   }
 }
 
-// Rows [n0, n0 + R) and ranks [j0, j0 + J) of one block for one row of x: adds their share of
-// y to sums[r] (one float per weight row).
+FITSERVE_VNNI inline float sum_lanes(const float* lanes) { return _mm512_reduce_add_ps(_mm512_load_ps(lanes)); }
+
+// Rows [n0, n0 + R) and ranks [j0, j0 + J) of one block for one row of x: adds u ⊙ (the -2 t
+// scaled sums of the set bits' t) into totals[r] (16 lanes per row, summed once per tile) and
+// the Σ_k t term to sums[r]. The scale is per rank, so it is applied per group to a float
+// accumulator per (row, rank) and u once per block; no per-row table, no thread-local lookup
+// (the per-call work once cost as much as the products on 896-wide matrices).
 template <int R, int J>
 FITSERVE_VNNI void small_rank_tile_vnni(const BitStackBlock& block, int64_t rank, int64_t K, int64_t n0, int64_t j0,
                                         const SmallRankActivations& a, const int8_t* codes, const float* scales,
-                                        const float* offsets, float* sums) {
+                                        const float* offsets, float* totals, float* sums) {
   const int64_t row_bytes = (K + 7) / 8, groups = a.groups, P = a.padded_columns;
-  // weights[g][r][jj] = u[n0 + r, j0 + jj] (-2 t of rank j0 + jj, group g)
-  thread_local AlignedBuffer<float> weight_buffer;
-  float* weights = weight_buffer.get(groups * R * J);
-  float u[R][J];
-  for (int r = 0; r < R; ++r)
-    for (int jj = 0; jj < J; ++jj) {
-      u[r][jj] = _cvtsh_ss(block.u_half[(n0 + r) * rank + j0 + jj]);
-      sums[r] += u[r][jj] * offsets[j0 + jj];
-    }
-  for (int64_t g = 0; g < groups; ++g)
-    for (int r = 0; r < R; ++r)
-      for (int jj = 0; jj < J; ++jj) weights[(g * R + r) * J + jj] = u[r][jj] * scales[(j0 + jj) * groups + g];
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = block.sign_bytes + (n0 + r) * row_bytes;
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512 total[R];
-  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  __m512 scaled[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int jj = 0; jj < J; ++jj) scaled[r][jj] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i acc[R][J];
     for (int r = 0; r < R; ++r)
@@ -381,51 +376,62 @@ FITSERVE_VNNI void small_rank_tile_vnni(const BitStackBlock& block, int64_t rank
         for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_dpbusd_epi32(acc[r][jj], bits, t[jj]);
       }
     }
-    const float* w = weights + g * R * J;
-    for (int r = 0; r < R; ++r)
-      for (int jj = 0; jj < J; ++jj)
-        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][jj]), _mm512_set1_ps(w[r * J + jj]), total[r]);
+    for (int jj = 0; jj < J; ++jj) {
+      const __m512 scale = _mm512_set1_ps(scales[(j0 + jj) * groups + g]);
+      for (int r = 0; r < R; ++r) scaled[r][jj] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][jj]), scale, scaled[r][jj]);
+    }
   }
-  for (int r = 0; r < R; ++r) sums[r] += _mm512_reduce_add_ps(total[r]);
+  for (int r = 0; r < R; ++r) {
+    __m512 total = _mm512_load_ps(totals + r * 16);
+    for (int jj = 0; jj < J; ++jj) {
+      const float u = _cvtsh_ss(block.u_half[(n0 + r) * rank + j0 + jj]);
+      sums[r] += u * offsets[j0 + jj];
+      total = _mm512_fmadd_ps(scaled[r][jj], _mm512_set1_ps(u), total);
+    }
+    _mm512_store_ps(totals + r * 16, total);
+  }
 }
 
 template <int R>
 FITSERVE_VNNI void small_rank_ranks_vnni(const BitStackBlock& block, int64_t rank, int64_t K, int64_t n0,
                                          const SmallRankActivations& a, const int8_t* codes, const float* scales,
-                                         const float* offsets, float* sums) {
-  static_assert(kSmallRankChunk == 4, "the switch below lists the rank chunks");
+                                         const float* offsets, float* totals, float* sums) {
+  static_assert(kSmallRankChunk == 2, "the switch below lists the rank chunks");
   for (int64_t j0 = 0; j0 < rank; j0 += kSmallRankChunk) {
-    switch (std::min<int64_t>(kSmallRankChunk, rank - j0)) {
-      case 4: small_rank_tile_vnni<R, 4>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
-      case 3: small_rank_tile_vnni<R, 3>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
-      case 2: small_rank_tile_vnni<R, 2>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
-      default: small_rank_tile_vnni<R, 1>(block, rank, K, n0, j0, a, codes, scales, offsets, sums); break;
-    }
+    if (rank - j0 >= 2) small_rank_tile_vnni<R, 2>(block, rank, K, n0, j0, a, codes, scales, offsets, totals, sums);
+    else small_rank_tile_vnni<R, 1>(block, rank, K, n0, j0, a, codes, scales, offsets, totals, sums);
   }
 }
 
-// Rows [n0, n0 + rows) of a small-rank part for every row of x and active block.
+// Rows [n0, n0 + rows) (rows <= kBitStackTileRows) of a small-rank part for every row of x and
+// active block, four rows at a time (eight rows at rank 1 measured no faster).
 inline void small_rank_rows_vnni(const BitStackArgs& args, const SmallRankActivations& a, int64_t n0, int rows) {
   const BitStackPart& p = *args.part;
   thread_local AlignedBuffer<float> sum_buffer;
   float* sums = sum_buffer.get(args.M * kBitStackTileRows);
-  static_assert(kSmallRankTileRows <= kBitStackTileRows, "finish_tile's stride");
+  alignas(64) float totals[kBitStackTileRows * 16];
   for (int64_t m = 0; m < args.M; ++m) {
     float* s = sums + m * kBitStackTileRows;
     std::fill(s, s + kBitStackTileRows, 0.0f);
+    std::fill(totals, totals + kBitStackTileRows * 16, 0.0f);
     for (int64_t b = 0; b < p.active; ++b) {
       const int64_t slot = b * args.M + m;
       const int8_t* codes = a.codes.data + slot * a.code_stride;
       const float* scales = a.scales.data + slot * a.scale_stride;
       const float* offsets = a.offsets.data + slot * a.offset_stride;
-      static_assert(kSmallRankTileRows == 4, "the switch below lists the tile sizes");
-      switch (rows) {
-        case 4: small_rank_ranks_vnni<4>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
-        case 3: small_rank_ranks_vnni<3>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
-        case 2: small_rank_ranks_vnni<2>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
-        default: small_rank_ranks_vnni<1>(p.blocks[b], p.rank, args.K, n0, a, codes, scales, offsets, s); break;
+      const BitStackBlock& block = p.blocks[b];
+      static_assert(kSmallRankTileRows == 4 && kBitStackTileRows == 8, "the switch below lists the tile sizes");
+      for (int first = 0; first < rows; first += kSmallRankTileRows) {
+        float* t = totals + first * 16;
+        switch (std::min(kSmallRankTileRows, rows - first)) {
+          case 4: small_rank_ranks_vnni<4>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+          case 3: small_rank_ranks_vnni<3>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+          case 2: small_rank_ranks_vnni<2>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+          default: small_rank_ranks_vnni<1>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+        }
       }
     }
+    for (int r = 0; r < rows; ++r) s[r] += sum_lanes(totals + r * 16);
   }
   finish_tile(args, n0, rows, sums);
 }
@@ -814,10 +820,8 @@ class BitStackLinear {
   }
 
   static void run_tile(const BitStackArgs& args, bool vnni, int64_t n0, int64_t rows) {
-    if (args.small_rank != nullptr) {  // the columns-in-lanes kernel: four rows at a time
-      for (int64_t first = 0; first < rows; first += kSmallRankTileRows)
-        small_rank_rows_vnni(args, *args.small_rank, n0 + first,
-                             static_cast<int>(std::min<int64_t>(kSmallRankTileRows, rows - first)));
+    if (args.small_rank != nullptr) {  // the columns-in-lanes kernel
+      small_rank_rows_vnni(args, *args.small_rank, n0, static_cast<int>(rows));
       return;
     }
     if (vnni) {

@@ -149,10 +149,10 @@ def test_fused_parts_with_different_ranks_and_depths(isa):
     (37, 100, 1, 3, 1),      # K not a multiple of 8, 64 or 128; N odd
     (64, 896, 1, 4, 1),      # a Qwen2.5-0.5B width, the w4-equal depth at rank 1
     (29, 257, 2, 2, 2),      # K one past two scale blocks
-    (5, 13, 3, 5, 3),        # K < 16, rank 3: a partial rank chunk
-    (11, 700, 4, 1, 8),      # rank 4: one full rank chunk, the most decode rows
-    (18, 333, 5, 2, 7),      # rank 5: a full chunk and a rank of another
-    (7, 1030, 8, 3, 2),      # rank 8: two chunks; K past a 64-column step of the last group
+    (5, 13, 3, 5, 3),        # K < 16, rank 3: a pass of two ranks and one of one
+    (11, 700, 4, 1, 8),      # rank 4: two passes, the most decode rows
+    (18, 333, 5, 2, 7),      # rank 5: three passes, 7 rows of x
+    (7, 1030, 8, 3, 2),      # rank 8; K past a 64-column step of the last group
     (6, 64, 1, 0, 2),        # no block loaded: the bias alone
 ])
 def test_small_ranks_on_every_decode_kernel(isa, small_rank_max, shape):
