@@ -728,8 +728,12 @@ struct DequantScratch {
     static DequantScratch scratch;
     return scratch;
   }
+  // A buffer first taken under torch.inference_mode is an inference tensor, which an at::mm_out
+  // outside that mode may not write: such a buffer is replaced (the engine runs in inference
+  // mode, a caller of the layer outside it may come next in the same process).
   static torch::Tensor take(torch::Tensor& storage, int64_t rows, int64_t cols, at::ScalarType dtype) {
-    if (!storage.defined() || storage.numel() < rows * cols || storage.scalar_type() != dtype)
+    if (!storage.defined() || storage.numel() < rows * cols || storage.scalar_type() != dtype ||
+        (storage.is_inference() && !c10::InferenceMode::is_enabled()))
       storage = torch::empty({rows * cols}, torch::dtype(dtype));
     return storage.narrow(0, 0, rows * cols).view({rows, cols});
   }

@@ -291,3 +291,17 @@ def test_bad_input_is_refused_with_a_clear_message():
         kernels.BitStackLinear(40, 10, None, "sse")
     with pytest.raises(RuntimeError, match="x must be a contiguous CPU tensor"):
         layer(torch.randn(1, 41))
+
+
+def test_rebuilding_path_after_a_call_in_inference_mode():
+    """The engine runs under torch.inference_mode; the process-wide matmul scratch it leaves
+    behind must not break a later call outside that mode (an in-place write to an inference
+    tensor is an error there)."""
+    parts = [random_blocks(21, 150, 16, 2, 14)]
+    layer = make_layer(parts, 150, None, "reference")
+    with torch.inference_mode():
+        layer(torch.randn(3, 150))
+    x = torch.randn(2, 150)
+    weight = dense_weight(parts, 150)
+    slack = 1e-5 * (x.abs() @ weight.abs().t()) + 1e-6
+    assert ((layer(x) - F.linear(x, weight)).abs() <= slack).all()
