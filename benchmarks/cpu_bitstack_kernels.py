@@ -1,6 +1,7 @@
 """Micro-benchmarks of the BitStack CPU kernel (fitserve/kernels/cpu_bitstack_linear.h).
 
     python benchmarks/cpu_bitstack_kernels.py                    # one decode row, Qwen2.5-0.5B shapes
+    python benchmarks/cpu_bitstack_kernels.py --section ranks    # ranks 1..16 at w4's bytes, both decode kernels
     python benchmarks/cpu_bitstack_kernels.py --section rows     # kernel vs rebuild+matmul by rows of x
     python benchmarks/cpu_bitstack_kernels.py --section resize   # shrink/grow of a model's layers
     python benchmarks/cpu_bitstack_kernels.py --section engine   # single-stream decode through the engine
@@ -37,7 +38,7 @@ side of a resize (reading blocks from disk is the runtime format's).
 
 `engine`: single-stream decode through fitserve (LLMEngine.step, one request, 128-token
 prompt) of a random Qwen2.5-0.5B bf16 checkpoint and a random BitStack checkpoint of the same
-shape (rank 16, benchmarks/bitstack_resize.py's) loaded with `--weight-memory` equal to what the
+shape (`--engine-rank`, default 1 as `--rank auto` picks, `--engine-blocks` stored) loaded with `--weight-memory` equal to what the
 w4 model holds, both in one process, runs alternating. The bf16 model runs the fused C++ decode
 stack; the BitStack model runs layer by layer (the stack declines BitStack weights so far), so
 this also carries the Python per-layer overhead the fused stack avoids.
@@ -74,22 +75,22 @@ def w4_bytes(rows: int, columns: int) -> int:
     return rows * columns // 2 + rows * (columns // W4_GROUP) * 3
 
 
-def w4_equal_depth() -> float:
-    """Blocks per matrix whose bytes equal w4's over one layer's projections."""
+def w4_equal_depth(rank: int = RANK) -> float:
+    """Blocks per matrix of rank `rank` whose bytes equal w4's over one layer's projections."""
     w4 = sum(w4_bytes(rows, k) for parts, k in LAYER_SHAPES.values() for rows in parts)
-    block = sum(bitstack_packing.block_bytes(rows, k, RANK) for parts, k in LAYER_SHAPES.values() for rows in parts)
+    block = sum(bitstack_packing.block_bytes(rows, k, rank) for parts, k in LAYER_SHAPES.values() for rows in parts)
     return w4 / block
 
 
-def random_bitstack_layer(parts: list[int], columns: int, blocks: int, isa: str, **kwargs):
-    """A BitStackLinear with random rank-16 blocks (the kernel's time does not depend on values)."""
+def random_bitstack_layer(parts: list[int], columns: int, blocks: int, isa: str, rank: int = RANK, **kwargs):
+    """A BitStackLinear with random rank-`rank` blocks (the kernel's time does not depend on values)."""
     layer = cpu.bitstack_linear(columns, sum(parts), None, isa, **kwargs)
     for rows in parts:
-        index = layer.add_part(rows, RANK)
+        index = layer.add_part(rows, rank)
         for _ in range(blocks):
             signs = torch.randint(0, 256, (rows, bitstack_packing.packed_columns(columns)), dtype=torch.uint8)
-            layer.append_block(index, signs, (torch.randn(rows, RANK) * 0.1).half(),
-                               (torch.randn(RANK, columns) * 0.1).half())
+            layer.append_block(index, signs, (torch.randn(rows, rank) * 0.1).half(),
+                               (torch.randn(rank, columns) * 0.1).half())
     return layer
 
 
@@ -204,6 +205,86 @@ def model_estimate(results: dict, blocks: int) -> dict:
     return estimate
 
 
+def ranks_section(args, kernels) -> dict:
+    """Per rank: each layer shape at the w4-equal depth of that rank (rounded to whole blocks),
+    through the columns-in-lanes kernel (small_rank_max = rank) and the lane-per-rank kernel
+    (small_rank_max = 0), against bf16 and w4 in the same rounds; the whole-model estimate per
+    rank and kernel (per-block time scaled to the exact w4-equal depth)."""
+    target = memory_test_bytes(torch.device("cpu"))
+    shapes = {**LAYER_SHAPES, "lm_head": ([VOCAB], HIDDEN)}
+    times: dict[tuple[str, str], list[float]] = {}
+    results: dict = {"ranks": {}, "shapes": {}}
+    dpbusd: dict[str, int] = {}
+    dpbusd_rates: list[float] = []
+    for name, (parts, columns) in shapes.items():
+        rows = sum(parts)
+        x16 = torch.randn(1, columns).to(torch.bfloat16)
+        x32 = x16.float()
+        bf16 = (torch.randn(rows, columns) * 0.02).to(torch.bfloat16)
+        copies = [bf16] + [bf16.clone() for _ in range(copies_for(bf16.nbytes, target) - 1)]
+        variants = {"bf16": [lambda w=w: kernels.linear_small_batch(x16, w, None) for w in copies]}
+        if name == "lm_head":
+            head = kernels.QuantLinear(columns, rows, None, "auto")
+            head.add_w8(*packing.quantize_w8(bf16.float()))
+            variants["w8"] = [lambda: head.forward(x32)]
+        else:
+            first = w4_layer(kernels, rows, columns)
+            w4 = [first] + [w4_layer(kernels, rows, columns) for _ in range(copies_for(first.bytes(), target) - 1)]
+            variants["w4"] = [lambda layer=layer: layer.forward(x32) for layer in w4]
+            for rank in args.ranks:
+                blocks = max(1, round(w4_equal_depth(rank)))
+                kinds = [("small_rank", rank), ("lanes_per_rank", 0)] if kernels.has_avx512_vnni() else [("auto", 64)]
+                for kind, small_rank_max in kinds:
+                    make = lambda: random_bitstack_layer(parts, columns, blocks, "auto", rank,  # noqa: E731
+                                                         small_rank_max=small_rank_max)
+                    layer = make()
+                    layers = [layer] + [make() for _ in range(copies_for(layer.bytes(), target) - 1)]
+                    variants[f"rank {rank} {kind}"] = [lambda layer=layer: layer.forward(x32) for layer in layers]
+                    # vpdpbusd per call: columns-in-lanes one per 64 columns, row and rank (and as
+                    # many sign expansions); lane-per-rank one per 4 columns, row and 16 ranks
+                    per_row = (-(-columns // 64) * rank if kind == "small_rank"
+                               else -(-columns // 128) * 32 * -(-rank // 16))
+                    dpbusd[f"rank {rank} {kind}"] = rows * per_row * blocks
+                    results["ranks"].setdefault(str(rank), {"blocks": blocks, "w4_equal_depth": w4_equal_depth(rank)})
+        order = list(variants)
+        shape_times = {v: [] for v in order}
+        for round_index in range(args.rounds):
+            if kernels.has_avx512_vnni():
+                dpbusd_rates.append(kernels.dpbusd_rate(200000))
+            for step in range(args.calls_per_round):
+                v = order[(step + round_index) % len(order)]
+                calls = variants[v]
+                shape_times[v].append(timed(calls[(step // len(order) + round_index) % len(calls)]))
+        results["shapes"][name] = {}
+        for v, samples in shape_times.items():
+            times[(name, v)] = samples
+            entry = {"best_ms": min(samples) * 1e3, "median_ms": statistics.median(samples) * 1e3}
+            if v in dpbusd and dpbusd_rates:
+                entry["dpbusd_per_call"] = dpbusd[v]
+                entry["fraction_of_dpbusd_peak"] = dpbusd[v] / min(samples) / max(dpbusd_rates)
+            results["shapes"][name][v] = entry
+            peak = f" {entry['fraction_of_dpbusd_peak']:.2f} of vpdpbusd peak" if "fraction_of_dpbusd_peak" in entry else ""
+            print(f"{name:8s} {v:28s} best {min(samples) * 1e3:8.3f} ms median {statistics.median(samples) * 1e3:8.3f} ms"
+                  f"{peak}", flush=True)
+        del variants
+    best = {key: min(samples) * 1e3 for key, samples in times.items()}
+    layer = lambda variant, scale=1.0: sum(best[(n, variant)] for n in LAYER_SHAPES) * scale  # noqa: E731
+    bf16 = LAYERS * layer("bf16") + best[("lm_head", "bf16")]
+    estimate = {"bf16_ms_per_token": bf16, "w4_ms_per_token": LAYERS * layer("w4") + best[("lm_head", "w8")]}
+    estimate["w4 tok_s_ratio_to_bf16"] = bf16 / estimate["w4_ms_per_token"]
+    for rank, info in results["ranks"].items():
+        for variant in {v for (_, v) in best if v.startswith(f"rank {rank} ")}:
+            ms = LAYERS * layer(variant, info["w4_equal_depth"] / info["blocks"]) + best[("lm_head", "w8")]
+            estimate[f"{variant} ms_per_token"] = ms
+            estimate[f"{variant} tok_s_ratio_to_bf16"] = bf16 / ms
+            estimate[f"{variant} projections_time_ratio_to_bf16"] = (
+                layer(variant, info["w4_equal_depth"] / info["blocks"]) / layer("bf16"))
+    print("whole-model estimate:", {k: round(v, 3) for k, v in sorted(estimate.items())}, flush=True)
+    results["model_estimate"] = estimate
+    results["dpbusd_rate_best_per_s"] = max(dpbusd_rates) if dpbusd_rates else None
+    return results
+
+
 def rows_section(args, kernels) -> dict:
     parts, columns = LAYER_SHAPES["gate_up"]
     kernel = random_bitstack_layer(parts, columns, args.blocks, "auto", decode_max_rows=1 << 20)
@@ -263,9 +344,10 @@ def engine_section(args, kernels) -> dict:
     from fitserve.models.weight_memory import weight_memory_bytes  # noqa: PLC0415
 
     bf16_dir = random_checkpoint(PRESET, "bfloat16")
-    bitstack_dir = CHECKPOINT_CACHE / f"{PRESET}-bitstack-random-16x16"
+    rank, num_blocks = args.engine_rank, args.engine_blocks
+    bitstack_dir = CHECKPOINT_CACHE / f"{PRESET}-bitstack-random-{num_blocks}x{rank}"
     if not (bitstack_dir / "model.safetensors").is_file():
-        write_random_bitstack_checkpoint(bitstack_dir, PRESET, 16, RANK)
+        write_random_bitstack_checkpoint(bitstack_dir, PRESET, num_blocks, rank)
     config = load_model_config(bitstack_dir)
     tokenizer = synthetic_tokenizer(config.vocab_size)
     bf16 = FitserveSide(bf16_dir, "bfloat16", "64MiB", torch.get_num_threads(), tokenizer)
@@ -283,8 +365,8 @@ def engine_section(args, kernels) -> dict:
     for round_index in range(args.repeats):
         for name, side in (("bf16", bf16), ("bitstack", bitstack))[:: 1 if round_index % 2 == 0 else -1]:
             steps[name].extend(side.single_stream(prompt, args.decode_tokens))
-    result = {"budget_bytes": budget, "bitstack_loaded_bytes": loaded, "decode_tokens": args.decode_tokens,
-              "rounds": args.repeats}
+    result = {"rank": rank, "stored_blocks": num_blocks, "budget_bytes": budget, "bitstack_loaded_bytes": loaded,
+              "decode_tokens": args.decode_tokens, "rounds": args.repeats}
     for name, seconds in steps.items():
         result[f"{name}_step_ms_median"] = statistics.median(seconds) * 1e3
         result[f"{name}_step_ms_p10"] = statistics.quantiles(seconds, n=10)[0] * 1e3
@@ -296,7 +378,8 @@ def engine_section(args, kernels) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["gemv", "rows", "resize", "engine"], default="gemv")
+    parser.add_argument("--section", choices=["gemv", "ranks", "rows", "resize", "engine"], default="gemv")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="ranks: BitStack ranks")
     parser.add_argument("--shapes", nargs="+", default=[*LAYER_SHAPES, "lm_head"], choices=[*LAYER_SHAPES, "lm_head"])
     parser.add_argument("--blocks", type=int, default=3, help="BitStack blocks per matrix (w4-equal: ~3.1)")
     parser.add_argument("--rounds", type=int, default=7, help="gemv: rounds (a read and vpdpbusd bound each)")
@@ -304,6 +387,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--decode-tokens", type=int, default=32, help="engine: decode steps per run")
+    parser.add_argument("--engine-rank", type=int, default=1, help="engine: rank of every block (--rank auto: 1)")
+    parser.add_argument("--engine-blocks", type=int, default=8, help="engine: blocks stored per matrix")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -313,7 +398,7 @@ def main() -> int:
     if kernels is None:
         print("the CPU kernels are unavailable here (no AVX2 or no compiler)", file=sys.stderr)
         return 1
-    sections = {"gemv": gemv_section, "rows": rows_section, "resize": resize_section, "engine": engine_section}
+    sections = {"gemv": gemv_section, "ranks": ranks_section, "rows": rows_section, "resize": resize_section, "engine": engine_section}
     section = sections[args.section](args, kernels)
     result = {"benchmark": "cpu_bitstack_kernels", "section": args.section, "machine": describe_machine(),
               "threads": torch.get_num_threads(),

@@ -345,7 +345,7 @@ def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None 
 
 
 def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",
-                    decode_max_rows: int | None = None):
+                    decode_max_rows: int | None = None, small_rank_max: int | None = None):
     """A compiled `BitStackLinear` (fitserve/kernels/cpu_bitstack_linear.h) for a layer stored as
     BitStack blocks (fitserve.quant.bitstack_packing), or None where the kernels cannot be built
     (callers then rebuild W with dequantize_blocks and run F.linear, the layout's reference).
@@ -358,21 +358,26 @@ def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | No
     d) and `append_block` again to grow. `forward(x)` takes a contiguous [M, in_features]
     float32 or bfloat16 x; up to `decode_max_rows` rows (default: the kernel's own) run the
     integer kernel straight from the bits, more rows rebuild W in slices and run the matmul
-    library. The object is thread-safe: a resize waits for a running forward and vice versa.
+    library. On AVX-512 VNNI, parts of rank up to `small_rank_max` (default: the kernel's
+    measured crossover) run the columns-in-lanes kernel, whose cost grows with the rank, higher
+    ranks the lane-per-rank one, which costs rank 16 for any rank up to 16 (`part_kernels()` says
+    which each part runs). The object is thread-safe: a resize waits for a running forward and
+    vice versa.
     """
+    extra = {} if small_rank_max is None else {"small_rank_max": small_rank_max}
     return _compiled_layer("BitStackLinear", in_features, out_features, bias, isa, decode_max_rows,
                            "BitStack layers: this CPU has neither AVX-512 VNNI nor AVX2/F16C; decode rows rebuild "
-                           "the weights and run the matmul library")
+                           "the weights and run the matmul library", **extra)
 
 
 def _compiled_layer(class_name: str, in_features: int, out_features: int, bias: torch.Tensor | None, isa: str,
-                    decode_max_rows: int | None, no_kernel_message: str):
+                    decode_max_rows: int | None, no_kernel_message: str, **extra: int):
     """The compiled layer class `class_name` (None without the kernels); logs `no_kernel_message`
-    once where "auto" found no kernel ISA on this CPU."""
+    once where "auto" found no kernel ISA on this CPU. `extra`: the class's own keyword arguments."""
     kernels = get()
     if kernels is None:
         return None
-    kwargs = {} if decode_max_rows is None else {"decode_max_rows": decode_max_rows}
+    kwargs = {**extra} if decode_max_rows is None else {"decode_max_rows": decode_max_rows, **extra}
     layer = getattr(kernels, class_name)(in_features, out_features, bias, isa, **kwargs)
     if layer.isa == "reference" and isa == "auto":
         _log_once(no_kernel_message)

@@ -131,13 +131,16 @@ FITSERVE_AVX2_F16C inline void prepare_bitstack_block(const float* x, const uint
 
 // What a row tile needs: the part, the prepared activations of every (block, row of x), where
 // the results go, and the thread's buffers.
+struct SmallRankActivations;
+
 struct BitStackArgs {
   const BitStackPart* part;
-  const BitStackActivations* act;
+  const BitStackActivations* act;  // the lane-per-rank kernel's T, or nullptr
   int64_t M, K;
   const float* bias;  // [out_features] or nullptr
   float* out;          // [M, out_features]
   int64_t out_features;
+  const SmallRankActivations* small_rank = nullptr;  // the columns-in-lanes kernel's t, or nullptr
 };
 
 // The results of a tile: Σ over blocks and chunks of u ⊙ (S T), one 16-lane vector per (row of
@@ -270,6 +273,167 @@ FITSERVE_VNNI void bitstack_tile_vnni(const BitStackArgs& args, int64_t n0) {
   }
   for (int64_t i = 0; i < args.M * kBitStackTileRows; ++i) totals[i] = _mm512_reduce_add_ps(_mm512_load_ps(totals + i * kBitStackLanes));
   finish_tile(args, n0, R, totals);
+}
+
+// ------------------------------------------------------------ AVX-512 VNNI, small ranks
+//
+// The kernel above puts the ranks in the 16 lanes of each vpdpbusd, so a block of rank r < 16
+// costs as much as rank 16. Small ranks (what `--rank auto` picks) put the COLUMNS in the lanes
+// instead: per block, rank j and row x, t_j[k] = v[j, k] x[k] is rounded to int8 per group of
+// kSmallRankColumns columns (scale t = max|t_j| / 127 over the group, stored in column order);
+// per weight row, 64 sign bits become 64 0/1 bytes with one masked move (the mask loaded straight
+// from the packed signs), and one vpdpbusd per rank adds those 64 columns of B t_j into 16 int32
+// lanes, the 0/1 bytes reused by every rank of the block. After each group the int32 sums are
+// converted and added with weight u[n, j] (-2 t) into one float vector per row, and
+//   y[n] += Σ_j u[n, j] (Σ_k t_j[k] - 2 Σ_{k: bit set} t_j[k])    (S = 1 - 2B).
+// Work per weight and block: (2 ceil(r / 2) + r) / 64 instructions for the bits (expanded once
+// per pass of two ranks) and products plus 2 r / kSmallRankColumns for the conversions, against
+// 16 ceil(r / 16) / 64 in the lane-per-rank kernel: cheaper up to rank ~6 by this count;
+// measured, up to rank 6 (kBitStackSmallRankMax).
+// Error: as above, the rounding of t alone, at most t/2 per element with t per group.
+
+constexpr int64_t kSmallRankColumns = 128;  // columns of t_j per int8 scale
+constexpr int kSmallRankTileRows = 4;       // weight rows sharing each load of t_j
+constexpr int kSmallRankChunk = 2;          // ranks per pass over a row's bits (registers)
+// Parts of rank up to this run the columns-in-lanes kernel on AVX-512 VNNI by default, from
+// benchmarks/cpu_bitstack_kernels.py --section ranks (one decode row, each Qwen2.5-0.5B layer
+// shape at w4's bytes, two threads of a 2-core Zen 4 shared with other jobs, best of ~20 calls):
+// gate_up 9728x896 columns-in-lanes / lane-per-rank 0.47 / 1.58 ms at rank 1 (4 blocks), 1.22 /
+// 1.59 at rank 4 (4 blocks), 1.64 / 1.23 at rank 8 (3 blocks); the other shapes cross alike.
+constexpr int64_t kBitStackSmallRankMax = 6;
+
+// Per (block, row of x) of a small-rank part: int8 t_j in column order and its scales.
+//   codes   [rank][padded columns]   (0 past K)
+//   scales  [rank][groups]           -2 t of each group
+//   offsets [rank]                   Σ over groups of t Σ_k code (the Σ_k t_j[k] term)
+struct SmallRankActivations {
+  int64_t groups = 0, padded_columns = 0, code_stride = 0, scale_stride = 0, offset_stride = 0;
+  AlignedBuffer<int8_t> codes;
+  AlignedBuffer<float> scales, offsets;
+};
+
+FITSERVE_AVX2_F16C inline void prepare_small_rank_block(const float* x, const uint16_t* v, int64_t rank, int64_t K,
+                                                        const SmallRankActivations& a, int8_t* codes, float* scales,
+                                                        float* offsets) {
+  thread_local std::vector<float> products;
+  products.resize(static_cast<size_t>(kSmallRankColumns));
+  for (int64_t j = 0; j < rank; ++j) {
+    int8_t* row_codes = codes + j * a.padded_columns;
+    std::memset(row_codes, 0, static_cast<size_t>(a.padded_columns));
+    float offset = 0.0f;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t first = g * kSmallRankColumns, count = std::min(kSmallRankColumns, K - first);
+      const uint16_t* vj = v + j * K + first;
+      float* p = products.data();
+      int64_t k = 0;
+      for (; k + 8 <= count; k += 8)
+        _mm256_storeu_ps(p + k, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + k))),
+                                              _mm256_loadu_ps(x + first + k)));
+      for (; k < count; ++k) p[k] = _cvtsh_ss(vj[k]) * x[first + k];
+      const float scale = quantize_block(p, count, row_codes + first);
+      int32_t sum = 0;
+      for (int64_t i = 0; i < count; ++i) sum += row_codes[first + i];
+      offset += scale * static_cast<float>(sum);
+      scales[j * a.groups + g] = -2.0f * scale;
+    }
+    offsets[j] = offset;
+  }
+}
+
+FITSERVE_VNNI inline float sum_lanes(const float* lanes) { return _mm512_reduce_add_ps(_mm512_load_ps(lanes)); }
+
+// Rows [n0, n0 + R) and ranks [j0, j0 + J) of one block for one row of x: adds u ⊙ (the -2 t
+// scaled sums of the set bits' t) into totals[r] (16 lanes per row, summed once per tile) and
+// the Σ_k t term to sums[r]. The scale is per rank, so it is applied per group to a float
+// accumulator per (row, rank) and u once per block; no per-row table, no thread-local lookup
+// (the per-call work once cost as much as the products on 896-wide matrices).
+template <int R, int J>
+FITSERVE_VNNI void small_rank_tile_vnni(const BitStackBlock& block, int64_t rank, int64_t K, int64_t n0, int64_t j0,
+                                        const SmallRankActivations& a, const int8_t* codes, const float* scales,
+                                        const float* offsets, float* totals, float* sums) {
+  const int64_t row_bytes = (K + 7) / 8, groups = a.groups, P = a.padded_columns;
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = block.sign_bytes + (n0 + r) * row_bytes;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 scaled[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int jj = 0; jj < J; ++jj) scaled[r][jj] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[R][J];
+    for (int r = 0; r < R; ++r)
+      for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_setzero_si512();
+    const int64_t end = std::min(K, (g + 1) * kSmallRankColumns);
+    for (int64_t column = g * kSmallRankColumns; column < end; column += 64) {
+      __m512i t[J];
+      for (int jj = 0; jj < J; ++jj) t[jj] = _mm512_load_si512(codes + (j0 + jj) * P + column);
+      const int64_t byte = column / 8;
+      const bool inside = byte + 8 <= row_bytes;  // else the row's last bytes (past K: codes 0)
+      for (int r = 0; r < R; ++r) {
+        uint64_t word;
+        if (__builtin_expect(inside, 1)) std::memcpy(&word, rows[r] + byte, 8);
+        else word = sign_word(rows[r], row_bytes, byte);
+        const __m512i bits = _mm512_maskz_mov_epi8(_cvtu64_mask64(word), ones);
+        for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_dpbusd_epi32(acc[r][jj], bits, t[jj]);
+      }
+    }
+    for (int jj = 0; jj < J; ++jj) {
+      const __m512 scale = _mm512_set1_ps(scales[(j0 + jj) * groups + g]);
+      for (int r = 0; r < R; ++r) scaled[r][jj] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][jj]), scale, scaled[r][jj]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 total = _mm512_load_ps(totals + r * 16);
+    for (int jj = 0; jj < J; ++jj) {
+      const float u = _cvtsh_ss(block.u_half[(n0 + r) * rank + j0 + jj]);
+      sums[r] += u * offsets[j0 + jj];
+      total = _mm512_fmadd_ps(scaled[r][jj], _mm512_set1_ps(u), total);
+    }
+    _mm512_store_ps(totals + r * 16, total);
+  }
+}
+
+template <int R>
+FITSERVE_VNNI void small_rank_ranks_vnni(const BitStackBlock& block, int64_t rank, int64_t K, int64_t n0,
+                                         const SmallRankActivations& a, const int8_t* codes, const float* scales,
+                                         const float* offsets, float* totals, float* sums) {
+  static_assert(kSmallRankChunk == 2, "the switch below lists the rank chunks");
+  for (int64_t j0 = 0; j0 < rank; j0 += kSmallRankChunk) {
+    if (rank - j0 >= 2) small_rank_tile_vnni<R, 2>(block, rank, K, n0, j0, a, codes, scales, offsets, totals, sums);
+    else small_rank_tile_vnni<R, 1>(block, rank, K, n0, j0, a, codes, scales, offsets, totals, sums);
+  }
+}
+
+// Rows [n0, n0 + rows) (rows <= kBitStackTileRows) of a small-rank part for every row of x and
+// active block, four rows at a time (eight rows at rank 1 measured no faster).
+inline void small_rank_rows_vnni(const BitStackArgs& args, const SmallRankActivations& a, int64_t n0, int rows) {
+  const BitStackPart& p = *args.part;
+  thread_local AlignedBuffer<float> sum_buffer;
+  float* sums = sum_buffer.get(args.M * kBitStackTileRows);
+  alignas(64) float totals[kBitStackTileRows * 16];
+  for (int64_t m = 0; m < args.M; ++m) {
+    float* s = sums + m * kBitStackTileRows;
+    std::fill(s, s + kBitStackTileRows, 0.0f);
+    std::fill(totals, totals + kBitStackTileRows * 16, 0.0f);
+    for (int64_t b = 0; b < p.active; ++b) {
+      const int64_t slot = b * args.M + m;
+      const int8_t* codes = a.codes.data + slot * a.code_stride;
+      const float* scales = a.scales.data + slot * a.scale_stride;
+      const float* offsets = a.offsets.data + slot * a.offset_stride;
+      const BitStackBlock& block = p.blocks[b];
+      static_assert(kSmallRankTileRows == 4 && kBitStackTileRows == 8, "the switch below lists the tile sizes");
+      for (int first = 0; first < rows; first += kSmallRankTileRows) {
+        float* t = totals + first * 16;
+        switch (std::min(kSmallRankTileRows, rows - first)) {
+          case 4: small_rank_ranks_vnni<4>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+          case 3: small_rank_ranks_vnni<3>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+          case 2: small_rank_ranks_vnni<2>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+          default: small_rank_ranks_vnni<1>(block, p.rank, args.K, n0 + first, a, codes, scales, offsets, t, s + first); break;
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r) s[r] += sum_lanes(totals + r * 16);
+  }
+  finish_tile(args, n0, rows, sums);
 }
 
 // vpdpbusd instructions per second that one thread retires with twelve independent
@@ -407,12 +571,15 @@ class BitStackLinear {
  public:
   // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (rebuild and
   // matmul for every row count). decode_max_rows: up to this many rows of x the integer
-  // kernel runs, above it the rebuilding path.
+  // kernel runs, above it the rebuilding path. small_rank_max: on AVX-512 VNNI, parts of rank up
+  // to this run the columns-in-lanes kernel, higher ranks the lane-per-rank one (0: never).
   BitStackLinear(int64_t in_features, int64_t out_features, c10::optional<torch::Tensor> bias, const std::string& isa,
-                 int64_t decode_max_rows)
-      : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows) {
+                 int64_t decode_max_rows, int64_t small_rank_max)
+      : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows),
+        small_rank_max_(small_rank_max) {
     TORCH_CHECK(in_features > 0 && out_features > 0, "BitStackLinear: in_features and out_features must be positive");
     TORCH_CHECK(decode_max_rows >= 0, "BitStackLinear: decode_max_rows must be >= 0");
+    TORCH_CHECK(small_rank_max >= 0, "BitStackLinear: small_rank_max must be >= 0");
     const bool avx2 = cpu_has_avx2_fma() && cpu_has_f16c();
     if (isa == "auto") isa_ = cpu_has_avx512_vnni() && avx2 ? QuantIsa::kAvx512Vnni
                                 : avx2 ? QuantIsa::kAvx2 : QuantIsa::kReference;
@@ -542,6 +709,16 @@ class BitStackLinear {
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
   int64_t decode_max_rows() const { return decode_max_rows_; }
+  int64_t small_rank_max() const { return small_rank_max_; }
+  // The decode kernel each part runs: "small_rank" (columns in the lanes), "lanes_per_rank",
+  // or "rebuild" (no integer kernel: isa "reference").
+  std::vector<std::string> part_kernels() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::string> names;
+    for (const BitStackPart& part : parts_)
+      names.push_back(isa_ == QuantIsa::kReference ? "rebuild" : small_rank(part) ? "small_rank" : "lanes_per_rank");
+    return names;
+  }
   int64_t num_parts() {
     std::lock_guard<std::mutex> lock(mutex_);
     return static_cast<int64_t>(parts_.size());
@@ -552,6 +729,10 @@ class BitStackLinear {
     TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(parts_.size()), "BitStackLinear: no part ", index,
                 " (the layer has ", parts_.size(), ")");
     return parts_[static_cast<size_t>(index)];
+  }
+
+  bool small_rank(const BitStackPart& part) const {
+    return isa_ == QuantIsa::kAvx512Vnni && part.rank <= small_rank_max_;
   }
 
   // Decode rows through the integer kernels: T of every (part, block, row of x) prepared on the
@@ -565,6 +746,7 @@ class BitStackLinear {
     const float* xs = x.data_ptr<float>();
     float* o = out.data_ptr<float>();
     activations_.resize(parts_.size());
+    small_rank_activations_.resize(parts_.size());
     std::vector<BitStackArgs> args;
     std::vector<int64_t> tile_ends;  // cumulative tiles of the parts in `args`
     for (size_t i = 0; i < parts_.size(); ++i) {
@@ -573,6 +755,13 @@ class BitStackLinear {
         for (int64_t m = 0; m < M; ++m)
           for (int64_t n = 0; n < part.rows; ++n)
             o[m * out_features_ + part.row_offset + n] = bias ? bias[part.row_offset + n] : 0.0f;
+        continue;
+      }
+      if (small_rank(part)) {
+        args.push_back(BitStackArgs{&part, nullptr, M, K, bias, o, out_features_,
+                                    prepare_small_rank(part, x, small_rank_activations_[i])});
+        tile_ends.push_back((tile_ends.empty() ? 0 : tile_ends.back()) +
+                            (part.rows + kBitStackTileRows - 1) / kBitStackTileRows);
         continue;
       }
       BitStackActivations& a = activations_[i];
@@ -608,7 +797,33 @@ class BitStackLinear {
     });
   }
 
+  // t of every (block, row of x) of a small-rank part into `a` (on the calling thread, as the
+  // lane-per-rank kernel's T); returns `a`.
+  const SmallRankActivations* prepare_small_rank(const BitStackPart& part, const torch::Tensor& x,
+                                                 SmallRankActivations& a) {
+    const int64_t M = x.size(0), K = in_features_;
+    a.groups = (K + kSmallRankColumns - 1) / kSmallRankColumns;
+    a.padded_columns = a.groups * kSmallRankColumns;
+    a.code_stride = part.rank * a.padded_columns;
+    a.scale_stride = part.rank * a.groups;
+    a.offset_stride = part.rank;
+    const int64_t slots = part.active * M;
+    int8_t* codes = a.codes.get(slots * a.code_stride);
+    float* scales = a.scales.get(slots * a.scale_stride);
+    float* offsets = a.offsets.get(slots * a.offset_stride);
+    const float* xs = x.data_ptr<float>();
+    for (int64_t slot = 0; slot < slots; ++slot)
+      prepare_small_rank_block(xs + (slot % M) * K, part.blocks[slot / M].v_half, part.rank, K, a,
+                               codes + slot * a.code_stride, scales + slot * a.scale_stride,
+                               offsets + slot * a.offset_stride);
+    return &a;
+  }
+
   static void run_tile(const BitStackArgs& args, bool vnni, int64_t n0, int64_t rows) {
+    if (args.small_rank != nullptr) {  // the columns-in-lanes kernel
+      small_rank_rows_vnni(args, *args.small_rank, n0, static_cast<int>(rows));
+      return;
+    }
     if (vnni) {
       static_assert(kBitStackTileRows == 8, "the switch below lists the tile sizes");
       switch (rows) {
@@ -664,7 +879,7 @@ class BitStackLinear {
     }
   }
 
-  int64_t in_features_, out_features_, decode_max_rows_;
+  int64_t in_features_, out_features_, decode_max_rows_, small_rank_max_;
   QuantIsa isa_ = QuantIsa::kReference;
   torch::Tensor bias_, bias_bf16_;
   const bool native_bf16_ = cpu_has_avx512_bf16();
@@ -672,6 +887,7 @@ class BitStackLinear {
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
   std::vector<BitStackActivations> activations_;  // one per part
+  std::vector<SmallRankActivations> small_rank_activations_;  // one per part
 };
 
 }  // namespace fitserve_cpu

@@ -361,9 +361,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("iterations") = 2000000, release);
   py::class_<BitStackLinear, std::shared_ptr<BitStackLinear>>(
       m, "BitStackLinear", "a linear layer of BitStack sign/rank-r blocks (cpu_bitstack_linear.h)")
-      .def(py::init<int64_t, int64_t, c10::optional<torch::Tensor>, const std::string&, int64_t>(),
+      .def(py::init<int64_t, int64_t, c10::optional<torch::Tensor>, const std::string&, int64_t, int64_t>(),
            py::arg("in_features"), py::arg("out_features"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
-           py::arg("decode_max_rows") = kBitStackDecodeMaxRows)
+           py::arg("decode_max_rows") = kBitStackDecodeMaxRows, py::arg("small_rank_max") = kBitStackSmallRankMax)
+      .def("part_kernels", &BitStackLinear::part_kernels)
       .def("add_part", &BitStackLinear::add_part, py::arg("rows"), py::arg("rank"))
       .def("append_block", &BitStackLinear::append_block, py::arg("part"), py::arg("signs"), py::arg("u"), py::arg("v"),
            release)
@@ -378,5 +379,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("isa", &BitStackLinear::isa)
       .def_property_readonly("in_features", &BitStackLinear::in_features)
       .def_property_readonly("out_features", &BitStackLinear::out_features)
-      .def_property_readonly("decode_max_rows", &BitStackLinear::decode_max_rows);
+      .def_property_readonly("decode_max_rows", &BitStackLinear::decode_max_rows)
+      .def_property_readonly("small_rank_max", &BitStackLinear::small_rank_max);
 }

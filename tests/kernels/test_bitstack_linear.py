@@ -4,7 +4,9 @@ F.linear (fitserve/quant/bitstack_packing.py).
 Tolerances, per output y[m, n]:
 - rebuilding path (many rows, or isa="reference"): W rebuilt in float32 and the matmul library,
   so float32 rounding only: within 1e-5 of Σ_k |x_k| |W_nk| (+1e-6).
-- integer kernels (few rows): per block and rank j, T[k, j] = v[j, k] x[k] is rounded to int8
+- integer kernels (few rows; both the lane-per-rank kernel and, on AVX-512 VNNI, the
+  columns-in-lanes kernel for small ranks round T the same way): per block and rank j,
+  T[k, j] = v[j, k] x[k] is rounded to int8
   per block of 128 columns with scale t = max|T| / 127; the rest is exact integer sums and
   float32 arithmetic. So (1) the kernel equals a float64 evaluation of Σ_b u_b (S_b T_b) with
   the rounded T within 1e-5 of its magnitude Σ |u| |S| |T|, and (2) against the float32
@@ -26,6 +28,11 @@ kernels = cpu.get()
 pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2 or no compiler)")
 
 KERNEL_ISAS = [] if kernels is None else (["avx512_vnni", "avx2"] if kernels.has_avx512_vnni() else ["avx2"])
+# Decode kernels as (isa, small_rank_max): on AVX-512 VNNI the columns-in-lanes kernel forced for
+# every rank (64) and never (0); AVX2 has the lane-per-rank kernel only.
+KERNEL_PATHS = [] if kernels is None else (
+    [("avx512_vnni", 64), ("avx512_vnni", 0), ("avx2", 64)] if kernels.has_avx512_vnni() else [("avx2", 64)])
+PATH_IDS = [f"{isa}-small_rank_max{limit}" for isa, limit in KERNEL_PATHS]
 COLUMNS = 128  # columns of T per int8 scale
 
 
@@ -136,6 +143,61 @@ def test_fused_parts_with_different_ranks_and_depths(isa):
     assert torch.equal(out[:, 32:], bias[32:].expand(2, 9))
 
 
+@pytest.mark.parametrize(("isa", "small_rank_max"), KERNEL_PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape", [
+    # (rows, columns, rank, blocks, rows of x): the ranks `--rank auto` picks, odd shapes
+    (37, 100, 1, 3, 1),      # K not a multiple of 8, 64 or 128; N odd
+    (64, 896, 1, 4, 1),      # a Qwen2.5-0.5B width, the w4-equal depth at rank 1
+    (29, 257, 2, 2, 2),      # K one past two scale blocks
+    (5, 13, 3, 5, 3),        # K < 16, rank 3: a pass of two ranks and one of one
+    (11, 700, 4, 1, 8),      # rank 4: two passes, the most decode rows
+    (18, 333, 5, 2, 7),      # rank 5: three passes, 7 rows of x
+    (7, 1030, 8, 3, 2),      # rank 8; K past a 64-column step of the last group
+    (6, 64, 1, 0, 2),        # no block loaded: the bias alone
+])
+def test_small_ranks_on_every_decode_kernel(isa, small_rank_max, shape):
+    """Both decode kernels round T alike, so both meet the same bound at every small rank."""
+    rows, columns, rank, blocks, m = shape
+    parts = [random_blocks(rows, columns, rank, blocks, seed=3 * rows + columns)]
+    bias = torch.randn(rows)
+    layer = make_layer(parts, columns, bias, isa, small_rank_max=small_rank_max)
+    expected = "small_rank" if isa == "avx512_vnni" and small_rank_max >= rank else "lanes_per_rank"
+    assert layer.part_kernels() == [expected]
+    x = torch.randn(m, columns)
+    out = layer(x)
+    check_kernel_output(out, x, parts, columns, bias)
+    if blocks == 0:
+        assert torch.equal(out, bias.expand(m, rows))
+
+
+@pytest.mark.skipif(not KERNEL_PATHS or KERNEL_PATHS[0][0] != "avx512_vnni", reason="no AVX-512 VNNI")
+def test_kernel_choice_per_part_by_rank():
+    """A fused layer mixing ranks runs each part on its own kernel (the default crossover splits
+    rank 1 from rank 16) and the parts agree with the reference together."""
+    columns = 160
+    parts = [random_blocks(12, columns, 1, 4, 21), random_blocks(10, columns, 16, 2, 22),
+             random_blocks(5, columns, 3, 3, 23)]
+    layer = make_layer(parts, columns, None, "avx512_vnni")
+    assert layer.small_rank_max >= 3
+    assert layer.part_kernels() == ["small_rank", "lanes_per_rank", "small_rank"]
+    x = torch.randn(2, columns)
+    check_kernel_output(layer(x), x, parts, columns, None)
+    assert make_layer(parts, columns, None, "reference").part_kernels() == ["rebuild"] * 3
+
+
+@pytest.mark.parametrize(("isa", "small_rank_max"), KERNEL_PATHS, ids=PATH_IDS)
+def test_small_rank_resize(isa, small_rank_max):
+    """Depths 0..n of a rank-1 stack equal a layer built with that many blocks, bit for bit."""
+    columns = 200
+    signs, u, v = random_blocks(13, columns, 1, 4, 24)
+    x = torch.randn(1, columns)
+    full = make_layer([(signs, u, v)], columns, None, isa, small_rank_max=small_rank_max)
+    for depth in range(5):
+        fresh = make_layer([(signs[:depth], u[:depth], v[:depth])], columns, None, isa, small_rank_max=small_rank_max)
+        full.set_active_blocks(0, depth)
+        assert torch.equal(full(x), fresh(x))
+
+
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_bfloat16_input(isa):
     parts = [random_blocks(40, 192, 16, 2, 5)]
@@ -223,6 +285,8 @@ def test_bad_input_is_refused_with_a_clear_message():
         layer.set_active_blocks(3, 0)
     with pytest.raises(RuntimeError, match="outside the stored"):
         layer.set_active_blocks(part, 2)
+    with pytest.raises(RuntimeError, match="small_rank_max must be >= 0"):
+        kernels.BitStackLinear(40, 10, None, "auto", small_rank_max=-1)
     with pytest.raises(RuntimeError, match="isa must be"):
         kernels.BitStackLinear(40, 10, None, "sse")
     with pytest.raises(RuntimeError, match="x must be a contiguous CPU tensor"):
