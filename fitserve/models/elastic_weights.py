@@ -84,13 +84,6 @@ def release_blocks(dropped: list[Block]) -> None:
         release_free_memory()
 
 
-@dataclass(frozen=True)
-class _OrderEntry:
-    layer: Linear
-    part: StackPart
-    block: int
-
-
 class ElasticWeights:
     """The BitStack layers of one model and the global block order they load in."""
 
@@ -103,24 +96,20 @@ class ElasticWeights:
                     parts[part.shape.prefix] = (module, part)
         if not parts:
             raise ValueError("the model has no BitStack layers")
-        self._parts = list(parts.values())
+        self._parts = parts
+        """Each checkpoint matrix's layer and stack part, by its prefix."""
         self.fixed_bytes = weight_memory_bytes(model) - self.blocks_bytes()
         """Bytes of everything but the blocks (embedding, LM head, norms, biases)."""
-        seen: dict[str, int] = {}
-        self._order: list[_OrderEntry] = []
-        for prefix in block_order:
-            if prefix not in parts:
-                raise ValueError(f"quantization_config.block_order names {prefix!r}, which is not a matrix of "
-                                 "this model")
-            seen[prefix] = seen.get(prefix, 0) + 1
-            layer, part = parts[prefix]
-            self._order.append(_OrderEntry(layer, part, seen[prefix]))
+        unknown = next((prefix for prefix in block_order if prefix not in parts), None)
+        if unknown is not None:
+            raise ValueError(f"quantization_config.block_order names {unknown!r}, which is not a matrix of "
+                             "this model")
         self._order_prefixes = list(block_order)
         later_blocks = Counter(block_order)
         self._block_sizes = {prefix: part.block_bytes for prefix, (_, part) in parts.items()}
         self.min_bytes, self.max_bytes = bitstack_budget.budget_range(
             self.fixed_bytes, self._block_sizes, {prefix: 1 + later_blocks[prefix] for prefix in parts})
-        self.blocks_total = len(self._parts) + len(self._order)
+        self.blocks_total = len(parts) + len(block_order)
         self.budget_bytes = self.max_bytes
         self.loaded_count = -1
         """Entries of the order loaded (-1 until the first `apply`)."""
@@ -128,7 +117,7 @@ class ElasticWeights:
     # ------------------------------------------------------------------ budgets
 
     def blocks_bytes(self) -> int:
-        return sum(part.depth * part.block_bytes for _, part in self._parts)
+        return sum(part.depth * part.block_bytes for _, part in self._parts.values())
 
     @property
     def current_bytes(self) -> int:
@@ -136,7 +125,7 @@ class ElasticWeights:
 
     @property
     def blocks_loaded(self) -> int:
-        return sum(part.depth for _, part in self._parts)
+        return sum(part.depth for _, part in self._parts.values())
 
     def check_budget(self, budget: int) -> int:
         """How many entries of the order `budget` loads; WeightBudgetError outside the range."""
@@ -147,35 +136,33 @@ class ElasticWeights:
         except bitstack_budget.BudgetError as error:
             raise WeightBudgetError(str(error)) from None
 
-    def _depths(self, count: int) -> dict[int, int]:
-        """id(part) -> its depth with the first `count` entries of the order loaded."""
-        depths = {id(part): 1 for _, part in self._parts}
-        for entry in self._order[:count]:
-            depths[id(entry.part)] += 1
-        return depths
+    def _depths(self, count: int) -> dict[str, int]:
+        """Each matrix's depth with the first `count` entries of the order loaded."""
+        return bitstack_budget.depths_for(self._order_prefixes, count, list(self._parts))
 
     # ------------------------------------------------------------------ moving
 
-    def read_blocks(self, count: int, cancel: threading.Event | None = None) -> dict[tuple[int, int], Block] | None:
-        """The blocks `apply(count, ...)` needs that are not loaded, read from the checkpoint
-        (None if `cancel` was set meanwhile). Only reads: safe beside running steps."""
+    def read_blocks(self, count: int, cancel: threading.Event | None = None) -> dict[tuple[str, int], Block] | None:
+        """The blocks `apply(count, ...)` needs that are not loaded, by (matrix prefix, block
+        index), read from the checkpoint (None if `cancel` was set meanwhile). Only reads: safe
+        beside running steps."""
         depths = self._depths(count)
-        blocks: dict[tuple[int, int], Block] = {}
+        blocks: dict[tuple[str, int], Block] = {}
         try:
-            for _, part in self._parts:
-                for index in range(part.depth, depths[id(part)]):
+            for prefix, (_, part) in self._parts.items():
+                for index in range(part.depth, depths[prefix]):
                     if cancel is not None and cancel.is_set():
                         return None
-                    blocks[(id(part), index)] = part.read_block(index)
+                    blocks[(prefix, index)] = part.read_block(index)
         finally:
             self._close_sources()
         return blocks
 
     def _close_sources(self) -> None:
-        for source in {id(part.source): part.source for _, part in self._parts}.values():
+        for source in {id(part.source): part.source for _, part in self._parts.values()}.values():
             source.close()
 
-    def apply(self, count: int, blocks: dict[tuple[int, int], Block] | None = None) -> list[Block]:
+    def apply(self, count: int, blocks: dict[tuple[str, int], Block] | None = None) -> list[Block]:
         """Load exactly the first `count` entries of the order (and every block 0): detach the
         blocks past it, attach `blocks` (from `read_blocks`; any missing are read now). Call
         between steps: the layers' kernels change. Returns the detached blocks, the last
@@ -184,13 +171,13 @@ class ElasticWeights:
         depths = self._depths(count)
         blocks = blocks or {}
         dropped: list[Block] = []
-        for layer, part in self._parts:
-            target = depths[id(part)]
+        for prefix, (layer, part) in self._parts.items():
+            target = depths[prefix]
             if target < part.depth:
                 dropped.extend(part.blocks[target:])
                 layer.weight_format.set_blocks(layer, part, part.blocks[:target])
             elif target > part.depth:
-                added = [blocks.get((id(part), index)) or part.read_block(index) for index in range(part.depth, target)]
+                added = [blocks.get((prefix, index)) or part.read_block(index) for index in range(part.depth, target)]
                 layer.weight_format.set_blocks(layer, part, part.blocks + added)
         self._close_sources()
         self.loaded_count = count
