@@ -872,10 +872,7 @@ class BitStackLinear {
         weight.copy_(rebuilt);
       }
       const int64_t row = part.row_offset + first;
-      torch::Tensor product = DequantScratch::take(scratch.product, M, count, dtype);
-      if (bias.defined()) at::addmm_out(product, bias.narrow(0, row, count), x, weight.t());
-      else at::mm_out(product, x, weight.t());
-      out.narrow(1, row, count).copy_(product);
+      out.narrow(1, row, count).copy_(scratch.multiply(x, weight, bias.defined() ? bias.narrow(0, row, count) : bias));
     }
   }
 

@@ -737,6 +737,14 @@ struct DequantScratch {
     }
     return storage.narrow(0, 0, rows * cols).view({rows, cols});
   }
+  // x @ weight.T (+ bias) for one slice of weight rows, in the shared product buffer (valid
+  // until the next take); the caller holds `mutex`.
+  torch::Tensor multiply(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+    torch::Tensor result = take(product, x.size(0), weight.size(0), x.scalar_type());
+    if (bias.defined()) at::addmm_out(result, bias, x, weight.t());
+    else at::mm_out(result, x, weight.t());
+    return result;
+  }
 };
 
 
@@ -915,16 +923,12 @@ class QuantLinear {
         else at::mm_out(out, x, weight.t());
         continue;
       }
-      torch::Tensor product = DequantScratch::take(scratch.product, M, count, dtype);
       if (part.identity_rows) {
-        if (bias.defined()) at::addmm_out(product, bias.narrow(0, first, count), x, weight.t());
-        else at::mm_out(product, x, weight.t());
-        out.narrow(1, first, count).copy_(product);
+        out.narrow(1, first, count)
+            .copy_(scratch.multiply(x, weight, bias.defined() ? bias.narrow(0, first, count) : bias));
       } else {
         const torch::Tensor rows = part.out_rows.narrow(0, first, count);
-        if (bias.defined()) at::addmm_out(product, bias.index_select(0, rows), x, weight.t());
-        else at::mm_out(product, x, weight.t());
-        out.index_copy_(1, rows, product);
+        out.index_copy_(1, rows, scratch.multiply(x, weight, bias.defined() ? bias.index_select(0, rows) : bias));
       }
     }
   }
