@@ -70,6 +70,20 @@ def random_checkpoint(preset: str, dtype: str, num_layers: int | None = None) ->
     return out_dir
 
 
+def synthetic_tokenizer(vocab_size: int) -> Path:
+    """A word-level tokenizer with the model's vocabulary size (token i is "w{i}")."""
+    out_dir = CHECKPOINT_CACHE / f"wordlevel-tokenizer-{vocab_size}"
+    if (out_dir / "tokenizer.json").exists():
+        return out_dir
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(str(out_dir))
+    return out_dir
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {
         "median": statistics.median(values),

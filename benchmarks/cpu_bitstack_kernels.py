@@ -334,7 +334,8 @@ def resize_section(args, kernels) -> dict:
 def engine_section(args, kernels) -> dict:
     from bitstack_resize import PRESET, _bytes  # noqa: PLC0415 (benchmark helpers)
     from common import CHECKPOINT_CACHE, random_checkpoint  # noqa: PLC0415
-    from cpu_decode import FitserveSide, make_prompt, synthetic_tokenizer  # noqa: PLC0415
+    from common import synthetic_tokenizer  # noqa: PLC0415
+    from cpu_decode import FitserveSide, make_prompt  # noqa: PLC0415
 
     from fitserve import LLM  # noqa: PLC0415
     from fitserve.layers.weight_formats import W4Format  # noqa: PLC0415

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CHECKPOINT_CACHE, describe_machine, random_checkpoint, summarize, write_result  # noqa: E402
+from common import CHECKPOINT_CACHE, describe_machine, random_checkpoint, summarize, synthetic_tokenizer, write_result  # noqa: E402
 
 from fitserve.bench.roofline import (  # noqa: E402
     ModelShape,
@@ -165,20 +165,6 @@ def serve_workload(num: int, vocab_size: int, seed: int = 0, input_range: tuple[
         input_len, output_len = rng.randint(*input_range), rng.randint(*output_range)
         workload.append(([rng.randrange(10, vocab_size) for _ in range(input_len)], output_len))
     return workload
-
-
-def synthetic_tokenizer(vocab_size: int) -> Path:
-    """A word-level tokenizer with the model's vocabulary size (token i is "w{i}")."""
-    out_dir = CHECKPOINT_CACHE / f"wordlevel-tokenizer-{vocab_size}"
-    if (out_dir / "tokenizer.json").exists():
-        return out_dir
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(str(out_dir))
-    return out_dir
 
 
 def activation_dtype(label: str) -> str:

@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, random_checkpoint, write_result  # noqa: E402
-from cpu_decode import FitserveSide, overhead_summary, serve_workload, synthetic_tokenizer  # noqa: E402
+from common import synthetic_tokenizer  # noqa: E402
+from cpu_decode import FitserveSide, overhead_summary, serve_workload  # noqa: E402
 
 
 def main() -> int:

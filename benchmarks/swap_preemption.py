@@ -23,13 +23,14 @@ swap / swap-no-host-cache pair shows what the host tier of the prefix cache buys
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, write_result  # noqa: E402
+from common import RESULTS_DIR, random_checkpoint, synthetic_tokenizer, write_result  # noqa: E402
 from side_by_side import bench_run, medians, result_header  # noqa: E402
 
 MODES = {
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--rate", default="4", help="requests/s (inf: all at once)")
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--server-args", default="")
+    parser.add_argument("--preset", default=None,
+                        help="serve a random-weight model with this preset's shapes (e.g. qwen2.5-0.5b) "
+                             "instead of the bundled model: prompt tokens cost what they cost in a real model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "swap_preemption.json")
@@ -61,24 +65,32 @@ def main() -> None:
     if unknown or len(modes) < 2:
         parser.error(f"--modes needs two or more of {', '.join(MODES)} (got {args.modes!r})")
 
+    model_args, tokenizer_args = [], ""
+    if args.preset:
+        model_dir = random_checkpoint(args.preset, "bfloat16")
+        tokenizer = synthetic_tokenizer(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+        model_args, tokenizer_args = ["--model", str(model_dir), "--tokenizer", str(tokenizer)], f"--tokenizer {tokenizer}"
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="swap-preemption-") as scratch:
         for repeat in range(args.repeats):
             for mode in modes:
                 server_args = (f"{MODES[mode]} --kv-cache-memory {args.kv_cache_memory} "
-                               f"--max-num-seqs {args.max_num_seqs} {args.server_args}").strip()
-                run = bench_run(["--workload", args.workload, "--num-turns", str(args.num_turns),
+                               f"--max-num-seqs {args.max_num_seqs} {tokenizer_args} {args.server_args}").strip()
+                run = bench_run([*model_args, "--workload", args.workload, "--num-turns", str(args.num_turns),
                                  "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
                                  "--output-len", str(args.output_len), "--rate", args.rate, "--seed", str(args.seed)],
                                 server_args, Path(scratch) / f"{mode}-{repeat}")
                 summary = run["summary"]
+                counters = run["server_counters"] or {}
                 result = {"mode": mode, "completed": summary["completed"], "failed": summary["failed"],
                           "ttft_p99_ms": summary["ttft_ms"]["p99"], "ttft_median_ms": summary["ttft_ms"]["median"],
                           "tpot_p99_ms": summary["tpot_ms"]["p99"], "tpot_median_ms": summary["tpot_ms"]["median"],
-                          "output_tokens_per_s": summary["output_throughput"], "duration_s": summary["duration_s"]}
+                          "output_tokens_per_s": summary["output_throughput"], "duration_s": summary["duration_s"],
+                          "preemptions": counters.get("fitserve_num_preemptions_total"), "server_counters": counters}
                 runs[mode].append(result)
                 print(f"[{repeat}] {mode}: p99 TTFT {result['ttft_p99_ms']:.0f} ms, p99 TPOT "
-                      f"{result['tpot_p99_ms']:.1f} ms, {result['output_tokens_per_s']:.0f} output tok/s", flush=True)
+                      f"{result['tpot_p99_ms']:.1f} ms, {result['output_tokens_per_s']:.0f} output tok/s, "
+                      f"{result['preemptions']} preemptions", flush=True)
 
     middle = medians(runs, ("ttft_p99_ms", "tpot_p99_ms", "ttft_median_ms", "tpot_median_ms",
                             "output_tokens_per_s"))
@@ -94,8 +106,8 @@ def main() -> None:
               for mode in modes[1:]}
     result = result_header(
         "swap_preemption",
-        "fitserve bench against fitserve serve with each preemption mode, alternating, same seed, bundled "
-        "model, small KV cache", args) | {
+        "fitserve bench against fitserve serve with each preemption mode, alternating, same seed, "
+        + (f"random-weight {args.preset}-shaped model" if args.preset else "bundled model") + ", small KV cache", args) | {
         "runs": runs,
         "medians": middle,
         f"p99_{baseline}_over_mode": gains,

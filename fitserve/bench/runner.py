@@ -19,6 +19,7 @@ from fitserve.bench.hardware import HardwareSampler, summarize_hardware
 from fitserve.bench.load import run_load
 from fitserve.bench.metrics import Slo, summarize
 from fitserve.bench.roofline import ModelShape, achieved_fractions
+from fitserve.bench.server_counters import counter_deltas, read_counters
 from fitserve.bench.workload import PromptMaker, WorkloadConfig, build_workload
 
 BASELINE_NOTE = ("Energy figures are the run's energy minus the idle power measured just before the "
@@ -92,11 +93,16 @@ def run_one(context: BenchContext, plan: LoadPlan, rate: float, label: str) -> d
             progress_bar.update(1)
             progress_bar.set_postfix(failed=failures, refresh=False)
 
+    async def load_between_counter_reads(client: StreamClient):
+        # After the warm-up request, so the deltas count this run's requests only.
+        before = read_counters(client.options.base_url, client.options.api_key)
+        load = await run_load(conversations, offsets, client, plan.max_concurrency, on_done)
+        return load, counter_deltas(before, read_counters(client.options.base_url, client.options.api_key))
+
     if context.sampler is not None:
         context.sampler.start()
     try:
-        load = asyncio.run(_with_client(context.client, lambda client: run_load(
-            conversations, offsets, client, plan.max_concurrency, on_done)))
+        load, server_counters = asyncio.run(_with_client(context.client, load_between_counter_reads))
     finally:
         samples = context.sampler.stop() if context.sampler is not None else []
         if progress_bar is not None:
@@ -112,6 +118,8 @@ def run_one(context: BenchContext, plan: LoadPlan, rate: float, label: str) -> d
                      "samples": [asdict(sample) for sample in samples]} if context.sampler else
                     {"summary": None, "samples": [], "note": "server not on this machine: not measured"},
         "roofline": None,  # filled in by attach_roofline once the limit is measured after the runs
+        # What the server's own /metrics counters grew by (None for a server without them).
+        "server_counters": server_counters,
     }
     return run
 

@@ -49,6 +49,10 @@ def test_bench_starts_a_server_and_writes_a_report_with_its_plots(tiny_model_dir
     assert 0 < run["roofline"]["decode"]["fraction_of_limit"] and run["roofline"]["prefill"] is not None
     assert run["hardware"]["summary"]["server_rss_peak_bytes"] > 50 * 2**20
     assert (out / "server.log").is_file()
+    # The server's own counters over the run: 6 requests of 8 generated tokens each.
+    counters = run["server_counters"]
+    assert counters["fitserve_generation_tokens_total"] == 48
+    assert counters["fitserve_request_finished_total"] == 6
 
     rows = list(csv.DictReader((out / "requests.csv").open()))
     assert len(rows) == 6 and all(row["success"] == "True" for row in rows)
