@@ -247,10 +247,10 @@ class KVCacheManager:
         self.free(request)
         return groups
 
-    def swap_in(self, request: Request) -> list[CopyGroup] | None:
+    def swap_in(self, request: Request, headroom_blocks: int = 0) -> list[CopyGroup] | None:
         """Device blocks for a swapped-out request's computed tokens, and the host -> device
         copies that fill them; None (changing nothing) when the device has too few free
-        blocks. Leading full blocks the device still caches (the request's own, freed at
+        blocks, or would be left with fewer than `headroom_blocks` free. Leading full blocks the device still caches (the request's own, freed at
         swap-out and not yet overwritten, or another request's with the same prefix) are
         shared, not copied. The host copy is kept for the next swap-out."""
         host = self._host[request.request_id]
@@ -258,7 +258,7 @@ class KVCacheManager:
         cached = _find_chain(self.pool, request, self.block_size, 0, None,
                              self._epoch_key(request.kv_weights_epoch))[:host.num_tokens // self.block_size]
         num_revived = sum(1 for block_id in cached if self.pool.blocks[block_id].ref_count == 0)
-        if num_blocks - len(cached) + num_revived > self.pool.num_free_blocks:
+        if num_blocks - len(cached) + num_revived + headroom_blocks > self.pool.num_free_blocks:
             return None
         self.pool.touch(cached)
         self._block_hashes[request.request_id] = [self.pool.blocks[b].block_hash for b in cached]  # type: ignore[misc]

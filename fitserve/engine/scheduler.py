@@ -209,8 +209,13 @@ class Scheduler:
 
     def _start_swap_in(self, request: Request, output: SchedulerOutput) -> bool:
         """Give a swapped-out request device blocks and name the copies that refill them.
-        It costs no step budget: nothing is computed until the copy is done."""
-        groups = self.kv_cache.swap_in(request)
+        It costs no step budget: nothing is computed until the copy is done.
+
+        It rejoins only when every running request can still grow by one block afterwards:
+        otherwise the next block boundary preempts again, and the latest arrival (often this
+        very request) would be swapped out after a step or two, paying two copies and a
+        wait for nearly no progress."""
+        groups = self.kv_cache.swap_in(request, headroom_blocks=len(self.running))
         if groups is None:
             return False
         self._admitted(request, RequestStatus.SWAPPING_IN)
