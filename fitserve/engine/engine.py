@@ -446,12 +446,18 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------- stepping
 
+    def _oldest_waiting_arrival(self) -> float | None:
+        """Arrival time of the longest-waiting request without a first token (the SLO loop's
+        leading TTFT signal; called once per window, not per step)."""
+        return min((request.metrics.arrival_time for request in self._requests.values()
+                    if request.metrics.first_token_time is None), default=None)
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
         outputs, self._pending_outputs = self._pending_outputs, []
         self.poll_weight_resize()
         if self.slo_controller is not None:
-            self.scheduler.max_num_batched_tokens = self.slo_controller.update(time.time())
+            self.scheduler.max_num_batched_tokens = self.slo_controller.update(time.time(), self._oldest_waiting_arrival)
         swap_space = self.swap_space
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())

@@ -44,8 +44,28 @@ def test_budget_shrinks_when_tpot_misses_and_grows_when_ttft_misses() -> None:
     assert run_window(control, 10.0, ttft_s=2.0, tpot_s=0.01) == 1001  # TTFT misses: 800 * 1.25 + 1
     assert run_window(control, 20.0, ttft_s=0.1, tpot_s=0.01) == 1001  # both met: kept
     assert control.attainment == 1.0
-    assert run_window(control, 30.0, ttft_s=2.0, tpot_s=0.2) == 1001  # both miss: overload, kept
+    # Both miss: overload; a smaller budget would only add steps, so throughput comes first.
+    assert run_window(control, 30.0, ttft_s=2.0, tpot_s=0.2) == 1252
     assert control.num_finished_total == 40 and control.num_met_total == 10
+
+
+def test_a_request_waiting_past_the_ttft_target_grows_the_budget_before_any_finishes() -> None:
+    control = controller()
+    control.update(0.0)
+    # Finished requests say TPOT misses, but one request has waited 0.8 s for its first token
+    # (target 500 ms): it has missed TTFT already, and a smaller budget would starve it.
+    for _ in range(10):
+        control.observe(finished(0.1, 0.2))
+    assert control.update(1.5, lambda: 0.7) == 1251
+    assert control.attainment == 0.0  # the window's finished requests are still judged
+    # The same window with nobody late shrinks the budget for TPOT.
+    control.update(10.0)
+    for _ in range(10):
+        control.observe(finished(0.1, 0.2))
+    assert control.update(11.5, lambda: 11.4) == 1000
+    # No finished request at all, but one late: grown; nobody late and none finished: kept.
+    assert control.update(20.0, lambda: 18.0) == 1251
+    assert control.update(30.0, lambda: None) == 1251
 
 
 def test_budget_stays_within_its_bounds_and_waits_for_enough_requests() -> None:
