@@ -77,13 +77,14 @@ def test_add_errors_reach_the_caller(engine: LLMEngine) -> None:
     async def scenario(async_engine: AsyncLLMEngine) -> None:
         with pytest.raises(PromptTooLongError, match="maximum context length"):
             await async_engine.add_request("too-long", list(range(3, 300)), GREEDY)
-        stream = await async_engine.add_request("dup", "hello", SamplingParams(max_tokens=20, ignore_eos=True))
+        # Long enough that it cannot finish before the duplicate arrives, however loaded the machine.
+        stream = await async_engine.add_request("dup", "hello", SamplingParams(max_tokens=200, ignore_eos=True))
         with pytest.raises(ValueError, match="already in use"):
             await async_engine.add_request("dup", "hello", GREEDY)
         # The refused duplicate did not disturb the request that owns the id.
         outputs = [output async for output in stream]
         assert outputs[-1].outputs[0].finish_reason == "length"
-        assert len(outputs[-1].outputs[0].token_ids) == 20
+        assert len(outputs[-1].outputs[0].token_ids) == 200
 
     run_with_engine(engine, scenario)
 
@@ -185,7 +186,10 @@ def test_a_fan_out_group_does_not_hold_back_a_later_request(tiny_model_dir: Path
 
     async def abandon_a_group(async_engine: AsyncLLMEngine):
         group = StreamGroup(async_engine)
-        await group.add_all([(f"gone-{i}", "The quick brown fox", params) for i in range(40)])
+        # Long generations: none may finish while the stats are polled (on a loaded machine the
+        # polling can lag the engine thread by many steps).
+        long_params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        await group.add_all([(f"gone-{i}", "The quick brown fox", long_params) for i in range(40)])
         held = async_engine.get_stats()
         for _ in range(2000):  # the stats are published after the engine thread's next iteration
             if held.num_waiting + held.num_running == 40:
