@@ -153,4 +153,4 @@ def test_chains_merge_by_value_per_byte_and_keep_block_order() -> None:
     values = {"a": [5.0, 1.0], "b": [0.5, 20.0], "c": [3.0, 2.2]}
     order = bitstack_order.merge_order(values, {"a": 1, "b": 1, "c": 2})
     assert order == ["b", "b", "a", "c", "c", "a"]
-    assert bitstack_order.chain_values([1.0, 5.0, 0.0]) == [3.0, 5.0, 0.0]
+    assert bitstack_order.chain_values([1.0, 5.0, 0.0]) == [3.0, 3.0, 0.0]
