@@ -8,23 +8,31 @@ correction of the residual left by blocks < b, useless without them).
 Three ways to value a block:
 
 - calibrated (the default): the residual proxy below, scaled per matrix by how much the
-  calibration loss cares about that matrix. At the first level (every matrix holding blocks
-  0 and 1) the loss rise g_m when matrix m gives up its block 1 is measured, as BitStack does;
-  the matrix's sensitivity is s_m = g_m / e_m(1), the loss per unit of the residual energy
-  drop e_m(1) that block 1 brings, and block d is worth s_m * e_m(d). Block 1's value is thus
-  exactly its measured loss, and deeper blocks follow the noiseless proxy in the units of the
-  loss. Why: deeper measured values are loss differences of a few 1e-4 nats, below the noise of
-  a few thousand calibration tokens, and they are measured with every matrix at the same depth,
-  a context no budget loads; sorting on them ordered the late blocks by noise (the curve rose by
-  up to 0.5%) and made the 2-bit end depend on the calibration sample. The residual proxy alone
-  is noiseless but blind to how the loss weighs each matrix (on the bundled model it loads the
-  wrong blocks first and is far worse at ~2 bits). The first level's differences are large
-  (1e-2 to 1e-1 nats on the bundled model), so they rank the matrices reliably. A sensitivity
-  lost in noise (g_m <= 0) is replaced by the smallest positive one measured. Cost: matrices + 1
-  forward passes over the calibration windows, (blocks - 1) times fewer than `measured`.
-  Measuring level 1 bottom-up instead (every matrix at block 0, adding one block 1) was
-  tried and is much worse: at the smallest model the broken first layers dominate, and half
-  the later matrices' block 1 measured as raising the loss.
+  calibration loss cares about that matrix, measured at the first two levels only. At level
+  d (every matrix holding blocks 0..d) the loss rise g_m(d) when matrix m gives up block d is
+  measured, as BitStack does, and divided by the residual energy drop e_m(d) of that block:
+  the matrix's sensitivity s_m(d), loss per unit of energy. Block 1 is worth s_m(1) e_m(1)
+  (its measured loss); every deeper block d is worth s'_m e_m(d), with the deep sensitivity
+  s'_m = s_m(2) bounded to [SATURATION_FLOOR s_m(1), s_m(1)]. Why:
+  * Deeper measured values are loss differences of 1e-4 nats, below the noise of a few
+    thousand calibration tokens, and are measured with every matrix at the same depth, a
+    context no budget loads: sorting on them (`measured`) ordered the late blocks by noise
+    (the curve rose by up to 0.5%) and made the 2-bit end depend on the calibration sample.
+  * The residual proxy alone is noiseless but blind to how the loss weighs each matrix: on
+    the bundled model it is far worse at ~2 bits (34.2 vs 17.9 on the card's subset).
+  * One sensitivity from level 1 for all depths over-values deep blocks of matrices whose
+    loss saturates: on the bundled model the first layer's attention projections gain 0.1
+    nats from block 1, but their level-2 blocks only 0.01-0.3x what level 1's sensitivity
+    predicts (the MLPs ~0.5-1x), so loading their blocks 2-5 early starved the other matrices
+    at ~2 bits. The level-2 sensitivity sees the saturation; the bounds keep its noise (small
+    matrices' level-2 differences are ~1e-4 nats, some negative) from sinking or inflating a
+    whole chain: the loss being concave in the error, a deeper block is never worth more per
+    unit of energy than block 1, and the floor keeps a noisy matrix's deep blocks within 4x.
+  A first-level sensitivity lost in noise (g_m(1) <= 0) takes the smallest positive one.
+  Measuring bottom-up instead (every matrix at block 0, adding one block 1) was tried and is
+  much worse: at the smallest model the broken first layer dominates, and half the later
+  matrices' block 1 measured as raising the loss. Cost: 2 (matrices + 1) forward passes over
+  the calibration windows, (blocks - 1) / 2 times fewer than `measured`.
 - measured (BitStack's level-wise sort): at each depth d, with every matrix holding blocks
   0..d, the calibration loss rises by L(m without block d) - L(all) when matrix m gives up its
   block d. Cost: (matrices + 1) forward passes over the calibration windows per depth.
@@ -98,17 +106,30 @@ def stack_energies(weight: torch.Tensor, stack: Stack, magnitudes: torch.Tensor)
     return residual_energies(weight, stack.signs, stack.u, stack.v, magnitudes.float())
 
 
-def calibrated_values(first_level: dict[str, float], energies: dict[str, list[float]]) -> dict[str, list[float]]:
-    """The calibrated proxy (module docstring): block d of matrix m is worth s_m * e_m(d),
-    e_m(d) its residual energy drop and s_m = first_level[m] / e_m(1) the loss per unit of
-    energy, `first_level[m]` the measured loss of giving up block 1 (measured_values' first
-    depth). Sensitivities that are not positive (noise, or a block 1 stored as zero) take
-    the smallest positive one; with none positive every matrix gets 1 (the residual proxy)."""
+SATURATION_FLOOR = 0.25
+"""The calibrated order's deep sensitivity is at least this fraction of the first level's."""
+
+
+def calibrated_values(first_levels: dict[str, list[float]], energies: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The calibrated proxy (module docstring): block 1 of matrix m is worth s_m(1) e_m(1) and
+    block d >= 2 s'_m e_m(d), e_m(d) its residual energy drop. `first_levels[m]` holds the
+    measured loss of giving up block 1 and, for a stack of 3 or more blocks, block 2
+    (measured_values with levels=2); s_m(d) = first_levels[m][d-1] / e_m(d) and s'_m = s_m(2)
+    bounded to [SATURATION_FLOOR s_m(1), s_m(1)]. First-level sensitivities that are not
+    positive (noise, or a block 1 stored as zero) take the smallest positive one (1 when none
+    is positive)."""
     drops = residual_values(energies)
-    sensitivities = {prefix: first_level[prefix] / chain[0] for prefix, chain in drops.items()
-                     if chain and chain[0] > 0 and first_level.get(prefix, 0.0) > 0}
-    floor = min(sensitivities.values(), default=1.0)
-    return {prefix: [sensitivities.get(prefix, floor) * drop for drop in chain] for prefix, chain in drops.items()}
+    first = {prefix: first_levels[prefix][0] / chain[0] for prefix, chain in drops.items()
+             if chain and chain[0] > 0 and first_levels.get(prefix) and first_levels[prefix][0] > 0}
+    floor = min(first.values(), default=1.0)
+    values = {}
+    for prefix, chain in drops.items():
+        sensitivity = first.get(prefix, floor)
+        measured = first_levels.get(prefix, [])
+        deep = measured[1] / chain[1] if len(measured) > 1 and len(chain) > 1 and chain[1] > 0 else sensitivity
+        deep = min(sensitivity, max(SATURATION_FLOOR * sensitivity, deep))
+        values[prefix] = [sensitivity * chain[0], *(deep * drop for drop in chain[1:])] if chain else []
+    return values
 
 
 def measured_values(stand_in: StandIn, windows: list[list[int]],
@@ -116,7 +137,7 @@ def measured_values(stand_in: StandIn, windows: list[list[int]],
                     levels: int | None = None) -> dict[str, list[float]]:
     """Per matrix, the calibration loss (mean NLL per token) that giving up each block d >= 1
     costs when every matrix holds blocks 0..d (BitStack's level-wise measurement); only the
-    first `levels` depths when given (calibrated_values needs the first)."""
+    first `levels` depths when given (calibrated_values needs the first two)."""
     prefixes = list(stand_in.stacks)
     num_blocks = max(stack.num_blocks for stack in stand_in.stacks.values())
     values: dict[str, list[float]] = {prefix: [] for prefix in prefixes}

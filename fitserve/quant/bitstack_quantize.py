@@ -167,12 +167,11 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
         values = bitstack_order.residual_values(energies)
     else:
         stand_in = _stand_in(model_dir, fixed, stacks)
-        levels = 1 if options.ordering == "calibrated" else None
+        levels = 2 if options.ordering == "calibrated" else None
         values = bitstack_order.measured_values(stand_in, first_tokens(samples, options.ordering_tokens),
                                                 lambda depths: _bar(depths, "ordering", progress, "depth"), levels)
         if options.ordering == "calibrated":
-            values = bitstack_order.calibrated_values({prefix: chain[0] for prefix, chain in values.items() if chain},
-                                                      energies)
+            values = bitstack_order.calibrated_values(values, energies)
     order = bitstack_order.merge_order(values, sizes)
     fixed_bytes = _tensor_bytes(fixed.values())
     smallest, full = bitstack_budget.budget_range(fixed_bytes, sizes, {p: s.num_blocks for p, s in stacks.items()})
