@@ -19,15 +19,17 @@ Three ways to value a block:
     context no budget loads: sorting on them (`measured`) ordered the late blocks by noise
     (the curve rose by up to 0.5%) and made the 2-bit end depend on the calibration sample.
   * The residual proxy alone is noiseless but blind to how the loss weighs each matrix: on
-    the bundled model it is far worse at ~2 bits (34.2 vs 17.9 on the card's subset).
-  * One sensitivity from level 1 for all depths over-values deep blocks of matrices whose
-    loss saturates: on the bundled model the first layer's attention projections gain 0.1
-    nats from block 1, but their level-2 blocks only 0.01-0.3x what level 1's sensitivity
-    predicts (the MLPs ~0.5-1x), so loading their blocks 2-5 early starved the other matrices
-    at ~2 bits. The level-2 sensitivity sees the saturation; the bounds keep its noise (small
-    matrices' level-2 differences are ~1e-4 nats, some negative) from sinking or inflating a
-    whole chain: the loss being concave in the error, a deeper block is never worth more per
-    unit of energy than block 1, and the floor keeps a noisy matrix's deep blocks within 4x.
+    the bundled model it is far worse at ~2 bits (34.2 vs 17.6 on the card's subset).
+  * One sensitivity from level 1 for all depths (tried first) over-values deep blocks of
+    matrices whose loss saturates: on the bundled model the first layer's attention
+    projections gain 0.1 nats from block 1, but their level-2 blocks only 0.01-0.3x what level
+    1's sensitivity predicts (the MLPs ~0.5-1x); loading their blocks 2-5 early starved the
+    other matrices at ~2 bits (21.8 on the card's subset with 1024 calibration tokens, worse
+    than 2-bit round-to-nearest's 20.0). The level-2 sensitivity sees the saturation; the
+    bounds keep its noise (small matrices' level-2 differences are ~1e-4 nats, some negative)
+    from sinking or inflating a whole chain: the loss is concave in the error here (summed
+    over matrices, level 2 measures 0.4-0.5x what level 1 predicts), so a deep sensitivity
+    above level 1's is noise, and the floor keeps a noisy matrix's deep blocks within 4x.
   A first-level sensitivity lost in noise (g_m(1) <= 0) takes the smallest positive one.
   Measuring bottom-up instead (every matrix at block 0, adding one block 1) was tried and is
   much worse: at the smallest model the broken first layer dominates, and half the later
@@ -41,9 +43,10 @@ Three ways to value a block:
   shrinks the expected output error of its layer.
 
 Merging: a chain's values are made non-increasing first (cut into runs that each gain the
-most per block, every block taking its run's mean: the classic rule for scheduling chains), then a greedy
-merge takes the next block of the chain with the highest value per byte. A block worth little
-that unlocks a valuable one is thus loaded with it instead of being left behind.
+most per block, every block taking its run's mean: the classic rule for scheduling chains),
+then a greedy merge takes the next block of the chain with the highest value per byte. A
+block worth little that unlocks a valuable one is thus loaded with it instead of being left
+behind.
 """
 
 from __future__ import annotations
