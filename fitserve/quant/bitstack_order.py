@@ -109,6 +109,9 @@ def stack_energies(weight: torch.Tensor, stack: Stack, magnitudes: torch.Tensor)
     return residual_energies(weight, stack.signs, stack.u, stack.v, magnitudes.float())
 
 
+CALIBRATED_LEVELS = 2
+"""Levels of BitStack's level-wise measurement the calibrated order takes (measured_values'
+`levels`): level 1 for each matrix's sensitivity, level 2 for its saturation."""
 SATURATION_FLOOR = 0.25
 """The calibrated order's deep sensitivity is at least this fraction of the first level's."""
 

@@ -3,10 +3,11 @@
 Steps: input magnitudes of every projection on calibration text (activation_scales); each
 projection decomposed into `num_blocks` residual blocks of its rank (bitstack.decompose, the
 columns scaled by the magnitudes); the global load order of the blocks (bitstack_order:
-the calibrated proxy by default, or measured on calibration text, or the residual proxy); then model.safetensors with the
-stacked blocks (bitstack_packing's layout), the LM head / embedding as in the other formats,
-and config.json's quantization_config (block order, ranks and, for a model that ships a
-heldout.txt, a held-out perplexity curve over budgets that the start-up banner interpolates).
+the calibrated proxy by default, or measured on calibration text, or the residual proxy);
+then model.safetensors with the stacked blocks (bitstack_packing's layout), the LM head /
+embedding as in the other formats, and config.json's quantization_config (block order, ranks
+and, for a model that ships a heldout.txt, a held-out perplexity curve over budgets that the
+start-up banner interpolates).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
         values = bitstack_order.residual_values(energies)
     else:
         stand_in = _stand_in(model_dir, fixed, stacks)
-        levels = 2 if options.ordering == "calibrated" else None
+        levels = bitstack_order.CALIBRATED_LEVELS if options.ordering == "calibrated" else None
         values = bitstack_order.measured_values(stand_in, first_tokens(samples, options.ordering_tokens),
                                                 lambda depths: _bar(depths, "ordering", progress, "depth"), levels)
         if options.ordering == "calibrated":
