@@ -38,8 +38,8 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
                              "better per byte, and low ranks decode fastest)")
     parser.add_argument("--ordering", choices=BITSTACK_ORDERINGS, default="calibrated",
                         help="bitstack: global block order by value per byte. calibrated: residual reduction scaled "
-                             "per matrix by the calibration loss its first extra block saves (matrices+1 forward "
-                             "passes); measured: calibration loss at every depth ((matrices+1) x blocks forward "
+                             "per matrix by its calibration-loss sensitivity measured at the first two levels "
+                             "(2 x (matrices+1) forward passes); measured: calibration loss at every depth ((matrices+1) x blocks forward "
                              "passes, noisy at depth); residual: activation-weighted residual reduction (no forward "
                              "passes)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
