@@ -14,8 +14,10 @@ activations; all 159 windows, and the card's 16-window subset).
 - BitStack (`fitserve quantize --method bitstack`), each variant at evenly spaced budgets from
   the smallest loadable model to the full stack, plus budgets equal to every baseline's
   memory (so "at 2-bit's memory" is measured, not interpolated). Variants: per-matrix rank
-  (--rank auto) with the measured order (the main curve), rank 16 everywhere, and the
-  residual-proxy order.
+  (--rank auto) with the calibrated order (the default, the main curve), rank 16 everywhere,
+  and the measured (BitStack's level-wise) and residual-proxy orders. With several
+  --ordering-tokens, every variant is quantized once per token count (a robustness check of
+  the order against the calibration sample).
 
 The JSON says, for every baseline, BitStack's perplexity at its memory, and where the BitStack
 curve crosses the curve of the fixed formats.
@@ -41,18 +43,19 @@ from fitserve.models.loader import EMBEDDING, load_model
 from fitserve.models.weight_memory import weight_memory_bytes
 from fitserve.quant import packing
 from fitserve.quant.bitstack_evaluate import BitStackModel, model_windows
-from fitserve.quant.bitstack_quantize import BitStackOptions, projection_parts
+from fitserve.quant.bitstack_quantize import ORDERING_TOKENS, BitStackOptions, projection_parts
 from fitserve.quant.evaluate import perplexity
 from fitserve.quant.quantize import quantize_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUP = 128
 VARIANTS = {
+    "bitstack (rank auto, calibrated order)": {"rank": "auto", "ordering": "calibrated"},
+    "bitstack (rank 16, calibrated order)": {"rank": 16, "ordering": "calibrated"},
     "bitstack (rank auto, measured order)": {"rank": "auto", "ordering": "measured"},
-    "bitstack (rank 16, measured order)": {"rank": 16, "ordering": "measured"},
     "bitstack (rank auto, residual order)": {"rank": "auto", "ordering": "residual"},
 }
-MAIN = "bitstack (rank auto, measured order)"
+MAIN = "bitstack (rank auto, calibrated order)"
 """The variant measured on all of heldout.txt; the others on the 16-window subset (time)."""
 
 
@@ -170,6 +173,12 @@ def crossings(bitstack: list[tuple[float, float]], fixed: list[tuple[float, floa
     return out
 
 
+def rises(curve: list[tuple[float, float]]) -> list[dict]:
+    """Every step of a curve sorted by bytes where perplexity goes up (empty: non-increasing)."""
+    return [{"from_bytes": x0, "to_bytes": x1, "relative_rise": y1 / y0 - 1}
+            for (x0, y0), (x1, y1) in zip(curve, curve[1:]) if y1 > y0]
+
+
 def plot(rows: list[dict], path: Path, infos: list[dict]) -> None:
     """Left: all of heldout.txt (the main variant); right: the 16-window subset (all variants)."""
     import matplotlib
@@ -180,7 +189,7 @@ def plot(rows: list[dict], path: Path, infos: list[dict]) -> None:
     keys = [key for key in ("perplexity_heldout", "perplexity_subset16") if any(key in r for r in rows)]
     figure, panels = plt.subplots(1, len(keys), figsize=(7 * len(keys), 5), squeeze=False)
     for axes, key in zip(panels[0], keys):
-        for info, style in zip(infos, ("o-", "s--", "^:")):
+        for info, style in zip(infos, ("o-", "s--", "^:", "v-.", "<-", ">--", "d:", "p-.")):
             points = sorted((r["weight_bytes"] / 2**20, r[key]) for r in rows
                             if r["method"] == info["variant"] and key in r)
             if points:
@@ -212,8 +221,9 @@ def main() -> int:
     parser.add_argument("--subset-only", action="store_true", help="only the card's 16-window subset (faster)")
     parser.add_argument("--points", type=int, default=10, help="evenly spaced budgets per BitStack variant")
     parser.add_argument("--num-blocks", type=int, default=16)
-    parser.add_argument("--ordering-tokens", type=int, default=1024,
-                        help="calibration tokens per loss of the measured order")
+    parser.add_argument("--ordering-tokens", type=int, nargs="+", default=[ORDERING_TOKENS],
+                        help="calibration tokens per loss of the calibrated and measured orders (several: each "
+                             "variant once per value)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is faster than 2 on the shared two-core machine)")
@@ -243,11 +253,13 @@ def main() -> int:
         extra = [row["weight_bytes"] for row in rows if row["method"] != "float32 (original)"]
         infos = []
         for name in args.variants:
-            variant_subsets = subsets if name == MAIN else {"subset16": subsets["subset16"]}
-            variant_rows, info = bitstack_rows(Path(work), name, VARIANTS[name], variant_subsets, extra, args.points,
-                                               args.num_blocks, args.ordering_tokens)
-            rows.extend(variant_rows)
-            infos.append(info)
+            for tokens in args.ordering_tokens:
+                variant_subsets = subsets if name == MAIN else {"subset16": subsets["subset16"]}
+                label = name if len(args.ordering_tokens) == 1 else f"{name[:-1]}, {tokens} ordering tokens)"
+                variant_rows, info = bitstack_rows(Path(work), label, VARIANTS[name], variant_subsets, extra,
+                                                   args.points, args.num_blocks, tokens)
+                rows.extend(variant_rows)
+                infos.append(info)
             result.update(rows=rows, bitstack=infos)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
     fixed_rows = sorted((r for r in rows if not r["method"].startswith(("float32", "bitstack"))),
@@ -264,6 +276,7 @@ def main() -> int:
                      "bitstack_perplexity": by_bytes[r["weight_bytes"]][subset_key]
                      if r["weight_bytes"] in by_bytes else None} for r in fixed_rows],
                 "crossings": crossings(curve, fixed_curve),
+                "rises": rises(curve),
             }
     result.update(rows=rows, bitstack=infos, comparison=comparison,
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))

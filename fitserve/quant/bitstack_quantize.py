@@ -2,11 +2,12 @@
 
 Steps: input magnitudes of every projection on calibration text (activation_scales); each
 projection decomposed into `num_blocks` residual blocks of its rank (bitstack.decompose, the
-columns scaled by the magnitudes); the global load order of the blocks (bitstack_order,
-measured on calibration text or by the residual proxy); then model.safetensors with the
-stacked blocks (bitstack_packing's layout), the LM head / embedding as in the other formats,
-and config.json's quantization_config (block order, ranks and, for a model that ships a
-heldout.txt, a held-out perplexity curve over budgets that the start-up banner interpolates).
+columns scaled by the magnitudes); the global load order of the blocks (bitstack_order:
+the calibrated proxy by default, or measured on calibration text, or the residual proxy);
+then model.safetensors with the stacked blocks (bitstack_packing's layout), the LM head /
+embedding as in the other formats, and config.json's quantization_config (block order, ranks
+and, for a model that ships a heldout.txt, a held-out perplexity curve over budgets that the
+start-up banner interpolates).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ DEFAULT_NUM_BLOCKS = 16
 DEFAULT_RANK = "auto"
 AUTO_RANK_CANDIDATES = (1, 2, 4, 8, 16)
 ORDERING_TOKENS = 2048
-"""Calibration tokens each loss of the measured ordering is taken on (a few 512-token windows
-rank the blocks stably; each costs (matrices + 1) x blocks forward passes)."""
+"""Calibration tokens each loss of the calibrated and measured orderings is taken on (the
+first windows of the calibration samples); benchmarks/bitstack_quality.py measured the
+published curve with this value."""
 CURVE_POINTS = 9
 CURVE_WINDOWS = 16
 """The perplexity curve in quantization_config is measured on the model card's 16-window
@@ -50,9 +52,10 @@ class BitStackOptions:
     rank: int | str = DEFAULT_RANK
     """Rank of every block's factors, or "auto": per matrix, the candidate rank with the most
     activation-weighted residual reduction per byte (bitstack.choose_rank)."""
-    ordering: str = "measured"
+    ordering: str = "calibrated"
+    """How blocks are valued (bitstack_order): calibrated, measured or residual."""
     ordering_tokens: int = ORDERING_TOKENS
-    """measured: calibration tokens per loss (the first windows of the calibration samples)."""
+    """calibrated, measured: calibration tokens per loss (the first windows of the calibration samples)."""
     alpha: float = 0.5
     """Exponent of the input magnitudes in the column scales (activation_scales.column_scales)."""
     curve_points: int = CURVE_POINTS
@@ -149,7 +152,7 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
     prefixes = [part.prefix for part in parts]
     magnitudes = input_magnitudes(model_dir, prefixes, samples, _bar(samples, "calibration", progress, "sample"))
     stacks: dict[str, Stack] = {}
-    residual_values: dict[str, list[float]] = {}
+    energies: dict[str, list[float]] = {}
     for part in _bar(parts, "decomposing", progress, "matrix"):
         with safe_open(str(found[f"{part.prefix}.weight"][0]), framework="pt") as file:
             weight = file.get_tensor(f"{part.prefix}.weight").float()
@@ -157,18 +160,19 @@ def build_bitstack(model_dir: Path, config: ModelConfig, found: dict, samples: l
         rank = (choose_rank(weight, scales, magnitudes[part.prefix], options.num_blocks, AUTO_RANK_CANDIDATES)
                 if options.rank == "auto" else options.rank)
         stacks[part.prefix] = Stack(*decompose(weight, scales, options.num_blocks, rank))
-        if options.ordering == "residual":
-            residual_values.update(bitstack_order.residual_values({part.prefix: weight},
-                                                                  {part.prefix: stacks[part.prefix]}, magnitudes))
+        energies[part.prefix] = bitstack_order.stack_energies(weight, stacks[part.prefix], magnitudes[part.prefix])
     fixed = _fixed_tensors(config, found, head, parts)
     sizes = {prefix: stack.block_bytes() for prefix, stack in stacks.items()}
     stand_in = None
-    if options.ordering == "measured":
-        stand_in = _stand_in(model_dir, fixed, stacks)
-        values = bitstack_order.measured_values(stand_in, first_tokens(samples, options.ordering_tokens),
-                                                lambda depths: _bar(depths, "ordering", progress, "depth"))
+    if options.ordering == "residual":
+        values = bitstack_order.residual_values(energies)
     else:
-        values = residual_values
+        stand_in = _stand_in(model_dir, fixed, stacks)
+        levels = bitstack_order.CALIBRATED_LEVELS if options.ordering == "calibrated" else None
+        values = bitstack_order.measured_values(stand_in, first_tokens(samples, options.ordering_tokens),
+                                                lambda depths: _bar(depths, "ordering", progress, "depth"), levels)
+        if options.ordering == "calibrated":
+            values = bitstack_order.calibrated_values(values, energies)
     order = bitstack_order.merge_order(values, sizes)
     fixed_bytes = _tensor_bytes(fixed.values())
     smallest, full = bitstack_budget.budget_range(fixed_bytes, sizes, {p: s.num_blocks for p, s in stacks.items()})

@@ -36,10 +36,12 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="bitstack: rank of each block's factors, or 'auto' (per matrix, the rank among 1, 2, 4, 8 "
                              "and 16 that removes the most activation-weighted error per byte; slower to quantize, "
                              "better per byte, and low ranks decode fastest)")
-    parser.add_argument("--ordering", choices=BITSTACK_ORDERINGS, default="measured",
-                        help="bitstack: global block order by calibration loss gained per byte (measured: "
-                             "(matrices+1) x blocks forward passes) or by activation-weighted residual reduction "
-                             "per byte (residual: no forward passes, for big models)")
+    parser.add_argument("--ordering", choices=BITSTACK_ORDERINGS, default="calibrated",
+                        help="bitstack: global block order by value per byte. calibrated: residual reduction scaled "
+                             "per matrix by its calibration-loss sensitivity measured at the first two levels "
+                             "(2 x (matrices+1) forward passes); measured: calibration loss at every depth ((matrices+1) x blocks forward "
+                             "passes, noisy at depth); residual: activation-weighted residual reduction (no forward "
+                             "passes)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=run_quantize)

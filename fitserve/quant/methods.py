@@ -7,5 +7,5 @@ DYNAMIC_METHODS = ("w8", "w4")
 """Methods `--quantization` applies to a dense checkpoint at load (round to nearest)."""
 HEAD_FORMATS = ("w8", "dense")
 """How the LM head (for tied models, the embedding matrix) is stored in a quantized model."""
-BITSTACK_ORDERINGS = ("measured", "residual")
+BITSTACK_ORDERINGS = ("calibrated", "measured", "residual")
 """How `--method bitstack` values its blocks (fitserve.quant.bitstack_order)."""
