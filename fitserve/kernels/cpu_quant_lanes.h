@@ -6,39 +6,60 @@
 
 namespace fitserve_cpu {
 
-// x rows for the lanes kernel: int8 codes in column order (rows 64-byte aligned), and per group
-// xs_g and xs_g * (sum of the group's codes) (the zero-point term).
+constexpr int kLanesTileRows = 8;  // rows of x per pass over a block: 8 int32 + 8 float accumulators
+
+// x rows for the lanes kernel, in tiles of 8 rows laid out so that a tile's step is one cache
+// line: the int8 codes as int32 quads [tiles][K/4][8] (4 consecutive columns of one row each;
+// a step's 8 low-nibble partners, then its 8 high-nibble partners), and per group [tiles]
+// [groups][8] xs_g and xs_g * (sum of the group's codes) (the zero-point term). A tile's loads
+// differ by constant offsets from one pointer (no per-row addresses in registers), and a pass
+// over a block touches only its tile's lines (rows past M in the last tile are never read).
 inline void prepare_w4_lanes_activations(const float* x, int64_t M, const W4Lanes& L, ActivationCodes& a) {
+  constexpr int T = kLanesTileRows;
+  const int64_t tiles = (M + T - 1) / T, quads_per_row = L.K / 4;
   a.code_stride = (L.K + 63) / 64 * 64;
-  a.scale_stride = a.extra_stride = L.groups;
+  a.scale_stride = quads_per_row * T;  // int32 quads per tile
+  a.extra_stride = L.groups * T;       // floats per tile
   int8_t* codes = a.codes.get(M * a.code_stride);
-  float* group_scales = a.group_scales.get(M * a.extra_stride);
-  float* zero_terms = a.zero_terms.get(M * a.extra_stride);
+  int32_t* quads = a.offsets.get(tiles * a.scale_stride);
+  float* group_scales = a.group_scales.get(tiles * a.extra_stride);
+  float* zero_terms = a.zero_terms.get(tiles * a.extra_stride);
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = codes + m * a.code_stride;
+    const int64_t tile = m / T, lane = m % T;
     for (int64_t g = 0; g < L.groups; ++g) {
       const float scale = quantize_block(x + m * L.K + g * L.G, L.G, row + g * L.G);
       int32_t sum = 0;
       for (int64_t k = 0; k < L.G; ++k) sum += row[g * L.G + k];
-      group_scales[m * a.extra_stride + g] = scale;
-      zero_terms[m * a.extra_stride + g] = scale * static_cast<float>(sum);
+      group_scales[tile * a.extra_stride + g * T + lane] = scale;
+      zero_terms[tile * a.extra_stride + g * T + lane] = scale * static_cast<float>(sum);
     }
+    int32_t* tile_quads = quads + tile * a.scale_stride + lane;
+    for (int64_t q = 0; q < quads_per_row; ++q) std::memcpy(tile_quads + q * T, row + 4 * q, 4);
   }
 }
 
-// Four bytes of x as one int32 (the vpdpbusd operand broadcast to every lane).
-inline int32_t x_quad(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
+// acc + vpdpbusd(u, the int32 at s broadcast to 16 lanes), the broadcast folded into the
+// instruction's memory operand ({1to16}). GCC emits a separate vpbroadcastd for the intrinsic
+// with _mm512_set1_epi32(*s), one more instruction per vpdpbusd.
+FITSERVE_VNNI inline __m512i dpbusd_broadcast(__m512i acc, __m512i u, const int32_t* s) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*s));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(*s));
+#endif
 }
 
 // Block b (16 output rows, or the R left) against MR rows of x from m0. Per step: one load and
 // two unpacking instructions shared by the MR rows, then two vpdpbusd per row of x into its
-// group's int32 accumulator; per group and row of x: conversion, scale and zero-point term on
-// 16 rows at once. Results go to the block's output columns with their biases.
+// group's int32 accumulator (the row's 4 bytes of x broadcast from memory); per group and row
+// of x: conversion, scale and zero-point term on 16 rows at once. Results go to the block's
+// output columns with their biases.
 template <int MR, bool Gfni>
 FITSERVE_VNNI void w4_lanes_block(const KernelArgs& args, const W4Lanes& L, int64_t b, int64_t m0) {
+  constexpr int T = kLanesTileRows;
+  static_assert(MR <= T, "a pass covers at most one tile of x rows");
   const QuantPart& p = *args.part;
   const ActivationCodes& a = *args.act;
   const int64_t R = L.block_rows(b), step_bytes = 4 * R;
@@ -47,50 +68,38 @@ FITSERVE_VNNI void w4_lanes_block(const KernelArgs& args, const W4Lanes& L, int6
   const uint8_t* zeros = p.zero_codes + L.group_offset(b);
   const __mmask64 code_mask = R == kLaneRows ? ~__mmask64(0) : (~__mmask64(0)) >> (64 - step_bytes);
   const __mmask16 row_mask = static_cast<__mmask16>((1u << R) - 1);
-  const bool full = R == kLaneRows;
-  const int8_t* x[MR];
-  const float* xs[MR];
-  const float* zt[MR];
-  for (int m = 0; m < MR; ++m) {
-    x[m] = a.codes.data + (m0 + m) * a.code_stride;
-    xs[m] = a.group_scales.data + (m0 + m) * a.extra_stride;
-    zt[m] = a.zero_terms.data + (m0 + m) * a.extra_stride;
-  }
+  const int64_t tile = m0 / T;
+  const int32_t* quads = a.offsets.data + tile * a.scale_stride;  // step t of row m: 16t + m, 16t + 8 + m
+  const float* xs = a.group_scales.data + tile * a.extra_stride;
+  const float* zt = a.zero_terms.data + tile * a.extra_stride;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   // Two int32 accumulators per row of x where the rows are few: each takes one vpdpbusd per
-  // step, so its dependency chain does not limit a single row of x to one step per latency x2.
+  // step, so one row of x is not held to one step per two vpdpbusd latencies.
   constexpr int kAcc = MR <= 4 ? 2 : 1;
   __m512 out[MR];
   for (int m = 0; m < MR; ++m) out[m] = _mm512_setzero_ps();
   const int64_t spg = L.steps_per_group;
+  const uint8_t* c = codes;
   for (int64_t g = 0; g < L.groups; ++g) {
     __m512i acc[MR][kAcc];
     for (int m = 0; m < MR; ++m)
       for (int i = 0; i < kAcc; ++i) acc[m][i] = _mm512_setzero_si512();
-    const uint8_t* c = codes + g * spg * step_bytes;
-    const int64_t k0 = g * L.G;
-    for (int64_t t = 0; t < spg; ++t, c += step_bytes) {
-      __m512i v;
-      if (full) {
-        _mm_prefetch(reinterpret_cast<const char*>(c) + kSingleRowPrefetchBytes, _MM_HINT_T1);
-        v = _mm512_loadu_si512(c);
-      } else {
-        v = _mm512_maskz_loadu_epi8(code_mask, c);
-      }
+    for (int64_t t = 0; t < spg; ++t, c += step_bytes, quads += 2 * T) {
+      _mm_prefetch(reinterpret_cast<const char*>(c) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+      const __m512i v = _mm512_maskz_loadu_epi8(code_mask, c);
       const __m512i lo = _mm512_and_si512(v, nibble);
       const __m512i hi = high_nibbles<Gfni>(v, nibble);
-      const int64_t k = k0 + 8 * t;
       for (int m = 0; m < MR; ++m) {
-        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], lo, _mm512_set1_epi32(x_quad(x[m] + k)));
-        acc[m][kAcc - 1] = _mm512_dpbusd_epi32(acc[m][kAcc - 1], hi, _mm512_set1_epi32(x_quad(x[m] + k + 4)));
+        acc[m][0] = dpbusd_broadcast(acc[m][0], lo, quads + m);
+        acc[m][kAcc - 1] = dpbusd_broadcast(acc[m][kAcc - 1], hi, quads + T + m);
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(row_mask, scales + g * R));
     const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(row_mask, zeros + g * R))));
     for (int m = 0; m < MR; ++m) {
       const __m512i dot = kAcc == 2 ? _mm512_add_epi32(acc[m][0], acc[m][kAcc - 1]) : acc[m][0];
-      out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xs[m][g])), out[m]);
-      out[m] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(zt[m][g]), out[m]);
+      out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xs[g * T + m])), out[m]);
+      out[m] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(zt[g * T + m]), out[m]);
     }
   }
   const int64_t n0 = b * kLaneRows;
@@ -107,8 +116,6 @@ FITSERVE_VNNI void w4_lanes_block(const KernelArgs& args, const W4Lanes& L, int6
                                 _mm512_add_ps(out[m], bias), 4);
   }
 }
-
-constexpr int kLanesTileRows = 8;  // rows of x per pass over a block: 8 int32 + 8 float accumulators
 
 // A lanes-layout part over all M rows of x: blocks split between threads (~32 KiB per claim),
 // each block met by the rows of x in tiles while it is in L1/L2.

@@ -184,7 +184,7 @@ struct ActivationCodes {
   AlignedBuffer<float> scales;      // w4: [M][chunks][lanes] xs of each lane's group; w8: [M][blocks]
   AlignedBuffer<float> zero_terms;  // w4: [M][groups] xs_g * sum of the group's codes
   AlignedBuffer<float> group_scales;  // w4: [M][groups] xs_g
-  AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum
+  AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum; w4 lanes: x codes as int32 quads [tiles][K/4][8]
   std::vector<int8_t> natural;      // one row's codes in column order (w4 staging)
 };
 
