@@ -73,6 +73,17 @@ constexpr int64_t kW8XBlock = 128;  // columns of x per int8 scale against w8 we
 // row count from 1 to 128, in w4 and w8; 64 keeps a batched decode step (32 sequences in the
 // CPU benchmark) on the kernel with margin, as BF16_DOT_MAX_ROWS does for bf16 weights.
 constexpr int64_t kQuantDecodeMaxRows = 64;
+// The same for a layer with a w4 part in the lanes layout (AVX-512 VNNI), measured with
+// benchmarks/cpu_quant_kernels.py-style alternating calls, one thread of a 2-core Zen 4 shared
+// with other jobs, bf16 x: the lanes kernel took 0.2-0.5x the dequantize-and-bf16-matmul time
+// from 64 to 384 rows (qkv, gate_up, down), and 0.6-0.8x at 512 and 1024 rows (where it still
+// beat bf16 weights in F.linear, 0.7-0.8x). The w8 kernel loses from ~128 rows (1.1x at 128,
+// 1.1-2.2x at 256), but in a MixLLM layer its tenth of the rows costs less than the w4 part
+// gains. 256 keeps batched decode and short prompts on the integer kernels; longer prompts keep
+// float activations (the dequantizing path), which decides their numerics, not speed alone.
+constexpr int64_t kQuantLanesDecodeMaxRows = 256;
+// decode_max_rows argument meaning "the measured default for the parts the layer holds".
+constexpr int64_t kQuantDecodeMaxRowsAuto = -1;
 
 // A buffer of T whose data starts on a 64-byte boundary, grown on demand and kept.
 template <typename T>
@@ -770,7 +781,8 @@ class QuantLinear {
  public:
   // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (dequantize
   // and matmul for every row count). decode_max_rows: up to this many rows of x the integer
-  // kernels run, above it the dequantizing path. w4_lanes: on AVX-512 VNNI, w4 parts are
+  // kernels run, above it the dequantizing path (kQuantDecodeMaxRowsAuto: kQuantLanesDecodeMaxRows
+  // once the layer has a lanes-layout part, else kQuantDecodeMaxRows). w4_lanes: on AVX-512 VNNI, w4 parts are
   // repacked into the lanes layout and run its kernel (false: the row-major kernel, kept for
   // comparison in benchmarks/cpu_quant_kernels.py).
   QuantLinear(int64_t in_features, int64_t out_features, c10::optional<torch::Tensor> bias, const std::string& isa,
@@ -778,6 +790,8 @@ class QuantLinear {
       : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows),
         w4_lanes_(w4_lanes), covered_(static_cast<size_t>(std::max<int64_t>(out_features, 0)), 0) {
     TORCH_CHECK(in_features > 0 && out_features > 0, "QuantLinear: in_features and out_features must be positive");
+    TORCH_CHECK(decode_max_rows >= 0 || decode_max_rows == kQuantDecodeMaxRowsAuto,
+                "QuantLinear: decode_max_rows must be >= 0 (or -1: the default for the parts added)");
     if (isa == "auto") isa_ = cpu_has_avx512_vnni() ? QuantIsa::kAvx512Vnni
                                 : cpu_has_avx2_fma() ? QuantIsa::kAvx2 : QuantIsa::kReference;
     else if (isa == "avx512_vnni") isa_ = QuantIsa::kAvx512Vnni;
@@ -872,7 +886,8 @@ class QuantLinear {
                 out_features_, " output rows");
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t M = x.size(0);
-    if (x.scalar_type() == torch::kBFloat16 && native_bf16_ && M > decode_max_rows_) {
+    const int64_t max_rows = decode_max_rows();
+    if (x.scalar_type() == torch::kBFloat16 && native_bf16_ && M > max_rows) {
       // Prefill of a bf16 model on a CPU with bf16 arithmetic: bf16 weights into the bf16
       // matmul, which runs ~2.2x faster there than float32 (benchmarks/cpu_quant_kernels.py
       // --section prefill, 2-core Zen 4): F.linear(x, dequantize(...).to(bf16), bias.to(bf16)).
@@ -884,7 +899,7 @@ class QuantLinear {
     torch::Tensor out = torch::empty({M, out_features_}, x_float.options());
     if (M == 0) return out.to(x.scalar_type());
     for (const QuantPart& part : parts_) {
-      if (part.isa != QuantIsa::kReference && M <= decode_max_rows_) run_kernel(part, x_float, out);
+      if (part.isa != QuantIsa::kReference && M <= max_rows) run_kernel(part, x_float, out);
       else run_dequantized(part, x_float, out);
     }
     return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
@@ -912,7 +927,13 @@ class QuantLinear {
   }
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
-  int64_t decode_max_rows() const { return decode_max_rows_; }
+  // Rows of x up to which the integer kernels run (the default depends on the parts added).
+  int64_t decode_max_rows() const {
+    if (decode_max_rows_ != kQuantDecodeMaxRowsAuto) return decode_max_rows_;
+    for (const QuantPart& part : parts_)
+      if (part.lanes) return kQuantLanesDecodeMaxRows;
+    return kQuantDecodeMaxRows;
+  }
 
  private:
   static torch::Tensor checked_storage(const torch::Tensor& t) {

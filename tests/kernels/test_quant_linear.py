@@ -213,6 +213,20 @@ def test_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_featu
 
 
 @LANES
+def test_layers_with_a_lanes_part_run_the_kernel_for_more_rows_by_default():
+    # The lanes kernel beats dequantize-and-matmul far beyond the row kernels' 64 rows.
+    w8_only, _ = w8_layer(256, 20, "auto", None, seed=5)
+    assert w8_only.decode_max_rows == 64
+    layer, weight = w4_layer(256, 20, 64, "auto", None, seed=5)
+    assert layer.decode_max_rows == 256
+    x = torch.randn(200, 256)
+    check_kernel_output(layer.forward(x), x, weight, None, 64)  # rounded activations: the kernel ran
+    assert torch.equal(layer.forward(torch.randn(257, 256)[:0]), torch.empty(0, 20))
+    with pytest.raises(RuntimeError, match="decode_max_rows must be"):
+        kernels.QuantLinear(256, 20, None, "auto", -2)
+
+
+@LANES
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [65, 300])
 def test_dequantizing_path_reads_the_lanes_layout(x_dtype, rows):
