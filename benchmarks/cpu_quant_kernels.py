@@ -8,7 +8,8 @@
 `gemv`: one row of x against each Qwen2.5-0.5B projection shape (o 896x896, qkv 1152x896,
 gate_up 9728x896, down 896x4864, and the 151936x896 LM head, in w8 only as fitserve stores it)
 in bf16 through the streaming kernel (`linear_small_batch`), in w8 and in w4 (group 128)
-through QuantLinear (AVX-512 VNNI and AVX2 where the CPU runs them). Each variant has enough
+through QuantLinear (AVX-512 VNNI and AVX2 where the CPU runs them; w4 on VNNI in the lanes
+layout and, for comparison, the row layout). Each variant has enough
 copies of its weights that every call reads them from memory, as a decode step does; the
 variants alternate call by call so a shared machine's bandwidth swings hit all alike, and a
 plain read of a large buffer (torch.sum, as benchmarks/cpu_decode.py's read bound) is measured
@@ -92,11 +93,14 @@ def gemv_section(args, kernels) -> dict:
         x32 = torch.randn(1, in_features)
         for fmt in formats:
             for isa in isas:
-                first = quant_layer(kernels, fmt, weight, isa)
-                layers = [first] + [quant_layer(kernels, fmt, weight, isa)
-                                    for _ in range(copies_for(first.bytes(), target) - 1)]
-                variants[f"{fmt} {isa}"] = ([lambda layer=layer: layer.forward(x32) for layer in layers],
-                                            first.bytes())
+                # w4 on AVX-512 VNNI: the lanes layout (default) and the row layout it replaced.
+                layouts = [True, False] if fmt == "w4" and isa == "avx512_vnni" else [True]
+                for lanes in layouts:
+                    first = quant_layer(kernels, fmt, weight, isa, w4_lanes=lanes)
+                    layers = [first] + [quant_layer(kernels, fmt, weight, isa, w4_lanes=lanes)
+                                        for _ in range(copies_for(first.bytes(), target) - 1)]
+                    label = f"{fmt} {isa}" if lanes else f"{fmt} {isa} (row layout)"
+                    variants[label] = ([lambda layer=layer: layer.forward(x32) for layer in layers], first.bytes())
         del bf16_copies
         times = {v: [] for v in variants}
         reads = []

@@ -8,34 +8,36 @@ namespace fitserve_cpu {
 
 constexpr int kLanesTileRows = 8;  // rows of x per pass over a block: 8 int32 + 8 float accumulators
 
-// x rows for the lanes kernel, in tiles of 8 rows laid out so that a tile's step is one cache
-// line: the int8 codes as int32 quads [tiles][K/4][8] (4 consecutive columns of one row each;
-// a step's 8 low-nibble partners, then its 8 high-nibble partners), and per group [tiles]
-// [groups][8] xs_g and xs_g * (sum of the group's codes) (the zero-point term). A tile's loads
-// differ by constant offsets from one pointer (no per-row addresses in registers), and a pass
-// over a block touches only its tile's lines (rows past M in the last tile are never read).
+// x rows for the lanes kernel, in tiles of up to 8 rows (the last one the rows left, T) laid out
+// so that a tile's step is one cache line or less: the int8 codes as int32 quads [K/4][T] per
+// tile (4 consecutive columns of one row each; a step's T low-nibble partners, then its T
+// high-nibble partners), and per group [groups][T] xs_g and xs_g * (sum of the group's codes)
+// (the zero-point term). A tile's loads differ by constant offsets from one pointer (no per-row
+// addresses in registers), and a pass over a block reads only its tile's bytes: with a tile
+// padded to 8, one row of x against down (K = 4864) read a 38 KiB x buffer per block and
+// streamed its weights at 0.4x the row layout's rate.
 inline void prepare_w4_lanes_activations(const float* x, int64_t M, const W4Lanes& L, ActivationCodes& a) {
   constexpr int T = kLanesTileRows;
   const int64_t tiles = (M + T - 1) / T, quads_per_row = L.K / 4;
   a.code_stride = (L.K + 63) / 64 * 64;
-  a.scale_stride = quads_per_row * T;  // int32 quads per tile
-  a.extra_stride = L.groups * T;       // floats per tile
+  a.scale_stride = quads_per_row * T;  // int32 quads per whole tile
+  a.extra_stride = L.groups * T;       // floats per whole tile
   int8_t* codes = a.codes.get(M * a.code_stride);
   int32_t* quads = a.offsets.get(tiles * a.scale_stride);
   float* group_scales = a.group_scales.get(tiles * a.extra_stride);
   float* zero_terms = a.zero_terms.get(tiles * a.extra_stride);
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = codes + m * a.code_stride;
-    const int64_t tile = m / T, lane = m % T;
+    const int64_t tile = m / T, lane = m % T, tile_rows = std::min<int64_t>(T, M - tile * T);
     for (int64_t g = 0; g < L.groups; ++g) {
       const float scale = quantize_block(x + m * L.K + g * L.G, L.G, row + g * L.G);
       int32_t sum = 0;
       for (int64_t k = 0; k < L.G; ++k) sum += row[g * L.G + k];
-      group_scales[tile * a.extra_stride + g * T + lane] = scale;
-      zero_terms[tile * a.extra_stride + g * T + lane] = scale * static_cast<float>(sum);
+      group_scales[tile * a.extra_stride + g * tile_rows + lane] = scale;
+      zero_terms[tile * a.extra_stride + g * tile_rows + lane] = scale * static_cast<float>(sum);
     }
     int32_t* tile_quads = quads + tile * a.scale_stride + lane;
-    for (int64_t q = 0; q < quads_per_row; ++q) std::memcpy(tile_quads + q * T, row + 4 * q, 4);
+    for (int64_t q = 0; q < quads_per_row; ++q) std::memcpy(tile_quads + q * tile_rows, row + 4 * q, 4);
   }
 }
 
@@ -59,7 +61,7 @@ FITSERVE_VNNI inline __m512i dpbusd_broadcast(__m512i acc, __m512i u, const int3
 template <int MR, bool Gfni>
 FITSERVE_VNNI void w4_lanes_block(const KernelArgs& args, const W4Lanes& L, int64_t b, int64_t m0) {
   constexpr int T = kLanesTileRows;
-  static_assert(MR <= T, "a pass covers at most one tile of x rows");
+  static_assert(MR <= T, "a pass covers one tile of x rows (MR: its rows)");
   const QuantPart& p = *args.part;
   const ActivationCodes& a = *args.act;
   const int64_t R = L.block_rows(b), step_bytes = 4 * R;
@@ -69,7 +71,7 @@ FITSERVE_VNNI void w4_lanes_block(const KernelArgs& args, const W4Lanes& L, int6
   const __mmask64 code_mask = R == kLaneRows ? ~__mmask64(0) : (~__mmask64(0)) >> (64 - step_bytes);
   const __mmask16 row_mask = static_cast<__mmask16>((1u << R) - 1);
   const int64_t tile = m0 / T;
-  const int32_t* quads = a.offsets.data + tile * a.scale_stride;  // step t of row m: 16t + m, 16t + 8 + m
+  const int32_t* quads = a.offsets.data + tile * a.scale_stride;  // step t of row m: 2 MR t + m, 2 MR t + MR + m
   const float* xs = a.group_scales.data + tile * a.extra_stride;
   const float* zt = a.zero_terms.data + tile * a.extra_stride;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -84,22 +86,22 @@ FITSERVE_VNNI void w4_lanes_block(const KernelArgs& args, const W4Lanes& L, int6
     __m512i acc[MR][kAcc];
     for (int m = 0; m < MR; ++m)
       for (int i = 0; i < kAcc; ++i) acc[m][i] = _mm512_setzero_si512();
-    for (int64_t t = 0; t < spg; ++t, c += step_bytes, quads += 2 * T) {
+    for (int64_t t = 0; t < spg; ++t, c += step_bytes, quads += 2 * MR) {
       _mm_prefetch(reinterpret_cast<const char*>(c) + kSingleRowPrefetchBytes, _MM_HINT_T1);
       const __m512i v = _mm512_maskz_loadu_epi8(code_mask, c);
       const __m512i lo = _mm512_and_si512(v, nibble);
       const __m512i hi = high_nibbles<Gfni>(v, nibble);
       for (int m = 0; m < MR; ++m) {
         acc[m][0] = dpbusd_broadcast(acc[m][0], lo, quads + m);
-        acc[m][kAcc - 1] = dpbusd_broadcast(acc[m][kAcc - 1], hi, quads + T + m);
+        acc[m][kAcc - 1] = dpbusd_broadcast(acc[m][kAcc - 1], hi, quads + MR + m);
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(row_mask, scales + g * R));
     const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(row_mask, zeros + g * R))));
     for (int m = 0; m < MR; ++m) {
       const __m512i dot = kAcc == 2 ? _mm512_add_epi32(acc[m][0], acc[m][kAcc - 1]) : acc[m][0];
-      out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xs[g * T + m])), out[m]);
-      out[m] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(zt[g * T + m]), out[m]);
+      out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xs[g * MR + m])), out[m]);
+      out[m] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(zt[g * MR + m]), out[m]);
     }
   }
   const int64_t n0 = b * kLaneRows;

@@ -24,6 +24,12 @@
 // (at::addmm / at::mm), so the result equals dequantize-then-F.linear up to the library's own
 // summation order (identical calls where the layer is one part).
 //
+// w4 on AVX-512 VNNI: add_w4 repacks the part into the lanes layout (16 output rows in the
+// vector lanes, cpu_quant_lanes_layout.h; kernel and dequantizing reader in cpu_quant_lanes.h),
+// which takes 64 multiplies per vpdpbusd instead of 32 and so ~2x the rows of x per second once
+// a batched decode step is compute-bound. The row layout below is what AVX2 (and w4_lanes=false)
+// run; w8 parts keep it on every ISA.
+//
 // The 4-bit layout: byte i of a group's G/2 bytes holds column i in its low nibble and column
 // G/2 + i in its high nibble. A vector of V bytes (V = 64 with AVX-512, 32 with AVX2) of codes
 // thus gives, after a mask and a shift, the codes of two runs of columns; the int8 x rows are
