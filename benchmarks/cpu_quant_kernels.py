@@ -3,11 +3,13 @@
     python benchmarks/cpu_quant_kernels.py                   # one decode row: w4, w8 vs bf16
     python benchmarks/cpu_quant_kernels.py --section rows    # integer kernel vs dequantize+matmul by rows
     python benchmarks/cpu_quant_kernels.py --section prefill # 1024 rows: dequantize+matmul vs bf16/fp32
+    python benchmarks/cpu_quant_kernels.py --section batch   # w4 lanes vs w4 row layout vs bf16, 1..64 rows
 
 `gemv`: one row of x against each Qwen2.5-0.5B projection shape (o 896x896, qkv 1152x896,
 gate_up 9728x896, down 896x4864, and the 151936x896 LM head, in w8 only as fitserve stores it)
 in bf16 through the streaming kernel (`linear_small_batch`), in w8 and in w4 (group 128)
-through QuantLinear (AVX-512 VNNI and AVX2 where the CPU runs them). Each variant has enough
+through QuantLinear (AVX-512 VNNI and AVX2 where the CPU runs them; w4 on VNNI in the lanes
+layout and, for comparison, the row layout). Each variant has enough
 copies of its weights that every call reads them from memory, as a decode step does; the
 variants alternate call by call so a shared machine's bandwidth swings hit all alike, and a
 plain read of a large buffer (torch.sum, as benchmarks/cpu_decode.py's read bound) is measured
@@ -19,6 +21,16 @@ machine the best of many calls is the undisturbed rate; the medians are kept too
 dequantize-then-matmul path (best and median of alternating calls); where the second wins sets
 the default decode_max_rows.
 
+`batch`: 1, 8, 32 and 64 rows of x (a batched decode step) against each projection shape of a
+layer: bf16 weights through fitserve's vdpbf16ps kernel (`cpu.linear`, bf16 x), w4 (group 128)
+in the lanes layout (16 output rows in the vector lanes, the AVX-512 VNNI default) and in the
+row layout (`w4_lanes=False`, the previous kernel), and MixLLM's mixture (90% of the rows w4,
+10% w8, scattered by out_rows) in both. Weights in cache (one copy) and from memory (copies
+beyond the caches), variants alternating call by call; per-layer sums of the best times, and
+the lanes kernel's multiply-accumulates per second as a fraction of the vpdpbusd peak measured
+in the same run (`dpbusd_rate`, 64 per instruction) and, at one row, its read rate as a fraction
+of the read bandwidth measured in the same run.
+
 `prefill`: 1024 rows through each projection shape of one layer: bf16 F.linear (what a bf16
 model runs), float32 F.linear, and QuantLinear w4/w8 (dequantize into a float32 slice, then
 the matmul library), float32 and bf16 x.
@@ -27,6 +39,7 @@ the matmul library), float32 and bf16 x.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -80,11 +93,14 @@ def gemv_section(args, kernels) -> dict:
         x32 = torch.randn(1, in_features)
         for fmt in formats:
             for isa in isas:
-                first = quant_layer(kernels, fmt, weight, isa)
-                layers = [first] + [quant_layer(kernels, fmt, weight, isa)
-                                    for _ in range(copies_for(first.bytes(), target) - 1)]
-                variants[f"{fmt} {isa}"] = ([lambda layer=layer: layer.forward(x32) for layer in layers],
-                                            first.bytes())
+                # w4 on AVX-512 VNNI: the lanes layout (default) and the row layout it replaced.
+                layouts = [True, False] if fmt == "w4" and isa == "avx512_vnni" else [True]
+                for lanes in layouts:
+                    first = quant_layer(kernels, fmt, weight, isa, w4_lanes=lanes)
+                    layers = [first] + [quant_layer(kernels, fmt, weight, isa, w4_lanes=lanes)
+                                        for _ in range(copies_for(first.bytes(), target) - 1)]
+                    label = f"{fmt} {isa}" if lanes else f"{fmt} {isa} (row layout)"
+                    variants[label] = ([lambda layer=layer: layer.forward(x32) for layer in layers], first.bytes())
         del bf16_copies
         times = {v: [] for v in variants}
         reads = []
@@ -155,6 +171,89 @@ def rows_section(args, kernels) -> dict:
     return {"shape": [out_features, in_features], "results": results}
 
 
+def mixed_layer(kernels, weight: torch.Tensor, w4_lanes: bool, high_fraction: float = 0.1, group_size: int = 128):
+    """MixLLM's layer shape: every tenth output row (salient) in w8, the rest in w4."""
+    rows = weight.shape[0]
+    high = torch.arange(0, rows, int(round(1 / high_fraction)))
+    low = torch.tensor(sorted(set(range(rows)) - set(high.tolist())), dtype=torch.int64)
+    layer = kernels.QuantLinear(weight.shape[1], rows, None, "auto", 1 << 20, w4_lanes)
+    layer.add_w4(*packing.quantize_w4(weight[low], group_size), group_size, low)
+    layer.add_w8(*packing.quantize_w8(weight[high]), high)
+    return layer
+
+
+def batch_section(args, kernels) -> dict:
+    torch.manual_seed(0)
+    target = memory_test_bytes(torch.device("cpu"))
+    # Short register-only runs, best of many: on a shared core a long one counts the time the
+    # neighbours hold it (one thread: the kernels below run on this process's threads alike).
+    threads = torch.get_num_threads()
+    peak_dpbusd = max(kernels.dpbusd_rate(100000) for _ in range(200)) / threads
+    peak_macs = 64 * peak_dpbusd * threads
+    shapes = [s for s in args.shapes if s != "lm_head"]
+    results: dict = {"dpbusd_per_s_per_thread": peak_dpbusd, "shapes": {}}
+    totals: dict = {}
+    for name in shapes:
+        out_features, in_features = QWEN_SHAPES[name]
+        weight = torch.randn(out_features, in_features) * 0.02
+        bf16 = weight.to(torch.bfloat16)
+        makers = {
+            "bf16 kernel": lambda: bf16.clone(),
+            "w4 lanes": lambda: quant_layer(kernels, "w4", weight, "auto", decode_max_rows=1 << 20),
+            "w4 rows": lambda: quant_layer(kernels, "w4", weight, "auto", decode_max_rows=1 << 20, w4_lanes=False),
+            "mixllm lanes": lambda: mixed_layer(kernels, weight, True),
+            "mixllm rows": lambda: mixed_layer(kernels, weight, False),
+        }
+        shape_result = {"shape": [out_features, in_features]}
+        for residency in ("cache", "memory"):
+            objects = {}
+            for v, make in makers.items():
+                first = make()
+                nbytes = first.numel() * 2 if v == "bf16 kernel" else first.bytes()
+                count = 1 if residency == "cache" else copies_for(nbytes, target)
+                objects[v] = ([first] + [make() for _ in range(count - 1)], nbytes)
+            read = measure_read_bandwidth(min_time_s=0.05) if residency == "memory" else None
+            for rows in args.batch_rows:
+                x16 = torch.randn(rows, in_features).to(torch.bfloat16)
+                calls = {v: [(lambda w=w: cpu.linear(x16, w, None)) if v == "bf16 kernel"
+                             else (lambda layer=w: layer.forward(x16)) for w in objs]
+                         for v, (objs, _) in objects.items()}
+                times = {v: [] for v in calls}
+                order = list(calls)
+                for repeat in range(args.repeats * len(order)):
+                    v = order[repeat % len(order)]
+                    fns = calls[v]
+                    times[v].append(timed(fns[(repeat // len(order)) % len(fns)]))
+                entry = {v: {"best_ms": min(t) * 1e3, "median_ms": statistics.median(t) * 1e3}
+                         for v, t in times.items()}
+                lanes_best = min(times["w4 lanes"])
+                entry["w4 lanes"]["fraction_of_dpbusd_peak"] = rows * out_features * in_features / lanes_best / peak_macs
+                if read is not None and rows == 1:
+                    for v in ("w4 lanes", "w4 rows"):
+                        entry[v]["fraction_of_read_bandwidth"] = objects[v][1] / min(times[v]) / read
+                    entry["read_bandwidth_bytes_per_s"] = read
+                shape_result.setdefault(residency, {})[str(rows)] = entry
+                for v, e in entry.items():
+                    if isinstance(e, dict):
+                        key = (residency, rows, v)
+                        totals[key] = totals.get(key, 0.0) + e["best_ms"]
+                print(name, residency, rows, {v: round(e["best_ms"], 3) for v, e in entry.items() if isinstance(e, dict)},
+                      "lanes %.2f of vpdpbusd peak" % entry["w4 lanes"]["fraction_of_dpbusd_peak"], flush=True)
+            del objects
+        results["shapes"][name] = shape_result
+    layer: dict = {}
+    for (residency, rows, v), ms in totals.items():
+        layer.setdefault(residency, {}).setdefault(str(rows), {})[v] = ms
+    for residency, by_rows in layer.items():
+        for rows, by_variant in by_rows.items():
+            base = by_variant["bf16 kernel"]
+            by_variant["speedup_over_bf16"] = {v: base / ms for v, ms in list(by_variant.items()) if v != "bf16 kernel"}
+            print("layer", residency, rows, {v: round(ms, 3) for v, ms in by_variant.items() if not isinstance(ms, dict)},
+                  "x bf16:", {v: round(r, 2) for v, r in by_variant["speedup_over_bf16"].items()}, flush=True)
+    results["layer_best_ms"] = layer
+    return results
+
+
 def prefill_section(args, kernels) -> dict:
     rows = args.prefill_rows
     results = {}
@@ -192,19 +291,24 @@ def prefill_section(args, kernels) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["gemv", "rows", "prefill"], default="gemv")
+    parser.add_argument("--section", choices=["gemv", "rows", "prefill", "batch"], default="gemv")
     parser.add_argument("--shapes", nargs="+", default=list(QWEN_SHAPES), choices=list(QWEN_SHAPES))
     parser.add_argument("--rounds", type=int, default=9, help="gemv: rounds (a read-bound measurement each)")
     parser.add_argument("--calls-per-round", type=int, default=60, help="gemv: calls per round, all variants")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 96])
     parser.add_argument("--rows-shape", default="gate_up", choices=list(QWEN_SHAPES))
     parser.add_argument("--prefill-rows", type=int, default=1024)
+    parser.add_argument("--batch-rows", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads (default: the CPUs this process may run on, e.g. 1 under taskset -c 1)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     kernels = cpu.get()
     assert kernels is not None, "the CPU kernels are unavailable here"
-    section = {"gemv": gemv_section, "rows": rows_section, "prefill": prefill_section}[args.section]
+    section = {"gemv": gemv_section, "rows": rows_section, "prefill": prefill_section,
+               "batch": batch_section}[args.section]
     result = section(args, kernels)
     path = write_result(f"cpu_quant_kernels_{args.section}",
                         {"benchmark": "cpu_quant_kernels", "section": args.section, "machine": describe_machine(),

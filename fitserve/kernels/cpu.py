@@ -325,7 +325,7 @@ _NATIVE_BF16 = cpu_has_native_bf16()
 
 
 def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",
-                 decode_max_rows: int | None = None):
+                 decode_max_rows: int | None = None, w4_lanes: bool = True):
     """A compiled `QuantLinear` (fitserve/kernels/cpu_quant_linear.h) for a layer stored in the
     w8/w4 formats of fitserve.quant.packing, or None where the kernels cannot be built (callers
     then dequantize and run F.linear, the formats' reference).
@@ -338,10 +338,14 @@ def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None 
     fused decode stack. Where the CPU lacks AVX2 and AVX-512 VNNI, or a part's group size does
     not fit the kernels' layout, that part runs the dequantizing path for every row count, and
     a log line says so.
+
+    On AVX-512 VNNI, `add_w4` repacks a w4 part into the lanes layout (16 output rows in the
+    vector lanes; fitserve.quant.packing.pack_w4_lanes) and returns the tensors it holds;
+    `w4_lanes=False` keeps the row-major layout and its kernel (for comparisons).
     """
     return _compiled_layer("QuantLinear", in_features, out_features, bias, isa, decode_max_rows,
                            "quantized layers: this CPU has neither AVX-512 VNNI nor AVX2; decode rows dequantize "
-                           "and run the matmul library")
+                           "and run the matmul library", w4_lanes=w4_lanes)
 
 
 def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",
@@ -371,7 +375,7 @@ def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | No
 
 
 def _compiled_layer(class_name: str, in_features: int, out_features: int, bias: torch.Tensor | None, isa: str,
-                    decode_max_rows: int | None, no_kernel_message: str, **extra: int):
+                    decode_max_rows: int | None, no_kernel_message: str, **extra: int | bool):
     """The compiled layer class `class_name` (None without the kernels); logs `no_kernel_message`
     once where "auto" found no kernel ISA on this CPU. `extra`: the class's own keyword arguments."""
     kernels = get()
@@ -387,8 +391,9 @@ def _compiled_layer(class_name: str, in_features: int, out_features: int, bias: 
 def log_reference_parts(layer) -> None:
     """Log (once per process) when a part of `layer` has no integer kernel on this CPU."""
     if "reference" in layer.part_isas() and layer.isa != "reference":
-        _log_once("quantized layers: a group size that is not a multiple of 32 (or not a divisor or "
-                  "multiple of the vector width) runs the dequantizing path for decode rows too")
+        _log_once("quantized layers: a w4 group size the kernels' layouts do not fit (AVX-512 VNNI: not a "
+                  "multiple of 8; AVX2: not a multiple of 32 dividing or divided by 64) runs the dequantizing "
+                  "path for decode rows too")
 
 
 _logged: set[str] = set()

@@ -342,16 +342,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Held by shared_ptr so that the fused decode stack can share a layer with Python.
   py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(
       m, "QuantLinear", "a linear layer with w8/w4 weight parts (cpu_quant_linear.h)")
-      .def(py::init<int64_t, int64_t, c10::optional<torch::Tensor>, const std::string&, int64_t>(),
+      .def(py::init<int64_t, int64_t, c10::optional<torch::Tensor>, const std::string&, int64_t, bool>(),
            py::arg("in_features"), py::arg("out_features"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
-           py::arg("decode_max_rows") = kQuantDecodeMaxRows)
+           py::arg("decode_max_rows") = kQuantDecodeMaxRowsAuto, py::arg("w4_lanes") = true)
       .def("add_w8", &QuantLinear::add_w8, py::arg("qweight"), py::arg("scales"), py::arg("out_rows") = py::none())
       .def("add_w4", &QuantLinear::add_w4, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
-           py::arg("group_size"), py::arg("out_rows") = py::none())
+           py::arg("group_size"), py::arg("out_rows") = py::none(), py::arg("layout") = "rows")
       .def("forward", &QuantLinear::forward, py::arg("x"), release)
       .def("__call__", &QuantLinear::forward, py::arg("x"), release)
       .def("bytes", &QuantLinear::bytes)
       .def("part_isas", &QuantLinear::part_isas)
+      .def("part_layouts", &QuantLinear::part_layouts)
       .def_property_readonly("isa", &QuantLinear::isa)
       .def_property_readonly("in_features", &QuantLinear::in_features)
       .def_property_readonly("out_features", &QuantLinear::out_features)

@@ -24,6 +24,12 @@
 // (at::addmm / at::mm), so the result equals dequantize-then-F.linear up to the library's own
 // summation order (identical calls where the layer is one part).
 //
+// w4 on AVX-512 VNNI: add_w4 repacks the part into the lanes layout (16 output rows in the
+// vector lanes, cpu_quant_lanes_layout.h; kernel and dequantizing reader in cpu_quant_lanes.h),
+// which takes 64 multiplies per vpdpbusd instead of 32 and so ~2x the rows of x per second once
+// a batched decode step is compute-bound. The row layout below is what AVX2 (and w4_lanes=false)
+// run; w8 parts keep it on every ISA.
+//
 // The 4-bit layout: byte i of a group's G/2 bytes holds column i in its low nibble and column
 // G/2 + i in its high nibble. A vector of V bytes (V = 64 with AVX-512, 32 with AVX2) of codes
 // thus gives, after a mask and a shift, the codes of two runs of columns; the int8 x rows are
@@ -34,6 +40,7 @@
 #pragma once
 
 #include "cpu_kernels.h"
+#include "cpu_quant_lanes_layout.h"
 
 #include <cstring>
 #include <memory>
@@ -72,6 +79,19 @@ constexpr int64_t kW8XBlock = 128;  // columns of x per int8 scale against w8 we
 // row count from 1 to 128, in w4 and w8; 64 keeps a batched decode step (32 sequences in the
 // CPU benchmark) on the kernel with margin, as BF16_DOT_MAX_ROWS does for bf16 weights.
 constexpr int64_t kQuantDecodeMaxRows = 64;
+// The same for a layer with a w4 part in the lanes layout (AVX-512 VNNI), measured with
+// benchmarks/cpu_quant_kernels.py-style alternating calls, one thread of a 2-core Zen 4 shared
+// with other jobs, bf16 x: the lanes kernel took 0.2-0.5x the dequantize-and-bf16-matmul time
+// from 64 to 384 rows (qkv, gate_up, down), and 0.6-0.8x at 512 and 1024 rows (where it still
+// beat bf16 weights in F.linear, 0.7-0.8x). The w8 kernel loses from ~128 rows (1.1x at 128,
+// 1.1-2.2x at 256), but in a MixLLM layer its tenth of the rows costs less than the w4 part
+// gains. 256 keeps batched decode and short prompts on the integer kernels; longer prompts keep
+// float activations (the dequantizing path), which decides their numerics, not speed alone: at
+// 1024, tests/quant/test_quality.py's perplexity over 512-token windows moved 0.18% from the
+// dequantized reference (its bound is 0.1%), and 32-request serving (one thread) gained ~5%.
+constexpr int64_t kQuantLanesDecodeMaxRows = 256;
+// decode_max_rows argument meaning "the measured default for the parts the layer holds".
+constexpr int64_t kQuantDecodeMaxRowsAuto = -1;
 
 // A buffer of T whose data starts on a 64-byte boundary, grown on demand and kept.
 template <typename T>
@@ -143,6 +163,11 @@ struct QuantPart {
   std::vector<int64_t> row_map;  // out_rows as a vector (identity when empty)
   QuantIsa isa = QuantIsa::kReference;
   W4Layout layout;
+  // w4 in the lanes layout (cpu_quant_lanes.h): the AVX-512 VNNI kernel and the dequantizing
+  // path read `lanes_layout`; the tensors above hold that layout.
+  bool lanes = false;
+  W4Lanes lanes_layout;
+  std::vector<int32_t> lane_rows;  // out_rows as int32 for the lanes kernel's scatter (mixed layers)
   // The tensors' data, taken once (Tensor::data_ptr checks the dtype on every call: at two
   // calls per weight row it cost as much as the row's arithmetic).
   const uint8_t* codes = nullptr;        // w4 codes or w8 int8 weights, as bytes
@@ -178,7 +203,7 @@ struct ActivationCodes {
   AlignedBuffer<float> scales;      // w4: [M][chunks][lanes] xs of each lane's group; w8: [M][blocks]
   AlignedBuffer<float> zero_terms;  // w4: [M][groups] xs_g * sum of the group's codes
   AlignedBuffer<float> group_scales;  // w4: [M][groups] xs_g
-  AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum
+  AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum; w4 lanes: x codes as int32 quads [tiles][K/4][8]
   std::vector<int8_t> natural;      // one row's codes in column order (w4 staging)
 };
 
@@ -590,6 +615,12 @@ inline void with_rows(int rows, const F& f) {
   }
 }
 
+}  // namespace fitserve_cpu
+
+#include "cpu_quant_lanes.h"
+
+namespace fitserve_cpu {
+
 constexpr int kVnniTileRows = 8;  // rows of x per pass over a weight row: 2 accumulators each
 constexpr int kAvx2TileRows = 4;  // 16 ymm registers
 
@@ -674,6 +705,10 @@ FITSERVE_AVX512_BF16 void dequantize_w8_row_avx512(const int8_t* w, int64_t K, f
 // T = BF16: each float32 value rounded to bfloat16 (nearest even), as .to(torch.bfloat16) does.
 template <typename T>
 void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count, T* out) {
+  if (p.lanes) {
+    dequantize_w4_lanes_rows(p, p.lanes_layout, first, count, out);
+    return;
+  }
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = first + r;
@@ -754,12 +789,17 @@ class QuantLinear {
  public:
   // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (dequantize
   // and matmul for every row count). decode_max_rows: up to this many rows of x the integer
-  // kernels run, above it the dequantizing path.
+  // kernels run, above it the dequantizing path (kQuantDecodeMaxRowsAuto: kQuantLanesDecodeMaxRows
+  // once the layer has a lanes-layout part, else kQuantDecodeMaxRows). w4_lanes: on AVX-512 VNNI, w4 parts are
+  // repacked into the lanes layout and run its kernel (false: the row-major kernel, kept for
+  // comparison in benchmarks/cpu_quant_kernels.py).
   QuantLinear(int64_t in_features, int64_t out_features, c10::optional<torch::Tensor> bias, const std::string& isa,
-              int64_t decode_max_rows)
+              int64_t decode_max_rows, bool w4_lanes = true)
       : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows),
-        covered_(static_cast<size_t>(std::max<int64_t>(out_features, 0)), 0) {
+        w4_lanes_(w4_lanes), covered_(static_cast<size_t>(std::max<int64_t>(out_features, 0)), 0) {
     TORCH_CHECK(in_features > 0 && out_features > 0, "QuantLinear: in_features and out_features must be positive");
+    TORCH_CHECK(decode_max_rows >= 0 || decode_max_rows == kQuantDecodeMaxRowsAuto,
+                "QuantLinear: decode_max_rows must be >= 0 (or -1: the default for the parts added)");
     if (isa == "auto") isa_ = cpu_has_avx512_vnni() ? QuantIsa::kAvx512Vnni
                                 : cpu_has_avx2_fma() ? QuantIsa::kAvx2 : QuantIsa::kReference;
     else if (isa == "avx512_vnni") isa_ = QuantIsa::kAvx512Vnni;
@@ -792,9 +832,16 @@ class QuantLinear {
     parts_.push_back(std::move(part));
   }
 
-  // qweight uint8 [N, K/2], scales float16 [N, K/G], zeros uint8 [N, K/G], in the w4 layout.
-  void add_w4(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
-              c10::optional<torch::Tensor> out_rows) {
+  // qweight uint8 [N, K/2], scales float16 [N, K/G], zeros uint8 [N, K/G], in the w4 layout
+  // ("rows", fitserve.quant.packing) or in the lanes layout (cpu_quant_lanes_layout.h) as an
+  // earlier add_w4 returned them. Returns the tensors the part holds: on AVX-512 VNNI (with
+  // w4_lanes) new tensors in the lanes layout, the same size, and the caller's are not kept, so
+  // a caller that drops its own (fitserve's Linear swaps its buffers) holds the weights once;
+  // elsewhere the tensors given, in the row layout (converted back if they came as lanes).
+  std::vector<torch::Tensor> add_w4(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
+                                    int64_t group_size, c10::optional<torch::Tensor> out_rows,
+                                    const std::string& layout) {
+    TORCH_CHECK(layout == "rows" || layout == "lanes", "add_w4: layout must be rows or lanes (got ", layout, ")");
     TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && in_features_ % group_size == 0,
                 "add_w4: group size ", group_size, " must be even and divide in_features ", in_features_);
     const int64_t groups = in_features_ / group_size;
@@ -806,17 +853,35 @@ class QuantLinear {
                 "add_w4: zeros must be uint8 [N, in_features / group_size]");
     QuantPart part;
     part.is_w4 = true;
-    part.qweight = checked_storage(qweight);
-    part.scales = checked_storage(scales);
-    part.zeros = checked_storage(zeros);
     part.rows = qweight.size(0);
     part.group_size = group_size;
+    part.lanes = isa_ == QuantIsa::kAvx512Vnni && w4_lanes_ && W4Lanes::fits(group_size);
+    part.lanes_layout = W4Lanes(part.rows, in_features_, group_size);
+    const bool given_lanes = layout == "lanes";
+    if (part.lanes == given_lanes) {
+      part.qweight = checked_storage(qweight);
+      part.scales = checked_storage(scales);
+      part.zeros = checked_storage(zeros);
+    } else {  // convert between the layouts into new tensors
+      TORCH_CHECK(W4Lanes::fits(group_size), "add_w4: the lanes layout needs a group size that is a multiple of 8");
+      const torch::Tensor q = checked_storage(qweight), s = checked_storage(scales), z = checked_storage(zeros);
+      part.qweight = torch::empty_like(q);
+      part.scales = torch::empty_like(s);
+      part.zeros = torch::empty_like(z);
+      w4_convert_lanes(part.lanes_layout, part.lanes, q.data_ptr<uint8_t>(),
+                       static_cast<const uint16_t*>(s.data_ptr()), z.data_ptr<uint8_t>(), part.qweight.data_ptr<uint8_t>(),
+                       static_cast<uint16_t*>(part.scales.data_ptr()), part.zeros.data_ptr<uint8_t>());
+    }
     const int64_t vector_bytes = isa_ == QuantIsa::kAvx512Vnni ? 64 : 32;
-    part.isa = isa_ != QuantIsa::kReference && W4Layout::fits(group_size, vector_bytes) ? isa_ : QuantIsa::kReference;
-    if (part.isa != QuantIsa::kReference) part.layout = W4Layout(in_features_, group_size, vector_bytes);
+    part.isa = isa_ != QuantIsa::kReference && (part.lanes || W4Layout::fits(group_size, vector_bytes))
+                   ? isa_ : QuantIsa::kReference;
+    if (part.isa != QuantIsa::kReference && !part.lanes) part.layout = W4Layout(in_features_, group_size, vector_bytes);
     set_rows(part, out_rows);
+    if (part.lanes && !part.identity_rows) part.lane_rows.assign(part.row_map.begin(), part.row_map.end());
     part.take_pointers();
     parts_.push_back(std::move(part));
+    const QuantPart& added = parts_.back();
+    return {added.qweight, added.scales, added.zeros};
   }
 
   // x [M, in_features] float32 or bfloat16, contiguous -> [M, out_features] in x's dtype.
@@ -829,7 +894,8 @@ class QuantLinear {
                 out_features_, " output rows");
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t M = x.size(0);
-    if (x.scalar_type() == torch::kBFloat16 && native_bf16_ && M > decode_max_rows_) {
+    const int64_t max_rows = decode_max_rows();
+    if (x.scalar_type() == torch::kBFloat16 && native_bf16_ && M > max_rows) {
       // Prefill of a bf16 model on a CPU with bf16 arithmetic: bf16 weights into the bf16
       // matmul, which runs ~2.2x faster there than float32 (benchmarks/cpu_quant_kernels.py
       // --section prefill, 2-core Zen 4): F.linear(x, dequantize(...).to(bf16), bias.to(bf16)).
@@ -841,7 +907,7 @@ class QuantLinear {
     torch::Tensor out = torch::empty({M, out_features_}, x_float.options());
     if (M == 0) return out.to(x.scalar_type());
     for (const QuantPart& part : parts_) {
-      if (part.isa != QuantIsa::kReference && M <= decode_max_rows_) run_kernel(part, x_float, out);
+      if (part.isa != QuantIsa::kReference && M <= max_rows) run_kernel(part, x_float, out);
       else run_dequantized(part, x_float, out);
     }
     return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
@@ -861,9 +927,21 @@ class QuantLinear {
     for (const QuantPart& part : parts_) names.emplace_back(isa_name(part.isa));
     return names;
   }
+  // The layout each part's tensors are held in: "lanes" (w4 on AVX-512 VNNI) or "rows".
+  std::vector<std::string> part_layouts() const {
+    std::vector<std::string> names;
+    for (const QuantPart& part : parts_) names.emplace_back(part.lanes ? "lanes" : "rows");
+    return names;
+  }
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
-  int64_t decode_max_rows() const { return decode_max_rows_; }
+  // Rows of x up to which the integer kernels run (the default depends on the parts added).
+  int64_t decode_max_rows() const {
+    if (decode_max_rows_ != kQuantDecodeMaxRowsAuto) return decode_max_rows_;
+    for (const QuantPart& part : parts_)
+      if (part.lanes) return kQuantLanesDecodeMaxRows;
+    return kQuantDecodeMaxRows;
+  }
 
  private:
   static torch::Tensor checked_storage(const torch::Tensor& t) {
@@ -897,6 +975,13 @@ class QuantLinear {
   void run_kernel(const QuantPart& part, const torch::Tensor& x, torch::Tensor& out) {
     const int64_t M = x.size(0);
     const bool vnni = part.isa == QuantIsa::kAvx512Vnni;
+    if (part.lanes) {
+      prepare_w4_lanes_activations(x.data_ptr<float>(), M, part.lanes_layout, activations_);
+      const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
+                            out.data_ptr<float>(), out_features_};
+      run_w4_lanes(args, part.lanes_layout, M);
+      return;
+    }
     if (part.is_w4) prepare_w4_activations(x.data_ptr<float>(), M, part.layout, activations_);
     else prepare_w8_activations(x.data_ptr<float>(), M, in_features_, vnni, activations_);
     const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
@@ -912,7 +997,9 @@ class QuantLinear {
     const torch::Tensor& bias = dtype == torch::kFloat ? bias_ : bias_bf16_;
     DequantScratch& scratch = DequantScratch::instance();
     std::lock_guard<std::mutex> lock(scratch.mutex);
-    const int64_t slice_rows = DequantScratch::slice_rows(K, M);
+    int64_t slice_rows = DequantScratch::slice_rows(K, M);
+    // Whole blocks of the lanes layout per slice (a block cut by a slice is unpacked twice).
+    if (part.lanes && slice_rows > kLaneRows) slice_rows -= slice_rows % kLaneRows;
     for (int64_t first = 0; first < part.rows; first += slice_rows) {
       const int64_t count = std::min(slice_rows, part.rows - first);
       torch::Tensor weight = DequantScratch::take(scratch.weight, count, K, dtype);
@@ -934,6 +1021,7 @@ class QuantLinear {
   }
 
   int64_t in_features_, out_features_, decode_max_rows_;
+  bool w4_lanes_ = true;
   QuantIsa isa_ = QuantIsa::kReference;
   torch::Tensor bias_, bias_bf16_;  // float32, and rounded to bf16 for the bf16 matmul
   const bool native_bf16_ = cpu_has_avx512_bf16();

@@ -39,6 +39,11 @@ class Linear(nn.Module):
         self.cpu_kernel_object: Any = None
         """The compiled QuantLinear an integer layer's kernel calls on the CPU (set when the
         kernel is chosen), which the fused C++ decode stack calls too."""
+        self.w4_layout = "rows"
+        """Layout of the w4 buffers (qweight, scales, zeros): "rows" as loaded (fitserve.quant.
+        packing), "lanes" once the AVX-512 VNNI kernel took them over (it repacks them and the
+        layer holds its tensors instead: the weights stay in memory once). Readers of the codes
+        go through weight_formats.quantized_kernels.w4_tensors_as_stored."""
 
     @property
     def is_dense(self) -> bool:
@@ -47,6 +52,8 @@ class Linear(nn.Module):
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Store one of the format's tensors (a buffer: saved in state_dict, no gradient)."""
         self.register_buffer(name, tensor, persistent=True)
+        if name in ("qweight", "scales", "zeros"):
+            self.w4_layout = "rows"
         self.invalidate()
 
     def invalidate(self) -> None:

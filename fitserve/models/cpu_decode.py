@@ -63,9 +63,11 @@ class FusedCpuDecode:
         tensors the kernels support."""
         if not self.enabled or input_ids.device.type != "cpu" or not metadata.is_decode_only:
             return False
-        weights_key = self._current_weights_key()
-        if weights_key != self._weights_key:
-            self._stack, self._weights_key, self._caches_key = self._build(), weights_key, None
+        if self._current_weights_key() != self._weights_key:
+            self._stack, self._caches_key = self._build(), None
+            # Taken after building: choosing a layer's kernel can replace its stored tensors (the
+            # AVX-512 VNNI w4 kernel holds them repacked), which would otherwise rebuild again.
+            self._weights_key = self._current_weights_key()
         if self._stack is None:
             return False
         caches_key = (id(kv_caches), len(kv_caches), kv_caches[0][0].data_ptr() if kv_caches else 0)

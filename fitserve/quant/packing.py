@@ -106,6 +106,51 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return weight.view(rows, columns)
 
 
+LANE_ROWS = 16
+"""Output rows per block of the w4 lanes layout (the int32 lanes of a 512-bit vector)."""
+
+
+def _lane_blocks(rows: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each block of the lanes layout: 16 rows, the last the rows left."""
+    return [(first, min(LANE_ROWS, rows - first)) for first in range(0, rows, LANE_ROWS)]
+
+
+def pack_w4_lanes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w4 tensors -> the same tensors (shapes and bytes) in the lanes layout that the AVX-512 VNNI
+    kernel reads (fitserve/kernels/cpu_quant_lanes_layout.h): blocks of 16 output rows; within
+    a block, per 8 columns k..k+7, 4 bytes per row whose byte j holds column k+j (low nibble)
+    and k+4+j (high nibble); scales and zeros per block as [groups, rows of the block]."""
+    rows, columns = qweight.shape[0], 2 * qweight.shape[1]
+    if group_size % 8:
+        raise ValueError(f"the lanes layout needs a group size that is a multiple of 8 (got {group_size})")
+    codes = unpack_w4(qweight, group_size).view(rows, columns // 8, 2, 4)
+    steps = codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)  # [N, K/8, 4]
+    packed, packed_scales, packed_zeros = [], [], []
+    for first, count in _lane_blocks(rows):
+        packed.append(steps[first:first + count].transpose(0, 1).reshape(-1))
+        packed_scales.append(scales[first:first + count].t().reshape(-1))
+        packed_zeros.append(zeros[first:first + count].t().reshape(-1))
+    return (torch.cat(packed).view(qweight.shape), torch.cat(packed_scales).view(scales.shape),
+            torch.cat(packed_zeros).view(zeros.shape))
+
+
+def unpack_w4_lanes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_w4_lanes`: tensors in the lanes layout back in the w4 layout."""
+    rows, half = qweight.shape
+    groups = scales.shape[1]
+    flat_codes, flat_scales, flat_zeros = qweight.reshape(-1), scales.reshape(-1), zeros.reshape(-1)
+    steps, row_scales, row_zeros = [], [], []
+    for first, count in _lane_blocks(rows):
+        steps.append(flat_codes[first * half:(first + count) * half].view(half // 4, count, 4).transpose(0, 1))
+        row_scales.append(flat_scales[first * groups:(first + count) * groups].view(groups, count).t())
+        row_zeros.append(flat_zeros[first * groups:(first + count) * groups].view(groups, count).t())
+    step_bytes = torch.cat(steps)  # [N, K/8, 4]
+    codes = torch.stack([step_bytes & 0x0F, step_bytes >> 4], dim=2).reshape(rows, 2 * half)
+    return pack_w4(codes, group_size), torch.cat(row_scales).contiguous(), torch.cat(row_zeros).contiguous()
+
+
 def w8_bits_per_weight(in_features: int) -> float:
     """Stored bits per weight of w8: 8 for the code plus a float32 scale per row of `in_features`."""
     return 8 + 32 / in_features

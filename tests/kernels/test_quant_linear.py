@@ -135,7 +135,7 @@ def test_integer_kernels_on_many_rows(isa, rows):
 
 @pytest.mark.parametrize("isa", ALL_ISAS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 300])
+@pytest.mark.parametrize("rows", [1, 3, 9, 33, 300])
 def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
     # A MixLLM layer: most rows in w4, the salient ones in w8, each at its original position.
     K, N, G = 256, 41, 64
@@ -149,6 +149,7 @@ def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
     layer = kernels.QuantLinear(K, N, bias, isa)
     layer.add_w4(q4, s4, z4, G, out_rows=low)
     layer.add_w8(q8, s8, out_rows=high)
+    assert layer.part_layouts() == ["lanes" if isa == "avx512_vnni" else "rows", "rows"]
     dequantized = torch.empty(N, K)
     dequantized[low] = packing.dequantize_w4(q4, s4, z4, G)
     dequantized[high] = packing.dequantize_w8(q8, s8)
@@ -167,11 +168,85 @@ def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
 
 
 def test_unsupported_group_size_runs_the_dequantizing_path():
-    # G = 48 is no multiple of 32: the kernels' chunk layout does not fit, the part says so.
-    layer, weight = w4_layer(96, 37, 48, "auto", None, seed=3)
-    assert layer.part_isas() == ["reference"]
+    # G = 6 is no multiple of 8 (lanes layout) nor of 32 (row layout): no kernel fits, the part says so.
+    layer, weight = w4_layer(96, 37, 6, "auto", None, seed=3)
+    assert layer.part_isas() == ["reference"] and layer.part_layouts() == ["rows"]
     x = torch.randn(2, 96)
     assert torch.equal(layer.forward(x), F.linear(x, weight))
+
+
+LANES = pytest.mark.skipif(kernels is None or not kernels.has_avx512_vnni(), reason="the lanes layout is AVX-512 VNNI's")
+LANE_ROWS_OF_X = [1, 2, 7, 8, 9, 31, 32, 33, 64, 65]
+
+
+@LANES
+@pytest.mark.parametrize(("out_features", "in_features", "group_size"),
+                         [(16, 128, 128), (37, 896, 128), (33, 96, 32), (1, 64, 64), (50, 48, 48), (7, 24, 8)])
+def test_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_features, in_features, group_size):
+    # N not a multiple of 16 (a short last block), one row, groups the row layout cannot run (48, 8).
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    qweight, scales, zeros = packing.quantize_w4(torch.randn(out_features, in_features, generator=generator),
+                                                 group_size)
+    bias = torch.randn(out_features, generator=generator)
+    layer = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    held = layer.add_w4(qweight, scales, zeros, group_size)
+    assert layer.part_layouts() == ["lanes"] and layer.part_isas() == ["avx512_vnni"]
+    lanes = packing.pack_w4_lanes(qweight, scales, zeros, group_size)
+    assert all(torch.equal(a, b) for a, b in zip(held, lanes, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(packing.unpack_w4_lanes(*lanes, group_size),
+                                                 (qweight, scales, zeros), strict=True))
+    assert held[0].data_ptr() != qweight.data_ptr() and layer.bytes() == sum(
+        t.numel() * t.element_size() for t in (qweight, scales, zeros, bias))
+    weight = packing.dequantize_w4(qweight, scales, zeros, group_size)
+    for rows in LANE_ROWS_OF_X:
+        x = torch.randn(rows, in_features, generator=generator)
+        check_kernel_output(layer.forward(x), x, weight, bias, group_size)
+    # The tensors it returned, given back as lanes, run the same; given to a CPU path without the
+    # layout (reference isa), they are converted back to the row layout.
+    x = torch.randn(5, in_features, generator=generator)
+    again = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    assert again.add_w4(*held, group_size, layout="lanes")[0].data_ptr() == held[0].data_ptr()
+    assert torch.equal(again.forward(x), layer.forward(x))
+    reference = kernels.QuantLinear(in_features, out_features, bias, "reference")
+    assert torch.equal(reference.add_w4(*held, group_size, layout="lanes")[0], qweight)
+    assert torch.equal(reference.forward(x), F.linear(x, weight, bias))
+
+
+@LANES
+def test_layers_with_a_lanes_part_run_the_kernel_for_more_rows_by_default():
+    # The lanes kernel beats dequantize-and-matmul far beyond the row kernels' 64 rows.
+    w8_only, _ = w8_layer(256, 20, "auto", None, seed=5)
+    assert w8_only.decode_max_rows == 64
+    layer, weight = w4_layer(256, 20, 64, "auto", None, seed=5)
+    assert layer.decode_max_rows == 256
+    x = torch.randn(200, 256)
+    check_kernel_output(layer.forward(x), x, weight, None, 64)  # rounded activations: the kernel ran
+    assert torch.equal(layer.forward(torch.randn(257, 256)[:0]), torch.empty(0, 20))
+    with pytest.raises(RuntimeError, match="decode_max_rows must be"):
+        kernels.QuantLinear(256, 20, None, "auto", -2)
+
+
+@LANES
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [65, 300])
+def test_dequantizing_path_reads_the_lanes_layout(x_dtype, rows):
+    # Many rows: the lanes-layout part is dequantized (a short last block of 37 % 16 rows).
+    bias = torch.randn(37)
+    layer, weight = w4_layer(896, 37, 128, "avx512_vnni", bias, seed=rows, decode_max_rows=64)
+    assert layer.part_layouts() == ["lanes"]
+    x = torch.randn(rows, 896).to(x_dtype)
+    run_and_check(layer, weight, bias, x, 128)
+
+
+@LANES
+@pytest.mark.parametrize("rows", LANE_ROWS_OF_X)
+def test_lanes_and_row_layouts_agree_within_the_bound(rows):
+    # The row-major kernel stays reachable (w4_lanes=False) and both meet the same bound.
+    x = torch.randn(rows, 256)
+    for lanes in (True, False):
+        layer, weight = w4_layer(256, 41, 64, "avx512_vnni", None, seed=rows, decode_max_rows=1000, w4_lanes=lanes)
+        assert layer.part_layouts() == ["lanes" if lanes else "rows"]
+        check_kernel_output(layer.forward(x), x, weight, None, 64)
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -207,6 +282,8 @@ def test_bad_input_is_refused_with_a_message():
         kernels.QuantLinear(128, 4, None, "sse9")
     with pytest.raises(RuntimeError, match="group size 48"):
         kernels.QuantLinear(128, 4).add_w4(q4, s4, z4, 48)
+    with pytest.raises(RuntimeError, match="layout must be rows or lanes"):
+        kernels.QuantLinear(128, 4).add_w4(q4, s4, z4, 64, layout="columns")
     with pytest.raises(RuntimeError, match="scales must be float16"):
         kernels.QuantLinear(128, 4).add_w4(q4, s4.float(), z4, 64)
     layer = kernels.QuantLinear(128, 8)

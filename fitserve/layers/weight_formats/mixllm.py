@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fitserve.layers.weight_formats.base import LinearKernel, PartShape, TensorSpec, WeightFormat
-from fitserve.layers.weight_formats.quantized_kernels import IntegerPart, integer_kernel
+from fitserve.layers.weight_formats.quantized_kernels import IntegerPart, integer_kernel, w4_part, w4_tensors_as_stored
 from fitserve.layers.weight_formats.w4 import DEFAULT_GROUP_SIZE, w4_part_tensors
 from fitserve.quant import packing
 from fitserve.quant.clipping import search_w4
@@ -79,7 +79,7 @@ class MixedFormat(WeightFormat):
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         weight = torch.empty(layer.out_features, layer.in_features, device=layer.qweight.device)
-        weight[layer.low_rows] = packing.dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
+        weight[layer.low_rows] = packing.dequantize_w4(*w4_tensors_as_stored(layer, self.group_size), self.group_size)
         weight[layer.high_rows] = packing.dequantize_w8(layer.qweight_hp, layer.scales_hp)
         return weight
 
@@ -89,8 +89,7 @@ class MixedFormat(WeightFormat):
     def make_kernel(self, layer: Linear) -> LinearKernel:
         parts = []
         if layer.low_rows.numel():
-            parts.append(IntegerPart("w4", (layer.qweight, layer.scales, layer.zeros), layer.low_rows,
-                                     self.group_size))
+            parts.append(w4_part(layer, layer.low_rows, self.group_size))
         if layer.high_rows.numel():
             parts.append(IntegerPart("w8", (layer.qweight_hp, layer.scales_hp), layer.high_rows))
         return integer_kernel(layer, parts, self.reference_kernel(layer))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fitserve.layers.weight_formats.base import LinearKernel, PartShape, TensorSpec, WeightFormat
-from fitserve.layers.weight_formats.quantized_kernels import IntegerPart, integer_kernel
+from fitserve.layers.weight_formats.quantized_kernels import integer_kernel, w4_part, w4_tensors_as_stored
 from fitserve.quant import packing
 
 if TYPE_CHECKING:
@@ -47,14 +47,14 @@ class W4Format(WeightFormat):
             layer.set_tensor(name, torch.cat([tensors[name] for _, tensors in parts]).to(device).contiguous())
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
-        return packing.dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
+        return packing.dequantize_w4(*w4_tensors_as_stored(layer, self.group_size), self.group_size)
 
     def tensors(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """As held: in the lanes layout once the AVX-512 VNNI kernel repacked them (`Linear.w4_layout`)."""
         return {"qweight": layer.qweight, "scales": layer.scales, "zeros": layer.zeros}
 
     def make_kernel(self, layer: Linear) -> LinearKernel:
-        part = IntegerPart("w4", (layer.qweight, layer.scales, layer.zeros), None, self.group_size)
-        return integer_kernel(layer, [part], self.reference_kernel(layer))
+        return integer_kernel(layer, [w4_part(layer, None, self.group_size)], self.reference_kernel(layer))
 
     def config_entry(self) -> dict:
         return {"method": self.name, "bits": 4, "group_size": self.group_size}
