@@ -101,7 +101,7 @@ def baseline_rows(work: Path, subsets: dict) -> list[dict]:
     w4_projection_bytes = sum(w4.get_submodule(name).stored_bytes() for name in _projection_modules(w4))
     fixed = weight_memory_bytes(w4) - w4_projection_bytes
     embedding = w4.model.embed_tokens
-    head_weight = packing.dequantize_w8(embedding.qweight, embedding.scales)
+    head_weight = packing.dequantize_w8(embedding.stored_codes(), embedding.scales)
     for bits in (3, 2):
         model, _ = load_model(model_dir, torch.float32, cpu, "torch", huge_pages=False)
         with torch.inference_mode():

@@ -24,7 +24,7 @@ the default decode_max_rows.
 `batch`: 1, 8, 32 and 64 rows of x (a batched decode step) against each projection shape of a
 layer: bf16 weights through fitserve's vdpbf16ps kernel (`cpu.linear`, bf16 x), w4 (group 128)
 in the lanes layout (16 output rows in the vector lanes, the AVX-512 VNNI default) and in the
-row layout (`w4_lanes=False`, the previous kernel), and MixLLM's mixture (90% of the rows w4,
+row layout (`lanes=False`, the previous kernel), and MixLLM's mixture (90% of the rows w4,
 10% w8, scattered by out_rows) in both. Weights in cache (one copy) and from memory (copies
 beyond the caches), variants alternating call by call; per-layer sums of the best times, and
 the lanes kernel's multiply-accumulates per second as a fraction of the vpdpbusd peak measured
@@ -96,8 +96,8 @@ def gemv_section(args, kernels) -> dict:
                 # w4 on AVX-512 VNNI: the lanes layout (default) and the row layout it replaced.
                 layouts = [True, False] if fmt == "w4" and isa == "avx512_vnni" else [True]
                 for lanes in layouts:
-                    first = quant_layer(kernels, fmt, weight, isa, w4_lanes=lanes)
-                    layers = [first] + [quant_layer(kernels, fmt, weight, isa, w4_lanes=lanes)
+                    first = quant_layer(kernels, fmt, weight, isa, lanes=lanes)
+                    layers = [first] + [quant_layer(kernels, fmt, weight, isa, lanes=lanes)
                                         for _ in range(copies_for(first.bytes(), target) - 1)]
                     label = f"{fmt} {isa}" if lanes else f"{fmt} {isa} (row layout)"
                     variants[label] = ([lambda layer=layer: layer.forward(x32) for layer in layers], first.bytes())
@@ -171,12 +171,12 @@ def rows_section(args, kernels) -> dict:
     return {"shape": [out_features, in_features], "results": results}
 
 
-def mixed_layer(kernels, weight: torch.Tensor, w4_lanes: bool, high_fraction: float = 0.1, group_size: int = 128):
+def mixed_layer(kernels, weight: torch.Tensor, lanes: bool, high_fraction: float = 0.1, group_size: int = 128):
     """MixLLM's layer shape: every tenth output row (salient) in w8, the rest in w4."""
     rows = weight.shape[0]
     high = torch.arange(0, rows, int(round(1 / high_fraction)))
     low = torch.tensor(sorted(set(range(rows)) - set(high.tolist())), dtype=torch.int64)
-    layer = kernels.QuantLinear(weight.shape[1], rows, None, "auto", 1 << 20, w4_lanes)
+    layer = kernels.QuantLinear(weight.shape[1], rows, None, "auto", 1 << 20, lanes)
     layer.add_w4(*packing.quantize_w4(weight[low], group_size), group_size, low)
     layer.add_w8(*packing.quantize_w8(weight[high]), high)
     return layer
@@ -200,7 +200,7 @@ def batch_section(args, kernels) -> dict:
         makers = {
             "bf16 kernel": lambda: bf16.clone(),
             "w4 lanes": lambda: quant_layer(kernels, "w4", weight, "auto", decode_max_rows=1 << 20),
-            "w4 rows": lambda: quant_layer(kernels, "w4", weight, "auto", decode_max_rows=1 << 20, w4_lanes=False),
+            "w4 rows": lambda: quant_layer(kernels, "w4", weight, "auto", decode_max_rows=1 << 20, lanes=False),
             "mixllm lanes": lambda: mixed_layer(kernels, weight, True),
             "mixllm rows": lambda: mixed_layer(kernels, weight, False),
         }

@@ -325,13 +325,14 @@ _NATIVE_BF16 = cpu_has_native_bf16()
 
 
 def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",
-                 decode_max_rows: int | None = None, w4_lanes: bool = True):
+                 decode_max_rows: int | None = None, lanes: bool = True):
     """A compiled `QuantLinear` (fitserve/kernels/cpu_quant_linear.h) for a layer stored in the
     w8/w4 formats of fitserve.quant.packing, or None where the kernels cannot be built (callers
     then dequantize and run F.linear, the formats' reference).
 
     Add the layer's parts with `add_w8(qweight, scales, out_rows=None)` and
-    `add_w4(qweight, scales, zeros, group_size, out_rows=None)`, then call `forward(x)` with a
+    `add_w4(qweight, scales, zeros, group_size, out_rows=None)` (both also take
+    `layout="lanes"` for tensors an earlier call returned), then call `forward(x)` with a
     contiguous [M, in_features] float32 or bfloat16 x. Up to `decode_max_rows` rows of x
     (default: the kernels' own, measured by benchmarks/cpu_quant_kernels.py --section rows) run
     the integer kernels, more rows dequantize and multiply; the same object can be handed to the
@@ -339,13 +340,14 @@ def quant_linear(in_features: int, out_features: int, bias: torch.Tensor | None 
     not fit the kernels' layout, that part runs the dequantizing path for every row count, and
     a log line says so.
 
-    On AVX-512 VNNI, `add_w4` repacks a w4 part into the lanes layout (16 output rows in the
-    vector lanes; fitserve.quant.packing.pack_w4_lanes) and returns the tensors it holds;
-    `w4_lanes=False` keeps the row-major layout and its kernel (for comparisons).
+    On AVX-512 VNNI, `add_w4` and `add_w8` repack a part into its lanes layout (16 output rows in
+    the vector lanes; fitserve.quant.packing.pack_w4_lanes / pack_w8_lanes) and return the
+    tensors they hold; `lanes=False` keeps the row-major layouts and their kernels (for
+    comparisons).
     """
     return _compiled_layer("QuantLinear", in_features, out_features, bias, isa, decode_max_rows,
                            "quantized layers: this CPU has neither AVX-512 VNNI nor AVX2; decode rows dequantize "
-                           "and run the matmul library", w4_lanes=w4_lanes)
+                           "and run the matmul library", lanes=lanes)
 
 
 def bitstack_linear(in_features: int, out_features: int, bias: torch.Tensor | None = None, isa: str = "auto",

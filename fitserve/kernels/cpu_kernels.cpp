@@ -344,8 +344,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       m, "QuantLinear", "a linear layer with w8/w4 weight parts (cpu_quant_linear.h)")
       .def(py::init<int64_t, int64_t, c10::optional<torch::Tensor>, const std::string&, int64_t, bool>(),
            py::arg("in_features"), py::arg("out_features"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
-           py::arg("decode_max_rows") = kQuantDecodeMaxRowsAuto, py::arg("w4_lanes") = true)
-      .def("add_w8", &QuantLinear::add_w8, py::arg("qweight"), py::arg("scales"), py::arg("out_rows") = py::none())
+           py::arg("decode_max_rows") = kQuantDecodeMaxRowsAuto, py::arg("lanes") = true)
+      .def("add_w8", &QuantLinear::add_w8, py::arg("qweight"), py::arg("scales"), py::arg("out_rows") = py::none(),
+           py::arg("layout") = "rows")
       .def("add_w4", &QuantLinear::add_w4, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
            py::arg("group_size"), py::arg("out_rows") = py::none(), py::arg("layout") = "rows")
       .def("forward", &QuantLinear::forward, py::arg("x"), release)

@@ -1,5 +1,5 @@
-// The AVX-512 VNNI kernel and the dequantizing reader of the w4 lanes layout
-// (cpu_quant_lanes_layout.h says what the layout is and why). Part of cpu_quant_linear.h,
+// The AVX-512 VNNI kernels and the dequantizing readers of the w4 and w8 lanes layouts
+// (cpu_quant_lanes_layout.h says what the layouts are and why). Part of cpu_quant_linear.h,
 // included from it: uses its QuantPart, ActivationCodes, KernelArgs, high_nibbles, with_rows.
 
 #pragma once
@@ -8,33 +8,39 @@ namespace fitserve_cpu {
 
 constexpr int kLanesTileRows = 8;  // rows of x per pass over a block: 8 int32 + 8 float accumulators
 
-// x rows for the lanes kernel, in tiles of up to 8 rows (the last one the rows left, T) laid out
+// x rows for the lanes kernels, in tiles of up to 8 rows (the last one the rows left, T) laid out
 // so that a tile's step is one cache line or less: the int8 codes as int32 quads [K/4][T] per
-// tile (4 consecutive columns of one row each; a step's T low-nibble partners, then its T
-// high-nibble partners), and per group [groups][T] xs_g and xs_g * (sum of the group's codes)
-// (the zero-point term). A tile's loads differ by constant offsets from one pointer (no per-row
-// addresses in registers), and a pass over a block reads only its tile's bytes: with tiles
-// padded to 8, one row of x against down (K = 4864) read a 38 KiB x buffer per block, and a
-// call from memory took 1.3-1.4x as long (Zen 4, one thread).
-inline void prepare_w4_lanes_activations(const float* x, int64_t M, const W4Lanes& L, ActivationCodes& a) {
+// tile (4 consecutive columns of one row each, in column order: a w4 step of 8 columns reads its
+// T low-nibble partners, then its T high-nibble partners; a w8 step of 4 columns one quad per
+// row), and per block of x (`block` columns, the w4 group or 128 for w8; the last block the
+// columns left) [blocks][T] xs_b, xs_b * (sum of the block's codes) (w4's zero-point term) and
+// the sum itself (w8's exact offset). A tile's loads differ by constant offsets from one pointer
+// (no per-row addresses in registers), and a pass over a block reads only its tile's bytes: with
+// tiles padded to 8, one row of x against down (K = 4864) read a 38 KiB x buffer per block, and a
+// call from memory took 1.3-1.4x as long (Zen 4, one thread). K is a multiple of 4.
+inline void prepare_lanes_activations(const float* x, int64_t M, int64_t K, int64_t block, ActivationCodes& a) {
   constexpr int T = kLanesTileRows;
-  const int64_t tiles = (M + T - 1) / T, quads_per_row = L.K / 4;
-  a.code_stride = (L.K + 63) / 64 * 64;
+  const int64_t tiles = (M + T - 1) / T, quads_per_row = K / 4, blocks = (K + block - 1) / block;
+  a.code_stride = (K + 63) / 64 * 64;
   a.scale_stride = quads_per_row * T;  // int32 quads per whole tile
-  a.extra_stride = L.groups * T;       // floats per whole tile
+  a.extra_stride = blocks * T;         // values per block table of a whole tile
   int8_t* codes = a.codes.get(M * a.code_stride);
   int32_t* quads = a.offsets.get(tiles * a.scale_stride);
   float* group_scales = a.group_scales.get(tiles * a.extra_stride);
   float* zero_terms = a.zero_terms.get(tiles * a.extra_stride);
+  int32_t* sums = a.block_sums.get(tiles * a.extra_stride);
   for (int64_t m = 0; m < M; ++m) {
     int8_t* row = codes + m * a.code_stride;
     const int64_t tile = m / T, lane = m % T, tile_rows = std::min<int64_t>(T, M - tile * T);
-    for (int64_t g = 0; g < L.groups; ++g) {
-      const float scale = quantize_block(x + m * L.K + g * L.G, L.G, row + g * L.G);
+    for (int64_t g = 0; g < blocks; ++g) {
+      const int64_t first = g * block, count = std::min(block, K - first);
+      const float scale = quantize_block(x + m * K + first, count, row + first);
       int32_t sum = 0;
-      for (int64_t k = 0; k < L.G; ++k) sum += row[g * L.G + k];
-      group_scales[tile * a.extra_stride + g * tile_rows + lane] = scale;
-      zero_terms[tile * a.extra_stride + g * tile_rows + lane] = scale * static_cast<float>(sum);
+      for (int64_t k = 0; k < count; ++k) sum += row[first + k];
+      const int64_t at = tile * a.extra_stride + g * tile_rows + lane;
+      group_scales[at] = scale;
+      zero_terms[at] = scale * static_cast<float>(sum);
+      sums[at] = sum;
     }
     int32_t* tile_quads = quads + tile * a.scale_stride + lane;
     for (int64_t q = 0; q < quads_per_row; ++q) std::memcpy(tile_quads + q * tile_rows, row + 4 * q, 4);
@@ -51,6 +57,27 @@ FITSERVE_VNNI inline __m512i dpbusd_broadcast(__m512i acc, __m512i u, const int3
 #else
   return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(*s));
 #endif
+}
+
+// Results of block b (lanes: its rows) for MR rows of x from m0, with their biases, to the
+// block's output columns (in order, or scattered to out_rows in a mixed layer).
+template <int MR>
+FITSERVE_VNNI inline void store_lanes_block(const KernelArgs& args, int64_t b, int64_t m0, __mmask16 row_mask,
+                                            const __m512* out) {
+  const QuantPart& p = *args.part;
+  const int64_t n0 = b * kLaneRows;
+  if (p.identity_rows) {
+    const __m512 bias = args.bias ? _mm512_maskz_loadu_ps(row_mask, args.bias + n0) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m)
+      _mm512_mask_storeu_ps(args.out + (m0 + m) * args.out_features + n0, row_mask, _mm512_add_ps(out[m], bias));
+  } else {
+    const __m512i columns = _mm512_maskz_loadu_epi32(row_mask, p.lane_rows.data() + n0);
+    const __m512 bias = args.bias ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), row_mask, columns, args.bias, 4)
+                                  : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m)
+      _mm512_mask_i32scatter_ps(args.out + (m0 + m) * args.out_features, row_mask, columns,
+                                _mm512_add_ps(out[m], bias), 4);
+  }
 }
 
 // Block b (16 output rows, or the R left) against MR rows of x from m0. Per step: one load and
@@ -104,32 +131,82 @@ FITSERVE_VNNI void w4_lanes_block(const KernelArgs& args, const W4Lanes& L, int6
       out[m] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(zt[g * MR + m]), out[m]);
     }
   }
-  const int64_t n0 = b * kLaneRows;
-  if (p.identity_rows) {
-    const __m512 bias = args.bias ? _mm512_maskz_loadu_ps(row_mask, args.bias + n0) : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m)
-      _mm512_mask_storeu_ps(args.out + (m0 + m) * args.out_features + n0, row_mask, _mm512_add_ps(out[m], bias));
-  } else {
-    const __m512i columns = _mm512_maskz_loadu_epi32(row_mask, p.lane_rows.data() + n0);
-    const __m512 bias = args.bias ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), row_mask, columns, args.bias, 4)
-                                  : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m)
-      _mm512_mask_i32scatter_ps(args.out + (m0 + m) * args.out_features, row_mask, columns,
-                                _mm512_add_ps(out[m], bias), 4);
-  }
+  store_lanes_block<MR>(args, b, m0, row_mask, out);
 }
 
-// A lanes-layout part over all M rows of x: blocks split between threads (~32 KiB per claim),
-// each block met by the rows of x in tiles while it is in L1/L2.
-inline void run_w4_lanes(const KernelArgs& args, const W4Lanes& L, int64_t M) {
-  const int64_t chunk = std::max<int64_t>(1, kClaimBytes / (kLaneRows * L.K / 2));
-  parallel_for_stealing(L.blocks, chunk, [&](int64_t first, int64_t last) {
+// w8 block b (16 output rows, or the R left) against MR rows of x from m0. Per step of 4
+// columns: one load and one xor (+128: unsigned bytes for vpdpbusd) shared by the MR rows, then
+// one vpdpbusd per row of x with its 4 bytes broadcast from memory; each accumulator starts at
+// -128 times the x block's code sum, so it ends exact. Per block of x (128 columns) and row of x:
+// conversion and its scale on 16 rows at once; the row scales once at the end.
+template <int MR>
+FITSERVE_VNNI void w8_lanes_block(const KernelArgs& args, const W8Lanes& L, int64_t b, int64_t m0) {
+  constexpr int T = kLanesTileRows;
+  static_assert(MR <= T, "a pass covers one tile of x rows (MR: its rows)");
+  const QuantPart& p = *args.part;
+  const ActivationCodes& a = *args.act;
+  const int64_t R = L.block_rows(b), step_bytes = 4 * R, steps = L.K / 4;
+  const __mmask64 code_mask = R == kLaneRows ? ~__mmask64(0) : (~__mmask64(0)) >> (64 - step_bytes);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << R) - 1);
+  const int64_t tile = m0 / T;
+  const int32_t* quads = a.offsets.data + tile * a.scale_stride;  // step t of row m: MR t + m
+  const float* xs = a.group_scales.data + tile * a.extra_stride;
+  const int32_t* sums = a.block_sums.data + tile * a.extra_stride;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  constexpr int64_t kStepsPerBlock = kW8XBlock / 4;
+  // Two int32 accumulators per row of x where the rows are few (as in w4_lanes_block).
+  constexpr int kAcc = MR <= 4 ? 2 : 1;
+  __m512 out[MR];
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_setzero_ps();
+  const uint8_t* c = p.codes + L.code_offset(b);
+  for (int64_t g = 0, t = 0; t < steps; ++g) {
+    const int64_t end = std::min(steps, t + kStepsPerBlock);
+    __m512i acc[MR][kAcc];
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = _mm512_set1_epi32(-128 * sums[g * MR + m]);
+      if constexpr (kAcc == 2) acc[m][1] = _mm512_setzero_si512();
+    }
+    for (; t + 1 < end; t += 2, c += 2 * step_bytes, quads += 2 * MR) {
+      _mm_prefetch(reinterpret_cast<const char*>(c) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(c + step_bytes) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+      const __m512i v0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(code_mask, c), flip);
+      const __m512i v1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(code_mask, c + step_bytes), flip);
+      for (int m = 0; m < MR; ++m) {
+        acc[m][0] = dpbusd_broadcast(acc[m][0], v0, quads + m);
+        acc[m][kAcc - 1] = dpbusd_broadcast(acc[m][kAcc - 1], v1, quads + MR + m);
+      }
+    }
+    if (t < end) {  // an odd number of steps left in the block (K % 8 == 4)
+      const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(code_mask, c), flip);
+      for (int m = 0; m < MR; ++m) acc[m][0] = dpbusd_broadcast(acc[m][0], v, quads + m);
+      ++t, c += step_bytes, quads += MR;
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i dot = kAcc == 2 ? _mm512_add_epi32(acc[m][0], acc[m][kAcc - 1]) : acc[m][0];
+      out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[g * MR + m]), out[m]);
+    }
+  }
+  const __m512 row_scales = _mm512_maskz_loadu_ps(row_mask, p.row_scales + b * kLaneRows);
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_mul_ps(out[m], row_scales);
+  store_lanes_block<MR>(args, b, m0, row_mask, out);
+}
+
+// A lanes-layout part (w4 or w8) over all M rows of x: blocks split between threads (~32 KiB
+// per claim), each block met by the rows of x in tiles while it is in L1/L2.
+inline void run_lanes(const KernelArgs& args, int64_t M) {
+  const QuantPart& p = *args.part;
+  const int64_t blocks = p.is_w4 ? p.w4_lanes_layout.blocks : p.w8_lanes_layout.blocks;
+  const int64_t block_bytes = kLaneRows * (p.is_w4 ? p.w4_lanes_layout.K / 2 : p.w8_lanes_layout.K);
+  const int64_t chunk = std::max<int64_t>(1, kClaimBytes / block_bytes);
+  parallel_for_stealing(blocks, chunk, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b)
       for (int64_t m0 = 0; m0 < M; m0 += kLanesTileRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kLanesTileRows, M - m0));
         with_rows<kLanesTileRows>(mr, [&](auto R) {
-          if (kHasGfni) w4_lanes_block<decltype(R)::value, true>(args, L, b, m0);
-          else w4_lanes_block<decltype(R)::value, false>(args, L, b, m0);
+          constexpr int MR = decltype(R)::value;
+          if (!p.is_w4) w8_lanes_block<MR>(args, p.w8_lanes_layout, b, m0);
+          else if (kHasGfni) w4_lanes_block<MR, true>(args, p.w4_lanes_layout, b, m0);
+          else w4_lanes_block<MR, false>(args, p.w4_lanes_layout, b, m0);
         });
       }
   });
@@ -223,6 +300,70 @@ void dequantize_w4_lanes_rows(const QuantPart& p, const W4Lanes& L, int64_t firs
       const int64_t n1 = std::min(first + count, b * kLaneRows + L.block_rows(b));
       for (int64_t n = std::max(first, b * kLaneRows); n < n1; ++n)
         dequantize_w4_lanes_row_scalar<T>(p, L, n, out + (n - first) * L.K);
+    }
+  });
+}
+
+// Rows [first, first + count) of a w8 lanes-layout part as T [count, K], each value w * s in
+// float32 as dequantize_w8 computes it (T = BF16: then rounded to nearest even). Per 4 steps of a
+// block (16 columns of 16 rows), a 4x4 transpose of 32-bit words within each 128-bit lane puts
+// one row's 16 bytes in a lane; each row is widened, scaled and stored.
+template <typename T>
+FITSERVE_AVX512_BF16 void dequantize_w8_lanes_block_avx512(const QuantPart& p, const W8Lanes& L, int64_t b,
+                                                           int64_t first, int64_t count, T* out) {
+  const int64_t R = L.block_rows(b), step_bytes = 4 * R, n0 = b * kLaneRows, K = L.K, steps = K / 4;
+  const uint8_t* codes = p.codes + L.code_offset(b);
+  const __mmask64 code_mask = R == kLaneRows ? ~__mmask64(0) : (~__mmask64(0)) >> (64 - step_bytes);
+  T* rows[kLaneRows];
+  __m512 scales[kLaneRows];
+  for (int r = 0; r < kLaneRows; ++r) {
+    const int64_t n = n0 + r;
+    rows[r] = r < R && n >= first && n < first + count ? out + (n - first) * K : nullptr;
+    scales[r] = _mm512_set1_ps(rows[r] ? p.row_scales[n] : 0.0f);
+  }
+  for (int64_t s0 = 0; s0 < steps; s0 += 4) {
+    const int64_t here = std::min<int64_t>(4, steps - s0), k = 4 * s0;
+    __m512i v[4];
+    for (int i = 0; i < 4; ++i)
+      v[i] = i < here ? _mm512_maskz_loadu_epi8(code_mask, codes + (s0 + i) * step_bytes) : _mm512_setzero_si512();
+    const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
+    // 128-bit lane i of words[j] holds row 4i + j's 16 bytes (columns k .. k + 15, in order).
+    const __m512i words[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+    const __mmask16 mask = here == 4 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (4 * here)) - 1);
+    for (int r = 0; r < kLaneRows; ++r) {
+      if (!rows[r]) continue;
+      __m128i bytes;
+      switch (r / 4) {
+        case 0: bytes = _mm512_castsi512_si128(words[r % 4]); break;
+        case 1: bytes = _mm512_extracti32x4_epi32(words[r % 4], 1); break;
+        case 2: bytes = _mm512_extracti32x4_epi32(words[r % 4], 2); break;
+        default: bytes = _mm512_extracti32x4_epi32(words[r % 4], 3); break;
+      }
+      const __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scales[r]);
+      if constexpr (std::is_same_v<T, BF16>) _mm256_mask_storeu_epi16(rows[r] + k, mask, (__m256i)_mm512_cvtneps_pbh(values));
+      else _mm512_mask_storeu_ps(rows[r] + k, mask, values);
+    }
+  }
+}
+
+template <typename T>
+void dequantize_w8_lanes_rows(const QuantPart& p, const W8Lanes& L, int64_t first, int64_t count, T* out) {
+  const bool vectorized = std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512;
+  const int64_t b0 = first / kLaneRows, b1 = (first + count + kLaneRows - 1) / kLaneRows;
+  at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (vectorized) {
+        dequantize_w8_lanes_block_avx512<T>(p, L, b, first, count, out);
+        continue;
+      }
+      // One value at a time (CPUs with VNNI but no AVX-512 BF16, for bf16 slices).
+      const int64_t n1 = std::min(first + count, b * kLaneRows + L.block_rows(b));
+      for (int64_t n = std::max(first, b * kLaneRows); n < n1; ++n)
+        for (int64_t k = 0; k < L.K; ++k)
+          out[(n - first) * L.K + k] =
+              static_cast<T>(static_cast<float>(static_cast<int8_t>(p.codes[L.code_byte(n, k)])) * p.row_scales[n]);
     }
   });
 }

@@ -1,4 +1,4 @@
-// The w4 "lanes" layout: output rows in the vector lanes (its kernel: cpu_quant_lanes.h).
+// The "lanes" layouts of w4 and w8: output rows in the vector lanes (kernels: cpu_quant_lanes.h).
 // Why: a batched decode step (tens of rows of x) is compute-bound. The row-major kernel puts 16
 // lanes of ONE weight row's columns in a vector, so per 128 columns and row of x it spends two
 // vpdpbusd, a conversion and an FMA (and a horizontal sum per row at the end): 32 multiplies per
@@ -16,11 +16,17 @@
 // blocks follow each other (block b at byte 16 b K / 2), so a part is one contiguous stream and
 // takes exactly the bytes of the row-major layout (no padding, no second copy). Scales and zeros
 // [N, K/G] are laid out the same way per block: for each group, the R values of the block's rows.
+//
+// w8 (fitserve.quant.packing.pack_w8_lanes): the same blocks of 16 output rows; within a block,
+// per step t of 4 columns, 4R bytes: bytes 4r .. 4r + 3 are row r's int8 weights at columns
+// 4t .. 4t + 3. One 64-byte load is 16 rows x 4 columns, one vpdpbusd operand (after adding 128
+// to make the bytes unsigned). The row scales stay as they are (one per row, in row order).
 
 #pragma once
 
 #include "cpu_kernels.h"
 
+#include <cstring>
 #include <vector>
 
 namespace fitserve_cpu {
@@ -48,6 +54,33 @@ struct W4Lanes {
     return group_offset(b) + g * block_rows(b) + n % kLaneRows;
   }
 };
+
+// Where a w8 lanes-layout part's blocks lie (K a multiple of 4: whole 4-column steps).
+struct W8Lanes {
+  int64_t N = 0, K = 0, blocks = 0;
+  W8Lanes() = default;
+  W8Lanes(int64_t N_, int64_t K_) : N(N_), K(K_), blocks((N_ + kLaneRows - 1) / kLaneRows) {}
+  static bool fits(int64_t K) { return K % 4 == 0; }
+  int64_t block_rows(int64_t b) const { return std::min(kLaneRows, N - b * kLaneRows); }
+  int64_t code_offset(int64_t b) const { return b * kLaneRows * K; }
+  // Byte (in the layout) of row n's weight at column k.
+  int64_t code_byte(int64_t n, int64_t k) const {
+    const int64_t b = n / kLaneRows, r = n % kLaneRows;
+    return code_offset(b) + (k / 4) * 4 * block_rows(b) + 4 * r + (k % 4);
+  }
+};
+
+// Row-major w8 weights [N, K] into the lanes layout, or back (to_lanes false): 4-byte words
+// move, so each row's words are copied as int32. Run once when a part is added.
+inline void w8_convert_lanes(const W8Lanes& L, bool to_lanes, const int8_t* codes, int8_t* out_codes) {
+  at::parallel_for(0, L.N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < L.K; k += 4) {
+        const int64_t row_major = n * L.K + k, lanes = L.code_byte(n, k);
+        std::memcpy(out_codes + (to_lanes ? lanes : row_major), codes + (to_lanes ? row_major : lanes), 4);
+      }
+  });
+}
 
 // Row-major w4 (codes [N, K/2] in the format's group layout, scales/zeros [N, K/G]) into the
 // lanes layout, or back (to_lanes false). Run once when a part is added.

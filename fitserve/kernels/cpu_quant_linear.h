@@ -24,11 +24,12 @@
 // (at::addmm / at::mm), so the result equals dequantize-then-F.linear up to the library's own
 // summation order (identical calls where the layer is one part).
 //
-// w4 on AVX-512 VNNI: add_w4 repacks the part into the lanes layout (16 output rows in the
-// vector lanes, cpu_quant_lanes_layout.h; kernel and dequantizing reader in cpu_quant_lanes.h),
-// which takes 64 multiplies per vpdpbusd instead of 32 and so ~2x the rows of x per second once
-// a batched decode step is compute-bound. The row layout below is what AVX2 (and w4_lanes=false)
-// run; w8 parts keep it on every ISA.
+// On AVX-512 VNNI, add_w4 and add_w8 repack a part into its lanes layout (16 output rows in the
+// vector lanes, cpu_quant_lanes_layout.h; kernels and dequantizing readers in cpu_quant_lanes.h).
+// w4's lanes kernel takes 64 multiplies per vpdpbusd instead of 32, and w8's drops the per-row
+// horizontal sums and per-block conversions of the row kernel (~20 -> ~60 multiplies per
+// instruction), so a batched decode step, which is compute-bound, runs ~2x the rows of x per
+// second. The row layouts below are what AVX2 (and lanes=false) run.
 //
 // The 4-bit layout: byte i of a group's G/2 bytes holds column i in its low nibble and column
 // G/2 + i in its high nibble. A vector of V bytes (V = 64 with AVX-512, 32 with AVX2) of codes
@@ -163,10 +164,11 @@ struct QuantPart {
   std::vector<int64_t> row_map;  // out_rows as a vector (identity when empty)
   QuantIsa isa = QuantIsa::kReference;
   W4Layout layout;
-  // w4 in the lanes layout (cpu_quant_lanes.h): the AVX-512 VNNI kernel and the dequantizing
-  // path read `lanes_layout`; the tensors above hold that layout.
+  // In a lanes layout (cpu_quant_lanes.h): the AVX-512 VNNI kernel and the dequantizing path
+  // read `w4_lanes_layout` or `w8_lanes_layout`; the tensors above hold that layout.
   bool lanes = false;
-  W4Lanes lanes_layout;
+  W4Lanes w4_lanes_layout;
+  W8Lanes w8_lanes_layout;
   std::vector<int32_t> lane_rows;  // out_rows as int32 for the lanes kernel's scatter (mixed layers)
   // The tensors' data, taken once (Tensor::data_ptr checks the dtype on every call: at two
   // calls per weight row it cost as much as the row's arithmetic).
@@ -203,7 +205,8 @@ struct ActivationCodes {
   AlignedBuffer<float> scales;      // w4: [M][chunks][lanes] xs of each lane's group; w8: [M][blocks]
   AlignedBuffer<float> zero_terms;  // w4: [M][groups] xs_g * sum of the group's codes
   AlignedBuffer<float> group_scales;  // w4: [M][groups] xs_g
-  AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum; w4 lanes: x codes as int32 quads [tiles][K/4][8]
+  AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum; lanes layouts: x codes as int32 quads [tiles][K/4][8]
+  AlignedBuffer<int32_t> block_sums;  // lanes layouts: [tiles][blocks][8] sum of each block's codes
   std::vector<int8_t> natural;      // one row's codes in column order (w4 staging)
 };
 
@@ -706,7 +709,8 @@ FITSERVE_AVX512_BF16 void dequantize_w8_row_avx512(const int8_t* w, int64_t K, f
 template <typename T>
 void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count, T* out) {
   if (p.lanes) {
-    dequantize_w4_lanes_rows(p, p.lanes_layout, first, count, out);
+    if (p.is_w4) dequantize_w4_lanes_rows(p, p.w4_lanes_layout, first, count, out);
+    else dequantize_w8_lanes_rows(p, p.w8_lanes_layout, first, count, out);
     return;
   }
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
@@ -790,13 +794,13 @@ class QuantLinear {
   // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (dequantize
   // and matmul for every row count). decode_max_rows: up to this many rows of x the integer
   // kernels run, above it the dequantizing path (kQuantDecodeMaxRowsAuto: kQuantLanesDecodeMaxRows
-  // once the layer has a lanes-layout part, else kQuantDecodeMaxRows). w4_lanes: on AVX-512 VNNI, w4 parts are
-  // repacked into the lanes layout and run its kernel (false: the row-major kernel, kept for
-  // comparison in benchmarks/cpu_quant_kernels.py).
+  // once the layer has a lanes-layout part, else kQuantDecodeMaxRows). lanes: on AVX-512 VNNI, parts
+  // are repacked into their lanes layout and run its kernel (false: the row-major kernels, kept
+  // for comparison in benchmarks/cpu_quant_kernels.py).
   QuantLinear(int64_t in_features, int64_t out_features, c10::optional<torch::Tensor> bias, const std::string& isa,
-              int64_t decode_max_rows, bool w4_lanes = true)
+              int64_t decode_max_rows, bool lanes = true)
       : in_features_(in_features), out_features_(out_features), decode_max_rows_(decode_max_rows),
-        w4_lanes_(w4_lanes), covered_(static_cast<size_t>(std::max<int64_t>(out_features, 0)), 0) {
+        lanes_(lanes), covered_(static_cast<size_t>(std::max<int64_t>(out_features, 0)), 0) {
     TORCH_CHECK(in_features > 0 && out_features > 0, "QuantLinear: in_features and out_features must be positive");
     TORCH_CHECK(decode_max_rows >= 0 || decode_max_rows == kQuantDecodeMaxRowsAuto,
                 "QuantLinear: decode_max_rows must be >= 0 (or -1: the default for the parts added)");
@@ -817,19 +821,36 @@ class QuantLinear {
   }
 
   // qweight int8 [N, K], scales float32 [N]; out_rows int64 [N] (the layer rows it writes).
-  void add_w8(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> out_rows) {
+  // qweight in the row layout ("rows", fitserve.quant.packing) or in the lanes layout as an
+  // earlier add_w8 returned it. Returns the tensors the part holds, as add_w4 does: on AVX-512
+  // VNNI (with lanes, K a multiple of 4) qweight repacked into the lanes layout (the same size;
+  // scales stay in row order), elsewhere the tensors given in the row layout.
+  std::vector<torch::Tensor> add_w8(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> out_rows,
+                                    const std::string& layout) {
+    check_layout_name("add_w8", layout);
     TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kChar && qweight.size(1) == in_features_,
                 "add_w8: qweight must be int8 [N, in_features]");
     TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == torch::kFloat && scales.size(0) == qweight.size(0),
                 "add_w8: scales must be float32 [N]");
     QuantPart part;
-    part.qweight = checked_storage(qweight);
-    part.scales = checked_storage(scales);
     part.rows = qweight.size(0);
+    part.lanes = isa_ == QuantIsa::kAvx512Vnni && lanes_ && W8Lanes::fits(in_features_);
+    part.w8_lanes_layout = W8Lanes(part.rows, in_features_);
+    const torch::Tensor q = checked_storage(qweight);
+    if (part.lanes == (layout == "lanes")) {
+      part.qweight = q;
+    } else {  // convert between the layouts into a new tensor
+      TORCH_CHECK(W8Lanes::fits(in_features_), "add_w8: the lanes layout needs in_features a multiple of 4");
+      part.qweight = torch::empty_like(q);
+      w8_convert_lanes(part.w8_lanes_layout, part.lanes, q.data_ptr<int8_t>(), part.qweight.data_ptr<int8_t>());
+    }
+    part.scales = checked_storage(scales);
     part.isa = isa_;
     set_rows(part, out_rows);
+    if (part.lanes && !part.identity_rows) part.lane_rows.assign(part.row_map.begin(), part.row_map.end());
     part.take_pointers();
     parts_.push_back(std::move(part));
+    return {parts_.back().qweight, parts_.back().scales};
   }
 
   // qweight uint8 [N, K/2], scales float16 [N, K/G], zeros uint8 [N, K/G], in the w4 layout
@@ -841,7 +862,7 @@ class QuantLinear {
   std::vector<torch::Tensor> add_w4(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                                     int64_t group_size, c10::optional<torch::Tensor> out_rows,
                                     const std::string& layout) {
-    TORCH_CHECK(layout == "rows" || layout == "lanes", "add_w4: layout must be rows or lanes (got ", layout, ")");
+    check_layout_name("add_w4", layout);
     TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && in_features_ % group_size == 0,
                 "add_w4: group size ", group_size, " must be even and divide in_features ", in_features_);
     const int64_t groups = in_features_ / group_size;
@@ -855,8 +876,8 @@ class QuantLinear {
     part.is_w4 = true;
     part.rows = qweight.size(0);
     part.group_size = group_size;
-    part.lanes = isa_ == QuantIsa::kAvx512Vnni && w4_lanes_ && W4Lanes::fits(group_size);
-    part.lanes_layout = W4Lanes(part.rows, in_features_, group_size);
+    part.lanes = isa_ == QuantIsa::kAvx512Vnni && lanes_ && W4Lanes::fits(group_size);
+    part.w4_lanes_layout = W4Lanes(part.rows, in_features_, group_size);
     const bool given_lanes = layout == "lanes";
     if (part.lanes == given_lanes) {
       part.qweight = checked_storage(qweight);
@@ -868,7 +889,7 @@ class QuantLinear {
       part.qweight = torch::empty_like(q);
       part.scales = torch::empty_like(s);
       part.zeros = torch::empty_like(z);
-      w4_convert_lanes(part.lanes_layout, part.lanes, q.data_ptr<uint8_t>(),
+      w4_convert_lanes(part.w4_lanes_layout, part.lanes, q.data_ptr<uint8_t>(),
                        static_cast<const uint16_t*>(s.data_ptr()), z.data_ptr<uint8_t>(), part.qweight.data_ptr<uint8_t>(),
                        static_cast<uint16_t*>(part.scales.data_ptr()), part.zeros.data_ptr<uint8_t>());
     }
@@ -927,7 +948,7 @@ class QuantLinear {
     for (const QuantPart& part : parts_) names.emplace_back(isa_name(part.isa));
     return names;
   }
-  // The layout each part's tensors are held in: "lanes" (w4 on AVX-512 VNNI) or "rows".
+  // The layout each part's tensors are held in: "lanes" (on AVX-512 VNNI) or "rows".
   std::vector<std::string> part_layouts() const {
     std::vector<std::string> names;
     for (const QuantPart& part : parts_) names.emplace_back(part.lanes ? "lanes" : "rows");
@@ -944,6 +965,10 @@ class QuantLinear {
   }
 
  private:
+  static void check_layout_name(const char* method, const std::string& layout) {
+    TORCH_CHECK(layout == "rows" || layout == "lanes", method, ": layout must be rows or lanes (got ", layout, ")");
+  }
+
   static torch::Tensor checked_storage(const torch::Tensor& t) {
     TORCH_CHECK(t.device().is_cpu(), "QuantLinear: weights must be CPU tensors");
     return t.contiguous();
@@ -976,10 +1001,11 @@ class QuantLinear {
     const int64_t M = x.size(0);
     const bool vnni = part.isa == QuantIsa::kAvx512Vnni;
     if (part.lanes) {
-      prepare_w4_lanes_activations(x.data_ptr<float>(), M, part.lanes_layout, activations_);
+      prepare_lanes_activations(x.data_ptr<float>(), M, in_features_, part.is_w4 ? part.group_size : kW8XBlock,
+                                activations_);
       const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
                             out.data_ptr<float>(), out_features_};
-      run_w4_lanes(args, part.lanes_layout, M);
+      run_lanes(args, M);
       return;
     }
     if (part.is_w4) prepare_w4_activations(x.data_ptr<float>(), M, part.layout, activations_);
@@ -1021,7 +1047,7 @@ class QuantLinear {
   }
 
   int64_t in_features_, out_features_, decode_max_rows_;
-  bool w4_lanes_ = true;
+  bool lanes_ = true;
   QuantIsa isa_ = QuantIsa::kReference;
   torch::Tensor bias_, bias_bf16_;  // float32, and rounded to bf16 for the bf16 matmul
   const bool native_bf16_ = cpu_has_avx512_bf16();

@@ -20,17 +20,35 @@ class Int8Embedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.dtype = dtype
+        self.layout = "rows"
+        """Layout of `qweight`: "rows" as loaded, or "lanes" once the tied LM head's CPU kernel
+        repacked the shared matrix (fitserve.quant.packing.pack_w8_lanes; see `take_shared`)."""
 
     def set_tensors(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         self.register_buffer("qweight", qweight.contiguous(), persistent=True)
         self.register_buffer("scales", scales.contiguous(), persistent=True)
+        self.layout = "rows"
+
+    def take_shared(self, previous: torch.Tensor, tensor: torch.Tensor, layout: str) -> None:
+        """The LM head tied to this embedding now holds `tensor` (in `layout`) where it held
+        `previous`: hold the same one, so the shared matrix stays in memory once."""
+        if previous is self.qweight:
+            self.register_buffer("qweight", tensor, persistent=True)
+            self.layout = layout
+        elif previous is self.scales:
+            self.register_buffer("scales", tensor, persistent=True)
+
+    def stored_codes(self) -> torch.Tensor:
+        """`qweight` in fitserve.quant.packing's row layout, whatever layout it is held in."""
+        return packing.unpack_w8_lanes(self.qweight) if self.layout == "lanes" else self.qweight
 
     def quantize(self, weight: torch.Tensor) -> None:
         """Fill from a float embedding matrix (round to nearest)."""
         self.set_tensors(*packing.quantize_w8(weight))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight[input_ids].float() * self.scales[input_ids].unsqueeze(-1)
+        codes = packing.w8_lanes_rows(self.qweight, input_ids) if self.layout == "lanes" else self.qweight[input_ids]
+        rows = codes.float() * self.scales[input_ids].unsqueeze(-1)
         return rows.to(self.dtype)
 
     def stored_bytes(self) -> int:

@@ -12,6 +12,11 @@ from fitserve.layers.weight_formats.base import LinearKernel, WeightFormat
 from fitserve.layers.weight_formats.dense import DenseFormat
 
 
+_CODES_BUFFER_OF = {"qweight": "qweight", "scales": "qweight", "zeros": "qweight",
+                    "qweight_hp": "qweight_hp", "scales_hp": "qweight_hp"}
+"""An integer part's buffers -> the name of its codes buffer (the key of `Linear.held_layouts`)."""
+
+
 class Linear(nn.Module):
     """y = x @ W.T (+ bias), W stored as `weight_format` says (dense float by default).
 
@@ -39,11 +44,15 @@ class Linear(nn.Module):
         self.cpu_kernel_object: Any = None
         """The compiled QuantLinear an integer layer's kernel calls on the CPU (set when the
         kernel is chosen), which the fused C++ decode stack calls too."""
-        self.w4_layout = "rows"
-        """Layout of the w4 buffers (qweight, scales, zeros): "rows" as loaded (fitserve.quant.
-        packing), "lanes" once the AVX-512 VNNI kernel took them over (it repacks them and the
-        layer holds its tensors instead: the weights stay in memory once). Readers of the codes
-        go through weight_formats.quantized_kernels.w4_tensors_as_stored."""
+        self.held_layouts: dict[str, str] = {}
+        """Layout of an integer part's tensors, by the name of the part's codes buffer ("qweight",
+        "qweight_hp"), where the CPU kernel holds them in another layout than the loaded one
+        ("lanes" on AVX-512 VNNI: it repacks them, and the layer holds its tensors instead, so
+        the weights stay in memory once); absent: as loaded (fitserve.quant.packing's). Readers
+        of the codes go through weight_formats.quantized_kernels' *_tensors_as_stored."""
+        self.tensor_sharers: list[nn.Module] = []
+        """Modules holding this layer's tensors too (the int8 embedding a w8 LM head is tied
+        to): `hold` hands them the kernel's tensors as well (their `take_shared`)."""
 
     @property
     def is_dense(self) -> bool:
@@ -52,9 +61,22 @@ class Linear(nn.Module):
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Store one of the format's tensors (a buffer: saved in state_dict, no gradient)."""
         self.register_buffer(name, tensor, persistent=True)
-        if name in ("qweight", "scales", "zeros"):
-            self.w4_layout = "rows"
+        if name in _CODES_BUFFER_OF:
+            self.held_layouts.pop(_CODES_BUFFER_OF[name], None)
         self.invalidate()
+
+    def hold(self, names: tuple[str, ...], tensors: list[torch.Tensor], layout: str) -> None:
+        """Keep `tensors`, which the CPU kernel holds for one part (the same sizes, in `layout`),
+        as the buffers `names` in place of the layer's own, without choosing the kernel again."""
+        for name, tensor in zip(names, tensors, strict=True):
+            previous = getattr(self, name)
+            self.register_buffer(name, tensor, persistent=True)
+            for sharer in self.tensor_sharers:
+                sharer.take_shared(previous, tensor, layout)
+        if layout == "rows":
+            self.held_layouts.pop(names[0], None)
+        else:
+            self.held_layouts[names[0]] = layout
 
     def invalidate(self) -> None:
         """Choose the kernel again at the next call (after tensors were replaced)."""

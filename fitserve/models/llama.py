@@ -280,6 +280,10 @@ class LlamaForCausalLM(nn.Module):
             if hasattr(embedding, "qweight"):
                 self.lm_head.set_tensor("qweight", embedding.qweight)
                 self.lm_head.set_tensor("scales", embedding.scales)
+                if embedding.layout != "rows":  # already repacked by an earlier LM-head kernel
+                    self.lm_head.held_layouts["qweight"] = embedding.layout
+            # The LM head's CPU kernel may repack the matrix: the embedding then holds its copy.
+            self.lm_head.tensor_sharers = [embedding]
             return
         self.lm_head.weight = embedding.weight
 

@@ -151,6 +151,40 @@ def unpack_w4_lanes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return pack_w4(codes, group_size), torch.cat(row_scales).contiguous(), torch.cat(row_zeros).contiguous()
 
 
+def pack_w8_lanes(qweight: torch.Tensor) -> torch.Tensor:
+    """w8 codes [N, K] -> the same tensor (shape and bytes) in the lanes layout that the AVX-512
+    VNNI kernel reads (fitserve/kernels/cpu_quant_lanes_layout.h): blocks of 16 output rows;
+    within a block, per 4 columns k..k+3, the 4 bytes of each row in turn. Scales are unchanged."""
+    rows, columns = qweight.shape
+    if columns % 4:
+        raise ValueError(f"the w8 lanes layout needs in_features a multiple of 4 (got {columns})")
+    steps = qweight.view(rows, columns // 4, 4)
+    return torch.cat([steps[first:first + count].transpose(0, 1).reshape(-1)
+                      for first, count in _lane_blocks(rows)]).view(qweight.shape)
+
+
+def unpack_w8_lanes(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_w8_lanes`."""
+    rows, columns = qweight.shape
+    flat = qweight.reshape(-1)
+    return torch.cat([flat[first * columns:(first + count) * columns].view(columns // 4, count, 4).transpose(0, 1)
+                      for first, count in _lane_blocks(rows)]).reshape(rows, columns)
+
+
+def w8_lanes_rows(qweight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (int64, any shape) of w8 codes held in the lanes layout, as int8 [*rows.shape, K]
+    in column order: one gather that reads only those rows' bytes (an embedding lookup into the
+    matrix a tied w8 LM head holds in that layout)."""
+    count, columns = qweight.shape
+    flat_rows = rows.reshape(-1)
+    block, lane = flat_rows // LANE_ROWS, flat_rows % LANE_ROWS
+    block_rows = torch.clamp(count - block * LANE_ROWS, max=LANE_ROWS)
+    k = torch.arange(columns, device=qweight.device)
+    index = ((block * LANE_ROWS * columns + 4 * lane)[:, None] + (k // 4 * 4)[None, :] * block_rows[:, None]
+             + (k % 4)[None, :])
+    return qweight.reshape(-1)[index].view(*rows.shape, columns)
+
+
 def w8_bits_per_weight(in_features: int) -> float:
     """Stored bits per weight of w8: 8 for the code plus a float32 scale per row of `in_features`."""
     return 8 + 32 / in_features

@@ -149,7 +149,7 @@ def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
     layer = kernels.QuantLinear(K, N, bias, isa)
     layer.add_w4(q4, s4, z4, G, out_rows=low)
     layer.add_w8(q8, s8, out_rows=high)
-    assert layer.part_layouts() == ["lanes" if isa == "avx512_vnni" else "rows", "rows"]
+    assert layer.part_layouts() == ["lanes" if isa == "avx512_vnni" else "rows"] * 2
     dequantized = torch.empty(N, K)
     dequantized[low] = packing.dequantize_w4(q4, s4, z4, G)
     dequantized[high] = packing.dequantize_w8(q8, s8)
@@ -213,10 +213,53 @@ def test_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_featu
 
 
 @LANES
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 128), (37, 100), (1, 4), (50, 132), (33, 4864)])
+def test_w8_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_features, in_features):
+    # A short last block of rows, one row, K % 8 == 4 (an odd step in the last block of x), K not a
+    # multiple of 128 (a short last block of x), and down_proj's K.
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    qweight, scales = packing.quantize_w8(torch.randn(out_features, in_features, generator=generator))
+    bias = torch.randn(out_features, generator=generator)
+    layer = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    held = layer.add_w8(qweight, scales)
+    assert layer.part_layouts() == ["lanes"] and layer.part_isas() == ["avx512_vnni"]
+    lanes = packing.pack_w8_lanes(qweight)
+    assert torch.equal(held[0], lanes) and torch.equal(held[1], scales)
+    assert torch.equal(packing.unpack_w8_lanes(lanes), qweight)
+    assert held[0].data_ptr() != qweight.data_ptr() and layer.bytes() == sum(
+        t.numel() * t.element_size() for t in (qweight, scales, bias))
+    weight = packing.dequantize_w8(qweight, scales)
+    for rows in LANE_ROWS_OF_X:
+        x = torch.randn(rows, in_features, generator=generator)
+        check_kernel_output(layer.forward(x), x, weight, bias, W8_X_BLOCK)
+    x = torch.randn(5, in_features, generator=generator)
+    again = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    assert again.add_w8(*held, layout="lanes")[0].data_ptr() == held[0].data_ptr()
+    assert torch.equal(again.forward(x), layer.forward(x))
+    reference = kernels.QuantLinear(in_features, out_features, bias, "reference")
+    assert torch.equal(reference.add_w8(*held, layout="lanes")[0], qweight)
+    assert torch.equal(reference.forward(x), F.linear(x, weight, bias))
+
+
+@LANES
+def test_w8_without_whole_4_column_steps_keeps_the_row_layout():
+    layer, weight = w8_layer(129, 20, "avx512_vnni", None, seed=3)
+    assert layer.part_layouts() == ["rows"] and layer.decode_max_rows == 64
+    x = torch.randn(3, 129)
+    check_kernel_output(layer.forward(x), x, weight, None, W8_X_BLOCK)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        kernels.QuantLinear(129, 20).add_w8(*packing.quantize_w8(torch.randn(20, 129)), layout="lanes")
+
+
+@LANES
 def test_layers_with_a_lanes_part_run_the_kernel_for_more_rows_by_default():
-    # The lanes kernel beats dequantize-and-matmul far beyond the row kernels' 64 rows.
-    w8_only, _ = w8_layer(256, 20, "auto", None, seed=5)
-    assert w8_only.decode_max_rows == 64
+    # The lanes kernels beat dequantize-and-matmul far beyond the row kernels' 64 rows.
+    w8_rows, _ = w8_layer(256, 20, "auto", None, seed=5, lanes=False)
+    assert w8_rows.decode_max_rows == 64
+    w8_lanes, w8_weight = w8_layer(256, 20, "auto", None, seed=5)
+    assert w8_lanes.decode_max_rows == 256
+    x = torch.randn(200, 256)
+    check_kernel_output(w8_lanes.forward(x), x, w8_weight, None, W8_X_BLOCK)
     layer, weight = w4_layer(256, 20, 64, "auto", None, seed=5)
     assert layer.decode_max_rows == 256
     x = torch.randn(200, 256)
@@ -227,26 +270,35 @@ def test_layers_with_a_lanes_part_run_the_kernel_for_more_rows_by_default():
 
 
 @LANES
+@pytest.mark.parametrize("fmt", ["w4", "w8"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [65, 300])
-def test_dequantizing_path_reads_the_lanes_layout(x_dtype, rows):
-    # Many rows: the lanes-layout part is dequantized (a short last block of 37 % 16 rows).
+@pytest.mark.parametrize(("rows", "in_features"), [(65, 896), (300, 896), (65, 100)])
+def test_dequantizing_path_reads_the_lanes_layout(fmt, x_dtype, rows, in_features):
+    # Many rows: the lanes-layout part is dequantized (a short last block of 37 % 16 rows; w8 with
+    # K = 100, not a multiple of 16 columns: a partial last transpose).
     bias = torch.randn(37)
-    layer, weight = w4_layer(896, 37, 128, "avx512_vnni", bias, seed=rows, decode_max_rows=64)
-    assert layer.part_layouts() == ["lanes"]
-    x = torch.randn(rows, 896).to(x_dtype)
+    if fmt == "w4":
+        layer, weight = w4_layer(in_features, 37, 4 if in_features == 100 else 128, "avx512_vnni", bias, seed=rows,
+                                 decode_max_rows=64)
+    else:
+        layer, weight = w8_layer(in_features, 37, "avx512_vnni", bias, seed=rows, decode_max_rows=64)
+    assert layer.part_layouts() == (["lanes"] if fmt == "w8" or in_features % 8 == 0 else ["rows"])
+    x = torch.randn(rows, in_features).to(x_dtype)
     run_and_check(layer, weight, bias, x, 128)
 
 
 @LANES
 @pytest.mark.parametrize("rows", LANE_ROWS_OF_X)
 def test_lanes_and_row_layouts_agree_within_the_bound(rows):
-    # The row-major kernel stays reachable (w4_lanes=False) and both meet the same bound.
+    # The row-major kernels stay reachable (lanes=False) and both layouts meet the same bound.
     x = torch.randn(rows, 256)
     for lanes in (True, False):
-        layer, weight = w4_layer(256, 41, 64, "avx512_vnni", None, seed=rows, decode_max_rows=1000, w4_lanes=lanes)
+        layer, weight = w4_layer(256, 41, 64, "avx512_vnni", None, seed=rows, decode_max_rows=1000, lanes=lanes)
         assert layer.part_layouts() == ["lanes" if lanes else "rows"]
         check_kernel_output(layer.forward(x), x, weight, None, 64)
+        layer, weight = w8_layer(256, 41, "avx512_vnni", None, seed=rows, decode_max_rows=1000, lanes=lanes)
+        assert layer.part_layouts() == ["lanes" if lanes else "rows"]
+        check_kernel_output(layer.forward(x), x, weight, None, W8_X_BLOCK)
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -284,6 +336,8 @@ def test_bad_input_is_refused_with_a_message():
         kernels.QuantLinear(128, 4).add_w4(q4, s4, z4, 48)
     with pytest.raises(RuntimeError, match="layout must be rows or lanes"):
         kernels.QuantLinear(128, 4).add_w4(q4, s4, z4, 64, layout="columns")
+    with pytest.raises(RuntimeError, match="add_w8: layout must be rows or lanes"):
+        kernels.QuantLinear(128, 4).add_w8(*packing.quantize_w8(torch.randn(4, 128)), layout="columns")
     with pytest.raises(RuntimeError, match="scales must be float16"):
         kernels.QuantLinear(128, 4).add_w4(q4, s4.float(), z4, 64)
     layer = kernels.QuantLinear(128, 8)

@@ -19,13 +19,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from fitserve.layers.weight_formats.base import LinearKernel, PartShape, TensorSpec, WeightFormat
-from fitserve.layers.weight_formats.quantized_kernels import IntegerPart, integer_kernel, w4_part, w4_tensors_as_stored
+from fitserve.layers.weight_formats.quantized_kernels import (integer_kernel, w4_part, w4_tensors_as_stored, w8_part,
+                                                              w8_tensors_as_stored)
 from fitserve.layers.weight_formats.w4 import DEFAULT_GROUP_SIZE, w4_part_tensors
 from fitserve.quant import packing
 from fitserve.quant.clipping import search_w4
 
 if TYPE_CHECKING:
     from fitserve.layers.linear import Linear
+
+
+HIGH_TENSOR_NAMES = ("qweight_hp", "scales_hp")
+"""The w8 tensors of the high-precision rows."""
 
 
 def split_rows(rows: int, high: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +85,7 @@ class MixedFormat(WeightFormat):
     def dequantize(self, layer: Linear) -> torch.Tensor:
         weight = torch.empty(layer.out_features, layer.in_features, device=layer.qweight.device)
         weight[layer.low_rows] = packing.dequantize_w4(*w4_tensors_as_stored(layer, self.group_size), self.group_size)
-        weight[layer.high_rows] = packing.dequantize_w8(layer.qweight_hp, layer.scales_hp)
+        weight[layer.high_rows] = packing.dequantize_w8(*w8_tensors_as_stored(layer, HIGH_TENSOR_NAMES))
         return weight
 
     def tensors(self, layer: Linear) -> dict[str, torch.Tensor]:
@@ -91,7 +96,7 @@ class MixedFormat(WeightFormat):
         if layer.low_rows.numel():
             parts.append(w4_part(layer, layer.low_rows, self.group_size))
         if layer.high_rows.numel():
-            parts.append(IntegerPart("w8", (layer.qweight_hp, layer.scales_hp), layer.high_rows))
+            parts.append(w8_part(layer, layer.high_rows, HIGH_TENSOR_NAMES))
         return integer_kernel(layer, parts, self.reference_kernel(layer))
 
     def config_entry(self) -> dict:

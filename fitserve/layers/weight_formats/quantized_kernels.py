@@ -37,29 +37,45 @@ class IntegerPart:
     """int64 output columns this block writes, None for all of them in order."""
     group_size: int = 0
     names: tuple[str, ...] = ()
-    """The layer buffers `tensors` come from: where the CPU kernel holds a w4 part in another
+    """The layer buffers `tensors` come from: where the CPU kernel holds a part in another
     layout (new tensors of the same size), the layer's buffers are replaced by them, so the
     weights are held once."""
     layout: str = "rows"
-    """w4: the layout `tensors` are in, "rows" (fitserve.quant.packing's) or "lanes"."""
+    """The layout `tensors` are in, "rows" (fitserve.quant.packing's) or "lanes"."""
 
 
 W4_TENSOR_NAMES = ("qweight", "scales", "zeros")
+W8_TENSOR_NAMES = ("qweight", "scales")
 
 
 def w4_part(layer: Linear, out_rows: torch.Tensor | None, group_size: int) -> IntegerPart:
     """The layer's w4 tensors as a part, in the layout the layer holds them in."""
     return IntegerPart("w4", tuple(getattr(layer, name) for name in W4_TENSOR_NAMES), out_rows, group_size,
-                       W4_TENSOR_NAMES, layer.w4_layout)
+                       W4_TENSOR_NAMES, layer.held_layouts.get(W4_TENSOR_NAMES[0], "rows"))
+
+
+def w8_part(layer: Linear, out_rows: torch.Tensor | None, names: tuple[str, str] = W8_TENSOR_NAMES) -> IntegerPart:
+    """The layer's w8 tensors `names` (codes, scales) as a part, in the layout the layer holds them in."""
+    return IntegerPart("w8", tuple(getattr(layer, name) for name in names), out_rows, 0, names,
+                       layer.held_layouts.get(names[0], "rows"))
 
 
 def w4_tensors_as_stored(layer: Linear, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's (qweight, scales, zeros) in fitserve.quant.packing's w4 layout, unpacked from
     the lanes layout where the CPU kernel repacked them (what dequantize and checkpoints read)."""
     tensors = tuple(getattr(layer, name) for name in W4_TENSOR_NAMES)
-    if layer.w4_layout == "lanes":
+    if layer.held_layouts.get(W4_TENSOR_NAMES[0]) == "lanes":
         return packing.unpack_w4_lanes(*tensors, group_size)
     return tensors
+
+
+def w8_tensors_as_stored(layer: Linear, names: tuple[str, str] = W8_TENSOR_NAMES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's w8 (codes, scales) `names` in fitserve.quant.packing's layout (see
+    `w4_tensors_as_stored`)."""
+    qweight, scales = (getattr(layer, name) for name in names)
+    if layer.held_layouts.get(names[0]) == "lanes":
+        return packing.unpack_w8_lanes(qweight), scales
+    return qweight, scales
 
 
 def _log_once(message: str) -> None:
@@ -78,13 +94,11 @@ def cpu_quant_linear(layer: Linear, parts: list[IntegerPart]) -> Any | None:
         return None
     for part in parts:
         if part.kind == "w8":
-            quant.add_w8(*part.tensors, part.out_rows)
+            held = quant.add_w8(*part.tensors, part.out_rows, layout=part.layout)
         else:
             held = quant.add_w4(*part.tensors, part.group_size, part.out_rows, layout=part.layout)
-            for name, tensor in zip(part.names, held, strict=False):
-                layer.register_buffer(name, tensor, persistent=True)  # the kernel's, not a copy
-            if part.names:
-                layer.w4_layout = quant.part_layouts()[-1]
+        if part.names:
+            layer.hold(part.names, held, quant.part_layouts()[-1])  # the kernel's tensors, not a copy
     cpu_kernels.log_reference_parts(quant)
     return quant
 

@@ -50,7 +50,7 @@ class W4Format(WeightFormat):
         return packing.dequantize_w4(*w4_tensors_as_stored(layer, self.group_size), self.group_size)
 
     def tensors(self, layer: Linear) -> dict[str, torch.Tensor]:
-        """As held: in the lanes layout once the AVX-512 VNNI kernel repacked them (`Linear.w4_layout`)."""
+        """As held: in the lanes layout once the AVX-512 VNNI kernel repacked them (`Linear.held_layouts`)."""
         return {"qweight": layer.qweight, "scales": layer.scales, "zeros": layer.zeros}
 
     def make_kernel(self, layer: Linear) -> LinearKernel:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fitserve.layers.weight_formats.base import LinearKernel, PartShape, TensorSpec, WeightFormat
-from fitserve.layers.weight_formats.quantized_kernels import IntegerPart, integer_kernel
+from fitserve.layers.weight_formats.quantized_kernels import integer_kernel, w8_part, w8_tensors_as_stored
 from fitserve.quant import packing
 
 if TYPE_CHECKING:
@@ -33,11 +33,11 @@ class W8Format(WeightFormat):
             layer.set_tensor(name, torch.cat([tensors[name] for _, tensors in parts]).to(device).contiguous())
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
-        return packing.dequantize_w8(layer.qweight, layer.scales)
+        return packing.dequantize_w8(*w8_tensors_as_stored(layer))
 
     def tensors(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """As held: `qweight` in the lanes layout once the AVX-512 VNNI kernel repacked it."""
         return {"qweight": layer.qweight, "scales": layer.scales}
 
     def make_kernel(self, layer: Linear) -> LinearKernel:
-        part = IntegerPart("w8", (layer.qweight, layer.scales), None)
-        return integer_kernel(layer, [part], self.reference_kernel(layer))
+        return integer_kernel(layer, [w8_part(layer, None)], self.reference_kernel(layer))
