@@ -212,13 +212,13 @@ inline void run_lanes(const KernelArgs& args, int64_t M) {
   });
 }
 
-// Rows [first, first + count) of a lanes-layout part as T [count, K], each value (q - z) * s in
+// Rows [first, first + count) of a w4 lanes-layout part (to `out`'s rows), each value (q - z) * s in
 // float32 as dequantize_w4 computes it (T = BF16: then rounded to nearest even). Per step of a
 // block, the codes are split into nibbles and interleaved so that each 64-bit word is one row's 8
 // columns in order; two rows at a time are widened, offset by their zeros, scaled and stored.
 template <typename T>
 FITSERVE_AVX512_BF16 void dequantize_w4_lanes_block_avx512(const QuantPart& p, const W4Lanes& L, int64_t b,
-                                                           int64_t first, int64_t count, T* out) {
+                                                           int64_t first, int64_t count, const RowsOut<T>& out) {
   const int64_t R = L.block_rows(b), step_bytes = 4 * R, n0 = b * kLaneRows, K = L.K;
   const uint8_t* codes = p.codes + L.code_offset(b);
   const uint16_t* scales = p.half_scales + L.group_offset(b);
@@ -230,7 +230,7 @@ FITSERVE_AVX512_BF16 void dequantize_w4_lanes_block_avx512(const QuantPart& p, c
   T* rows[kLaneRows];
   for (int r = 0; r < kLaneRows; ++r) {
     const int64_t n = n0 + r;
-    rows[r] = r < R && n >= first && n < first + count ? out + (n - first) * K : nullptr;
+    rows[r] = r < R && n >= first && n < first + count ? out.row(n) : nullptr;
   }
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int64_t g = 0; g < L.groups; ++g) {
@@ -288,7 +288,7 @@ void dequantize_w4_lanes_row_scalar(const QuantPart& p, const W4Lanes& L, int64_
 }
 
 template <typename T>
-void dequantize_w4_lanes_rows(const QuantPart& p, const W4Lanes& L, int64_t first, int64_t count, T* out) {
+void dequantize_w4_lanes_rows(const QuantPart& p, const W4Lanes& L, int64_t first, int64_t count, const RowsOut<T>& out) {
   const bool vectorized = std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512;
   const int64_t b0 = first / kLaneRows, b1 = (first + count + kLaneRows - 1) / kLaneRows;
   at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
@@ -299,18 +299,18 @@ void dequantize_w4_lanes_rows(const QuantPart& p, const W4Lanes& L, int64_t firs
       }
       const int64_t n1 = std::min(first + count, b * kLaneRows + L.block_rows(b));
       for (int64_t n = std::max(first, b * kLaneRows); n < n1; ++n)
-        dequantize_w4_lanes_row_scalar<T>(p, L, n, out + (n - first) * L.K);
+        dequantize_w4_lanes_row_scalar<T>(p, L, n, out.row(n));
     }
   });
 }
 
-// Rows [first, first + count) of a w8 lanes-layout part as T [count, K], each value w * s in
+// Rows [first, first + count) of a w8 lanes-layout part (to `out`'s rows), each value w * s in
 // float32 as dequantize_w8 computes it (T = BF16: then rounded to nearest even). Per 4 steps of a
 // block (16 columns of 16 rows), a 4x4 transpose of 32-bit words within each 128-bit lane puts
 // one row's 16 bytes in a lane; each row is widened, scaled and stored.
 template <typename T>
 FITSERVE_AVX512_BF16 void dequantize_w8_lanes_block_avx512(const QuantPart& p, const W8Lanes& L, int64_t b,
-                                                           int64_t first, int64_t count, T* out) {
+                                                           int64_t first, int64_t count, const RowsOut<T>& out) {
   const int64_t R = L.block_rows(b), step_bytes = 4 * R, n0 = b * kLaneRows, K = L.K, steps = K / 4;
   const uint8_t* codes = p.codes + L.code_offset(b);
   const __mmask64 code_mask = R == kLaneRows ? ~__mmask64(0) : (~__mmask64(0)) >> (64 - step_bytes);
@@ -318,7 +318,7 @@ FITSERVE_AVX512_BF16 void dequantize_w8_lanes_block_avx512(const QuantPart& p, c
   __m512 scales[kLaneRows];
   for (int r = 0; r < kLaneRows; ++r) {
     const int64_t n = n0 + r;
-    rows[r] = r < R && n >= first && n < first + count ? out + (n - first) * K : nullptr;
+    rows[r] = r < R && n >= first && n < first + count ? out.row(n) : nullptr;
     scales[r] = _mm512_set1_ps(rows[r] ? p.row_scales[n] : 0.0f);
   }
   for (int64_t s0 = 0; s0 < steps; s0 += 4) {
@@ -349,7 +349,7 @@ FITSERVE_AVX512_BF16 void dequantize_w8_lanes_block_avx512(const QuantPart& p, c
 }
 
 template <typename T>
-void dequantize_w8_lanes_rows(const QuantPart& p, const W8Lanes& L, int64_t first, int64_t count, T* out) {
+void dequantize_w8_lanes_rows(const QuantPart& p, const W8Lanes& L, int64_t first, int64_t count, const RowsOut<T>& out) {
   const bool vectorized = std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512;
   const int64_t b0 = first / kLaneRows, b1 = (first + count + kLaneRows - 1) / kLaneRows;
   at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
@@ -362,7 +362,7 @@ void dequantize_w8_lanes_rows(const QuantPart& p, const W8Lanes& L, int64_t firs
       const int64_t n1 = std::min(first + count, b * kLaneRows + L.block_rows(b));
       for (int64_t n = std::max(first, b * kLaneRows); n < n1; ++n)
         for (int64_t k = 0; k < L.K; ++k)
-          out[(n - first) * L.K + k] =
+          out.row(n)[k] =
               static_cast<T>(static_cast<float>(static_cast<int8_t>(p.codes[L.code_byte(n, k)])) * p.row_scales[n]);
     }
   });
