@@ -346,9 +346,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("in_features"), py::arg("out_features"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
            py::arg("decode_max_rows") = kQuantDecodeMaxRowsAuto, py::arg("lanes") = true)
       .def("add_w8", &QuantLinear::add_w8, py::arg("qweight"), py::arg("scales"), py::arg("out_rows") = py::none(),
-           py::arg("layout") = "rows")
+           py::arg("layout") = "rows", py::arg("in_place") = false)
       .def("add_w4", &QuantLinear::add_w4, py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
-           py::arg("group_size"), py::arg("out_rows") = py::none(), py::arg("layout") = "rows")
+           py::arg("group_size"), py::arg("out_rows") = py::none(), py::arg("layout") = "rows",
+           py::arg("in_place") = false)
       .def("forward", &QuantLinear::forward, py::arg("x"), release)
       .def("__call__", &QuantLinear::forward, py::arg("x"), release)
       .def("bytes", &QuantLinear::bytes)

@@ -836,7 +836,7 @@ class QuantLinear {
   // VNNI (with lanes, K a multiple of 4) qweight repacked into the lanes layout (the same size;
   // scales stay in row order), elsewhere the tensors given in the row layout.
   std::vector<torch::Tensor> add_w8(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> out_rows,
-                                    const std::string& layout) {
+                                    const std::string& layout, bool in_place) {
     check_layout_name("add_w8", layout);
     TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kChar && qweight.size(1) == in_features_,
                 "add_w8: qweight must be int8 [N, in_features]");
@@ -849,10 +849,11 @@ class QuantLinear {
     const torch::Tensor q = checked_storage(qweight);
     if (part.lanes == (layout == "lanes")) {
       part.qweight = q;
-    } else {  // convert between the layouts into a new tensor
+    } else {  // convert between the layouts
       TORCH_CHECK(W8Lanes::fits(in_features_), "add_w8: the lanes layout needs in_features a multiple of 4");
-      part.qweight = torch::empty_like(q);
-      w8_convert_lanes(part.w8_lanes_layout, part.lanes, q.data_ptr<int8_t>(), part.qweight.data_ptr<int8_t>());
+      part.qweight = converted_storage(q, in_place);
+      const torch::Tensor from = in_place ? q.clone() : q;
+      w8_convert_lanes(part.w8_lanes_layout, part.lanes, from.data_ptr<int8_t>(), part.qweight.data_ptr<int8_t>());
     }
     part.scales = checked_storage(scales);
     part.isa = isa_;
@@ -866,12 +867,13 @@ class QuantLinear {
   // qweight uint8 [N, K/2], scales float16 [N, K/G], zeros uint8 [N, K/G], in the w4 layout
   // ("rows", fitserve.quant.packing) or in the lanes layout (cpu_quant_lanes_layout.h) as an
   // earlier add_w4 returned them. Returns the tensors the part holds: on AVX-512 VNNI (with
-  // w4_lanes) new tensors in the lanes layout, the same size, and the caller's are not kept, so
-  // a caller that drops its own (fitserve's Linear swaps its buffers) holds the weights once;
-  // elsewhere the tensors given, in the row layout (converted back if they came as lanes).
+  // lanes) the weights in the lanes layout, the same size, elsewhere in the row layout
+  // (converted back if they came as lanes). A conversion writes new tensors, and the caller's
+  // are not kept, so a caller that drops its own holds the weights once; with in_place it
+  // rewrites the caller's tensors instead (fitserve's Linear, which owns its buffers).
   std::vector<torch::Tensor> add_w4(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                                     int64_t group_size, c10::optional<torch::Tensor> out_rows,
-                                    const std::string& layout) {
+                                    const std::string& layout, bool in_place) {
     check_layout_name("add_w4", layout);
     TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && in_features_ % group_size == 0,
                 "add_w4: group size ", group_size, " must be even and divide in_features ", in_features_);
@@ -893,15 +895,18 @@ class QuantLinear {
       part.qweight = checked_storage(qweight);
       part.scales = checked_storage(scales);
       part.zeros = checked_storage(zeros);
-    } else {  // convert between the layouts into new tensors
+    } else {  // convert between the layouts
       TORCH_CHECK(W4Lanes::fits(group_size), "add_w4: the lanes layout needs a group size that is a multiple of 8");
       const torch::Tensor q = checked_storage(qweight), s = checked_storage(scales), z = checked_storage(zeros);
-      part.qweight = torch::empty_like(q);
-      part.scales = torch::empty_like(s);
-      part.zeros = torch::empty_like(z);
-      w4_convert_lanes(part.w4_lanes_layout, part.lanes, q.data_ptr<uint8_t>(),
-                       static_cast<const uint16_t*>(s.data_ptr()), z.data_ptr<uint8_t>(), part.qweight.data_ptr<uint8_t>(),
-                       static_cast<uint16_t*>(part.scales.data_ptr()), part.zeros.data_ptr<uint8_t>());
+      part.qweight = converted_storage(q, in_place);
+      part.scales = converted_storage(s, in_place);
+      part.zeros = converted_storage(z, in_place);
+      const torch::Tensor q_from = in_place ? q.clone() : q, s_from = in_place ? s.clone() : s;
+      const torch::Tensor z_from = in_place ? z.clone() : z;
+      w4_convert_lanes(part.w4_lanes_layout, part.lanes, q_from.data_ptr<uint8_t>(),
+                       static_cast<const uint16_t*>(s_from.data_ptr()), z_from.data_ptr<uint8_t>(),
+                       part.qweight.data_ptr<uint8_t>(), static_cast<uint16_t*>(part.scales.data_ptr()),
+                       part.zeros.data_ptr<uint8_t>());
     }
     const int64_t vector_bytes = isa_ == QuantIsa::kAvx512Vnni ? 64 : 32;
     part.isa = isa_ != QuantIsa::kReference && (part.lanes || W4Layout::fits(group_size, vector_bytes))
@@ -981,6 +986,13 @@ class QuantLinear {
  private:
   static void check_layout_name(const char* method, const std::string& layout) {
     TORCH_CHECK(layout == "rows" || layout == "lanes", method, ": layout must be rows or lanes (got ", layout, ")");
+  }
+
+  // Where a part converted between layouts is held: the given (contiguous) tensor itself with
+  // in_place, so weights stay in the memory their owner chose (fitserve's loader puts them in
+  // huge pages; the source is copied aside first), else a new tensor.
+  static torch::Tensor converted_storage(const torch::Tensor& t, bool in_place) {
+    return in_place ? t : torch::empty_like(t);
   }
 
   static torch::Tensor checked_storage(const torch::Tensor& t) {

@@ -50,6 +50,10 @@ class Linear(nn.Module):
         ("lanes" on AVX-512 VNNI: it repacks them, and the layer holds its tensors instead, so
         the weights stay in memory once); absent: as loaded (fitserve.quant.packing's). Readers
         of the codes go through weight_formats.quantized_kernels' *_tensors_as_stored."""
+        self.tensor_slots: dict[str, torch.Tensor] = {}
+        """Storage set aside for the format's tensors by name (the loader's huge-page arena,
+        fitserve.models.host_memory): `set_tensor` copies a tensor of a slot's shape and dtype
+        into it, once, instead of keeping the tensor it was given."""
         self.tensor_sharers: list[nn.Module] = []
         """Modules holding this layer's tensors too (the int8 embedding a w8 LM head is tied
         to): `hold` hands them the kernel's tensors as well (their `take_shared`)."""
@@ -60,6 +64,9 @@ class Linear(nn.Module):
 
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Store one of the format's tensors (a buffer: saved in state_dict, no gradient)."""
+        slot = self.tensor_slots.pop(name, None)
+        if slot is not None and slot.shape == tensor.shape and slot.dtype == tensor.dtype:
+            tensor = slot.copy_(tensor)
         self.register_buffer(name, tensor, persistent=True)
         if name in _CODES_BUFFER_OF:
             self.held_layouts.pop(_CODES_BUFFER_OF[name], None)

@@ -7,7 +7,8 @@ with 2 MiB pages the single-row weight kernel reads 8-12% faster on a Zen 4 serv
 pages only where they were asked for with madvise(MADV_HUGEPAGE) before its pages are
 first touched (transparent_hugepage mode "madvise", the common default); memory from the
 ordinary allocator never gets them. So the loader lays all parameters out in one arena
-mapped that way and copies the checkpoint into it.
+mapped that way and copies the checkpoint into it, and the integer formats' tensors (w8, w4,
+MixLLM and the int8 embedding) in another; the CPU kernels repack those in place.
 
 Where the kernel has no transparent huge pages (mode "never", not Linux), `arena_views`
 returns None and parameters keep ordinary memory; nothing else changes.
@@ -58,19 +59,28 @@ def huge_page_buffer(num_bytes: int) -> torch.Tensor:
 def arena_views(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
     """One empty contiguous tensor per name, all carved from one huge-page buffer; None where
     huge pages are not available (callers then allocate as usual)."""
-    if not shapes or not huge_pages_available():
+    return arena_tensors({name: (shape, dtype) for name, shape in shapes.items()})
+
+
+def arena_tensors(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor] | None:
+    """`arena_views` for tensors of any dtypes: name -> (shape, dtype)."""
+    if not specs or not huge_pages_available():
         return None
-    element = torch.empty((), dtype=dtype).element_size()
     offsets, total = {}, 0
-    for name, shape in shapes.items():
+    for name, (shape, dtype) in specs.items():
         offsets[name] = total
-        total += -(-math.prod(shape) * element // _ALIGNMENT) * _ALIGNMENT
+        total += -(-math.prod(shape) * _element_size(dtype) // _ALIGNMENT) * _ALIGNMENT
     try:
-        buffer = huge_page_buffer(total)
+        buffer = huge_page_buffer(max(total, 1))
     except OSError as error:  # mapping refused (memory limits) or madvise unsupported
         logger.info("weights stay in ordinary memory: no huge-page mapping of %d bytes (%s)", total, error)
         return None
-    return {
-        name: buffer[offsets[name]:offsets[name] + math.prod(shape) * element].view(dtype).view(shape)
-        for name, shape in shapes.items()
-    }
+    views = {}
+    for name, (shape, dtype) in specs.items():
+        size = math.prod(shape) * _element_size(dtype)
+        views[name] = buffer[offsets[name]:offsets[name] + size].view(dtype).view(shape)
+    return views
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from fitserve.attention import AttentionBackend, get_attention_backend
 from fitserve.layers.weight_formats import DenseFormat, FormatPlan, FormatPlanError, PartShape
+from fitserve.layers.weight_formats.base import WeightFormat
 from fitserve.layers.weight_formats.source import TensorSource
 from fitserve.models import host_memory
 from fitserve.models.config import ModelConfig, ModelLoadError, load_model_config
@@ -239,6 +240,8 @@ def _fill_parameters(
     lazy = _attach_lazy_layers(model, expected, found, device)
     expected = {name: target for name, target in expected.items() if name not in lazy}
     layer_filler = _LayerFiller(model, expected, device)
+    if device.type == "cpu" and huge_pages:
+        layer_filler.set_aside_huge_pages()
     parameters = dict(model.named_parameters())
     parts_per_parameter: dict[str, int] = {}
     for target in expected.values():
@@ -298,6 +301,20 @@ def _attach_lazy_layers(model: LlamaForCausalLM, expected: dict[str, WeightTarge
     return taken
 
 
+def _fused_specs(weight_format: WeightFormat, parts: list[PartShape]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each tensor a layer of `parts` (in row order) holds once its format
+    concatenated them along rows; empty where the parts' tensors do not line up that way."""
+    specs = [weight_format.part_tensors(part) for part in parts]
+    fused = {}
+    for suffix, first in specs[0].items():
+        same = [spec.get(suffix) for spec in specs]
+        if any(spec is None or spec.dtype != first.dtype or tuple(spec.shape[1:]) != tuple(first.shape[1:])
+               for spec in same) or first.dtype is None:
+            return {}
+        fused[suffix] = ((sum(spec.shape[0] for spec in same), *first.shape[1:]), first.dtype)
+    return fused
+
+
 class _LayerFiller:
     """Collects the checkpoint tensors of each non-dense layer (an integer linear layer or the
     int8 embedding) and hands them to its weight format when the layer is complete. A dense
@@ -313,13 +330,52 @@ class _LayerFiller:
                 self.pending.setdefault(target.layer, set()).add(name)
         self.parts: dict[str, dict[PartShape, dict[str, torch.Tensor]]] = {}
         self.row_starts: dict[PartShape, int] = {}
+        self.layer_parts: dict[str, dict[PartShape, int]] = {}
+        for target in expected.values():
+            if target.layer is not None and target.part is not None:
+                self.layer_parts.setdefault(target.layer, {})[target.part] = target.row_start
+        self.embedding_slots: dict[str, torch.Tensor] = {}
+
+    def set_aside_huge_pages(self) -> None:
+        """Give every integer tensor these layers will hold its place in one huge-page arena
+        (host_memory), as the dense parameters have theirs: a decode step streams them all from
+        memory (Qwen2.5-0.5B's w4 gate_up, one row of x, 2-core Zen 4: 0.154 against 0.171 ms
+        per call, median). The formats' fused tensors are copied into their places
+        (`Linear.tensor_slots`); the CPU kernels repack them in place."""
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for layer, parts in self.layer_parts.items():
+            weight_format = self._weight_format(layer)
+            ordered = [part for part, _ in sorted(parts.items(), key=lambda item: item[1])]
+            for suffix, shape_dtype in _fused_specs(weight_format, ordered).items():
+                specs[f"{layer}.{suffix}"] = shape_dtype
+        arena = host_memory.arena_tensors(specs)
+        if arena is None:
+            return
+        for name, view in arena.items():
+            layer, suffix = name.rsplit(".", 1)
+            if layer == EMBEDDING:
+                self.embedding_slots[suffix] = view
+            else:
+                self.model.get_submodule(layer).tensor_slots[suffix] = view
+
+    def _owned(self, suffix: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An embedding tensor in memory of its own: its arena place, else a copy (safetensors
+        hands back views of its file mapping; an owned copy lets the mapping, and every page of
+        the file read so far, go when loading ends)."""
+        slot = self.embedding_slots.pop(suffix, None)
+        if slot is not None and slot.shape == tensor.shape and slot.dtype == tensor.dtype:
+            return slot.copy_(tensor)
+        return tensor.to(self.device, copy=True)
+
+    def _weight_format(self, layer: str) -> WeightFormat:
+        return self.model.plan.head_format() if layer == EMBEDDING else self.model.get_submodule(layer).weight_format
 
     def add(self, name: str, target: WeightTarget, tensor: torch.Tensor) -> None:
         assert target.layer is not None and target.part is not None
         module = self.model.get_submodule(target.layer)
         suffix = name[len(target.part.prefix) + 1:]
         self.row_starts[target.part] = target.row_start
-        weight_format = self.model.plan.head_format() if target.layer == EMBEDDING else module.weight_format
+        weight_format = self._weight_format(target.layer)
         if suffix == "weight":  # a dense matrix to quantize now
             self.parts.setdefault(target.layer, {})[target.part] = weight_format.quantize_part(tensor.float(),
                                                                                                 target.part)
@@ -330,10 +386,7 @@ class _LayerFiller:
             parts = self.parts.pop(target.layer)
             if target.layer == EMBEDDING:
                 (tensors,) = parts.values()
-                # safetensors hands back views of its file mapping; an owned copy lets the
-                # mapping (and every page of the file read so far) go when loading ends.
-                module.set_tensors(tensors["qweight"].to(self.device, copy=True),
-                                   tensors["scales"].to(self.device, copy=True))
+                module.set_tensors(*(self._owned(suffix, tensors[suffix]) for suffix in ("qweight", "scales")))
             else:
                 ordered = sorted(parts.items(), key=lambda item: self.row_starts[item[0]])
                 weight_format.load_parts(module, ordered, self.device)

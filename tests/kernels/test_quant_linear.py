@@ -242,6 +242,30 @@ def test_w8_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_fe
 
 
 @LANES
+def test_in_place_repacks_the_given_tensors():
+    # in_place: the caller's (contiguous) tensors are rewritten in the other layout and held.
+    generator = torch.Generator().manual_seed(9)
+    weight = torch.randn(37, 256, generator=generator)
+    w4 = packing.quantize_w4(weight, 64)
+    w8 = packing.quantize_w8(weight)
+    given4, given8 = [t.clone() for t in w4], [t.clone() for t in w8]
+    layer = kernels.QuantLinear(256, 37, None, "avx512_vnni", decode_max_rows=1000)
+    held4 = layer.add_w4(*given4, 64, in_place=True)
+    assert [t.data_ptr() for t in held4] == [t.data_ptr() for t in given4]
+    assert all(torch.equal(a, b) for a, b in zip(given4, packing.pack_w4_lanes(*w4, 64), strict=True))
+    w8_layer_ = kernels.QuantLinear(256, 37, None, "avx512_vnni", decode_max_rows=1000)
+    held8 = w8_layer_.add_w8(*given8, in_place=True)
+    assert held8[0].data_ptr() == given8[0].data_ptr() and torch.equal(given8[0], packing.pack_w8_lanes(w8[0]))
+    x = torch.randn(3, 256, generator=generator)
+    check_kernel_output(layer.forward(x), x, packing.dequantize_w4(*w4, 64), None, 64)
+    check_kernel_output(w8_layer_.forward(x), x, packing.dequantize_w8(*w8), None, W8_X_BLOCK)
+    # And back: lanes tensors given to a CPU path without the layout return to the row layout.
+    reference = kernels.QuantLinear(256, 37, None, "reference")
+    assert reference.add_w8(*held8, layout="lanes", in_place=True)[0].data_ptr() == given8[0].data_ptr()
+    assert torch.equal(given8[0], w8[0])
+
+
+@LANES
 def test_w8_without_whole_4_column_steps_keeps_the_row_layout():
     layer, weight = w8_layer(129, 20, "avx512_vnni", None, seed=3)
     assert layer.part_layouts() == ["rows"] and layer.decode_max_rows == 64

@@ -1,7 +1,7 @@
 """A w4 / w8 / MixLLM Linear on AVX-512 VNNI: the kernel repacks the integer tensors into the
-lanes layouts and the layer holds the kernel's tensors instead of its own (the weights stay in
-memory once), while everything that reads the codes back still sees the format's weights; an
-int8 embedding tied to a w8 LM head follows the matrix it shares."""
+lanes layouts in place (the weights stay in memory once, where the loader put them), while
+everything that reads the codes back still sees the format's weights; an int8 embedding tied
+to a w8 LM head follows the matrix it shares."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def test_layer_holds_the_kernels_lanes_tensors_and_reads_back_the_format(fmt):
                      "mixllm": MixedFormat({PREFIX: [3, 20]}, 64)}[fmt]
     layer = quantized_linear(weight_format, weight)
     before = layer.dequantized_weight()
-    loaded = dict(layer.weight_format.tensors(layer))
+    storage = {name: tensor.data_ptr() for name, tensor in layer.weight_format.tensors(layer).items()}
+    loaded = {name: tensor.clone() for name, tensor in layer.weight_format.tensors(layer).items()}
     x = torch.randn(5, 256)
     out = layer(x)
     lanes = expected_lanes(fmt, loaded)
@@ -55,7 +56,7 @@ def test_layer_holds_the_kernels_lanes_tensors_and_reads_back_the_format(fmt):
     assert layer.cpu_kernel_object.part_layouts() == ["lanes"] * len(lanes)
     for name, tensor in lanes.items():
         assert torch.equal(getattr(layer, name), tensor)
-        assert getattr(layer, name).data_ptr() != loaded[name].data_ptr()
+    assert {name: tensor.data_ptr() for name, tensor in layer.weight_format.tensors(layer).items()} == storage
     assert torch.equal(layer.dequantized_weight(), before)
     assert layer.stored_bytes() == sum(t.numel() * t.element_size() for t in loaded.values())
     # Rebuilt from the lanes tensors it holds (as after invalidate): the same kernel, same result.
@@ -74,7 +75,7 @@ def test_tied_int8_embedding_follows_the_lm_heads_lanes_matrix():
     vocab, hidden = 37, 64
     embedding = Int8Embedding(vocab, hidden, torch.float32)
     embedding.quantize(torch.randn(vocab, hidden))
-    rows_layout = embedding.qweight
+    rows_layout = embedding.qweight.clone()
     ids = torch.tensor([[0, 36, 17], [15, 16, 31]])  # rows of full blocks and of the short last one
     looked_up = embedding(ids)
     head = Linear(hidden, vocab, False, cpu_kernels.MatmulScratch(), W8Format())
@@ -84,6 +85,6 @@ def test_tied_int8_embedding_follows_the_lm_heads_lanes_matrix():
     x = torch.randn(3, hidden)
     head(x)
     assert embedding.layout == "lanes" and embedding.qweight is head.qweight
-    assert embedding.qweight.data_ptr() != rows_layout.data_ptr()
+    assert torch.equal(embedding.qweight, packing.pack_w8_lanes(rows_layout))
     assert torch.equal(embedding(ids), looked_up)
     assert torch.equal(embedding.stored_codes(), rows_layout)

@@ -93,12 +93,15 @@ def cpu_quant_linear(layer: Linear, parts: list[IntegerPart]) -> Any | None:
         _log_once("integer weights: the CPU kernels are not available here; using the PyTorch reference (slow)")
         return None
     for part in parts:
+        # A part of the layer's own buffers is repacked in place: the weights stay where the
+        # loader put them (huge pages, fitserve.models.host_memory) and in memory once.
+        in_place = bool(part.names)
         if part.kind == "w8":
-            held = quant.add_w8(*part.tensors, part.out_rows, layout=part.layout)
+            held = quant.add_w8(*part.tensors, part.out_rows, layout=part.layout, in_place=in_place)
         else:
-            held = quant.add_w4(*part.tensors, part.group_size, part.out_rows, layout=part.layout)
+            held = quant.add_w4(*part.tensors, part.group_size, part.out_rows, layout=part.layout, in_place=in_place)
         if part.names:
-            layer.hold(part.names, held, quant.part_layouts()[-1])  # the kernel's tensors, not a copy
+            layer.hold(part.names, held, quant.part_layouts()[-1])
     cpu_kernels.log_reference_parts(quant)
     return quant
 
