@@ -8,9 +8,9 @@
 `gemv`: one row of x against each Qwen2.5-0.5B projection shape (o 896x896, qkv 1152x896,
 gate_up 9728x896, down 896x4864, and the 151936x896 LM head, in w8 only as fitserve stores it)
 in bf16 through the streaming kernel (`linear_small_batch`), in w8 and in w4 (group 128)
-through QuantLinear (AVX-512 VNNI and AVX2 where the CPU runs them; w4 on VNNI in the lanes
-layout and, for comparison, the row layout). Each variant has enough
-copies of its weights that every call reads them from memory, as a decode step does; the
+through QuantLinear (AVX-512 VNNI and AVX2 where the CPU runs them; on VNNI in the lanes
+layouts and, for comparison, the row layouts). Each variant has enough copies of its weights,
+in huge pages as a loaded model's, that every call reads them from memory, as a decode step does; the
 variants alternate call by call so a shared machine's bandwidth swings hit all alike, and a
 plain read of a large buffer (torch.sum, as benchmarks/cpu_decode.py's read bound) is measured
 between rounds. Reported: best and median time per call, effective read bandwidth (bytes stored
@@ -25,7 +25,7 @@ the default decode_max_rows.
 layer: bf16 weights through fitserve's vdpbf16ps kernel (`cpu.linear`, bf16 x), w4 (group 128)
 in the lanes layout (16 output rows in the vector lanes, the AVX-512 VNNI default) and in the
 row layout (`lanes=False`, the previous kernel), and MixLLM's mixture (90% of the rows w4,
-10% w8, scattered by out_rows) in both. Weights in cache (one copy) and from memory (copies
+10% w8, scattered by out_rows) in both layouts. Weights in cache (one copy) and from memory (copies
 beyond the caches), variants alternating call by call; per-layer sums of the best times, and
 the lanes kernel's multiply-accumulates per second as a fraction of the vpdpbusd peak measured
 in the same run (`dpbusd_rate`, 64 per instruction) and, at one row, its read rate as a fraction
@@ -54,19 +54,29 @@ from cpu_decode import measure_read_bandwidth  # noqa: E402
 
 from fitserve.bench.roofline import memory_test_bytes  # noqa: E402
 from fitserve.kernels import cpu  # noqa: E402
+from fitserve.models import host_memory  # noqa: E402
 from fitserve.quant import packing  # noqa: E402
 
 QWEN_SHAPES = {"o": (896, 896), "qkv": (1152, 896), "gate_up": (9728, 896), "down": (896, 4864),
                "lm_head": (151936, 896)}
 
 
+def in_huge_pages(tensors) -> list[torch.Tensor]:
+    """Copies of `tensors` in one huge-page arena, where fitserve's loader keeps weights
+    (fitserve.models.host_memory); ordinary copies where the kernel has no huge pages."""
+    arena = host_memory.arena_tensors({str(i): (tuple(t.shape), t.dtype) for i, t in enumerate(tensors)})
+    if arena is None:
+        return [t.clone() for t in tensors]
+    return [arena[str(i)].copy_(t) for i, t in enumerate(tensors)]
+
+
 def quant_layer(kernels, fmt: str, weight: torch.Tensor, isa: str, group_size: int = 128, **kwargs):
-    """A QuantLinear holding `weight` in `fmt` (w8 or w4)."""
+    """A QuantLinear holding `weight` in `fmt` (w8 or w4), in huge pages as a loaded model's."""
     layer = kernels.QuantLinear(weight.shape[1], weight.shape[0], None, isa, **kwargs)
     if fmt == "w8":
-        layer.add_w8(*packing.quantize_w8(weight))
+        layer.add_w8(*in_huge_pages(packing.quantize_w8(weight)), in_place=True)
     else:
-        layer.add_w4(*packing.quantize_w4(weight, group_size), group_size)
+        layer.add_w4(*in_huge_pages(packing.quantize_w4(weight, group_size)), group_size, in_place=True)
     return layer
 
 
@@ -85,7 +95,7 @@ def gemv_section(args, kernels) -> dict:
         variants = {}  # name -> (callables over copies, bytes per call)
         bf16 = weight.to(torch.bfloat16)
         copies = copies_for(bf16.numel() * 2, target)
-        bf16_copies = [bf16.clone() for _ in range(copies)]
+        bf16_copies = in_huge_pages([bf16] * copies)
         x16 = torch.randn(1, in_features).to(torch.bfloat16)
         variants["bf16 linear_small_batch"] = (
             [lambda w=w: kernels.linear_small_batch(x16, w, None) for w in bf16_copies], bf16.numel() * 2)
@@ -93,8 +103,8 @@ def gemv_section(args, kernels) -> dict:
         x32 = torch.randn(1, in_features)
         for fmt in formats:
             for isa in isas:
-                # w4 on AVX-512 VNNI: the lanes layout (default) and the row layout it replaced.
-                layouts = [True, False] if fmt == "w4" and isa == "avx512_vnni" else [True]
+                # On AVX-512 VNNI: the lanes layout (default) and the row layout it replaced.
+                layouts = [True, False] if isa == "avx512_vnni" else [True]
                 for lanes in layouts:
                     first = quant_layer(kernels, fmt, weight, isa, lanes=lanes)
                     layers = [first] + [quant_layer(kernels, fmt, weight, isa, lanes=lanes)
@@ -177,8 +187,8 @@ def mixed_layer(kernels, weight: torch.Tensor, lanes: bool, high_fraction: float
     high = torch.arange(0, rows, int(round(1 / high_fraction)))
     low = torch.tensor(sorted(set(range(rows)) - set(high.tolist())), dtype=torch.int64)
     layer = kernels.QuantLinear(weight.shape[1], rows, None, "auto", 1 << 20, lanes)
-    layer.add_w4(*packing.quantize_w4(weight[low], group_size), group_size, low)
-    layer.add_w8(*packing.quantize_w8(weight[high]), high)
+    layer.add_w4(*in_huge_pages(packing.quantize_w4(weight[low], group_size)), group_size, low, in_place=True)
+    layer.add_w8(*in_huge_pages(packing.quantize_w8(weight[high])), high, in_place=True)
     return layer
 
 
