@@ -287,21 +287,29 @@ void dequantize_w4_lanes_row_scalar(const QuantPart& p, const W4Lanes& L, int64_
   }
 }
 
-template <typename T>
-void dequantize_w4_lanes_rows(const QuantPart& p, const W4Lanes& L, int64_t first, int64_t count, const RowsOut<T>& out) {
-  const bool vectorized = std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512;
+// Rows [first, first + count) of an N-row lanes-layout part, by blocks of 16 split between
+// threads: each block through block(b) where the CPU has the vector path, else each of its rows
+// in the range through row(n).
+template <typename Block, typename Row>
+void for_lane_blocks(int64_t first, int64_t count, int64_t N, bool vectorized, const Block& block, const Row& row) {
   const int64_t b0 = first / kLaneRows, b1 = (first + count + kLaneRows - 1) / kLaneRows;
   at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if (vectorized) {
-        dequantize_w4_lanes_block_avx512<T>(p, L, b, first, count, out);
+        block(b);
         continue;
       }
-      const int64_t n1 = std::min(first + count, b * kLaneRows + L.block_rows(b));
-      for (int64_t n = std::max(first, b * kLaneRows); n < n1; ++n)
-        dequantize_w4_lanes_row_scalar<T>(p, L, n, out.row(n));
+      const int64_t n1 = std::min({first + count, (b + 1) * kLaneRows, N});
+      for (int64_t n = std::max(first, b * kLaneRows); n < n1; ++n) row(n);
     }
   });
+}
+
+template <typename T>
+void dequantize_w4_lanes_rows(const QuantPart& p, const W4Lanes& L, int64_t first, int64_t count, const RowsOut<T>& out) {
+  for_lane_blocks(first, count, L.N, std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512,
+                  [&](int64_t b) { dequantize_w4_lanes_block_avx512<T>(p, L, b, first, count, out); },
+                  [&](int64_t n) { dequantize_w4_lanes_row_scalar<T>(p, L, n, out.row(n)); });
 }
 
 // Rows [first, first + count) of a w8 lanes-layout part (to `out`'s rows), each value w * s in
@@ -350,22 +358,13 @@ FITSERVE_AVX512_BF16 void dequantize_w8_lanes_block_avx512(const QuantPart& p, c
 
 template <typename T>
 void dequantize_w8_lanes_rows(const QuantPart& p, const W8Lanes& L, int64_t first, int64_t count, const RowsOut<T>& out) {
-  const bool vectorized = std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512;
-  const int64_t b0 = first / kLaneRows, b1 = (first + count + kLaneRows - 1) / kLaneRows;
-  at::parallel_for(b0, b1, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      if (vectorized) {
-        dequantize_w8_lanes_block_avx512<T>(p, L, b, first, count, out);
-        continue;
-      }
-      // One value at a time (CPUs with VNNI but no AVX-512 BF16, for bf16 slices).
-      const int64_t n1 = std::min(first + count, b * kLaneRows + L.block_rows(b));
-      for (int64_t n = std::max(first, b * kLaneRows); n < n1; ++n)
-        for (int64_t k = 0; k < L.K; ++k)
-          out.row(n)[k] =
-              static_cast<T>(static_cast<float>(static_cast<int8_t>(p.codes[L.code_byte(n, k)])) * p.row_scales[n]);
-    }
-  });
+  // One value at a time where the CPU lacks the vector path (VNNI but no AVX-512 BF16, bf16 slices).
+  const auto row = [&](int64_t n) {
+    for (int64_t k = 0; k < L.K; ++k)
+      out.row(n)[k] = static_cast<T>(static_cast<float>(static_cast<int8_t>(p.codes[L.code_byte(n, k)])) * p.row_scales[n]);
+  };
+  for_lane_blocks(first, count, L.N, std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512,
+                  [&](int64_t b) { dequantize_w8_lanes_block_avx512<T>(p, L, b, first, count, out); }, row);
 }
 
 }  // namespace fitserve_cpu
