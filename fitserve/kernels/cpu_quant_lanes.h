@@ -307,7 +307,7 @@ void for_lane_blocks(int64_t first, int64_t count, int64_t N, bool vectorized, c
 
 template <typename T>
 void dequantize_w4_lanes_rows(const QuantPart& p, const W4Lanes& L, int64_t first, int64_t count, const RowsOut<T>& out) {
-  for_lane_blocks(first, count, L.N, std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512,
+  for_lane_blocks(first, count, L.N, vector_dequantize<T>(),
                   [&](int64_t b) { dequantize_w4_lanes_block_avx512<T>(p, L, b, first, count, out); },
                   [&](int64_t n) { dequantize_w4_lanes_row_scalar<T>(p, L, n, out.row(n)); });
 }
@@ -363,7 +363,7 @@ void dequantize_w8_lanes_rows(const QuantPart& p, const W8Lanes& L, int64_t firs
     for (int64_t k = 0; k < L.K; ++k)
       out.row(n)[k] = static_cast<T>(static_cast<float>(static_cast<int8_t>(p.codes[L.code_byte(n, k)])) * p.row_scales[n]);
   };
-  for_lane_blocks(first, count, L.N, std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512,
+  for_lane_blocks(first, count, L.N, vector_dequantize<T>(),
                   [&](int64_t b) { dequantize_w8_lanes_block_avx512<T>(p, L, b, first, count, out); }, row);
 }
 

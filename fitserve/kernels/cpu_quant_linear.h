@@ -156,6 +156,16 @@ struct W4Layout {
   int64_t lanes() const { return vector_bytes / 4; }
 };
 
+// Whether the dequantizing path may use AVX-512 for values of type T (BF16: needs AVX-512 BF16's
+// rounding instruction). Tests turn it off to check the scalar loops that CPUs without those
+// extensions run (set_scalar_dequantize).
+inline std::atomic<bool> force_scalar_dequantize{false};
+template <typename T>
+bool vector_dequantize() {
+  if (force_scalar_dequantize.load(std::memory_order_relaxed)) return false;
+  return std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512;
+}
+
 // Where the dequantizing path writes a part's rows: row n of the part (of K values) to row
 // n - first of `out`, or, given `to_rows` (a mixed layer dequantized whole), to row to_rows[n].
 template <typename T>
@@ -730,7 +740,7 @@ void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count
       if (!p.is_w4) {
         const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * K;
         const float s = p.row_scales[n];
-        if (std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512) {
+        if (vector_dequantize<T>()) {
           dequantize_w8_row_avx512<T>(w, K, s, o);
           continue;
         }
@@ -738,7 +748,7 @@ void dequantize_rows(const QuantPart& p, int64_t K, int64_t first, int64_t count
         continue;
       }
       const int64_t G = p.group_size, groups = K / G, half = G / 2;
-      const bool vectorized = half % 16 == 0 && (std::is_same_v<T, BF16> ? cpu_has_avx512_bf16() : kHasAvx512);
+      const bool vectorized = half % 16 == 0 && vector_dequantize<T>();
       const uint8_t* codes = p.codes + n * (K / 2);
       const at::Half* scales = reinterpret_cast<const at::Half*>(p.half_scales) + n * groups;
       const uint8_t* zeros = p.zero_codes + n * groups;

@@ -325,6 +325,27 @@ def test_lanes_and_row_layouts_agree_within_the_bound(rows):
         check_kernel_output(layer.forward(x), x, weight, None, W8_X_BLOCK)
 
 
+@pytest.mark.parametrize("fmt", ["w4", "w8"])
+@pytest.mark.parametrize("lanes", [True, False])
+def test_scalar_dequantizing_loops_match_the_vector_ones(fmt, lanes):
+    # CPUs without AVX-512 (or without its BF16 rounding, for bf16 slices) dequantize in scalar
+    # loops; forced here, they must give the vector loops' values bit for bit.
+    bias = torch.randn(37)
+    if fmt == "w4":
+        layer, _ = w4_layer(896, 37, 128, "auto", bias, seed=11, decode_max_rows=4, lanes=lanes)
+    else:
+        layer, _ = w8_layer(896, 37, "auto", bias, seed=11, decode_max_rows=4, lanes=lanes)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(65, 896).to(dtype)
+        vector = layer.forward(x)
+        kernels.set_scalar_dequantize(True)
+        try:
+            scalar = layer.forward(x)
+        finally:
+            kernels.set_scalar_dequantize(False)
+        assert torch.equal(scalar, vector)
+
+
 def test_results_do_not_depend_on_thread_count():
     layer, _ = w4_layer(896, 301, 128, "auto", None, seed=4)
     x = torch.randn(3, 896)
