@@ -562,6 +562,13 @@ inline void store8(BF16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
+// count floats rounded to bfloat16 (to nearest even, as c10::BFloat16 / .to(torch.bfloat16)).
+inline void narrow_row(const float* source, BF16* target, int64_t count) {
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) store8(target + k, _mm256_loadu_ps(source + k));
+  for (; k < count; ++k) target[k] = static_cast<BF16>(source[k]);
+}
+
 // exp for any float (clamped where float32 overflows or flushes).
 inline __m256 exp256_any(__m256 x) { return exp256(_mm256_min_ps(x, _mm256_set1_ps(88.3f))); }
 

@@ -346,6 +346,18 @@ def test_scalar_dequantizing_loops_match_the_vector_ones(fmt, lanes):
         assert torch.equal(scalar, vector)
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("rows", [1, 9, 64])
+def test_bf16_decode_rows_are_the_float32_results_rounded_once(isa, rows):
+    # bf16 x on the integer kernels is widened exactly and the float32 results are rounded to
+    # nearest even, as .to(torch.bfloat16) rounds them.
+    x = torch.randn(rows, 256).bfloat16()
+    for layer, _ in (w4_layer(256, 41, 64, isa, torch.randn(41), seed=rows),
+                     w8_layer(256, 41, isa, torch.randn(41), seed=rows)):
+        out = layer.forward(x)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, layer.forward(x.float()).bfloat16())
+
+
 def test_results_do_not_depend_on_thread_count():
     layer, _ = w4_layer(896, 301, 128, "auto", None, seed=4)
     x = torch.randn(3, 896)
