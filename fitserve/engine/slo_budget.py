@@ -30,9 +30,9 @@ the leading TTFT signal) may move the budget again.
 
 A move that made things worse is taken back. The rules above assume that a smaller budget
 shortens the decoding requests' steps and a larger one drains a backlog faster; where a
-step's fixed cost dominates (a small model on a CPU), a smaller budget instead adds steps and
-both latencies get worse (measured at 3.5 req/s on the bundled model: fixed 256 met the SLO
-for 17% of requests, 2048 for 55%; the loop, following TPOT misses downward, for 38%). So
+step's fixed cost dominates (a small model on a CPU), a smaller budget can instead add steps
+and make both latencies worse (in one run at 3.5 req/s on the bundled model fixed 256 met the
+SLO for 17% of requests and 2048 for 55%; that rate is too unsteady to say more). So
 the share of requests meeting every target under a new budget (again only requests that
 decoded under it) is compared with the share under the budget before: if it fell by more
 than `revert_margin`, the old budget comes back and that direction is not tried again for
