@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=48)
     parser.add_argument("--input-len", type=int, default=200)
     parser.add_argument("--output-len", type=int, default=200)
+    parser.add_argument("--len-dist", default="fixed", choices=["fixed", "uniform", "normal"],
+                        help="distribution of input and output lengths around their means (fitserve bench's)")
+    parser.add_argument("--len-spread", type=float, default=0.25,
+                        help="uniform: half-width, normal: standard deviation, as a fraction of the mean")
     parser.add_argument("--rate", default="4", help="requests/s (inf: all at once)")
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--server-args", default="")
@@ -78,7 +82,10 @@ def main() -> None:
                                f"--max-num-seqs {args.max_num_seqs} {tokenizer_args} {args.server_args}").strip()
                 run = bench_run([*model_args, "--workload", args.workload, "--num-turns", str(args.num_turns),
                                  "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
-                                 "--output-len", str(args.output_len), "--rate", args.rate, "--seed", str(args.seed)],
+                                 "--output-len", str(args.output_len),
+                                 "--input-len-dist", args.len_dist, "--input-len-spread", str(args.len_spread),
+                                 "--output-len-dist", args.len_dist, "--output-len-spread", str(args.len_spread),
+                                 "--rate", args.rate, "--seed", str(args.seed)],
                                 server_args, Path(scratch) / f"{mode}-{repeat}")
                 summary = run["summary"]
                 counters = run["server_counters"] or {}
@@ -86,11 +93,15 @@ def main() -> None:
                           "ttft_p99_ms": summary["ttft_ms"]["p99"], "ttft_median_ms": summary["ttft_ms"]["median"],
                           "tpot_p99_ms": summary["tpot_ms"]["p99"], "tpot_median_ms": summary["tpot_ms"]["median"],
                           "output_tokens_per_s": summary["output_throughput"], "duration_s": summary["duration_s"],
-                          "preemptions": counters.get("fitserve_num_preemptions_total"), "server_counters": counters}
+                          "preemptions": counters.get("fitserve_num_preemptions_total"),
+                          "recomputed_tokens": counters.get("fitserve_recomputed_tokens_total"),
+                          "computed_tokens": counters.get("fitserve_computed_tokens_total"),
+                          "server_counters": counters}
                 runs[mode].append(result)
                 print(f"[{repeat}] {mode}: p99 TTFT {result['ttft_p99_ms']:.0f} ms, p99 TPOT "
                       f"{result['tpot_p99_ms']:.1f} ms, {result['output_tokens_per_s']:.0f} output tok/s, "
-                      f"{result['preemptions']} preemptions", flush=True)
+                      f"{result['preemptions']} preemptions, {result['recomputed_tokens']} of "
+                      f"{result['computed_tokens']} computed tokens recomputed", flush=True)
 
     middle = medians(runs, ("ttft_p99_ms", "tpot_p99_ms", "ttft_median_ms", "tpot_median_ms",
                             "output_tokens_per_s"))

@@ -188,7 +188,9 @@ class EngineArgs:
     """Latency targets the step token budget follows, e.g. "ttft=500ms,tpot=50ms,p=90": every
     window the engine compares its own percentile TTFT and TPOT with them and shrinks the
     budget when TPOT misses, grows it when TTFT misses (from max_num_batched_tokens, between
-    a floor of 64 tokens and 4x the start). Needs chunked prefill."""
+    a floor of 64 tokens and 4x the start), judges each move only by requests that decoded
+    under it, and takes a move back when fewer requests meet the targets after it. Needs
+    chunked prefill."""
 
     def __post_init__(self) -> None:
         if parse_size(self.swap_space) <= 0:

@@ -62,6 +62,12 @@ class EngineStats:
     num_swap_ins_total: int = 0
     num_swap_bytes_total: int = 0
     """Bytes copied between device and host KV, both directions."""
+    num_computed_tokens_total: int = 0
+    """Tokens the model computed K/V for (prompts, decode, and recomputation after preemption)."""
+    num_recomputed_tokens_total: int = 0
+    """Of those, tokens computed again after a recompute preemption lost their K/V (what swap
+    preemption saves; a preempted request's blocks that the prefix cache still holds are not
+    recomputed)."""
     num_host_prefix_hit_tokens_total: int = 0
     """Prompt tokens whose K/V was copied in from the host tier's prefix cache instead of
     being computed."""
@@ -431,6 +437,8 @@ class LLMEngine:
             slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
             num_swap_outs_total=self.scheduler.num_swap_outs_total,
             num_swap_ins_total=self.scheduler.num_swap_ins_total,
+            num_computed_tokens_total=self.scheduler.num_computed_tokens_total,
+            num_recomputed_tokens_total=self.scheduler.num_recomputed_tokens_total,
             num_host_prefix_hit_tokens_total=self.kv_cache.num_host_hit_tokens_total,
             num_swap_bytes_total=(self.swap_space.num_bytes_out + self.swap_space.num_bytes_in
                                   if self.swap_space is not None else 0),

@@ -62,6 +62,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    max_num_computed_tokens: int = 0
+    """The furthest `num_computed_tokens` has been: positions below it that are computed again
+    (after a recompute preemption whose blocks the prefix cache lost) are recomputation."""
     block_ids: list[int] = field(default_factory=list)
     """KV-cache blocks, in order: block i holds tokens [i*block_size, (i+1)*block_size)."""
     kv_weights_epoch: int = 0

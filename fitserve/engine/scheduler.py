@@ -86,6 +86,10 @@ class Scheduler:
         self.num_preemptions_total = 0
         self.num_swap_outs_total = 0
         self.num_swap_ins_total = 0
+        self.num_computed_tokens_total = 0
+        """Tokens the executed steps computed K/V for: prompts, recomputation and decode."""
+        self.num_recomputed_tokens_total = 0
+        """Of those, tokens computed a second time after a preemption (what swap saves)."""
 
     @property
     def num_waiting(self) -> int:
@@ -275,7 +279,12 @@ class Scheduler:
         served = []
         for item in scheduler_output.scheduled:
             request = item.request
+            start = request.num_computed_tokens
             request.num_computed_tokens += item.num_new_tokens
+            self.num_computed_tokens_total += item.num_new_tokens
+            if start < request.max_num_computed_tokens:
+                self.num_recomputed_tokens_total += min(request.num_computed_tokens, request.max_num_computed_tokens) - start
+            request.max_num_computed_tokens = max(request.max_num_computed_tokens, request.num_computed_tokens)
             kv_cache.cache_full_blocks(request)
             if request.num_computed_tokens == request.num_tokens:  # the step sampled a token
                 served.append((request, 0, 1))

@@ -61,6 +61,10 @@ class _EngineStatsCollector(Collector):
             yield GaugeMetricFamily("fitserve_weight_memory_budget_bytes",
                                     "The weight-memory budget set (or being moved to).",
                                     value=stats.weight_memory_budget_bytes)
+        yield CounterMetricFamily("fitserve_computed_tokens", "Tokens the model computed K/V for: prompts, decode "
+                                  "and recomputation after preemption.", value=stats.num_computed_tokens_total)
+        yield CounterMetricFamily("fitserve_recomputed_tokens", "Tokens computed again after a preemption dropped "
+                                  "their K/V (what swap preemption saves).", value=stats.num_recomputed_tokens_total)
         yield CounterMetricFamily("fitserve_swap_outs", "Requests whose KV was swapped out to host memory.",
                                   value=stats.num_swap_outs_total)
         yield CounterMetricFamily("fitserve_swap_bytes", "Bytes of KV copied between device and host.",

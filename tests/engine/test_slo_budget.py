@@ -17,11 +17,11 @@ from fitserve.server.metrics import ServerMetrics
 from tests.tiny_models import random_token_ids, write_tiny_checkpoint
 
 
-def finished(ttft_s: float, tpot_s: float, num_tokens: int = 11) -> Request:
-    request = Request("r", [1, 2, 3], Params(), arrival_time=100.0)
+def finished(ttft_s: float, tpot_s: float, num_tokens: int = 11, arrival: float = 0.0) -> Request:
+    request = Request("r", [1, 2, 3], Params(), arrival_time=arrival)
     request.output_token_ids = [5] * num_tokens
-    request.metrics.first_token_time = 100.0 + ttft_s
-    request.metrics.finished_time = 100.0 + ttft_s + tpot_s * (num_tokens - 1)
+    request.metrics.first_token_time = arrival + ttft_s
+    request.metrics.finished_time = arrival + ttft_s + tpot_s * (num_tokens - 1)
     return request
 
 
@@ -30,10 +30,13 @@ def controller(**kwargs) -> SloBudgetController:
                                max_budget=4000, window_s=1.0, **kwargs)
 
 
-def run_window(control: SloBudgetController, start: float, ttft_s: float, tpot_s: float) -> int:
+def run_window(control: SloBudgetController, start: float, ttft_s: float, tpot_s: float,
+               arrival: float | None = None) -> int:
+    """A window opening at `start` in which 10 requests finish; they arrived at `arrival`
+    (default: as the window opened, so they decoded under the budget it opened with)."""
     control.update(start)
     for _ in range(10):
-        control.observe(finished(ttft_s, tpot_s))
+        control.observe(finished(ttft_s, tpot_s, arrival=start if arrival is None else arrival))
     return control.update(start + 1.5)
 
 
@@ -61,7 +64,7 @@ def test_a_request_waiting_past_the_ttft_target_grows_the_budget_before_any_fini
     # The same window with nobody late shrinks the budget for TPOT.
     control.update(10.0)
     for _ in range(10):
-        control.observe(finished(0.1, 0.2))
+        control.observe(finished(0.1, 0.2, arrival=10.0))
     assert control.update(11.5, lambda: 11.4) == 1000
     # No finished request at all, but one late: grown; nobody late and none finished: kept.
     assert control.update(20.0, lambda: 18.0) == 1251
@@ -77,8 +80,25 @@ def test_budget_stays_within_its_bounds_and_waits_for_enough_requests() -> None:
         run_window(control, 10.0 * window, ttft_s=5.0, tpot_s=0.001)
     assert control.budget == 4000
     control.update(1000.0)
-    control.observe(finished(0.1, 0.5))
+    control.observe(finished(0.1, 0.5, arrival=1000.0))
     assert control.update(1002.0) == 4000  # one request is not a window
+
+
+def test_a_move_is_judged_only_by_requests_that_decoded_under_it() -> None:
+    """Requests live longer than a window: those finishing just after a move were served
+    under the budget before it, and their miss was already answered. They count for
+    attainment but move nothing; requests whose first token came after the move do."""
+    control = controller()
+    assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2) == 800  # TPOT misses: shrunk at t=1.5
+    # Finished in the next window, but their first tokens (t=1.1) came before the move.
+    assert run_window(control, 2.0, ttft_s=0.1, tpot_s=0.2, arrival=1.0) == 800
+    assert control.attainment == 0.0
+    # Decoded under 800 and still missing: shrunk again.
+    assert run_window(control, 4.0, ttft_s=0.1, tpot_s=0.2) == 640
+    # Same for growing: a TTFT miss grows once; earlier arrivals' misses do not grow it again.
+    assert run_window(control, 6.0, ttft_s=2.0, tpot_s=0.01) == 801
+    assert run_window(control, 8.0, ttft_s=2.0, tpot_s=0.01, arrival=5.0) == 801
+    assert run_window(control, 10.0, ttft_s=2.0, tpot_s=0.01) == 1002
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +133,28 @@ def test_metrics_expose_budget_and_attainment() -> None:
     text = ServerMetrics(lambda: stats).render().decode()
     assert "fitserve_step_token_budget 777.0" in text
     assert "fitserve_slo_attainment_ratio 0.25" in text
+
+
+def run_mixed_window(control: SloBudgetController, start: float, num_missing_tpot: int) -> int:
+    """A window with 10 finished requests, `num_missing_tpot` of them over the TPOT target
+    (so that the percentile misses TPOT whenever any does), all decoded under its budget."""
+    control.update(start)
+    for index in range(10):
+        control.observe(finished(0.1, 0.2 if index < num_missing_tpot else 0.01, arrival=start))
+    return control.update(start + 1.5)
+
+
+def test_a_move_that_lowers_attainment_is_taken_back_and_not_retried_for_a_while() -> None:
+    """Where a smaller budget makes TPOT worse instead of better (a step's fixed cost
+    dominates), following TPOT misses downward would lose requests: the move is judged by
+    the share of requests meeting the SLO under it, and undone when that share falls."""
+    control = controller(revert_margin=0.1, hold_windows=3)
+    assert run_mixed_window(control, 0.0, num_missing_tpot=5) == 800  # 50% met: shrink
+    assert run_mixed_window(control, 2.0, num_missing_tpot=8) == 1000  # 20% met under 800: back to 1000
+    # TPOT still misses, but shrinking was just shown to hurt: held for 3 windows.
+    assert run_mixed_window(control, 4.0, num_missing_tpot=5) == 1000
+    assert run_mixed_window(control, 6.0, num_missing_tpot=5) == 1000
+    assert run_mixed_window(control, 8.0, num_missing_tpot=5) == 800  # tried again
+    # A move that keeps attainment within the margin stands, and the loop goes on.
+    assert run_mixed_window(control, 10.0, num_missing_tpot=6) == 640
+    assert run_mixed_window(control, 12.0, num_missing_tpot=6) == 512

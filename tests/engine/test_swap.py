@@ -99,6 +99,35 @@ def test_swapped_requests_resume_with_their_kv_and_keep_progress() -> None:
     assert engine.copies > 0
 
 
+def run_tight(mode: str, prefix: bool) -> Scheduler:
+    """Five requests through a 12-block pool under `mode`; returns the finished scheduler
+    after checking that every token was computed once plus the recomputed ones, exactly."""
+    scheduler = swap_scheduler(12, prefix=prefix)
+    scheduler.preemption_mode = mode
+    engine = SwappingFakeEngine(scheduler)
+    requests = [make_request(f"r{i}", random_token_ids(10 + 3 * i, seed=i, vocab_size=90), max_tokens=14,
+                             arrival_time=i) for i in range(5)]
+    for request in requests:
+        engine.add(request)
+    while scheduler.has_unfinished_requests():
+        engine.step()
+    check_all_returned(scheduler)
+    assert scheduler.num_preemptions_total > 0
+    once = sum(request.num_tokens - 1 for request in requests)  # the last token is never fed back
+    assert scheduler.num_computed_tokens_total == once + scheduler.num_recomputed_tokens_total
+    return scheduler
+
+
+def test_recomputed_tokens_are_counted_and_swap_recomputes_none() -> None:
+    """Swap recomputes nothing. Recompute without the prefix cache computes every dropped
+    position again; with it, a preempted request reattaches its own blocks that the cache
+    still holds (freed, not yet overwritten), so it recomputes less."""
+    assert run_tight("swap", prefix=True).num_recomputed_tokens_total == 0
+    without_cache = run_tight("recompute", prefix=False).num_recomputed_tokens_total
+    with_cache = run_tight("recompute", prefix=True).num_recomputed_tokens_total
+    assert 0 < with_cache < without_cache
+
+
 def test_swap_moves_groups_and_a_second_swap_out_without_new_tokens_moves_nothing() -> None:
     """A request whose 5 blocks were allocated together is one group: one copy each way. The
     host copy survives the swap-in, so swapping out again without new tokens copies nothing,
