@@ -227,6 +227,16 @@ inline void run_lanes(const KernelArgs& args, int64_t M) {
   });
 }
 
+// 128-bit lane i (0-3) of v; the extract instruction takes its lane as an immediate.
+__attribute__((target("avx512f"))) inline __m128i lane128(__m512i v, int i) {
+  switch (i) {
+    case 0: return _mm512_castsi512_si128(v);
+    case 1: return _mm512_extracti32x4_epi32(v, 1);
+    case 2: return _mm512_extracti32x4_epi32(v, 2);
+    default: return _mm512_extracti32x4_epi32(v, 3);
+  }
+}
+
 // Rows [first, first + count) of a w4 lanes-layout part (to `out`'s rows), each value (q - z) * s in
 // float32 as dequantize_w4 computes it (T = BF16: then rounded to nearest even). Per step of a
 // block, the codes are split into nibbles and interleaved so that each 64-bit word is one row's 8
@@ -269,13 +279,7 @@ FITSERVE_AVX512_BF16 void dequantize_w4_lanes_block_avx512(const QuantPart& p, c
         const int ra = pair_rows[q][0], rb = pair_rows[q][1];
         if (!rows[ra] && !rows[rb]) continue;
         const int lane = q / 2, word = q % 2;
-        __m128i bytes;
-        switch (lane) {
-          case 0: bytes = _mm512_castsi512_si128(words[word]); break;
-          case 1: bytes = _mm512_extracti32x4_epi32(words[word], 1); break;
-          case 2: bytes = _mm512_extracti32x4_epi32(words[word], 2); break;
-          default: bytes = _mm512_extracti32x4_epi32(words[word], 3); break;
-        }
+        const __m128i bytes = lane128(words[word], lane);
         const __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(bytes), pz[q])), ps[q]);
         if constexpr (std::is_same_v<T, BF16>) {
           const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(values);
@@ -357,13 +361,7 @@ FITSERVE_AVX512_BF16 void dequantize_w8_lanes_block_avx512(const QuantPart& p, c
     const __mmask16 mask = here == 4 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (4 * here)) - 1);
     for (int r = 0; r < kLaneRows; ++r) {
       if (!rows[r]) continue;
-      __m128i bytes;
-      switch (r / 4) {
-        case 0: bytes = _mm512_castsi512_si128(words[r % 4]); break;
-        case 1: bytes = _mm512_extracti32x4_epi32(words[r % 4], 1); break;
-        case 2: bytes = _mm512_extracti32x4_epi32(words[r % 4], 2); break;
-        default: bytes = _mm512_extracti32x4_epi32(words[r % 4], 3); break;
-      }
+      const __m128i bytes = lane128(words[r % 4], r / 4);
       const __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scales[r]);
       if constexpr (std::is_same_v<T, BF16>) _mm256_mask_storeu_epi16(rows[r] + k, mask, (__m256i)_mm512_cvtneps_pbh(values));
       else _mm512_mask_storeu_ps(rows[r] + k, mask, values);

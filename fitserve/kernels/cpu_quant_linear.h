@@ -870,7 +870,6 @@ class QuantLinear {
     set_rows(part, out_rows);
     if (part.lanes && !part.identity_rows) part.lane_rows.assign(part.row_map.begin(), part.row_map.end());
     part.take_pointers();
-    all_parts_have_kernels_ = all_parts_have_kernels_ && part.isa != QuantIsa::kReference;
     parts_.push_back(std::move(part));
     return {parts_.back().qweight, parts_.back().scales};
   }
@@ -926,7 +925,6 @@ class QuantLinear {
     set_rows(part, out_rows);
     if (part.lanes && !part.identity_rows) part.lane_rows.assign(part.row_map.begin(), part.row_map.end());
     part.take_pointers();
-    all_parts_have_kernels_ = all_parts_have_kernels_ && part.isa != QuantIsa::kReference;
     parts_.push_back(std::move(part));
     const QuantPart& added = parts_.back();
     return {added.qweight, added.scales, added.zeros};
@@ -951,7 +949,7 @@ class QuantLinear {
       run_all_dequantized(x, out);
       return out;
     }
-    if (x.scalar_type() == torch::kBFloat16 && M > 0 && M <= max_rows && all_parts_have_kernels_) {
+    if (x.scalar_type() == torch::kBFloat16 && M > 0 && M <= max_rows && all_parts_have_kernels()) {
       // A bf16 decode step: x widened and the float32 results rounded to bf16 (to nearest
       // even, as .to(torch.bfloat16)) in buffers of the layer. torch's two conversions cost
       // 2.5-9 us per projection at one row of x (Zen 4, one thread), ~3% of a w4 model's step.
@@ -1010,6 +1008,11 @@ class QuantLinear {
   }
 
  private:
+  // No part runs the dequantizing path at every row count.
+  bool all_parts_have_kernels() const {
+    return std::all_of(parts_.begin(), parts_.end(), [](const QuantPart& part) { return part.isa != QuantIsa::kReference; });
+  }
+
   static void check_layout_name(const char* method, const std::string& layout) {
     TORCH_CHECK(layout == "rows" || layout == "lanes", method, ": layout must be rows or lanes (got ", layout, ")");
   }
@@ -1133,7 +1136,6 @@ class QuantLinear {
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
   ActivationCodes activations_;
-  bool all_parts_have_kernels_ = true;  // no part runs the dequantizing path at every row count
   AlignedBuffer<float> x_staging_, out_staging_;  // bf16 decode steps (forward)
 };
 

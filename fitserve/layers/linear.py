@@ -17,6 +17,15 @@ _CODES_BUFFER_OF = {"qweight": "qweight", "scales": "qweight", "zeros": "qweight
 """An integer part's buffers -> the name of its codes buffer (the key of `Linear.held_layouts`)."""
 
 
+def into_slot(slots: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """`tensor` copied into the place `slots` set aside for `name` (the loader's huge-page arena;
+    taken out, so a place is filled once), or None where there is none of its shape and dtype."""
+    slot = slots.pop(name, None)
+    if slot is None or slot.shape != tensor.shape or slot.dtype != tensor.dtype:
+        return None
+    return slot.copy_(tensor)
+
+
 class Linear(nn.Module):
     """y = x @ W.T (+ bias), W stored as `weight_format` says (dense float by default).
 
@@ -64,10 +73,8 @@ class Linear(nn.Module):
 
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Store one of the format's tensors (a buffer: saved in state_dict, no gradient)."""
-        slot = self.tensor_slots.pop(name, None)
-        if slot is not None and slot.shape == tensor.shape and slot.dtype == tensor.dtype:
-            tensor = slot.copy_(tensor)
-        self.register_buffer(name, tensor, persistent=True)
+        placed = into_slot(self.tensor_slots, name, tensor)
+        self.register_buffer(name, tensor if placed is None else placed, persistent=True)
         if name in _CODES_BUFFER_OF:
             self.held_layouts.pop(_CODES_BUFFER_OF[name], None)
         self.invalidate()

@@ -65,8 +65,8 @@ class FusedCpuDecode:
             return False
         if self._current_weights_key() != self._weights_key:
             self._stack, self._caches_key = self._build(), None
-            # Taken after building: choosing a layer's kernel can replace its stored tensors (the
-            # AVX-512 VNNI w4 kernel holds them repacked), which would otherwise rebuild again.
+            # Taken after building: choosing a layer's kernel may replace its stored tensors (a
+            # CPU kernel that repacks a part into new tensors), which would otherwise rebuild again.
             self._weights_key = self._current_weights_key()
         if self._stack is None:
             return False

@@ -25,6 +25,7 @@ from fitserve.layers.weight_formats.source import TensorSource
 from fitserve.models import host_memory
 from fitserve.models.config import ModelConfig, ModelLoadError, load_model_config
 from fitserve.layers.embedding import Int8Embedding
+from fitserve.layers.linear import into_slot
 from fitserve.models.llama import LlamaForCausalLM
 
 # Rotary frequencies some old checkpoints saved; fitserve recomputes them from config.json.
@@ -362,10 +363,8 @@ class _LayerFiller:
         """An embedding tensor in memory of its own: its arena place, else a copy (safetensors
         hands back views of its file mapping; an owned copy lets the mapping, and every page of
         the file read so far, go when loading ends)."""
-        slot = self.embedding_slots.pop(suffix, None)
-        if slot is not None and slot.shape == tensor.shape and slot.dtype == tensor.dtype:
-            return slot.copy_(tensor)
-        return tensor.to(self.device, copy=True)
+        placed = into_slot(self.embedding_slots, suffix, tensor)
+        return tensor.to(self.device, copy=True) if placed is None else placed
 
     def _weight_format(self, layer: str) -> WeightFormat:
         return self.model.plan.head_format() if layer == EMBEDDING else self.model.get_submodule(layer).weight_format
