@@ -35,6 +35,9 @@ def describe_machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        # What torch's (and fitserve's kernels') vector code may use: "AVX2" on an AVX-512
+        # machine where ATEN_CPU_CAPABILITY=avx2 measures the AVX2 paths.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import platform
 import threading
 import time
@@ -97,6 +98,9 @@ def _build() -> ModuleType | None:
         return None
     if compiling:
         logger.info("CPU kernels: compiled in %.0f s", time.perf_counter() - started)
+    if not avx512_allowed() and _cpu_flag("avx512f"):
+        logger.info("CPU kernels: ATEN_CPU_CAPABILITY=%s keeps them to AVX2 on this AVX-512 CPU",
+                    os.environ.get("ATEN_CPU_CAPABILITY"))
     return module
 
 
@@ -319,8 +323,15 @@ def widen_for_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cpu" and not _NATIVE_BF16
 
 
-_AVX512_BF16 = _cpu_flag("avx512_bf16")
-_AMX = _cpu_flag("amx_bf16")
+def avx512_allowed() -> bool:
+    """False where PyTorch's ATEN_CPU_CAPABILITY (avx2, default) holds torch below AVX-512: the
+    kernels then keep to AVX2 as well (cpu_kernels.h, cpu_avx512_allowed), and so do the
+    choices made here from the CPU's flags."""
+    return torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT")
+
+
+_AVX512_BF16 = _cpu_flag("avx512_bf16") and avx512_allowed()
+_AMX = _cpu_flag("amx_bf16") and avx512_allowed()
 _NATIVE_BF16 = cpu_has_native_bf16()
 
 

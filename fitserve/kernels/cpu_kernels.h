@@ -22,8 +22,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -331,14 +334,30 @@ float dot_row_f32_avx512(const ScrambledRow<float>& x, const float* w, int64_t K
   return sum;
 }
 
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+// PyTorch's own switch, ATEN_CPU_CAPABILITY, limits fitserve's kernels as it limits torch's:
+// set to "avx2" (or "default") no AVX-512 code of ours runs either. Users set it on VMs that
+// mishandle AVX-512; benchmarks set it to measure the AVX2 paths on an AVX-512 machine. Read
+// once, when the module loads (as torch reads it once).
+inline bool cpu_avx512_allowed() {
+  static const bool allowed = [] {
+    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+    if (capability == nullptr) return true;
+    std::string lower(capability);
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+    return lower != "avx2" && lower != "default";
+  }();
+  return allowed;
+}
+
+const bool kHasAvx512 =
+    cpu_avx512_allowed() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 
 // Functions using vdpbf16ps (bf16 pair dot products into float32) carry this target, and run
 // only where cpu_has_avx512_bf16() (Zen 4, Cooper Lake, Sapphire Rapids and later).
 #define FITSERVE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
 inline bool cpu_has_avx512_bf16() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  return cpu_avx512_allowed() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512bf16");
 }

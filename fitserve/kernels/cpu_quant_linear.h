@@ -54,7 +54,7 @@ namespace fitserve_cpu {
 #define FITSERVE_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 
 inline bool cpu_has_avx512_vnni() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  return cpu_avx512_allowed() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512vnni");
 }
