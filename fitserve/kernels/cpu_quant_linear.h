@@ -530,39 +530,100 @@ FITSERVE_VNNI void w4_rows_vnni_wide(const KernelArgs& args, int64_t m0, int64_t
 
 FITSERVE_AVX2_F16C inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-template <int MR, int GPC>
-FITSERVE_AVX2_F16C void w4_rows_avx2(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+// Row n's results: each accumulated sum of q * s * x, less the zeros' share (the sum over
+// groups of s * z * xs * the sum of x's codes in the group), plus the bias.
+template <int MR>
+FITSERVE_AVX2_F16C void store_w4_row_avx2(const KernelArgs& args, int64_t m0, int64_t n, const __m256 (&acc)[MR],
+                                          const float (&corrections)[MR]) {
+  const int64_t row = args.part->out_row(n);
+  const float b = args.bias ? args.bias[row] : 0.0f;
+  for (int m = 0; m < MR; ++m) args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) - corrections[m] + b;
+}
+
+// Groups spanning whole chunks (G a multiple of 64; CPG chunks of 64 codes per group, 0: read
+// from the layout): the products of up to four chunks are summed as int16 pairs (a chunk's
+// pair sums are at most 2 * 2 * 15 * 127 = 7620, so four stay exact in int16), widened to
+// int32 once per four chunks, and scaled once per group.
+template <int MR, int CPG>
+FITSERVE_AVX2_F16C void w4_rows_avx2_whole_groups(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
   const QuantPart& p = *args.part;
   const W4Layout& L = p.layout;
   const ActivationCodes& a = *args.act;
   const XRows<MR> rows(a, m0);
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i lane_group = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);  // GPC == 2 (G = 32)
+  constexpr int64_t kChunksPerInt16Sum = 4;
+  const int64_t per_group = CPG > 0 ? CPG : L.chunks_per_group;
   for (int64_t n = first; n < last; ++n) {
     const uint8_t* codes = p.codes + n * L.row_bytes;
     const uint16_t* scales = p.half_scales + n * L.groups;
     const uint8_t* zeros = p.zero_codes + n * L.groups;
     __m256 acc[MR];
+    float corrections[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps(), corrections[m] = 0.0f;
+    for (int64_t group = 0; group < L.groups; ++group) {
+      const int64_t c0 = group * per_group;
+      __m256i dot[MR];
+      for (int m = 0; m < MR; ++m) dot[m] = _mm256_setzero_si256();
+      for (int64_t k0 = 0; k0 < per_group; k0 += kChunksPerInt16Sum) {
+        const int64_t k1 = std::min<int64_t>(per_group, k0 + kChunksPerInt16Sum);
+        __m256i pairs[MR];
+        for (int m = 0; m < MR; ++m) pairs[m] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t c = c0 + k;
+          _mm_prefetch(reinterpret_cast<const char*>(codes + c * 32) + kSingleRowPrefetchBytes, _MM_HINT_T1);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 32));
+          const __m256i lo = _mm256_and_si256(v, nibble);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          for (int m = 0; m < MR; ++m) {
+            const int8_t* xc = rows.codes[m] + c * 64;
+            pairs[m] = _mm256_add_epi16(pairs[m], _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(xc))),
+                _mm256_maddubs_epi16(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(xc + 32)))));
+          }
+        }
+        for (int m = 0; m < MR; ++m) dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(pairs[m], ones));
+      }
+      // x's scale is the group's in every lane of each of its chunks.
+      const float group_scale = half_to_float(scales[group]);
+      const float zero_share = group_scale * static_cast<float>(zeros[group]);
+      const __m256 s = _mm256_set1_ps(group_scale);
+      for (int m = 0; m < MR; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_mul_ps(s, _mm256_load_ps(rows.scales[m] + c0 * 8)),
+                                 acc[m]);
+        corrections[m] += zero_share * rows.zero_terms[m][group];
+      }
+    }
+    store_w4_row_avx2<MR>(args, m0, n, acc, corrections);
+  }
+}
+
+// G = 32: two groups per chunk, each lane taking its group's scale; a row's last chunk may be
+// half (K an odd multiple of 32).
+template <int MR>
+FITSERVE_AVX2_F16C void w4_rows_avx2_group32(const KernelArgs& args, int64_t m0, int64_t first, int64_t last) {
+  const QuantPart& p = *args.part;
+  const W4Layout& L = p.layout;
+  const ActivationCodes& a = *args.act;
+  const XRows<MR> rows(a, m0);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i lane_group = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  for (int64_t n = first; n < last; ++n) {
+    const uint8_t* codes = p.codes + n * L.row_bytes;
+    const uint16_t* scales = p.half_scales + n * L.groups;
+    __m256 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-    int64_t group = 0, in_group = 0;
     for (int64_t c = 0; c < L.chunks; ++c) {
       __m256i v;
-      __m256 s;
       if (c < L.full_chunks) {
         _mm_prefetch(reinterpret_cast<const char*>(codes + c * 32) + kSingleRowPrefetchBytes, _MM_HINT_T1);
         v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 32));
       } else {  // the last 16 bytes of a row whose byte count is an odd multiple of 16
         v = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c * 32)));
       }
-      if constexpr (GPC == 1) {
-        s = _mm256_set1_ps(half_to_float(scales[group]));
-        if (++in_group == L.chunks_per_group) in_group = 0, ++group;
-      } else {
-        const uint32_t pair = c < L.full_chunks ? (static_cast<uint32_t>(scales[2 * c + 1]) << 16) | scales[2 * c]
-                                                : scales[2 * c];
-        s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(pair)))),
-                                     lane_group);
-      }
+      const uint32_t pair = c < L.full_chunks ? (static_cast<uint32_t>(scales[2 * c + 1]) << 16) | scales[2 * c]
+                                              : scales[2 * c];
+      const __m256 s = _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(pair)))), lane_group);
       const __m256i lo = _mm256_and_si256(v, nibble);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
       for (int m = 0; m < MR; ++m) {
@@ -574,14 +635,14 @@ FITSERVE_AVX2_F16C void w4_rows_avx2(const KernelArgs& args, int64_t m0, int64_t
         acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_load_ps(rows.scales[m] + c * 8)), acc[m]);
       }
     }
-    const int64_t row = p.out_row(n);
-    const float b = args.bias ? args.bias[row] : 0.0f;
+    const uint8_t* zeros = p.zero_codes + n * L.groups;
+    float corrections[MR];
     for (int m = 0; m < MR; ++m) {
-      float correction = 0.0f;
+      corrections[m] = 0.0f;
       for (int64_t g = 0; g < L.groups; ++g)
-        correction += half_to_float(scales[g]) * static_cast<float>(zeros[g]) * rows.zero_terms[m][g];
-      args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) - correction + b;
+        corrections[m] += half_to_float(scales[g]) * static_cast<float>(zeros[g]) * rows.zero_terms[m][g];
     }
+    store_w4_row_avx2<MR>(args, m0, n, acc, corrections);
   }
 }
 
@@ -678,8 +739,9 @@ inline void run_part_kernel(const KernelArgs& args, int64_t M) {
         } else {
           with_rows<kAvx2TileRows>(mr, [&](auto R) {
             constexpr int MR = decltype(R)::value;
-            if (p.layout.groups_per_chunk == 2) w4_rows_avx2<MR, 2>(args, m0, n0, n1);
-            else w4_rows_avx2<MR, 1>(args, m0, n0, n1);
+            if (p.layout.groups_per_chunk == 2) w4_rows_avx2_group32<MR>(args, m0, n0, n1);
+            else if (p.layout.chunks_per_group == 2) w4_rows_avx2_whole_groups<MR, 2>(args, m0, n0, n1);
+            else w4_rows_avx2_whole_groups<MR, 0>(args, m0, n0, n1);  // G a multiple of 64
           });
         }
       }

@@ -97,8 +97,9 @@ def run_and_check(layer, weight, bias, x, block):
 
 
 # K = 96 and 160 (G = 32) and 192 (G = 64) are not multiples of 64 or 128: the last chunk of
-# codes is partial. 37 output rows: not a multiple of any blocking.
-W4_SHAPES = [(32, 96), (32, 160), (64, 192), (64, 896), (128, 384), (128, 896), (256, 768)]
+# codes is partial. 37 output rows: not a multiple of any blocking. G = 512 spans 8 chunks of
+# 64 codes on AVX2, whose int16 pair sums are widened every 4.
+W4_SHAPES = [(32, 96), (32, 160), (64, 192), (64, 896), (128, 384), (128, 896), (256, 768), (512, 1024)]
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS)
@@ -111,6 +112,24 @@ def test_w4_matches_dequantized_reference(isa, group_size, in_features, rows, x_
     assert layer.part_isas() == [isa]
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows + 1)).to(x_dtype)
     run_and_check(layer, weight, bias, x, group_size)
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("group_size", [64, 128, 256, 512])
+def test_w4_largest_products_stay_exact(isa, group_size):
+    # Every code 15 against every x code +127 (or -127): the largest partial sums the kernels
+    # form. A sum kept in int16 past 4 chunks of 64 codes would wrap (8 x 7620 > 32767).
+    in_features = 2 * group_size
+    weight = torch.full((20, in_features), 0.5)
+    qweight, scales, zeros = packing.quantize_w4(weight, group_size)
+    assert (packing.unpack_w4(qweight, group_size) == 15).all() and (zeros == 0).all()
+    layer = kernels.QuantLinear(in_features, 20, None, isa)
+    layer.add_w4(qweight, scales, zeros, group_size)
+    dequantized = packing.dequantize_w4(qweight, scales, zeros, group_size)
+    for sign in (1.0, -1.0):
+        x = torch.full((2, in_features), sign)
+        out = layer.forward(x)
+        assert torch.allclose(out, F.linear(x, dequantized), rtol=1e-6), (out[0, 0], sign * in_features * 0.5)
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS)
