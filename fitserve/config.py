@@ -185,12 +185,14 @@ class EngineArgs:
     memory holds swapped-out requests only."""
 
     slo: str | None = None
-    """Latency targets the step token budget follows, e.g. "ttft=500ms,tpot=50ms,p=90": every
-    window the engine compares its own percentile TTFT and TPOT with them and shrinks the
-    budget when TPOT misses, grows it when TTFT misses (from max_num_batched_tokens, between
-    a floor of 64 tokens and 4x the start), judges each move only by requests that decoded
-    under it, and takes a move back when fewer requests meet the targets after it. Needs
-    chunked prefill."""
+    """Latency targets the engine follows, e.g. "ttft=500ms,tpot=50ms,p=90": every window it
+    compares its own percentile TTFT and TPOT with them and moves two knobs, the step token
+    budget (from max_num_batched_tokens, between 64 tokens and 4x the start) and a cap on
+    requests running at once (from max_num_seqs, down to 1). TTFT misses: raise both. TPOT
+    misses while TTFT has slack (under half its target): lower the cap, so queued requests
+    spend that slack waiting while the running ones get shorter steps; TPOT misses without
+    slack: shrink the budget. Each move is judged only by requests that decoded under it and
+    taken back when fewer requests meet the targets after it. Needs chunked prefill."""
 
     def __post_init__(self) -> None:
         if parse_size(self.swap_space) <= 0:

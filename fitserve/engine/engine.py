@@ -73,6 +73,9 @@ class EngineStats:
     being computed."""
     step_token_budget: int = 0
     """The step token budget in use (moved by the SLO loop when --slo is set)."""
+    running_requests_cap: int = 0
+    """The most requests allowed to run at once: max_num_seqs, or lower while the SLO loop
+    holds requests back to shorten the running ones' steps."""
     slo_attainment: float | None = None
     """With --slo: share of the latest window's finished requests that met every target."""
     weight_memory_bytes: int | None = None
@@ -169,7 +172,7 @@ class LLMEngine:
         if args.slo is not None:
             self.slo_controller = SloBudgetController(
                 parse_slo(args.slo), budget=args.max_num_batched_tokens, min_budget=min(64, args.max_num_batched_tokens),
-                max_budget=4 * args.max_num_batched_tokens)
+                max_budget=4 * args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
 
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -434,6 +437,7 @@ class LLMEngine:
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generated_tokens_total=self._num_generated_tokens_total,
             step_token_budget=self.scheduler.max_num_batched_tokens,
+            running_requests_cap=self.scheduler.max_num_seqs,
             slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
             num_swap_outs_total=self.scheduler.num_swap_outs_total,
             num_swap_ins_total=self.scheduler.num_swap_ins_total,
@@ -465,7 +469,10 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         self.poll_weight_resize()
         if self.slo_controller is not None:
-            self.scheduler.max_num_batched_tokens = self.slo_controller.update(time.time(), self._oldest_waiting_arrival)
+            # The loop's two knobs are the scheduler's own limits, set before it schedules.
+            self.scheduler.max_num_batched_tokens = self.slo_controller.update(
+                time.time(), self._oldest_waiting_arrival, self.scheduler.num_running)
+            self.scheduler.max_num_seqs = self.slo_controller.max_running
         swap_space = self.swap_space
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())

@@ -1,15 +1,30 @@
-"""`--slo`: a feedback loop that moves the step's token budget toward the latency targets.
+"""`--slo`: a feedback loop that moves two knobs toward the latency targets: the step's token
+budget and the number of requests allowed to run at once (a cap under `max_num_seqs`).
 
 Every window the engine's own timings of the requests that finished in it (TTFT from arrival
 to first token, TPOT over the rest, the formulas of bench/metrics.py) are compared at the
-SLO's percentile with the targets, as semi-PD re-splits its workers every window:
+SLO's percentile with the targets, as semi-PD moves compute between prefill and decode every
+window:
 
-- TTFT misses: prompts wait too long; grow the budget (more prefill per step, and fewer
-  steps per prompt, so more throughput). This wins over a TPOT miss: when both miss the
-  server is overloaded, and a smaller budget would only add steps and deepen the backlog.
-- TPOT misses (and TTFT holds): steps are too long for the decoding requests; shrink the
-  budget (less prefill rides along with each decode step);
-- both hold: keep it.
+- TTFT misses: prompts wait too long; raise the cap and grow the budget (more requests
+  admitted, more prefill per step, fewer steps per prompt, so more throughput). This wins
+  over a TPOT miss: when both miss the server is overloaded, and fewer requests at once or
+  a smaller budget would only deepen the backlog.
+- TPOT misses while TTFT has slack (its percentile, and the longest wait of a request still
+  without its first token, are under `slack_share` of the target): lower the cap, below the
+  most requests that ran at once in the window. Queued requests then wait, spending TTFT's
+  slack, while the requests that run get shorter steps. This is the lever that works where
+  a step's time grows with the number of requests in it (a CPU: every request's decode is
+  compute); the budget alone does not limit how many requests decode together, and
+  splitting prefill into more chunks conserves its work, so a smaller budget does not lower
+  a request's mean TPOT there (measured, see below).
+- TPOT misses and TTFT has no slack to spend: shrink the budget (less prefill rides along
+  with each decode step: Sarathi's lever, for a device where batching decodes is cheap);
+- both hold: keep both.
+
+A cap never starves the engine: it is at least 1, and the scheduler admits while fewer
+requests run than the cap, so a queued request is admitted whenever nothing runs. Lowering
+the cap preempts nothing: requests already running finish, and admission waits.
 
 TTFT is also read ahead of the finished requests: a request still waiting for its first
 token longer than the target has already missed it. Finished requests alone report a
@@ -29,13 +44,14 @@ before it still count for attainment, but only those whose first token came afte
 the leading TTFT signal) may move the budget again.
 
 A move that made things worse is taken back. The rules above assume that a smaller budget
-shortens the decoding requests' steps and a larger one drains a backlog faster; where a
-step's fixed cost dominates (a small model on a CPU), a smaller budget can instead add steps
-and make both latencies worse (in one run at 3.5 req/s on the bundled model fixed 256 met the
-SLO for 17% of requests and 2048 for 55%; that rate is too unsteady to say more). So
-the share of requests meeting every target under a new budget (again only requests that
-decoded under it) is compared with the share under the budget before: if it fell by more
-than `revert_margin`, the old budget comes back and that direction is not tried again for
+shortens the decoding requests' steps, that fewer requests at once does not starve the
+queue, and that a larger budget drains a backlog faster; where a step's fixed cost dominates
+(a small model on a CPU), a smaller budget can instead add steps and make both latencies
+worse (in one run at 3.5 req/s on the bundled model fixed 256 met the SLO for 17% of
+requests and 2048 for 55%), and a cap below what the arrival rate needs builds a queue. So
+the share of requests meeting every target after a move (again only requests that decoded
+under it) is compared with the share before: if it fell by more than `revert_margin`, the
+budget and cap before come back and that kind of move is not tried again for
 `hold_windows` windows.
 """
 
@@ -50,6 +66,10 @@ from fitserve.bench.metrics import Slo, time_per_output_token
 from fitserve.engine.request import Request
 
 
+GROW, FEWER, SMALLER = "grow", "fewer", "smaller"
+"""The loop's moves: raise the cap and grow the budget; lower the cap; shrink the budget."""
+
+
 @dataclass
 class SloBudgetController:
     slo: Slo
@@ -57,6 +77,16 @@ class SloBudgetController:
     """The current step token budget (what the scheduler uses)."""
     min_budget: int
     max_budget: int
+    max_num_seqs: int = 128
+    """The cap's ceiling: the engine's `max_num_seqs`; the cap starts there (no cap)."""
+    max_running: int = field(init=False)
+    """The current cap on requests running at once (what the scheduler uses as its
+    `max_num_seqs`)."""
+    min_running: int = 1
+    """The cap's floor; at least 1, so a queued request is admitted when nothing runs."""
+    slack_share: float = 0.5
+    """TTFT has slack to spend on a lower cap while its percentile and the longest current
+    wait for a first token are under this share of the target."""
     window_s: float = 2.0
     step_factor: float = 1.25
     min_requests: int = 4
@@ -64,21 +94,31 @@ class SloBudgetController:
     revert_margin: float = 0.1
     """How far attainment may fall after a move before the move is taken back."""
     hold_windows: int = 10
-    """Windows during which a direction that was taken back is not tried again."""
+    """Windows during which a kind of move that was taken back is not tried again."""
     attainment: float | None = None
     """Share of the latest window's requests that met every target (None before one)."""
     num_met_total: int = 0
     num_finished_total: int = 0
     _window: list[tuple[float, float | None, float]] = field(default_factory=list)  # (ttft, tpot, first token)
     _window_start: float | None = None
+    _peak_running: int = 0
+    """The most requests that ran at once in the current window."""
     _moved_at: float = float("-inf")
-    """When the budget last moved: requests with an earlier first token do not judge it."""
+    """When a knob last moved: requests with an earlier first token do not judge it."""
     _current_attainment: float | None = None
-    """Attainment of the latest judged requests that decoded under the current budget."""
-    _last_move: tuple[int, float] | None = None
-    """(budget before, its attainment) of a move not yet judged, to take back if it hurt."""
-    _held: dict[int, int] = field(default_factory=dict)
-    """Direction (+1 grow, -1 shrink) -> windows it stays untried after a move was taken back."""
+    """Attainment of the latest judged requests that decoded under the current setting."""
+    _last_move: tuple[str, int, int, float] | None = None
+    """(move, budget before, cap before, attainment before) of a move not yet judged, to take
+    back if it hurt."""
+    _held: dict[str, int] = field(default_factory=dict)
+    """Move -> windows it stays untried after such a move was taken back."""
+
+    def __post_init__(self) -> None:
+        if self.min_running < 1:
+            raise ValueError(f"min_running must be >= 1 (got {self.min_running}): a cap of 0 admits nothing")
+        if self.max_num_seqs < self.min_running:
+            raise ValueError(f"max_num_seqs ({self.max_num_seqs}) is below min_running ({self.min_running})")
+        self.max_running = self.max_num_seqs
 
     def observe(self, request: Request) -> None:
         """A request finished (not aborted): remember its TTFT and TPOT."""
@@ -97,68 +137,94 @@ class SloBudgetController:
             return False
         return not (self.slo.tpot_ms is not None and tpot is not None and tpot * 1e3 > self.slo.tpot_ms)
 
-    def update(self, now: float, oldest_waiting_arrival: Callable[[], float | None] | None = None) -> int:
-        """Close the window if it is over and move the budget; returns the budget to use.
-        `oldest_waiting_arrival` gives the arrival time of the longest-waiting request that
-        has no first token yet (None: none waits); it is called only when a window closes."""
+    def update(self, now: float, oldest_waiting_arrival: Callable[[], float | None] | None = None,
+               num_running: int = 0) -> int:
+        """Called every step: close the window if it is over and move the knobs; returns the
+        budget to use (the cap to use is `max_running`). `oldest_waiting_arrival` gives the
+        arrival time of the longest-waiting request that has no first token yet (None: none
+        waits); it is called only when a window closes. `num_running`: requests running now."""
+        self._peak_running = max(self._peak_running, num_running)
         if self._window_start is None:
             self._window_start = now
         if now - self._window_start < self.window_s:
             return self.budget
         waiting_since = oldest_waiting_arrival() if oldest_waiting_arrival is not None else None
-        backlog = (self.slo.ttft_ms is not None and waiting_since is not None
-                   and (now - waiting_since) * 1e3 > self.slo.ttft_ms)
+        longest_wait_ms = (now - waiting_since) * 1e3 if waiting_since is not None else 0.0
+        backlog = self.slo.ttft_ms is not None and longest_wait_ms > self.slo.ttft_ms
         if len(self._window) >= self.min_requests:
             self.attainment = sum(self._meets(t, p) for t, p, _ in self._window) / len(self._window)
-        # Only requests that decoded under the current budget judge it.
+        # Only requests that decoded under the current setting judge it.
         current = [(ttft, tpot) for ttft, tpot, first_token in self._window if first_token >= self._moved_at]
         judged = len(current) >= self.min_requests
         if not (judged or backlog):
             if len(self._window) >= self.min_requests:
-                self._window, self._window_start = [], now
-            return self.budget  # too few requests to judge the budget by, and no request late yet
-        ttft_misses, tpot_misses = backlog, False
+                self._close_window(now)
+            return self.budget  # too few requests to judge the setting by, and no request late yet
+        ttft_misses, tpot_misses, ttft_slack = backlog, False, False
         if judged:
             ttfts = [ttft * 1e3 for ttft, _ in current]
             tpots = [tpot * 1e3 for _, tpot in current if tpot is not None]
             percentile = self.slo.percentile
-            ttft_misses |= self.slo.ttft_ms is not None and float(np.percentile(ttfts, percentile)) > self.slo.ttft_ms
+            ttft_ms = float(np.percentile(ttfts, percentile))
+            ttft_misses |= self.slo.ttft_ms is not None and ttft_ms > self.slo.ttft_ms
             tpot_misses = (self.slo.tpot_ms is not None and bool(tpots)
                            and float(np.percentile(tpots, percentile)) > self.slo.tpot_ms)
-        self._window = []
-        self._window_start = now
-        self._held = {direction: left - 1 for direction, left in self._held.items() if left > 1}
+            # Without a TTFT target there is no slack to measure: a lower cap could only
+            # build a queue without bound, so the cap is then left alone.
+            ttft_slack = (self.slo.ttft_ms is not None and ttft_ms <= self.slack_share * self.slo.ttft_ms
+                          and longest_wait_ms <= self.slack_share * self.slo.ttft_ms)
+        peak_running = self._peak_running
+        self._close_window(now)
+        self._held = {move: left - 1 for move, left in self._held.items() if left > 1}
         if judged:
             self._current_attainment = sum(self._meets(t, p) for t, p in current) / len(current)
             if self._take_back_a_harmful_move(now):
                 return self.budget
-        direction = 1 if ttft_misses else -1 if tpot_misses else 0
-        if direction and direction not in self._held:
-            self._move(direction, now)
+        if ttft_misses:
+            self._try_moves([GROW], now, peak_running)
+        elif tpot_misses:
+            self._try_moves([FEWER, SMALLER] if ttft_slack else [SMALLER], now, peak_running)
         return self.budget
 
+    def _close_window(self, now: float) -> None:
+        self._window, self._window_start, self._peak_running = [], now, 0
+
     def _take_back_a_harmful_move(self, now: float) -> bool:
-        """Judge the latest move by the requests that decoded under it; restore the budget
+        """Judge the latest move by the requests that decoded under it; restore the setting
         before it if attainment fell by more than the margin (True: taken back)."""
         if self._last_move is None:
             return False
-        before, attainment_before = self._last_move
+        move, budget_before, cap_before, attainment_before = self._last_move
         self._last_move = None
         assert self._current_attainment is not None
         if self._current_attainment >= attainment_before - self.revert_margin:
             return False
-        self._held[1 if self.budget > before else -1] = self.hold_windows
-        self.budget, self._moved_at = before, now
+        self._held[move] = self.hold_windows
+        self.budget, self.max_running, self._moved_at = budget_before, cap_before, now
         self._current_attainment = attainment_before
         return True
 
-    def _move(self, direction: int, now: float) -> None:
-        before = self.budget
-        if direction > 0:
-            self.budget = min(self.max_budget, int(self.budget * self.step_factor) + 1)
-        else:
-            self.budget = max(self.min_budget, int(self.budget / self.step_factor))
-        if self.budget != before:
-            self._moved_at = now
-            self._last_move = (before, self._current_attainment) if self._current_attainment is not None else None
-            self._current_attainment = None
+    def _try_moves(self, moves: list[str], now: float, peak_running: int) -> None:
+        """Make the first of `moves` that is not held and changes a knob (`peak_running`: the
+        most requests that ran at once in the window just closed)."""
+        budget_before, cap_before = self.budget, self.max_running
+        for move in moves:
+            if move in self._held:
+                continue
+            if move == GROW:
+                self.budget = min(self.max_budget, int(self.budget * self.step_factor) + 1)
+                self.max_running = min(self.max_num_seqs, int(self.max_running * self.step_factor) + 1)
+            elif move == FEWER:
+                # From the concurrency the window saw: a cap far above it would take many
+                # windows to start limiting anything.
+                running = min(self.max_running, peak_running)
+                if running > self.min_running:
+                    self.max_running = max(self.min_running, min(running - 1, int(running / self.step_factor)))
+            else:
+                self.budget = max(self.min_budget, int(self.budget / self.step_factor))
+            if (self.budget, self.max_running) != (budget_before, cap_before):
+                self._moved_at = now
+                self._last_move = ((move, budget_before, cap_before, self._current_attainment)
+                                   if self._current_attainment is not None else None)
+                self._current_attainment = None
+                return

@@ -10,7 +10,9 @@ from fitserve import LLM, SamplingParams
 from fitserve.bench.metrics import Slo
 from fitserve.config import ConfigError, EngineArgs
 from fitserve.engine.engine import EngineStats
-from fitserve.engine.request import Request
+from fitserve.engine.kv_cache import KVCacheManager
+from fitserve.engine.request import Request, RequestStatus
+from fitserve.engine.scheduler import Scheduler
 from fitserve.engine.slo_budget import SloBudgetController
 from fitserve.sampling_params import SamplingParams as Params
 from fitserve.server.metrics import ServerMetrics
@@ -31,24 +33,31 @@ def controller(**kwargs) -> SloBudgetController:
 
 
 def run_window(control: SloBudgetController, start: float, ttft_s: float, tpot_s: float,
-               arrival: float | None = None) -> int:
+               arrival: float | None = None, num_running: int = 0) -> int:
     """A window opening at `start` in which 10 requests finish; they arrived at `arrival`
-    (default: as the window opened, so they decoded under the budget it opened with)."""
-    control.update(start)
+    (default: as the window opened, so they decoded under the setting it opened with), and at
+    most `num_running` requests ran at once."""
+    control.update(start, num_running=num_running)
     for _ in range(10):
         control.observe(finished(ttft_s, tpot_s, arrival=start if arrival is None else arrival))
     return control.update(start + 1.5)
 
 
+# A TTFT that meets the 500 ms target with no slack to spend (over half of it): TPOT misses
+# then move the budget, not the cap.
+NO_SLACK_S = 0.3
+
+
 def test_budget_shrinks_when_tpot_misses_and_grows_when_ttft_misses() -> None:
     control = controller()
-    assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2) == 800  # TPOT misses: 1000 / 1.25
+    assert run_window(control, 0.0, ttft_s=NO_SLACK_S, tpot_s=0.2) == 800  # TPOT misses: 1000 / 1.25
     assert control.attainment == 0.0
     assert run_window(control, 10.0, ttft_s=2.0, tpot_s=0.01) == 1001  # TTFT misses: 800 * 1.25 + 1
-    assert run_window(control, 20.0, ttft_s=0.1, tpot_s=0.01) == 1001  # both met: kept
+    assert run_window(control, 20.0, ttft_s=NO_SLACK_S, tpot_s=0.01) == 1001  # both met: kept
     assert control.attainment == 1.0
     # Both miss: overload; a smaller budget would only add steps, so throughput comes first.
     assert run_window(control, 30.0, ttft_s=2.0, tpot_s=0.2) == 1252
+    assert control.max_running == 128  # no cap was ever set: it stays at max_num_seqs
     assert control.num_finished_total == 40 and control.num_met_total == 10
 
 
@@ -64,7 +73,7 @@ def test_a_request_waiting_past_the_ttft_target_grows_the_budget_before_any_fini
     # The same window with nobody late shrinks the budget for TPOT.
     control.update(10.0)
     for _ in range(10):
-        control.observe(finished(0.1, 0.2, arrival=10.0))
+        control.observe(finished(NO_SLACK_S, 0.2, arrival=10.0))
     assert control.update(11.5, lambda: 11.4) == 1000
     # No finished request at all, but one late: grown; nobody late and none finished: kept.
     assert control.update(20.0, lambda: 18.0) == 1251
@@ -74,7 +83,7 @@ def test_a_request_waiting_past_the_ttft_target_grows_the_budget_before_any_fini
 def test_budget_stays_within_its_bounds_and_waits_for_enough_requests() -> None:
     control = controller()
     for window in range(40):
-        run_window(control, 10.0 * window, ttft_s=0.1, tpot_s=0.5)
+        run_window(control, 10.0 * window, ttft_s=NO_SLACK_S, tpot_s=0.5)
     assert control.budget == 64
     for window in range(40, 80):
         run_window(control, 10.0 * window, ttft_s=5.0, tpot_s=0.001)
@@ -89,12 +98,12 @@ def test_a_move_is_judged_only_by_requests_that_decoded_under_it() -> None:
     under the budget before it, and their miss was already answered. They count for
     attainment but move nothing; requests whose first token came after the move do."""
     control = controller()
-    assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2) == 800  # TPOT misses: shrunk at t=1.5
-    # Finished in the next window, but their first tokens (t=1.1) came before the move.
-    assert run_window(control, 2.0, ttft_s=0.1, tpot_s=0.2, arrival=1.0) == 800
+    assert run_window(control, 0.0, ttft_s=NO_SLACK_S, tpot_s=0.2) == 800  # TPOT misses: shrunk at t=1.5
+    # Finished in the next window, but their first tokens (t=1.3) came before the move.
+    assert run_window(control, 2.0, ttft_s=NO_SLACK_S, tpot_s=0.2, arrival=1.0) == 800
     assert control.attainment == 0.0
     # Decoded under 800 and still missing: shrunk again.
-    assert run_window(control, 4.0, ttft_s=0.1, tpot_s=0.2) == 640
+    assert run_window(control, 4.0, ttft_s=NO_SLACK_S, tpot_s=0.2) == 640
     # Same for growing: a TTFT miss grows once; earlier arrivals' misses do not grow it again.
     assert run_window(control, 6.0, ttft_s=2.0, tpot_s=0.01) == 801
     assert run_window(control, 8.0, ttft_s=2.0, tpot_s=0.01, arrival=5.0) == 801
@@ -140,7 +149,7 @@ def run_mixed_window(control: SloBudgetController, start: float, num_missing_tpo
     (so that the percentile misses TPOT whenever any does), all decoded under its budget."""
     control.update(start)
     for index in range(10):
-        control.observe(finished(0.1, 0.2 if index < num_missing_tpot else 0.01, arrival=start))
+        control.observe(finished(NO_SLACK_S, 0.2 if index < num_missing_tpot else 0.01, arrival=start))
     return control.update(start + 1.5)
 
 
@@ -158,3 +167,98 @@ def test_a_move_that_lowers_attainment_is_taken_back_and_not_retried_for_a_while
     # A move that keeps attainment within the margin stands, and the loop goes on.
     assert run_mixed_window(control, 10.0, num_missing_tpot=6) == 640
     assert run_mixed_window(control, 12.0, num_missing_tpot=6) == 512
+
+
+def test_tpot_misses_with_ttft_slack_lower_the_cap_and_ttft_misses_raise_it() -> None:
+    """Where a step's time follows the number of requests in it (a CPU), TPOT is met by
+    running fewer requests at once, paid for with TTFT's slack: queued requests wait."""
+    control = controller()
+    assert control.max_running == 128  # starts at max_num_seqs: no cap
+    # TTFT 100 ms of a 500 ms target (slack), TPOT missing, 20 requests ran at once: the cap
+    # drops below what ran (20 / 1.25), not from its far-away ceiling; the budget stays.
+    assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2, num_running=20) == 1000
+    assert control.max_running == 16
+    # Still missing with 16 running: lower again. The peak above the cap (a request that
+    # was already running) does not raise it.
+    run_window(control, 10.0, ttft_s=0.1, tpot_s=0.2, num_running=17)
+    assert (control.budget, control.max_running) == (1000, 12)
+    # TTFT still met but its slack spent (300 ms > 250 ms): a TPOT miss moves the budget.
+    run_window(control, 20.0, ttft_s=NO_SLACK_S, tpot_s=0.2, num_running=12)
+    assert (control.budget, control.max_running) == (800, 12)
+    # A request waiting 0.3 s for its first token spends the slack too, before any finished
+    # request reports it.
+    control.update(30.0, num_running=12)
+    for _ in range(10):
+        control.observe(finished(0.1, 0.2, arrival=30.0))
+    control.update(31.5, lambda: 31.2)
+    assert (control.budget, control.max_running) == (640, 12)
+    # TTFT misses: the cap and the budget both grow.
+    run_window(control, 40.0, ttft_s=2.0, tpot_s=0.2, num_running=12)
+    assert (control.budget, control.max_running) == (801, 16)
+    # Met: both kept.
+    run_window(control, 50.0, ttft_s=0.1, tpot_s=0.01, num_running=16)
+    assert (control.budget, control.max_running) == (801, 16)
+
+
+def test_a_lower_cap_that_lowers_attainment_is_taken_back_and_the_budget_tried_instead() -> None:
+    control = controller(revert_margin=0.1, hold_windows=3)
+
+    def window(start: float, num_missing_tpot: int) -> tuple[int, int]:
+        control.update(start, num_running=10)
+        for index in range(10):
+            control.observe(finished(0.1, 0.2 if index < num_missing_tpot else 0.01, arrival=start))
+        control.update(start + 1.5)
+        return control.budget, control.max_running
+
+    assert window(0.0, num_missing_tpot=5) == (1000, 8)  # 50% met, TTFT has slack: fewer at once
+    assert window(2.0, num_missing_tpot=8) == (1000, 128)  # 20% met under the cap: taken back
+    # Lowering the cap is held; TPOT still misses, so the other knob moves.
+    assert window(4.0, num_missing_tpot=5) == (800, 128)
+
+
+def test_the_cap_never_falls_below_one_and_a_queued_request_runs_when_nothing_does() -> None:
+    control = controller()
+    for window in range(20):
+        run_window(control, 10.0 * window, ttft_s=0.1, tpot_s=0.5, num_running=3)
+    assert control.max_running == 1
+    with pytest.raises(ValueError, match="min_running must be >= 1"):
+        controller(min_running=0)
+    # The scheduler with the floor's cap: one request runs, the rest wait; when it finishes,
+    # the next is admitted.
+    scheduler = Scheduler(KVCacheManager(num_blocks=32, block_size=4, enable_prefix_caching=False),
+                          max_num_batched_tokens=64, max_num_seqs=control.max_running)
+    requests = [Request(f"r{index}", [1, 2, 3, 4, 5], Params(max_tokens=2), arrival_time=float(index))
+                for index in range(3)]
+    for request in requests:
+        scheduler.add_request(request)
+    for expected in requests:
+        output = scheduler.schedule()
+        assert [item.request for item in output.scheduled] == [expected]
+        scheduler.update_from_output(output)
+        scheduler.finish_request(expected, RequestStatus.FINISHED_LENGTH)
+    assert not scheduler.has_unfinished_requests()
+
+
+def test_engine_lowers_its_cap_for_an_unreachable_tpot_and_still_serves_everything(model_dir: Path) -> None:
+    """A TPOT target no step can meet with a lax TTFT one: the engine runs fewer requests at
+    once, down to one, reports the cap, and every request is still served in full."""
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_memory="4MiB", max_num_seqs=8,
+              slo="ttft=100s,tpot=0.001ms,p=50")
+    engine = llm.engine
+    assert engine.slo_controller is not None
+    engine.slo_controller.window_s = 0.0
+    for round_index in range(6):
+        prompts = [{"prompt_token_ids": random_token_ids(20, seed=10 * round_index + i)} for i in range(6)]
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+        assert [len(output.outputs[0].token_ids) for output in outputs] == [4] * 6
+        engine.step()  # the window closes at the start of a step
+    stats = engine.get_stats()
+    assert stats.running_requests_cap == engine.scheduler.max_num_seqs == 1
+    assert engine.args.max_num_seqs == 8
+
+
+def test_metrics_expose_the_running_requests_cap() -> None:
+    stats = EngineStats(num_running=0, num_waiting=0, num_free_blocks=1, num_total_blocks=2, num_preemptions_total=0,
+                        num_prefix_cache_hit_tokens_total=0, num_prompt_tokens_total=0, num_generated_tokens_total=0,
+                        step_token_budget=777, running_requests_cap=5)
+    assert "fitserve_running_requests_cap 5.0" in ServerMetrics(lambda: stats).render().decode()
