@@ -464,15 +464,24 @@ class LLMEngine:
         return min((request.metrics.arrival_time for request in self._requests.values()
                     if request.metrics.first_token_time is None), default=None)
 
+    def _follow_slo(self, controller: SloBudgetController) -> None:
+        """Let the SLO loop move its two knobs, which are the scheduler's own limits (set
+        before it schedules); a move is logged, so a server's log traces the loop."""
+        before = (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
+        self.scheduler.max_num_batched_tokens = controller.update(
+            time.time(), self._oldest_waiting_arrival, self.scheduler.num_running)
+        self.scheduler.max_num_seqs = controller.max_running
+        if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:
+            logger.info("slo: step token budget %d, running requests cap %d (window attainment %s)",
+                        self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs,
+                        "-" if controller.attainment is None else f"{controller.attainment:.2f}")
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
         outputs, self._pending_outputs = self._pending_outputs, []
         self.poll_weight_resize()
         if self.slo_controller is not None:
-            # The loop's two knobs are the scheduler's own limits, set before it schedules.
-            self.scheduler.max_num_batched_tokens = self.slo_controller.update(
-                time.time(), self._oldest_waiting_arrival, self.scheduler.num_running)
-            self.scheduler.max_num_seqs = self.slo_controller.max_running
+            self._follow_slo(self.slo_controller)
         swap_space = self.swap_space
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())

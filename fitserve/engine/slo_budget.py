@@ -66,8 +66,101 @@ from fitserve.bench.metrics import Slo, time_per_output_token
 from fitserve.engine.request import Request
 
 
-GROW, FEWER, SMALLER = "grow", "fewer", "smaller"
-"""The loop's moves: raise the cap and grow the budget; lower the cap; shrink the budget."""
+@dataclass
+class RunningCap:
+    """The cap on requests running at once, moved every window by two signals that lead the
+    finished requests: how long the engine's steps took (every running request decodes one
+    token per step, so the mean step time is the TPOT they are getting now) and how long the
+    oldest queued request has waited for its first token.
+
+    - The wait is past `slack_share` of the TTFT target: the queue is spending TTFT it does
+      not have; raise the cap.
+    - Else steps are longer than the TPOT target: lower the cap below the most requests that
+      ran at once in the window, so that queued requests wait while the running ones get
+      shorter steps. Not before the engine has finished a few requests: until then the
+      steps are the first prompts' prefill, which says nothing about how long decoding
+      steps are under the load (lowered then, the cap held 5 requests while a backlog
+      built, and the loop spent the run raising it again).
+    - Else a request waits and the steps have room for more (shorter than the target by
+      the step factor): raise the cap, so that a cap lowered for a burst does not outlive it.
+
+    A lowering that does not shorten the steps (a device where batching decodes is nearly
+    free) is taken back at the next window and not tried for `hold_windows` windows.
+    """
+
+    ceiling: int
+    """The engine's `max_num_seqs`; the cap starts there (no cap)."""
+    floor: int = 1
+    """At least 1, so a queued request is admitted when nothing runs."""
+    window_s: float = 2.0
+    step_factor: float = 1.25
+    slack_share: float = 0.5
+    min_steps: int = 5
+    """Steps a window needs before the step time may lower the cap."""
+    min_gain: float = 0.05
+    """A lowering must shorten the mean step time by this share, or it is taken back."""
+    hold_windows: int = 5
+    value: int = field(init=False)
+    """The cap now (what the scheduler uses as its `max_num_seqs`)."""
+    _window_start: float | None = None
+    _last_step: tuple[float, int] | None = None
+    """(time, requests running) of the latest step."""
+    _step_time: float = 0.0
+    _num_steps: int = 0
+    _peak_running: int = 0
+    _last_lowering: tuple[int, float] | None = None
+    """(cap before, mean step time before) of the latest lowering, until it is judged."""
+    _held_windows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.floor < 1:
+            raise ValueError(f"min_running must be >= 1 (got {self.floor}): a cap of 0 admits nothing")
+        if self.ceiling < self.floor:
+            raise ValueError(f"max_num_seqs ({self.ceiling}) is below min_running ({self.floor})")
+        self.value = self.ceiling
+
+    def raise_(self) -> None:
+        self.value = min(self.ceiling, int(self.value * self.step_factor) + 1)
+
+    def step(self, now: float, num_running: int, tpot_target_ms: float | None, ttft_target_ms: float | None,
+             oldest_wait_ms: Callable[[], float], may_lower: bool = True) -> None:
+        """Called at every step with the requests running as it starts; `may_lower`: enough
+        requests have finished for the step times to describe the load."""
+        if self._last_step is not None and self._last_step[1] > 0:
+            self._step_time += now - self._last_step[0]
+            self._num_steps += 1
+        self._last_step = (now, num_running)
+        self._peak_running = max(self._peak_running, num_running)
+        if self._window_start is None:
+            self._window_start = now
+        if now - self._window_start < self.window_s:
+            return
+        step_ms = self._step_time / self._num_steps * 1e3 if self._num_steps >= self.min_steps else None
+        peak_running = self._peak_running
+        self._window_start, self._step_time, self._num_steps, self._peak_running = now, 0.0, 0, 0
+        self._held_windows = max(0, self._held_windows - 1)
+        if ttft_target_ms is None or tpot_target_ms is None:
+            return  # without both targets there is no slack to trade for shorter steps
+        if self._last_lowering is not None and step_ms is not None:
+            cap_before, step_ms_before = self._last_lowering
+            self._last_lowering = None
+            if step_ms > step_ms_before * (1 - self.min_gain):
+                self.value, self._held_windows = cap_before, self.hold_windows
+                return
+        wait_ms = oldest_wait_ms()
+        if wait_ms > self.slack_share * ttft_target_ms:
+            self.raise_()
+        elif step_ms is not None and step_ms > tpot_target_ms and may_lower and not self._held_windows:
+            running = min(self.value, peak_running)
+            if running > self.floor:
+                self._last_lowering = (self.value, step_ms)
+                self.value = max(self.floor, min(running - 1, int(running / self.step_factor)))
+        elif wait_ms > 0 and step_ms is not None and step_ms * self.step_factor < tpot_target_ms:
+            self.raise_()
+
+
+GROW, SMALLER = "grow", "smaller"
+"""The budget loop's moves: grow the budget (and raise the cap); shrink the budget."""
 
 
 @dataclass
@@ -79,9 +172,6 @@ class SloBudgetController:
     max_budget: int
     max_num_seqs: int = 128
     """The cap's ceiling: the engine's `max_num_seqs`; the cap starts there (no cap)."""
-    max_running: int = field(init=False)
-    """The current cap on requests running at once (what the scheduler uses as its
-    `max_num_seqs`)."""
     min_running: int = 1
     """The cap's floor; at least 1, so a queued request is admitted when nothing runs."""
     slack_share: float = 0.5
@@ -101,8 +191,8 @@ class SloBudgetController:
     num_finished_total: int = 0
     _window: list[tuple[float, float | None, float]] = field(default_factory=list)  # (ttft, tpot, first token)
     _window_start: float | None = None
-    _peak_running: int = 0
-    """The most requests that ran at once in the current window."""
+    cap: RunningCap = field(init=False)
+    """The cap on requests running at once, moved by its own leading signals."""
     _moved_at: float = float("-inf")
     """When a knob last moved: requests with an earlier first token do not judge it."""
     _current_attainment: float | None = None
@@ -114,11 +204,13 @@ class SloBudgetController:
     """Move -> windows it stays untried after such a move was taken back."""
 
     def __post_init__(self) -> None:
-        if self.min_running < 1:
-            raise ValueError(f"min_running must be >= 1 (got {self.min_running}): a cap of 0 admits nothing")
-        if self.max_num_seqs < self.min_running:
-            raise ValueError(f"max_num_seqs ({self.max_num_seqs}) is below min_running ({self.min_running})")
-        self.max_running = self.max_num_seqs
+        self.cap = RunningCap(self.max_num_seqs, self.min_running, self.window_s, self.step_factor,
+                              self.slack_share, hold_windows=self.hold_windows)
+
+    @property
+    def max_running(self) -> int:
+        """The cap on requests running at once (the scheduler's `max_num_seqs`)."""
+        return self.cap.value
 
     def observe(self, request: Request) -> None:
         """A request finished (not aborted): remember its TTFT and TPOT."""
@@ -143,13 +235,22 @@ class SloBudgetController:
         budget to use (the cap to use is `max_running`). `oldest_waiting_arrival` gives the
         arrival time of the longest-waiting request that has no first token yet (None: none
         waits); it is called only when a window closes. `num_running`: requests running now."""
-        self._peak_running = max(self._peak_running, num_running)
+        waits: list[float] = []
+
+        def oldest_wait_ms() -> float:
+            """How long the oldest request without a first token has waited (asked once)."""
+            if not waits:
+                waiting_since = oldest_waiting_arrival() if oldest_waiting_arrival is not None else None
+                waits.append((now - waiting_since) * 1e3 if waiting_since is not None else 0.0)
+            return waits[0]
+
+        self.cap.step(now, num_running, self.slo.tpot_ms, self.slo.ttft_ms, oldest_wait_ms,
+                      may_lower=self.num_finished_total >= self.min_requests)
         if self._window_start is None:
             self._window_start = now
         if now - self._window_start < self.window_s:
             return self.budget
-        waiting_since = oldest_waiting_arrival() if oldest_waiting_arrival is not None else None
-        longest_wait_ms = (now - waiting_since) * 1e3 if waiting_since is not None else 0.0
+        longest_wait_ms = oldest_wait_ms()
         backlog = self.slo.ttft_ms is not None and longest_wait_ms > self.slo.ttft_ms
         if len(self._window) >= self.min_requests:
             self.attainment = sum(self._meets(t, p) for t, p, _ in self._window) / len(self._window)
@@ -169,11 +270,8 @@ class SloBudgetController:
             ttft_misses |= self.slo.ttft_ms is not None and ttft_ms > self.slo.ttft_ms
             tpot_misses = (self.slo.tpot_ms is not None and bool(tpots)
                            and float(np.percentile(tpots, percentile)) > self.slo.tpot_ms)
-            # Without a TTFT target there is no slack to measure: a lower cap could only
-            # build a queue without bound, so the cap is then left alone.
             ttft_slack = (self.slo.ttft_ms is not None and ttft_ms <= self.slack_share * self.slo.ttft_ms
                           and longest_wait_ms <= self.slack_share * self.slo.ttft_ms)
-        peak_running = self._peak_running
         self._close_window(now)
         self._held = {move: left - 1 for move, left in self._held.items() if left > 1}
         if judged:
@@ -181,13 +279,13 @@ class SloBudgetController:
             if self._take_back_a_harmful_move(now):
                 return self.budget
         if ttft_misses:
-            self._try_moves([GROW], now, peak_running)
-        elif tpot_misses:
-            self._try_moves([FEWER, SMALLER] if ttft_slack else [SMALLER], now, peak_running)
+            self._try_move(GROW, now)
+        elif tpot_misses and not ttft_slack:
+            self._try_move(SMALLER, now)  # with slack, the cap answers TPOT (see RunningCap)
         return self.budget
 
     def _close_window(self, now: float) -> None:
-        self._window, self._window_start, self._peak_running = [], now, 0
+        self._window, self._window_start = [], now
 
     def _take_back_a_harmful_move(self, now: float) -> bool:
         """Judge the latest move by the requests that decoded under it; restore the setting
@@ -200,31 +298,22 @@ class SloBudgetController:
         if self._current_attainment >= attainment_before - self.revert_margin:
             return False
         self._held[move] = self.hold_windows
-        self.budget, self.max_running, self._moved_at = budget_before, cap_before, now
+        self.budget, self.cap.value, self._moved_at = budget_before, cap_before, now
         self._current_attainment = attainment_before
         return True
 
-    def _try_moves(self, moves: list[str], now: float, peak_running: int) -> None:
-        """Make the first of `moves` that is not held and changes a knob (`peak_running`: the
-        most requests that ran at once in the window just closed)."""
-        budget_before, cap_before = self.budget, self.max_running
-        for move in moves:
-            if move in self._held:
-                continue
-            if move == GROW:
-                self.budget = min(self.max_budget, int(self.budget * self.step_factor) + 1)
-                self.max_running = min(self.max_num_seqs, int(self.max_running * self.step_factor) + 1)
-            elif move == FEWER:
-                # From the concurrency the window saw: a cap far above it would take many
-                # windows to start limiting anything.
-                running = min(self.max_running, peak_running)
-                if running > self.min_running:
-                    self.max_running = max(self.min_running, min(running - 1, int(running / self.step_factor)))
-            else:
-                self.budget = max(self.min_budget, int(self.budget / self.step_factor))
-            if (self.budget, self.max_running) != (budget_before, cap_before):
-                self._moved_at = now
-                self._last_move = ((move, budget_before, cap_before, self._current_attainment)
-                                   if self._current_attainment is not None else None)
-                self._current_attainment = None
-                return
+    def _try_move(self, move: str, now: float) -> None:
+        """Make `move` unless it is held or changes nothing."""
+        if move in self._held:
+            return
+        budget_before, cap_before = self.budget, self.cap.value
+        if move == GROW:
+            self.budget = min(self.max_budget, int(self.budget * self.step_factor) + 1)
+            self.cap.raise_()
+        else:
+            self.budget = max(self.min_budget, int(self.budget / self.step_factor))
+        if (self.budget, self.cap.value) != (budget_before, cap_before):
+            self._moved_at = now
+            self._last_move = ((move, budget_before, cap_before, self._current_attainment)
+                               if self._current_attainment is not None else None)
+            self._current_attainment = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from fitserve.engine.engine import EngineStats
 from fitserve.engine.kv_cache import KVCacheManager
 from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.scheduler import Scheduler
-from fitserve.engine.slo_budget import SloBudgetController
+from fitserve.engine.slo_budget import RunningCap, SloBudgetController
 from fitserve.sampling_params import SamplingParams as Params
 from fitserve.server.metrics import ServerMetrics
 from tests.tiny_models import random_token_ids, write_tiny_checkpoint
@@ -169,64 +170,81 @@ def test_a_move_that_lowers_attainment_is_taken_back_and_not_retried_for_a_while
     assert run_mixed_window(control, 12.0, num_missing_tpot=6) == 512
 
 
-def test_tpot_misses_with_ttft_slack_lower_the_cap_and_ttft_misses_raise_it() -> None:
+def cap_window(cap: RunningCap, step_s: float, num_running: int, wait_s: float = 0.0,
+               may_lower: bool = True) -> int:
+    """Steps `step_s` apart with `num_running` requests running, the oldest queued request
+    having waited `wait_s`, until the cap's window closes; returns the cap after it."""
+    now = cap._last_step[0] if cap._last_step is not None else 0.0
+    for index in range(1000):
+        now += step_s
+        cap.step(now, num_running, tpot_target_ms=60, ttft_target_ms=2000,
+                 oldest_wait_ms=lambda: wait_s * 1e3, may_lower=may_lower)
+        if index and cap._window_start == now:
+            return cap.value  # the window just closed
+    raise AssertionError("the window never closed")
+
+
+def test_long_steps_lower_the_cap_and_a_long_wait_raises_it() -> None:
     """Where a step's time follows the number of requests in it (a CPU), TPOT is met by
     running fewer requests at once, paid for with TTFT's slack: queued requests wait."""
+    cap = RunningCap(ceiling=128)
+    assert cap.value == 128  # no cap at first
+    # Before any request has finished, long steps are the first prompts' prefill: kept.
+    assert cap_window(cap, step_s=0.08, num_running=6, may_lower=False) == 128
+    # 80 ms steps (TPOT target 60 ms) with 20 running: lowered below what ran (20 / 1.25),
+    # not from the far-away ceiling.
+    assert cap_window(cap, step_s=0.08, num_running=20) == 16
+    # Steps got shorter under it (the lowering stands) but are still too long: lowered again;
+    # a request that was already running above the cap does not count.
+    assert cap_window(cap, step_s=0.07, num_running=17) == 12
+    # Steps within the target, a request queued: kept while the steps lack room for more.
+    assert cap_window(cap, step_s=0.05, num_running=12, wait_s=0.3) == 12
+    # The oldest queued request has waited 1.2 s of its 2 s: slack spent, raised even while
+    # steps are long.
+    assert cap_window(cap, step_s=0.08, num_running=12, wait_s=1.2) == 16
+    # Steps with room (40 ms * 1.25 < 60 ms) and a request queued: raised; nobody queued: kept.
+    assert cap_window(cap, step_s=0.04, num_running=16, wait_s=0.3) == 21
+    assert cap_window(cap, step_s=0.04, num_running=16) == 21
+    # Without a TTFT target there is no slack to spend: the cap never moves.
+    free = RunningCap(ceiling=128)
+    for index in range(30):
+        free.step(0.08 * index, 20, tpot_target_ms=60, ttft_target_ms=None, oldest_wait_ms=lambda: 0.0)
+    assert free.value == 128
+
+
+def test_a_lower_cap_that_does_not_shorten_steps_is_taken_back_and_held() -> None:
+    """Where batching decodes is nearly free (a GPU), fewer requests at once only builds a
+    queue: the lowering is undone and not retried for `hold_windows` windows."""
+    cap = RunningCap(ceiling=128, hold_windows=3)
+    assert cap_window(cap, step_s=0.08, num_running=20) == 16
+    assert cap_window(cap, step_s=0.08, num_running=16) == 128  # no shorter: taken back
+    assert cap_window(cap, step_s=0.08, num_running=20) == 128  # held
+    assert cap_window(cap, step_s=0.08, num_running=20) == 128
+    assert cap_window(cap, step_s=0.08, num_running=20) == 16  # tried again
+
+
+def test_the_budget_loop_leaves_tpot_to_the_cap_while_ttft_has_slack() -> None:
     control = controller()
-    assert control.max_running == 128  # starts at max_num_seqs: no cap
-    # TTFT 100 ms of a 500 ms target (slack), TPOT missing, 20 requests ran at once: the cap
-    # drops below what ran (20 / 1.25), not from its far-away ceiling; the budget stays.
-    assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2, num_running=20) == 1000
+    # TPOT misses with TTFT at 100 ms of 500 (slack): the cap's job, the budget stays.
+    assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2) == 1000
+    # The same with no slack: the budget shrinks. A TTFT miss grows the budget and the cap.
+    assert run_window(control, 10.0, ttft_s=NO_SLACK_S, tpot_s=0.2) == 800
+    control.cap.value = 12
+    assert run_window(control, 20.0, ttft_s=2.0, tpot_s=0.2) == 1001
     assert control.max_running == 16
-    # Still missing with 16 running: lower again. The peak above the cap (a request that
-    # was already running) does not raise it.
-    run_window(control, 10.0, ttft_s=0.1, tpot_s=0.2, num_running=17)
-    assert (control.budget, control.max_running) == (1000, 12)
-    # TTFT still met but its slack spent (300 ms > 250 ms): a TPOT miss moves the budget.
-    run_window(control, 20.0, ttft_s=NO_SLACK_S, tpot_s=0.2, num_running=12)
-    assert (control.budget, control.max_running) == (800, 12)
-    # A request waiting 0.3 s for its first token spends the slack too, before any finished
-    # request reports it.
-    control.update(30.0, num_running=12)
-    for _ in range(10):
-        control.observe(finished(0.1, 0.2, arrival=30.0))
-    control.update(31.5, lambda: 31.2)
-    assert (control.budget, control.max_running) == (640, 12)
-    # TTFT misses: the cap and the budget both grow.
-    run_window(control, 40.0, ttft_s=2.0, tpot_s=0.2, num_running=12)
-    assert (control.budget, control.max_running) == (801, 16)
-    # Met: both kept.
-    run_window(control, 50.0, ttft_s=0.1, tpot_s=0.01, num_running=16)
-    assert (control.budget, control.max_running) == (801, 16)
-
-
-def test_a_lower_cap_that_lowers_attainment_is_taken_back_and_the_budget_tried_instead() -> None:
-    control = controller(revert_margin=0.1, hold_windows=3)
-
-    def window(start: float, num_missing_tpot: int) -> tuple[int, int]:
-        control.update(start, num_running=10)
-        for index in range(10):
-            control.observe(finished(0.1, 0.2 if index < num_missing_tpot else 0.01, arrival=start))
-        control.update(start + 1.5)
-        return control.budget, control.max_running
-
-    assert window(0.0, num_missing_tpot=5) == (1000, 8)  # 50% met, TTFT has slack: fewer at once
-    assert window(2.0, num_missing_tpot=8) == (1000, 128)  # 20% met under the cap: taken back
-    # Lowering the cap is held; TPOT still misses, so the other knob moves.
-    assert window(4.0, num_missing_tpot=5) == (800, 128)
 
 
 def test_the_cap_never_falls_below_one_and_a_queued_request_runs_when_nothing_does() -> None:
-    control = controller()
-    for window in range(20):
-        run_window(control, 10.0 * window, ttft_s=0.1, tpot_s=0.5, num_running=3)
-    assert control.max_running == 1
+    cap = RunningCap(ceiling=8)
+    for window in range(10):  # each lowering shortens the steps, so none is taken back
+        cap_window(cap, step_s=0.3 - 0.02 * window, num_running=3)
+    assert cap.value == 1
     with pytest.raises(ValueError, match="min_running must be >= 1"):
         controller(min_running=0)
     # The scheduler with the floor's cap: one request runs, the rest wait; when it finishes,
     # the next is admitted.
     scheduler = Scheduler(KVCacheManager(num_blocks=32, block_size=4, enable_prefix_caching=False),
-                          max_num_batched_tokens=64, max_num_seqs=control.max_running)
+                          max_num_batched_tokens=64, max_num_seqs=cap.value)
     requests = [Request(f"r{index}", [1, 2, 3, 4, 5], Params(max_tokens=2), arrival_time=float(index))
                 for index in range(3)]
     for request in requests:
@@ -246,7 +264,9 @@ def test_engine_lowers_its_cap_for_an_unreachable_tpot_and_still_serves_everythi
               slo="ttft=100s,tpot=0.001ms,p=50")
     engine = llm.engine
     assert engine.slo_controller is not None
-    engine.slo_controller.window_s = 0.0
+    cap = engine.slo_controller.cap
+    # Every step closes a window, and no lowering is taken back (that rule reads timings).
+    cap.window_s, cap.min_steps, cap.min_gain = 0.0, 1, -math.inf
     for round_index in range(6):
         prompts = [{"prompt_token_ids": random_token_ids(20, seed=10 * round_index + i)} for i in range(6)]
         outputs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
