@@ -188,11 +188,13 @@ class EngineArgs:
     """Latency targets the engine follows, e.g. "ttft=500ms,tpot=50ms,p=90": every window it
     compares its own percentile TTFT and TPOT with them and moves two knobs, the step token
     budget (from max_num_batched_tokens, between 64 tokens and 4x the start) and a cap on
-    requests running at once (from max_num_seqs, down to 1). TTFT misses: raise both. TPOT
-    misses while TTFT has slack (under half its target): lower the cap, so queued requests
-    spend that slack waiting while the running ones get shorter steps; TPOT misses without
-    slack: shrink the budget. Each move is judged only by requests that decoded under it and
-    taken back when fewer requests meet the targets after it. Needs chunked prefill."""
+    requests running at once (from max_num_seqs, down to 1, never preempting). TTFT misses:
+    raise both. Steps longer than the TPOT target while queued requests have TTFT slack
+    (waits under half the target): lower the cap, so queued requests spend that slack while
+    the running ones get shorter steps; a wait past the slack raises it again. TPOT misses
+    without slack: shrink the budget. Moves that do not help are taken back (a budget move
+    when fewer requests meet the targets after it, a lower cap when steps did not get
+    shorter). Needs chunked prefill."""
 
     def __post_init__(self) -> None:
         if parse_size(self.swap_space) <= 0:

@@ -6,25 +6,28 @@ to first token, TPOT over the rest, the formulas of bench/metrics.py) are compar
 SLO's percentile with the targets, as semi-PD moves compute between prefill and decode every
 window:
 
-- TTFT misses: prompts wait too long; raise the cap and grow the budget (more requests
+- TTFT misses: prompts wait too long; grow the budget and raise the cap (more requests
   admitted, more prefill per step, fewer steps per prompt, so more throughput). This wins
   over a TPOT miss: when both miss the server is overloaded, and fewer requests at once or
   a smaller budget would only deepen the backlog.
 - TPOT misses while TTFT has slack (its percentile, and the longest wait of a request still
-  without its first token, are under `slack_share` of the target): lower the cap, below the
-  most requests that ran at once in the window. Queued requests then wait, spending TTFT's
-  slack, while the requests that run get shorter steps. This is the lever that works where
-  a step's time grows with the number of requests in it (a CPU: every request's decode is
-  compute); the budget alone does not limit how many requests decode together, and
-  splitting prefill into more chunks conserves its work, so a smaller budget does not lower
-  a request's mean TPOT there (measured, see below).
+  without its first token, under `slack_share` of the target): the cap's job (below).
 - TPOT misses and TTFT has no slack to spend: shrink the budget (less prefill rides along
   with each decode step: Sarathi's lever, for a device where batching decodes is cheap);
 - both hold: keep both.
 
-A cap never starves the engine: it is at least 1, and the scheduler admits while fewer
-requests run than the cap, so a queued request is admitted whenever nothing runs. Lowering
-the cap preempts nothing: requests already running finish, and admission waits.
+The cap (`RunningCap`) follows two signals that lead the finished requests by a whole
+request lifetime: the mean time of the engine's steps, which is the TPOT every running
+request is getting now, and the wait of the oldest queued request. Steps longer than the
+TPOT target lower it below the most requests that ran at once; a wait past the TTFT slack
+raises it. Queued requests then wait, spending TTFT's slack, while the running ones get
+shorter steps. This is the lever that works where a step's time grows with the number of
+requests in it (a CPU: every request's decode is compute). The budget alone does not limit
+how many requests decode together, and splitting prefill into more chunks conserves its
+work, so a smaller budget does not lower a request's mean TPOT there. The cap never starves
+the engine: it is at least 1, and the scheduler admits while fewer requests run than the
+cap, so a queued request is admitted whenever nothing runs. Lowering it preempts nothing:
+running requests finish, and admission waits.
 
 TTFT is also read ahead of the finished requests: a request still waiting for its first
 token longer than the target has already missed it. Finished requests alone report a
@@ -43,16 +46,15 @@ for the backlog that the floor made). After a move, finished requests whose firs
 before it still count for attainment, but only those whose first token came after it (and
 the leading TTFT signal) may move the budget again.
 
-A move that made things worse is taken back. The rules above assume that a smaller budget
-shortens the decoding requests' steps, that fewer requests at once does not starve the
-queue, and that a larger budget drains a backlog faster; where a step's fixed cost dominates
-(a small model on a CPU), a smaller budget can instead add steps and make both latencies
-worse (in one run at 3.5 req/s on the bundled model fixed 256 met the SLO for 17% of
-requests and 2048 for 55%), and a cap below what the arrival rate needs builds a queue. So
-the share of requests meeting every target after a move (again only requests that decoded
-under it) is compared with the share before: if it fell by more than `revert_margin`, the
-budget and cap before come back and that kind of move is not tried again for
-`hold_windows` windows.
+A budget move that made things worse is taken back. The rules above assume that a smaller
+budget shortens the decoding requests' steps and a larger one drains a backlog faster; where
+a step's fixed cost dominates (a small model on a CPU), a smaller budget can instead add
+steps and make both latencies worse (in one run at 3.5 req/s on the bundled model fixed 256
+met the SLO for 17% of requests and 2048 for 55%). So the share of requests meeting every
+target after a move (again only requests that decoded under it) is compared with the share
+before: if it fell by more than `revert_margin`, the budget (and the cap, which a growing
+move raises too) before come back and that kind of move is not tried again for
+`hold_windows` windows. The cap judges its own lowerings by the step time (`RunningCap`).
 """
 
 from __future__ import annotations
