@@ -282,3 +282,21 @@ def test_metrics_expose_the_running_requests_cap() -> None:
                         num_prefix_cache_hit_tokens_total=0, num_prompt_tokens_total=0, num_generated_tokens_total=0,
                         step_token_budget=777, running_requests_cap=5)
     assert "fitserve_running_requests_cap 5.0" in ServerMetrics(lambda: stats).render().decode()
+
+
+def test_a_wait_past_the_slack_raises_the_cap_within_the_window_only_while_it_binds() -> None:
+    """Checked once a window, a 0.9 s wait could grow to 2.9 s before the cap moved; the wait
+    is checked every `wait_check_s`. Raising a cap that no longer holds anyone back admits
+    no one, so it is raised only while as many requests run as it allows."""
+    cap = RunningCap(ceiling=128)
+    cap.value = 12
+
+    def step(now: float, num_running: int, wait_s: float) -> int:
+        cap.step(now, num_running, tpot_target_ms=60, ttft_target_ms=2000, oldest_wait_ms=lambda: wait_s * 1e3)
+        return cap.value
+
+    assert step(0.0, num_running=12, wait_s=0.9) == 12  # under half the 2 s target
+    assert step(0.3, num_running=12, wait_s=1.2) == 16  # past it, 0.3 s into a 2 s window
+    assert step(0.6, num_running=12, wait_s=1.5) == 16  # 12 run under a cap of 16: not the cap's doing
+    assert step(0.9, num_running=16, wait_s=1.5) == 21
+    assert step(1.0, num_running=21, wait_s=1.5) == 21  # checked at most every 0.25 s
