@@ -394,6 +394,8 @@ class LLMEngine:
             self.tokenizer, request.prompt_token_ids, request.sampling_params
         ) if self.tokenizer is not None else None  # type: ignore[assignment]
         self._num_prompt_tokens_total += len(request.prompt_token_ids)
+        if self.slo_controller is not None:
+            self.slo_controller.observe_arrival(request.metrics.arrival_time)
         self.scheduler.add_request(request)
 
     def _check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -464,12 +466,20 @@ class LLMEngine:
         return min((request.metrics.arrival_time for request in self._requests.values()
                     if request.metrics.first_token_time is None), default=None)
 
+    def _running_tpots_ms(self) -> list[float]:
+        """Each running request's TPOT so far, in ms (the SLO loop's leading TPOT signal;
+        called once per window)."""
+        now = time.time()
+        return [(now - request.metrics.first_token_time) * 1e3 / (request.num_output_tokens - 1)
+                for request in self.scheduler.running
+                if request.metrics.first_token_time is not None and request.num_output_tokens > 1]
+
     def _follow_slo(self, controller: SloBudgetController) -> None:
         """Let the SLO loop move its two knobs, which are the scheduler's own limits (set
         before it schedules); a move is logged, so a server's log traces the loop."""
         before = (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
         self.scheduler.max_num_batched_tokens = controller.update(
-            time.time(), self._oldest_waiting_arrival, self.scheduler.num_running)
+            time.time(), self._oldest_waiting_arrival, self.scheduler.num_running, self._running_tpots_ms)
         self.scheduler.max_num_seqs = controller.max_running
         if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:
             logger.info("slo: step token budget %d, running requests cap %d (window attainment %s)",

@@ -300,3 +300,49 @@ def test_a_wait_past_the_slack_raises_the_cap_within_the_window_only_while_it_bi
     assert step(0.6, num_running=12, wait_s=1.5) == 16  # 12 run under a cap of 16: not the cap's doing
     assert step(0.9, num_running=16, wait_s=1.5) == 21
     assert step(1.0, num_running=21, wait_s=1.5) == 21  # checked at most every 0.25 s
+
+
+def test_long_steps_lower_the_cap_only_when_the_running_requests_are_on_course_to_miss() -> None:
+    """A burst of long steps that the running requests' mean TPOT absorbs is no reason to
+    hold requests back (that costs TTFT, and throughput at the end of a run)."""
+
+    def window(cap: RunningCap, live_ms: float | None) -> int:
+        now = cap._last_step[0] if cap._last_step is not None else 0.0
+        for index in range(30):
+            now += 0.08
+            cap.step(now, 20, tpot_target_ms=60, ttft_target_ms=2000, oldest_wait_ms=lambda: 0.0,
+                     live_tpot_ms=lambda: live_ms)
+        return cap.value
+
+    cap = RunningCap(ceiling=128)
+    assert window(cap, live_ms=45.0) == 128  # 80 ms steps, but the requests' TPOT so far is 45 ms
+    assert window(cap, live_ms=None) == 128  # nobody has two tokens yet
+    assert window(cap, live_ms=58.0) == 16  # over 0.9 of the 60 ms target: lowered
+    # Through the controller: the SLO's percentile (90) of the running requests' TPOT so far.
+    control = controller()
+    control.num_finished_total = 10
+    now = 0.0
+    for _ in range(20):  # one 1 s window closes
+        now += 0.08
+        control.update(now, lambda: None, 20, lambda: [20.0] * 8 + [55.0, 55.0])
+    assert control.max_running == 16  # p90 of those is 55 ms, over 0.9 of the 50 ms target
+
+
+def test_the_cap_never_falls_below_what_the_arrivals_need() -> None:
+    """N requests each at the TPOT target make N / TPOT tokens a second: fewer than arrival
+    rate x output tokens x TPOT target cannot keep up, and a queue would grow without bound."""
+    control = controller()  # TPOT target 50 ms, 1 s windows
+    for index in range(30):  # 3 requests a second for 10 s
+        control.observe_arrival(index / 3)
+    for _ in range(4):
+        control.observe(finished(0.1, 0.01, num_tokens=128))
+    # 3/s x 128 tokens x 0.05 s = 19.2: at least 20 requests must run.
+    assert control._needed_running(10.0) == 20
+
+    for index in range(16):  # 70 ms steps for a 1 s window, 22 running, on course to miss
+        control.update(10.0 + 0.07 * index, lambda: None, 22, lambda: [70.0])
+    # Lowered, but to the bound (at 11.05 s the last 10 s held 27 arrivals over 9.7 s: 18),
+    # not to 22 / 1.25 = 17.
+    assert control.max_running == control._needed_running(11.05) == 18
+    # Arrivals stopped: the bound falls with the rate they arrived at.
+    assert control._needed_running(30.0) == 0
