@@ -93,8 +93,9 @@ class RunningCap:
       N requests each at the TPOT target make N / TPOT tokens a second, so fewer than
       arrival rate x output tokens x TPOT target cannot keep up, and the queue would grow
       without bound (measured: lowered to 8 early in a run that needed about 20, the cap
-      built a backlog that cost 13% of the requests their SLO). Not before the engine has finished a few requests: until then the
-      steps are the first prompts' prefill, which says nothing about how long decoding
+      built a backlog that cost 13% of the requests their SLO). Not before the engine has
+      finished a few requests: until then the steps are the first prompts' prefill, which
+      says nothing about how long decoding
       steps are under the load (lowered then, the cap held 5 requests while a backlog
       built, and the loop spent the run raising it again).
     - Else a request waits and the steps have room for more (shorter than the target by
@@ -109,9 +110,15 @@ class RunningCap:
     floor: int = 1
     """At least 1, so a queued request is admitted when nothing runs."""
     window_s: float = 2.0
+    """Step times are averaged over this long before the cap may move for them."""
     step_factor: float = 1.25
+    """A move multiplies or divides the cap by this."""
     slack_share: float = 0.5
+    """Queued requests may wait this share of the TTFT target (the rest is left for their
+    prefill and for noise) before the cap is raised."""
     tpot_share: float = 0.9
+    """Steps, and the running requests' TPOT so far, are held under this share of the TPOT
+    target, so that the percentile of whole requests' TPOT meets it."""
     wait_check_s: float = 0.25
     """How often the oldest queued request's wait is compared with the TTFT slack."""
     min_steps: int = 5
@@ -142,6 +149,7 @@ class RunningCap:
         self.value = self.ceiling
 
     def raise_(self) -> None:
+        """Allow 1.25x as many requests at once (at least one more), up to the ceiling."""
         self.value = min(self.ceiling, int(self.value * self.step_factor) + 1)
 
     def step(self, now: float, num_running: int, tpot_target_ms: float | None, ttft_target_ms: float | None,
