@@ -34,12 +34,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "slo_budget.json")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="keep each run's bench output and server log here (the --slo server logs "
+                             "every move of its budget and cap); default: a temporary folder")
     args = parser.parse_args()
 
     settings = {f"fixed {budget}": f"--max-num-batched-tokens {budget}" for budget in FIXED_BUDGETS}
     settings["slo"] = f"--max-num-batched-tokens 2048 --slo {args.slo}"
     runs: dict[str, list[dict]] = {name: [] for name in settings}
-    with tempfile.TemporaryDirectory(prefix="slo-budget-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="slo-budget-") as temporary:
+        scratch = args.runs_dir or temporary
         for repeat in range(args.repeats):
             for name, server_flags in settings.items():
                 run = bench_run(["--num-requests", str(args.num_requests), "--input-len", str(args.input_len),

@@ -185,12 +185,17 @@ class EngineArgs:
     memory holds swapped-out requests only."""
 
     slo: str | None = None
-    """Latency targets the step token budget follows, e.g. "ttft=500ms,tpot=50ms,p=90": every
-    window the engine compares its own percentile TTFT and TPOT with them and shrinks the
-    budget when TPOT misses, grows it when TTFT misses (from max_num_batched_tokens, between
-    a floor of 64 tokens and 4x the start), judges each move only by requests that decoded
-    under it, and takes a move back when fewer requests meet the targets after it. Needs
-    chunked prefill."""
+    """Latency targets the engine follows, e.g. "ttft=500ms,tpot=50ms,p=90": every window it
+    compares its own percentile TTFT and TPOT with them and moves two knobs, the step token
+    budget (from max_num_batched_tokens, between 64 tokens and 4x the start) and a cap on
+    requests running at once (from max_num_seqs, down to 1, never preempting). TTFT misses:
+    raise both. Steps, and the running requests' TPOT so far, over 0.9 of the TPOT target
+    while queued requests have TTFT slack (waits under half the target): lower the cap, so
+    queued requests spend that slack while the running ones get shorter steps, but never
+    below arrival rate x output tokens x TPOT target; a wait past the slack raises it again. TPOT misses
+    without slack: shrink the budget. Moves that do not help are taken back (a budget move
+    when fewer requests meet the targets after it, a lower cap when steps did not get
+    shorter). Needs chunked prefill."""
 
     def __post_init__(self) -> None:
         if parse_size(self.swap_space) <= 0:

@@ -73,6 +73,9 @@ class EngineStats:
     being computed."""
     step_token_budget: int = 0
     """The step token budget in use (moved by the SLO loop when --slo is set)."""
+    running_requests_cap: int = 0
+    """The most requests allowed to run at once: max_num_seqs, or lower while the SLO loop
+    holds requests back to shorten the running ones' steps."""
     slo_attainment: float | None = None
     """With --slo: share of the latest window's finished requests that met every target."""
     weight_memory_bytes: int | None = None
@@ -169,7 +172,7 @@ class LLMEngine:
         if args.slo is not None:
             self.slo_controller = SloBudgetController(
                 parse_slo(args.slo), budget=args.max_num_batched_tokens, min_budget=min(64, args.max_num_batched_tokens),
-                max_budget=4 * args.max_num_batched_tokens)
+                max_budget=4 * args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
 
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -391,6 +394,8 @@ class LLMEngine:
             self.tokenizer, request.prompt_token_ids, request.sampling_params
         ) if self.tokenizer is not None else None  # type: ignore[assignment]
         self._num_prompt_tokens_total += len(request.prompt_token_ids)
+        if self.slo_controller is not None:
+            self.slo_controller.observe_arrival(request.metrics.arrival_time)
         self.scheduler.add_request(request)
 
     def _check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -434,6 +439,7 @@ class LLMEngine:
             num_prompt_tokens_total=self._num_prompt_tokens_total,
             num_generated_tokens_total=self._num_generated_tokens_total,
             step_token_budget=self.scheduler.max_num_batched_tokens,
+            running_requests_cap=self.scheduler.max_num_seqs,
             slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
             num_swap_outs_total=self.scheduler.num_swap_outs_total,
             num_swap_ins_total=self.scheduler.num_swap_ins_total,
@@ -460,12 +466,32 @@ class LLMEngine:
         return min((request.metrics.arrival_time for request in self._requests.values()
                     if request.metrics.first_token_time is None), default=None)
 
+    def _running_tpots_ms(self) -> list[float]:
+        """Each running request's TPOT so far, in ms (the SLO loop's leading TPOT signal;
+        called once per window)."""
+        now = time.time()
+        return [(now - request.metrics.first_token_time) * 1e3 / (request.num_output_tokens - 1)
+                for request in self.scheduler.running
+                if request.metrics.first_token_time is not None and request.num_output_tokens > 1]
+
+    def _follow_slo(self, controller: SloBudgetController) -> None:
+        """Let the SLO loop move its two knobs, which are the scheduler's own limits (set
+        before it schedules); a move is logged, so a server's log traces the loop."""
+        before = (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
+        self.scheduler.max_num_batched_tokens = controller.update(
+            time.time(), self._oldest_waiting_arrival, self.scheduler.num_running, self._running_tpots_ms)
+        self.scheduler.max_num_seqs = controller.max_running
+        if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:
+            logger.info("slo: step token budget %d, running requests cap %d (window attainment %s)",
+                        self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs,
+                        "-" if controller.attainment is None else f"{controller.attainment:.2f}")
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
         outputs, self._pending_outputs = self._pending_outputs, []
         self.poll_weight_resize()
         if self.slo_controller is not None:
-            self.scheduler.max_num_batched_tokens = self.slo_controller.update(time.time(), self._oldest_waiting_arrival)
+            self._follow_slo(self.slo_controller)
         swap_space = self.swap_space
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())

@@ -51,6 +51,9 @@ class _EngineStatsCollector(Collector):
                                 value=stats.num_total_blocks)
         yield GaugeMetricFamily("fitserve_step_token_budget", "Token budget of one engine step (moved by --slo).",
                                 value=stats.step_token_budget)
+        yield GaugeMetricFamily("fitserve_running_requests_cap",
+                                "Most requests allowed to run at once (--max-num-seqs; lowered by --slo).",
+                                value=stats.running_requests_cap)
         if stats.slo_attainment is not None:
             yield GaugeMetricFamily("fitserve_slo_attainment_ratio",
                                     "Share of the latest --slo window's finished requests that met every target.",
