@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -120,7 +121,7 @@ def main() -> None:
         "swap_preemption",
         "fitserve bench against fitserve serve with each preemption mode, alternating, same seed, "
         + (f"random-weight {args.preset}-shaped model" if args.preset else "bundled model") + ", small KV cache", args) | {
-        "command": " ".join(["python", "benchmarks/swap_preemption.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/swap_preemption.py", *sys.argv[1:]]),
         "note": args.note,
         "runs": runs,
         "medians": middle,
