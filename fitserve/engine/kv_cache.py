@@ -108,14 +108,12 @@ class KVCacheManager:
         return _find_chain(self.host_pool, request, self.block_size, len(device_block_ids), parent_hash,
                            self._epoch_key(self.weights_epoch))
 
-    def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] | None = None,
-                 headroom_blocks: int = 0) -> bool:
+    def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
         """Give the request blocks for `num_new_tokens` more tokens (after any cached prefix).
 
-        Returns False, changing nothing, when the pool cannot supply them while keeping
-        `headroom_blocks` free (for a request that joins: room for the running ones to grow).
-        On success a cached prefix is attached to the request's block table; moving
-        `num_computed_tokens` past it is the scheduler's job (a request's progress has one owner).
+        Returns False, changing nothing, when the pool cannot supply them. On success a
+        cached prefix is attached to the request's block table; moving `num_computed_tokens`
+        past it is the scheduler's job (a request's progress has one owner).
         """
         if request.num_computed_tokens == 0 and not request.block_ids:
             request.kv_weights_epoch = self.weights_epoch  # (re)starts computing its KV now
@@ -128,7 +126,7 @@ class KVCacheManager:
         num_new_blocks = max(0, needed_total - len(request.block_ids) - len(cached_block_ids))
         # Cached blocks that are currently free count against the free pool when revived.
         num_revived = sum(1 for b in cached_block_ids if self.pool.blocks[b].ref_count == 0)
-        if num_new_blocks + num_revived + headroom_blocks > self.pool.num_free_blocks:
+        if num_new_blocks + num_revived > self.pool.num_free_blocks:
             return False
         if cached_block_ids:
             self.pool.touch(cached_block_ids)
@@ -268,8 +266,7 @@ class KVCacheManager:
         request.block_ids = cached + fresh
         return _groups(host.block_ids[len(cached):num_blocks], fresh)
 
-    def load_prefix(self, request: Request, device_block_ids: list[int], host_block_ids: list[int],
-                    headroom_blocks: int = 0) -> list[CopyGroup] | None:
+    def load_prefix(self, request: Request, device_block_ids: list[int], host_block_ids: list[int]) -> list[CopyGroup] | None:
         """Attach a new request's cached prefix that continues in the host tier: the device
         hits are shared, the host hits get fresh device blocks and are copied in (host ->
         device groups returned), the host blocks referenced until `finish_load`. None,
@@ -277,7 +274,7 @@ class KVCacheManager:
         registered in the device index only once their copy is done (`finish_load`): another
         request must not attach them while they are being written."""
         num_revived = sum(1 for block_id in device_block_ids if self.pool.blocks[block_id].ref_count == 0)
-        if len(host_block_ids) + num_revived + headroom_blocks > self.pool.num_free_blocks:
+        if len(host_block_ids) + num_revived > self.pool.num_free_blocks:
             return None
         assert self.host_pool is not None
         self.pool.touch(device_block_ids)

@@ -195,7 +195,7 @@ class Scheduler:
                 if not self._may_chunk(num_new):
                     break
                 num_new = budget
-            if not self.kv_cache.allocate(request, num_new, cached_blocks, self._join_headroom()):
+            if not self.kv_cache.allocate(request, num_new, cached_blocks):
                 break
             request.num_computed_tokens += num_cached  # the attached prefix needs no compute
             self._admitted(request, RequestStatus.RUNNING)
@@ -203,19 +203,6 @@ class Scheduler:
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return budget
-
-    def _join_headroom(self) -> int:
-        """With swap preemption, free blocks a request that joins (swapped back in, or new) must
-        leave: one per request already running or swapping in, so each can still grow by one
-        block. Without it the next block boundary preempts again, and the latest arrival
-        (often the request that just joined) is swapped out after a step or two, paying two
-        copies and a wait for nearly no progress. A new request admitted into the room a
-        swap-in kept was preempted that way right after its prefill, and its wait went into
-        its time per output token. Recompute mode (the default) still admits without
-        headroom, as before."""
-        if self.preemption_mode != "swap":
-            return 0
-        return len(self.running) + len(self.swapping_in)
 
     def _admitted(self, request: Request, status: RequestStatus) -> None:
         self.policy.pop()
@@ -229,7 +216,7 @@ class Scheduler:
         """Admit a request whose cached prefix continues in host memory: its device hits are
         attached, its host hits copied in (no step budget: nothing is computed until the copy
         is done; then it runs like any request part-way through its prompt)."""
-        groups = self.kv_cache.load_prefix(request, device_blocks, host_blocks, self._join_headroom())
+        groups = self.kv_cache.load_prefix(request, device_blocks, host_blocks)
         if groups is None:
             return False
         request.num_computed_tokens += (len(device_blocks) + len(host_blocks)) * self.kv_cache.block_size
@@ -240,9 +227,13 @@ class Scheduler:
 
     def _start_swap_in(self, request: Request, output: SchedulerOutput) -> bool:
         """Give a swapped-out request device blocks and name the copies that refill them.
-        It costs no step budget: nothing is computed until the copy is done. It rejoins only
-        with `_join_headroom` blocks left free."""
-        groups = self.kv_cache.swap_in(request, headroom_blocks=self._join_headroom())
+        It costs no step budget: nothing is computed until the copy is done.
+
+        It rejoins only when every running request can still grow by one block afterwards:
+        otherwise the next block boundary preempts again, and the latest arrival (often this
+        very request) would be swapped out after a step or two, paying two copies and a
+        wait for nearly no progress."""
+        groups = self.kv_cache.swap_in(request, headroom_blocks=len(self.running))
         if groups is None:
             return False
         self._admitted(request, RequestStatus.SWAPPING_IN)

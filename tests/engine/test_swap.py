@@ -153,26 +153,6 @@ def test_the_victim_is_the_latest_arrival_even_when_it_was_scheduled_first() -> 
     assert [request for request, _ in output.swap_out] == [newer]
 
 
-@pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_with_swap_a_new_request_leaves_the_running_ones_room_to_grow(mode: str) -> None:
-    """With swap preemption a new request joins, like a swapped-out one, only if every running
-    request can still grow by one block afterwards; recompute mode admits it into the last
-    free blocks as before."""
-    scheduler = Scheduler(KVCacheManager(6, 4, num_host_blocks=16), max_num_batched_tokens=32, max_num_seqs=4,
-                          preemption_mode=mode)
-    running = make_request("running", list(range(7)), 8, arrival_time=0.0)
-    scheduler.add_request(running)
-    scheduler.update_from_output(scheduler.schedule())
-    running.output_token_ids.append(3)  # 8 tokens in 2 blocks: 4 of 6 free
-    scheduler.add_request(make_request("new", list(range(20, 36)), 8, arrival_time=1.0))  # needs all 4
-
-    output = scheduler.schedule()
-
-    admitted = [item.request.request_id for item in output.scheduled]
-    assert admitted == (["running"] if mode == "swap" else ["running", "new"])
-    assert scheduler.num_waiting == (1 if mode == "swap" else 0)
-
-
 def test_swap_moves_groups_and_a_second_swap_out_without_new_tokens_moves_nothing() -> None:
     """A request whose 5 blocks were allocated together is one group: one copy each way. The
     host copy survives the swap-in, so swapping out again without new tokens copies nothing,
