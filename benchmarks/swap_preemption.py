@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "swap_preemption.json")
+    parser.add_argument("--note", default="", help="stored in the result: e.g. what else the machine was running")
     args = parser.parse_args()
     modes = args.modes.split(",")
     unknown = [mode for mode in modes if mode not in MODES]
@@ -119,6 +121,8 @@ def main() -> None:
         "swap_preemption",
         "fitserve bench against fitserve serve with each preemption mode, alternating, same seed, "
         + (f"random-weight {args.preset}-shaped model" if args.preset else "bundled model") + ", small KV cache", args) | {
+        "command": shlex.join(["python", "benchmarks/swap_preemption.py", *sys.argv[1:]]),
+        "note": args.note,
         "runs": runs,
         "medians": middle,
         f"p99_{baseline}_over_mode": gains,

@@ -109,7 +109,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
 
         decodes: list[Request] = []
         prefills: list[Request] = []
@@ -127,10 +126,12 @@ class Scheduler:
             num_new = min(request.num_uncomputed_tokens, budget)
             if num_new < request.num_uncomputed_tokens and not self._may_chunk(request.num_uncomputed_tokens):
                 continue
-            if self._allocate_or_preempt(request, num_new, scheduled_ids, output):
+            num_preempted = len(output.preempted)
+            if self._allocate_or_preempt(request, num_new, output):
                 output.scheduled.append(ScheduledRequest(request, num_new))
-                scheduled_ids.add(request.request_id)
                 budget -= num_new
+            if len(output.preempted) > num_preempted:
+                budget += self._unschedule_preempted(output)
 
         # Admitting new work right after preempting would only thrash the cache.
         if not output.preempted:
@@ -145,20 +146,33 @@ class Scheduler:
         never run whole and would block the queue forever, so it is split anyway."""
         return self.enable_chunked_prefill or num_uncomputed > self.max_num_batched_tokens
 
-    def _allocate_or_preempt(
-        self, request: Request, num_new: int, scheduled_ids: set[str], output: SchedulerOutput
-    ) -> bool:
-        """Get blocks for `request`, preempting lower-priority running requests if needed."""
+    def _allocate_or_preempt(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
+        """Get blocks for `request`, preempting the running request the policy gives up first.
+
+        Every running request is a candidate, also one already scheduled in this step (it is
+        taken out of the step again, `_unschedule_preempted`): running requests are visited in
+        the order they joined, not the policy's, and a request swapped back in joins after
+        newer ones admitted in the same step. Sparing the already-scheduled ones would preempt
+        that older request instead of the newest, against the policy (vLLM's scheduler also
+        preempts scheduled requests)."""
         while not self.kv_cache.allocate(request, num_new):
-            candidates = [
-                r for r in self.running
-                if r.request_id not in scheduled_ids and r.status == RequestStatus.RUNNING
-            ]
-            victim = self.policy.choose_victim(candidates)
+            victim = self.policy.choose_victim(self.running)
             self._preempt(victim, output)
             if victim is request:
                 return False
         return True
+
+    @staticmethod
+    def _unschedule_preempted(output: SchedulerOutput) -> int:
+        """Drop requests preempted after they were scheduled in this step; returns the budget
+        they held. Their blocks went with the preemption (a swap-out copies only computed
+        tokens, so the block just allocated for the new token is not copied)."""
+        kept = [item for item in output.scheduled if item.request.status == RequestStatus.RUNNING]
+        if len(kept) == len(output.scheduled):
+            return 0
+        freed = output.num_batched_tokens - sum(item.num_new_tokens for item in kept)
+        output.scheduled = kept
+        return freed
 
     def _admit_waiting(self, budget: int, output: SchedulerOutput) -> int:
         while budget > 0 and len(self.running) + len(self.swapping_in) < self.max_num_seqs:

@@ -169,7 +169,10 @@ def check_schedule(scheduler: Scheduler, record: StepRecord) -> None:
         assert request.status == RequestStatus.RUNNING and request in scheduler.running
         remaining = request.num_uncomputed_tokens
         if scheduler.enable_chunked_prefill or remaining > budget:
-            assert item.num_new_tokens == min(remaining, budget - used)
+            if output.preempted:  # a request preempted after it was scheduled gave back budget
+                assert item.num_new_tokens <= min(remaining, budget - used)  # earlier chunks could not use
+            else:
+                assert item.num_new_tokens == min(remaining, budget - used)
         else:
             assert item.num_new_tokens == remaining, "chunking is off: a prompt runs whole"
         used += item.num_new_tokens
@@ -181,9 +184,9 @@ def check_schedule(scheduler: Scheduler, record: StepRecord) -> None:
             assert victim.status == RequestStatus.SWAPPED  # its progress is kept in host memory
         else:
             assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
-        passed_over = [r for r in scheduler.running if r.request_id not in ids]
+        # Already-scheduled requests are candidates too: the victim is the latest arrival of all.
         assert not isinstance(scheduler.policy, FCFSPolicy) or all(
-            victim.arrival_time >= r.arrival_time for r in passed_over
+            victim.arrival_time >= r.arrival_time for r in scheduler.running
         ), "FCFS preempts the latest arrival"
     if output.preempted:
         assert all(kind != "admitted" for kind in kinds), "admitted new work right after preempting"

@@ -128,6 +128,31 @@ def test_recomputed_tokens_are_counted_and_swap_recomputes_none() -> None:
     assert 0 < with_cache < without_cache
 
 
+def test_the_victim_is_the_latest_arrival_even_when_it_was_scheduled_first() -> None:
+    """A request swapped back in joins the running list after a newer one admitted in the same
+    step, so the newer one is visited first and gets its block. When the older one then finds
+    the pool empty, FCFS still gives up the newer one: it is taken out of the step again and
+    swapped out, and the older one runs with its block. (Sparing scheduled requests swapped
+    the older one out again and again, while the newer one ran.)"""
+    scheduler = swap_scheduler(num_blocks=4, max_num_seqs=4)
+    older = make_request("older", list(range(8)), 8, arrival_time=0.0)
+    newer = make_request("newer", list(range(10, 17)), 8, arrival_time=1.0)
+    for request in (newer, older):  # the running list's order after a swap-in rejoined
+        assert scheduler.kv_cache.allocate(request, request.num_tokens)
+        request.num_computed_tokens = request.num_tokens
+        request.output_token_ids.append(5)
+        request.status = RequestStatus.RUNNING
+        scheduler.running.append(request)
+    assert scheduler.kv_cache.num_free_blocks == 0  # newer's token fits its block, older's does not
+
+    output = scheduler.schedule()
+
+    assert output.preempted == [newer] and newer.status == RequestStatus.SWAPPED
+    assert [(item.request, item.num_new_tokens) for item in output.scheduled] == [(older, 1)]
+    assert scheduler.running == [older] and len(older.block_ids) == 3
+    assert [request for request, _ in output.swap_out] == [newer]
+
+
 def test_swap_moves_groups_and_a_second_swap_out_without_new_tokens_moves_nothing() -> None:
     """A request whose 5 blocks were allocated together is one group: one copy each way. The
     host copy survives the swap-in, so swapping out again without new tokens copies nothing,
