@@ -552,15 +552,60 @@ FITSERVE_AVX2_F16C void w4_rows_avx2_whole_groups(const KernelArgs& args, int64_
   const XRows<MR> rows(a, m0);
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   constexpr int64_t kChunksPerInt16Sum = 4;
-  const int64_t per_group = CPG > 0 ? CPG : L.chunks_per_group;
+  const int64_t per_group = CPG > 0 ? CPG : L.chunks_per_group, groups = L.groups;
+  // Per row of W, each group's s * xs for every row of x and the zeros' share, 8 groups at a
+  // time where the row's scales and zeros can be read 8 at once, before its chunks: the chunk
+  // loop then only broadcasts one float per group.
+  thread_local AlignedBuffer<float> factor_buffer;
+  float* factors = factor_buffer.get(MR * groups);
+  const float* x_group_scales[MR];
+  for (int m = 0; m < MR; ++m) x_group_scales[m] = a.group_scales.data + (m0 + m) * a.extra_stride;
+  const int64_t vector_groups = groups / 8 * 8, rows_of_w = p.scales.size(0);
+  const __m256i tail_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(groups - vector_groups)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (int64_t n = first; n < last; ++n) {
     const uint8_t* codes = p.codes + n * L.row_bytes;
-    const uint16_t* scales = p.half_scales + n * L.groups;
-    const uint8_t* zeros = p.zero_codes + n * L.groups;
-    __m256 acc[MR];
+    const uint16_t* scales = p.half_scales + n * groups;
+    const uint8_t* zeros = p.zero_codes + n * groups;
     float corrections[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps(), corrections[m] = 0.0f;
-    for (int64_t group = 0; group < L.groups; ++group) {
+    __m256 zero_shares[MR];
+    for (int m = 0; m < MR; ++m) corrections[m] = 0.0f, zero_shares[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < vector_groups; g += 8) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g)));
+      const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
+      const __m256 sz = _mm256_mul_ps(s, z);
+      for (int m = 0; m < MR; ++m) {
+        _mm256_storeu_ps(factors + m * groups + g, _mm256_mul_ps(s, _mm256_loadu_ps(x_group_scales[m] + g)));
+        zero_shares[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(rows.zero_terms[m] + g), zero_shares[m]);
+      }
+    }
+    // The last groups: 8 at once where the next rows' scales and zeros follow this row's
+    // (the lanes past the row are masked out; all 8 must lie within the part's tensors, whose
+    // values are finite), one at a time near the part's end.
+    int64_t tail_start = vector_groups;
+    if (tail_start < groups && n * groups + tail_start + 8 <= rows_of_w * groups) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + tail_start)));
+      const __m256 z = _mm256_cvtepi32_ps(
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + tail_start))));
+      const __m256 sz = _mm256_mul_ps(s, z);
+      for (int m = 0; m < MR; ++m) {
+        _mm256_maskstore_ps(factors + m * groups + tail_start, tail_mask,
+                            _mm256_mul_ps(s, _mm256_maskload_ps(x_group_scales[m] + tail_start, tail_mask)));
+        zero_shares[m] = _mm256_fmadd_ps(sz, _mm256_maskload_ps(rows.zero_terms[m] + tail_start, tail_mask), zero_shares[m]);
+      }
+      tail_start = groups;
+    }
+    for (int64_t g = tail_start; g < groups; ++g) {
+      const float s = half_to_float(scales[g]), sz = s * static_cast<float>(zeros[g]);
+      for (int m = 0; m < MR; ++m) {
+        factors[m * groups + g] = s * x_group_scales[m][g];
+        corrections[m] += sz * rows.zero_terms[m][g];
+      }
+    }
+    for (int m = 0; m < MR; ++m) corrections[m] += hsum(zero_shares[m]);
+    __m256 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t group = 0; group < groups; ++group) {
       const int64_t c0 = group * per_group;
       __m256i dot[MR];
       for (int m = 0; m < MR; ++m) dot[m] = _mm256_setzero_si256();
@@ -583,15 +628,8 @@ FITSERVE_AVX2_F16C void w4_rows_avx2_whole_groups(const KernelArgs& args, int64_
         }
         for (int m = 0; m < MR; ++m) dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(pairs[m], ones));
       }
-      // x's scale is the group's in every lane of each of its chunks.
-      const float group_scale = half_to_float(scales[group]);
-      const float zero_share = group_scale * static_cast<float>(zeros[group]);
-      const __m256 s = _mm256_set1_ps(group_scale);
-      for (int m = 0; m < MR; ++m) {
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_mul_ps(s, _mm256_load_ps(rows.scales[m] + c0 * 8)),
-                                 acc[m]);
-        corrections[m] += zero_share * rows.zero_terms[m][group];
-      }
+      for (int m = 0; m < MR; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), _mm256_broadcast_ss(factors + m * groups + group), acc[m]);
     }
     store_w4_row_avx2<MR>(args, m0, n, acc, corrections);
   }

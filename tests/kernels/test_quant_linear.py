@@ -132,6 +132,30 @@ def test_w4_largest_products_stay_exact(isa, group_size):
         assert torch.allclose(out, F.linear(x, dequantized), rtol=1e-6), (out[0, 0], sign * in_features * 0.5)
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize(("group_size", "in_features"), [(128, 384), (64, 576), (64, 1024)])
+def test_w4_reads_nothing_past_the_parts_scales_and_zeros(isa, group_size, in_features):
+    # The kernels read a row's group scales and zeros 8 at a time where that stays inside the
+    # part (3, 9 and 16 groups per row here). Scales and zeros at the start of larger buffers
+    # whose rest is NaN / 255: a read past the part's last row would reach the output.
+    rows_of_w, groups = 37, in_features // group_size
+    generator = torch.Generator().manual_seed(group_size + in_features)
+    qweight, scales, zeros = packing.quantize_w4(torch.randn(rows_of_w, in_features, generator=generator), group_size)
+    scale_buffer = torch.full((rows_of_w * groups + 64,), float("nan"), dtype=torch.float16)
+    zero_buffer = torch.full((rows_of_w * groups + 64,), 255, dtype=torch.uint8)
+    scale_buffer[:rows_of_w * groups] = scales.flatten()
+    zero_buffer[:rows_of_w * groups] = zeros.flatten()
+    layer = kernels.QuantLinear(in_features, rows_of_w, None, isa)
+    layer.add_w4(qweight, scale_buffer[:rows_of_w * groups].view(rows_of_w, groups),
+                 zero_buffer[:rows_of_w * groups].view(rows_of_w, groups), group_size)
+    plain = kernels.QuantLinear(in_features, rows_of_w, None, isa)
+    plain.add_w4(qweight.clone(), scales.clone(), zeros.clone(), group_size)
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, in_features, generator=generator)
+        out = layer.forward(x)
+        assert torch.isfinite(out).all() and torch.equal(out, plain.forward(x))
+
+
 @pytest.mark.parametrize("isa", ALL_ISAS)
 @pytest.mark.parametrize("in_features", [100, 129, 896, 4864])
 @pytest.mark.parametrize("rows", [1, 2, 3, 17, 64, 300])
