@@ -205,7 +205,6 @@ class RunningCap:
               and step_ms * self.step_factor < tpot_target_ms):
             self.raise_()
 
-
     def _on_course_to_miss(self, live_tpot_ms: Callable[[], float | None] | None, tpot_target_ms: float) -> bool:
         if live_tpot_ms is None:
             return True

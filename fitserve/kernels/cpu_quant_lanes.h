@@ -373,8 +373,9 @@ template <typename T>
 void dequantize_w8_lanes_rows(const QuantPart& p, const W8Lanes& L, int64_t first, int64_t count, const RowsOut<T>& out) {
   // One value at a time where the CPU lacks the vector path (VNNI but no AVX-512 BF16, bf16 slices).
   const auto row = [&](int64_t n) {
+    T* o = out.row(n);
     for (int64_t k = 0; k < L.K; ++k)
-      out.row(n)[k] = static_cast<T>(static_cast<float>(static_cast<int8_t>(p.codes[L.code_byte(n, k)])) * p.row_scales[n]);
+      o[k] = static_cast<T>(static_cast<float>(static_cast<int8_t>(p.codes[L.code_byte(n, k)])) * p.row_scales[n]);
   };
   for_lane_blocks(first, count, L.N, vector_dequantize<T>(),
                   [&](int64_t b) { dequantize_w8_lanes_block_avx512<T>(p, L, b, first, count, out); }, row);

@@ -540,6 +540,29 @@ FITSERVE_AVX2_F16C void store_w4_row_avx2(const KernelArgs& args, int64_t m0, in
   for (int m = 0; m < MR; ++m) args.out[(m0 + m) * args.out_features + row] = hsum(acc[m]) - corrections[m] + b;
 }
 
+// Groups g .. g + 7 of one row of W (Masked: only the lanes in `mask`, the others neither
+// read from x's tables nor written): each group's s * xs for the MR rows of x into
+// factors[m * groups + g], and s * z * the group's zero term added to zero_shares[m].
+template <int MR, bool Masked>
+FITSERVE_AVX2_F16C inline void w4_eight_group_factors(const uint16_t* scales, const uint8_t* zeros,
+                                                      const float* const* x_group_scales,
+                                                      const float* const* zero_terms, int64_t groups, int64_t g,
+                                                      __m256i mask, float* factors, __m256 (&zero_shares)[MR]) {
+  const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g)));
+  const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
+  const __m256 sz = _mm256_mul_ps(s, z);
+  for (int m = 0; m < MR; ++m) {
+    float* to = factors + m * groups + g;
+    if constexpr (Masked) {
+      _mm256_maskstore_ps(to, mask, _mm256_mul_ps(s, _mm256_maskload_ps(x_group_scales[m] + g, mask)));
+      zero_shares[m] = _mm256_fmadd_ps(sz, _mm256_maskload_ps(zero_terms[m] + g, mask), zero_shares[m]);
+    } else {
+      _mm256_storeu_ps(to, _mm256_mul_ps(s, _mm256_loadu_ps(x_group_scales[m] + g)));
+      zero_shares[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(zero_terms[m] + g), zero_shares[m]);
+    }
+  }
+}
+
 // Groups spanning whole chunks (G a multiple of 64; CPG chunks of 64 codes per group, 0: read
 // from the layout): the products of up to four chunks are summed as int16 pairs (a chunk's
 // pair sums are at most 2 * 2 * 15 * 127 = 7620, so four stay exact in int16), widened to
@@ -570,29 +593,16 @@ FITSERVE_AVX2_F16C void w4_rows_avx2_whole_groups(const KernelArgs& args, int64_
     float corrections[MR];
     __m256 zero_shares[MR];
     for (int m = 0; m < MR; ++m) corrections[m] = 0.0f, zero_shares[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < vector_groups; g += 8) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g)));
-      const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g))));
-      const __m256 sz = _mm256_mul_ps(s, z);
-      for (int m = 0; m < MR; ++m) {
-        _mm256_storeu_ps(factors + m * groups + g, _mm256_mul_ps(s, _mm256_loadu_ps(x_group_scales[m] + g)));
-        zero_shares[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(rows.zero_terms[m] + g), zero_shares[m]);
-      }
-    }
+    for (int64_t g = 0; g < vector_groups; g += 8)
+      w4_eight_group_factors<MR, false>(scales, zeros, x_group_scales, rows.zero_terms, groups, g, tail_mask, factors,
+                                        zero_shares);
     // The last groups: 8 at once where the next rows' scales and zeros follow this row's
     // (the lanes past the row are masked out; all 8 must lie within the part's tensors, whose
     // values are finite), one at a time near the part's end.
     int64_t tail_start = vector_groups;
     if (tail_start < groups && n * groups + tail_start + 8 <= rows_of_w * groups) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + tail_start)));
-      const __m256 z = _mm256_cvtepi32_ps(
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + tail_start))));
-      const __m256 sz = _mm256_mul_ps(s, z);
-      for (int m = 0; m < MR; ++m) {
-        _mm256_maskstore_ps(factors + m * groups + tail_start, tail_mask,
-                            _mm256_mul_ps(s, _mm256_maskload_ps(x_group_scales[m] + tail_start, tail_mask)));
-        zero_shares[m] = _mm256_fmadd_ps(sz, _mm256_maskload_ps(rows.zero_terms[m] + tail_start, tail_mask), zero_shares[m]);
-      }
+      w4_eight_group_factors<MR, true>(scales, zeros, x_group_scales, rows.zero_terms, groups, tail_start, tail_mask,
+                                       factors, zero_shares);
       tail_start = groups;
     }
     for (int64_t g = tail_start; g < groups; ++g) {
@@ -1068,10 +1078,8 @@ class QuantLinear {
       run_all_dequantized(x_float, out);
       return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
     }
-    for (const QuantPart& part : parts_) {
-      if (part.isa != QuantIsa::kReference && M <= max_rows) {
-        run_kernel(part, x_float.data_ptr<float>(), M, out.data_ptr<float>());
-      }
+    for (const QuantPart& part : parts_) {  // M <= max_rows here
+      if (part.isa != QuantIsa::kReference) run_kernel(part, x_float.data_ptr<float>(), M, out.data_ptr<float>());
       else run_dequantized(part, x_float, out);
     }
     return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
