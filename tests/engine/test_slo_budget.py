@@ -223,6 +223,19 @@ def test_a_lower_cap_that_does_not_shorten_steps_is_taken_back_and_held() -> Non
     assert cap_window(cap, step_s=0.08, num_running=20) == 16  # tried again
 
 
+def test_a_raise_forced_by_the_wait_holds_lowerings_for_a_while() -> None:
+    """Near capacity a lowered cap builds a backlog until the wait forces it up again; lowering
+    it again at the next window of long steps only swings it back and forth while every
+    window misses. After a raise for the wait, long steps lower nothing for `hold_windows`
+    windows (the raise's own window counting as one)."""
+    cap = RunningCap(ceiling=128, hold_windows=3)
+    assert cap_window(cap, step_s=0.08, num_running=20) == 16
+    assert cap_window(cap, step_s=0.07, num_running=16, wait_s=1.2) == 21  # slack spent: raised
+    assert cap_window(cap, step_s=0.08, num_running=21) == 21  # held
+    assert cap_window(cap, step_s=0.08, num_running=21) == 21  # held
+    assert cap_window(cap, step_s=0.08, num_running=21) == 16  # lowered again
+
+
 def test_the_budget_loop_leaves_tpot_to_the_cap_while_ttft_has_slack() -> None:
     control = controller()
     # TPOT misses with TTFT at 100 ms of 500 (slack): the cap's job, the budget stays.
