@@ -18,6 +18,11 @@ constexpr int kLanesTileRows = 8;  // rows of x per pass over a block: 8 int32 +
 // (no per-row addresses in registers), and a pass over a block reads only its tile's bytes: with
 // tiles padded to 8, one row of x against down (K = 4864) read a 38 KiB x buffer per block, and a
 // call from memory took 1.3-1.4x as long (Zen 4, one thread). K is a multiple of 4.
+//
+// Tiles are prepared in parallel (each writes only its own tables), and a tile's quads are
+// written in order, its rows read side by side: in a batched decode step this preparation runs
+// before the kernel while the other threads wait, and with one thread scattering each row's
+// quads 32 bytes apart it took ~9% of a 32-row call against down (486 us, 2 Zen 4 threads).
 inline void prepare_lanes_activations(const float* x, int64_t M, int64_t K, int64_t block, ActivationCodes& a) {
   constexpr int T = kLanesTileRows;
   const int64_t tiles = (M + T - 1) / T, quads_per_row = K / 4, blocks = (K + block - 1) / block;
@@ -29,22 +34,36 @@ inline void prepare_lanes_activations(const float* x, int64_t M, int64_t K, int6
   float* group_scales = a.group_scales.get(tiles * a.extra_stride);
   float* zero_terms = a.zero_terms.get(tiles * a.extra_stride);
   int32_t* sums = a.block_sums.get(tiles * a.extra_stride);
-  for (int64_t m = 0; m < M; ++m) {
-    int8_t* row = codes + m * a.code_stride;
-    const int64_t tile = m / T, lane = m % T, tile_rows = std::min<int64_t>(T, M - tile * T);
-    for (int64_t g = 0; g < blocks; ++g) {
-      const int64_t first = g * block, count = std::min(block, K - first);
-      const float scale = quantize_block(x + m * K + first, count, row + first);
-      int32_t sum = 0;
-      for (int64_t k = 0; k < count; ++k) sum += row[first + k];
-      const int64_t at = tile * a.extra_stride + g * tile_rows + lane;
-      group_scales[at] = scale;
-      zero_terms[at] = scale * static_cast<float>(sum);
-      sums[at] = sum;
+  auto prepare_tile = [&](int64_t tile) {
+    const int64_t m0 = tile * T, tile_rows = std::min<int64_t>(T, M - m0);
+    for (int64_t lane = 0; lane < tile_rows; ++lane) {
+      const int64_t m = m0 + lane;
+      int8_t* row = codes + m * a.code_stride;
+      for (int64_t g = 0; g < blocks; ++g) {
+        const int64_t first = g * block, count = std::min(block, K - first);
+        const float scale = quantize_block(x + m * K + first, count, row + first);
+        int32_t sum = 0;
+        for (int64_t k = 0; k < count; ++k) sum += row[first + k];
+        const int64_t at = tile * a.extra_stride + g * tile_rows + lane;
+        group_scales[at] = scale;
+        zero_terms[at] = scale * static_cast<float>(sum);
+        sums[at] = sum;
+      }
     }
-    int32_t* tile_quads = quads + tile * a.scale_stride + lane;
-    for (int64_t q = 0; q < quads_per_row; ++q) std::memcpy(tile_quads + q * tile_rows, row + 4 * q, 4);
-  }
+    int32_t* tile_quads = quads + tile * a.scale_stride;
+    const int8_t* tile_codes = codes + m0 * a.code_stride;
+    if (tile_rows == 1) {
+      std::memcpy(tile_quads, tile_codes, static_cast<size_t>(K));
+      return;
+    }
+    for (int64_t q = 0; q < quads_per_row; ++q, tile_quads += tile_rows)
+      for (int64_t lane = 0; lane < tile_rows; ++lane)
+        std::memcpy(tile_quads + lane, tile_codes + lane * a.code_stride + 4 * q, 4);
+  };
+  if (tiles == 1) prepare_tile(0);
+  else at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
+    for (int64_t tile = first; tile < last; ++tile) prepare_tile(tile);
+  });
 }
 
 // acc + vpdpbusd(u, the int32 at s broadcast to 16 lanes), the broadcast folded into the

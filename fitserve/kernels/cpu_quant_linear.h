@@ -1064,11 +1064,17 @@ class QuantLinear {
       // even, as .to(torch.bfloat16)) in buffers of the layer. torch's two conversions cost
       // 2.5-9 us per projection at one row of x (Zen 4, one thread), ~3% of a w4 model's step.
       float* x_float = x_staging_.get(M * in_features_);
-      widen_row(x.data_ptr<BF16>(), x_float, M * in_features_);
+      const BF16* x_bf16 = x.data_ptr<BF16>();
+      for_row_ranges(M, in_features_, [&](int64_t first, int64_t last) {
+        widen_row(x_bf16 + first * in_features_, x_float + first * in_features_, (last - first) * in_features_);
+      });
       float* results = out_staging_.get(M * out_features_);
-      for (const QuantPart& part : parts_) run_kernel(part, x_float, M, results);
+      run_kernels(x_float, M, results);
       torch::Tensor out = torch::empty({M, out_features_}, x.options());
-      narrow_row(results, out.data_ptr<BF16>(), M * out_features_);
+      BF16* out_bf16 = out.data_ptr<BF16>();
+      for_row_ranges(M, out_features_, [&](int64_t first, int64_t last) {
+        narrow_row(results + first * out_features_, out_bf16 + first * out_features_, (last - first) * out_features_);
+      });
       return out;
     }
     const torch::Tensor x_float = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
@@ -1078,9 +1084,13 @@ class QuantLinear {
       run_all_dequantized(x_float, out);
       return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
     }
-    for (const QuantPart& part : parts_) {  // M <= max_rows here
-      if (part.isa != QuantIsa::kReference) run_kernel(part, x_float.data_ptr<float>(), M, out.data_ptr<float>());
-      else run_dequantized(part, x_float, out);
+    if (all_parts_have_kernels()) {  // M <= max_rows here
+      run_kernels(x_float.data_ptr<float>(), M, out.data_ptr<float>());
+    } else {
+      for (const QuantPart& part : parts_) {
+        if (part.isa != QuantIsa::kReference) run_kernel(part, x_float.data_ptr<float>(), M, out.data_ptr<float>());
+        else run_dequantized(part, x_float, out);
+      }
     }
     return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
   }
@@ -1160,12 +1170,36 @@ class QuantLinear {
     if (!part.identity_rows) part.row_map = std::move(rows);
   }
 
-  // The part's integer kernel: x float32 [M, in_features], results into out [M, out_features].
-  void run_kernel(const QuantPart& part, const float* x, int64_t M, float* out) {
+  // fn(first, last) over row ranges of an [M, width] buffer: split between threads where the rows
+  // are several (a batched decode step converts x and its results around the kernels while the
+  // other threads would wait), whole where there is one.
+  template <typename F>
+  static void for_row_ranges(int64_t M, int64_t width, const F& fn) {
+    if (M == 1) fn(0, 1);
+    else at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), fn);
+  }
+
+  // Block of x (columns sharing one scale) a lanes-layout part's kernel reads x in.
+  static int64_t lanes_block(const QuantPart& part) { return part.is_w4 ? part.group_size : kW8XBlock; }
+
+  // Every part's integer kernel (all have one): a lanes-layout part whose x blocks are those of
+  // the part before it (MixLLM's w4 group 128 and w8's 128-column blocks) reuses that part's
+  // quantized x.
+  void run_kernels(const float* x, int64_t M, float* out) {
+    const QuantPart* previous = nullptr;
+    for (const QuantPart& part : parts_) {
+      const bool reuse = previous != nullptr && previous->lanes && part.lanes && lanes_block(*previous) == lanes_block(part);
+      run_kernel(part, x, M, out, reuse);
+      previous = &part;
+    }
+  }
+
+  // The part's integer kernel: x float32 [M, in_features], results into out [M, out_features];
+  // x_ready: activations_ already holds x quantized for this part (lanes layouts only).
+  void run_kernel(const QuantPart& part, const float* x, int64_t M, float* out, bool x_ready = false) {
     const bool vnni = part.isa == QuantIsa::kAvx512Vnni;
     if (part.lanes) {
-      prepare_lanes_activations(x, M, in_features_, part.is_w4 ? part.group_size : kW8XBlock,
-                                activations_);
+      if (!x_ready) prepare_lanes_activations(x, M, in_features_, lanes_block(part), activations_);
       const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
                             out, out_features_};
       run_lanes(args, M);

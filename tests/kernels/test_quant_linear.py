@@ -210,6 +210,34 @@ def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
         check_kernel_output(out[:, high], x, dequantized[high], bias[high], W8_X_BLOCK)
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("rows", [1, 9, 33])
+def test_a_mixed_layer_computes_each_part_as_a_layer_of_its_own(isa, rows):
+    # With group 128 MixLLM's w4 rows and w8 rows round x in the same 128-column blocks, and the
+    # lanes kernels share one quantized x between the parts: each part's outputs must still be
+    # exactly those of a layer holding that part alone.
+    K, N, G = 384, 45, 128
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(N, K, generator=generator)
+    bias = torch.randn(N, generator=generator)
+    order = torch.randperm(N, generator=generator)
+    high, low = order[:7].sort().values, order[7:]
+    q8, s8 = packing.quantize_w8(weight[high])
+    q4, s4, z4 = packing.quantize_w4(weight[low], G)
+    mixed = kernels.QuantLinear(K, N, bias, isa)
+    mixed.add_w4(q4.clone(), s4.clone(), z4.clone(), G, out_rows=low)
+    mixed.add_w8(q8.clone(), s8.clone(), out_rows=high)
+    w4_alone = kernels.QuantLinear(K, len(low), bias[low].clone(), isa)
+    w4_alone.add_w4(q4.clone(), s4.clone(), z4.clone(), G)
+    w8_alone = kernels.QuantLinear(K, len(high), bias[high].clone(), isa)
+    w8_alone.add_w8(q8.clone(), s8.clone())
+    for x_dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, K, generator=generator).to(x_dtype)
+        out = mixed.forward(x)
+        assert torch.equal(out[:, low], w4_alone.forward(x))
+        assert torch.equal(out[:, high], w8_alone.forward(x))
+
+
 def test_unsupported_group_size_runs_the_dequantizing_path():
     # G = 6 is no multiple of 8 (lanes layout) nor of 32 (row layout): no kernel fits, the part says so.
     layer, weight = w4_layer(96, 37, 6, "auto", None, seed=3)
