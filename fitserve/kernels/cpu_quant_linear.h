@@ -43,6 +43,7 @@
 #include "cpu_kernels.h"
 #include "cpu_quant_lanes_layout.h"
 
+#include <array>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -1182,27 +1183,33 @@ class QuantLinear {
   // Block of x (columns sharing one scale) a lanes-layout part's kernel reads x in.
   static int64_t lanes_block(const QuantPart& part) { return part.is_w4 ? part.group_size : kW8XBlock; }
 
-  // Every part's integer kernel (all have one): a lanes-layout part whose x blocks are those of
-  // the part before it (MixLLM's w4 group 128 and w8's 128-column blocks) reuses that part's
-  // quantized x.
+  // Every part's integer kernel (all have one). Lanes-layout parts run in one parallel region
+  // (run_lanes), and a part whose x blocks are those of the part before it (MixLLM's w4 group
+  // 128 and w8's 128-column blocks) reads that part's quantized x.
   void run_kernels(const float* x, int64_t M, float* out) {
-    const QuantPart* previous = nullptr;
-    for (const QuantPart& part : parts_) {
-      const bool reuse = previous != nullptr && previous->lanes && part.lanes && lanes_block(*previous) == lanes_block(part);
-      run_kernel(part, x, M, out, reuse);
-      previous = &part;
+    const bool all_lanes = std::all_of(parts_.begin(), parts_.end(), [](const QuantPart& part) { return part.lanes; });
+    if (!all_lanes || parts_.size() > lane_activations_.size()) {
+      for (const QuantPart& part : parts_) run_kernel(part, x, M, out);
+      return;
     }
+    std::array<KernelArgs, 4> args;
+    const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+    for (size_t i = 0; i < parts_.size(); ++i) {
+      const bool reuse = i > 0 && lanes_block(parts_[i - 1]) == lanes_block(parts_[i]);
+      if (!reuse) prepare_lanes_activations(x, M, in_features_, lanes_block(parts_[i]), lane_activations_[i]);
+      args[i] = KernelArgs{&parts_[i], reuse ? args[i - 1].act : &lane_activations_[i], bias, out, out_features_};
+    }
+    run_lanes(args.data(), static_cast<int64_t>(parts_.size()), M);
   }
 
-  // The part's integer kernel: x float32 [M, in_features], results into out [M, out_features];
-  // x_ready: activations_ already holds x quantized for this part (lanes layouts only).
-  void run_kernel(const QuantPart& part, const float* x, int64_t M, float* out, bool x_ready = false) {
+  // The part's integer kernel: x float32 [M, in_features], results into out [M, out_features].
+  void run_kernel(const QuantPart& part, const float* x, int64_t M, float* out) {
     const bool vnni = part.isa == QuantIsa::kAvx512Vnni;
     if (part.lanes) {
-      if (!x_ready) prepare_lanes_activations(x, M, in_features_, lanes_block(part), activations_);
+      prepare_lanes_activations(x, M, in_features_, lanes_block(part), activations_);
       const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
                             out, out_features_};
-      run_lanes(args, M);
+      run_lanes(&args, 1, M);
       return;
     }
     if (part.is_w4) prepare_w4_activations(x, M, part.layout, activations_);
@@ -1278,6 +1285,7 @@ class QuantLinear {
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
   ActivationCodes activations_;
+  std::array<ActivationCodes, 4> lane_activations_;  // per part, where all parts are in lanes layouts
   AlignedBuffer<float> x_staging_, out_staging_;  // bf16 decode steps (forward)
 };
 
