@@ -304,11 +304,13 @@ def test_rms_norm_matches_the_torch_formula(dtype, with_residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_in_place_matches_rotate_half(dtype):
+@pytest.mark.parametrize("head_dim,tokens", [(16, 7), (20, 1), (64, 33), (128, 2)])
+def test_rotary_in_place_matches_rotate_half(dtype, head_dim, tokens):
+    # Half a head of 8, 10 (8 pairs in a vector, 2 left), 32 and 64 pairs; 33 tokens split between threads.
     from fitserve.models.rope import RotaryEmbedding, apply_rotary
 
     generator = torch.Generator().manual_seed(4)
-    num_heads, num_kv_heads, head_dim, tokens = 4, 2, 16, 7
+    num_heads, num_kv_heads = 4, 2
     qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=generator).to(dtype)
     cos, sin = RotaryEmbedding(head_dim, 10000.0, None)(torch.arange(3, 3 + tokens), dtype)
     q = qkv[:, : num_heads * head_dim].reshape(tokens, num_heads, head_dim)
