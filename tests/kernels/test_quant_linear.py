@@ -176,6 +176,16 @@ def test_integer_kernels_on_many_rows(isa, rows):
         check_kernel_output(layer.forward(x), x, weight, bias, block)
 
 
+def mixed_rows(K: int, N: int, G: int, num_high: int, generator: torch.Generator):
+    """A MixLLM layer's rows: random weights and bias, `num_high` salient rows (in w8) at random
+    positions, the rest in w4 with group G; returns weight, bias, high, low, (q8, s8), (q4, s4, z4)."""
+    weight = torch.randn(N, K, generator=generator)
+    bias = torch.randn(N, generator=generator)
+    order = torch.randperm(N, generator=generator)
+    high, low = order[:num_high].sort().values, order[num_high:]
+    return weight, bias, high, low, packing.quantize_w8(weight[high]), packing.quantize_w4(weight[low], G)
+
+
 @pytest.mark.parametrize("isa", ALL_ISAS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 9, 33, 300])
@@ -183,12 +193,7 @@ def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
     # A MixLLM layer: most rows in w4, the salient ones in w8, each at its original position.
     K, N, G = 256, 41, 64
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(N, K, generator=generator)
-    bias = torch.randn(N, generator=generator)
-    order = torch.randperm(N, generator=generator)
-    high, low = order[:5].sort().values, order[5:]
-    q8, s8 = packing.quantize_w8(weight[high])
-    q4, s4, z4 = packing.quantize_w4(weight[low], G)
+    weight, bias, high, low, (q8, s8), (q4, s4, z4) = mixed_rows(K, N, G, 5, generator)
     layer = kernels.QuantLinear(K, N, bias, isa)
     layer.add_w4(q4, s4, z4, G, out_rows=low)
     layer.add_w8(q8, s8, out_rows=high)
@@ -218,12 +223,7 @@ def test_a_mixed_layer_computes_each_part_as_a_layer_of_its_own(isa, rows):
     # exactly those of a layer holding that part alone.
     K, N, G = 384, 45, 128
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(N, K, generator=generator)
-    bias = torch.randn(N, generator=generator)
-    order = torch.randperm(N, generator=generator)
-    high, low = order[:7].sort().values, order[7:]
-    q8, s8 = packing.quantize_w8(weight[high])
-    q4, s4, z4 = packing.quantize_w4(weight[low], G)
+    _, bias, high, low, (q8, s8), (q4, s4, z4) = mixed_rows(K, N, G, 7, generator)
     mixed = kernels.QuantLinear(K, N, bias, isa)
     mixed.add_w4(q4.clone(), s4.clone(), z4.clone(), G, out_rows=low)
     mixed.add_w8(q8.clone(), s8.clone(), out_rows=high)
