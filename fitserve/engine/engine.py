@@ -169,6 +169,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler, decode_graphs)
         self.swap_space = SwapSpace(kv_caches, num_host_blocks) if num_host_blocks else None
         self.slo_controller = None
+        self._last_step_had_prompt_tokens = False  # the SLO loop times only decode-only steps
         if args.slo is not None:
             self.slo_controller = SloBudgetController(
                 parse_slo(args.slo), budget=args.max_num_batched_tokens, min_budget=min(64, args.max_num_batched_tokens),
@@ -479,7 +480,8 @@ class LLMEngine:
         before it schedules); a move is logged, so a server's log traces the loop."""
         before = (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
         self.scheduler.max_num_batched_tokens = controller.update(
-            time.time(), self._oldest_waiting_arrival, self.scheduler.num_running, self._running_tpots_ms)
+            time.time(), self._oldest_waiting_arrival, self.scheduler.num_running, self._running_tpots_ms,
+            previous_step_decode_only=not self._last_step_had_prompt_tokens)
         self.scheduler.max_num_seqs = controller.max_running
         if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:
             logger.info("slo: step token budget %d, running requests cap %d (window attainment %s)",
@@ -496,6 +498,7 @@ class LLMEngine:
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())
         scheduler_output = self.scheduler.schedule()
+        self._last_step_had_prompt_tokens = any(item.num_new_tokens > 1 for item in scheduler_output.scheduled)
         if swap_space is not None:
             swap_space.swap_out(scheduler_output.offload)  # first: later copies may overwrite those blocks
             for _, groups in scheduler_output.swap_out:

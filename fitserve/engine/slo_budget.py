@@ -17,8 +17,9 @@ window:
 - both hold: keep both.
 
 The cap (`RunningCap`) follows two signals that lead the finished requests by a whole
-request lifetime: the mean time of the engine's steps, which is the TPOT every running
-request is getting now, and the wait of the oldest queued request. Steps longer than the
+request lifetime: the mean time of the engine's decode-only steps, which is the TPOT every
+running request is getting now from the requests decoding beside it (a step that also
+prefills is long whatever the cap), and the wait of the oldest queued request. Steps longer than the
 TPOT target lower it below the most requests that ran at once; a wait past the TTFT slack
 raises it. Queued requests then wait, spending TTFT's slack, while the running ones get
 shorter steps. This is the lever that works where a step's time grows with the number of
@@ -73,9 +74,12 @@ from fitserve.engine.request import Request
 @dataclass
 class RunningCap:
     """The cap on requests running at once, moved every window by two signals that lead the
-    finished requests: how long the engine's steps took (every running request decodes one
-    token per step, so the mean step time is the TPOT they are getting now) and how long the
-    oldest queued request has waited for its first token.
+    finished requests: how long the engine's decode-only steps took (every running request
+    decodes one token per step, so their mean time is the TPOT that decoding together costs
+    them; steps that also prefill are not timed, as a cap on running requests does not shorten
+    a prompt's prefill: measured at 2.75 req/s of 512-token prompts, the cap was lowered early
+    on such steps and the run lost a third of its goodput) and how long the oldest queued
+    request has waited for its first token.
 
     - The wait is past `slack_share` of the TTFT target: the queue is spending TTFT it does
       not have; raise the cap. This is checked every `wait_check_s`, not once a window: in a
@@ -159,13 +163,17 @@ class RunningCap:
 
     def step(self, now: float, num_running: int, tpot_target_ms: float | None, ttft_target_ms: float | None,
              oldest_wait_ms: Callable[[], float], may_lower: bool = True,
-             live_tpot_ms: Callable[[], float | None] | None = None, needed: Callable[[], int] | None = None) -> None:
+             live_tpot_ms: Callable[[], float | None] | None = None, needed: Callable[[], int] | None = None,
+             previous_step_decode_only: bool = True) -> None:
         """Called at every step with the requests running as it starts; `may_lower`: enough
         requests have finished for the step times to describe the load; `live_tpot_ms`: the
         SLO's percentile of the running requests' TPOT so far (None: none has two tokens yet;
         no callable: not known, the step time alone decides); `needed`: the fewest running
-        requests that keep up with the load at the TPOT target (no callable: 0)."""
-        if self._last_step is not None and self._last_step[1] > 0:
+        requests that keep up with the load at the TPOT target (no callable: 0);
+        `previous_step_decode_only`: the step that just ended had no prompt tokens (only such
+        steps are timed: the cap limits how many requests decode at once, and a step that also
+        prefills is long whatever the cap)."""
+        if self._last_step is not None and self._last_step[1] > 0 and previous_step_decode_only:
             self._step_time += now - self._last_step[0]
             self._num_steps += 1
         self._last_step = (now, num_running)
@@ -311,13 +319,15 @@ class SloBudgetController:
         return not (self.slo.tpot_ms is not None and tpot is not None and tpot * 1e3 > self.slo.tpot_ms)
 
     def update(self, now: float, oldest_waiting_arrival: Callable[[], float | None] | None = None,
-               num_running: int = 0, running_tpots_ms: Callable[[], list[float]] | None = None) -> int:
+               num_running: int = 0, running_tpots_ms: Callable[[], list[float]] | None = None,
+               previous_step_decode_only: bool = True) -> int:
         """Called every step: close the window if it is over and move the knobs; returns the
         budget to use (the cap to use is `max_running`). `oldest_waiting_arrival` gives the
         arrival time of the longest-waiting request that has no first token yet (None: none
         waits); it is asked every `RunningCap.wait_check_s` and when a window closes, not at
         every step. `num_running`: requests running now;
-        `running_tpots_ms`: each running request's TPOT so far (asked at most once a window)."""
+        `running_tpots_ms`: each running request's TPOT so far (asked at most once a window);
+        `previous_step_decode_only`: the step before had no prompt tokens (see RunningCap.step)."""
         waits: list[float] = []
 
         def oldest_wait_ms() -> float:
@@ -330,7 +340,7 @@ class SloBudgetController:
         self.cap.step(now, num_running, self.slo.tpot_ms, self.slo.ttft_ms, oldest_wait_ms,
                       may_lower=self.num_finished_total >= self.min_requests,
                       live_tpot_ms=None if running_tpots_ms is None else lambda: self._live_tpot_ms(running_tpots_ms),
-                      needed=lambda: self._needed_running(now))
+                      needed=lambda: self._needed_running(now), previous_step_decode_only=previous_step_decode_only)
         if self._window_start is None:
             self._window_start = now
         if now - self._window_start < self.window_s:

@@ -171,14 +171,16 @@ def test_a_move_that_lowers_attainment_is_taken_back_and_not_retried_for_a_while
 
 
 def cap_window(cap: RunningCap, step_s: float, num_running: int, wait_s: float = 0.0,
-               may_lower: bool = True) -> int:
+               may_lower: bool = True, prompt_every: int = 0, prompt_step_s: float = 0.0) -> int:
     """Steps `step_s` apart with `num_running` requests running, the oldest queued request
-    having waited `wait_s`, until the cap's window closes; returns the cap after it."""
+    having waited `wait_s`, until the cap's window closes; returns the cap after it. With
+    `prompt_every` N, every Nth step also prefills and lasts `prompt_step_s`."""
     now = cap._last_step[0] if cap._last_step is not None else 0.0
     for index in range(1000):
-        now += step_s
+        prompt = bool(prompt_every) and index % prompt_every == 0
+        now += prompt_step_s if prompt else step_s
         cap.step(now, num_running, tpot_target_ms=60, ttft_target_ms=2000,
-                 oldest_wait_ms=lambda: wait_s * 1e3, may_lower=may_lower)
+                 oldest_wait_ms=lambda: wait_s * 1e3, may_lower=may_lower, previous_step_decode_only=not prompt)
         if index and cap._window_start == now:
             return cap.value  # the window just closed
     raise AssertionError("the window never closed")
@@ -234,6 +236,18 @@ def test_a_raise_forced_by_the_wait_holds_lowerings_for_a_while() -> None:
     assert cap_window(cap, step_s=0.08, num_running=21) == 21  # held
     assert cap_window(cap, step_s=0.08, num_running=21) == 21  # held
     assert cap_window(cap, step_s=0.08, num_running=21) == 16  # lowered again
+
+
+def test_the_cap_is_judged_by_decode_only_steps() -> None:
+    """A step that also prefills is long whatever the cap (on a CPU a 512-token prompt costs
+    several decode steps): steps with prompt tokens are not timed, so prompts arriving among
+    short decode steps lower nothing, and long decode steps still do."""
+    cap = RunningCap(ceiling=128)
+    # Decode steps of 40 ms, every fourth step a 300 ms prefill: a mean of 105 ms over all
+    # steps, but the decoding requests' steps meet the 60 ms target.
+    assert cap_window(cap, step_s=0.04, num_running=20, prompt_every=4, prompt_step_s=0.3) == 128
+    # Decode steps of 80 ms among the same prompts: lowered.
+    assert cap_window(cap, step_s=0.08, num_running=20, prompt_every=4, prompt_step_s=0.3) == 16
 
 
 def test_the_budget_loop_leaves_tpot_to_the_cap_while_ttft_has_slack() -> None:
