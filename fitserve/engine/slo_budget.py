@@ -77,9 +77,10 @@ class RunningCap:
     finished requests: how long the engine's decode-only steps took (every running request
     decodes one token per step, so their mean time is the TPOT that decoding together costs
     them; steps that also prefill are not timed, as a cap on running requests does not shorten
-    a prompt's prefill: measured at 2.75 req/s of 512-token prompts, the cap was lowered early
-    on such steps and the run lost a third of its goodput) and how long the oldest queued
-    request has waited for its first token.
+    a prompt's prefill: at 2.75 req/s of 512-token prompts, where most of a step's work is
+    prefill, the two runs in six whose cap was lowered early by the mean of all steps lost a
+    quarter to a half of their goodput) and how long the oldest queued request has waited for
+    its first token.
 
     - The wait is past `slack_share` of the TTFT target: the queue is spending TTFT it does
       not have; raise the cap. This is checked every `wait_check_s`, not once a window: in a
