@@ -498,7 +498,8 @@ class LLMEngine:
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())
         scheduler_output = self.scheduler.schedule()
-        self._last_step_had_prompt_tokens = any(item.num_new_tokens > 1 for item in scheduler_output.scheduled)
+        if self.slo_controller is not None:
+            self._last_step_had_prompt_tokens = any(item.num_new_tokens > 1 for item in scheduler_output.scheduled)
         if swap_space is not None:
             swap_space.swap_out(scheduler_output.offload)  # first: later copies may overwrite those blocks
             for _, groups in scheduler_output.swap_out:

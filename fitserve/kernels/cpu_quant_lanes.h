@@ -7,6 +7,7 @@
 namespace fitserve_cpu {
 
 constexpr int kLanesTileRows = 8;  // rows of x per pass over a block: 8 int32 + 8 float accumulators
+constexpr int64_t kMaxLanesParts = 4;  // parts of one layer run_lanes takes in one region (MixLLM: 2)
 
 // x rows for the lanes kernels, in tiles of up to 8 rows (the last one the rows left, T) laid out
 // so that a tile's step is one cache line or less: the int8 codes as int32 quads [K/4][T] per
@@ -246,8 +247,8 @@ inline void run_lanes_block(const KernelArgs& args, int64_t b, int64_t M) {
 // region costs a fork, a join and a cold start of the threads' streams.
 inline void run_lanes(const KernelArgs* parts, int64_t count, int64_t M) {
   int64_t blocks = 0, smallest_block_bytes = std::numeric_limits<int64_t>::max();
-  std::array<int64_t, 4> part_end{};
-  TORCH_CHECK(count >= 1 && count <= static_cast<int64_t>(part_end.size()), "run_lanes: 1 to 4 parts");
+  std::array<int64_t, kMaxLanesParts> part_end{};
+  TORCH_CHECK(count >= 1 && count <= kMaxLanesParts, "run_lanes: 1 to ", kMaxLanesParts, " parts");
   for (int64_t i = 0; i < count; ++i) {
     const QuantPart& p = *parts[i].part;
     blocks += p.is_w4 ? p.w4_lanes_layout.blocks : p.w8_lanes_layout.blocks;

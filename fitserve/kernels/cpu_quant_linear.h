@@ -1192,7 +1192,7 @@ class QuantLinear {
       for (const QuantPart& part : parts_) run_kernel(part, x, M, out);
       return;
     }
-    std::array<KernelArgs, 4> args;
+    std::array<KernelArgs, kMaxLanesParts> args;
     const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
     for (size_t i = 0; i < parts_.size(); ++i) {
       const bool reuse = i > 0 && lanes_block(parts_[i - 1]) == lanes_block(parts_[i]);
@@ -1285,7 +1285,7 @@ class QuantLinear {
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
   ActivationCodes activations_;
-  std::array<ActivationCodes, 4> lane_activations_;  // per part, where all parts are in lanes layouts
+  std::array<ActivationCodes, kMaxLanesParts> lane_activations_;  // per part, where all parts are in lanes layouts
   AlignedBuffer<float> x_staging_, out_staging_;  // bf16 decode steps (forward)
 };
 
