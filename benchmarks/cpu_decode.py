@@ -408,6 +408,7 @@ def main() -> int:
 
     llama_cpp_runners: dict = {}
     llama_cpp_version = None
+    llama_cpp_build = None  # the vector extensions its CPU backend was compiled with
     llama_cpp_types: dict = {}
     if not args.skip_llama_cpp:
         try:
@@ -416,6 +417,7 @@ def main() -> int:
             from llama_cpp_side import LlamaCppRunner, gguf_bits_per_weight, quantize_gguf, write_gguf
 
             llama_cpp_version = llama_cpp.__version__
+            llama_cpp_build = llama_cpp.llama_print_system_info().decode().strip()
             gguf_path = write_gguf(model_dir, model_dir / "model-bf16.gguf")
             for type_name in args.llama_cpp_types:
                 path = quantize_gguf(gguf_path, type_name, args.threads)
@@ -549,7 +551,8 @@ def main() -> int:
     summary = summarize_runs(runs, shapes, machine, args)
     result = {
         "benchmark": "cpu_decode",
-        "machine": {**describe_machine(), "llama_cpp_python": llama_cpp_version, "measured_limits": machine,
+        "machine": {**describe_machine(), "llama_cpp_python": llama_cpp_version,
+                    "llama_cpp_build": llama_cpp_build, "measured_limits": machine,
                     "measured_limits_every_repeat": machine_samples},
         "model": {"preset": args.preset, "num_layers": config["num_hidden_layers"], "weights": "random (shape only)",
                   "shape": {d: s.to_dict() for d, s in shapes.items()}},
