@@ -398,7 +398,16 @@ def _compiled_layer(class_name: str, in_features: int, out_features: int, bias: 
     layer = getattr(kernels, class_name)(in_features, out_features, bias, isa, **kwargs)
     if layer.isa == "reference" and isa == "auto":
         _log_once(no_kernel_message)
+    elif isa == "auto":  # which integer kernels this CPU runs, said once per process
+        _log_once(f"integer weights: {_ISA_DESCRIPTIONS.get(layer.isa, layer.isa)} kernels")
     return layer
+
+
+_ISA_DESCRIPTIONS = {
+    "amx": "AVX-512 VNNI (decode rows) and AMX-INT8 tile (16+ rows)",
+    "avx512_vnni": "AVX-512 VNNI",
+    "avx2": "AVX2",
+}
 
 
 def log_reference_parts(layer) -> None:

@@ -360,6 +360,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("out_features", &QuantLinear::out_features)
       .def_property_readonly("decode_max_rows", &QuantLinear::decode_max_rows);
   m.def("has_avx512_vnni", &cpu_has_avx512_vnni, "whether this CPU has AVX-512 VNNI");
+  m.def("has_amx_int8", &cpu_has_amx_int8, "whether this CPU has AMX-INT8 and this process may use its tiles");
   m.def("set_scalar_dequantize", [](bool on) { force_scalar_dequantize.store(on); },
         "tests: the integer formats' dequantizing path in scalar loops, as on CPUs without AVX-512 (BF16)");
   m.def("dpbusd_rate", &dpbusd_rate, "vpdpbusd per second on all threads (register-only loop; 0 without VNNI)",

@@ -226,46 +226,6 @@ FITSERVE_VNNI void w8_lanes_block(const KernelArgs& args, const W8Lanes& L, int6
   store_lanes_block<MR>(args, b, m0, row_mask, out);
 }
 
-// Block b of a lanes-layout part (w4 or w8) against all M rows of x, in tiles.
-inline void run_lanes_block(const KernelArgs& args, int64_t b, int64_t M) {
-  const QuantPart& p = *args.part;
-  for (int64_t m0 = 0; m0 < M; m0 += kLanesTileRows) {
-    const int mr = static_cast<int>(std::min<int64_t>(kLanesTileRows, M - m0));
-    with_rows<kLanesTileRows>(mr, [&](auto R) {
-      constexpr int MR = decltype(R)::value;
-      if (!p.is_w4) w8_lanes_block<MR>(args, p.w8_lanes_layout, b, m0);
-      else if (kHasGfni) w4_lanes_block<MR, true>(args, p.w4_lanes_layout, b, m0);
-      else w4_lanes_block<MR, false>(args, p.w4_lanes_layout, b, m0);
-    });
-  }
-}
-
-// Lanes-layout parts (w4 or w8; MixLLM's layer has one of each) over all M rows of x in one
-// parallel region: the parts' blocks, one after another, split between threads (~32 KiB per
-// claim), each block met by the rows of x in tiles while it is in L1/L2. Why one region: a
-// decode row's call is short (a MixLLM o projection's w8 part is 6 blocks, ~86 KiB), and each
-// region costs a fork, a join and a cold start of the threads' streams.
-inline void run_lanes(const KernelArgs* parts, int64_t count, int64_t M) {
-  int64_t blocks = 0, smallest_block_bytes = std::numeric_limits<int64_t>::max();
-  std::array<int64_t, kMaxLanesParts> part_end{};
-  TORCH_CHECK(count >= 1 && count <= kMaxLanesParts, "run_lanes: 1 to ", kMaxLanesParts, " parts");
-  for (int64_t i = 0; i < count; ++i) {
-    const QuantPart& p = *parts[i].part;
-    blocks += p.is_w4 ? p.w4_lanes_layout.blocks : p.w8_lanes_layout.blocks;
-    part_end[i] = blocks;
-    smallest_block_bytes = std::min(smallest_block_bytes,
-                                    kLaneRows * (p.is_w4 ? p.w4_lanes_layout.K / 2 : p.w8_lanes_layout.K));
-  }
-  const int64_t chunk = std::max<int64_t>(1, kClaimBytes / std::max<int64_t>(1, smallest_block_bytes));
-  parallel_for_stealing(blocks, chunk, [&](int64_t first, int64_t last) {
-    int64_t part = 0;
-    for (int64_t item = first; item < last; ++item) {
-      while (item >= part_end[part]) ++part;
-      run_lanes_block(parts[part], item - (part ? part_end[part - 1] : 0), M);
-    }
-  });
-}
-
 // 128-bit lane i (0-3) of v; the extract instruction takes its lane as an immediate.
 __attribute__((target("avx512f"))) inline __m128i lane128(__m512i v, int i) {
   switch (i) {

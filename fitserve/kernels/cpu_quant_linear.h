@@ -228,6 +228,10 @@ struct ActivationCodes {
   AlignedBuffer<float> group_scales;  // w4: [M][groups] xs_g
   AlignedBuffer<int32_t> offsets;   // w8 (AVX-512): [M][blocks][16] -128 * each lane's code sum; lanes layouts: x codes as int32 quads [tiles][K/4][8]
   AlignedBuffer<int32_t> block_sums;  // lanes layouts: [tiles][blocks][8] sum of each block's codes
+  // AMX (cpu_quant_amx.h): group_scales again as [blocks][table_stride], each block's scales
+  // for the rows of x side by side (table_stride: M rounded up to whole tiles of 16).
+  int64_t table_stride = 0;
+  AlignedBuffer<float> tile_scales;
   std::vector<int8_t> natural;      // one row's codes in column order (w4 staging)
 };
 
@@ -751,6 +755,7 @@ inline void with_rows(int rows, const F& f) {
 }  // namespace fitserve_cpu
 
 #include "cpu_quant_lanes.h"
+#include "cpu_quant_amx.h"
 
 namespace fitserve_cpu {
 
@@ -922,8 +927,9 @@ struct DequantScratch {
 
 class QuantLinear {
  public:
-  // isa: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or "reference" (dequantize
-  // and matmul for every row count). decode_max_rows: up to this many rows of x the integer
+  // isa: "auto" (the best this CPU runs), "amx" (the AVX-512 VNNI kernels, and AMX tiles for
+  // batched rows: cpu_quant_amx.h), "avx512_vnni", "avx2" or "reference" (dequantize and matmul
+  // for every row count). decode_max_rows: up to this many rows of x the integer
   // kernels run, above it the dequantizing path (kQuantDecodeMaxRowsAuto: kQuantLanesDecodeMaxRows
   // once the layer has a lanes-layout part, else kQuantDecodeMaxRows). lanes: on AVX-512 VNNI, parts
   // are repacked into their lanes layout and run its kernel (false: the row-major kernels, kept
@@ -937,10 +943,12 @@ class QuantLinear {
                 "QuantLinear: decode_max_rows must be >= 0 (or -1: the default for the parts added)");
     if (isa == "auto") isa_ = cpu_has_avx512_vnni() ? QuantIsa::kAvx512Vnni
                                 : cpu_has_avx2_fma() ? QuantIsa::kAvx2 : QuantIsa::kReference;
-    else if (isa == "avx512_vnni") isa_ = QuantIsa::kAvx512Vnni;
+    else if (isa == "avx512_vnni" || isa == "amx") isa_ = QuantIsa::kAvx512Vnni;
     else if (isa == "avx2") isa_ = QuantIsa::kAvx2;
     else if (isa == "reference") isa_ = QuantIsa::kReference;
-    else TORCH_CHECK(false, "QuantLinear: isa must be auto, avx512_vnni, avx2 or reference (got ", isa, ")");
+    else TORCH_CHECK(false, "QuantLinear: isa must be auto, amx, avx512_vnni, avx2 or reference (got ", isa, ")");
+    TORCH_CHECK(isa != "amx" || cpu_has_amx_int8(), "QuantLinear: this CPU (or this process) cannot use AMX-INT8");
+    amx_ = lanes_ && (isa == "amx" || (isa == "auto" && cpu_has_amx_int8()));
     TORCH_CHECK(isa_ != QuantIsa::kAvx512Vnni || cpu_has_avx512_vnni(), "QuantLinear: this CPU lacks AVX-512 VNNI");
     TORCH_CHECK(isa_ != QuantIsa::kAvx2 || cpu_has_avx2_fma(), "QuantLinear: this CPU lacks AVX2/FMA");
     if (bias.has_value() && bias->defined()) {
@@ -1103,11 +1111,12 @@ class QuantLinear {
     return total;
   }
 
-  std::string isa() const { return isa_name(isa_); }
-  // The code each part runs for decode rows, in the order they were added.
+  std::string isa() const { return amx_ ? "amx" : isa_name(isa_); }
+  // The code each part runs for decode rows, in the order they were added ("amx": the VNNI
+  // kernel for a few rows, AMX tiles from kAmxMinRows).
   std::vector<std::string> part_isas() const {
     std::vector<std::string> names;
-    for (const QuantPart& part : parts_) names.emplace_back(isa_name(part.isa));
+    for (const QuantPart& part : parts_) names.emplace_back(uses_amx(part) ? "amx" : isa_name(part.isa));
     return names;
   }
   // The layout each part's tensors are held in: "lanes" (on AVX-512 VNNI) or "rows".
@@ -1196,20 +1205,32 @@ class QuantLinear {
     const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
     for (size_t i = 0; i < parts_.size(); ++i) {
       const bool reuse = i > 0 && lanes_block(parts_[i - 1]) == lanes_block(parts_[i]);
-      if (!reuse) prepare_lanes_activations(x, M, in_features_, lanes_block(parts_[i]), lane_activations_[i]);
+      if (!reuse) prepare_lanes_for(x, M, parts_[i], lane_activations_[i]);
       args[i] = KernelArgs{&parts_[i], reuse ? args[i - 1].act : &lane_activations_[i], bias, out, out_features_};
     }
-    run_lanes(args.data(), static_cast<int64_t>(parts_.size()), M);
+    run_lanes(args.data(), static_cast<int64_t>(parts_.size()), M, amx_ && M >= kAmxMinRows);
+  }
+
+  // Whether the part runs on AMX tiles from kAmxMinRows rows of x.
+  bool uses_amx(const QuantPart& part) const { return amx_ && amx_fits(part); }
+
+  // x quantized for a lanes part's kernel; on AMX the codes buffer is sized to whole 16-row tiles
+  // (an A tile reads 16 rows; the rows past M are read, never used).
+  void prepare_lanes_for(const float* x, int64_t M, const QuantPart& part, ActivationCodes& a) {
+    const bool tiles = amx_ && M >= kAmxMinRows;
+    if (tiles) a.codes.get((M + kAmxRows - 1) / kAmxRows * kAmxRows * ((in_features_ + 63) / 64 * 64));
+    prepare_lanes_activations(x, M, in_features_, lanes_block(part), a);
+    if (tiles) prepare_amx_tables(M, in_features_, lanes_block(part), a);
   }
 
   // The part's integer kernel: x float32 [M, in_features], results into out [M, out_features].
   void run_kernel(const QuantPart& part, const float* x, int64_t M, float* out) {
     const bool vnni = part.isa == QuantIsa::kAvx512Vnni;
     if (part.lanes) {
-      prepare_lanes_activations(x, M, in_features_, lanes_block(part), activations_);
+      prepare_lanes_for(x, M, part, activations_);
       const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
                             out, out_features_};
-      run_lanes(&args, 1, M);
+      run_lanes(&args, 1, M, amx_ && M >= kAmxMinRows);
       return;
     }
     if (part.is_w4) prepare_w4_activations(x, M, part.layout, activations_);
@@ -1277,6 +1298,7 @@ class QuantLinear {
 
   int64_t in_features_, out_features_, decode_max_rows_;
   bool lanes_ = true;
+  bool amx_ = false;  // lanes parts run on AMX tiles from kAmxMinRows rows of x (cpu_quant_amx.h)
   QuantIsa isa_ = QuantIsa::kReference;
   torch::Tensor bias_, bias_bf16_;  // float32, and rounded to bf16 for the bf16 matmul
   const bool native_bf16_ = cpu_has_avx512_bf16();

@@ -33,6 +33,7 @@ PROBE = textwrap.dedent("""
     print(json.dumps({
         "capability": torch.backends.cpu.get_cpu_capability(),
         "avx512_vnni": kernels.has_avx512_vnni(), "avx512_bf16": kernels.has_avx512_bf16(),
+        "amx_int8": kernels.has_amx_int8(),
         "native_bf16": cpu.cpu_has_native_bf16(), "isa": layer.isa, "part_isas": layer.part_isas(),
         "out": layer.forward(x).tolist(),
     }))
@@ -53,9 +54,10 @@ def test_avx2_capability_keeps_every_kernel_choice_to_avx2() -> None:
     limited = probe("avx2")
     assert limited["capability"] == "AVX2"
     assert not limited["avx512_vnni"] and not limited["avx512_bf16"] and not limited["native_bf16"]
+    assert not limited["amx_int8"]
     assert limited["isa"] == "avx2" and limited["part_isas"] == ["avx2"]
     full = probe(None)
-    assert full["isa"] == "avx512_vnni" and full["avx512_vnni"]
+    assert full["isa"] == ("amx" if full["amx_int8"] else "avx512_vnni") and full["avx512_vnni"]
     # Both kernels round x to int8 per group and sum exactly in int32: the same outputs, up to
     # the order of float32 sums.
     for row_limited, row_full in zip(limited["out"], full["out"], strict=True):

@@ -25,8 +25,11 @@ from fitserve.quant import packing
 kernels = cpu.get()
 pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2 or no compiler)")
 
+HAS_AMX = kernels is not None and kernels.has_amx_int8()
 KERNEL_ISAS = [] if kernels is None else (["avx512_vnni", "avx2"] if kernels.has_avx512_vnni() else ["avx2"])
+KERNEL_ISAS = ["amx", *KERNEL_ISAS] if HAS_AMX else KERNEL_ISAS
 ALL_ISAS = [*KERNEL_ISAS, "reference"]
+LANES_ISAS = ("amx", "avx512_vnni")  # the isas that hold parts in the lanes layouts
 NATIVE_BF16 = kernels is not None and kernels.has_avx512_bf16()
 W8_X_BLOCK = 128
 
@@ -109,7 +112,8 @@ W4_SHAPES = [(32, 96), (32, 160), (64, 192), (64, 896), (128, 384), (128, 896), 
 def test_w4_matches_dequantized_reference(isa, group_size, in_features, rows, x_dtype):
     bias = torch.randn(37, generator=torch.Generator().manual_seed(rows))
     layer, weight = w4_layer(in_features, 37, group_size, isa, bias, seed=in_features + rows)
-    assert layer.part_isas() == [isa]
+    # AMX tiles take 64 columns of a group at a time; other groups stay on the VNNI kernel.
+    assert layer.part_isas() == ["avx512_vnni" if isa == "amx" and group_size % 64 else isa]
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows + 1)).to(x_dtype)
     run_and_check(layer, weight, bias, x, group_size)
 
@@ -126,8 +130,8 @@ def test_w4_largest_products_stay_exact(isa, group_size):
     layer = kernels.QuantLinear(in_features, 20, None, isa)
     layer.add_w4(qweight, scales, zeros, group_size)
     dequantized = packing.dequantize_w4(qweight, scales, zeros, group_size)
-    for sign in (1.0, -1.0):
-        x = torch.full((2, in_features), sign)
+    for sign, rows in [(1.0, 2), (-1.0, 2), (1.0, 17), (-1.0, 17)]:  # 17: AMX tiles where present
+        x = torch.full((rows, in_features), sign)
         out = layer.forward(x)
         assert torch.allclose(out, F.linear(x, dequantized), rtol=1e-6), (out[0, 0], sign * in_features * 0.5)
 
@@ -150,7 +154,7 @@ def test_w4_reads_nothing_past_the_parts_scales_and_zeros(isa, group_size, in_fe
                  zero_buffer[:rows_of_w * groups].view(rows_of_w, groups), group_size)
     plain = kernels.QuantLinear(in_features, rows_of_w, None, isa)
     plain.add_w4(qweight.clone(), scales.clone(), zeros.clone(), group_size)
-    for rows in (1, 2, 5):
+    for rows in (1, 2, 5, 17):
         x = torch.randn(rows, in_features, generator=generator)
         out = layer.forward(x)
         assert torch.isfinite(out).all() and torch.equal(out, plain.forward(x))
@@ -197,7 +201,7 @@ def test_mixed_parts_write_their_rows(isa, x_dtype, rows):
     layer = kernels.QuantLinear(K, N, bias, isa)
     layer.add_w4(q4, s4, z4, G, out_rows=low)
     layer.add_w8(q8, s8, out_rows=high)
-    assert layer.part_layouts() == ["lanes" if isa == "avx512_vnni" else "rows"] * 2
+    assert layer.part_layouts() == ["lanes" if isa in LANES_ISAS else "rows"] * 2
     dequantized = torch.empty(N, K)
     dequantized[low] = packing.dequantize_w4(q4, s4, z4, G)
     dequantized[high] = packing.dequantize_w8(q8, s8)
@@ -251,17 +255,19 @@ LANE_ROWS_OF_X = [1, 2, 7, 8, 9, 31, 32, 33, 64, 65]
 
 
 @LANES
+@pytest.mark.parametrize("isa", [isa for isa in KERNEL_ISAS if isa in LANES_ISAS])
 @pytest.mark.parametrize(("out_features", "in_features", "group_size"),
                          [(16, 128, 128), (37, 896, 128), (33, 96, 32), (1, 64, 64), (50, 48, 48), (7, 24, 8)])
-def test_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_features, in_features, group_size):
+def test_lanes_layout_is_packings_and_its_kernel_matches_the_reference(isa, out_features, in_features, group_size):
     # N not a multiple of 16 (a short last block), one row, groups the row layout cannot run (48, 8).
     generator = torch.Generator().manual_seed(out_features + in_features)
     qweight, scales, zeros = packing.quantize_w4(torch.randn(out_features, in_features, generator=generator),
                                                  group_size)
     bias = torch.randn(out_features, generator=generator)
-    layer = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    layer = kernels.QuantLinear(in_features, out_features, bias, isa, decode_max_rows=1000)
     held = layer.add_w4(qweight, scales, zeros, group_size)
-    assert layer.part_layouts() == ["lanes"] and layer.part_isas() == ["avx512_vnni"]
+    assert layer.part_layouts() == ["lanes"]
+    assert layer.part_isas() == ["amx" if isa == "amx" and group_size % 64 == 0 else "avx512_vnni"]
     lanes = packing.pack_w4_lanes(qweight, scales, zeros, group_size)
     assert all(torch.equal(a, b) for a, b in zip(held, lanes, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(packing.unpack_w4_lanes(*lanes, group_size),
@@ -275,7 +281,7 @@ def test_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_featu
     # The tensors it returned, given back as lanes, run the same; given to a CPU path without the
     # layout (reference isa), they are converted back to the row layout.
     x = torch.randn(5, in_features, generator=generator)
-    again = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    again = kernels.QuantLinear(in_features, out_features, bias, isa, decode_max_rows=1000)
     assert again.add_w4(*held, group_size, layout="lanes")[0].data_ptr() == held[0].data_ptr()
     assert torch.equal(again.forward(x), layer.forward(x))
     reference = kernels.QuantLinear(in_features, out_features, bias, "reference")
@@ -284,16 +290,20 @@ def test_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_featu
 
 
 @LANES
-@pytest.mark.parametrize(("out_features", "in_features"), [(16, 128), (37, 100), (1, 4), (50, 132), (33, 4864)])
-def test_w8_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_features, in_features):
+@pytest.mark.parametrize("isa", [isa for isa in KERNEL_ISAS if isa in LANES_ISAS])
+@pytest.mark.parametrize(("out_features", "in_features"),
+                         [(16, 128), (37, 100), (1, 4), (50, 132), (33, 4864), (37, 192)])
+def test_w8_lanes_layout_is_packings_and_its_kernel_matches_the_reference(isa, out_features, in_features):
     # A short last block of rows, one row, K % 8 == 4 (an odd step in the last block of x), K not a
-    # multiple of 128 (a short last block of x), and down_proj's K.
+    # multiple of 128 (a short last block of x), down_proj's K, and on AMX a last block of x that
+    # is one 64-column tile (192) with a short last block of rows.
     generator = torch.Generator().manual_seed(out_features + in_features)
     qweight, scales = packing.quantize_w8(torch.randn(out_features, in_features, generator=generator))
     bias = torch.randn(out_features, generator=generator)
-    layer = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    layer = kernels.QuantLinear(in_features, out_features, bias, isa, decode_max_rows=1000)
     held = layer.add_w8(qweight, scales)
-    assert layer.part_layouts() == ["lanes"] and layer.part_isas() == ["avx512_vnni"]
+    assert layer.part_layouts() == ["lanes"]
+    assert layer.part_isas() == ["amx" if isa == "amx" and in_features % 64 == 0 else "avx512_vnni"]
     lanes = packing.pack_w8_lanes(qweight)
     assert torch.equal(held[0], lanes) and torch.equal(held[1], scales)
     assert torch.equal(packing.unpack_w8_lanes(lanes), qweight)
@@ -304,7 +314,7 @@ def test_w8_lanes_layout_is_packings_and_its_kernel_matches_the_reference(out_fe
         x = torch.randn(rows, in_features, generator=generator)
         check_kernel_output(layer.forward(x), x, weight, bias, W8_X_BLOCK)
     x = torch.randn(5, in_features, generator=generator)
-    again = kernels.QuantLinear(in_features, out_features, bias, "avx512_vnni", decode_max_rows=1000)
+    again = kernels.QuantLinear(in_features, out_features, bias, isa, decode_max_rows=1000)
     assert again.add_w8(*held, layout="lanes")[0].data_ptr() == held[0].data_ptr()
     assert torch.equal(again.forward(x), layer.forward(x))
     reference = kernels.QuantLinear(in_features, out_features, bias, "reference")
