@@ -25,7 +25,9 @@ the default decode_max_rows.
 layer: bf16 weights through fitserve's vdpbf16ps kernel (`cpu.linear`, bf16 x), w4 (group 128)
 in the lanes layout (16 output rows in the vector lanes, the AVX-512 VNNI default) and in the
 row layout (`lanes=False`, the previous kernel), and MixLLM's mixture (90% of the rows w4,
-10% w8, scattered by out_rows) in both layouts. Weights in cache (one copy) and from memory (copies
+10% w8, scattered by out_rows) in both layouts. On CPUs with AMX-INT8 the lanes layers run on
+tiles from 16 rows, and the same layers held to the VNNI kernel ("... lanes avx512_vnni") join
+the comparison. Weights in cache (one copy) and from memory (copies
 beyond the caches), variants alternating call by call; per-layer sums of the best times, and
 the lanes kernel's multiply-accumulates per second as a fraction of the vpdpbusd peak measured
 in the same run (`dpbusd_rate`, 64 per instruction) and, at one row, its read rate as a fraction
@@ -181,12 +183,13 @@ def rows_section(args, kernels) -> dict:
     return {"shape": [out_features, in_features], "results": results}
 
 
-def mixed_layer(kernels, weight: torch.Tensor, lanes: bool, high_fraction: float = 0.1, group_size: int = 128):
+def mixed_layer(kernels, weight: torch.Tensor, lanes: bool, high_fraction: float = 0.1, group_size: int = 128,
+                isa: str = "auto"):
     """MixLLM's layer shape: every tenth output row (salient) in w8, the rest in w4."""
     rows = weight.shape[0]
     high = torch.arange(0, rows, int(round(1 / high_fraction)))
     low = torch.tensor(sorted(set(range(rows)) - set(high.tolist())), dtype=torch.int64)
-    layer = kernels.QuantLinear(weight.shape[1], rows, None, "auto", 1 << 20, lanes)
+    layer = kernels.QuantLinear(weight.shape[1], rows, None, isa, 1 << 20, lanes)
     layer.add_w4(*in_huge_pages(packing.quantize_w4(weight[low], group_size)), group_size, low, in_place=True)
     layer.add_w8(*in_huge_pages(packing.quantize_w8(weight[high])), high, in_place=True)
     return layer
@@ -214,6 +217,10 @@ def batch_section(args, kernels) -> dict:
             "mixllm lanes": lambda: mixed_layer(kernels, weight, True),
             "mixllm rows": lambda: mixed_layer(kernels, weight, False),
         }
+        if kernels.has_amx_int8():  # "lanes" above run on AMX tiles from 16 rows; these never do
+            makers["w4 lanes avx512_vnni"] = lambda: quant_layer(kernels, "w4", weight, "avx512_vnni",
+                                                                 decode_max_rows=1 << 20)
+            makers["mixllm lanes avx512_vnni"] = lambda: mixed_layer(kernels, weight, True, isa="avx512_vnni")
         shape_result = {"shape": [out_features, in_features]}
         for residency in ("cache", "memory"):
             objects = {}

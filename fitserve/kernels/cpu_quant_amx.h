@@ -40,11 +40,23 @@ constexpr int64_t kAmxColumns = 64;  // columns of x (bytes) per A tile row
 // at 16, 1.15-1.6x less at 32 and 1.3-1.9x less at 64 (best of 30 calls each, weights in L3).
 constexpr int64_t kAmxMinRows = 16;
 
+// Whether oneDNN's ISA limit (ONEDNN_MAX_CPU_ISA), which keeps torch's matmuls off AMX on a
+// machine that mishandles it, leaves AMX on: unset, or naming an AMX level (or ALL / DEFAULT).
+// The same variable holds fitserve's tiles off, so one setting covers both.
+inline bool onednn_isa_allows_amx() {
+  const char* limit = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (limit == nullptr || *limit == '\0') return true;
+  std::string upper(limit);
+  std::transform(upper.begin(), upper.end(), upper.begin(), [](unsigned char c) { return std::toupper(c); });
+  return upper.find("AMX") != std::string::npos || upper == "ALL" || upper == "DEFAULT";
+}
+
 // Whether the CPU has AMX-TILE and AMX-INT8 and this process may use the tile registers: Linux
 // hands the tile state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA), once; without it the first tile instruction faults.
 inline bool request_amx_int8() {
   if (!cpu_has_avx512_vnni()) return false;  // also honours ATEN_CPU_CAPABILITY=avx2
+  if (!onednn_isa_allows_amx()) return false;
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool tile = (edx >> 24) & 1u, int8 = (edx >> 25) & 1u;
