@@ -6,21 +6,23 @@
 //
 // Why: a batched decode step (tens of rows of x) is compute-bound on the AVX-512 VNNI lanes
 // kernel: two vpdpbusd per row of x and 8 columns of 16 weight rows. An AMX tile multiply
-// (tdpbsud / tdpbssd) takes 16 rows of x by 64 columns against 16 weight rows in one
-// instruction, 16x the work of a vpdpbusd, on a unit of its own.
+// (tdpbssd) takes 16 rows of x by 64 columns against 16 weight rows in one instruction, 16x
+// the work of a vpdpbusd, on a unit of its own.
 //
 // Why the lanes layouts need no repacking: a tile multiply's second operand holds, per tile row,
 // 16 columns of 4 bytes each (the "VNNI" layout of B: 4 consecutive k of one output column).
 // One 64-byte step of a w4 lanes block is exactly that once split into nibbles: its low nibbles
 // are k = 8t .. 8t + 3 of the 16 weight rows, its high nibbles k = 8t + 4 .. 8t + 7. So a group's
-// steps, split and stored low, high, low, high, are the B tiles of that group in column order,
+// steps, split (minus the zero point) and stored low, high, low, high, are the B tiles of that
+// group in column order,
 // and the A tiles are x's int8 codes as prepare_lanes_activations already writes them (each row
 // of x in column order, rows code_stride apart). A w8 block's steps are B tiles as they lie in
 // memory (signed bytes: tdpbssd).
 //
 // Per group (w4; 128-column blocks of x for w8) and 16 rows of x the tile product is an exact
-// int32 sum, converted and scaled as the VNNI kernel does (x's block scale, the weights' group
-// scale, w4's zero-point term); results differ from it only by float32 rounding order.
+// int32 sum (w4: of (q - z) x, the zero point inside it), converted and scaled by x's block
+// scale and the weights' scale in float32; results meet the VNNI kernel's error bound and
+// differ from it only by float32 rounding.
 
 #pragma once
 
@@ -30,14 +32,16 @@
 
 namespace fitserve_cpu {
 
-#define FITSERVE_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c,gfni,amx-tile,amx-int8")))
+#define FITSERVE_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c,gfni,amx-tile,amx-int8")))
 
 constexpr int64_t kAmxRows = 16;     // rows of x per A tile (and int32 rows of a C tile)
 constexpr int64_t kAmxColumns = 64;  // columns of x (bytes) per A tile row
 // Rows of x from which a lanes part runs on AMX tiles (below: the VNNI lanes kernel). A tile
 // multiply costs the same for 8 rows of x as for 16: on a 2-core Xeon with AMX, Qwen2.5-0.5B's
-// projections (w4, group 128) took 0.7-0.96x the VNNI kernel's time at 8 rows, 1.02-1.3x less
-// at 16, 1.15-1.6x less at 32 and 1.3-1.9x less at 64 (best of 30 calls each, weights in L3).
+// projections (w4, group 128) ran 0.7-0.96x as fast as on the VNNI kernel at 8 rows; a whole
+// layer ran about as fast at 16 (0.96-1.17x over runs) and faster from 32 (1.17-1.33x; 64 rows
+// 1.26-1.43x; benchmarks/cpu_quant_kernels.py --section batch).
 constexpr int64_t kAmxMinRows = 16;
 
 // Whether oneDNN's ISA limit (ONEDNN_MAX_CPU_ISA), which keeps torch's matmuls off AMX on a
@@ -117,10 +121,11 @@ inline void prepare_amx_tables(int64_t M, int64_t K, int64_t block, ActivationCo
   }
 }
 
-// This thread's scratch: one block's weights as B tiles, and one C tile.
+// This thread's scratch: one block's weights as B tiles, and two C tiles as stored.
 struct AmxScratch {
   AlignedBuffer<int8_t> weights;
-  alignas(64) int32_t product[2][kAmxRows * kAmxRows];  // C tiles of even and odd blocks of x
+  // C tiles 0 and 1: of even and odd blocks of x, or of a pair's two tiles of x rows.
+  alignas(64) int32_t product[2][kAmxRows * kAmxRows];
   static AmxScratch& here() {
     thread_local AmxScratch scratch;
     return scratch;
@@ -159,8 +164,9 @@ FITSERVE_AMX inline void w8_block_as_tiles(const W8Lanes& L, const uint8_t* code
 }
 
 // acc[m] += cvt(C row m) * (weight_scale * xs[m]) for the 16 rows of the C tile just stored.
-FITSERVE_AMX __attribute__((always_inline)) inline void add_amx_product(const int32_t* product, const float* xs, __m512 weight_scale,
-                                         __m512 (&acc)[kAmxRows]) {
+FITSERVE_AMX __attribute__((always_inline)) inline void add_amx_product(const int32_t* product, const float* xs,
+                                                                         __m512 weight_scale,
+                                                                         __m512 (&acc)[kAmxRows]) {
 #pragma GCC unroll 16
   for (int m = 0; m < kAmxRows; ++m) {
     const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(product + m * kAmxRows));
@@ -168,7 +174,8 @@ FITSERVE_AMX __attribute__((always_inline)) inline void add_amx_product(const in
   }
 }
 
-// What amx_block_of_x reads for one block of 16 output rows and 16 rows of x.
+// What amx_block_of_x reads for one block of 16 output rows and 16 rows of x (and
+// amx_block_of_x_pair for 32 rows of x, 16 rows apart).
 struct AmxBlockArgs {
   const int8_t* x_tile;  // 16 rows of x's codes, code_stride apart
   int64_t code_stride;
@@ -186,7 +193,8 @@ struct AmxBlockArgs {
 // tile products into C tile `Set` (x tile 2 + 2 Set, weight tile 3 + 2 Set), stored, and scaled
 // into acc.
 template <int Set>
-FITSERVE_AMX __attribute__((always_inline)) inline void amx_block_of_x(const AmxBlockArgs& args, int64_t g, int32_t* product, __m512 (&acc)[kAmxRows]) {
+FITSERVE_AMX __attribute__((always_inline)) inline void amx_block_of_x(const AmxBlockArgs& args, int64_t g,
+                                                                        int32_t* product, __m512 (&acc)[kAmxRows]) {
   const int64_t first = g * args.block_columns, last = std::min(args.K, first + args.block_columns);
   // GCC's tile intrinsics take the tile number as a literal (it is pasted into the instruction).
 #define FITSERVE_AMX_PRODUCTS(C, X, W)                                \
@@ -272,7 +280,8 @@ FITSERVE_AMX void amx_lanes_block(const KernelArgs& args, int64_t b, int64_t M) 
     block_columns = kW8XBlock;
   }
   const int64_t blocks = (K + block_columns - 1) / block_columns;
-  const __m512 row_scales = p.is_w4 ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(row_mask, p.row_scales + b * kLaneRows);
+  const __m512 row_scales =
+      p.is_w4 ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(row_mask, p.row_scales + b * kLaneRows);
   int64_t m0 = 0;
   const auto store_rows = [&](int64_t first, const __m512* results) {
     const int64_t rows = std::min(kAmxRows, M - first);
