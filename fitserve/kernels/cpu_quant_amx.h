@@ -74,8 +74,8 @@ inline bool cpu_has_amx_int8() {
   return has;
 }
 
-// The tile configuration every AMX kernel here uses: tiles 0-5 all 16 rows of 64 bytes (C
-// tiles 0 and 1, x tiles 2 and 4, weight tiles 3 and 5: amx_block_of_x, amx_block_of_x_pair).
+// The tile configuration every AMX kernel here uses: tiles 0-4 all 16 rows of 64 bytes (C
+// tiles 0 and 1, x tiles 2 and 4, weight tile 3: amx_block_of_x, amx_block_of_x_pair).
 struct alignas(64) AmxTileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -83,7 +83,7 @@ struct alignas(64) AmxTileConfig {
   uint16_t bytes_per_row[16] = {};
   uint8_t rows[16] = {};
   AmxTileConfig() {
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < 5; ++i) {
       bytes_per_row[i] = kAmxColumns;
       rows[i] = kAmxRows;
     }
@@ -124,7 +124,7 @@ inline void prepare_amx_tables(int64_t M, int64_t K, int64_t block, ActivationCo
 // This thread's scratch: one block's weights as B tiles, and two C tiles as stored.
 struct AmxScratch {
   AlignedBuffer<int8_t> weights;
-  // C tiles 0 and 1: of even and odd blocks of x, or of a pair's two tiles of x rows.
+  // C tiles 0 and 1 (of a pair's two tiles of x rows; a single tile uses the first).
   alignas(64) int32_t product[2][kAmxRows * kAmxRows];
   static AmxScratch& here() {
     thread_local AmxScratch scratch;
@@ -189,31 +189,26 @@ struct AmxBlockArgs {
   int64_t table_stride;
 };
 
+// The weights' scales of block g of x for the block's 16 output rows: w4's group scales, or
+// w8's row scales (the same for every block of x).
+FITSERVE_AMX __attribute__((always_inline)) inline __m512 amx_weight_scale(const AmxBlockArgs& args, int64_t g) {
+  return args.half_scales
+      ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(args.row_mask, args.half_scales + g * args.R)) : args.row_scales;
+}
+
 // Block g of x (a w4 group, or a w8 128-column block) for 16 rows of x and 16 output rows: its
-// tile products into C tile `Set` (x tile 2 + 2 Set, weight tile 3 + 2 Set), stored, and scaled
-// into acc.
-template <int Set>
+// tile products into C tile 0 (x tile 2, weight tile 3), stored, and scaled into acc.
 FITSERVE_AMX __attribute__((always_inline)) inline void amx_block_of_x(const AmxBlockArgs& args, int64_t g,
                                                                         int32_t* product, __m512 (&acc)[kAmxRows]) {
   const int64_t first = g * args.block_columns, last = std::min(args.K, first + args.block_columns);
-  // GCC's tile intrinsics take the tile number as a literal (it is pasted into the instruction).
-#define FITSERVE_AMX_PRODUCTS(C, X, W)                                \
-  _tile_zero(C);                                                      \
-  for (int64_t k = first; k < last; k += kAmxColumns) {               \
-    _tile_loadd(X, args.x_tile + k, args.code_stride);                \
-    _tile_loadd(W, args.tiles + k * kLaneRows, kAmxColumns);          \
-    _tile_dpbssd(C, X, W); /* signed x, signed weights (w4: q - z) */ \
-  }                                                                   \
-  _tile_stored(C, product, kAmxRows * sizeof(int32_t));
-  if constexpr (Set == 0) {
-    FITSERVE_AMX_PRODUCTS(0, 2, 3)
-  } else {
-    FITSERVE_AMX_PRODUCTS(1, 4, 5)
+  _tile_zero(0);
+  for (int64_t k = first; k < last; k += kAmxColumns) {
+    _tile_loadd(3, args.tiles + k * kLaneRows, kAmxColumns);
+    _tile_loadd(2, args.x_tile + k, args.code_stride);
+    _tile_dpbssd(0, 2, 3);  // signed x against signed weights (w4: q - z)
   }
-#undef FITSERVE_AMX_PRODUCTS
-  const __m512 weight_scale = args.half_scales
-      ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(args.row_mask, args.half_scales + g * args.R)) : args.row_scales;
-  add_amx_product(product, args.x_scales + g * args.table_stride, weight_scale, acc);
+  _tile_stored(0, product, kAmxRows * sizeof(int32_t));
+  add_amx_product(product, args.x_scales + g * args.table_stride, amx_weight_scale(args, g), acc);
 }
 
 // The same for two 16-row tiles of x at once (the second one 16 rows further), sharing each
@@ -235,8 +230,7 @@ FITSERVE_AMX __attribute__((always_inline)) inline void amx_block_of_x_pair(cons
   }
   _tile_stored(0, product0, kAmxRows * sizeof(int32_t));
   _tile_stored(1, product1, kAmxRows * sizeof(int32_t));
-  const __m512 weight_scale = args.half_scales
-      ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(args.row_mask, args.half_scales + g * args.R)) : args.row_scales;
+  const __m512 weight_scale = amx_weight_scale(args, g);
   add_amx_product(product0, args.x_scales + g * args.table_stride, weight_scale, acc0);
   add_amx_product(product1, args.x_scales + g * args.table_stride + kAmxRows, weight_scale, acc1);
 }
@@ -306,16 +300,9 @@ FITSERVE_AMX void amx_lanes_block(const KernelArgs& args, int64_t b, int64_t M) 
     __m512 acc[kAmxRows];
 #pragma GCC unroll 16
     for (int m = 0; m < kAmxRows; ++m) acc[m] = _mm512_setzero_ps();
-    // Even and odd blocks of x use tiles of their own (amx_block_of_x), so that one block's
-    // products need not wait for the store of the block before from the same tiles.
     const AmxBlockArgs block_args{x_tile, a.code_stride, tiles, K, block_columns, p.is_w4 ? half_scales : nullptr,
                                   R, row_mask, row_scales, a.tile_scales.data + m0, a.table_stride};
-    int64_t g = 0;
-    for (; g + 2 <= blocks; g += 2) {
-      amx_block_of_x<0>(block_args, g, scratch.product[0], acc);
-      amx_block_of_x<1>(block_args, g + 1, scratch.product[1], acc);
-    }
-    if (g < blocks) amx_block_of_x<0>(block_args, g, scratch.product[0], acc);
+    for (int64_t g = 0; g < blocks; ++g) amx_block_of_x(block_args, g, scratch.product[0], acc);
     store_rows(m0, acc);
   }
 }

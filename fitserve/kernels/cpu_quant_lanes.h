@@ -24,13 +24,15 @@ constexpr int64_t kMaxLanesParts = 4;  // parts of one layer run_lanes takes in 
 // written in order, its rows read side by side: in a batched decode step this preparation runs
 // before the kernel while the other threads wait, and with one thread scattering each row's
 // quads 32 bytes apart it took ~9% of a 32-row call against down (486 us, 2 Zen 4 threads).
-inline void prepare_lanes_activations(const float* x, int64_t M, int64_t K, int64_t block, ActivationCodes& a) {
+// rows_held: rows the codes buffer holds (>= M; AMX tiles read whole tiles of 16 rows).
+inline void prepare_lanes_activations(const float* x, int64_t M, int64_t K, int64_t block, ActivationCodes& a,
+                                      int64_t rows_held = 0) {
   constexpr int T = kLanesTileRows;
   const int64_t tiles = (M + T - 1) / T, quads_per_row = K / 4, blocks = (K + block - 1) / block;
   a.code_stride = (K + 63) / 64 * 64;
   a.scale_stride = quads_per_row * T;  // int32 quads per whole tile
   a.extra_stride = blocks * T;         // values per block table of a whole tile
-  int8_t* codes = a.codes.get(M * a.code_stride);
+  int8_t* codes = a.codes.get(std::max(M, rows_held) * a.code_stride);
   int32_t* quads = a.offsets.get(tiles * a.scale_stride);
   float* group_scales = a.group_scales.get(tiles * a.extra_stride);
   float* zero_terms = a.zero_terms.get(tiles * a.extra_stride);

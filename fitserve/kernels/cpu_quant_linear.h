@@ -1208,18 +1208,20 @@ class QuantLinear {
       if (!reuse) prepare_lanes_for(x, M, parts_[i], lane_activations_[i]);
       args[i] = KernelArgs{&parts_[i], reuse ? args[i - 1].act : &lane_activations_[i], bias, out, out_features_};
     }
-    run_lanes(args.data(), static_cast<int64_t>(parts_.size()), M, amx_ && M >= kAmxMinRows);
+    run_lanes(args.data(), static_cast<int64_t>(parts_.size()), M, amx_rows(M));
   }
 
   // Whether the part runs on AMX tiles from kAmxMinRows rows of x.
   bool uses_amx(const QuantPart& part) const { return amx_ && amx_fits(part); }
+  // Whether M rows of x run on AMX tiles (the parts that fit them).
+  bool amx_rows(int64_t M) const { return amx_ && M >= kAmxMinRows; }
 
-  // x quantized for a lanes part's kernel; on AMX the codes buffer is sized to whole 16-row tiles
-  // (an A tile reads 16 rows; the rows past M are read, never used).
+  // x quantized for a lanes part's kernel; for the tiles the codes buffer holds whole 16-row
+  // tiles (an A tile reads 16 rows; the rows past M are read, never used).
   void prepare_lanes_for(const float* x, int64_t M, const QuantPart& part, ActivationCodes& a) {
-    const bool tiles = amx_ && M >= kAmxMinRows;
-    if (tiles) a.codes.get((M + kAmxRows - 1) / kAmxRows * kAmxRows * ((in_features_ + 63) / 64 * 64));
-    prepare_lanes_activations(x, M, in_features_, lanes_block(part), a);
+    const bool tiles = amx_rows(M);
+    prepare_lanes_activations(x, M, in_features_, lanes_block(part), a,
+                              tiles ? (M + kAmxRows - 1) / kAmxRows * kAmxRows : M);
     if (tiles) prepare_amx_tables(M, in_features_, lanes_block(part), a);
   }
 
@@ -1230,7 +1232,7 @@ class QuantLinear {
       prepare_lanes_for(x, M, part, activations_);
       const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
                             out, out_features_};
-      run_lanes(&args, 1, M, amx_ && M >= kAmxMinRows);
+      run_lanes(&args, 1, M, amx_rows(M));
       return;
     }
     if (part.is_w4) prepare_w4_activations(x, M, part.layout, activations_);
