@@ -7,6 +7,7 @@
 #include "cpu_bf16_gemm.h"
 #include "cpu_decode_attention.h"
 #include "cpu_decode_stack.h"
+#include "cpu_int8_embedding.h"
 #include "cpu_prefill_attention.h"
 #include "cpu_prefill_attention_avx2.h"
 #include "cpu_quant_linear.h"
@@ -317,6 +318,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("query_rows"), py::arg("out"), py::arg("scale"), py::arg("key_scales") = py::none(),
         py::arg("value_scales") = py::none(), release);
+  m.def("int8_embedding_rows", &int8_embedding_rows, py::arg("codes"), py::arg("scales"), py::arg("ids"),
+        py::arg("lanes"), py::arg("dtype"), "rows of an int8 embedding (row-major or w8 lanes layout), dequantized",
+        release);
   m.def("argmax_rows", &argmax_rows, "index of each row's maximum, as torch.max(x, -1).indices", release);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding a residual (returned updated)", release);
   m.def("rotary_", &rotary_, "rotate-half rope in place on the first heads of each row", release);

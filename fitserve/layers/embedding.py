@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fitserve.kernels import cpu as cpu_kernels
 from fitserve.quant import packing
 
 
@@ -47,6 +48,16 @@ class Int8Embedding(nn.Module):
         self.set_tensors(*packing.quantize_w8(weight))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        kernels = cpu_kernels.get() if self.qweight.device.type == "cpu" else None
+        if kernels is not None and self.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # The same products and rounding in one pass over the rows' bytes: PyTorch builds
+            # an index tensor per element of the rows (~0.27 ms of a w4 decode step on 2 cores).
+            return kernels.int8_embedding_rows(self.qweight, self.scales, input_ids, self.layout == "lanes",
+                                               self.dtype)
+        return self.reference_rows(input_ids)
+
+    def reference_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The lookup in PyTorch ops (other devices, or where the CPU kernels are not built)."""
         codes = packing.w8_lanes_rows(self.qweight, input_ids) if self.layout == "lanes" else self.qweight[input_ids]
         rows = codes.float() * self.scales[input_ids].unsqueeze(-1)
         return rows.to(self.dtype)
