@@ -82,12 +82,41 @@ FITSERVE_VNNI inline __m512i dpbusd_broadcast(__m512i acc, __m512i u, const int3
 }
 
 // Results of block b (lanes: its rows) for MR rows of x from m0, with their biases, to the
-// block's output columns (in order, or scattered to out_rows in a mixed layer).
+// block's output columns (in order, or scattered to out_rows in a mixed layer): float32 into
+// args.out, or rounded once to bf16 into args.out_bf16 (as narrow_row rounds).
 template <int MR>
 FITSERVE_VNNI inline void store_lanes_block(const KernelArgs& args, int64_t b, int64_t m0, __mmask16 row_mask,
                                             const __m512* out) {
   const QuantPart& p = *args.part;
   const int64_t n0 = b * kLaneRows;
+  if (args.out_bf16 != nullptr) {
+    const int64_t R = std::min(kLaneRows, p.rows - n0);
+    if (p.identity_rows) {
+      const __m512 bias = args.bias ? _mm512_maskz_loadu_ps(row_mask, args.bias + n0) : _mm512_setzero_ps();
+      for (int m = 0; m < MR; ++m) {
+        BF16* row = args.out_bf16 + (m0 + m) * args.out_features + n0;
+        const __m512 values = _mm512_add_ps(out[m], bias);
+        if (R == kLaneRows) {
+          store8(row, _mm512_castps512_ps256(values));
+          store8(row + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(values), 1)));
+          continue;
+        }
+        alignas(64) float lanes[kLaneRows];
+        _mm512_store_ps(lanes, values);
+        for (int64_t r = 0; r < R; ++r) row[r] = static_cast<BF16>(lanes[r]);
+      }
+      return;
+    }
+    const int32_t* columns = p.lane_rows.data() + n0;
+    for (int m = 0; m < MR; ++m) {
+      BF16* row = args.out_bf16 + (m0 + m) * args.out_features;
+      alignas(64) float lanes[kLaneRows];
+      _mm512_store_ps(lanes, out[m]);
+      for (int64_t r = 0; r < R; ++r)
+        row[columns[r]] = static_cast<BF16>(lanes[r] + (args.bias ? args.bias[columns[r]] : 0.0f));
+    }
+    return;
+  }
   if (p.identity_rows) {
     const __m512 bias = args.bias ? _mm512_maskz_loadu_ps(row_mask, args.bias + n0) : _mm512_setzero_ps();
     for (int m = 0; m < MR; ++m)

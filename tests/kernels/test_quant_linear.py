@@ -428,13 +428,22 @@ def test_scalar_dequantizing_loops_match_the_vector_ones(fmt, lanes):
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
-@pytest.mark.parametrize("rows", [1, 9, 64])
+@pytest.mark.parametrize("rows", [1, 9, 17, 64])
 def test_bf16_decode_rows_are_the_float32_results_rounded_once(isa, rows):
     # bf16 x on the integer kernels is widened exactly and the float32 results are rounded to
-    # nearest even, as .to(torch.bfloat16) rounds them.
+    # nearest even, as .to(torch.bfloat16) rounds them (the lanes kernels round as they store,
+    # to the layer's rows in order or, in a mixed layer, scattered to each part's rows; 41 rows
+    # end in a short block; 17 rows run on AMX tiles where the CPU has them).
     x = torch.randn(rows, 256).bfloat16()
-    for layer, _ in (w4_layer(256, 41, 64, isa, torch.randn(41), seed=rows),
-                     w8_layer(256, 41, isa, torch.randn(41), seed=rows)):
+    _, bias, high, low, (q8, s8), (q4, s4, z4) = mixed_rows(256, 41, 64, 5, torch.Generator().manual_seed(rows))
+    layers = []
+    for layer_bias in (torch.randn(41), None):
+        layers += [w4_layer(256, 41, 64, isa, layer_bias, seed=rows)[0], w8_layer(256, 41, isa, layer_bias, seed=rows)[0]]
+        mixed = kernels.QuantLinear(256, 41, layer_bias, isa)
+        mixed.add_w4(q4, s4, z4, 64, out_rows=low)
+        mixed.add_w8(q8, s8, out_rows=high)
+        layers.append(mixed)
+    for layer in layers:
         out = layer.forward(x)
         assert out.dtype == torch.bfloat16 and torch.equal(out, layer.forward(x.float()).bfloat16())
 
