@@ -928,6 +928,22 @@ struct DequantScratch {
 
 // ------------------------------------------------------------------------- the layer
 
+// What a forward call works in: x widened from bf16, x quantized for the kernels, results
+// before rounding to bf16. One per calling thread, shared by every layer: per layer, these
+// buffers were out of the caches at each call (a decode step streams the weights of ~100
+// projections between two calls of one layer), and their first touches took ~2-4 us of each
+// projection at one row on one thread while the others waited (2-core Zen 4).
+struct QuantScratch {
+  ActivationCodes activations;
+  std::array<ActivationCodes, kMaxLanesParts> lane_activations;  // per part, where all parts are in lanes layouts
+  AlignedBuffer<float> x_staging, out_staging;                    // bf16 decode steps (forward)
+};
+
+inline QuantScratch& quant_scratch() {
+  thread_local QuantScratch scratch;
+  return scratch;
+}
+
 class QuantLinear {
  public:
   // isa: "auto" (the best this CPU runs), "amx" (the AVX-512 VNNI kernels, and AMX tiles for
@@ -1075,7 +1091,8 @@ class QuantLinear {
       // A bf16 decode step: x widened and the float32 results rounded to bf16 (to nearest
       // even, as .to(torch.bfloat16)) in buffers of the layer. torch's two conversions cost
       // 2.5-9 us per projection at one row of x (Zen 4, one thread), ~3% of a w4 model's step.
-      float* x_float = x_staging_.get(M * in_features_);
+      QuantScratch& scratch = quant_scratch();
+      float* x_float = scratch.x_staging.get(M * in_features_);
       const BF16* x_bf16 = x.data_ptr<BF16>();
       for_row_ranges(M, in_features_, [&](int64_t first, int64_t last) {
         widen_row(x_bf16 + first * in_features_, x_float + first * in_features_, (last - first) * in_features_);
@@ -1089,7 +1106,7 @@ class QuantLinear {
         run_kernels(x_float, M, nullptr, out_bf16);
         return out;
       }
-      float* results = out_staging_.get(M * out_features_);
+      float* results = scratch.out_staging.get(M * out_features_);
       run_kernels(x_float, M, results);
       for_row_ranges(M, out_features_, [&](int64_t first, int64_t last) {
         narrow_row(results + first * out_features_, out_bf16 + first * out_features_, (last - first) * out_features_);
@@ -1205,7 +1222,7 @@ class QuantLinear {
   // Whether run_kernels runs every part in one lanes region (run_lanes), whose kernels can also
   // store bf16 results.
   bool runs_in_one_lanes_region() const {
-    return parts_.size() <= lane_activations_.size() &&
+    return parts_.size() <= kMaxLanesParts &&
            std::all_of(parts_.begin(), parts_.end(), [](const QuantPart& part) { return part.lanes; });
   }
 
@@ -1219,12 +1236,13 @@ class QuantLinear {
       for (const QuantPart& part : parts_) run_kernel(part, x, M, out);
       return;
     }
+    std::array<ActivationCodes, kMaxLanesParts>& lane_activations = quant_scratch().lane_activations;
     std::array<KernelArgs, kMaxLanesParts> args;
     const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
     for (size_t i = 0; i < parts_.size(); ++i) {
       const bool reuse = i > 0 && lanes_block(parts_[i - 1]) == lanes_block(parts_[i]);
-      if (!reuse) prepare_lanes_for(x, M, parts_[i], lane_activations_[i]);
-      args[i] = KernelArgs{&parts_[i], reuse ? args[i - 1].act : &lane_activations_[i], bias, out, out_features_,
+      if (!reuse) prepare_lanes_for(x, M, parts_[i], lane_activations[i]);
+      args[i] = KernelArgs{&parts_[i], reuse ? args[i - 1].act : &lane_activations[i], bias, out, out_features_,
                            out_bf16};
     }
     run_lanes(args.data(), static_cast<int64_t>(parts_.size()), M, amx_rows(M));
@@ -1247,16 +1265,17 @@ class QuantLinear {
   // The part's integer kernel: x float32 [M, in_features], results into out [M, out_features].
   void run_kernel(const QuantPart& part, const float* x, int64_t M, float* out) {
     const bool vnni = part.isa == QuantIsa::kAvx512Vnni;
+    ActivationCodes& activations = quant_scratch().activations;
     if (part.lanes) {
-      prepare_lanes_for(x, M, part, activations_);
-      const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
+      prepare_lanes_for(x, M, part, activations);
+      const KernelArgs args{&part, &activations, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
                             out, out_features_};
       run_lanes(&args, 1, M, amx_rows(M));
       return;
     }
-    if (part.is_w4) prepare_w4_activations(x, M, part.layout, activations_);
-    else prepare_w8_activations(x, M, in_features_, vnni, activations_);
-    const KernelArgs args{&part, &activations_, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
+    if (part.is_w4) prepare_w4_activations(x, M, part.layout, activations);
+    else prepare_w8_activations(x, M, in_features_, vnni, activations);
+    const KernelArgs args{&part, &activations, bias_.defined() ? bias_.data_ptr<float>() : nullptr,
                           out, out_features_};
     run_part_kernel(args, M);
   }
@@ -1327,9 +1346,6 @@ class QuantLinear {
   std::vector<uint8_t> covered_;
   int64_t covered_rows_ = 0;
   std::mutex mutex_;
-  ActivationCodes activations_;
-  std::array<ActivationCodes, kMaxLanesParts> lane_activations_;  // per part, where all parts are in lanes layouts
-  AlignedBuffer<float> x_staging_, out_staging_;  // bf16 decode steps (forward)
 };
 
 }  // namespace fitserve_cpu
