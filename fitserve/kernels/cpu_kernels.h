@@ -609,25 +609,17 @@ void rotary_impl(T* qkv, const T* cos, const T* sin, int64_t tokens, int64_t row
   });
 }
 
-// [tokens, 2 * inter] (gate | up) -> [tokens, inter]: to_dtype(silu(gate)) * up. Split into
-// pieces of kSiluColumns columns, so that a one-token decode step shares its row between the
-// threads (one thread took ~5.3 us of each Qwen2.5-0.5B layer, 4864 columns, while the others
-// waited).
-constexpr int64_t kSiluColumns = 512;
-
+// [tokens, 2 * inter] (gate | up) -> [tokens, inter]: to_dtype(silu(gate)) * up.
 template <typename T>
 void silu_mul_impl(const T* gate_up, T* out, int64_t tokens, int64_t inter) {
-  const int64_t pieces = (inter + kSiluColumns - 1) / kSiluColumns;
-  at::parallel_for(0, tokens * pieces, 1, [&](int64_t first, int64_t last) {
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t token = item / pieces, begin = item % pieces * kSiluColumns;
-      const int64_t end = std::min(inter, begin + kSiluColumns);
+  at::parallel_for(0, tokens, 1, [&](int64_t first, int64_t last) {
+    for (int64_t token = first; token < last; ++token) {
       const T* gate = gate_up + token * 2 * inter;
       const T* up = gate + inter;
       T* o = out + token * inter;
-      int64_t i = begin;
+      int64_t i = 0;
       const __m256 one = _mm256_set1_ps(1.0f);
-      for (; i + 8 <= end; i += 8) {
+      for (; i + 8 <= inter; i += 8) {
         __m256 g = load8(gate + i);
         __m256 e = exp256_any(_mm256_sub_ps(_mm256_setzero_ps(), g));
         __m256 silu_vec = _mm256_div_ps(g, _mm256_add_ps(one, e));
@@ -638,7 +630,7 @@ void silu_mul_impl(const T* gate_up, T* out, int64_t tokens, int64_t inter) {
           _mm256_storeu_ps(o + i, _mm256_mul_ps(silu_vec, load8(up + i)));
         }
       }
-      for (; i < end; ++i) {
+      for (; i < inter; ++i) {
         const float g = to_float(gate[i]);
         o[i] = static_cast<T>(round_to<T>(g / (1.0f + std::exp(-g))) * to_float(up[i]));
       }

@@ -336,15 +336,13 @@ def test_silu_mul_matches_torch(dtype):
     torch.testing.assert_close(kernels.silu_mul(gate_up), expected, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("tokens", [96, 6])
-def test_silu_mul_bfloat16_is_bit_equal_to_torch_for_a_prefill(tokens):
+def test_silu_mul_bfloat16_is_bit_equal_to_torch_for_a_prefill():
     # The bf16 path rounds in registers (round to nearest even, twice); a prefill-sized input
     # with a tail that is not a multiple of the vector width must equal torch bit for bit, and a
-    # NaN gate gives NaN where torch gives NaN. Rows are split into pieces of columns (a decode
-    # row is shared between threads): 1027 columns end in a short piece.
+    # NaN gate gives NaN where torch gives NaN.
     generator = torch.Generator().manual_seed(6)
     inter = 1027
-    gate_up = (torch.randn(tokens, 2 * inter, generator=generator) * 4).to(torch.bfloat16)
+    gate_up = (torch.randn(96, 2 * inter, generator=generator) * 4).to(torch.bfloat16)
     gate_up[5, 17] = float("nan")
     gate, up = gate_up.split(inter, dim=-1)
     expected = F.silu(gate) * up
@@ -352,8 +350,6 @@ def test_silu_mul_bfloat16_is_bit_equal_to_torch_for_a_prefill(tokens):
     assert torch.isnan(produced[5, 17]) and torch.isnan(expected[5, 17])
     produced[5, 17] = expected[5, 17] = 0
     assert torch.equal(produced, expected)
-    one_row = gate_up[:1].contiguous()
-    assert torch.equal(kernels.silu_mul(one_row), expected[:1])
 
 
 def _causal_reference(query, keys, values, scale):
