@@ -14,7 +14,7 @@
 namespace fitserve_cpu {
 
 // codes int8 [V, H] (row-major, or the w8 lanes layout with `lanes`), scales float32 [V],
-// ids int64 of any shape -> [*ids.shape, H] in `dtype` (float32, bfloat16 or float16), each
+// ids int64 or int32 of any shape -> [*ids.shape, H] in `dtype` (float32, bfloat16 or float16), each
 // value float(code) * scale as PyTorch computes it, then one rounding to `dtype`.
 inline torch::Tensor int8_embedding_rows(const torch::Tensor& codes, const torch::Tensor& scales,
                                          const torch::Tensor& ids, bool lanes, at::ScalarType dtype) {
@@ -23,11 +23,12 @@ inline torch::Tensor int8_embedding_rows(const torch::Tensor& codes, const torch
   const int64_t vocab = codes.size(0), hidden = codes.size(1);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == vocab && scales.scalar_type() == at::kFloat &&
               scales.is_contiguous(), "int8_embedding_rows: scales must be float32 [vocab]");
-  TORCH_CHECK(ids.scalar_type() == at::kLong, "int8_embedding_rows: token ids must be int64");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "int8_embedding_rows: token ids must be int64 or int32");
   TORCH_CHECK(!lanes || W8Lanes::fits(hidden), "int8_embedding_rows: the lanes layout needs hidden % 4 == 0");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "int8_embedding_rows: dtype must be float32, bfloat16 or float16");
-  const torch::Tensor flat_ids = ids.contiguous().view(-1);
+  const torch::Tensor flat_ids = ids.to(at::kLong).contiguous().view(-1);
   const int64_t tokens = flat_ids.numel();
   const int64_t* id = flat_ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)

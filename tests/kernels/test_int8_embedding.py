@@ -46,6 +46,14 @@ def test_rows_of_an_odd_width_in_the_row_layout():
     assert torch.equal(embedding(ids), embedding.reference_rows(ids))
 
 
+def test_int32_ids_and_no_ids():
+    embedding = embedding_in("lanes", 37, 64, torch.bfloat16)
+    ids = torch.tensor([[3, 36], [0, 20]])
+    assert torch.equal(embedding(ids.int()), embedding.reference_rows(ids))
+    empty = embedding(torch.empty(0, dtype=torch.long))
+    assert empty.shape == (0, 64) and empty.dtype == torch.bfloat16
+
+
 def test_an_id_outside_the_vocabulary_is_a_clear_error():
     embedding = embedding_in("lanes", 37, 64, torch.bfloat16)
     with pytest.raises(RuntimeError, match="token id 37 outside the vocabulary of 37"):
