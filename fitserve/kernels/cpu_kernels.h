@@ -21,11 +21,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -101,8 +103,10 @@ inline void widen_row(const T* source, float* target, int64_t count) {
 // claims it, so results do not depend on the schedule.
 class StealingRanges {
  public:
-  explicit StealingRanges(int64_t items, int64_t shares) : shares_(static_cast<size_t>(shares)) {
+  explicit StealingRanges(int64_t items, int64_t shares) {
     TORCH_CHECK(items < (int64_t{1} << 31), "StealingRanges: too many items");
+    if (shares > kInlineShares) heap_shares_ = std::make_unique<Share[]>(static_cast<size_t>(shares));
+    shares_ = heap_shares_ ? heap_shares_.get() : inline_shares_.data();
     for (int64_t t = 0; t < shares; ++t) shares_[t].packed.store(pack(items * t / shares, items * (t + 1) / shares));
   }
 
@@ -130,7 +134,14 @@ class StealingRanges {
   struct alignas(64) Share {  // one cache line each: owners never share a line
     std::atomic<uint64_t> packed{0};
   };
-  std::vector<Share> shares_;
+  // Up to kInlineShares threads the shares live on the caller's stack: with a heap allocation
+  // per region, setting up the ranges took 0.64-0.70 us of each decode projection's call (its
+  // memory out of the caches after the weights streamed through them), on the stack 0.13-0.14
+  // (2-core Zen 4, timed inside a single-stream step).
+  static constexpr int64_t kInlineShares = 8;
+  std::array<Share, kInlineShares> inline_shares_;
+  std::unique_ptr<Share[]> heap_shares_;
+  Share* shares_ = nullptr;
 };
 
 // What a claim of parallel_for_stealing should cover when items are weight rows: ~32 KiB, so
