@@ -278,10 +278,14 @@ class DecodeStack {
     return buffer;
   }
 
-  // An integer projection runs its QuantLinear (bias included); a dense one the rule below.
+  // An integer projection runs its QuantLinear (bias included; a bf16 step's results into the
+  // slot's buffer); a dense one the rule below.
   torch::Tensor linear(const torch::Tensor& x, const Projection& projection, const c10::optional<torch::Tensor>& bias,
                        Slot slot) {
-    if (projection.quant) return projection.quant->forward(x);
+    if (projection.quant) {
+      if (x.scalar_type() != at::kBFloat16) return projection.quant->forward(x);
+      return projection.quant->forward_into(x, scratch(slot, x.size(0), projection.rows(), x.options()));
+    }
     return linear(x, projection.dense, bias, slot);
   }
 

@@ -355,6 +355,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("group_size"), py::arg("out_rows") = py::none(), py::arg("layout") = "rows",
            py::arg("in_place") = false)
       .def("forward", &QuantLinear::forward, py::arg("x"), release)
+      .def("forward_into", &QuantLinear::forward_into, py::arg("x"), py::arg("reuse"), release)
       .def("__call__", &QuantLinear::forward, py::arg("x"), release)
       .def("bytes", &QuantLinear::bytes)
       .def("part_isas", &QuantLinear::part_isas)

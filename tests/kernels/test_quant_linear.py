@@ -448,6 +448,30 @@ def test_bf16_decode_rows_are_the_float32_results_rounded_once(isa, rows):
         assert out.dtype == torch.bfloat16 and torch.equal(out, layer.forward(x.float()).bfloat16())
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_forward_into_writes_a_bf16_decode_step_into_the_given_buffer(isa):
+    # The fused decode stack hands each projection its buffer of the step; anything that does
+    # not fit it (shape, dtype, x itself) gets a fresh tensor, and the values never change.
+    layer, _ = w4_layer(256, 41, 64, isa, torch.randn(41), seed=7)
+    x = torch.randn(3, 256).bfloat16()
+    expected = layer.forward(x)
+    buffer = torch.full((3, 41), float("nan"), dtype=torch.bfloat16)
+    out = layer.forward_into(x, buffer)
+    assert torch.equal(out, expected)
+    if layer.part_layouts() == ["lanes"]:  # the lanes kernels store bf16 results themselves
+        assert out.data_ptr() == buffer.data_ptr()
+    for unfit in (torch.empty(2, 41, dtype=torch.bfloat16), torch.empty(3, 41), torch.empty(41, 3, dtype=torch.bfloat16).t()):
+        result = layer.forward_into(x, unfit)
+        assert torch.equal(result, expected) and result.data_ptr() != unfit.data_ptr()
+    square, _ = w4_layer(256, 256, 64, isa, None, seed=8)
+    x_square = torch.randn(2, 256).bfloat16()
+    x_before = x_square.clone()
+    expected = square.forward(x_square)
+    assert torch.equal(square.forward_into(x_square, x_square), expected)  # never into x itself
+    assert torch.equal(x_square, x_before)
+    assert torch.equal(layer.forward_into(x.float(), buffer), layer.forward(x.float()))
+
+
 def test_results_do_not_depend_on_thread_count():
     layer, _ = w4_layer(896, 301, 128, "auto", None, seed=4)
     x = torch.randn(3, 896)
