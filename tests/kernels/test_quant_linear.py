@@ -479,8 +479,11 @@ def test_results_do_not_depend_on_thread_count():
     try:
         torch.set_num_threads(1)
         alone = layer.forward(x)
-        torch.set_num_threads(3)
-        assert torch.equal(layer.forward(x), alone)
+        for threads in (3, 12):  # 12: more threads than the work-stealing ranges keep on the stack
+            torch.set_num_threads(threads)
+            assert torch.equal(layer.forward(x), alone)
+            row = x[:1].bfloat16()
+            assert torch.equal(layer.forward(row), layer.forward(row.float()).bfloat16())
     finally:
         torch.set_num_threads(saved)
 
