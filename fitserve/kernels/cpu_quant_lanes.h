@@ -89,45 +89,31 @@ FITSERVE_VNNI inline void store_lanes_block(const KernelArgs& args, int64_t b, i
                                             const __m512* out) {
   const QuantPart& p = *args.part;
   const int64_t n0 = b * kLaneRows;
-  if (args.out_bf16 != nullptr) {
-    const int64_t R = std::min(kLaneRows, p.rows - n0);
-    if (p.identity_rows) {
-      const __m512 bias = args.bias ? _mm512_maskz_loadu_ps(row_mask, args.bias + n0) : _mm512_setzero_ps();
-      for (int m = 0; m < MR; ++m) {
-        BF16* row = args.out_bf16 + (m0 + m) * args.out_features + n0;
-        const __m512 values = _mm512_add_ps(out[m], bias);
-        if (R == kLaneRows) {
-          store8(row, _mm512_castps512_ps256(values));
-          store8(row + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(values), 1)));
-          continue;
-        }
-        alignas(64) float lanes[kLaneRows];
-        _mm512_store_ps(lanes, values);
-        for (int64_t r = 0; r < R; ++r) row[r] = static_cast<BF16>(lanes[r]);
-      }
-      return;
-    }
-    const int32_t* columns = p.lane_rows.data() + n0;
-    for (int m = 0; m < MR; ++m) {
-      BF16* row = args.out_bf16 + (m0 + m) * args.out_features;
-      alignas(64) float lanes[kLaneRows];
-      _mm512_store_ps(lanes, out[m]);
-      for (int64_t r = 0; r < R; ++r)
-        row[columns[r]] = static_cast<BF16>(lanes[r] + (args.bias ? args.bias[columns[r]] : 0.0f));
-    }
-    return;
+  const int32_t* lane_rows = p.identity_rows ? nullptr : p.lane_rows.data() + n0;
+  const __m512i columns = lane_rows ? _mm512_maskz_loadu_epi32(row_mask, lane_rows) : _mm512_setzero_si512();
+  __m512 bias = _mm512_setzero_ps();
+  if (args.bias) {
+    bias = lane_rows ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), row_mask, columns, args.bias, 4)
+                     : _mm512_maskz_loadu_ps(row_mask, args.bias + n0);
   }
-  if (p.identity_rows) {
-    const __m512 bias = args.bias ? _mm512_maskz_loadu_ps(row_mask, args.bias + n0) : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m)
-      _mm512_mask_storeu_ps(args.out + (m0 + m) * args.out_features + n0, row_mask, _mm512_add_ps(out[m], bias));
-  } else {
-    const __m512i columns = _mm512_maskz_loadu_epi32(row_mask, p.lane_rows.data() + n0);
-    const __m512 bias = args.bias ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), row_mask, columns, args.bias, 4)
-                                  : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m)
-      _mm512_mask_i32scatter_ps(args.out + (m0 + m) * args.out_features, row_mask, columns,
-                                _mm512_add_ps(out[m], bias), 4);
+  const int64_t R = std::min(kLaneRows, p.rows - n0);
+  for (int m = 0; m < MR; ++m) {
+    const __m512 values = _mm512_add_ps(out[m], bias);
+    if (args.out_bf16 == nullptr) {
+      float* row = args.out + (m0 + m) * args.out_features;
+      if (lane_rows) _mm512_mask_i32scatter_ps(row, row_mask, columns, values, 4);
+      else _mm512_mask_storeu_ps(row + n0, row_mask, values);
+      continue;
+    }
+    BF16* row = args.out_bf16 + (m0 + m) * args.out_features;
+    if (!lane_rows && R == kLaneRows) {
+      store8(row + n0, _mm512_castps512_ps256(values));
+      store8(row + n0 + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(values), 1)));
+      continue;
+    }
+    alignas(64) float lanes[kLaneRows];
+    _mm512_store_ps(lanes, values);
+    for (int64_t r = 0; r < R; ++r) row[lane_rows ? lane_rows[r] : n0 + r] = static_cast<BF16>(lanes[r]);
   }
 }
 
