@@ -73,6 +73,24 @@ def random_checkpoint(preset: str, dtype: str, num_layers: int | None = None) ->
     return out_dir
 
 
+def quantized_checkpoint(model_dir: Path, method: str) -> Path:
+    """`fitserve quantize` of the random checkpoint, cached beside it."""
+    from fitserve.models.config import load_model_config
+    from fitserve.models.loader import linear_layouts
+    from fitserve.quant.quantize import quantize_model
+    from fitserve.quant.salience import select_random
+
+    out = model_dir.parent / f"{model_dir.name}-{method}"
+    if not (out / "model.safetensors").is_file():
+        options = {}
+        if method == "mixllm":
+            layouts = linear_layouts(load_model_config(model_dir))
+            parts = [part for layout in layouts if layout.module_name != "lm_head" for part in layout.parts]
+            options["high_channels"] = select_random(parts, 0.1, seed=0)
+        quantize_model(model_dir, out, method, force=True, progress=False, **options)
+    return out
+
+
 def synthetic_tokenizer(vocab_size: int) -> Path:
     """A word-level tokenizer with the model's vocabulary size (token i is "w{i}")."""
     out_dir = CHECKPOINT_CACHE / f"wordlevel-tokenizer-{vocab_size}"

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CHECKPOINT_CACHE, describe_machine, random_checkpoint, summarize, synthetic_tokenizer, write_result  # noqa: E402
+from common import (CHECKPOINT_CACHE, describe_machine, quantized_checkpoint, random_checkpoint, summarize,  # noqa: E402
+                    synthetic_tokenizer, write_result)
 
 from fitserve.bench.roofline import (  # noqa: E402
     ModelShape,
@@ -171,24 +172,6 @@ def activation_dtype(label: str) -> str:
     """The dtype a run's matmuls are judged by: its own for dense fitserve runs, bfloat16 for
     quantized formats (their activations) and llama.cpp (which multiplies bf16 or in integers)."""
     return label if label in ("bfloat16", "float32") else "bfloat16"
-
-
-def quantized_checkpoint(model_dir: Path, method: str) -> Path:
-    """`fitserve quantize` of the random checkpoint, cached beside it."""
-    from fitserve.models.config import load_model_config
-    from fitserve.models.loader import linear_layouts
-    from fitserve.quant.quantize import quantize_model
-    from fitserve.quant.salience import select_random
-
-    out = model_dir.parent / f"{model_dir.name}-{method}"
-    if not (out / "model.safetensors").is_file():
-        options = {}
-        if method == "mixllm":
-            layouts = linear_layouts(load_model_config(model_dir))
-            parts = [part for layout in layouts if layout.module_name != "lm_head" for part in layout.parts]
-            options["high_channels"] = select_random(parts, 0.1, seed=0)
-        quantize_model(model_dir, out, method, force=True, progress=False, **options)
-    return out
 
 
 # ------------------------------------------------------------------------------ fitserve

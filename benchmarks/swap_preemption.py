@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, random_checkpoint, synthetic_tokenizer, write_result  # noqa: E402
+from common import RESULTS_DIR, quantized_checkpoint, random_checkpoint, synthetic_tokenizer, write_result  # noqa: E402
 from side_by_side import bench_run, medians, result_header  # noqa: E402
 
 MODES = {
@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument("--preset", default=None,
                         help="serve a random-weight model with this preset's shapes (e.g. qwen2.5-0.5b) "
                              "instead of the bundled model: prompt tokens cost what they cost in a real model")
+    parser.add_argument("--weights", default="bfloat16", choices=["bfloat16", "w8", "w4", "mixllm"],
+                        help="with --preset: serve the random checkpoint as stored (bfloat16) or quantized by "
+                             "`fitserve quantize` in this format (a decode step then reads a quarter of the bytes, "
+                             "while a recomputed prompt token costs what it did)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "swap_preemption.json")
@@ -72,8 +76,12 @@ def main() -> None:
         parser.error(f"--modes needs two or more of {', '.join(MODES)} (got {args.modes!r})")
 
     model_args, tokenizer_args = [], ""
+    if args.weights != "bfloat16" and not args.preset:
+        parser.error("--weights needs --preset (the bundled model is served as stored)")
     if args.preset:
         model_dir = random_checkpoint(args.preset, "bfloat16")
+        if args.weights != "bfloat16":
+            model_dir = quantized_checkpoint(model_dir, args.weights)
         tokenizer = synthetic_tokenizer(json.loads((model_dir / "config.json").read_text())["vocab_size"])
         model_args, tokenizer_args = ["--model", str(model_dir), "--tokenizer", str(tokenizer)], f"--tokenizer {tokenizer}"
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -120,7 +128,7 @@ def main() -> None:
     result = result_header(
         "swap_preemption",
         "fitserve bench against fitserve serve with each preemption mode, alternating, same seed, "
-        + (f"random-weight {args.preset}-shaped model" if args.preset else "bundled model") + ", small KV cache", args) | {
+        + (f"random-weight {args.preset}-shaped model, {args.weights} weights" if args.preset else "bundled model") + ", small KV cache", args) | {
         "command": shlex.join(["python", "benchmarks/swap_preemption.py", *sys.argv[1:]]),
         "note": args.note,
         "runs": runs,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import random_checkpoint
+from common import quantized_checkpoint, random_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,7 +43,6 @@ def main() -> int:
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from cpu_decode import quantized_checkpoint
 
     dense = random_checkpoint(args.preset, "bfloat16")
     baseline = probe("")  # the bundled 9 M-parameter model: imports, kernels, allocator
