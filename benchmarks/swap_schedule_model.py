@@ -10,7 +10,10 @@ seed, so a configuration can be screened here before `swap_preemption.py` measur
 
 The default costs were measured on one core of a Zen 4 VM (Qwen2.5-0.5B's shape, bfloat16,
 `--num-threads 1`): a 1,024-token prefill took 4.3 s, decode steps 36 / 50 / 82 ms at 1 / 4 / 8
-rows. On the workload of `swap_preemption_qwen2.5-0.5b_pressure.json` the model's run times
+rows. `--costs w4` uses the same shape quantized to w4 (`swap_preemption.py --weights w4`),
+measured the same way: 4.1 ms per prompt token, decode steps 13 / 20 / 32 / 67 ms at 1 / 4 / 8 /
+16 rows. A quantized decode step reads a quarter of the bytes while a prompt token costs what
+it did, so recomputation weighs about three times as much against the decode steps. On the workload of `swap_preemption_qwen2.5-0.5b_pressure.json` the model's run times
 and preemption counts were within about 10% of the measured ones; its latencies are lower
 (no HTTP, no engine overhead) and its swap/recompute ratios somewhat higher. It is a screen,
 not a measurement.
@@ -49,6 +52,12 @@ class StepCosts:
         decode = self.decode_step_ms + self.decode_row_ms * num_decode_rows if num_decode_rows else 0.0
         compute = decode + self.prefill_ms_per_token * num_prefill_tokens
         return compute / 1e3 + num_copied_bytes / (self.copy_gb_per_s * 1e9)
+
+
+COST_PRESETS = {
+    "bfloat16": StepCosts(),
+    "w4": StepCosts(prefill_ms_per_token=4.1, decode_step_ms=11.0, decode_row_ms=3.5),
+}
 
 
 def simulate(args: argparse.Namespace, mode: str, seed: int, costs: StepCosts) -> dict[str, float]:
@@ -120,11 +129,18 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seeds", type=int, default=6, help="seeds 0..N-1 (the benchmark's default seed is 0)")
-    parser.add_argument("--prefill-ms-per-token", type=float, default=StepCosts.prefill_ms_per_token)
-    parser.add_argument("--decode-step-ms", type=float, default=StepCosts.decode_step_ms)
-    parser.add_argument("--decode-row-ms", type=float, default=StepCosts.decode_row_ms)
+    parser.add_argument("--costs", default="bfloat16", choices=sorted(COST_PRESETS),
+                        help="measured step costs of the weights (the flags below override single values)")
+    parser.add_argument("--prefill-ms-per-token", type=float, default=None)
+    parser.add_argument("--decode-step-ms", type=float, default=None)
+    parser.add_argument("--decode-row-ms", type=float, default=None)
     args = parser.parse_args()
-    costs = StepCosts(args.prefill_ms_per_token, args.decode_step_ms, args.decode_row_ms)
+    preset = COST_PRESETS[args.costs]
+    costs = StepCosts(
+        preset.prefill_ms_per_token if args.prefill_ms_per_token is None else args.prefill_ms_per_token,
+        preset.decode_step_ms if args.decode_step_ms is None else args.decode_step_ms,
+        preset.decode_row_ms if args.decode_row_ms is None else args.decode_row_ms,
+        preset.copy_gb_per_s)
     ratios = []
     for seed in range(args.seeds):
         recompute, swap = (simulate(args, mode, seed, costs) for mode in ("recompute", "swap"))
