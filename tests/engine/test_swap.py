@@ -20,6 +20,7 @@ from fitserve.engine.kv_cache import KVCacheManager
 from fitserve.engine.policy import make_policy
 from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.scheduler import Scheduler
+from fitserve.quant.quantize import quantize_model
 from tests.engine.test_scheduler import FakeEngine, StepRecord, check_all_returned, make_request
 from tests.tiny_models import random_token_ids, write_tiny_checkpoint
 
@@ -301,6 +302,26 @@ def test_engine_swap_generates_exactly_the_unpreempted_tokens(model_dir: Path, s
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
     assert engine.kv_cache.host_pool is not None
     assert engine.kv_cache.host_pool.num_free_blocks == engine.kv_cache.host_pool.num_blocks
+
+
+def test_swap_on_a_w4_model_in_bfloat16_generates_the_unpreempted_tokens(model_dir: Path, tmp_path: Path) -> None:
+    """The configuration swap preemption pays off most in (a 4-bit model, bf16 activations: the
+    integer kernels and the fused decode stack): swapped out and back, every request generates
+    token for token what it generates unpreempted, and both tiers end empty."""
+    quantized = tmp_path / "w4"
+    quantize_model(model_dir, quantized, "w4", group_size=32, progress=False)
+    prompts = [{"prompt_token_ids": random_token_ids(8 + 5 * i, seed=i)} for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    options = dict(dtype="bfloat16", block_size=8, max_num_batched_tokens=64, max_num_seqs=6)
+    expected = [o.outputs[0].token_ids for o in LLM(str(quantized), kv_cache_memory="4MiB", **options)
+                .generate(prompts, params)]
+    llm = LLM(str(quantized), kv_cache_memory="32KiB", preemption_mode="swap", swap_space="4MiB", **options)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    stats = llm.engine.get_stats()
+    assert stats.num_swap_outs_total > 0 and stats.num_swap_ins_total == stats.num_swap_outs_total
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+    assert llm.engine.kv_cache.host_pool is not None
+    assert llm.engine.kv_cache.host_pool.num_free_blocks == llm.engine.kv_cache.host_pool.num_blocks
 
 
 def test_swap_settings_are_checked(model_dir: Path) -> None:
