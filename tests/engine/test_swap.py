@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -304,24 +305,30 @@ def test_engine_swap_generates_exactly_the_unpreempted_tokens(model_dir: Path, s
     assert engine.kv_cache.host_pool.num_free_blocks == engine.kv_cache.host_pool.num_blocks
 
 
-def test_swap_on_a_w4_model_in_bfloat16_generates_the_unpreempted_tokens(model_dir: Path, tmp_path: Path) -> None:
-    """The configuration swap preemption pays off most in (a 4-bit model, bf16 activations: the
-    integer kernels and the fused decode stack): swapped out and back, every request generates
-    token for token what it generates unpreempted, and both tiers end empty."""
-    quantized = tmp_path / "w4"
-    quantize_model(model_dir, quantized, "w4", group_size=32, progress=False)
+def assert_swap_changes_no_token(model: Path, kv_cache_memory: str, **options: Any) -> None:
+    """Greedy requests on a KV cache of `kv_cache_memory` with swap preemption generate what they
+    generate with room to spare; swaps happened, every swap-out came back, and the device and
+    host tiers end empty."""
     prompts = [{"prompt_token_ids": random_token_ids(8 + 5 * i, seed=i)} for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    options = dict(dtype="bfloat16", block_size=8, max_num_batched_tokens=64, max_num_seqs=6)
-    expected = [o.outputs[0].token_ids for o in LLM(str(quantized), kv_cache_memory="4MiB", **options)
+    options = dict(block_size=8, max_num_batched_tokens=64, max_num_seqs=6) | options
+    expected = [o.outputs[0].token_ids for o in LLM(str(model), kv_cache_memory="4MiB", **options)
                 .generate(prompts, params)]
-    llm = LLM(str(quantized), kv_cache_memory="32KiB", preemption_mode="swap", swap_space="4MiB", **options)
+    llm = LLM(str(model), kv_cache_memory=kv_cache_memory, preemption_mode="swap", swap_space="4MiB", **options)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
     stats = llm.engine.get_stats()
     assert stats.num_swap_outs_total > 0 and stats.num_swap_ins_total == stats.num_swap_outs_total
-    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
-    assert llm.engine.kv_cache.host_pool is not None
-    assert llm.engine.kv_cache.host_pool.num_free_blocks == llm.engine.kv_cache.host_pool.num_blocks
+    kv_cache = llm.engine.kv_cache
+    assert kv_cache.num_free_blocks == kv_cache.num_blocks
+    assert kv_cache.host_pool is not None and kv_cache.host_pool.num_free_blocks == kv_cache.host_pool.num_blocks
+
+
+def test_swap_on_a_w4_model_in_bfloat16_generates_the_unpreempted_tokens(model_dir: Path, tmp_path: Path) -> None:
+    """The configuration swap preemption pays off most in: a 4-bit model with bf16 activations,
+    decoded by the integer kernels in the fused decode stack."""
+    quantized = tmp_path / "w4"
+    quantize_model(model_dir, quantized, "w4", group_size=32, progress=False)
+    assert_swap_changes_no_token(quantized, "32KiB", dtype="bfloat16")
 
 
 def test_swap_settings_are_checked(model_dir: Path) -> None:
@@ -334,13 +341,4 @@ def test_swap_settings_are_checked(model_dir: Path) -> None:
 def test_swap_moves_an_int8_cache_with_its_scales(model_dir: Path) -> None:
     """An int8 KV cache swaps its values and their per-token scales: requests swapped out and
     back generate what they generate unpreempted over the same int8 cache."""
-    prompts = [{"prompt_token_ids": random_token_ids(8 + 5 * i, seed=i)} for i in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    options = dict(dtype="float32", block_size=8, max_num_batched_tokens=64, max_num_seqs=6, kv_cache_dtype="int8")
-    expected = [o.outputs[0].token_ids for o in LLM(str(model_dir), kv_cache_memory="4MiB", **options)
-                .generate(prompts, params)]
-    llm = LLM(str(model_dir), kv_cache_memory="40KiB", preemption_mode="swap", swap_space="4MiB", **options)
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
-    stats = llm.engine.get_stats()
-    assert stats.num_swap_outs_total > 0 and stats.num_swap_ins_total == stats.num_swap_outs_total
-    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+    assert_swap_changes_no_token(model_dir, "40KiB", dtype="float32", kv_cache_dtype="int8")
