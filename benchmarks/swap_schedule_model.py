@@ -13,10 +13,10 @@ The default costs were measured on one core of a Zen 4 VM (Qwen2.5-0.5B's shape,
 rows. `--costs w4` uses the same shape quantized to w4 (`swap_preemption.py --weights w4`),
 measured the same way: 4.1 ms per prompt token, decode steps 13 / 20 / 32 / 67 ms at 1 / 4 / 8 /
 16 rows. A quantized decode step reads a quarter of the bytes while a prompt token costs what
-it did, so recomputation weighs about three times as much against the decode steps. On the workload of `swap_preemption_qwen2.5-0.5b_pressure.json` the model's run times
-and preemption counts were within about 10% of the measured ones; its latencies are lower
-(no HTTP, no engine overhead) and its swap/recompute ratios somewhat higher. It is a screen,
-not a measurement.
+it did, so recomputation weighs about three times as much against the decode steps. On the
+workload of `swap_preemption_qwen2.5-0.5b_pressure.json` the model's run times and preemption
+counts were within about 10% of the measured ones; its latencies are lower (no HTTP, no engine
+overhead) and its swap/recompute ratios somewhat higher. It is a screen, not a measurement.
 
     python benchmarks/swap_schedule_model.py --num-requests 32 --input-len 64 --output-len 192 \\
         --len-dist uniform --len-spread 0.33 --kv-cache-memory 20MiB --rate 1 --max-num-seqs 32
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -135,12 +135,9 @@ def main() -> None:
     parser.add_argument("--decode-step-ms", type=float, default=None)
     parser.add_argument("--decode-row-ms", type=float, default=None)
     args = parser.parse_args()
-    preset = COST_PRESETS[args.costs]
-    costs = StepCosts(
-        preset.prefill_ms_per_token if args.prefill_ms_per_token is None else args.prefill_ms_per_token,
-        preset.decode_step_ms if args.decode_step_ms is None else args.decode_step_ms,
-        preset.decode_row_ms if args.decode_row_ms is None else args.decode_row_ms,
-        preset.copy_gb_per_s)
+    overrides = {name: getattr(args, name) for name in ("prefill_ms_per_token", "decode_step_ms", "decode_row_ms")
+                 if getattr(args, name) is not None}
+    costs = replace(COST_PRESETS[args.costs], **overrides)
     ratios = []
     for seed in range(args.seeds):
         recompute, swap = (simulate(args, mode, seed, costs) for mode in ("recompute", "swap"))

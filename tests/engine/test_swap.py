@@ -279,38 +279,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("swap") / "model", "llama3_rope_scaling")
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_engine_swap_generates_exactly_the_unpreempted_tokens(model_dir: Path, seeded: bool) -> None:
-    """With a KV cache too small for all requests at once, swap preemption happens and every
-    request still generates token for token what it generates with room to spare (greedy,
-    and seeded sampling); the copies are groups and both tiers end empty."""
-    prompts = [{"prompt_token_ids": random_token_ids(8 + 5 * i, seed=i)} for i in range(6)]
-    params = (SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=40, ignore_eos=True) if seeded
-              else SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-    options = dict(dtype="float32", block_size=8, max_num_batched_tokens=64, max_num_seqs=6)
-    expected = [o.outputs[0].token_ids for o in LLM(str(model_dir), kv_cache_memory="4MiB", **options)
-                .generate(prompts, params)]
-    llm = LLM(str(model_dir), kv_cache_memory="64KiB", preemption_mode="swap", swap_space="4MiB", **options)
-    outputs = llm.generate(prompts, params)
-    assert [o.outputs[0].token_ids for o in outputs] == expected
-    engine = llm.engine
-    stats = engine.get_stats()
-    assert stats.num_swap_outs_total > 0 and stats.num_swap_ins_total == stats.num_swap_outs_total
-    assert stats.num_swap_bytes_total > 0
-    assert engine.swap_space is not None
-    copied_blocks = stats.num_swap_bytes_total // engine.swap_space.bytes_per_block
-    assert engine.swap_space.num_copies < copied_blocks  # groups, not one copy per block
-    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
-    assert engine.kv_cache.host_pool is not None
-    assert engine.kv_cache.host_pool.num_free_blocks == engine.kv_cache.host_pool.num_blocks
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
-def assert_swap_changes_no_token(model: Path, kv_cache_memory: str, **options: Any) -> None:
-    """Greedy requests on a KV cache of `kv_cache_memory` with swap preemption generate what they
+def assert_swap_changes_no_token(model: Path, kv_cache_memory: str, params: SamplingParams = GREEDY,
+                                 **options: Any) -> LLM:
+    """Requests on a KV cache of `kv_cache_memory` with swap preemption generate what they
     generate with room to spare; swaps happened, every swap-out came back, and the device and
-    host tiers end empty."""
+    host tiers end empty. Returns the swapping LLM for further checks."""
     prompts = [{"prompt_token_ids": random_token_ids(8 + 5 * i, seed=i)} for i in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     options = dict(block_size=8, max_num_batched_tokens=64, max_num_seqs=6) | options
     expected = [o.outputs[0].token_ids for o in LLM(str(model), kv_cache_memory="4MiB", **options)
                 .generate(prompts, params)]
@@ -321,6 +298,22 @@ def assert_swap_changes_no_token(model: Path, kv_cache_memory: str, **options: A
     kv_cache = llm.engine.kv_cache
     assert kv_cache.num_free_blocks == kv_cache.num_blocks
     assert kv_cache.host_pool is not None and kv_cache.host_pool.num_free_blocks == kv_cache.host_pool.num_blocks
+    return llm
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_engine_swap_generates_exactly_the_unpreempted_tokens(model_dir: Path, seeded: bool) -> None:
+    """With a KV cache too small for all requests at once, swap preemption happens and every
+    request still generates token for token what it generates with room to spare (greedy,
+    and seeded sampling); the copies are groups and both tiers end empty."""
+    params = (SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=40, ignore_eos=True) if seeded
+              else GREEDY)
+    engine = assert_swap_changes_no_token(model_dir, "64KiB", params, dtype="float32").engine
+    stats = engine.get_stats()
+    assert stats.num_swap_bytes_total > 0
+    assert engine.swap_space is not None
+    copied_blocks = stats.num_swap_bytes_total // engine.swap_space.bytes_per_block
+    assert engine.swap_space.num_copies < copied_blocks  # groups, not one copy per block
 
 
 def test_swap_on_a_w4_model_in_bfloat16_generates_the_unpreempted_tokens(model_dir: Path, tmp_path: Path) -> None:
