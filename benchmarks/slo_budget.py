@@ -32,6 +32,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--server-args", default="")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fixed-budgets", default=",".join(map(str, FIXED_BUDGETS)),
+                        help="comma-separated fixed step budgets to compare with (default: the target's three)")
+    parser.add_argument("--start-budget", type=int, default=2048,
+                        help="the --slo server's --max-num-batched-tokens (where its loop starts)")
+    parser.add_argument("--skip-slo", action="store_true", help="run only the fixed budgets (a sweep)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "slo_budget.json")
     parser.add_argument("--runs-dir", type=Path, default=None,
@@ -39,8 +44,10 @@ def main() -> None:
                              "every move of its budget and cap); default: a temporary folder")
     args = parser.parse_args()
 
-    settings = {f"fixed {budget}": f"--max-num-batched-tokens {budget}" for budget in FIXED_BUDGETS}
-    settings["slo"] = f"--max-num-batched-tokens 2048 --slo {args.slo}"
+    budgets = [int(budget) for budget in args.fixed_budgets.split(",")]
+    settings = {f"fixed {budget}": f"--max-num-batched-tokens {budget}" for budget in budgets}
+    if not args.skip_slo:
+        settings["slo"] = f"--max-num-batched-tokens {args.start_budget} --slo {args.slo}"
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     with tempfile.TemporaryDirectory(prefix="slo-budget-") as temporary:
         scratch = args.runs_dir or temporary
@@ -59,15 +66,17 @@ def main() -> None:
                       f"{result['slo_attainment']:.2f}, p90 TTFT {result['ttft_p90_ms']:.0f} ms, "
                       f"p90 TPOT {result['tpot_p90_ms']:.1f} ms", flush=True)
     middle = medians(runs, ("goodput", "slo_attainment", "ttft_p90_ms", "tpot_p90_ms", "output_tokens_per_s"))
-    best_fixed = max(middle[f"fixed {budget}"]["goodput"] for budget in FIXED_BUDGETS)
+    best_fixed = max(middle[f"fixed {budget}"]["goodput"] for budget in budgets)
     result = result_header("slo_budget", "fitserve bench with --slo against servers with fixed step budgets and "
                            "one with the --slo feedback loop, same seed, bundled model", args) | {
         "runs": runs, "medians": middle,
-        "slo_goodput_over_best_fixed": middle["slo"]["goodput"] / best_fixed if best_fixed else None,
+        "slo_goodput_over_best_fixed": (middle["slo"]["goodput"] / best_fixed
+                                        if best_fixed and "slo" in middle else None),
         "target": "goodput with --slo >= the best fixed budget's",
     }
     path = write_result("slo_budget", result, args.out)
-    print(f"goodput: --slo {middle['slo']['goodput']:.3f} req/s vs best fixed {best_fixed:.3f}; wrote {path}")
+    slo_part = f"--slo {middle['slo']['goodput']:.3f} req/s vs " if "slo" in middle else ""
+    print(f"goodput: {slo_part}best fixed {best_fixed:.3f}; wrote {path}")
 
 
 if __name__ == "__main__":
