@@ -67,15 +67,15 @@ def main() -> None:
                       f"p90 TPOT {result['tpot_p90_ms']:.1f} ms", flush=True)
     middle = medians(runs, ("goodput", "slo_attainment", "ttft_p90_ms", "tpot_p90_ms", "output_tokens_per_s"))
     best_fixed = max(middle[f"fixed {budget}"]["goodput"] for budget in budgets)
+    slo_goodput = middle["slo"]["goodput"] if "slo" in middle else None
     result = result_header("slo_budget", "fitserve bench with --slo against servers with fixed step budgets and "
                            "one with the --slo feedback loop, same seed, bundled model", args) | {
         "runs": runs, "medians": middle,
-        "slo_goodput_over_best_fixed": (middle["slo"]["goodput"] / best_fixed
-                                        if best_fixed and "slo" in middle else None),
+        "slo_goodput_over_best_fixed": slo_goodput / best_fixed if best_fixed and slo_goodput is not None else None,
         "target": "goodput with --slo >= the best fixed budget's",
     }
     path = write_result("slo_budget", result, args.out)
-    slo_part = f"--slo {middle['slo']['goodput']:.3f} req/s vs " if "slo" in middle else ""
+    slo_part = f"--slo {slo_goodput:.3f} req/s vs " if slo_goodput is not None else ""
     print(f"goodput: {slo_part}best fixed {best_fixed:.3f}; wrote {path}")
 
 
