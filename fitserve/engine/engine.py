@@ -8,6 +8,7 @@ drives the same API from a background thread (see async_engine.py).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fitserve.engine.decode_graphs import DecodeGraphs
 from fitserve.engine.detokenizer import IncrementalDetokenizer
 from fitserve.engine.kv_cache import KVCacheManager
 from fitserve.engine.policy import make_policy
+from fitserve.engine.policy_late_last import LateLastPolicy
 from fitserve.engine.request import Request, RequestStatus
 from fitserve.engine.runner import ModelRunner, RunnerOutput, allocate_kv_cache, kv_cache_bytes_per_block
 from fitserve.engine.sampler import Sampler
@@ -153,6 +155,12 @@ class LLMEngine:
                                        num_host_blocks, args.host_prefix_cache)
         policy = make_policy(args.scheduling_policy, args.vtc_prompt_token_weight,
                              args.vtc_output_token_weight, args.client_weights)
+        slo = parse_slo(args.slo) if args.slo is not None else None
+        self._late_last: LateLastPolicy | None = None
+        if slo is not None:
+            # Under --slo, requests past their TTFT target yield to those that can still meet it.
+            policy = self._late_last = LateLastPolicy(
+                policy, slo.ttft_ms / 1e3 if slo.ttft_ms is not None else math.inf)
         self.scheduler = Scheduler(
             self.kv_cache, args.max_num_batched_tokens, args.max_num_seqs, args.enable_chunked_prefill, policy,
             args.preemption_mode,
@@ -169,10 +177,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device, self.sampler, decode_graphs)
         self.swap_space = SwapSpace(kv_caches, num_host_blocks) if num_host_blocks else None
         self.slo_controller = None
-        self._last_step_had_prompt_tokens = False  # the SLO loop times only decode-only steps
-        if args.slo is not None:
+        if slo is not None:
             self.slo_controller = SloBudgetController(
-                parse_slo(args.slo), budget=args.max_num_batched_tokens, min_budget=min(64, args.max_num_batched_tokens),
+                slo, budget=args.max_num_batched_tokens, min_budget=min(64, args.max_num_batched_tokens),
                 max_budget=4 * args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
 
         self._requests: dict[str, Request] = {}
@@ -395,8 +402,6 @@ class LLMEngine:
             self.tokenizer, request.prompt_token_ids, request.sampling_params
         ) if self.tokenizer is not None else None  # type: ignore[assignment]
         self._num_prompt_tokens_total += len(request.prompt_token_ids)
-        if self.slo_controller is not None:
-            self.slo_controller.observe_arrival(request.metrics.arrival_time)
         self.scheduler.add_request(request)
 
     def _check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -461,27 +466,14 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------- stepping
 
-    def _oldest_waiting_arrival(self) -> float | None:
-        """Arrival time of the longest-waiting request without a first token (the SLO loop's
-        leading TTFT signal; called once per window, not per step)."""
-        return min((request.metrics.arrival_time for request in self._requests.values()
-                    if request.metrics.first_token_time is None), default=None)
-
-    def _running_tpots_ms(self) -> list[float]:
-        """Each running request's TPOT so far, in ms (the SLO loop's leading TPOT signal;
-        called once per window)."""
-        now = time.time()
-        return [(now - request.metrics.first_token_time) * 1e3 / (request.num_output_tokens - 1)
-                for request in self.scheduler.running
-                if request.metrics.first_token_time is not None and request.num_output_tokens > 1]
-
     def _follow_slo(self, controller: SloBudgetController) -> None:
         """Let the SLO loop move its two knobs, which are the scheduler's own limits (set
         before it schedules); a move is logged, so a server's log traces the loop."""
         before = (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
+        assert self._late_last is not None  # set with the controller
         self.scheduler.max_num_batched_tokens = controller.update(
-            time.time(), self._oldest_waiting_arrival, self.scheduler.num_running, self._running_tpots_ms,
-            previous_step_decode_only=not self._last_step_had_prompt_tokens)
+            time.time(), self._late_last.oldest_on_time_arrival, self.scheduler.num_running,
+            late_requests_wait=self._late_last.num_late > 0)
         self.scheduler.max_num_seqs = controller.max_running
         if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:
             logger.info("slo: step token budget %d, running requests cap %d (window attainment %s)",
@@ -498,8 +490,6 @@ class LLMEngine:
         if swap_space is not None and swap_space.has_pending():
             self.scheduler.finish_swap_in(swap_space.completed())
         scheduler_output = self.scheduler.schedule()
-        if self.slo_controller is not None:
-            self._last_step_had_prompt_tokens = any(item.num_new_tokens > 1 for item in scheduler_output.scheduled)
         if swap_space is not None:
             swap_space.swap_out(scheduler_output.offload)  # first: later copies may overwrite those blocks
             for _, groups in scheduler_output.swap_out:

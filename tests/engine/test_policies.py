@@ -11,6 +11,7 @@ import random
 import pytest
 
 from fitserve.engine.policy import FCFSPolicy, make_policy
+from fitserve.engine.policy_late_last import LateLastPolicy
 from fitserve.engine.policy_priority import PriorityPolicy
 from fitserve.engine.policy_vtc import VTCPolicy
 from fitserve.engine.request import Request, RequestStatus
@@ -224,19 +225,82 @@ def test_priority_policy_remove_and_victim_units() -> None:
     assert policy.choose_victim([a, b, c]) is c  # least urgent, latest of the ties
 
 
-@pytest.mark.parametrize("policy_name", ["fcfs", "priority", "vtc"])
+class Clock:
+    """A settable clock for LateLastPolicy (requests' arrival times are explicit numbers)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_late_requests_wait_behind_on_time_ones_oldest_late_first() -> None:
+    """Under overload FCFS serves the request that has already missed its TTFT target first,
+    so the next one misses too. With a 1 s target at t = 10: r0 and r1 (arrived at 0 and 8.5)
+    are late, r2 and r3 (9.2, 9.5) can still make it: they go first, then the late ones in
+    the order they fell late (FCFS's); all are served."""
+    clock = Clock(10.0)
+    policy = LateLastPolicy(FCFSPolicy(), ttft_target_s=1.0, clock=clock)
+    engine = FakeEngine(make_scheduler(num_blocks=64, max_num_seqs=1, policy=policy))
+    requests = [client_request("x", i, 5, 2, arrival_time=t) for i, t in enumerate((0.0, 8.5, 9.2, 9.5))]
+    for request in requests:
+        engine.add(request)
+    assert len(policy) == 4
+    assert policy.oldest_on_time_arrival() == 9.2
+    order: list[Request] = []
+    while engine.scheduler.has_unfinished_requests():
+        record = engine.step()
+        order += [item.request for item in record.output.scheduled if item.request not in record.running_before]
+    assert order == [requests[2], requests[3], requests[0], requests[1]]
+    assert policy.oldest_on_time_arrival() is None and len(policy) == 0
+    check_all_returned(engine.scheduler)
+
+
+def test_late_last_keeps_the_wrapped_order_victims_and_accounting() -> None:
+    """Among on-time requests the wrapped policy decides (here priority); a request that has
+    produced a token is never late, however long it waits; removal reaches both queues."""
+    clock = Clock(0.0)
+    inner = PriorityPolicy()
+    policy = LateLastPolicy(inner, ttft_target_s=1.0, clock=clock)
+    lax, urgent, resumed, gone = (client_request("x", i, 3, 4, arrival_time=0.1 * i, priority=p)
+                                  for i, p in enumerate((5, 0, 9, 1)))
+    resumed.output_token_ids = [7]  # preempted after its first token
+    for request in (lax, urgent, gone):
+        policy.add(request)
+    policy.add_preempted(resumed)
+    assert policy.peek() is urgent
+    clock.now = 5.0  # all four have waited past the target; only `resumed` has a token
+    assert policy.peek() is resumed and policy.pop() is resumed
+    assert policy.remove(gone) and not policy.remove(gone)  # it sat in the late queue
+    assert policy.peek() is urgent and policy.pop() is urgent  # late ones in the wrapped order
+    assert policy.pop() is lax and len(policy) == 0
+    assert policy.choose_victim([lax, urgent]) is lax  # the wrapped policy's victim
+    with pytest.raises(ValueError, match="TTFT target must be positive"):
+        LateLastPolicy(FCFSPolicy(), ttft_target_s=0.0)
+
+
+@pytest.mark.parametrize("policy_name", ["fcfs", "priority", "vtc", "late-last vtc"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_aborts_and_preemptions_never_leak_blocks(policy_name: str, seed: int) -> None:
     """Random clients, priorities and lengths in a pool small enough to preempt, with random
     aborts of waiting, running and preempted requests: ownership holds after every step
     (FakeEngine checks it) and every block comes back."""
     rng = random.Random(seed)
+    if policy_name.startswith("late-last "):
+        # requests turn late after 5 steps' worth of arrivals (one arrival a step, at t = index)
+        clock = Clock()
+        policy = LateLastPolicy(make_policy(policy_name.removeprefix("late-last ")), 5.0, clock)
+    else:
+        clock, policy = None, make_policy(policy_name)
     scheduler = make_scheduler(num_blocks=16, block_size=4, max_num_batched_tokens=16, max_num_seqs=6,
-                               policy=make_policy(policy_name))
+                               policy=policy)
     engine = FakeEngine(scheduler)
     live: list[Request] = []
     aborted = 0
     for index in range(120):
+        if clock is not None:
+            clock.now = float(index)
         if index < 80 and rng.random() < 0.7:
             request = client_request(rng.choice("abc"), index, rng.randint(1, 20), rng.randint(1, 30),
                                      arrival_time=float(index), priority=rng.randint(0, 3))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -79,6 +78,9 @@ def test_a_request_waiting_past_the_ttft_target_grows_the_budget_before_any_fini
     # No finished request at all, but one late: grown; nobody late and none finished: kept.
     assert control.update(20.0, lambda: 18.0) == 1251
     assert control.update(30.0, lambda: None) == 1251
+    # Under --slo late requests wait behind on-time ones, so the oldest on-time wait stays
+    # under the target; requests known to be late waiting for admission are the backlog.
+    assert control.update(40.0, lambda: None, late_requests_wait=True) == 1564
 
 
 def test_budget_stays_within_its_bounds_and_waits_for_enough_requests() -> None:
@@ -125,7 +127,9 @@ def test_engine_moves_its_budget_and_reports_it(model_dir: Path) -> None:
     engine.slo_controller.window_s = 0.0
     for round_index in range(3):
         prompts = [{"prompt_token_ids": random_token_ids(20, seed=10 * round_index + i)} for i in range(6)]
-        llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+        # Every request is late (past its target as it waits): late ones still run in full.
+        assert [len(output.outputs[0].token_ids) for output in outputs] == [4] * 6
         engine.step()  # the window closes at the start of a step
     stats = engine.get_stats()
     assert stats.step_token_budget > 128 and stats.step_token_budget == engine.scheduler.max_num_batched_tokens
@@ -170,101 +174,76 @@ def test_a_move_that_lowers_attainment_is_taken_back_and_not_retried_for_a_while
     assert run_mixed_window(control, 12.0, num_missing_tpot=6) == 512
 
 
-def cap_window(cap: RunningCap, step_s: float, num_running: int, wait_s: float = 0.0,
-               may_lower: bool = True, prompt_every: int = 0, prompt_step_s: float = 0.0) -> int:
-    """Steps `step_s` apart with `num_running` requests running, the oldest queued request
-    having waited `wait_s`, until the cap's window closes; returns the cap after it. With
-    `prompt_every` N, every Nth step also prefills and lasts `prompt_step_s`."""
+def cap_steps(cap: RunningCap, step_s: float, num_running: int, count: int, on_time_waits: bool = False,
+              tpot_target_ms: float | None = 60.0) -> int:
+    """`count` steps of `step_s` each with `num_running` requests running; returns the cap."""
     now = cap._last_step[0] if cap._last_step is not None else 0.0
-    for index in range(1000):
-        prompt = bool(prompt_every) and index % prompt_every == 0
-        now += prompt_step_s if prompt else step_s
-        cap.step(now, num_running, tpot_target_ms=60, ttft_target_ms=2000,
-                 oldest_wait_ms=lambda: wait_s * 1e3, may_lower=may_lower, previous_step_decode_only=not prompt)
-        if index and cap._window_start == now:
-            return cap.value  # the window just closed
-    raise AssertionError("the window never closed")
+    for _ in range(count):
+        now += step_s
+        cap.step(now, num_running, tpot_target_ms, lambda: on_time_waits)
+    return cap.value
 
 
-def test_long_steps_lower_the_cap_and_a_long_wait_raises_it() -> None:
-    """Where a step's time follows the number of requests in it (a CPU), TPOT is met by
-    running fewer requests at once, paid for with TTFT's slack: queued requests wait."""
+def test_long_steps_lower_the_cap_one_below_the_running_requests_as_they_finish() -> None:
+    """Where a step's time grows with the requests in it (a CPU), TPOT is met by running
+    fewer at once. Every running request gets one token per step, so the mean step time is
+    the TPOT they are heading for; past 0.9 of the target the cap falls to one below the
+    requests running, and further only as requests finish (nothing is preempted)."""
     cap = RunningCap(ceiling=128)
     assert cap.value == 128  # no cap at first
-    # Before any request has finished, long steps are the first prompts' prefill: kept.
-    assert cap_window(cap, step_s=0.08, num_running=6, may_lower=False) == 128
-    # 80 ms steps (TPOT target 60 ms) with 20 running: lowered below what ran (20 / 1.25),
-    # not from the far-away ceiling.
-    assert cap_window(cap, step_s=0.08, num_running=20) == 16
-    # Steps got shorter under it (the lowering stands) but are still too long: lowered again;
-    # a request that was already running above the cap does not count.
-    assert cap_window(cap, step_s=0.07, num_running=17) == 12
-    # Steps within the target, a request queued: kept while the steps lack room for more.
-    assert cap_window(cap, step_s=0.05, num_running=12, wait_s=0.3) == 12
-    # The oldest queued request has waited 1.2 s of its 2 s: slack spent, raised even while
-    # steps are long.
-    assert cap_window(cap, step_s=0.08, num_running=12, wait_s=1.2) == 16
-    # Steps with room (40 ms * 1.25 < 60 ms) and a request queued: raised; nobody queued: kept.
-    assert cap_window(cap, step_s=0.04, num_running=16, wait_s=0.3) == 21
-    assert cap_window(cap, step_s=0.04, num_running=16) == 21
-    # Without a TTFT target there is no slack to spend: the cap never moves.
-    free = RunningCap(ceiling=128)
-    for index in range(30):
-        free.step(0.08 * index, 20, tpot_target_ms=60, ttft_target_ms=None, oldest_wait_ms=lambda: 0.0)
-    assert free.value == 128
+    # 80 ms steps (target 60): nothing moves until the mean has seen 8 steps.
+    assert cap_steps(cap, step_s=0.08, num_running=20, count=8) == 128
+    assert cap_steps(cap, step_s=0.08, num_running=20, count=1) == 19
+    assert cap_steps(cap, step_s=0.08, num_running=20, count=20) == 19  # nobody finished yet
+    assert cap_steps(cap, step_s=0.08, num_running=19, count=1) == 18  # one finished
+    # 40 ms steps: the mean takes ~17 steps to come under 54 ms; meanwhile it lowers once.
+    assert cap_steps(cap, step_s=0.04, num_running=12, count=17) == 11
+    assert cap.step_ms is not None and cap.step_ms < 54
 
 
-def test_a_lower_cap_that_does_not_shorten_steps_is_taken_back_and_held() -> None:
-    """Where batching decodes is nearly free (a GPU), fewer requests at once only builds a
-    queue: the lowering is undone and not retried for `hold_windows` windows."""
-    cap = RunningCap(ceiling=128, hold_windows=3)
-    assert cap_window(cap, step_s=0.08, num_running=20) == 16
-    assert cap_window(cap, step_s=0.08, num_running=16) == 128  # no shorter: taken back
-    assert cap_window(cap, step_s=0.08, num_running=20) == 128  # held
-    assert cap_window(cap, step_s=0.08, num_running=20) == 128
-    assert cap_window(cap, step_s=0.08, num_running=20) == 16  # tried again
-
-
-def test_a_raise_forced_by_the_wait_holds_lowerings_for_a_while() -> None:
-    """Near capacity a lowered cap builds a backlog until the wait forces it up again; lowering
-    it again at the next window of long steps only swings it back and forth while every
-    window misses. After a raise for the wait, long steps lower nothing for `hold_windows`
-    windows (the raise's own window counting as one)."""
-    cap = RunningCap(ceiling=128, hold_windows=3)
-    assert cap_window(cap, step_s=0.08, num_running=20) == 16
-    assert cap_window(cap, step_s=0.07, num_running=16, wait_s=1.2) == 21  # slack spent: raised
-    assert cap_window(cap, step_s=0.08, num_running=21) == 21  # held
-    assert cap_window(cap, step_s=0.08, num_running=21) == 21  # held
-    assert cap_window(cap, step_s=0.08, num_running=21) == 16  # lowered again
-
-
-def test_the_cap_is_judged_by_decode_only_steps() -> None:
-    """A step that also prefills is long whatever the cap (on a CPU a 512-token prompt costs
-    several decode steps): steps with prompt tokens are not timed, so prompts arriving among
-    short decode steps lower nothing, and long decode steps still do."""
+def test_the_cap_rises_for_an_on_time_request_while_steps_have_room() -> None:
+    """At most every 8 steps (the mean must see the newcomers' prompts first), only while the
+    cap binds and an on-time request waits, to as many requests as the steps have room for
+    under 0.9 of the target, a step's time taken as growing in proportion to its requests
+    (at most 1.5x the cap, plus one)."""
     cap = RunningCap(ceiling=128)
-    # Decode steps of 40 ms, every fourth step a 300 ms prefill: a mean of 105 ms over all
-    # steps, but the decoding requests' steps meet the 60 ms target.
-    assert cap_window(cap, step_s=0.04, num_running=20, prompt_every=4, prompt_step_s=0.3) == 128
-    # Decode steps of 80 ms among the same prompts: lowered.
-    assert cap_window(cap, step_s=0.08, num_running=20, prompt_every=4, prompt_step_s=0.3) == 16
+    cap.value = 11
+    assert cap_steps(cap, step_s=0.04, num_running=11, count=40) == 11  # nobody on time waits
+    # 40 ms with 11 running: 54 ms has room for 54 / 40 x 11 = 14.85.
+    assert cap_steps(cap, step_s=0.04, num_running=11, count=8, on_time_waits=True) == 14
+    assert cap_steps(cap, step_s=0.04, num_running=11, count=16, on_time_waits=True) == 14  # not binding
+    assert cap_steps(cap, step_s=0.04, num_running=14, count=1, on_time_waits=True) == 18  # binds again
+    assert cap_steps(cap, step_s=0.04, num_running=18, count=7, on_time_waits=True) == 18  # 8 steps apart
+    assert cap_steps(cap, step_s=0.04, num_running=18, count=1, on_time_waits=True) == 24
+    # 52 ms steps with 24 running: no room for a 25th under 54 ms: kept.
+    full = RunningCap(ceiling=128)
+    full.value = 24
+    assert cap_steps(full, step_s=0.052, num_running=24, count=80, on_time_waits=True) == 24
+    # Much room: at most 1.5x + 1 per raise.
+    fast = RunningCap(ceiling=128)
+    fast.value = 4
+    assert cap_steps(fast, step_s=0.005, num_running=4, count=16, on_time_waits=True) == 7
+    # Without a TPOT target the cap never moves.
+    free = RunningCap(ceiling=128)
+    assert cap_steps(free, step_s=0.5, num_running=20, count=30, tpot_target_ms=None) == 128
 
 
 def test_the_budget_loop_leaves_tpot_to_the_cap_while_ttft_has_slack() -> None:
     control = controller()
     # TPOT misses with TTFT at 100 ms of 500 (slack): the cap's job, the budget stays.
     assert run_window(control, 0.0, ttft_s=0.1, tpot_s=0.2) == 1000
-    # The same with no slack: the budget shrinks. A TTFT miss grows the budget and the cap.
+    # The same with no slack: the budget shrinks. A TTFT miss grows the budget; the cap is
+    # the step time's alone.
     assert run_window(control, 10.0, ttft_s=NO_SLACK_S, tpot_s=0.2) == 800
     control.cap.value = 12
     assert run_window(control, 20.0, ttft_s=2.0, tpot_s=0.2) == 1001
-    assert control.max_running == 16
+    assert control.max_running == 12
 
 
 def test_the_cap_never_falls_below_one_and_a_queued_request_runs_when_nothing_does() -> None:
     cap = RunningCap(ceiling=8)
-    for window in range(10):  # each lowering shortens the steps, so none is taken back
-        cap_window(cap, step_s=0.3 - 0.02 * window, num_running=3)
+    for num_running in (3, 2, 1, 1):
+        cap_steps(cap, step_s=0.3, num_running=num_running, count=9)
     assert cap.value == 1
     with pytest.raises(ValueError, match="min_running must be >= 1"):
         controller(min_running=0)
@@ -291,9 +270,6 @@ def test_engine_lowers_its_cap_for_an_unreachable_tpot_and_still_serves_everythi
               slo="ttft=100s,tpot=0.001ms,p=50")
     engine = llm.engine
     assert engine.slo_controller is not None
-    cap = engine.slo_controller.cap
-    # Every step closes a window, and no lowering is taken back (that rule reads timings).
-    cap.window_s, cap.min_steps, cap.min_gain = 0.0, 1, -math.inf
     for round_index in range(6):
         prompts = [{"prompt_token_ids": random_token_ids(20, seed=10 * round_index + i)} for i in range(6)]
         outputs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
@@ -309,67 +285,3 @@ def test_metrics_expose_the_running_requests_cap() -> None:
                         num_prefix_cache_hit_tokens_total=0, num_prompt_tokens_total=0, num_generated_tokens_total=0,
                         step_token_budget=777, running_requests_cap=5)
     assert "fitserve_running_requests_cap 5.0" in ServerMetrics(lambda: stats).render().decode()
-
-
-def test_a_wait_past_the_slack_raises_the_cap_within_the_window_only_while_it_binds() -> None:
-    """Checked once a window, a 0.9 s wait could grow to 2.9 s before the cap moved; the wait
-    is checked every `wait_check_s`. Raising a cap that no longer holds anyone back admits
-    no one, so it is raised only while as many requests run as it allows."""
-    cap = RunningCap(ceiling=128)
-    cap.value = 12
-
-    def step(now: float, num_running: int, wait_s: float) -> int:
-        cap.step(now, num_running, tpot_target_ms=60, ttft_target_ms=2000, oldest_wait_ms=lambda: wait_s * 1e3)
-        return cap.value
-
-    assert step(0.0, num_running=12, wait_s=0.9) == 12  # under half the 2 s target
-    assert step(0.3, num_running=12, wait_s=1.2) == 16  # past it, 0.3 s into a 2 s window
-    assert step(0.6, num_running=12, wait_s=1.5) == 16  # 12 run under a cap of 16: not the cap's doing
-    assert step(0.9, num_running=16, wait_s=1.5) == 21
-    assert step(1.0, num_running=21, wait_s=1.5) == 21  # checked at most every 0.25 s
-
-
-def test_long_steps_lower_the_cap_only_when_the_running_requests_are_on_course_to_miss() -> None:
-    """A burst of long steps that the running requests' mean TPOT absorbs is no reason to
-    hold requests back (that costs TTFT, and throughput at the end of a run)."""
-
-    def window(cap: RunningCap, live_ms: float | None) -> int:
-        now = cap._last_step[0] if cap._last_step is not None else 0.0
-        for index in range(30):
-            now += 0.08
-            cap.step(now, 20, tpot_target_ms=60, ttft_target_ms=2000, oldest_wait_ms=lambda: 0.0,
-                     live_tpot_ms=lambda: live_ms)
-        return cap.value
-
-    cap = RunningCap(ceiling=128)
-    assert window(cap, live_ms=45.0) == 128  # 80 ms steps, but the requests' TPOT so far is 45 ms
-    assert window(cap, live_ms=None) == 128  # nobody has two tokens yet
-    assert window(cap, live_ms=58.0) == 16  # over 0.9 of the 60 ms target: lowered
-    # Through the controller: the SLO's percentile (90) of the running requests' TPOT so far.
-    control = controller()
-    control.num_finished_total = 10
-    now = 0.0
-    for _ in range(20):  # one 1 s window closes
-        now += 0.08
-        control.update(now, lambda: None, 20, lambda: [20.0] * 8 + [55.0, 55.0])
-    assert control.max_running == 16  # p90 of those is 55 ms, over 0.9 of the 50 ms target
-
-
-def test_the_cap_never_falls_below_what_the_arrivals_need() -> None:
-    """N requests each at the TPOT target make N / TPOT tokens a second: fewer than arrival
-    rate x output tokens x TPOT target cannot keep up, and a queue would grow without bound."""
-    control = controller()  # TPOT target 50 ms, 1 s windows
-    for index in range(30):  # 3 requests a second for 10 s
-        control.observe_arrival(index / 3)
-    for _ in range(4):
-        control.observe(finished(0.1, 0.01, num_tokens=128))
-    # 3/s x 128 tokens x 0.05 s = 19.2: at least 20 requests must run.
-    assert control._needed_running(10.0) == 20
-
-    for index in range(16):  # 70 ms steps for a 1 s window, 22 running, on course to miss
-        control.update(10.0 + 0.07 * index, lambda: None, 22, lambda: [70.0])
-    # Lowered, but to the bound (at 11.05 s the last 10 s held 27 arrivals over 9.7 s: 18),
-    # not to 22 / 1.25 = 17.
-    assert control.max_running == control._needed_running(11.05) == 18
-    # Arrivals stopped: the bound falls with the rate they arrived at.
-    assert control._needed_running(30.0) == 0
