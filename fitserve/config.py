@@ -185,17 +185,16 @@ class EngineArgs:
     memory holds swapped-out requests only."""
 
     slo: str | None = None
-    """Latency targets the engine follows, e.g. "ttft=500ms,tpot=50ms,p=90": every window it
-    compares its own percentile TTFT and TPOT with them and moves two knobs, the step token
-    budget (from max_num_batched_tokens, between 64 tokens and 4x the start) and a cap on
-    requests running at once (from max_num_seqs, down to 1, never preempting). TTFT misses:
-    raise both. Steps, and the running requests' TPOT so far, over 0.9 of the TPOT target
-    while queued requests have TTFT slack (waits under half the target): lower the cap, so
-    queued requests spend that slack while the running ones get shorter steps, but never
-    below arrival rate x output tokens x TPOT target; a wait past the slack raises it again. TPOT misses
-    without slack: shrink the budget. Moves that do not help are taken back (a budget move
-    when fewer requests meet the targets after it, a lower cap when steps did not get
-    shorter). Needs chunked prefill."""
+    """Latency targets the engine follows, e.g. "ttft=500ms,tpot=50ms,p=90". A cap on the
+    requests running at once (from max_num_seqs, down to 1, never preempting) follows the
+    mean step time, the TPOT every running request is getting: one below the running
+    requests while steps are over 0.9 of the TPOT target, raised to the steps' room while a
+    request that can still meet its TTFT waits. Requests past their TTFT target wait behind
+    those that can still meet it (they still run). Every 2 s window the step token budget
+    (from max_num_batched_tokens, between 64 tokens and 4x the start) grows when the
+    finished requests' percentile TTFT misses or late requests wait, and shrinks when TPOT
+    misses without TTFT slack; a budget move after which fewer requests meet the targets is
+    taken back. Needs chunked prefill."""
 
     def __post_init__(self) -> None:
         if parse_size(self.swap_space) <= 0:

@@ -11,7 +11,9 @@ requests in the order they fell late (the wrapped policy's), so it still complet
 from a request that can still meet the SLO.
 
 This wraps the chosen policy (fcfs, priority, vtc): the order among on-time requests, the
-victims of preemption and the service accounting stay the wrapped policy's. Lateness is
+victims of preemption and the service accounting stay the wrapped policy's (a late request
+leaves the wrapped policy's queue, so under vtc a client whose waiting requests are all late
+counts as not backlogged until one arrives on time). Lateness is
 checked lazily, at the head of the wrapped policy's queue, so a step costs one comparison
 unless requests turn late. A request that has produced a token (a preempted or swapped
 request) is never late: its TTFT is already decided, and making it wait longer only hurts

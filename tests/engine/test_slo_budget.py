@@ -191,9 +191,8 @@ def test_long_steps_lower_the_cap_one_below_the_running_requests_as_they_finish(
     requests running, and further only as requests finish (nothing is preempted)."""
     cap = RunningCap(ceiling=128)
     assert cap.value == 128  # no cap at first
-    # 80 ms steps (target 60): nothing moves until the mean has seen 8 steps.
-    assert cap_steps(cap, step_s=0.08, num_running=20, count=8) == 128
-    assert cap_steps(cap, step_s=0.08, num_running=20, count=1) == 19
+    assert cap_steps(cap, step_s=0.08, num_running=20, count=1) == 128  # no step timed yet
+    assert cap_steps(cap, step_s=0.08, num_running=20, count=1) == 19  # 80 ms steps, target 60
     assert cap_steps(cap, step_s=0.08, num_running=20, count=20) == 19  # nobody finished yet
     assert cap_steps(cap, step_s=0.08, num_running=19, count=1) == 18  # one finished
     # 40 ms steps: the mean takes ~17 steps to come under 54 ms; meanwhile it lowers once.
@@ -202,27 +201,22 @@ def test_long_steps_lower_the_cap_one_below_the_running_requests_as_they_finish(
 
 
 def test_the_cap_rises_for_an_on_time_request_while_steps_have_room() -> None:
-    """At most every 8 steps (the mean must see the newcomers' prompts first), only while the
-    cap binds and an on-time request waits, to as many requests as the steps have room for
-    under 0.9 of the target, a step's time taken as growing in proportion to its requests
-    (at most 1.5x the cap, plus one)."""
+    """One more request at a time, at most every 8 steps (the mean must see the newcomer's
+    prompt first), only while the cap binds and an on-time request waits, and while one more
+    would keep steps under 0.9 of the target (a step's time taken as growing in proportion
+    to its requests)."""
     cap = RunningCap(ceiling=128)
     cap.value = 11
     assert cap_steps(cap, step_s=0.04, num_running=11, count=40) == 11  # nobody on time waits
-    # 40 ms with 11 running: 54 ms has room for 54 / 40 x 11 = 14.85.
-    assert cap_steps(cap, step_s=0.04, num_running=11, count=8, on_time_waits=True) == 14
-    assert cap_steps(cap, step_s=0.04, num_running=11, count=16, on_time_waits=True) == 14  # not binding
-    assert cap_steps(cap, step_s=0.04, num_running=14, count=1, on_time_waits=True) == 18  # binds again
-    assert cap_steps(cap, step_s=0.04, num_running=18, count=7, on_time_waits=True) == 18  # 8 steps apart
-    assert cap_steps(cap, step_s=0.04, num_running=18, count=1, on_time_waits=True) == 24
-    # 52 ms steps with 24 running: no room for a 25th under 54 ms: kept.
+    assert cap_steps(cap, step_s=0.04, num_running=11, count=1, on_time_waits=True) == 12
+    assert cap_steps(cap, step_s=0.04, num_running=11, count=16, on_time_waits=True) == 12  # not binding
+    assert cap_steps(cap, step_s=0.04, num_running=12, count=1, on_time_waits=True) == 13  # binds again
+    assert cap_steps(cap, step_s=0.04, num_running=13, count=7, on_time_waits=True) == 13  # 8 steps apart
+    assert cap_steps(cap, step_s=0.04, num_running=13, count=1, on_time_waits=True) == 14
+    # 52 ms steps with 14 running: a 15th would make ~56 ms, over 54: kept.
     full = RunningCap(ceiling=128)
-    full.value = 24
-    assert cap_steps(full, step_s=0.052, num_running=24, count=80, on_time_waits=True) == 24
-    # Much room: at most 1.5x + 1 per raise.
-    fast = RunningCap(ceiling=128)
-    fast.value = 4
-    assert cap_steps(fast, step_s=0.005, num_running=4, count=16, on_time_waits=True) == 7
+    full.value = 14
+    assert cap_steps(full, step_s=0.052, num_running=14, count=80, on_time_waits=True) == 14
     # Without a TPOT target the cap never moves.
     free = RunningCap(ceiling=128)
     assert cap_steps(free, step_s=0.5, num_running=20, count=30, tpot_target_ms=None) == 128
@@ -243,7 +237,7 @@ def test_the_budget_loop_leaves_tpot_to_the_cap_while_ttft_has_slack() -> None:
 def test_the_cap_never_falls_below_one_and_a_queued_request_runs_when_nothing_does() -> None:
     cap = RunningCap(ceiling=8)
     for num_running in (3, 2, 1, 1):
-        cap_steps(cap, step_s=0.3, num_running=num_running, count=9)
+        cap_steps(cap, step_s=0.3, num_running=num_running, count=3)
     assert cap.value == 1
     with pytest.raises(ValueError, match="min_running must be >= 1"):
         controller(min_running=0)
