@@ -80,6 +80,8 @@ class EngineStats:
     holds requests back to shorten the running ones' steps."""
     slo_attainment: float | None = None
     """With --slo: share of the latest window's finished requests that met every target."""
+    num_late_waiting: int | None = None
+    """With --slo: waiting requests found past their TTFT target, queued behind on-time ones."""
     weight_memory_bytes: int | None = None
     """BitStack models: bytes of all weights now in memory (None for other formats)."""
     weight_memory_budget_bytes: int | None = None
@@ -447,6 +449,7 @@ class LLMEngine:
             step_token_budget=self.scheduler.max_num_batched_tokens,
             running_requests_cap=self.scheduler.max_num_seqs,
             slo_attainment=self.slo_controller.attainment if self.slo_controller is not None else None,
+            num_late_waiting=self._late_last.num_late if self._late_last is not None else None,
             num_swap_outs_total=self.scheduler.num_swap_outs_total,
             num_swap_ins_total=self.scheduler.num_swap_ins_total,
             num_computed_tokens_total=self.scheduler.num_computed_tokens_total,

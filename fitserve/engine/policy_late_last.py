@@ -81,10 +81,9 @@ class LateLastPolicy:
     def remove(self, request: Request) -> bool:
         if self.inner.remove(request):
             return True
-        try:
-            self._late.remove(request)
-        except ValueError:
+        if request not in self._late:
             return False
+        self._late.remove(request)
         return True
 
     def choose_victim(self, running: list[Request]) -> Request:

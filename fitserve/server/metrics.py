@@ -58,6 +58,10 @@ class _EngineStatsCollector(Collector):
             yield GaugeMetricFamily("fitserve_slo_attainment_ratio",
                                     "Share of the latest --slo window's finished requests that met every target.",
                                     value=stats.slo_attainment)
+        if stats.num_late_waiting is not None:
+            yield GaugeMetricFamily("fitserve_num_requests_waiting_late",
+                                    "Waiting requests past their --slo TTFT target, queued behind on-time ones.",
+                                    value=stats.num_late_waiting)
         if stats.weight_memory_bytes is not None:
             yield GaugeMetricFamily("fitserve_weight_memory_bytes", "Bytes of all model weights in memory "
                                     "(BitStack models: changes with the budget).", value=stats.weight_memory_bytes)

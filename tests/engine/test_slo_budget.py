@@ -133,7 +133,8 @@ def test_engine_moves_its_budget_and_reports_it(model_dir: Path) -> None:
         engine.step()  # the window closes at the start of a step
     stats = engine.get_stats()
     assert stats.step_token_budget > 128 and stats.step_token_budget == engine.scheduler.max_num_batched_tokens
-    assert stats.slo_attainment == 0.0
+    assert stats.slo_attainment == 0.0 and stats.num_late_waiting == 0  # the late ones ran
+    assert LLM(str(model_dir), dtype="float32", kv_cache_memory="4MiB").engine.get_stats().num_late_waiting is None
     with pytest.raises(ConfigError, match="slo: unknown SLO key 'ttfb'"):
         EngineArgs(slo="ttfb=1s")
     with pytest.raises(ConfigError, match="slo needs chunked prefill"):
@@ -143,10 +144,11 @@ def test_engine_moves_its_budget_and_reports_it(model_dir: Path) -> None:
 def test_metrics_expose_budget_and_attainment() -> None:
     stats = EngineStats(num_running=0, num_waiting=0, num_free_blocks=1, num_total_blocks=2, num_preemptions_total=0,
                         num_prefix_cache_hit_tokens_total=0, num_prompt_tokens_total=0, num_generated_tokens_total=0,
-                        step_token_budget=777, slo_attainment=0.25)
+                        step_token_budget=777, slo_attainment=0.25, num_late_waiting=3)
     text = ServerMetrics(lambda: stats).render().decode()
     assert "fitserve_step_token_budget 777.0" in text
     assert "fitserve_slo_attainment_ratio 0.25" in text
+    assert "fitserve_num_requests_waiting_late 3.0" in text
 
 
 def run_mixed_window(control: SloBudgetController, start: float, num_missing_tpot: int) -> int:
