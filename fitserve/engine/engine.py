@@ -469,6 +469,14 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------- stepping
 
+    def _running_tpots_ms(self) -> list[float]:
+        """Each running request's TPOT so far, in ms (whether the running requests are on
+        course to miss TPOT; asked by the SLO loop only while steps are long)."""
+        now = time.time()
+        return [(now - request.metrics.first_token_time) * 1e3 / (request.num_output_tokens - 1)
+                for request in self.scheduler.running
+                if request.metrics.first_token_time is not None and request.num_output_tokens > 1]
+
     def _follow_slo(self, controller: SloBudgetController) -> None:
         """Let the SLO loop move its two knobs, which are the scheduler's own limits (set
         before it schedules); a move is logged, so a server's log traces the loop."""
@@ -476,7 +484,7 @@ class LLMEngine:
         assert self._late_last is not None  # set with the controller
         self.scheduler.max_num_batched_tokens = controller.update(
             time.time(), self._late_last.oldest_on_time_arrival, self.scheduler.num_running,
-            late_requests_wait=self._late_last.num_late > 0)
+            late_requests_wait=self._late_last.num_late > 0, running_tpots_ms=self._running_tpots_ms)
         self.scheduler.max_num_seqs = controller.max_running
         if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:
             logger.info("slo: step token budget %d, running requests cap %d (window attainment %s)",

@@ -202,6 +202,36 @@ def test_long_steps_lower_the_cap_one_below_the_running_requests_as_they_finish(
     assert cap.step_ms is not None and cap.step_ms < 54
 
 
+def test_long_steps_lower_the_cap_only_while_the_running_requests_are_on_course_to_miss() -> None:
+    """A burst of prompts makes a few long steps that a request's TPOT, a mean over its whole
+    output, absorbs; and before any request has two tokens the long steps are the first
+    prompts' prefill. Neither holds anyone back: the cap lowers only while the SLO's
+    percentile of the running requests' TPOT so far is over 0.9 of the target too."""
+
+    def steps(cap: RunningCap, live_ms: float | None, count: int = 20) -> int:
+        now = cap._last_step[0] if cap._last_step is not None else 0.0
+        for _ in range(count):
+            now += 0.08
+            cap.step(now, 20, 60.0, lambda: False, lambda: live_ms)
+        return cap.value
+
+    cap = RunningCap(ceiling=128)
+    assert steps(cap, live_ms=None) == 128  # nobody has two tokens yet
+    assert steps(cap, live_ms=40.0) == 128  # 80 ms steps, but the requests' TPOT so far is 40
+    assert steps(cap, live_ms=58.0) == 19  # over 54: on course to miss
+    # Through the controller: the SLO's percentile (90) of each running request's TPOT so far.
+    control = controller()  # TPOT target 50 ms: the cap aims under 45
+    now = 0.0
+    for _ in range(20):
+        now += 0.08
+        control.update(now, lambda: None, 20, running_tpots_ms=lambda: [20.0] * 8 + [44.0, 44.0])
+    assert control.max_running == 128  # p90 44 ms
+    for _ in range(2):
+        now += 0.08
+        control.update(now, lambda: None, 20, running_tpots_ms=lambda: [20.0] * 8 + [55.0, 55.0])
+    assert control.max_running == 19
+
+
 def test_the_cap_rises_for_an_on_time_request_while_steps_have_room() -> None:
     """One more request at a time, at most every 8 steps (the mean must see the newcomer's
     prompt first), only while the cap binds and an on-time request waits, and while one more
