@@ -479,7 +479,8 @@ class LLMEngine:
 
     def _follow_slo(self, controller: SloBudgetController) -> None:
         """Let the SLO loop move its two knobs, which are the scheduler's own limits (set
-        before it schedules); a move is logged, so a server's log traces the loop."""
+        before it schedules); a move is logged, so a server's log traces the loop (the cap's
+        moves, which come every few steps under load, at debug level)."""
         before = (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
         assert self._late_last is not None  # set with the controller
         self.scheduler.max_num_batched_tokens = controller.update(
@@ -487,9 +488,11 @@ class LLMEngine:
             late_requests_wait=self._late_last.num_late > 0, running_tpots_ms=self._running_tpots_ms)
         self.scheduler.max_num_seqs = controller.max_running
         if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:
-            logger.info("slo: step token budget %d, running requests cap %d (window attainment %s)",
-                        self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs,
-                        "-" if controller.attainment is None else f"{controller.attainment:.2f}")
+            budget_moved = self.scheduler.max_num_batched_tokens != before[0]
+            logger.log(logging.INFO if budget_moved else logging.DEBUG,
+                       "slo: step token budget %d, running requests cap %d (window attainment %s)",
+                       self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs,
+                       "-" if controller.attainment is None else f"{controller.attainment:.2f}")
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs of requests that produced a token, finished or aborted."""
