@@ -6,7 +6,10 @@ decides how much prefill rides along with each decode step) against a fresh serv
 (completed requests/s meeting the TTFT and TPOT targets) is the bench's own. Target: goodput
 with `--slo` >= the best fixed budget's, at a rate where a fixed budget misses the SLO.
 
-    python benchmarks/slo_budget.py --rate 6 --slo ttft=2s,tpot=60ms,p=90
+    python benchmarks/slo_budget.py --rate 4 --num-requests 200 --output-len 64 --repeats 5 --slo ttft=1s,tpot=50ms,p=90 --server-args "--num-threads 1"
+
+Settings take turns, each repetition starting with the next one, and the JSON pairs `--slo`
+with the best fixed budget of the same repetition (the machine's speed drifts between runs).
 """
 
 from __future__ import annotations
