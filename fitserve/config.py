@@ -188,7 +188,8 @@ class EngineArgs:
     """Latency targets the engine follows, e.g. "ttft=500ms,tpot=50ms,p=90". A cap on the
     requests running at once (from max_num_seqs, down to 1, never preempting) follows the
     mean step time, the TPOT every running request is getting: one below the running
-    requests while steps are over 0.9 of the TPOT target, raised to the steps' room while a
+    requests while steps, and the running requests' percentile TPOT so far, are over 0.9 of
+    the TPOT target; one more, at most every 8 steps, while steps have room for it and a
     request that can still meet its TTFT waits. Requests past their TTFT target wait behind
     those that can still meet it (they still run). Every 2 s window the step token budget
     (from max_num_batched_tokens, between 64 tokens and 4x the start) grows when the

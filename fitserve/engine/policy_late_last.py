@@ -43,8 +43,7 @@ class LateLastPolicy:
         """`peek` named the head of the late queue (so `pop` takes it from there)."""
 
     def is_late(self, request: Request, now: float) -> bool:
-        return (request.metrics.first_token_time is None and request.num_output_tokens == 0
-                and now - request.metrics.arrival_time > self.ttft_target_s)
+        return request.num_output_tokens == 0 and now - request.metrics.arrival_time > self.ttft_target_s
 
     def oldest_on_time_arrival(self) -> float | None:
         """Arrival time of the longest-waiting request that can still meet the TTFT target

@@ -92,7 +92,6 @@ class RunningCap:
       TPOT 46 against 40 ms): several prompts admitted together make one long step for
       every running request.
 
-
     Requests waiting past their TTFT target do not raise the cap (`LateLastPolicy` keeps them
     behind the rest): they have missed the SLO already, and admitting them would stretch the
     steps of requests that have not. This is the lever that works where a step's time grows
@@ -266,11 +265,10 @@ class SloBudgetController:
         if judged:
             ttfts = [ttft * 1e3 for ttft, _, _ in current]
             tpots = [tpot * 1e3 for _, tpot, _ in current if tpot is not None]
-            percentile = self.slo.percentile
-            ttft_ms = float(np.percentile(ttfts, percentile))
+            ttft_ms = float(np.percentile(ttfts, self.slo.percentile))
             ttft_misses |= self.slo.ttft_ms is not None and ttft_ms > self.slo.ttft_ms
-            tpot_misses = (self.slo.tpot_ms is not None and bool(tpots)
-                           and float(np.percentile(tpots, percentile)) > self.slo.tpot_ms)
+            tpot_ms = self._percentile_or_none(tpots)
+            tpot_misses = self.slo.tpot_ms is not None and tpot_ms is not None and tpot_ms > self.slo.tpot_ms
             ttft_slack = (self.slo.ttft_ms is not None and ttft_ms <= self.slack_share * self.slo.ttft_ms
                           and longest_wait_ms <= self.slack_share * self.slo.ttft_ms)
         self._close_window(now)

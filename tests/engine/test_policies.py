@@ -235,7 +235,7 @@ class Clock:
         return self.now
 
 
-def test_late_requests_wait_behind_on_time_ones_oldest_late_first() -> None:
+def test_late_requests_wait_behind_on_time_ones_in_the_order_they_fell_late() -> None:
     """Under overload FCFS serves the request that has already missed its TTFT target first,
     so the next one misses too. With a 1 s target at t = 10: r0 and r1 (arrived at 0 and 8.5)
     are late, r2 and r3 (9.2, 9.5) can still make it: they go first, then the late ones in
@@ -257,7 +257,7 @@ def test_late_requests_wait_behind_on_time_ones_oldest_late_first() -> None:
     check_all_returned(engine.scheduler)
 
 
-def test_late_last_keeps_the_wrapped_order_victims_and_accounting() -> None:
+def test_late_last_keeps_the_wrapped_order_and_victims() -> None:
     """Among on-time requests the wrapped policy decides (here priority); a request that has
     produced a token is never late, however long it waits; removal reaches both queues."""
     clock = Clock(0.0)

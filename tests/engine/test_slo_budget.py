@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,12 +178,13 @@ def test_a_move_that_lowers_attainment_is_taken_back_and_not_retried_for_a_while
 
 
 def cap_steps(cap: RunningCap, step_s: float, num_running: int, count: int, on_time_waits: bool = False,
-              tpot_target_ms: float | None = 60.0) -> int:
-    """`count` steps of `step_s` each with `num_running` requests running; returns the cap."""
+              tpot_target_ms: float | None = 60.0, running_tpot_ms: Callable[[], float | None] | None = None) -> int:
+    """`count` steps of `step_s` each with `num_running` requests running; returns the cap.
+    `running_tpot_ms` as in RunningCap.step (None: the step time alone decides)."""
     now = cap._last_step[0] if cap._last_step is not None else 0.0
     for _ in range(count):
         now += step_s
-        cap.step(now, num_running, tpot_target_ms, lambda: on_time_waits)
+        cap.step(now, num_running, tpot_target_ms, lambda: on_time_waits, running_tpot_ms)
     return cap.value
 
 
@@ -208,12 +210,8 @@ def test_long_steps_lower_the_cap_only_while_the_running_requests_are_on_course_
     prompts' prefill. Neither holds anyone back: the cap lowers only while the SLO's
     percentile of the running requests' TPOT so far is over 0.9 of the target too."""
 
-    def steps(cap: RunningCap, live_ms: float | None, count: int = 20) -> int:
-        now = cap._last_step[0] if cap._last_step is not None else 0.0
-        for _ in range(count):
-            now += 0.08
-            cap.step(now, 20, 60.0, lambda: False, lambda: live_ms)
-        return cap.value
+    def steps(cap: RunningCap, live_ms: float | None) -> int:
+        return cap_steps(cap, step_s=0.08, num_running=20, count=20, running_tpot_ms=lambda: live_ms)
 
     cap = RunningCap(ceiling=128)
     assert steps(cap, live_ms=None) == 128  # nobody has two tokens yet
