@@ -484,7 +484,7 @@ class LLMEngine:
         before = (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs)
         assert self._late_last is not None  # set with the controller
         self.scheduler.max_num_batched_tokens = controller.update(
-            time.time(), self._late_last.oldest_on_time_arrival, self.scheduler.num_running,
+            time.time(), self._late_last.head_on_time_arrival, self.scheduler.num_running,
             late_requests_wait=self._late_last.num_late > 0, running_tpots_ms=self._running_tpots_ms)
         self.scheduler.max_num_seqs = controller.max_running
         if (self.scheduler.max_num_batched_tokens, self.scheduler.max_num_seqs) != before:

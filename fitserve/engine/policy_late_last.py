@@ -45,10 +45,11 @@ class LateLastPolicy:
     def is_late(self, request: Request, now: float) -> bool:
         return request.num_output_tokens == 0 and now - request.metrics.arrival_time > self.ttft_target_s
 
-    def oldest_on_time_arrival(self) -> float | None:
-        """Arrival time of the longest-waiting request that can still meet the TTFT target
-        (the SLO loop's wait signal: late requests say the server is overloaded, not that
-        admitting more at once would help)."""
+    def head_on_time_arrival(self) -> float | None:
+        """Arrival time of the request that can still meet the TTFT target at the head of the
+        wrapped policy's queue, the next to be admitted (under fcfs the longest-waiting; the
+        SLO loop's wait signal: late requests say the server is overloaded, not that admitting
+        more at once would help)."""
         request = self._on_time_head()
         return None if request is None else request.metrics.arrival_time
 

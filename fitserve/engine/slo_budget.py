@@ -25,9 +25,10 @@ many requests as the machine can within the targets, not all of them late:
   bench/metrics.py) are compared at the SLO's percentile with the targets. TTFT misses, or
   late requests wait: grow the budget (more prefill per step, fewer steps per prompt; this
   wins when both miss, as a smaller budget would only deepen a backlog). TPOT misses while
-  TTFT has no slack (its percentile and the oldest on-time wait over `slack_share` of the
-  target): shrink it (less prefill rides along with each decode step: Sarathi's lever, for
-  a device where batching decodes is cheap). With slack, TPOT is the cap's to answer.
+  TTFT has no slack (its percentile, and the wait of the next on-time request to be
+  admitted, over `slack_share` of the target): shrink it (less prefill rides along with each
+  decode step: Sarathi's lever, for a device where batching decodes is cheap). With slack,
+  TPOT is the cap's to answer.
 
 The budget moves by a factor (multiplicative increase and decrease) between a floor and a
 ceiling. A window with too few finished requests changes nothing.
@@ -231,14 +232,15 @@ class SloBudgetController:
                running_tpots_ms: Callable[[], list[float]] | None = None) -> int:
         """Called as every step starts: move the cap, close the window if it is over and move
         the budget; returns the budget to use (the cap to use is `max_running`).
-        `oldest_waiting_arrival` gives the arrival time of the longest-waiting request that
-        can still meet its TTFT target (None: none waits); `num_running`: requests running;
+        `oldest_waiting_arrival` gives the arrival time of the next request to be admitted
+        among those that can still meet their TTFT target (the engine's: the head of the
+        queue, under fcfs the longest-waiting; None: none waits); `num_running`: requests running;
         `late_requests_wait`: requests past the TTFT target wait for admission (a backlog);
         `running_tpots_ms`: each running request's TPOT so far (asked only when steps are long)."""
         waits: list[float] = []
 
         def oldest_wait_ms() -> float:
-            """How long the oldest on-time request without a first token has waited (asked once)."""
+            """How long that on-time request has waited (asked once; -1 when none waits)."""
             if not waits:
                 waiting_since = oldest_waiting_arrival() if oldest_waiting_arrival is not None else None
                 waits.append((now - waiting_since) * 1e3 if waiting_since is not None else -1.0)

@@ -247,13 +247,13 @@ def test_late_requests_wait_behind_on_time_ones_in_the_order_they_fell_late() ->
     for request in requests:
         engine.add(request)
     assert len(policy) == 4
-    assert policy.oldest_on_time_arrival() == 9.2
+    assert policy.head_on_time_arrival() == 9.2
     order: list[Request] = []
     while engine.scheduler.has_unfinished_requests():
         record = engine.step()
         order += [item.request for item in record.output.scheduled if item.request not in record.running_before]
     assert order == [requests[2], requests[3], requests[0], requests[1]]
-    assert policy.oldest_on_time_arrival() is None and len(policy) == 0
+    assert policy.head_on_time_arrival() is None and len(policy) == 0
     check_all_returned(engine.scheduler)
 
 

@@ -79,7 +79,7 @@ def test_a_request_waiting_past_the_ttft_target_grows_the_budget_before_any_fini
     # No finished request at all, but one late: grown; nobody late and none finished: kept.
     assert control.update(20.0, lambda: 18.0) == 1251
     assert control.update(30.0, lambda: None) == 1251
-    # Under --slo late requests wait behind on-time ones, so the oldest on-time wait stays
+    # Under --slo late requests wait behind on-time ones, so the on-time head's wait stays
     # under the target; requests known to be late waiting for admission are the backlog.
     assert control.update(40.0, lambda: None, late_requests_wait=True) == 1564
 
