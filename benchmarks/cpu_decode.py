@@ -642,9 +642,11 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
     bandwidth = machine["bandwidth_bytes_per_s"]
     summary: dict = {"single_stream": {}, "serve": {}, "prefill": {}}
     single_context = single_stream_context(args)
+    step_bytes: dict[str, float] = {}  # "system dtype" -> bytes a single-stream step reads
     for key in sorted({(r["system"], r["dtype"]) for r in runs["single"]}):
         rows = [r for r in runs["single"] if (r["system"], r["dtype"]) == key]
         shape = shapes[key[1]]
+        step_bytes[f"{key[0]} {key[1]}"] = shape.decode_step_bytes(1, single_context)
         bandwidths = [r.get("bound_bandwidth_bytes_per_s", r["machine"]["bandwidth_bytes_per_s"]) for r in rows]
         fractions = [r["tokens_per_s"] * shape.decode_step_bytes(1, single_context) / bw
                      for r, bw in zip(rows, bandwidths, strict=True)]
@@ -658,8 +660,6 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
         if all("paired_fraction" in r for r in rows):
             summary["single_stream"][f"{key[0]} {key[1]}"]["fraction_of_paired_read"] = summarize(
                 [r["paired_fraction"] for r in rows])
-    step_bytes = {f"{system} {dtype}": shapes[dtype].decode_step_bytes(1, single_context)
-                  for system, dtype in {(r["system"], r["dtype"]) for r in runs["single"]}}
     by_phase = summarize_by_phase(runs["single"], step_bytes)
     if by_phase is not None:
         summary["single_stream_by_phase"] = by_phase
