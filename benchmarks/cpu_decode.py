@@ -645,20 +645,18 @@ def summarize_runs(runs: dict, shapes: dict[str, ModelShape], machine: dict, arg
     step_bytes: dict[str, float] = {}  # "system dtype" -> bytes a single-stream step reads
     for key in sorted({(r["system"], r["dtype"]) for r in runs["single"]}):
         rows = [r for r in runs["single"] if (r["system"], r["dtype"]) == key]
-        shape = shapes[key[1]]
-        step_bytes[f"{key[0]} {key[1]}"] = shape.decode_step_bytes(1, single_context)
+        label = f"{key[0]} {key[1]}"
+        step_bytes[label] = bytes_per_step = shapes[key[1]].decode_step_bytes(1, single_context)
         bandwidths = [r.get("bound_bandwidth_bytes_per_s", r["machine"]["bandwidth_bytes_per_s"]) for r in rows]
-        fractions = [r["tokens_per_s"] * shape.decode_step_bytes(1, single_context) / bw
-                     for r, bw in zip(rows, bandwidths, strict=True)]
-        bound = statistics.median(bandwidths) / shape.decode_step_bytes(1, single_context)
-        summary["single_stream"][f"{key[0]} {key[1]}"] = {
+        fractions = [r["tokens_per_s"] * bytes_per_step / bw for r, bw in zip(rows, bandwidths, strict=True)]
+        summary["single_stream"][label] = {
             "tokens_per_s": summarize([r["tokens_per_s"] for r in rows]),
-            "bytes_per_step": shape.decode_step_bytes(1, single_context),
-            "bound_tokens_per_s": bound,
+            "bytes_per_step": bytes_per_step,
+            "bound_tokens_per_s": statistics.median(bandwidths) / bytes_per_step,
             "fraction_of_bandwidth_bound": summarize(fractions),
         }
         if all("paired_fraction" in r for r in rows):
-            summary["single_stream"][f"{key[0]} {key[1]}"]["fraction_of_paired_read"] = summarize(
+            summary["single_stream"][label]["fraction_of_paired_read"] = summarize(
                 [r["paired_fraction"] for r in rows])
     by_phase = summarize_by_phase(runs["single"], step_bytes)
     if by_phase is not None:
