@@ -227,33 +227,33 @@ class SloBudgetController:
             return False
         return not (self.slo.tpot_ms is not None and tpot is not None and tpot * 1e3 > self.slo.tpot_ms)
 
-    def update(self, now: float, oldest_waiting_arrival: Callable[[], float | None] | None = None,
+    def update(self, now: float, on_time_head_arrival: Callable[[], float | None] | None = None,
                num_running: int = 0, late_requests_wait: bool = False,
                running_tpots_ms: Callable[[], list[float]] | None = None) -> int:
         """Called as every step starts: move the cap, close the window if it is over and move
         the budget; returns the budget to use (the cap to use is `max_running`).
-        `oldest_waiting_arrival` gives the arrival time of the next request to be admitted
+        `on_time_head_arrival` gives the arrival time of the next request to be admitted
         among those that can still meet their TTFT target (the engine's: the head of the
         queue, under fcfs the longest-waiting; None: none waits); `num_running`: requests running;
         `late_requests_wait`: requests past the TTFT target wait for admission (a backlog);
         `running_tpots_ms`: each running request's TPOT so far (asked only when steps are long)."""
         waits: list[float] = []
 
-        def oldest_wait_ms() -> float:
+        def head_wait_ms() -> float:
             """How long that on-time request has waited (asked once; -1 when none waits)."""
             if not waits:
-                waiting_since = oldest_waiting_arrival() if oldest_waiting_arrival is not None else None
+                waiting_since = on_time_head_arrival() if on_time_head_arrival is not None else None
                 waits.append((now - waiting_since) * 1e3 if waiting_since is not None else -1.0)
             return waits[0]
 
-        self.cap.step(now, num_running, self.slo.tpot_ms, lambda: oldest_wait_ms() >= 0,
+        self.cap.step(now, num_running, self.slo.tpot_ms, lambda: head_wait_ms() >= 0,
                       None if running_tpots_ms is None else lambda: self._percentile_or_none(running_tpots_ms()))
         if self._window_start is None:
             self._window_start = now
         if now - self._window_start < self.window_s:
             return self.budget
-        longest_wait_ms = max(0.0, oldest_wait_ms())
-        backlog = self.slo.ttft_ms is not None and (late_requests_wait or longest_wait_ms > self.slo.ttft_ms)
+        wait_ms = max(0.0, head_wait_ms())
+        backlog = self.slo.ttft_ms is not None and (late_requests_wait or wait_ms > self.slo.ttft_ms)
         if len(self._window) >= self.min_requests:
             self.attainment = sum(met for *_, met in self._window) / len(self._window)
         # Only requests that decoded under the current budget judge it.
@@ -272,7 +272,7 @@ class SloBudgetController:
             tpot_ms = self._percentile_or_none(tpots)
             tpot_misses = self.slo.tpot_ms is not None and tpot_ms is not None and tpot_ms > self.slo.tpot_ms
             ttft_slack = (self.slo.ttft_ms is not None and ttft_ms <= self.slack_share * self.slo.ttft_ms
-                          and longest_wait_ms <= self.slack_share * self.slo.ttft_ms)
+                          and wait_ms <= self.slack_share * self.slo.ttft_ms)
         self._close_window(now)
         self._held = {move: left - 1 for move, left in self._held.items() if left > 1}
         if judged:
