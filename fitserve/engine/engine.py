@@ -31,6 +31,7 @@ from fitserve.engine.scheduler import Scheduler, SchedulerOutput
 from fitserve.engine.slo_budget import SloBudgetController
 from fitserve.engine.swap import SwapSpace
 from fitserve.engine.weight_resize import ResizeTicket, WeightResizer
+from fitserve.kernels import cpu as cpu_kernels
 from fitserve.engine.tokenizer import load_tokenizer
 from fitserve.models.config import load_model_config
 from fitserve.models.loader import load_model
@@ -106,6 +107,11 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, checkpoint_config.checkpoint_dtype, self.device)
         attention_backend = get_attention_backend(args.attention_backend, self.device)
         weight_memory = parse_size(args.weight_memory) if args.weight_memory is not None else None
+        if self.device.type == "cpu":
+            # The compiled CPU kernels are built on first use, which for dense weights would be
+            # the first request: a fresh machine's first build takes a minute, during which a
+            # server that already said it was listening would answer nothing. Build them here.
+            cpu_kernels.get()
         self.model, self.model_config = load_model(model_dir, self.dtype, self.device, attention_backend,
                                                    quantization=args.quantization,
                                                    group_size=args.quantization_group_size,

@@ -1,6 +1,6 @@
-"""The first build of the CPU kernels takes a minute: it is announced before and after, and a
-cached build is loaded silently. (The compiler is replaced here; the real build is exercised
-by every test that runs a kernel.)"""
+"""The first build of the CPU kernels takes a minute: it is announced before and after, a
+cached build is loaded silently, and an engine on the CPU builds them while it is constructed.
+(The compiler is replaced here; the real build is exercised by every test that runs a kernel.)"""
 
 from __future__ import annotations
 
@@ -54,3 +54,19 @@ def test_cached_build_loads_silently(tmp_path, monkeypatch, fitserve_log) -> Non
     (tmp_path / name / f"{name}.so").write_bytes(b"")
     assert cpu._build() == "module"
     assert seen_before == [[]] and fitserve_log == []
+
+
+def test_an_engine_on_the_cpu_builds_them_before_it_serves(tmp_path, monkeypatch, fitserve_log) -> None:
+    """A server says it is listening once its engine exists. Built on first use, the kernels of
+    a dense model would be compiled inside the first request instead, a minute on a fresh
+    machine while that request (and any other) waits."""
+    from fitserve.config import EngineArgs
+    from fitserve.engine.engine import LLMEngine
+    from tests.tiny_models import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint(tmp_path / "model", "llama2")
+    seen_before = fake_build(monkeypatch, tmp_path / "cache", fitserve_log)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen_before.append(list(fitserve_log)))  # no module
+    monkeypatch.delitem(cpu._state, "module", raising=False)  # as in a fresh process
+    LLMEngine(EngineArgs(model=str(model_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB"))
+    assert len(seen_before) == 1 and "compiling them for this machine, once" in seen_before[0][-1]
