@@ -17,6 +17,7 @@ x86-64), `get()` returns None and callers keep their PyTorch path, so nothing de
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -77,6 +78,27 @@ def is_cached() -> bool:
     return any(_build_dir(name).glob(f"{name}*.so"))
 
 
+def _import_cached(name: str, build_dir: Path) -> ModuleType | None:
+    """A cached build of these sources, flags and torch version (`name` is their digest),
+    imported without torch's loader, or None where none imports.
+
+    torch's loader also compares the build's recorded source path: with two checkouts or
+    environments of fitserve on one machine (they share the cache) it recompiled, a minute
+    each time the user switched between them, although the binary was the one it needed.
+    """
+    for library in sorted(build_dir.glob(f"{name}*.so"), reverse=True):  # a rebuild is name_v1.so
+        try:
+            spec = importlib.util.spec_from_file_location(library.stem, library)
+            if spec is None or spec.loader is None:
+                continue
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except ImportError:  # an unfinished or foreign file: let torch's loader build it again
+            continue
+    return None
+
+
 def _build() -> ModuleType | None:
     if not cpu_supports_kernels():
         logger.info("CPU kernels: this CPU lacks AVX2/FMA; using the PyTorch paths")
@@ -87,12 +109,14 @@ def _build() -> ModuleType | None:
     build_dir = _build_dir(name)
     # A first build takes a minute or more with nothing else to show: say so before and after.
     compiling = not is_cached()
+    module = None if compiling else _import_cached(name, build_dir)
     if compiling:
         logger.info("CPU kernels: compiling them for this machine, once (a minute or two on two cores; "
                     "cached in %s)...", build_dir)
     started = time.perf_counter()
     try:
-        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS, verbose=False)
+        if module is None:
+            module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_BUILD_FLAGS, verbose=False)
     except Exception as error:  # no compiler, missing headers, ...: the torch path still works
         logger.warning("CPU kernels could not be built (%s); using the slower PyTorch paths", error)
         return None

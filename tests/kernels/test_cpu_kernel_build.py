@@ -1,10 +1,12 @@
 """The first build of the CPU kernels takes a minute: it is announced before and after, a
-cached build is loaded silently, and an engine on the CPU builds them while it is constructed.
+cached build is loaded silently (without the compiler, wherever its sources sat), and an engine
+on the CPU builds them while it is constructed.
 (The compiler is replaced here; the real build is exercised by every test that runs a kernel.)"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,27 @@ def test_an_engine_on_the_cpu_builds_them_before_it_serves(tmp_path, monkeypatch
     model_dir = write_tiny_checkpoint(tmp_path / "model", "llama2")
     seen_before = fake_build(monkeypatch, tmp_path / "cache", fitserve_log)
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen_before.append(list(fitserve_log)))  # no module
-    monkeypatch.delitem(cpu._state, "module", raising=False)  # as in a fresh process
+    monkeypatch.setattr(cpu, "_state", {})  # as in a fresh process (the loaded module stays for later tests)
     LLMEngine(EngineArgs(model=str(model_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB"))
     assert len(seen_before) == 1 and "compiling them for this machine, once" in seen_before[0][-1]
+
+
+def test_a_cached_build_is_imported_without_the_compiler(tmp_path, monkeypatch, fitserve_log) -> None:
+    """torch's loader recompiles a cached build whose sources sat at another path (a second
+    checkout or environment on the same machine); the cache's name is the digest of the
+    sources, flags and torch version, so a build under it is imported as it is."""
+    built = cpu.get()
+    if built is None:
+        pytest.skip("CPU kernels unavailable (no AVX2 or no compiler)")
+    name = cpu.module_name(cpu._BUILD_FLAGS)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / name).mkdir()
+    shutil.copy(built.__file__, tmp_path / name / f"{name}.so")
+
+    def compiler(**kwargs):
+        raise AssertionError("the cached build was compiled again")
+
+    monkeypatch.setattr(cpp_extension, "load", compiler)
+    module = cpu._build()
+    assert module is not None and Path(module.__spec__.origin).parent == tmp_path / name
+    assert hasattr(module, "QuantLinear") and fitserve_log == []
