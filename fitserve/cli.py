@@ -8,7 +8,8 @@ import sys
 
 from fitserve import __version__
 from fitserve.bench.cli import add_bench_parser
-from fitserve.cli_args import HelpFormatter, add_engine_arguments, engine_args_from
+from fitserve.cli_args import (HelpFormatter, add_engine_arguments, add_model_arguments, engine_args_from,
+                               resolve_model_argument)
 from fitserve.quant.cli import add_quantize_parser
 from fitserve.server.cli import add_serve_parser
 
@@ -50,6 +51,7 @@ def sampling_params_from(namespace: argparse.Namespace):
 def run_generate(args: argparse.Namespace) -> int:
     from fitserve.engine.engine import LLMEngine
 
+    resolve_model_argument(args)
     engine = LLMEngine(engine_args_from(args))
     params = sampling_params_from(args)
     for index, prompt in enumerate(args.prompt):
@@ -70,6 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from fitserve.chat import chat_loop
 
+    resolve_model_argument(args)
     return chat_loop(engine_args_from(args), sampling_params_from(args), system_prompt=args.system)
 
 
@@ -87,14 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     generate.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
-    add_engine_arguments(generate)
+    add_model_arguments(generate)
+    add_engine_arguments(generate, model_flag=False)
     add_sampling_arguments(generate)
     generate.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser("chat", help="talk to the model in the terminal (streams tokens)",
                                  formatter_class=HelpFormatter)
     chat.add_argument("--system", default=None, help="system prompt")
-    add_engine_arguments(chat)
+    add_model_arguments(chat)
+    add_engine_arguments(chat, model_flag=False)
     add_sampling_arguments(chat)
     chat.set_defaults(func=run_chat, max_tokens=256)
 

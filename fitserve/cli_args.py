@@ -19,7 +19,7 @@ import typing
 from functools import cache
 from typing import Any, Literal
 
-from fitserve.config import EngineArgs, field_types
+from fitserve.config import ConfigError, EngineArgs, field_types
 
 
 @cache
@@ -60,6 +60,24 @@ def _flag_type(annotation: Any) -> tuple[Any, tuple | None, str | None]:
     return str, None, None
 
 
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model directory as a positional MODEL_DIR or as --model (vLLM's spelling); neither
+    means the bundled model. Pair with `add_engine_arguments(parser, model_flag=False)` and
+    `resolve_model_argument`."""
+    parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
+                        help="Hugging Face model directory (default: the bundled model)")
+    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL_DIR",
+                        help="same as the positional MODEL_DIR, for vLLM-style command lines")
+
+
+def resolve_model_argument(namespace: argparse.Namespace) -> None:
+    """Set `namespace.model` from MODEL_DIR or --model; both given and different is an error."""
+    if namespace.model_dir and namespace.model_flag and namespace.model_dir != namespace.model_flag:
+        raise ConfigError(f"MODEL_DIR {namespace.model_dir!r} and --model {namespace.model_flag!r} disagree; "
+                          "give one of them")
+    namespace.model = namespace.model_dir or namespace.model_flag
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: bool = True,

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fitserve.cli_args import HelpFormatter, add_engine_arguments, engine_args_from
+from fitserve.cli_args import (HelpFormatter, add_engine_arguments, add_model_arguments, engine_args_from,
+                               resolve_model_argument)
 from fitserve.config import ConfigError, parse_size
 
 API_KEY_ENV = "FITSERVE_API_KEY"
@@ -57,10 +58,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "/v1/chat/completions, /v1/models, /health, /metrics).",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
-                        help="Hugging Face model directory (default: the bundled model)")
-    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL_DIR",
-                        help="same as the positional MODEL_DIR, for vLLM-style command lines")
+    add_model_arguments(parser)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     server.add_argument("--port", type=port_number, default=8000, help="port to listen on (0 picks a free one)")
@@ -102,11 +100,11 @@ def _raise_signal_exit(signum: int, frame: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, bind, serve until Ctrl-C or SIGTERM; returns the exit status."""
-    if args.model_dir and args.model_flag and args.model_dir != args.model_flag:
-        print(f"fitserve serve: error: MODEL_DIR {args.model_dir!r} and --model {args.model_flag!r} disagree; "
-              "give one of them", file=sys.stderr)
+    try:
+        resolve_model_argument(args)
+    except ConfigError as error:
+        print(f"fitserve serve: error: {error}", file=sys.stderr)
         return 2
-    args.model = args.model_dir or args.model_flag
     # Bind before loading the model (as vLLM does): a bad host or a port in use is reported
     # at once, not after a load that can take minutes, and nobody can take the port meanwhile.
     try:

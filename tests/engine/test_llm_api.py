@@ -189,12 +189,23 @@ def test_bad_requests_are_rejected_with_clear_errors(llm: LLM) -> None:
     assert not engine.has_unfinished_requests()
 
 
-def test_cli_generate_prints_the_continuation(model_dir: Path, llm: LLM, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("model_given_as", ["--model", "MODEL_DIR"])
+def test_cli_generate_prints_the_continuation(model_dir: Path, llm: LLM, capsys: pytest.CaptureFixture,
+                                              model_given_as: str) -> None:
+    """The model directory as `fitserve serve` takes it (positional) or as vLLM spells it."""
     expected = llm.generate(PROMPT, SamplingParams(max_tokens=8))[0].outputs[0].text
-    code = cli_main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--max-tokens", "8",
+    model = ["--model", str(model_dir)] if model_given_as == "--model" else [str(model_dir)]
+    code = cli_main(["generate", *model, "--prompt", PROMPT, "--max-tokens", "8",
                      "--dtype", "float32", "--kv-cache-memory", "4MiB"])
     assert code == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_generate_refuses_two_different_models(model_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    code = cli_main(["generate", str(model_dir), "--model", str(tmp_path / "other"), "--prompt", "hi"])
+    assert code == 2
+    assert "disagree; give one of them" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
