@@ -31,8 +31,8 @@ from fitserve.engine.scheduler import Scheduler, SchedulerOutput
 from fitserve.engine.slo_budget import SloBudgetController
 from fitserve.engine.swap import SwapSpace
 from fitserve.engine.weight_resize import ResizeTicket, WeightResizer
-from fitserve.kernels import cpu as cpu_kernels
 from fitserve.engine.tokenizer import load_tokenizer
+from fitserve.kernels import cpu as cpu_kernels
 from fitserve.models.config import load_model_config
 from fitserve.models.loader import load_model
 from fitserve.models.elastic_weights import WeightMemoryInfo
