@@ -96,6 +96,7 @@ def test_quantized_directory_whose_tensors_do_not_match_its_config_is_refused(tm
     with pytest.raises(ModelLoadError, match="down_proj.scales.*quantization_config"):
         load_model(quantized, torch.float32, CPU, "torch")
     config = json.loads((quantized / "config.json").read_text())
+    written = dict(config["quantization_config"])
     config["quantization_config"]["group_size"] = 64  # shapes no longer match
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="shape"):
@@ -103,6 +104,10 @@ def test_quantized_directory_whose_tensors_do_not_match_its_config_is_refused(tm
     config["quantization_config"]["quant_method"] = "gptq"
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="gptq.*not supported"):
+        load_model(quantized, torch.float32, CPU, "torch")
+    config["quantization_config"] = {**written, "bits": 3}  # w4 weights
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="bits is 3, but method 'w4' stores 4-bit weights"):
         load_model(quantized, torch.float32, CPU, "torch")
 
 

@@ -141,8 +141,18 @@ class FormatPlan:
                 isinstance(rows, list) and all(isinstance(row, int) for row in rows) for rows in high.values()):
             raise FormatPlanError("quantization_config.high_precision_channels must map matrix names to "
                                   "lists of row indices")
-        return cls(method=str(raw.get("method")), group_size=int(raw.get("group_size", DEFAULT_GROUP_SIZE)),
+        plan = cls(method=str(raw.get("method")), group_size=int(raw.get("group_size", DEFAULT_GROUP_SIZE)),
                    lm_head=str(raw.get("lm_head", "w8")), high_channels=high, prequantized=True,
                    num_blocks=raw.get("num_blocks", 0), ranks=raw.get("ranks", {}),
                    block_order=raw.get("block_order", []), perplexity_curve=raw.get("perplexity_curve", []),
                    extra={key: value for key, value in raw.items() if key not in known})
+        # The method decides the layout; bit widths that say otherwise mean the config does not
+        # describe these tensors (edited, or written by another tool), and loading would run
+        # weights as something they are not.
+        written = plan.linear_format().config_entry()
+        for key in ("bits", "high_precision_bits"):
+            if key in raw and key in written and raw[key] != written[key]:
+                raise FormatPlanError(f"quantization_config.{key} is {raw[key]!r}, but method {plan.method!r} "
+                                      f"stores {written[key]}-bit weights there; the config does not describe this "
+                                      f"checkpoint (quantize the dense model again with `fitserve quantize`)")
+        return plan
