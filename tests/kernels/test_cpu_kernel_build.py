@@ -74,13 +74,12 @@ def test_an_engine_on_the_cpu_builds_them_before_it_serves(tmp_path, monkeypatch
     assert len(seen_before) == 1 and "compiling them for this machine, once" in seen_before[0][-1]
 
 
+@pytest.mark.skipif(cpu.get() is None, reason="CPU kernels unavailable (no AVX2 or no compiler)")
 def test_a_cached_build_is_imported_without_the_compiler(tmp_path, monkeypatch, fitserve_log) -> None:
     """torch's loader recompiles a cached build whose sources sat at another path (a second
     checkout or environment on the same machine); the cache's name is the digest of the
     sources, flags and torch version, so a build under it is imported as it is."""
     built = cpu.get()
-    if built is None:
-        pytest.skip("CPU kernels unavailable (no AVX2 or no compiler)")
     name = cpu.module_name(cpu._BUILD_FLAGS)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     (tmp_path / name).mkdir()
